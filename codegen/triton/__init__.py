@@ -1,0 +1,1 @@
+"""condfx.codegen.triton"""

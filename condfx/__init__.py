@@ -1,0 +1,38 @@
+"""condfx: compiler-style graph transformations for transformer language models.
+
+The public API is imported lazily so that ``import condfx`` stays cheap for the CLI.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+# In a source checkout the stage folders (passes/, patterns/, codegen/, runtime/, models_zoo/) sit
+# beside this package rather than inside it; an installed wheel places them inside. Extending
+# __path__ makes ``condfx.passes`` resolve the same way in both layouts.
+_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isdir(os.path.join(_root, "passes")) and _root not in __path__:
+    __path__.append(_root)
+
+__version__ = "0.1.0"
+
+# Functions that share their module's name are imported eagerly: importing the submodule later would
+# otherwise rebind ``condfx.capture`` to the module.
+from condfx.capture import CaptureError, capture  # noqa: E402
+
+_LAZY = {
+    "apply": ("condfx.passes.pipeline", "apply"),
+    "verify": ("condfx.verify", "verify"),
+    "train": ("condfx.train", "train"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'condfx' has no attribute {name!r}")
+
+
+__all__ = sorted([*_LAZY, "capture", "CaptureError"])
