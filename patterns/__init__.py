@@ -1,0 +1,130 @@
+"""condfx.patterns: semantic region finders over the canonical IR from ``condfx.capture``.
+
+``find_regions(gm)`` returns a ``Regions`` object: attention and FFN regions, norms, residual adds,
+decoder blocks with layer indices, and every rejected candidate as a ``MatchFailure`` with a short
+constant reason. A non-match is never an exception.
+
+Recognised forms
+----------------
+Attention core (``attention.py``):
+    - ``aten.scaled_dot_product_attention`` with ``attn_mask``, ``is_causal``, ``scale``, ``enable_gqa``.
+    - eager: ``softmax(c * (q @ k^T) + mask) @ v``; the scale by mul or div on the scores, q or k;
+      the mask additive, ``masked_fill(m, -inf)`` or ``where(m, scores, -inf)`` (either branch order);
+      float32 casts around softmax, dropout with p=0 or train=False; matmul or bmm.
+    - K/V head repetition: HF ``repeat_kv`` (unsqueeze + expand + reshape), ``repeat_interleave(dim=1)``,
+      or SDPA ``enable_gqa``; ``k``/``v`` are reported as (B, Hkv, S, D).
+    - scale defaults to 1/sqrt(D) for SDPA and 1.0 for an eager chain without a factor.
+Masks (``mask.py``): judged by evaluation, not template. The mask's ancestors may touch inputs only
+    through shapes and may not read parameters; its subgraph is run at a few (B, T) sizes and the
+    pattern compared with causal and sliding-window bands, in additive, bool-keep and bool-drop forms.
+Outwards (``attention.py``): RoPE ``x*cos + rotate(x)*sin`` (half-split ``cat(-x2, x1)`` or interleaved
+    ``stack(-x[1::2], x[::2])``), QK-norm on (B, T, H, D) or (B, H, T, D), q/k/v projections
+    (linear, addmm / GPT-2 Conv1D with (in, out) weights, mm/matmul, fused qkv through split or slice,
+    reported with ``out_slice``), the projections' input ``x_in`` and its norm, o_proj, residual add.
+FFN (``ffn.py``), anchored on the down projection: SwiGLU ``down(silu(gate x) * up x)`` (either order,
+    silu or x*sigmoid(x)), GeGLU (reported as SWIGLU), GELU MLP ``down(gelu(up x))`` with ``aten.gelu``
+    or the explicit tanh formula of HF "gelu_new".
+Norms (``norm.py``): RMSNorm ``x * rsqrt(mean(x^2, -1) + eps) * w`` (or ``/ sqrt``), casts anywhere,
+    weight on either side; LayerNorm as ``aten.layer_norm`` / ``native_layer_norm`` or spelled out
+    with mean and var (or mean of squared deviations). eps is read from the graph.
+Blocks (``blocks.py``): residual adds after region outputs; layer index from ``.layers.<i>.`` /
+    ``.h.<i>.`` / ``.blocks.<i>.`` in ``nn_module_stack`` when consistent, else order of appearance.
+
+Not handled: ALiBi or other additive biases (rejected: "additive mask has finite non-zero values"),
+complex-number RoPE, parallel attention+FFN blocks (regions are found but share one residual add),
+cross-attention, masks combining several partial masks that are only causal together.
+"""
+
+from __future__ import annotations
+
+from condfx.patterns import _graph as g
+from condfx.patterns.attention import find_attention
+from condfx.patterns.blocks import assemble_blocks, assign_layers, attach_residuals
+from condfx.patterns.ffn import find_ffn
+from condfx.patterns.mask import MaskAnalyzer, MaskInfo, MaskKind
+from condfx.patterns.norm import find_norms, norm_index
+from condfx.patterns.regions import (
+    AttentionRegion,
+    DecoderBlock,
+    FFNKind,
+    FFNRegion,
+    LinearRef,
+    MatchFailure,
+    NormKind,
+    NormRegion,
+    Regions,
+    ResidualAdd,
+    RoPERef,
+    RoPEStyle,
+)
+from torch import fx
+
+
+def find_regions(gm: fx.GraphModule) -> Regions:
+    """Finds every semantic region of ``gm``.
+
+    Args:
+        gm: a GraphModule in condfx's canonical IR (``condfx.capture``).
+
+    Returns:
+        Regions with attention, FFN, norms, residual adds and blocks in graph order (layer indices
+        set), and the rejected candidates in ``failures``.
+    """
+    order = g.node_order(gm)
+    norms, failures = find_norms(gm)
+    index = norm_index(norms)
+    attention, failed = find_attention(gm, index, MaskAnalyzer(gm, order))
+    failures += failed
+    ffn, failed = find_ffn(gm, index)
+    failures += failed
+    attention, ffn = assign_layers(attention, ffn, order, failures)
+    attention, ffn, residuals = attach_residuals(attention, ffn)
+    residuals.sort(key=lambda r: order[r.node])
+    blocks = assemble_blocks(attention, ffn)
+    return Regions(attention, ffn, norms, residuals, blocks, failures)
+
+
+def find_attention_regions(gm: fx.GraphModule, failures: list[MatchFailure] | None = None) -> list[AttentionRegion]:
+    """Attention regions of ``gm`` with layer indices and residual adds; rejections go to ``failures``."""
+    regions = find_regions(gm)
+    if failures is not None:
+        failures.extend(f for f in regions.failures if f.kind in ("attention", "block"))
+    return regions.attention
+
+
+def find_ffn_regions(gm: fx.GraphModule, failures: list[MatchFailure] | None = None) -> list[FFNRegion]:
+    """FFN regions of ``gm`` with layer indices and residual adds; rejections go to ``failures``."""
+    regions = find_regions(gm)
+    if failures is not None:
+        failures.extend(f for f in regions.failures if f.kind == "ffn")
+    return regions.ffn
+
+
+def find_norm_regions(gm: fx.GraphModule, failures: list[MatchFailure] | None = None) -> list[NormRegion]:
+    """RMSNorm / LayerNorm regions of ``gm`` in graph order; rejections go to ``failures``."""
+    norms, failed = find_norms(gm)
+    if failures is not None:
+        failures.extend(failed)
+    return norms
+
+
+__all__ = [
+    "AttentionRegion",
+    "DecoderBlock",
+    "FFNKind",
+    "FFNRegion",
+    "LinearRef",
+    "MaskInfo",
+    "MaskKind",
+    "MatchFailure",
+    "NormKind",
+    "NormRegion",
+    "Regions",
+    "ResidualAdd",
+    "RoPERef",
+    "RoPEStyle",
+    "find_attention_regions",
+    "find_ffn_regions",
+    "find_norm_regions",
+    "find_regions",
+]

@@ -1,0 +1,441 @@
+"""Attention regions: anchored on the core, walked outwards to projections, QK-norm and RoPE.
+
+Core forms:
+    aten.scaled_dot_product_attention(q, k, v, attn_mask?, is_causal?, scale?, enable_gqa?)
+    softmax(scale * (q @ k^T) [+ mask | masked_fill | where]) @ v       ("eager"; the scale may be
+        applied to the scores, to q or to k, by mul or div; casts and p=0 / eval dropout allowed)
+K/V head repetition is walked back (HF repeat_kv: unsqueeze + expand + reshape; repeat_interleave),
+so ``k`` and ``v`` are (B, Hkv, S, D). Outwards: RoPE (half-split or interleaved), QK-norm on
+(B, T, H, D) or (B, H, T, D), q/k/v projections (fused ones through split), x_in, o_proj.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from condfx.patterns import _graph as g
+from condfx.patterns.mask import MaskAnalyzer, MaskInfo, MaskKind
+from condfx.patterns.norm import norm_producing
+from condfx.patterns.regions import AttentionRegion, MatchFailure, RoPERef, RoPEStyle
+from torch import fx
+
+aten = torch.ops.aten
+
+NOT_4D = "q/k/v are not 4-D"
+HEADS_NOT_STATIC = "head counts are not static"
+HEADS_NOT_DIVISIBLE = "query heads are not a multiple of key/value heads"
+KV_HEADS_DIFFER = "k and v head counts differ"
+DROPOUT = "dropout_p is not zero"
+SCALE_NOT_CONSTANT = "scale is not a constant"
+NO_MASK = "mask is not causal"
+SOFTMAX_DIM = "softmax is not over the key dim"
+NOT_QK_T = "scores are not q @ k^T"
+NO_PV = "softmax output does not feed a matmul with v"
+FILL_VALUE = "masked fill value is not very negative"
+
+_SOFTMAX = (aten.softmax, aten._softmax, aten._safe_softmax)
+_MATMUL = (aten.matmul, aten.bmm)
+
+
+def _fail(reason: str, node: fx.Node, detail: str = "") -> MatchFailure:
+    return MatchFailure(reason, node, detail, "attention")
+
+
+@dataclass
+class _Core:
+    core: fx.Node
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    scale: float | None
+    form: str
+    nodes: list[fx.Node] = field(default_factory=list)
+    masks: list[tuple[fx.Node, MaskKind]] = field(default_factory=list)
+    is_causal: bool = False
+
+
+# --- K/V head repetition -------------------------------------------------------------------------
+
+def strip_head_repeat(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """(k before head repetition, nodes of the repetition) for HF repeat_kv and repeat_interleave."""
+    nodes = []
+    n = node
+    while g.is_identity(n):
+        nodes.append(n)
+        n = n.args[0]
+    if g.is_op(n, aten.repeat_interleave) and g.arg(n, 2, "dim", None) == 1:
+        return n.args[0], [*nodes, n]
+    if not g.is_op(n, aten.reshape, aten.view, aten._unsafe_view) or g.ndim(n) != 4:
+        return node, []
+    e = n.args[0]
+    nodes.append(n)
+    while g.is_identity(e):
+        nodes.append(e)
+        e = e.args[0]
+    if not g.is_op(e, aten.expand) or g.ndim(e) != 5:
+        return node, []
+    u = e.args[0]
+    nodes.append(e)
+    while g.is_identity(u):
+        nodes.append(u)
+        u = u.args[0]
+    if not g.is_op(u, aten.unsqueeze) or u.args[1] % 5 != 2:
+        return node, []
+    nodes.append(u)
+    base = u.args[0]
+    while g.is_identity(base):
+        nodes.append(base)
+        base = base.args[0]
+    return base, nodes
+
+
+# --- SDPA core -----------------------------------------------------------------------------------
+
+def _parse_sdpa(node: fx.Node) -> _Core | MatchFailure:
+    q, k, v = node.args[:3]
+    if g.scalar(g.arg(node, 4, "dropout_p", 0.0)) != 0.0:
+        return _fail(DROPOUT, node)
+    scale = node.kwargs.get("scale", node.args[6] if len(node.args) > 6 else None)
+    if scale is not None and g.scalar(scale) is None:
+        return _fail(SCALE_NOT_CONSTANT, node)
+    k0, k_nodes = strip_head_repeat(k)
+    v0, v_nodes = strip_head_repeat(v)
+    core = _Core(node, q, k0, v0, g.scalar(scale) if scale is not None else None, "sdpa",
+                 [node, *k_nodes, *v_nodes])
+    core.is_causal = bool(g.arg(node, 5, "is_causal", False))
+    mask = g.arg(node, 3, "attn_mask", None)
+    if isinstance(mask, fx.Node):
+        v_mask = g.val(mask)
+        kind = MaskKind.KEEP if getattr(v_mask, "dtype", None) == torch.bool else MaskKind.ADDITIVE
+        core.masks.append((mask, kind))
+    return core
+
+
+# --- eager core ----------------------------------------------------------------------------------
+
+def _reaches_matmul(node: object, steps: int = 8) -> bool:
+    """True when ``node`` is (a scaled / masked / cast version of) a matmul output."""
+    for _ in range(steps):
+        if not isinstance(node, fx.Node):
+            return False
+        if g.is_op(node, *_MATMUL):
+            return True
+        if g.is_identity(node) or g.is_op(node, aten.mul, aten.div, aten.add, aten.masked_fill):
+            node = node.args[0] if g.is_op(node, aten.mul, aten.div, aten.masked_fill) or g.is_identity(
+                node) else next((a for a in node.args[:2] if _reaches_matmul(a, 3)), None)
+        elif g.is_op(node, aten.where):
+            node = next((a for a in node.args[1:3] if _reaches_matmul(a, 3)), None)
+        else:
+            return False
+    return False
+
+
+def _very_negative(x) -> bool:
+    if isinstance(x, fx.Node) and g.is_op(x, aten.full, aten.scalar_tensor):
+        x = x.args[1] if g.is_op(x, aten.full) else x.args[0]
+    s = g.scalar(x)
+    return s is not None and s <= -1e4
+
+
+def _scalar_factor(node: fx.Node) -> tuple[fx.Node, float] | None:
+    """(tensor operand, factor) for ``x * c``, ``c * x`` or ``x / c`` with a constant c."""
+    if g.is_op(node, aten.mul) and len(node.args) == 2:
+        a, b = node.args
+        if g.scalar(b) is not None and isinstance(a, fx.Node):
+            return a, g.scalar(b)
+        if g.scalar(a) is not None and isinstance(b, fx.Node):
+            return b, g.scalar(a)
+    if g.is_op(node, aten.div) and g.scalar(node.args[1]) is not None:
+        return node.args[0], 1.0 / g.scalar(node.args[1])
+    return None
+
+
+def _peel_scores(node: fx.Node, core: _Core) -> fx.Node | MatchFailure | None:
+    """Walks from the softmax input back to the q @ k^T matmul, collecting scale and masks."""
+    for _ in range(24):
+        if g.is_op(node, *_MATMUL):
+            return node
+        core.nodes.append(node)
+        if g.is_identity(node):
+            node = node.args[0]
+        elif (found := _scalar_factor(node)) is not None:
+            node, core.scale = found[0], core.scale * found[1]
+        elif g.is_op(node, aten.add) and all(isinstance(a, fx.Node) for a in node.args[:2]):
+            a, b = node.args[:2]
+            node, mask = (a, b) if _reaches_matmul(a) else (b, a)
+            core.masks.append((mask, MaskKind.ADDITIVE))
+        elif g.is_op(node, aten.masked_fill):
+            if not _very_negative(node.args[2]):
+                return _fail(FILL_VALUE, node)
+            core.masks.append((node.args[1], MaskKind.DROP))
+            node = node.args[0]
+        elif g.is_op(node, aten.where):
+            cond, a, b = node.args[:3]
+            keep = _reaches_matmul(a)
+            score, fill = (a, b) if keep else (b, a)
+            if not _very_negative(fill):
+                return _fail(FILL_VALUE, node)
+            core.masks.append((cond, MaskKind.KEEP if keep else MaskKind.DROP))
+            node = score
+        else:
+            return None
+    return None
+
+
+def _to_4d(node: fx.Node) -> fx.Node:
+    """A 4-D (B, H, T, D) tensor behind a (B*H, T, D) view used by bmm."""
+    n = node
+    while g.is_identity(n) or (g.is_op(n, aten.view, aten.reshape, aten._unsafe_view) and g.ndim(n) != 4):
+        n = n.args[0]
+    return n if g.ndim(n) == 4 else node
+
+
+def _peel_operand(node: fx.Node, core: _Core) -> fx.Node:
+    """Strip casts and constant scale factors from a q or k operand (the scale goes into core)."""
+    while True:
+        if g.is_identity(node):
+            core.nodes.append(node)
+            node = node.args[0]
+        elif (found := _scalar_factor(node)) is not None:
+            core.nodes.append(node)
+            node, core.scale = found[0], core.scale * found[1]
+        else:
+            return node
+
+
+def _is_last_two_transpose(node: fx.Node) -> bool:
+    rank = g.ndim(node)
+    if g.is_op(node, aten.transpose) and rank:
+        return {node.args[1] % rank, node.args[2] % rank} == {rank - 2, rank - 1}
+    if g.is_op(node, aten.permute) and rank:
+        perm = [p % rank for p in node.args[1]]
+        return perm == [*range(rank - 2), rank - 1, rank - 2]
+    return g.is_op(node, aten.t)
+
+
+def _parse_eager(softmax: fx.Node) -> _Core | MatchFailure | None:
+    core = _Core(softmax, softmax, softmax, softmax, 1.0, "eager", [softmax])
+    qk = _peel_scores(softmax.args[0], core)
+    if not isinstance(qk, fx.Node):
+        return qk
+    rank, dim = g.ndim(softmax), g.arg(softmax, 1, "dim", -1)
+    if rank is None or dim % rank != rank - 1:
+        return _fail(SOFTMAX_DIM, softmax)
+    q = _to_4d(_peel_operand(qk.args[0], core))
+    kt = _peel_operand(qk.args[1], core)
+    if not _is_last_two_transpose(kt):
+        return _fail(NOT_QK_T, qk)
+    k = _to_4d(_peel_operand(kt.args[0], core))
+    core.nodes += [qk, kt]
+    probs = g.forward_identity(softmax)
+    pv = g.single_user(probs)
+    if not g.is_op(pv, *_MATMUL) or pv.args[0] is not probs:
+        return _fail(NO_PV, softmax)
+    out = pv
+    if g.ndim(pv) != 4 and g.is_op(g.single_user(pv), aten.view, aten.reshape, aten._unsafe_view):
+        out = g.single_user(pv)
+    core.nodes += [n for n in probs.all_input_nodes if n is not softmax] + [probs, pv, out]
+    k0, k_nodes = strip_head_repeat(k)
+    v0, v_nodes = strip_head_repeat(_to_4d(pv.args[1]))
+    core.core, core.q, core.k, core.v = out, q, k0, v0
+    core.nodes += k_nodes + v_nodes
+    return core
+
+
+# --- causality and heads -------------------------------------------------------------------------
+
+def _causality(core: _Core, masks: MaskAnalyzer) -> MaskInfo | MatchFailure:
+    if not core.masks:
+        return MaskInfo(True) if core.is_causal else _fail(NO_MASK, core.core, "no mask and not is_causal")
+    window = None
+    for mask, kind in core.masks:
+        info = masks.analyze(mask, kind)
+        if isinstance(info, MatchFailure):
+            return MatchFailure(info.reason, core.core, f"mask {mask.name}: {info.detail}", "attention")
+        if info.window is not None:
+            window = info.window if window is None else min(window, info.window)
+    return MaskInfo(True, window)
+
+
+def _heads(core: _Core) -> tuple[int, int, int] | MatchFailure:
+    qs, ks, vs = g.shape(core.q), g.shape(core.k), g.shape(core.v)
+    if any(s is None or len(s) != 4 for s in (qs, ks, vs)):
+        return _fail(NOT_4D, core.core)
+    h, hkv, hv, d = (g.static_int(x) for x in (qs[1], ks[1], vs[1], qs[3]))
+    if None in (h, hkv, hv, d):
+        return _fail(HEADS_NOT_STATIC, core.core)
+    if hkv != hv:
+        return _fail(KV_HEADS_DIFFER, core.core)
+    if h % hkv:
+        return _fail(HEADS_NOT_DIVISIBLE, core.core)
+    return h, hkv, d
+
+
+# --- RoPE ----------------------------------------------------------------------------------------
+
+def _last_dim(node: fx.Node, dim) -> bool:
+    rank = g.ndim(node)
+    return rank is not None and isinstance(dim, int) and dim % rank == rank - 1
+
+
+def _slice_of(node: object, base: fx.Node) -> tuple[int, object, int] | None:
+    """(start, end, step) when ``node`` slices the last dim of ``base`` (through casts)."""
+    if not g.is_op(node, aten.slice) or g.skip_identity(node.args[0]) is not base:
+        return None
+    if not _last_dim(node.args[0], g.arg(node, 1, "dim", 0)):
+        return None
+    return g.arg(node, 2, "start", 0) or 0, g.arg(node, 3, "end", None), g.arg(node, 4, "step", 1)
+
+
+def _rotation_style(rot: fx.Node, x: fx.Node) -> RoPEStyle | None:
+    """HALF for cat(-x2, x1); INTERLEAVED for flatten(stack(-x[..., 1::2], x[..., ::2]))."""
+    rot, x = g.skip_identity(rot), g.skip_identity(x)
+    if g.is_op(rot, aten.cat) and _last_dim(rot, g.arg(rot, 1, "dim", 0)) and len(rot.args[0]) == 2:
+        first, second = rot.args[0]
+        if g.is_op(first, aten.neg):
+            hi, lo = _slice_of(first.args[0], x), _slice_of(second, x)
+            if hi and lo and lo[0] == 0 and hi[0] == lo[1] and hi[2] == lo[2] == 1:
+                return RoPEStyle.HALF
+    flat = rot
+    while g.is_op(flat, aten.view, aten.reshape, aten.flatten, aten._unsafe_view):
+        flat = flat.args[0]
+    if g.is_op(flat, aten.stack) and len(flat.args[0]) == 2:
+        first, second = flat.args[0]
+        if g.is_op(first, aten.neg):
+            odd, even = _slice_of(first.args[0], x), _slice_of(second, x)
+            if odd and even and odd[0] == 1 and even[0] == 0 and odd[2] == even[2] == 2:
+                return RoPEStyle.INTERLEAVED
+    return None
+
+
+def _mul_operands(node: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
+    if not g.is_op(node, aten.mul) or not all(isinstance(a, fx.Node) for a in node.args[:2]):
+        return []
+    a, b = node.args[:2]
+    return [(a, b), (b, a)]
+
+
+def match_rope(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, RoPEStyle] | None:
+    """(x before rotation, cos, sin, style) for ``x * cos + rotate(x) * sin`` (any operand order)."""
+    node = g.skip_identity(node)
+    if not g.is_op(node, aten.add) or not all(isinstance(a, fx.Node) for a in node.args[:2]):
+        return None
+    a, b = (g.skip_identity(n) for n in node.args[:2])
+    for m1, m2 in ((a, b), (b, a)):
+        for x, cos in _mul_operands(m1):
+            for rot, sin in _mul_operands(m2):
+                style = _rotation_style(rot, x)
+                if style is not None:
+                    return g.skip_identity(x), cos, sin, style
+    return None
+
+
+# --- outwards ------------------------------------------------------------------------------------
+
+def _unrotated(node: fx.Node):
+    """(node before RoPE, rope match or None), trying (B, H, T, D) and then (B, T, H, D)."""
+    found = match_rope(node)
+    if found is not None:
+        return found[0], found
+    inner = g.skip_identity(node)
+    if g.is_op(inner, aten.transpose, aten.permute):
+        found = match_rope(inner.args[0])
+        if found is not None:
+            return found[0], found
+    return node, None
+
+
+def _projection(node: fx.Node, norms):
+    """(LinearRef or None, QK-norm or None) behind a (B, H, T, D) q or k."""
+    qk_norm = norm_producing(norms, node)
+    n = qk_norm.x_in if qk_norm else g.skip_identity(node)
+    if g.is_op(n, aten.transpose, aten.permute):
+        n = g.skip_identity(n.args[0])
+    if qk_norm is None and (qk_norm := norm_producing(norms, n)) is not None:
+        n = qk_norm.x_in
+    return g.trace_linear(n), qk_norm
+
+
+def find_o_proj(core: fx.Node):
+    """The output projection reading ``core`` through transposes and reshapes, or None."""
+    node = core
+    for _ in range(10):
+        user = g.single_user(node)
+        if user is None:
+            return None
+        if g.is_identity(user) or g.is_view(user):
+            node = user
+            continue
+        ref = g.linear_at(user)
+        return ref if ref is not None and g.skip_views(ref.x_in) is g.skip_views(core) else None
+    return None
+
+
+def _outer(core: _Core, norms) -> dict:
+    q_pre, q_rope = _unrotated(core.q)
+    k_pre, k_rope = _unrotated(core.k)
+    q_proj, q_norm = _projection(q_pre, norms)
+    k_proj, k_norm = _projection(k_pre, norms)
+    v_proj, _ = _projection(core.v, {})
+    rope = None
+    if q_rope is not None:
+        style = q_rope[3]
+        rope = RoPERef(style, q_rope[1], q_rope[2], q_pre, k_pre if k_rope else None)
+    x_in = q_proj.x_in if q_proj is not None else None
+    o_proj = find_o_proj(core.core)
+    return dict(q_proj=q_proj, k_proj=k_proj, v_proj=v_proj, q_norm=q_norm, k_norm=k_norm, rope=rope,
+                x_in=x_in, input_norm=norm_producing(norms, x_in), o_proj=o_proj,
+                out=o_proj.node if o_proj is not None else None)
+
+
+def match_attention(anchor: fx.Node, masks: MaskAnalyzer, norms) -> AttentionRegion | MatchFailure | None:
+    """Matches an attention region anchored on an SDPA or softmax node.
+
+    Returns:
+        The region (``layer`` = -1 until blocks are assembled), a MatchFailure for a rejected
+        attention-looking candidate, or None when ``anchor`` does not look like attention at all.
+    """
+    core = _parse_sdpa(anchor) if g.is_op(anchor, aten.scaled_dot_product_attention) else _parse_eager(anchor)
+    if not isinstance(core, _Core):
+        return core
+    heads = _heads(core)
+    if isinstance(heads, MatchFailure):
+        return heads
+    h, hkv, d = heads
+    info = _causality(core, masks)
+    if isinstance(info, MatchFailure):
+        return info
+    scale = core.scale if core.scale is not None else d**-0.5
+    seen, nodes = set(), []
+    for n in core.nodes:
+        if n not in seen and n not in (core.q, core.k, core.v):
+            seen.add(n)
+            nodes.append(n)
+    return AttentionRegion(
+        layer=-1, module_path=g.module_path(core.core), core=core.core, core_nodes=tuple(nodes),
+        q=core.q, k=core.k, v=core.v, num_heads=h, num_kv_heads=hkv, head_dim=d, scale=float(scale),
+        causal=info.causal, window=info.window, core_form=core.form,
+        mask=core.masks[0][0] if core.masks else None, **_outer(core, norms),
+    )
+
+
+def is_attention_anchor(node: fx.Node) -> bool:
+    """True for SDPA calls and softmax nodes (the two kinds of attention core anchors)."""
+    return g.is_op(node, aten.scaled_dot_product_attention, *_SOFTMAX)
+
+
+def find_attention(gm: fx.GraphModule, norms, masks: MaskAnalyzer | None = None):
+    """(regions, failures) for every attention anchor of ``gm``, in graph order."""
+    masks = masks if masks is not None else MaskAnalyzer(gm)
+    regions, failures = [], []
+    for node in gm.graph.nodes:
+        if not is_attention_anchor(node):
+            continue
+        found = match_attention(node, masks, norms)
+        if isinstance(found, AttentionRegion):
+            regions.append(found)
+        elif isinstance(found, MatchFailure):
+            failures.append(found)
+    return regions, failures
+

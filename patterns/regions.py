@@ -1,0 +1,172 @@
+"""Semantic regions: the named endpoints that passes rewrite.
+
+A region is found by anchoring on one characteristic node (the attention core, the FFN down
+projection, the normalisation's reduction) and walking outwards. Passes never repeat that walk; they
+read the endpoints below. All nodes belong to the canonical IR produced by ``condfx.capture``.
+
+Shapes use B = batch, T = query length, S = key length, H = query heads, Hkv = key/value heads,
+D = head dim, d = model dim.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from torch import fx
+
+
+@dataclass(frozen=True)
+class MatchFailure:
+    """Why a candidate was rejected. ``reason`` is a short constant string; ``detail`` is free text."""
+
+    reason: str
+    node: fx.Node | None = None
+    detail: str = ""
+    kind: str = ""  # "attention", "ffn", "norm", ...
+
+    def __str__(self) -> str:
+        where = f" at {self.node.name}" if self.node is not None else ""
+        extra = f" ({self.detail})" if self.detail else ""
+        return f"{self.kind or 'region'}: {self.reason}{where}{extra}"
+
+
+class NormKind(enum.Enum):
+    RMSNORM = "rmsnorm"
+    LAYERNORM = "layernorm"
+
+
+class FFNKind(enum.Enum):
+    SWIGLU = "swiglu"  # down(act(gate(x)) * up(x))
+    GELU_MLP = "gelu-mlp"  # down(gelu(up(x)))
+
+
+class RoPEStyle(enum.Enum):
+    HALF = "half"  # rotate_half: (x1, x2) -> (-x2, x1) over the two halves of D
+    INTERLEAVED = "interleaved"  # adjacent pairs (x0, x1), (x2, x3), ...
+
+
+@dataclass(frozen=True)
+class LinearRef:
+    """A projection ``y = x @ W.T + b`` however it was written (linear, matmul, addmm, Conv1D).
+
+    ``weight`` and ``bias`` are get_attr nodes. ``weight_layout`` says how the stored tensor is laid
+    out: "out_in" (nn.Linear) or "in_out" (GPT-2 Conv1D). For a fused projection (GPT-2 c_attn),
+    ``out_slice`` gives the [start, stop) range of output features that belong to this projection.
+    """
+
+    node: fx.Node
+    weight: fx.Node
+    bias: fx.Node | None
+    in_features: int
+    out_features: int
+    weight_layout: str = "out_in"
+    out_slice: tuple[int, int] | None = None
+    x_in: fx.Node | None = None  # the input (B, T, in), before any flattening view
+    op_node: fx.Node | None = None  # the linear / addmm / mm node itself
+
+
+@dataclass(frozen=True)
+class NormRegion:
+    kind: NormKind
+    x_in: fx.Node  # the tensor being normalised
+    out: fx.Node  # the normalised (and scaled) tensor
+    weight: fx.Node | None
+    bias: fx.Node | None
+    eps: float
+    nodes: tuple[fx.Node, ...] = ()
+    module_path: str = ""
+
+
+@dataclass(frozen=True)
+class RoPERef:
+    style: RoPEStyle
+    cos: fx.Node | None
+    sin: fx.Node | None
+    q_pre: fx.Node | None = None  # q before rotation, (B, H, T, D)
+    k_pre: fx.Node | None = None  # k before rotation, (B, Hkv, S, D)
+
+
+@dataclass(frozen=True)
+class AttentionRegion:
+    """One attention block, anchored on its core.
+
+    ``q``, ``k`` and ``v`` are what the core consumes, after QK-norm and RoPE, with K/V taken *before*
+    any head repetition: k and v are (B, Hkv, S, D) even when the model repeats them to H heads.
+    ``core`` is the node whose value is the attention output (B, H, T, D); ``core_nodes`` are the
+    nodes that compute it from q, k, v (the SDPA call, or matmul, scale, mask, softmax, matmul, and the
+    head repetition), which a pass replacing the core makes dead.
+    """
+
+    layer: int
+    module_path: str
+    core: fx.Node
+    core_nodes: tuple[fx.Node, ...]
+    q: fx.Node  # (B, H, T, D)
+    k: fx.Node  # (B, Hkv, S, D)
+    v: fx.Node  # (B, Hkv, S, D)
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+    causal: bool
+    window: int | None = None  # keys j with i - window < j <= i, when set
+    core_form: str = "sdpa"  # "sdpa" or "eager"
+    x_in: fx.Node | None = None  # the (normalised) input of the q/k/v projections, (B, T, d)
+    q_proj: LinearRef | None = None
+    k_proj: LinearRef | None = None
+    v_proj: LinearRef | None = None
+    o_proj: LinearRef | None = None
+    q_norm: NormRegion | None = None
+    k_norm: NormRegion | None = None
+    rope: RoPERef | None = None
+    out: fx.Node | None = None  # output of o_proj, (B, T, d)
+    residual: fx.Node | None = None  # the residual add that takes ``out``
+    input_norm: NormRegion | None = None
+    mask: fx.Node | None = None  # the mask tensor the core consumes (None for is_causal / no mask)
+
+
+@dataclass(frozen=True)
+class FFNRegion:
+    layer: int
+    module_path: str
+    kind: FFNKind
+    x_in: fx.Node  # (B, T, d)
+    up: LinearRef
+    down: LinearRef  # the anchor; down.node is the FFN output before the residual add
+    gate: LinearRef | None
+    act: fx.Node
+    dim: int
+    hidden_dim: int
+    residual: fx.Node | None = None
+    input_norm: NormRegion | None = None
+
+    @property
+    def out(self) -> fx.Node:
+        return self.down.node
+
+
+@dataclass(frozen=True)
+class ResidualAdd:
+    node: fx.Node  # the add
+    stream: fx.Node  # the residual stream operand
+    branch: fx.Node  # the block output operand
+
+
+@dataclass(frozen=True)
+class DecoderBlock:
+    layer: int
+    attention: AttentionRegion | None
+    ffn: FFNRegion | None
+
+
+@dataclass
+class Regions:
+    """Everything found in one graph, in graph order, plus the rejected candidates."""
+
+    attention: list[AttentionRegion] = field(default_factory=list)
+    ffn: list[FFNRegion] = field(default_factory=list)
+    norms: list[NormRegion] = field(default_factory=list)
+    residuals: list[ResidualAdd] = field(default_factory=list)
+    blocks: list[DecoderBlock] = field(default_factory=list)
+    failures: list[MatchFailure] = field(default_factory=list)
