@@ -1,0 +1,20 @@
+"""condfx.ops: the custom-op contract (``torch.ops.condfx.*``).
+
+Importing this package registers every op. One module per op family (``condfx.ops.attention``
+registers ``condfx::attention`` and ``condfx::attention_backward``); each holds the eager reference,
+the fake implementation and the autograd formula. Backend lowerings live in ``codegen/``. Call the
+ops as ``torch.ops.condfx.<name>``; the op objects are not re-exported here, so that
+``condfx.ops.attention`` stays the module.
+"""
+
+from condfx.ops.attention import (
+    attention_backward_reference,
+    attention_reference,
+    check_attention_shapes,
+)
+
+__all__ = [
+    "attention_backward_reference",
+    "attention_reference",
+    "check_attention_shapes",
+]

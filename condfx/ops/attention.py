@@ -1,0 +1,226 @@
+"""``condfx::attention``: causal (optionally sliding-window) multi-head attention with GQA.
+
+Semantics (the contract every lowering must match):
+    q (B, H, T, D), k (B, Hkv, S, D), v (B, Hkv, S, D), H % Hkv == 0, T <= S.
+    The query block is aligned to the END of the keys: query i sits at absolute position
+    ``pos = S - T + i`` and attends to keys ``j <= pos``; with ``window > 0`` also ``j > pos - window``.
+    T == S is ordinary causal prefill; T == 1 is one decode step over a cache of S keys.
+    Query head h reads key/value head ``h // (H // Hkv)`` (GQA); repeated heads are never materialised.
+    out (B, H, T, D) = softmax(q @ k^T * scale + mask) @ v.
+
+This module holds the three parts that live in ``condfx/ops`` (DESIGN.md "Custom ops are the contract"):
+    * ``attention_reference``: the eager reference in plain PyTorch (CPU; chunked over queries so
+      T = S = 2048 at small head counts stays within a few hundred MB).
+    * the fake implementation (``register_fake``), so export, compile and shape propagation see through it.
+    * autograd (``register_autograd``), whose backward is a second opaque op ``condfx::attention_backward``
+      so a traced backward stays one node with a symbolic-shape-safe fake.
+
+Backend lowerings do NOT live here. Issue #3 adds them:
+    * ``codegen/onnx/attention.py``: the ``condfx``-domain ONNX node plus an ONNX local function whose
+      body is ``attention_reference`` decomposed into standard ops.
+    * ``codegen/triton/attention.py``: ``_attention_fwd_kernel`` / ``attention_fwd`` registered for CUDA
+      (``torch.library.register_kernel("condfx::attention", "cuda", ...)``), tested on CPU with
+      ``TRITON_INTERPRET=1`` against ``attention_reference``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Upper bound on the elements of one (B, H, chunk, S) score block in the reference: 2**24 floats = 64 MiB.
+_SCORE_BLOCK_ELEMENTS = 1 << 24
+
+
+def _is_static(*dims) -> bool:
+    return all(isinstance(d, int) for d in dims)
+
+
+def check_attention_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> None:
+    """Raises ValueError when q, k, v or window do not form a valid ``condfx::attention`` call.
+
+    Symbolic dimensions (under export) are only checked where the check cannot add a guard.
+
+    Args:
+        q: (B, H, T, D) queries.
+        k: (B, Hkv, S, D) keys.
+        v: (B, Hkv, S, D) values.
+        window: sliding-window size; 0 means no window.
+
+    Raises:
+        ValueError: a rank, head count, head dim, length or dtype mismatch, or a negative window.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            msg = f"condfx.attention: {name} must be 4-D (B, heads, length, head_dim); got shape {tuple(t.shape)}."
+            raise ValueError(msg)
+    if not (q.dtype == k.dtype == v.dtype):
+        msg = f"condfx.attention: q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}."
+        raise ValueError(msg)
+    if window < 0:
+        msg = f"condfx.attention: window must be >= 0 (0 = no window); got {window}."
+        raise ValueError(msg)
+    h, t, d = q.shape[1], q.shape[2], q.shape[3]
+    hkv, s = k.shape[1], k.shape[2]
+    if _is_static(h, hkv) and (hkv == 0 or h % hkv != 0):
+        msg = f"condfx.attention: query heads H={h} must be a multiple of key/value heads Hkv={hkv}."
+        raise ValueError(msg)
+    if _is_static(d, k.shape[3], v.shape[3]) and not d == k.shape[3] == v.shape[3]:
+        msg = f"condfx.attention: head dim must match; got q {d}, k {k.shape[3]}, v {v.shape[3]}."
+        raise ValueError(msg)
+    if _is_static(*k.shape, *v.shape) and tuple(k.shape) != tuple(v.shape):
+        msg = f"condfx.attention: k and v must have one shape; got {tuple(k.shape)} and {tuple(v.shape)}."
+        raise ValueError(msg)
+    if _is_static(q.shape[0], k.shape[0]) and q.shape[0] != k.shape[0]:
+        msg = f"condfx.attention: q and k batch sizes differ: {q.shape[0]} vs {k.shape[0]}."
+        raise ValueError(msg)
+    if _is_static(t, s) and t > s:
+        msg = f"condfx.attention: query length T={t} must be <= key length S={s} (queries align to the end)."
+        raise ValueError(msg)
+
+
+def _visible(t0: int, t1: int, t: int, s: int, window: int, device) -> torch.Tensor:
+    """(t1 - t0, S) bool mask, True where query row i (absolute S - T + i) may read key j."""
+    pos = torch.arange(t0, t1, device=device).unsqueeze(1) + (s - t)  # (c, 1)
+    j = torch.arange(s, device=device).unsqueeze(0)  # (1, S)
+    keep = j <= pos
+    if window > 0:
+        keep = keep & (j > pos - window)
+    return keep
+
+
+def _chunk_len(b: int, h: int, t: int, s: int) -> int:
+    return max(1, min(t, _SCORE_BLOCK_ELEMENTS // max(1, b * h * s)))
+
+
+def _probs(qg, kg, t0, t1, t, s, scale, window):
+    """Softmax probabilities for query rows [t0, t1): (B, Hkv, G, c, S) in float32 or float64."""
+    acc = torch.float64 if qg.dtype == torch.float64 else torch.float32
+    scores = (qg[..., t0:t1, :].to(acc) @ kg.to(acc).transpose(-1, -2)) * scale  # (B, Hkv, G, c, S)
+    keep = _visible(t0, t1, t, s, window, qg.device)
+    return torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
+
+
+def attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int = 0
+) -> torch.Tensor:
+    """Eager reference for ``condfx::attention`` (see the module docstring for the semantics).
+
+    Differentiable by ordinary autograd. Scores and softmax run in float32 (float64 for float64
+    inputs); the result is cast back to q's dtype.
+
+    Args:
+        q: (B, H, T, D) queries.
+        k: (B, Hkv, S, D) keys, before any head repetition.
+        v: (B, Hkv, S, D) values.
+        scale: multiplier of q @ k^T, usually D ** -0.5.
+        window: 0 for full causal attention, else keys within the last ``window`` positions.
+
+    Returns:
+        (B, H, T, D) attention output.
+
+    Raises:
+        ValueError: the shapes are inconsistent (see ``check_attention_shapes``).
+    """
+    check_attention_shapes(q, k, v, window)
+    b, h, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    qg = q.reshape(b, hkv, h // hkv, t, d)  # (B, Hkv, G, T, D)
+    kg, vg = k.unsqueeze(2), v.unsqueeze(2)  # (B, Hkv, 1, S, D)
+    step = _chunk_len(b, h, t, s)
+    outs = []
+    for t0 in range(0, t, step):
+        t1 = min(t, t0 + step)
+        p = _probs(qg, kg, t0, t1, t, s, scale, window)  # (B, Hkv, G, c, S)
+        outs.append((p @ vg.to(p.dtype)).to(q.dtype))  # (B, Hkv, G, c, D)
+    return torch.cat(outs, dim=3).reshape(b, h, t, d)
+
+
+def attention_backward_reference(
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    window: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``attention_reference`` w.r.t. q, k, v, recomputing the probabilities per chunk.
+
+    dV = P^T dO; dP = dO V^T; dS = P * (dP - rowsum(dP * P)); dQ = scale dS K; dK = scale dS^T Q,
+    with dK and dV summed over the G query heads that share a key/value head.
+
+    Args:
+        grad: (B, H, T, D) gradient of the output.
+        q, k, v, scale, window: the forward arguments.
+
+    Returns:
+        (dq, dk, dv) with the shapes and dtypes of q, k, v.
+    """
+    b, h, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    g = h // hkv
+    qg = q.reshape(b, hkv, g, t, d)  # (B, Hkv, G, T, D)
+    gg = grad.reshape(b, hkv, g, t, d)  # (B, Hkv, G, T, D)
+    kg, vg = k.unsqueeze(2), v.unsqueeze(2)  # (B, Hkv, 1, S, D)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dq_parts = []
+    dk = torch.zeros(b, hkv, s, d, dtype=acc, device=q.device)
+    dv = torch.zeros_like(dk)
+    for t0 in range(0, t, _chunk_len(b, h, t, s)):
+        t1 = min(t, t0 + _chunk_len(b, h, t, s))
+        p = _probs(qg, kg, t0, t1, t, s, scale, window)  # (B, Hkv, G, c, S)
+        go = gg[..., t0:t1, :].to(acc)  # (B, Hkv, G, c, D)
+        dv += (p.transpose(-1, -2) @ go).sum(dim=2)
+        dp = go @ vg.to(acc).transpose(-1, -2)  # (B, Hkv, G, c, S)
+        ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True)) * scale
+        dq_parts.append(ds @ kg.to(acc))  # (B, Hkv, G, c, D)
+        dk += (ds.transpose(-1, -2) @ qg[..., t0:t1, :].to(acc)).sum(dim=2)
+    dq = torch.cat(dq_parts, dim=3).reshape(b, h, t, d)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@torch.library.custom_op("condfx::attention", mutates_args=())
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int = 0
+) -> torch.Tensor:
+    """``torch.ops.condfx.attention``: see the module docstring. Runs the eager reference."""
+    with torch.no_grad():
+        return attention_reference(q, k, v, scale, window)
+
+
+@attention.register_fake
+def _attention_fake(q, k, v, scale, window=0):
+    check_attention_shapes(q, k, v, window)
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("condfx::attention_backward", mutates_args=())
+def attention_backward(
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    window: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.ops.condfx.attention_backward``: (dq, dk, dv) of ``condfx::attention``."""
+    return attention_backward_reference(grad.contiguous(), q, k, v, scale, window)
+
+
+@attention_backward.register_fake
+def _attention_backward_fake(grad, q, k, v, scale, window=0):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale, window = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.scale, ctx.window = scale, window
+
+
+def _backward(ctx, grad):
+    q, k, v = ctx.saved_tensors
+    dq, dk, dv = torch.ops.condfx.attention_backward(grad, q, k, v, ctx.scale, ctx.window)
+    return dq, dk, dv, None, None
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,162 @@
+"""Compare a model before and after a rewrite: ``condfx.verify(before, after, inputs)``.
+
+Exact rewrites must agree within the dtype tolerance of ``EXACT_TOLERANCES`` (max abs diff <= atol +
+rtol * max|before|). Lossy rewrites report their metrics and pass when the SQNR is above a floor.
+Metrics: max and mean abs diff, SQNR in dB, KL(softmax(before) || softmax(after)) over the last dim
+averaged over positions, and top-1 (argmax over the last dim) agreement.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+# (atol, rtol) per dtype for exact rewrites; the one table the tests use too.
+EXACT_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (2e-3, 2e-3),
+}
+DEFAULT_SQNR_FLOOR_DB = 20.0
+
+
+class VerifyMode(enum.Enum):
+    EXACT = "exact"
+    LOSSY = "lossy"
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Metrics comparing two models' outputs, and whether they pass the mode's check."""
+
+    ok: bool
+    mode: str
+    dtype: str
+    max_abs_diff: float
+    mean_abs_diff: float
+    sqnr_db: float
+    kl: float
+    top1_agreement: float
+    tolerance: float | None = None  # the max-abs-diff bound used in exact mode
+    sqnr_floor_db: float | None = None  # the SQNR floor used in lossy mode
+    metric_before: float | None = None
+    metric_after: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict."""
+        return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(self).items()}
+
+    def summary(self) -> str:
+        """One line: verdict and the main metrics."""
+        bound = (
+            f"tol {self.tolerance:.1e}" if self.tolerance is not None else f"floor {self.sqnr_floor_db} dB"
+        )
+        return (
+            f"{'ok' if self.ok else 'FAILED'} ({self.mode}, {self.dtype}): max|diff| {self.max_abs_diff:.3e} "
+            f"({bound}), SQNR {self.sqnr_db:.1f} dB, KL {self.kl:.2e}, top-1 {self.top1_agreement:.1%}"
+        )
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    msg = f"verify() needs a model returning a tensor, a tuple of tensors or logits; got {type(out).__name__}."
+    raise TypeError(msg)
+
+
+def _run(model: nn.Module | Callable, inputs: Sequence[Any], dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is not None:
+        inputs = [x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs]
+    with torch.no_grad():
+        return _first_tensor(model(*inputs))
+
+
+def compare_outputs(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
+    """The metrics of ``VerifyResult`` for two tensors of one shape (computed in float64)."""
+    if ref.shape != out.shape:
+        msg = f"verify(): output shapes differ: before {tuple(ref.shape)}, after {tuple(out.shape)}."
+        raise ValueError(msg)
+    a, b = ref.double(), out.double()
+    diff = (a - b).abs()
+    noise = (a - b).pow(2).sum().item()
+    signal = a.pow(2).sum().item()
+    sqnr = math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
+    kl = torch.sum(
+        torch.softmax(a, -1) * (torch.log_softmax(a, -1) - torch.log_softmax(b, -1)), dim=-1
+    ).mean()
+    top1 = (a.argmax(-1) == b.argmax(-1)).double().mean()
+    return {
+        "max_abs_diff": diff.max().item() if diff.numel() else 0.0,
+        "mean_abs_diff": diff.mean().item() if diff.numel() else 0.0,
+        "sqnr_db": sqnr,
+        "kl": max(kl.item(), 0.0),
+        "top1_agreement": top1.item(),
+    }
+
+
+def verify(
+    before: nn.Module | Callable,
+    after: nn.Module | Callable,
+    inputs: Sequence[Any] | torch.Tensor,
+    *,
+    mode: str | VerifyMode = "exact",
+    dtype: torch.dtype | None = None,
+    sqnr_floor_db: float = DEFAULT_SQNR_FLOOR_DB,
+    metric: Callable[[nn.Module | Callable], float] | None = None,
+) -> VerifyResult:
+    """Runs ``before`` and ``after`` on ``inputs`` and compares their (first) outputs.
+
+    Args:
+        before: the reference model or callable.
+        after: the rewritten model or callable.
+        inputs: a tensor or a sequence of positional inputs.
+        mode: "exact" (pass within the dtype tolerance) or "lossy" (pass above ``sqnr_floor_db``).
+        dtype: cast floating inputs to this dtype first; the tolerance is looked up for the output dtype.
+        sqnr_floor_db: the SQNR floor for lossy mode.
+        metric: optional callable scoring a model (e.g. perplexity on a text); reported for both.
+
+    Returns:
+        The VerifyResult.
+
+    Raises:
+        ValueError: unknown mode, or outputs of different shapes.
+        TypeError: a model's output holds no tensor.
+    """
+    try:
+        mode = VerifyMode(mode)
+    except ValueError:
+        msg = f"verify() mode must be one of {{exact, lossy}}; got {mode!r}."
+        raise ValueError(msg) from None
+    inputs = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
+    ref, out = _run(before, inputs, dtype), _run(after, inputs, dtype)
+    metrics = compare_outputs(ref, out)
+    tol, floor = None, None
+    if mode is VerifyMode.EXACT:
+        atol, rtol = EXACT_TOLERANCES.get(ref.dtype, EXACT_TOLERANCES[torch.float32])
+        tol = atol + rtol * (ref.double().abs().max().item() if ref.numel() else 0.0)
+        ok = metrics["max_abs_diff"] <= tol
+    else:
+        floor = sqnr_floor_db
+        ok = metrics["sqnr_db"] >= floor
+    return VerifyResult(
+        ok=ok,
+        mode=mode.value,
+        dtype=str(ref.dtype).removeprefix("torch."),
+        tolerance=tol,
+        sqnr_floor_db=floor,
+        metric_before=metric(before) if metric else None,
+        metric_after=metric(after) if metric else None,
+        **metrics,
+    )

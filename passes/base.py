@@ -1,0 +1,223 @@
+"""The pass contract: ``Pass``, ``PassResult``, ``PassReport``, ``PassError`` and ``GraphSnapshot``.
+
+A pass is a small class with a kebab-case ``name``, a frozen config dataclass and
+``__call__(gm) -> PassResult``. It rewrites ``gm`` in place (the pipeline hands it a private deep
+copy) and reports what it matched, rewrote and skipped. See ``passes/README.md`` for the graph
+invariants every pass relies on and keeps.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import fx
+
+from condfx.passes.report import CostEstimate
+
+
+class PassError(Exception):
+    """A pass failed or broke a graph invariant.
+
+    Attributes:
+        pass_name: the pass that failed.
+        prior: names of the passes that ran before it, in order.
+        node: ``node.format_node()`` of the offending node, or "".
+        stack_trace: the node's source stack trace when known, or "".
+        reason: the one-sentence description.
+    """
+
+    def __init__(
+        self,
+        pass_name: str,
+        reason: str,
+        *,
+        prior: tuple[str, ...] = (),
+        node: fx.Node | str | None = None,
+        stack_trace: str | None = None,
+    ):
+        self.pass_name = pass_name
+        self.reason = reason
+        self.prior = tuple(prior)
+        if isinstance(node, fx.Node):
+            stack_trace = stack_trace or node.stack_trace
+            node = node.format_node()
+        self.node = node or ""
+        self.stack_trace = stack_trace or ""
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        after = ", ".join(self.prior) if self.prior else "none"
+        lines = [f"pass '{self.pass_name}' failed (passes run before it: {after}): {self.reason}"]
+        if self.node:
+            lines.append(f"  offending node: {self.node}")
+        if self.stack_trace:
+            lines.append("  source:\n" + self.stack_trace.rstrip())
+        return "\n".join(lines)
+
+    def with_prior(self, prior: tuple[str, ...]) -> PassError:
+        """Returns a copy of this error naming ``prior`` as the passes run before it."""
+        return PassError(
+            self.pass_name, self.reason, prior=prior, node=self.node, stack_trace=self.stack_trace
+        )
+
+
+@dataclass(frozen=True)
+class PassReport:
+    """What one pass did to one graph.
+
+    Attributes:
+        pass_name: the pass's registry name.
+        matched: regions the pass's finder matched (including ones it then skipped).
+        rewritten: regions rewritten.
+        skipped: ``(reason, detail)`` per matched region that was not rewritten.
+        near_misses: the finder's rejected candidates (``str(MatchFailure)``), for diagnostics.
+        nodes_added: graph nodes present after the pass and not before.
+        nodes_removed: graph nodes present before the pass and not after.
+        params_added: parameter and buffer elements added (negative when removed).
+        wall_time_s: seconds the pass took.
+        cost_before: the cost estimate of the input graph, when the pass computed one.
+        cost_after: the cost estimate of the output graph.
+    """
+
+    pass_name: str
+    matched: int = 0
+    rewritten: int = 0
+    skipped: tuple[tuple[str, str], ...] = ()
+    near_misses: tuple[str, ...] = ()
+    nodes_added: int = 0
+    nodes_removed: int = 0
+    params_added: int = 0
+    wall_time_s: float = 0.0
+    cost_before: CostEstimate | None = None
+    cost_after: CostEstimate | None = None
+
+    def skip_counts(self) -> dict[str, int]:
+        """Number of skipped regions per reason."""
+        counts: dict[str, int] = {}
+        for reason, _ in self.skipped:
+            counts[reason] = counts.get(reason, 0) + 1
+        return counts
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of the report."""
+        out = dataclasses.asdict(self)
+        out["skipped"] = [{"reason": r, "detail": d} for r, d in self.skipped]
+        out["near_misses"] = list(self.near_misses)
+        out["cost_before"] = self.cost_before.to_dict() if self.cost_before else None
+        out["cost_after"] = self.cost_after.to_dict() if self.cost_after else None
+        return out
+
+    def to_markdown(self) -> str:
+        """A short markdown section: counts, skip reasons and the cost table."""
+        lines = [
+            f"### {self.pass_name}",
+            "",
+            f"- matched {self.matched}, rewritten {self.rewritten}, skipped {len(self.skipped)}",
+            f"- nodes +{self.nodes_added} / -{self.nodes_removed}, params {self.params_added:+d}",
+            f"- wall time {self.wall_time_s:.3f} s",
+        ]
+        lines += [f"- skipped ({n}x): {reason}" for reason, n in self.skip_counts().items()]
+        if self.cost_before is not None and self.cost_after is not None:
+            lines += ["", *self.cost_before.markdown_table(self.cost_after)]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """The output of ``Pass.__call__``."""
+
+    graph_module: fx.GraphModule
+    modified: bool
+    report: PassReport
+
+
+@dataclass(frozen=True)
+class GraphSnapshot:
+    """Node set, parameter count and start time of a graph, taken before a pass runs.
+
+    Holding the node objects keeps erased nodes alive, so identity comparison afterwards is exact.
+    """
+
+    nodes: frozenset[fx.Node]
+    param_elements: int
+    started: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def take(cls, gm: fx.GraphModule) -> GraphSnapshot:
+        """Records ``gm``'s nodes and parameter elements and starts the clock."""
+        return cls(frozenset(gm.graph.nodes), _param_elements(gm))
+
+    def report(self, gm: fx.GraphModule, pass_name: str, **counts: Any) -> PassReport:
+        """Builds the PassReport for ``gm`` after the pass; ``counts`` are PassReport fields."""
+        after = frozenset(gm.graph.nodes)
+        return PassReport(
+            pass_name=pass_name,
+            nodes_added=len(after - self.nodes),
+            nodes_removed=len(self.nodes - after),
+            params_added=_param_elements(gm) - self.param_elements,
+            wall_time_s=time.perf_counter() - self.started,
+            **counts,
+        )
+
+
+def _param_elements(gm: fx.GraphModule) -> int:
+    tensors = {id(t): t for t in (*gm.parameters(), *gm.buffers())}
+    return sum(t.numel() for t in tensors.values())
+
+
+def check_graph_invariants(gm: fx.GraphModule, pass_name: str) -> None:
+    """Raises PassError when ``gm`` breaks an invariant of passes/README.md.
+
+    Checks: the graph lints, and every placeholder and call_function node carries ``meta["val"]``.
+    """
+    try:
+        gm.graph.lint()
+    except Exception as exc:  # fx raises RuntimeError and others from lint
+        raise PassError(pass_name, f"graph does not lint: {exc}") from exc
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "call_function") and "val" not in node.meta:
+            raise PassError(pass_name, "node has no FakeTensor metadata (meta['val'])", node=node)
+
+
+class Pass(abc.ABC):
+    """Base class of every pass.
+
+    Subclasses set ``name`` (kebab-case, verb + object), ``config_class`` (a frozen dataclass) and
+    ``matches`` (what the finder looks for, used in "matched nothing" errors), and implement
+    ``__call__``. ``exact`` says whether the rewrite preserves outputs within dtype tolerance.
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+    matches: ClassVar[str] = "region"
+    exact: ClassVar[bool] = True
+
+    def __init__(self, config: Any = None):
+        if config is None:
+            config = self.config_class()
+        if not isinstance(config, self.config_class):
+            msg = (
+                f"{type(self).__name__} needs a {self.config_class.__name__}; "
+                f"got {type(config).__name__}."
+            )
+            raise TypeError(msg)
+        self.config = config
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+    @abc.abstractmethod
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        """Rewrites ``gm`` in place and returns the result with its report."""
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        """Precondition hook, run by the pipeline before the pass. Default: the shared invariants."""
+        check_graph_invariants(gm, self.name)
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        """Postcondition hook, run by the pipeline after the pass. Default: the shared invariants."""
+        check_graph_invariants(gm, self.name)

@@ -1,0 +1,42 @@
+"""The pass registry: one explicit, read-only mapping from kebab-case name to pass class.
+
+Adding a pass is one line in ``PASSES``. There are no decorators and no import-time registration;
+tests that need extra passes build their own mapping and hand it to ``pipeline.apply(registry=...)``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from condfx.passes.base import Pass
+from condfx.passes.fuse_attention import FuseAttention
+
+PASSES: Mapping[str, type[Pass]] = MappingProxyType(
+    {
+        FuseAttention.name: FuseAttention,
+    }
+)
+
+
+def get_pass_class(name: str, registry: Mapping[str, type[Pass]] | None = None) -> type[Pass]:
+    """Looks up a pass class by name.
+
+    Args:
+        name: the kebab-case pass name, e.g. ``"fuse-attention"``.
+        registry: the mapping to search; defaults to ``PASSES``.
+
+    Returns:
+        The pass class.
+
+    Raises:
+        ValueError: no pass has that name; the message lists the known passes and the closest match.
+    """
+    registry = PASSES if registry is None else registry
+    if name in registry:
+        return registry[name]
+    close = difflib.get_close_matches(name, list(registry), n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    msg = f"Unknown pass '{name}'; known passes: {', '.join(sorted(registry))}.{hint}"
+    raise ValueError(msg)
