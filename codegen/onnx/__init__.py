@@ -1,0 +1,39 @@
+"""condfx.codegen.onnx: ONNX lowerings of the ``torch.ops.condfx.*`` custom ops.
+
+One module per op family (``attention.py``, later routed attention, masked FFN, quantized caches),
+each holding the same two pieces: the ONNX local function whose body is the op's reference in
+standard ops, and the torch-side emitter that produces the ``condfx``-domain node during
+``torch.onnx.export``. ``LOWERINGS`` is the one explicit table from op overload to ``Lowering``;
+``condfx.export.export_onnx`` uses it. Importing this package registers nothing anywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import condfx.ops  # noqa: F401  (defines torch.ops.condfx.*)
+from condfx.codegen.onnx import attention as _attention
+from condfx.codegen.onnx._functions import (
+    DOMAIN,
+    DOMAIN_VERSION,
+    MIN_OPSET,
+    Lowering,
+    attach_functions,
+    lower_custom_ops,
+    used_custom_nodes,
+)
+
+LOWERINGS: dict[torch._ops.OpOverload, Lowering] = {
+    torch.ops.condfx.attention.default: _attention.LOWERING,
+}
+
+__all__ = [
+    "DOMAIN",
+    "DOMAIN_VERSION",
+    "LOWERINGS",
+    "MIN_OPSET",
+    "Lowering",
+    "attach_functions",
+    "lower_custom_ops",
+    "used_custom_nodes",
+]
