@@ -1,0 +1,100 @@
+"""The ``condfx`` command line: inspect, optimize, eval, generate, demo.
+
+Tables and progress bars are for people; ``--json`` prints one JSON object for machines. Every user
+error is reported as one sentence on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+
+from rich.console import Console
+from rich.text import Text
+
+from condfx import commands
+
+_ERR = Console(stderr=True)
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "model",
+        help="a zoo name (e.g. llama-tiny), a llama2.c .bin, a .gguf file or a local Hugging Face folder",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="condfx", description="Graph transformations for transformer language models."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("inspect", help="print the regions found per layer and the near misses")
+    _add_model(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(func=commands.inspect_cmd)
+
+    p = sub.add_parser("optimize", help="apply a pass pipeline and write the result and its report")
+    _add_model(p)
+    p.add_argument("--passes", required=True, help="pass spec, e.g. 'fuse-attention', or a .json/.yaml file")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=commands.optimize_cmd)
+
+    p = sub.add_parser("eval", help="perplexity of a model on a text file")
+    _add_model(p)
+    p.add_argument("--text", required=True, help="a UTF-8 text file")
+    p.add_argument(
+        "--max-tokens", type=int, default=None,
+        help="score the first N tokens of the text as one stream (default: score documents)",
+    )
+    p.add_argument(
+        "--max-docs", type=int, default=200,
+        help="without --max-tokens: score the first N blank-line-separated documents (default 200)",
+    )
+    p.add_argument("--context", type=int, default=None, help="window length (default: model context)")
+    p.add_argument("--passes", default=None, help="apply this pass spec before evaluating")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=commands.eval_cmd)
+
+    p = sub.add_parser("generate", help="greedy generation from a prompt")
+    _add_model(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=60)
+    p.add_argument("--passes", default=None, help="apply this pass spec before generating")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=commands.generate_cmd)
+
+    p = sub.add_parser("demo", help="train a tiny recall model, apply the passes, report quality")
+    p.add_argument("--retrain", action="store_true", help="ignore the cached demo model")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=commands.demo_cmd)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``condfx`` console script."""
+    args = _parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], object] = args.func
+    from condfx.capture import CaptureError
+    from condfx.passes.base import PassError
+
+    user_errors = (ValueError, TypeError, FileNotFoundError, CaptureError, PassError, commands.UserError)
+    try:
+        result = func(args)
+    except user_errors as exc:
+        if os.environ.get("CONDFX_DEBUG"):  # read at the entry point only
+            raise
+        _ERR.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
+        return 2
+    if getattr(args, "json", False) and result is not None:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""What each CLI command does. Each returns a JSON-able dict and prints tables unless ``--json``."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+_OUT = Console()
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for; the CLI prints it as one sentence."""
+
+
+def _progress(disable: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeRemainingColumn(), console=Console(stderr=True), disable=disable, transient=True,
+    )
+
+
+def _load(spec: str):
+    from condfx.models_zoo import load
+
+    return load(spec)
+
+
+def _example_ids(model: torch.nn.Module, batch: int = 2, seq: int = 8) -> torch.Tensor:
+    info = getattr(model, "info", None)
+    vocab = info.vocab_size if info is not None else 2
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def _capture(model: torch.nn.Module):
+    import condfx
+
+    return condfx.capture(model, (_example_ids(model),))
+
+
+def _apply(gm, spec: str):
+    from condfx.passes.pipeline import apply
+
+    return apply(gm, _read_spec(spec))
+
+
+def _read_spec(spec: str) -> str:
+    path = Path(spec)
+    if path.suffix.lower() in {".json", ".yaml", ".yml"}:
+        if not path.is_file():
+            msg = f"Pass spec file '{spec}' does not exist."
+            raise FileNotFoundError(msg)
+        return str(path)
+    return spec
+
+
+# ----------------------------------------------------------------------------------------- inspect
+def inspect_cmd(args: argparse.Namespace) -> dict:
+    from condfx.patterns import find_regions
+
+    model, _ = _load(args.model)
+    t0 = time.perf_counter()
+    gm = _capture(model)
+    regions = find_regions(gm)
+    elapsed = time.perf_counter() - t0
+    result = _regions_dict(regions)
+    result.update(model=args.model, capture_and_match_s=round(elapsed, 3))
+    if not args.json:
+        _print_regions(args.model, result)
+    return result
+
+
+def _regions_dict(regions) -> dict:
+    layers: dict[int, dict] = {}
+    for a in regions.attention:
+        layers.setdefault(a.layer, {})["attention"] = {
+            "module": a.module_path, "form": a.core_form, "heads": a.num_heads,
+            "kv_heads": a.num_kv_heads, "head_dim": a.head_dim, "causal": a.causal,
+            "window": a.window, "rope": a.rope.style.value if a.rope else None,
+            "qk_norm": a.q_norm is not None, "scale": a.scale,
+        }
+    for f in regions.ffn:
+        layers.setdefault(f.layer, {})["ffn"] = {
+            "module": f.module_path, "kind": f.kind.value, "dim": f.dim, "hidden_dim": f.hidden_dim,
+        }
+    norms: dict[str, int] = {}
+    for n in regions.norms:
+        norms[n.kind.value] = norms.get(n.kind.value, 0) + 1
+    return {
+        "attention_regions": len(regions.attention),
+        "ffn_regions": len(regions.ffn),
+        "norm_regions": norms,
+        "residual_adds": len(regions.residuals),
+        "blocks": len(regions.blocks),
+        "layers": {str(k): v for k, v in sorted(layers.items())},
+        "near_misses": [str(f) for f in regions.failures],
+    }
+
+
+def _print_regions(name: str, result: dict) -> None:
+    table = Table(title=f"regions in {name}")
+    for col in ("layer", "attention", "heads (q/kv x d)", "mask", "ffn"):
+        table.add_column(col)
+    for layer, entry in result["layers"].items():
+        a, f = entry.get("attention"), entry.get("ffn")
+        attn = f"{a['form']}{' +rope' if a['rope'] else ''}{' +qk-norm' if a['qk_norm'] else ''}" if a else "-"
+        heads = f"{a['heads']}/{a['kv_heads']} x {a['head_dim']}" if a else "-"
+        mask = ("causal" if a["causal"] else "full") + (f", window {a['window']}" if a and a["window"] else "") if a else "-"
+        ffn = f"{f['kind']} {f['dim']}->{f['hidden_dim']}" if f else "-"
+        table.add_row(layer, attn, heads, mask, ffn)
+    _OUT.print(table)
+    _OUT.print(
+        f"{result['attention_regions']} attention, {result['ffn_regions']} FFN regions; norms "
+        f"{result['norm_regions']}; {result['residual_adds']} residual adds "
+        f"({result['capture_and_match_s']} s to capture and match)"
+    )
+    for miss in result["near_misses"]:
+        _OUT.print(f"  near miss: {miss}", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------- optimize
+def optimize_cmd(args: argparse.Namespace) -> dict:
+    model, _ = _load(args.model)
+    gm = _capture(model)
+    result = _apply(gm, args.passes)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(str(result.report))
+    (out / "report.json").write_text(result.to_json())
+    ids = _example_ids(model)
+    from condfx.verify import verify
+
+    check = verify(gm, result.graph_module, (ids,))
+    saved = _save_graph(result.graph_module, ids, out)
+    summary = {"output": str(out), "files": saved, "verify": check.to_dict(), "report": result.report.to_dict()}
+    if not args.json:
+        _OUT.print(str(result.report))
+        _OUT.print(f"max |logit diff| vs original: {check.max_abs_diff:.3g}; wrote {', '.join(saved)} to {out}")
+    return summary
+
+
+def _save_graph(gm, ids: torch.Tensor, out: Path) -> list[str]:
+    """Writes the rewritten program as a torch.export archive (load it after ``import condfx.ops``)."""
+    import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
+
+    auto = torch.export.Dim.AUTO
+    ep = torch.export.export(gm, (ids,), dynamic_shapes=({0: auto, 1: auto},), strict=False)
+    torch.export.save(ep, out / "model.pt2")
+    (out / "graph.py").write_text(gm.code)
+    return ["report.md", "report.json", "model.pt2", "graph.py"]
+
+
+# -------------------------------------------------------------------------------------------- eval
+def eval_cmd(args: argparse.Namespace) -> dict:
+    from condfx.eval import perplexity_of_documents, perplexity_of_text
+
+    text_path = Path(args.text)
+    if not text_path.is_file():
+        msg = f"Text file '{args.text}' does not exist."
+        raise FileNotFoundError(msg)
+    if args.max_tokens is not None and args.max_tokens < 2:
+        msg = f"--max-tokens must be at least 2; got {args.max_tokens}."
+        raise ValueError(msg)
+    model, tok = _load(args.model)
+    if args.passes:
+        model = _apply(_capture(model), args.passes).graph_module
+    text = text_path.read_text(encoding="utf-8")
+    t0 = time.perf_counter()
+    with _progress(args.json) as bar:
+        task = bar.add_task("scoring", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        if args.max_tokens is not None:
+            res = perplexity_of_text(
+                model, tok, text, max_tokens=args.max_tokens, context=args.context, progress=progress
+            )
+            unit = {"max_tokens": args.max_tokens}
+        else:
+            res = perplexity_of_documents(
+                model, tok, text, max_docs=args.max_docs, context=args.context, progress=progress
+            )
+            unit = {"documents": args.max_docs}
+    result = {
+        "model": args.model, "text": str(text_path), "nll": res.nll, "ppl": res.ppl,
+        "tokens": res.tokens, "seconds": round(time.perf_counter() - t0, 2), **unit,
+    }
+    if not args.json:
+        _OUT.print(f"NLL {res.nll:.4f}  perplexity {res.ppl:.3f}  over {res.tokens} tokens")
+    return result
+
+
+# ---------------------------------------------------------------------------------------- generate
+def generate_cmd(args: argparse.Namespace) -> dict:
+    from condfx.eval import generate_text
+
+    if args.max_new_tokens < 1:
+        msg = f"--max-new-tokens must be at least 1; got {args.max_new_tokens}."
+        raise ValueError(msg)
+    model, tok = _load(args.model)
+    if args.passes:
+        model = _apply(_capture(model), args.passes).graph_module
+    text = generate_text(model, tok, args.prompt, args.max_new_tokens)
+    if not args.json:
+        _OUT.print(text, highlight=False)
+    return {"model": args.model, "prompt": args.prompt, "text": text}
+
+
+# -------------------------------------------------------------------------------------------- demo
+def demo_cmd(args: argparse.Namespace) -> dict:
+    from condfx.demo import run_demo
+
+    return run_demo(retrain=args.retrain, quiet=args.json, console=_OUT)
