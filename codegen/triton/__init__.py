@@ -1,1 +1,7 @@
-"""condfx.codegen.triton"""
+"""condfx.codegen.triton: Triton lowerings of ``condfx`` custom ops, one op family per module.
+
+* ``attention``: ``_attention_fwd_kernel`` / ``attention_fwd`` for ``condfx::attention``; call
+  ``condfx.codegen.triton.attention.register()`` to make it the op's CUDA kernel.
+
+Nothing is imported or registered here, so importing this package needs no Triton.
+"""
