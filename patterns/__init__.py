@@ -37,6 +37,8 @@ cross-attention, masks combining several partial masks that are only causal toge
 
 from __future__ import annotations
 
+from torch import fx
+
 from condfx.patterns import _graph as g
 from condfx.patterns.attention import find_attention
 from condfx.patterns.blocks import assemble_blocks, assign_layers, attach_residuals
@@ -57,7 +59,6 @@ from condfx.patterns.regions import (
     RoPERef,
     RoPEStyle,
 )
-from torch import fx
 
 
 def find_regions(gm: fx.GraphModule) -> Regions:

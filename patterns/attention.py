@@ -14,11 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch import fx
+
 from condfx.patterns import _graph as g
 from condfx.patterns.mask import MaskAnalyzer, MaskInfo, MaskKind
 from condfx.patterns.norm import norm_producing
 from condfx.patterns.regions import AttentionRegion, MatchFailure, RoPERef, RoPEStyle
-from torch import fx
 
 aten = torch.ops.aten
 

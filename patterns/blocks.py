@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
+from torch import fx
+
 from condfx.patterns import _graph as g
 from condfx.patterns.regions import (
     AttentionRegion,
@@ -19,7 +21,6 @@ from condfx.patterns.regions import (
     MatchFailure,
     ResidualAdd,
 )
-from torch import fx
 
 aten = torch.ops.aten
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import fx
+
 from condfx.patterns import _graph as g
 from condfx.patterns.norm import norm_producing
 from condfx.patterns.regions import FFNKind, FFNRegion, LinearRef, MatchFailure
-from torch import fx
 
 aten = torch.ops.aten
 

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 import sympy
 import torch
+from torch import fx, nn
+
 from condfx.patterns import _graph as g
 from condfx.patterns.regions import MatchFailure
-from torch import fx, nn
 
 aten = torch.ops.aten
 
@@ -96,6 +97,8 @@ class MaskAnalyzer:
         while stack:
             n = stack.pop()
             for inp in n.all_input_nodes:
+                if inp.op == "placeholder" and isinstance(g.val(inp), (torch.SymInt, int)):
+                    continue  # a size passed as an input (Dynamo graphs): a shape, not data
                 if inp.op == "placeholder" and g.packet(n) not in _SHAPE_ONLY:
                     return _fail(DATA_DEPENDENT, node, f"{n.name} reads input {inp.name}")
                 if inp.op == "get_attr" and (bad := self._bad_attr(inp)) is not None:
@@ -128,17 +131,34 @@ class MaskAnalyzer:
             for n in nodes
         )
 
+    def _roles(self) -> dict[sympy.Symbol, str]:
+        """Which size symbols are the batch ("b") and which the sequence ("t"), from the token input."""
+        roles: dict[sympy.Symbol, str] = {}
+        for p in self.gm.graph.find_nodes(op="placeholder"):
+            v = g.val(p)
+            if isinstance(v, torch.Tensor) and v.dim() >= 2:
+                for i, d in enumerate(v.shape[:2]):
+                    if isinstance(d, torch.SymInt):
+                        for sym in d.node.expr.free_symbols:
+                            roles.setdefault(sym, "b" if i == 0 else "t")
+        return roles
+
     def _evaluate(self, node: fx.Node, nodes: list[fx.Node], kind: MaskKind) -> MaskInfo | MatchFailure:
         sub = _extract(self.gm, nodes, node)
         placeholders = [n for n in nodes if n.op == "placeholder"]
+        roles = self._roles()
+        probes = PROBE_SIZES
+        shape = g.val(node).shape if isinstance(g.val(node), torch.Tensor) else ()
+        if len(shape) >= 2 and all(isinstance(d, int) for d in shape):
+            probes = ((1, int(shape[-1])),)  # a static graph: the mask exists at its traced size only
         windows = []
-        for i, (b, t) in enumerate(PROBE_SIZES):
+        for i, (b, t) in enumerate(probes):
             try:
                 with torch.no_grad():
-                    value = sub(*[_probe_input(p, b, t) for p in placeholders])
+                    value = sub(*[_probe_input(p, b, t, roles) for p in placeholders])
                 allowed = _allowed(value, kind, t)
             except Exception as exc:  # evaluation of arbitrary user code: any error means "unknown"
-                if i == len(PROBE_SIZES) - 1:
+                if i == len(probes) - 1 and len(probes) > 1:
                     continue
                 return _fail(NOT_EVALUABLE, node, f"{type(exc).__name__}: {exc}"[:200])
             if isinstance(allowed, str):
@@ -147,7 +167,7 @@ class MaskAnalyzer:
             if window is None:
                 return _fail(NOT_CAUSAL, node, f"at (B, T) = ({b}, {t})")
             windows.append(window)
-        finite = {w for w, t in zip(windows, (t for _, t in PROBE_SIZES), strict=False) if w < t}
+        finite = {w for w, t in zip(windows, (t for _, t in probes), strict=False) if w < t}
         if len(finite) > 1:
             return _fail(NOT_CAUSAL, node, "window changes with length")
         return MaskInfo(True, finite.pop() if finite else None)
@@ -172,19 +192,28 @@ def _extract(gm: fx.GraphModule, nodes: list[fx.Node], out: fx.Node) -> fx.Graph
     return fx.GraphModule(gm, graph)
 
 
-def _probe_input(node: fx.Node, b: int, t: int) -> torch.Tensor:
-    """Zeros shaped like placeholder ``node`` with symbolic dim 0 = ``b`` and other symbols = ``t``."""
+def _concrete(d, default: str, b: int, t: int, roles: dict) -> int:
+    """A size (int or SymInt) with its symbols replaced by the probe's batch ``b`` or length ``t``."""
+    if not isinstance(d, torch.SymInt):
+        return int(d)
+    expr = d.node.expr
+    subs = {s: (b if roles.get(s, default) == "b" else t) for s in expr.free_symbols}
+    return int(expr.subs(subs)) if subs else int(sympy.Integer(expr))
+
+
+def _probe_input(node: fx.Node, b: int, t: int, roles: dict | None = None):
+    """A probe value for placeholder ``node``: zeros of its shape, or its size, at batch b / length t.
+
+    Symbols are mapped through ``roles`` (batch or sequence); unknown ones count as batch in dim 0 and
+    as sequence elsewhere. A SymInt placeholder (a size passed as input) becomes an int.
+    """
+    roles = roles or {}
     v = g.val(node)
+    if isinstance(v, torch.SymInt):
+        return _concrete(v, "t", b, t, roles)
     if not isinstance(v, torch.Tensor):
         return v
-    sizes = []
-    for i, d in enumerate(v.shape):
-        if isinstance(d, torch.SymInt):
-            expr = d.node.expr
-            subs = {s: (b if i == 0 else t) for s in expr.free_symbols}
-            sizes.append(int(expr.subs(subs)) if subs else int(sympy.Integer(expr)))
-        else:
-            sizes.append(int(d))
+    sizes = [_concrete(d, "b" if i == 0 else "t", b, t, roles) for i, d in enumerate(v.shape)]
     return torch.zeros(sizes, dtype=v.dtype)
 
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 import operator
 
 import torch
+from torch import fx
+
 from condfx.patterns import _graph as g
 from condfx.patterns.regions import MatchFailure, NormKind, NormRegion
-from torch import fx
 
 aten = torch.ops.aten
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+
 from condfx.patterns import RoPEStyle, find_attention_regions, find_regions
 
 from . import _models as M

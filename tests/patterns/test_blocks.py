@@ -6,9 +6,9 @@ import time
 
 import pytest
 import torch
-from condfx.patterns import find_regions
 
 import condfx
+from condfx.patterns import find_regions
 
 from . import _models as M
 

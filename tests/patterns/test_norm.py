@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+
 from condfx.patterns import NormKind, find_norm_regions
 
 from . import _models as M

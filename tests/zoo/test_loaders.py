@@ -7,6 +7,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
+
+from condfx import data
 from condfx.models_zoo import (
     ZOO,
     ByteTokenizer,
@@ -16,8 +18,6 @@ from condfx.models_zoo import (
     load,
     load_llama2c,
 )
-
-from condfx import data
 from tests._data import require_data
 
 # llama2.c `run stories260K.bin -z tok512.bin -n 60 -i "Zoo" -t 0`: 60 steps = 61 tokens with BOS.

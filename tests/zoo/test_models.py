@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+
 from condfx.models_zoo import (
     META_ONLY,
     ZOO,
