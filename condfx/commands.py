@@ -158,7 +158,7 @@ def _save_graph(gm, ids: torch.Tensor, out: Path) -> list[str]:
 
 # -------------------------------------------------------------------------------------------- eval
 def eval_cmd(args: argparse.Namespace) -> dict:
-    from condfx.eval import perplexity_of_documents, perplexity_of_text
+    from condfx.eval import documents_to_ids, perplexity, perplexity_of_text
 
     text_path = Path(args.text)
     if not text_path.is_file():
@@ -184,9 +184,8 @@ def eval_cmd(args: argparse.Namespace) -> dict:
             )
             unit = {"max_tokens": args.max_tokens}
         else:
-            res = perplexity_of_documents(
-                model, tok, text, max_docs=args.max_docs, context=args.context, progress=progress
-            )
+            docs = documents_to_ids(text, tok, max_docs=args.max_docs)
+            res = perplexity(model, docs, context=args.context, progress=progress)
             unit = {"documents": args.max_docs}
     result = {
         "model": args.model, "text": str(text_path), "nll": res.nll, "ppl": res.ppl,
@@ -199,7 +198,7 @@ def eval_cmd(args: argparse.Namespace) -> dict:
 
 # ---------------------------------------------------------------------------------------- generate
 def generate_cmd(args: argparse.Namespace) -> dict:
-    from condfx.eval import generate_text
+    from condfx.eval import greedy
 
     if args.max_new_tokens < 1:
         msg = f"--max-new-tokens must be at least 1; got {args.max_new_tokens}."
@@ -207,10 +206,12 @@ def generate_cmd(args: argparse.Namespace) -> dict:
     model, tok = _load(args.model)
     if args.passes:
         model = _apply(_capture(model), args.passes).graph_module
-    text = generate_text(model, tok, args.prompt, args.max_new_tokens)
+    prompt = tok.encode(args.prompt, bos=True, eos=False)
+    new = greedy(model, tok, prompt, args.max_new_tokens)
+    text = tok.decode(prompt + new)
     if not args.json:
-        _OUT.print(text, highlight=False)
-    return {"model": args.model, "prompt": args.prompt, "text": text}
+        _OUT.print(text, highlight=False, markup=False, soft_wrap=True)
+    return {"model": args.model, "prompt": args.prompt, "text": text, "new_tokens": len(new)}
 
 
 # -------------------------------------------------------------------------------------------- demo
