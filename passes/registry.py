@@ -10,12 +10,14 @@ import difflib
 from collections.abc import Mapping
 from types import MappingProxyType
 
+from condfx.passes.add_kv_cache import AddKVCache
 from condfx.passes.base import Pass
 from condfx.passes.fuse_attention import FuseAttention
 
 PASSES: Mapping[str, type[Pass]] = MappingProxyType(
     {
         FuseAttention.name: FuseAttention,
+        AddKVCache.name: AddKVCache,
     }
 )
 

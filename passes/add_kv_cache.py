@@ -1,0 +1,337 @@
+"""Turn a fused graph into its KV-cache decode form: past K/V in, present K/V out, positions offset.
+
+Rewrites (for the i-th ``condfx.attention`` node, in graph order):
+    forward(input_ids) -> logits
+        → forward(input_ids, past_k_0, past_v_0, ...) -> (logits, present_k_0, present_v_0, ...)
+    condfx.attention(q, k, v, s, w)
+        → condfx.attention(q, cat([past_k_i, k], 2), cat([past_v_i, v], 2), s, w);
+          present_k_i, present_v_i = the two cats                     # (B, Hkv, P + T, D)
+    arange(T) feeding RoPE cos/sin or a position embedding
+        → arange(P, P + T), P = past_k_j.shape[2] of the first layer without a window
+  Exact: the decode form with P = 0 is the original function, and prefill(ids[:n]) followed by
+  decode steps over ids[n:] reproduces the full forward (the op aligns queries to the end of the keys).
+  The rewritten graph is re-exported (``torch.export``; dims batch, seq and one past length
+  P_i >= 0 per layer, shared by its k and v; example P = 3), so every node gets fresh FakeTensor
+  metadata. ``gm.meta["condfx_kv"]`` lists the layers' ``KVLayerSpec``s for the runtime.
+  Position sources are checked: every tensor whose shape depends on T but not on the tokens must
+  come from an offset arange, else the pass fails (e.g. a RoPE table sliced to T).
+
+Requires: every attention core is ``condfx.attention`` (must run after ``fuse-attention``); the
+  graph's only input is ``input_ids`` (B, T) (or embeddings (B, T, C)) with symbolic B and T; its
+  first output is the logits. Must run last: passes after it would see two extra inputs per layer
+  and a tuple output.
+
+Does not handle: position ids passed as graph inputs (they are not offset), graphs in which every
+  layer has a sliding window (P would be the trimmed cache length, not the position; the pass fails),
+  padded batches (the op has no padding mask).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import fx
+
+import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
+from condfx.passes.base import GraphSnapshot, Pass, PassError, PassReport, PassResult
+from condfx.passes.fuse_attention import is_fused_attention
+from condfx.patterns import find_regions
+
+_ARANGES = (torch.ops.aten.arange.default, torch.ops.aten.arange.start)
+_EMBEDDING = torch.ops.aten.embedding.default
+_ROPE_TRIG = (torch.ops.aten.cos.default, torch.ops.aten.sin.default)
+_SEARCH_DEPTH = 12  # nodes walked from an arange to its cos/sin or embedding user
+_EXAMPLE_B, _EXAMPLE_T, _EXAMPLE_P = 2, 5, 3
+_KEPT_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "from_node")
+
+
+@dataclass(frozen=True)
+class AddKVCacheConfig:
+    """Options of ``add-kv-cache`` (none yet; the cache policy lives in the runtime)."""
+
+
+@dataclass(frozen=True)
+class KVLayerSpec:
+    """What the runtime needs to build one layer's cache.
+
+    Attributes:
+        layer: index of the attention node in graph order.
+        n_kv_heads: key/value heads (dim 1 of past/present).
+        head_dim: dim 3 of past/present.
+        window: the attention's sliding window, 0 for full causal attention.
+        dtype: dtype of k/v.
+    """
+
+    layer: int
+    n_kv_heads: int
+    head_dim: int
+    window: int
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class KVCacheReport(PassReport):
+    """The PassReport of ``add-kv-cache`` plus the position nodes it offset.
+
+    Attributes:
+        positions: names of the ``arange(T)`` nodes (before the pass) now starting at P.
+    """
+
+    positions: tuple[str, ...] = ()
+
+    def to_markdown(self) -> str:
+        """The base report plus one line naming the offset position nodes."""
+        offset = ", ".join(self.positions) or "none"
+        return f"{super().to_markdown()}\n- positions offset by the cache length: {offset}"
+
+
+def is_decode_form(gm: fx.GraphModule) -> bool:
+    """True when ``gm`` already has the ``past_k_0`` input this pass adds."""
+    return any(n.op == "placeholder" and n.name == "past_k_0" for n in gm.graph.nodes)
+
+
+def _reaches_position_use(node: fx.Node) -> bool:
+    """True when ``node`` flows (within a few ops) into RoPE cos/sin or an embedding's indices."""
+    frontier, seen = [node], {node}
+    for _ in range(_SEARCH_DEPTH):
+        nxt = []
+        for n in frontier:
+            for user in n.users:
+                if user.op == "call_function" and user.target in _ROPE_TRIG:
+                    return True
+                if user.op == "call_function" and user.target is _EMBEDDING and user.args[1] is n:
+                    return True
+                if user not in seen:
+                    seen.add(user)
+                    nxt.append(user)
+        frontier = nxt
+    return False
+
+
+def find_position_aranges(gm: fx.GraphModule, ids: fx.Node) -> list[fx.Node]:
+    """The ``arange(T)`` nodes, T = ``input_ids.shape[1]``, that feed RoPE or position embeddings."""
+    seq = ids.meta["val"].shape[1]
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _ARANGES:
+            continue
+        val = node.meta.get("val")
+        starts_at_zero = node.target is _ARANGES[0] or node.args[0] == 0
+        if val is None or val.dim() != 1 or not starts_at_zero or len(node.args) > 2:
+            continue
+        if str(val.shape[0]) == str(seq) and _reaches_position_use(node):
+            found.append(node)
+    return found
+
+
+def _check_fused(gm: fx.GraphModule, name: str) -> list[fx.Node]:
+    """The fused attention nodes in graph order; PassError when any core is not fused."""
+    unfused = [r for r in find_regions(gm).attention if not is_fused_attention(r.core)]
+    if unfused:
+        reason = (
+            f"add-kv-cache needs every attention core fused into condfx.attention; layer "
+            f"{unfused[0].layer} is not: run fuse-attention first (e.g. 'fuse-attention, add-kv-cache')"
+        )
+        raise PassError(name, reason, node=unfused[0].core)
+    attn = [n for n in gm.graph.nodes if is_fused_attention(n)]
+    if not attn:
+        reason = "add-kv-cache found no condfx.attention node: run fuse-attention first"
+        raise PassError(name, reason)
+    return attn
+
+
+def _symbols(value) -> set:
+    if not isinstance(value, torch.Tensor):
+        return set()
+    return {s for d in value.shape if isinstance(d, torch.SymInt) for s in d.node.expr.free_symbols}
+
+
+def position_roots(gm: fx.GraphModule, ids: fx.Node) -> list[fx.Node]:
+    """Tensors whose shape depends on T but whose values do not depend on the tokens.
+
+    These are the position sources of the graph (``arange(T)``, a RoPE table sliced to T, ...),
+    taken at their roots: nodes none of whose inputs is already such a tensor.
+    """
+    seq = _symbols(ids.meta["val"]) & set(ids.meta["val"].shape[1].node.expr.free_symbols)
+    tokens, positional, roots = {ids}, set(), []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        # shapes (SymInts from sym_size) carry T, not token values
+        inputs = [
+            a for a in node.all_input_nodes if not isinstance(a.meta.get("val"), torch.SymInt)
+        ]
+        if any(a in tokens for a in inputs):
+            tokens.add(node)
+        elif seq & _symbols(node.meta.get("val")):
+            positional.add(node)
+            if not any(a in positional for a in inputs):
+                roots.append(node)
+    return roots
+
+
+def _check_positions(gm: fx.GraphModule, ids: fx.Node, aranges: list[fx.Node], name: str) -> None:
+    """PassError when a position source is not one of the aranges the pass offsets."""
+    for root in position_roots(gm, ids):
+        if root not in aranges:
+            reason = (
+                f"position-dependent value '{root.name}' is not an arange(T) feeding RoPE cos/sin "
+                "or a position embedding, so the pass cannot offset it by the cache length"
+            )
+            raise PassError(name, reason, node=root)
+
+
+def _layer_specs(attn: list[fx.Node]) -> list[KVLayerSpec]:
+    specs = []
+    for i, node in enumerate(attn):
+        k = node.args[1].meta["val"]
+        window = int(node.args[4]) if len(node.args) > 4 else 0
+        specs.append(KVLayerSpec(i, int(k.shape[1]), int(k.shape[3]), window, k.dtype))
+    return specs
+
+
+def _add_past_inputs(graph: fx.Graph, ids: fx.Node, n: int) -> list[tuple[fx.Node, fx.Node]]:
+    pasts, last = [], ids
+    for i in range(n):
+        with graph.inserting_after(last):
+            pk = graph.placeholder(f"past_k_{i}")
+        with graph.inserting_after(pk):
+            pv = graph.placeholder(f"past_v_{i}")
+        pasts.append((pk, pv))
+        last = pv
+    return pasts
+
+
+def _rewire_attention(graph: fx.Graph, attn, pasts) -> list[fx.Node]:
+    """Feeds cat([past, new], 2) to every attention node; returns the presents, k then v per layer."""
+    presents = []
+    for node, (pk, pv) in zip(attn, pasts, strict=True):
+        with graph.inserting_before(node):
+            k_all = graph.call_function(torch.ops.aten.cat.default, ([pk, node.args[1]], 2))
+            v_all = graph.call_function(torch.ops.aten.cat.default, ([pv, node.args[2]], 2))
+        node.args = (node.args[0], k_all, v_all, *node.args[3:])
+        presents += [k_all, v_all]
+    return presents
+
+
+def _offset_positions(graph: fx.Graph, aranges, ids: fx.Node, past_k: fx.Node) -> None:
+    """arange(T) → arange(P, P + T); P and T are read from the inputs right before the arange."""
+    for node in aranges:
+        with graph.inserting_before(node):
+            p = graph.call_function(torch.ops.aten.sym_size.int, (past_k, 2))
+            t = graph.call_function(torch.ops.aten.sym_size.int, (ids, 1))
+            end = graph.call_function(operator.add, (p, t))
+            new = graph.call_function(torch.ops.aten.arange.start, (p, end), dict(node.kwargs))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+
+
+def _reexport(
+    gm: fx.GraphModule, ids_val: torch.Tensor, specs: list[KVLayerSpec], old_meta: dict
+) -> fx.GraphModule:
+    """Runs torch.export on the rewritten module to give every node fresh FakeTensor metadata."""
+    dim = torch.export.Dim
+    batch, seq = dim("batch", min=1), dim("seq", min=1)
+    shape = (_EXAMPLE_B, _EXAMPLE_T, *(int(d) for d in ids_val.shape[2:]))
+    device = ids_val.device  # the model's device: examples must live beside its weights
+    ids = torch.zeros(shape, dtype=ids_val.dtype, device=device)  # (B, T) ids or (B, T, C)
+    past, dyn = [], [{0: batch, 1: seq}]
+    for s in specs:
+        shape = (_EXAMPLE_B, s.n_kv_heads, _EXAMPLE_P, s.head_dim)
+        past += [torch.zeros(shape, dtype=s.dtype, device=device) for _ in (0, 1)]
+        # one length per layer: a sliding-window layer keeps fewer positions than a full one
+        dyn += [{0: batch, 2: dim(f"past_{s.layer}", min=0)}] * 2
+    with torch.no_grad():
+        ep = torch.export.export(gm, (ids, *past), dynamic_shapes=tuple(dyn), strict=False)
+    out = ep.module()
+    for node in out.graph.nodes:
+        for key, value in old_meta.get(node.name, {}).items():
+            node.meta.setdefault(key, value)
+    out.meta.update(gm.meta)
+    return out
+
+
+def _position_source(specs: list[KVLayerSpec], name: str) -> int:
+    full = [s.layer for s in specs if s.window == 0]
+    if not full:
+        reason = (
+            "every attention layer has a sliding window, so no cache length gives the position "
+            "the position aranges need"
+        )
+        raise PassError(name, reason)
+    return full[0]
+
+
+def _as_kv_report(base: PassReport, positions: tuple[str, ...] = ()) -> KVCacheReport:
+    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+    return KVCacheReport(**fields, positions=positions)
+
+
+def _graph_input(gm: fx.GraphModule, name: str) -> fx.Node:
+    """The graph's one input, (B, T) ids or (B, T, C) embeddings with a symbolic T."""
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        reason = f"add-kv-cache needs one graph input (input_ids); got {len(inputs)}"
+        raise PassError(name, reason)
+    val = inputs[0].meta["val"]
+    if val.dim() < 2 or not isinstance(val.shape[1], torch.SymInt):
+        reason = "input_ids needs a symbolic sequence dimension 1; capture with dynamic=True"
+        raise PassError(name, reason, node=inputs[0])
+    return inputs[0]
+
+
+def _rewrite(gm, ids, attn, aranges, specs, name) -> None:
+    """The fx surgery: past inputs, cats, offset positions, (logits, presents...) output."""
+    graph = gm.graph
+    for node in [n for n in graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
+        graph.erase_node(node)  # export's shape guards for the old signature; re-export adds new
+    pasts = _add_past_inputs(graph, ids, len(attn))
+    presents = _rewire_attention(graph, attn, pasts)
+    if aranges:
+        _offset_positions(graph, aranges, ids, pasts[_position_source(specs, name)][0])
+    output = next(n for n in graph.nodes if n.op == "output")
+    logits = output.args[0]
+    logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+    output.args = ((logits, *presents),)
+    graph._codegen = fx.graph.CodeGen()  # plain positional inputs and a tuple output
+    graph.lint()
+    gm.recompile()
+
+
+class AddKVCache(Pass):
+    """``add-kv-cache``: the fused graph → its decode form with past/present K/V.
+
+    The input module's graph is rewritten in place and then re-exported; the returned module is
+    the re-exported one (the pipeline hands the pass a private copy, so a failure leaves the
+    caller's module untouched).
+    """
+
+    name: ClassVar[str] = "add-kv-cache"
+    config_class: ClassVar[type] = AddKVCacheConfig
+    matches: ClassVar[str] = "condfx.attention node"
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        snapshot = GraphSnapshot.take(gm)
+        if is_decode_form(gm):
+            n = sum(1 for node in gm.graph.nodes if is_fused_attention(node))
+            skipped = (("already in decode form", "graph has past_k_0"),)
+            base = snapshot.report(gm, self.name, matched=n, skipped=skipped)
+            return PassResult(gm, False, _as_kv_report(base))
+        attn = _check_fused(gm, self.name)
+        ids = _graph_input(gm, self.name)
+        aranges = find_position_aranges(gm, ids)
+        _check_positions(gm, ids, aranges, self.name)
+        specs = _layer_specs(attn)
+        old_meta = {
+            n.name: {k: n.meta[k] for k in _KEPT_META if k in n.meta} for n in gm.graph.nodes
+        }
+        positions = tuple(n.name for n in aranges)
+        _rewrite(gm, ids, attn, aranges, specs, self.name)
+        new = _reexport(gm, ids.meta["val"], specs, old_meta)
+        new.meta["condfx_kv"] = tuple(specs)
+        base = snapshot.report(new, self.name, matched=len(attn), rewritten=len(attn))
+        return PassResult(new, True, _as_kv_report(base, positions))

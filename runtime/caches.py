@@ -1,0 +1,231 @@
+"""Typed per-layer caches for the decode form of a graph (``add-kv-cache``).
+
+The decode graph takes ``past_k_i, past_v_i`` (B, Hkv, P, D) and returns ``present_k_i, present_v_i``
+(B, Hkv, P + T, D) = the past concatenated with the new keys and values. A layer cache decides what
+it keeps of ``present`` and what it hands back as the next ``past``:
+
+    past() -> (k, v)           what the graph reads next step
+    update(present_k, present_v)   what the graph returned (past + new), kept by the cache's policy
+    append(k, v) -> (k_all, v_all) the eager form for code that is not a graph: new keys in, all out
+
+Kinds (TECHNIQUES.md section 8, item 3, "runtime state schema"):
+    * ``FullKVCache`` (here): everything, fp32/fp16 as the graph produces it.
+    * ``SlidingWindowCache`` (here): the last ``window - 1`` positions, in order, for layers whose
+      ``condfx.attention`` has ``window > 0``. The op aligns queries to the end of the keys, so the
+      kept keys must stay in position order; trimming by slicing keeps them so (a ring buffer with a
+      rotating start would need a gather first). Memory is bounded by the window.
+    * ``GlobalOnlyCache`` (L2A, later): full KV of the routed global tokens only.
+    * ``QuantizedXCache`` (XQuant, later): packed low-bit X or SVD latent, scales and zero points, a
+      full-precision tail, the cross-layer accumulator; K/V are rematerialised on read.
+    * ``KIVICache`` (KIVI baseline, later): packed K (per channel) / V (per token) blocks, scales and a
+      full-precision residual buffer.
+  Every cache reports ``nbytes()``: the bytes of every tensor it holds, metadata included.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+import torch
+
+
+class LayerCache(abc.ABC):
+    """The state one attention layer carries between decode steps.
+
+    Attributes:
+        length: positions processed so far (the absolute position of the next token), which can be
+            larger than the number of positions stored (``stored``) for bounded caches.
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ):
+        self.batch, self.n_kv_heads, self.head_dim = batch, n_kv_heads, head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        self.length = 0
+
+    def _empty(self) -> torch.Tensor:
+        shape = (self.batch, self.n_kv_heads, 0, self.head_dim)  # (B, Hkv, 0, D)
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    @abc.abstractmethod
+    def past(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values (B, Hkv, P, D) the decode graph reads next."""
+
+    @abc.abstractmethod
+    def update(self, present_k: torch.Tensor, present_v: torch.Tensor) -> None:
+        """Takes the graph's present (past + T new positions) and keeps what the policy says."""
+
+    @abc.abstractmethod
+    def nbytes(self) -> int:
+        """Bytes of every tensor the cache holds."""
+
+    @property
+    def stored(self) -> int:
+        """Positions held (dim 2 of ``past()``)."""
+        return int(self.past()[0].shape[2])
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Appends new keys/values (B, Hkv, T, D); returns past + new, as attention should read them."""
+        pk, pv = self.past()
+        k_all, v_all = torch.cat([pk, k], 2), torch.cat([pv, v], 2)  # (B, Hkv, P + T, D)
+        self.update(k_all, v_all)
+        return k_all, v_all
+
+    def reset(self, batch: int | None = None) -> None:
+        """Empties the cache, optionally for a new batch size."""
+        self.batch = self.batch if batch is None else batch
+        self.length = 0
+        self._set(self._empty(), self._empty())
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keeps batch rows ``index`` (in that order): beam reordering or dropping finished rows."""
+        k, v = self.past()
+        index = index.to(k.device)
+        self.batch = int(index.numel())
+        self._set(k.index_select(0, index), v.index_select(0, index))
+
+    @abc.abstractmethod
+    def _set(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Replaces the stored tensors (used by reset and reorder)."""
+
+    def _check(self, present_k: torch.Tensor, present_v: torch.Tensor) -> int:
+        """Validates a present against the cache; returns the number of new positions."""
+        new = int(present_k.shape[2]) - self.stored
+        ok = (
+            present_k.shape == present_v.shape
+            and tuple(present_k.shape[:2]) == (self.batch, self.n_kv_heads)
+            and present_k.shape[3] == self.head_dim
+            and new >= 0
+        )
+        if not ok:
+            msg = (
+                f"{type(self).__name__}.update: present must be (B={self.batch}, "
+                f"Hkv={self.n_kv_heads}, >= {self.stored}, D={self.head_dim}) for k and v; got "
+                f"{tuple(present_k.shape)} and {tuple(present_v.shape)}."
+            )
+            raise ValueError(msg)
+        return new
+
+
+class FullKVCache(LayerCache):
+    """Every position's K and V. The decode graph's ``cat`` is the growth, so ``update`` keeps
+    ``present`` without copying it."""
+
+    def __init__(
+        self,
+        batch: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        super().__init__(batch, n_kv_heads, head_dim, dtype, device)
+        self.k, self.v = self._empty(), self._empty()
+
+    def past(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k, self.v
+
+    def update(self, present_k: torch.Tensor, present_v: torch.Tensor) -> None:
+        self.length += self._check(present_k, present_v)
+        self.k, self.v = present_k, present_v
+
+    def _set(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k, self.v = k, v
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class SlidingWindowCache(FullKVCache):
+    """The last ``window - 1`` positions in order: all a ``window``-wide attention reads besides
+    the new token itself, so the memory is bounded by the window, not the sequence."""
+
+    def __init__(
+        self,
+        batch: int,
+        n_kv_heads: int,
+        head_dim: int,
+        window: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            msg = f"SlidingWindowCache.window must be a positive int; got {window!r}."
+            raise ValueError(msg)
+        super().__init__(batch, n_kv_heads, head_dim, dtype, device)
+        self.window = window
+
+    def update(self, present_k: torch.Tensor, present_v: torch.Tensor) -> None:
+        self.length += self._check(present_k, present_v)
+        keep = self.window - 1
+        start = max(0, int(present_k.shape[2]) - keep)
+        # contiguous copies, so the dropped positions are really freed
+        self.k = present_k[:, :, start:].contiguous()  # (B, Hkv, <= W - 1, D)
+        self.v = present_v[:, :, start:].contiguous()
+
+
+class CacheSet:
+    """One cache per attention layer, in graph order, plus byte accounting.
+
+    Args:
+        caches: the per-layer caches.
+    """
+
+    def __init__(self, caches: Sequence[LayerCache]):
+        self.caches = list(caches)
+
+    def __len__(self) -> int:
+        return len(self.caches)
+
+    def __getitem__(self, i: int) -> LayerCache:
+        return self.caches[i]
+
+    @property
+    def length(self) -> int:
+        """Positions processed so far (every layer sees the same tokens)."""
+        return self.caches[0].length if self.caches else 0
+
+    def past(self) -> list[torch.Tensor]:
+        """The flat decode-graph inputs: past_k_0, past_v_0, past_k_1, ..."""
+        return [t for c in self.caches for t in c.past()]
+
+    def update(self, presents: Sequence[torch.Tensor]) -> None:
+        """Takes the flat decode-graph outputs after the logits: present_k_0, present_v_0, ..."""
+        if len(presents) != 2 * len(self.caches):
+            msg = f"CacheSet.update needs {2 * len(self.caches)} present tensors; got {len(presents)}."
+            raise ValueError(msg)
+        for i, cache in enumerate(self.caches):
+            cache.update(presents[2 * i], presents[2 * i + 1])
+
+    def reset(self, batch: int | None = None) -> None:
+        """Empties every cache, optionally for a new batch size."""
+        for cache in self.caches:
+            cache.reset(batch)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keeps batch rows ``index`` in every cache."""
+        for cache in self.caches:
+            cache.reorder(index)
+
+    def nbytes(self) -> int:
+        """Total bytes held by every layer."""
+        return sum(self.nbytes_per_layer())
+
+    def nbytes_per_layer(self) -> list[int]:
+        """Bytes held by each layer, in layer order."""
+        return [c.nbytes() for c in self.caches]
+
+    def table(self) -> str:
+        """A markdown table: layer, cache kind, positions stored / seen, bytes."""
+        lines = ["| layer | cache | stored | seen | bytes |", "|---|---|---:|---:|---:|"]
+        for i, c in enumerate(self.caches):
+            lines.append(f"| {i} | {type(c).__name__} | {c.stored} | {c.length} | {c.nbytes()} |")
+        lines.append(f"| total | | | | {self.nbytes()} |")
+        return "\n".join(lines)

@@ -1,0 +1,129 @@
+"""Next-token choice: greedy, or temperature / top-k / top-p sampling from a seeded generator.
+
+``SamplingConfig.from_options(**options)`` is the one place user options are checked: an unknown
+option or a bad value raises ``ValueError`` naming it and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is chosen.
+
+    Attributes:
+        greedy: take the argmax; the other options are then ignored. Also implied by
+            ``temperature == 0``.
+        temperature: logits are divided by it before softmax; must be >= 0.
+        top_k: keep the k most likely tokens; 0 keeps all. Must be >= 0.
+        top_p: keep the smallest set of most likely tokens whose probability reaches top_p
+            (nucleus sampling); must be in (0, 1], 1 keeps all.
+        seed: seed of the generator, so a run is reproducible.
+    """
+
+    greedy: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.greedy, bool):
+            msg = f"sampling option greedy must be a bool; got {self.greedy!r}."
+            raise ValueError(msg)
+        if not _is_number(self.temperature) or self.temperature < 0:
+            msg = f"sampling option temperature must be a number >= 0; got {self.temperature!r}."
+            raise ValueError(msg)
+        if not _is_int(self.top_k) or self.top_k < 0:
+            msg = f"sampling option top_k must be an int >= 0 (0 = no limit); got {self.top_k!r}."
+            raise ValueError(msg)
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            msg = f"sampling option top_p must be in (0, 1]; got {self.top_p!r}."
+            raise ValueError(msg)
+        if not _is_int(self.seed):
+            msg = f"sampling option seed must be an int; got {self.seed!r}."
+            raise ValueError(msg)
+
+    @classmethod
+    def from_options(cls, **options: Any) -> SamplingConfig:
+        """Builds a config from keyword options, rejecting unknown names.
+
+        Raises:
+            ValueError: an unknown option (the message lists the allowed ones) or a bad value.
+        """
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        for name in options:
+            if name not in allowed:
+                msg = f"Unknown sampling option '{name}'; allowed options: {', '.join(allowed)}."
+                raise ValueError(msg)
+        return cls(**options)
+
+    @property
+    def is_greedy(self) -> bool:
+        """True when the choice is deterministic argmax."""
+        return self.greedy or self.temperature == 0
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Sets logits outside the top-k and top-p sets to -inf.
+
+    Args:
+        logits: (B, V) scores.
+        top_k: keep the k largest per row; 0 keeps all.
+        top_p: keep the smallest prefix of the sorted distribution whose mass reaches top_p.
+
+    Returns:
+        (B, V) filtered logits; at least one token per row stays finite.
+    """
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # mass of the tokens ranked above
+        drop_sorted = before >= top_p  # the first token always has before == 0
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def make_generator(config: SamplingConfig, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch.Generator seeded from ``config.seed``."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(config.seed)
+    return gen
+
+
+def sample_next(
+    logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Chooses one token per row.
+
+    Args:
+        logits: (B, V) scores of the next position.
+        config: the sampling options.
+        generator: the seeded generator (``make_generator``); ignored when greedy.
+
+    Returns:
+        (B,) int64 token ids.
+    """
+    if config.is_greedy:
+        return logits.argmax(dim=-1)
+    scaled = logits.float() / config.temperature
+    probs = torch.softmax(filter_logits(scaled, config.top_k, config.top_p), dim=-1)  # (B, V)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

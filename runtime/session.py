@@ -1,0 +1,245 @@
+"""``Session``: runs the decode form of a rewritten model and keeps its per-layer caches.
+
+A session owns a *backend* (what runs the decode graph) and a ``CacheSet`` (what is carried between
+calls). Every backend implements one call, the minimal interface the runtime needs::
+
+    backend.layers                      -> tuple[KVLayerSpec, ...]   one per attention layer
+    backend.run(input_ids, past)        -> (logits, present)
+        input_ids (B, T) int64, past = [past_k_0, past_v_0, ...] each (B, Hkv, P, D);
+        logits (B, T, V), present = [present_k_0, present_v_0, ...] each (B, Hkv, P + T, D).
+
+``TorchBackend`` runs the ``add-kv-cache`` GraphModule. The ONNX slot (``backend="onnx"``) takes the
+same decode-form graph exported to ONNX and runs it on ONNX Runtime; it lives in
+``runtime/onnx_backend.py`` as ``OnnxBackend.from_graph(gm) -> OnnxBackend`` with the same two members.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import fx, nn
+
+from condfx.passes.add_kv_cache import KVLayerSpec, is_decode_form
+from condfx.runtime.caches import CacheSet, FullKVCache, LayerCache, SlidingWindowCache
+
+
+class BackendKind(str, enum.Enum):
+    """Which engine runs the decode graph."""
+
+    TORCH = "torch"
+    ONNX = "onnx"
+
+
+class DecodeBackend(Protocol):
+    """What a session needs from an engine (see the module docstring)."""
+
+    layers: tuple[KVLayerSpec, ...]
+
+    def run(
+        self, input_ids: torch.Tensor, past: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Runs one prefill or decode call: logits (B, T, V) and the present K/V list."""
+        ...
+
+
+class TorchBackend:
+    """Runs the decode-form GraphModule in PyTorch (eager, no grad).
+
+    Args:
+        gm: the output of ``add-kv-cache``.
+
+    Raises:
+        ValueError: ``gm`` is not in decode form.
+    """
+
+    def __init__(self, gm: fx.GraphModule):
+        if not is_decode_form(gm) or "condfx_kv" not in gm.meta:
+            msg = "TorchBackend needs the decode form of a graph; apply 'add-kv-cache' to it first."
+            raise ValueError(msg)
+        self.gm = gm
+        self.layers: tuple[KVLayerSpec, ...] = tuple(gm.meta["condfx_kv"])
+        params = list(gm.parameters()) + list(gm.buffers())
+        self.device = params[0].device if params else torch.device("cpu")
+
+    def run(
+        self, input_ids: torch.Tensor, past: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        with torch.no_grad():
+            out = self.gm(input_ids, *past)
+        return out[0], list(out[1:])
+
+
+def _onnx_backend(gm: fx.GraphModule) -> DecodeBackend:
+    try:
+        from condfx.runtime.onnx_backend import OnnxBackend
+    except ImportError as exc:
+        msg = "backend 'onnx' is not available yet (condfx.runtime.onnx_backend); use 'torch'."
+        raise NotImplementedError(msg) from exc
+    return OnnxBackend.from_graph(gm)
+
+
+def default_cache(spec: KVLayerSpec, batch: int, device: torch.device) -> LayerCache:
+    """The cache a layer gets by default: a sliding window for windowed attention, else full KV."""
+    if spec.window > 0:
+        return SlidingWindowCache(
+            batch, spec.n_kv_heads, spec.head_dim, spec.window, spec.dtype, device
+        )
+    return FullKVCache(batch, spec.n_kv_heads, spec.head_dim, spec.dtype, device)
+
+
+def _check_passes(passes: Any) -> Any:
+    if isinstance(passes, str):
+        return passes
+    if isinstance(passes, Sequence):
+        return list(passes)
+    msg = f"Session passes must be a spec string or a list of passes; got {type(passes).__name__}."
+    raise TypeError(msg)
+
+
+class Session:
+    """Runs a model's decode graph with caches: ``prefill(ids)`` then ``step(ids)`` per token.
+
+    Args:
+        backend: a ``DecodeBackend`` (``TorchBackend``, or the ONNX one).
+        max_seq_len: longest sequence allowed (prompt + generated); None for no limit.
+        reports: the pass reports of the graph, for display.
+    """
+
+    def __init__(
+        self, backend: DecodeBackend, *, max_seq_len: int | None = None, reports: tuple = ()
+    ):
+        self.backend = backend
+        self.max_seq_len = max_seq_len
+        self.reports = tuple(reports)
+        self.device = getattr(backend, "device", torch.device("cpu"))
+        self.caches = CacheSet([default_cache(s, 1, self.device) for s in backend.layers])
+        self._started = False
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        *,
+        passes: Any = "fuse-attention",
+        example_len: int = 8,
+        backend: BackendKind | str = BackendKind.TORCH,
+    ) -> Session:
+        """Captures ``model``, applies ``passes`` then ``add-kv-cache``, and opens a session.
+
+        Args:
+            model: a causal LM taking ids (B, T) (zoo, Hugging Face, or own).
+            passes: the pipeline spec run before ``add-kv-cache``; it must fuse attention.
+            example_len: sequence length of the capture example (batch is 2, or 3 when this is 2).
+            backend: ``"torch"`` or ``"onnx"``.
+
+        Returns:
+            The session; ``max_seq_len`` comes from ``model.info`` when the model has one.
+
+        Raises:
+            ValueError: a bad backend name, spec or example length.
+            PassError: a pass failed (e.g. attention was not fused).
+        """
+        import condfx
+
+        kind = _backend_kind(backend)
+        if not isinstance(example_len, int) or isinstance(example_len, bool) or example_len < 1:
+            msg = f"Session.from_model example_len must be a positive int; got {example_len!r}."
+            raise ValueError(msg)
+        batch = 3 if example_len == 2 else 2
+        weights = [*model.parameters(), *model.buffers()]
+        device = weights[0].device if weights else torch.device("cpu")
+        ids = torch.zeros(batch, example_len, dtype=torch.long, device=device)
+        gm = condfx.capture(model, (ids,))
+        fused = condfx.apply(gm, _check_passes(passes))
+        decode = condfx.apply(fused.graph_module, "add-kv-cache")
+        engine = TorchBackend(decode.graph_module) if kind is BackendKind.TORCH else None
+        engine = engine or _onnx_backend(decode.graph_module)
+        info = getattr(model, "info", None)
+        limit = getattr(info, "max_seq_len", None)
+        return cls(engine, max_seq_len=limit, reports=fused.reports + decode.reports)
+
+    @classmethod
+    def from_graph(cls, gm: fx.GraphModule, *, max_seq_len: int | None = None) -> Session:
+        """Opens a torch session on a graph already in decode form (``add-kv-cache`` output)."""
+        return cls(TorchBackend(gm), max_seq_len=max_seq_len)
+
+    @property
+    def position(self) -> int:
+        """Tokens processed since the last prefill (the position of the next token)."""
+        return self.caches.length
+
+    def _check_ids(self, ids: torch.Tensor, where: str) -> torch.Tensor:
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.long:
+            got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+            msg = f"Session.{where} needs int64 token ids of shape (B, T); got {got}."
+            raise ValueError(msg)
+        if ids.shape[1] == 0:
+            msg = f"Session.{where} needs at least one token per row; got shape {tuple(ids.shape)}."
+            raise ValueError(msg)
+        end = self.position + ids.shape[1] if where == "step" else ids.shape[1]
+        if self.max_seq_len is not None and end > self.max_seq_len:
+            msg = (
+                f"Session.{where}: the sequence would reach {end} tokens, more than the model's "
+                f"context of {self.max_seq_len}."
+            )
+            raise ValueError(msg)
+        return ids.to(self.device)
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """Empties the caches and runs the prompt.
+
+        Args:
+            ids: (B, T) int64 prompts, all of length T (the op has no padding mask).
+
+        Returns:
+            logits (B, T, V).
+
+        Raises:
+            ValueError: bad ids, or T beyond ``max_seq_len``.
+        """
+        ids = self._check_ids(ids, "prefill")
+        self.caches.reset(ids.shape[0])
+        self._started = True
+        return self._run(ids)
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """Runs new tokens (usually one per row) after the cached ones.
+
+        Args:
+            ids: (B, T) int64, B equal to the prefill's batch.
+
+        Returns:
+            logits (B, T, V) for the new positions.
+
+        Raises:
+            ValueError: no prefill yet, a batch mismatch, bad ids, or the context is exceeded.
+        """
+        if not self._started:
+            msg = "Session.step called before Session.prefill; run the prompt with prefill first."
+            raise ValueError(msg)
+        ids = self._check_ids(ids, "step")
+        if ids.shape[0] != self.caches[0].batch:
+            msg = f"Session.step: batch {ids.shape[0]} differs from the prefill batch {self.caches[0].batch}."
+            raise ValueError(msg)
+        return self._run(ids)
+
+    def _run(self, ids: torch.Tensor) -> torch.Tensor:
+        logits, present = self.backend.run(ids, self.caches.past())
+        self.caches.update(present)
+        return logits
+
+    def cache_bytes(self) -> int:
+        """Bytes held by every layer cache right now."""
+        return self.caches.nbytes()
+
+
+def _backend_kind(value: BackendKind | str) -> BackendKind:
+    try:
+        return BackendKind(value)
+    except ValueError:
+        allowed = ", ".join(k.value for k in BackendKind)
+        msg = f"Session backend must be one of {{{allowed}}}; got {value!r}."
+        raise ValueError(msg) from None

@@ -1,0 +1,44 @@
+"""Shared fixtures of the runtime tests: models, their decode graphs and sessions, built once."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+import condfx
+from condfx import models_zoo
+from tests._data import require_data
+
+STORIES = "stories260K"
+
+
+def load_model(name: str):
+    """(model, tokenizer) for a zoo name or ``"stories260K"`` (the data file; fails in CI if missing)."""
+    if name == STORIES:
+        from condfx.models_zoo import load_llama2c
+
+        return load_llama2c(require_data("stories260K.bin"), require_data("tok512.bin"))
+    return models_zoo.load(name)
+
+
+@functools.cache
+def decode_graph(name: str):
+    """(model, PipelineResult of 'fuse-attention, add-kv-cache') for ``name``, built once per run."""
+    model, _ = load_model(name)
+    gm = condfx.capture(model, (torch.zeros(2, 8, dtype=torch.long),))
+    return model, condfx.apply(gm, "fuse-attention, add-kv-cache")
+
+
+def empty_past(gm, batch: int) -> list[torch.Tensor]:
+    """Zero-length past tensors for every layer of a decode graph."""
+    return [
+        torch.zeros(batch, s.n_kv_heads, 0, s.head_dim, dtype=s.dtype)
+        for s in gm.meta["condfx_kv"]
+        for _ in (0, 1)
+    ]
+
+
+def logits_of(out) -> torch.Tensor:
+    """Logits from a model output (tensor or Hugging Face ModelOutput)."""
+    return out.logits if hasattr(out, "logits") else out
