@@ -55,8 +55,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from condfx.passes.base import Pass, PassError, PassReport
-from condfx.passes.pipeline import build_passes
+from condfx.passes.base import Pass, PassReport
+from condfx.passes.pipeline import build_passes, run_pass
 
 _OPTION_NAMES = ("passes", "inductor", "report")
 _NOISE_TARGETS = (torch.ops.aten._assert_tensor_metadata.default,)
@@ -331,15 +331,7 @@ def _run_passes(passes: Sequence[Pass], gm: fx.GraphModule) -> tuple[PassReport,
     """Runs each pass with its invariant hooks; a pass matching nothing is reported, not raised."""
     reports = []
     for i, p in enumerate(passes):
-        prior = tuple(q.name for q in passes[:i])
-        try:
-            p.requires(gm)
-            result = p(gm)
-            p.ensures(result.graph_module)
-        except PassError as exc:
-            raise exc.with_prior(prior) from exc
-        except Exception as exc:  # any failure inside a pass becomes a PassError naming it
-            raise PassError(p.name, f"{type(exc).__name__}: {exc}", prior=prior) from exc
+        result = run_pass(p, gm, tuple(q.name for q in passes[:i]))
         gm = result.graph_module
         reports.append(result.report)
     return tuple(reports)

@@ -212,22 +212,10 @@ def train(
             p.requires_grad_(n in names)
         opt = torch.optim.AdamW([params[n] for n in names], lr=lr, weight_decay=weight_decay)
         _set_train(model, True)
-        losses = _loop(
-            model,
-            opt,
-            _batches(data, steps, generator, batch_size),
-            steps,
-            lr,
-            warmup,
-            sched,
-            loss_fn,
-            extra_loss,
-            grad_clip,
-            progress,
-            log_every,
-            callback,
-            device,
+        recipe = _Recipe(
+            steps, lr, warmup, sched, loss_fn, extra_loss, grad_clip, progress, log_every, callback
         )
+        losses = _loop(model, opt, _batches(data, steps, generator, batch_size), recipe, device)
     finally:
         for n, p in params.items():
             p.requires_grad_(saved_flags[n])
@@ -244,47 +232,48 @@ def _set_train(model: nn.Module, mode: bool) -> None:
         pass  # torch.export graph modules refuse train()/eval(); they keep their captured mode
 
 
-def _loop(
-    model,
-    opt,
-    batches,
-    steps,
-    lr,
-    warmup,
-    sched,
-    loss_fn,
-    extra_loss,
-    grad_clip,
-    progress,
-    log_every,
-    callback,
-    device,
-) -> tuple[list[float], float]:
-    advance, close = _progress_bar(progress, steps)
+@dataclass(frozen=True)
+class _Recipe:
+    """The per-step settings of one ``train`` call."""
+
+    steps: int
+    lr: float
+    warmup: int
+    schedule: Schedule
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    extra_loss: Callable[[nn.Module, Batch, torch.Tensor], torch.Tensor] | None
+    grad_clip: float | None
+    progress: bool
+    log_every: int
+    callback: Callable[[int, float, nn.Module], None] | None
+
+
+def _loop(model, opt, batches, r: _Recipe, device) -> tuple[list[float], float]:
+    advance, close = _progress_bar(r.progress, r.steps)
     losses: list[float] = []
     start = time.perf_counter()
     try:
         for step, batch in enumerate(batches):
             for group in opt.param_groups:
-                group["lr"] = lr * _lr_factor(step, steps, warmup, sched)
+                group["lr"] = r.lr * _lr_factor(step, r.steps, r.warmup, r.schedule)
             input_ids, targets = (t.to(device) for t in batch)
             logits = model_logits(model, input_ids)
-            loss = loss_fn(logits, targets)
-            if extra_loss is not None:
-                loss = loss + extra_loss(model, (input_ids, targets), logits)
+            loss = r.loss_fn(logits, targets)
+            if r.extra_loss is not None:
+                loss = loss + r.extra_loss(model, (input_ids, targets), logits)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if grad_clip is not None:
+            if r.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(
-                    [p for g in opt.param_groups for p in g["params"]], grad_clip
+                    [p for g in opt.param_groups for p in g["params"]], r.grad_clip
                 )
             opt.step()
             losses.append(float(loss.detach()))
             advance(losses[-1])
-            if log_every and (step + 1) % log_every == 0:
-                print(f"step {step + 1}/{steps} loss {sum(losses[-log_every:]) / log_every:.4f}")
-            if callback is not None:
-                callback(step, losses[-1], model)
+            if r.log_every and (step + 1) % r.log_every == 0:
+                print(f"step {step + 1}/{r.steps} loss {sum(losses[-r.log_every:]) / r.log_every:.4f}")
+            if r.callback is not None:
+                r.callback(step, losses[-1], model)
     finally:
         close()
     return losses, time.perf_counter() - start

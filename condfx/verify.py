@@ -66,14 +66,9 @@ class VerifyResult:
 
 
 def _first_tensor(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    msg = f"verify() needs a model returning a tensor, a tuple of tensors or logits; got {type(out).__name__}."
-    raise TypeError(msg)
+    from condfx.eval.perplexity import logits_of  # lazily: condfx.eval imports the model zoo
+
+    return logits_of(out)
 
 
 def _run(model: nn.Module | Callable, inputs: Sequence[Any], dtype: torch.dtype | None) -> torch.Tensor:

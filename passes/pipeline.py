@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from torch import fx
 
-from condfx.passes.base import Pass, PassError, PassReport
+from condfx.passes.base import Pass, PassError, PassReport, PassResult
 from condfx.passes.spec import PassSpec, build_config, build_passes, load_spec, parse_spec
 
 __all__ = [
     "PassSpec", "PipelineReport", "PipelineResult", "apply", "build_config", "build_passes",
-    "load_spec", "parse_spec",
+    "load_spec", "parse_spec", "run_pass",
 ]
 
 
@@ -70,7 +70,17 @@ class PipelineResult:
         return json.dumps(self.report.to_dict(), indent=2)
 
 
-def _run_one(p: Pass, gm: fx.GraphModule, prior: tuple[str, ...]):
+def run_pass(p: Pass, gm: fx.GraphModule, prior: tuple[str, ...] = ()) -> PassResult:
+    """Runs one pass between its ``requires``/``ensures`` hooks; any failure becomes a PassError.
+
+    Args:
+        p: the configured pass.
+        gm: the module it rewrites (in place).
+        prior: names of the passes that ran before it, for the error message.
+
+    Returns:
+        The pass's PassResult (a pass that matched nothing is not an error here).
+    """
     try:
         p.requires(gm)
         result = p(gm)
@@ -79,6 +89,11 @@ def _run_one(p: Pass, gm: fx.GraphModule, prior: tuple[str, ...]):
         raise exc.with_prior(prior) from exc
     except Exception as exc:  # any failure inside a pass becomes a PassError naming it
         raise PassError(p.name, f"{type(exc).__name__}: {exc}", prior=prior) from exc
+    return result
+
+
+def _run_one(p: Pass, gm: fx.GraphModule, prior: tuple[str, ...]) -> PassResult:
+    result = run_pass(p, gm, prior)
     if result.report.matched == 0:
         misses = "; ".join(result.report.near_misses[:5]) or "none recorded"
         raise PassError(p.name, f"{p.name} matched no {p.matches}; near misses: {misses}", prior=prior)

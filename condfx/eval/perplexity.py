@@ -70,7 +70,15 @@ def model_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         TypeError: if the output is neither a tensor, an object with ``.logits``, nor a tuple or
             list whose first element is a tensor.
     """
-    out = model(input_ids)
+    return logits_of(model(input_ids))
+
+
+def logits_of(out) -> torch.Tensor:
+    """The logits in a model's output: the tensor itself, ``out.logits``, or the first of a tuple.
+
+    Raises:
+        TypeError: for anything else.
+    """
     if isinstance(out, torch.Tensor):
         return out
     if hasattr(out, "logits"):
