@@ -1,4 +1,4 @@
-"""The ``condfx`` command line: inspect, optimize, eval, generate, demo.
+"""The ``condfx`` command line: inspect, optimize, eval, export, generate, demo.
 
 Tables and progress bars are for people; ``--json`` prints one JSON object for machines. Every user
 error is reported as one sentence on stderr with exit status 2.
@@ -20,6 +20,14 @@ from condfx import commands
 _ERR = Console(stderr=True)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one sentence with exit status 2, like the others."""
+
+    def error(self, message: str):
+        msg = f"{message[:1].upper()}{message[1:]} (see '{self.prog} --help')."
+        raise commands.UserError(msg)
+
+
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "model",
@@ -28,7 +36,7 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="condfx", description="Graph transformations for transformer language models."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -61,11 +69,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=commands.eval_cmd)
 
-    p = sub.add_parser("generate", help="greedy generation from a prompt")
+    p = sub.add_parser("export", help="write prefill and decode ONNX graphs with condfx custom ops")
+    _add_model(p)
+    p.add_argument(
+        "--passes", default="fuse-attention",
+        help="pass spec run before add-kv-cache; it must fuse attention (default fuse-attention)",
+    )
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=commands.export_cmd)
+
+    p = sub.add_parser("generate", help="generate from a prompt (greedy unless sampling options are given)")
     _add_model(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=60)
-    p.add_argument("--passes", default=None, help="apply this pass spec before generating")
+    p.add_argument("--passes", default=None, help="pass spec before add-kv-cache (default fuse-attention)")
+    p.add_argument(
+        "--onnx", default=None, metavar="DIR",
+        help="run the folder written by 'condfx export' on ONNX Runtime (MODEL gives the tokenizer)",
+    )
+    p.add_argument("--temperature", type=float, default=None, help="sample at this temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the K most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampler (default 0)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=commands.generate_cmd)
 
@@ -78,13 +105,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``condfx`` console script."""
-    args = _parser().parse_args(argv)
-    func: Callable[[argparse.Namespace], object] = args.func
     from condfx.capture import CaptureError
     from condfx.passes.base import PassError
 
     user_errors = (ValueError, TypeError, FileNotFoundError, CaptureError, PassError, commands.UserError)
     try:
+        args = _parser().parse_args(argv)
+        func: Callable[[argparse.Namespace], object] = args.func
         result = func(args)
     except user_errors as exc:
         if os.environ.get("CONDFX_DEBUG"):  # read at the entry point only

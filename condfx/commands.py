@@ -196,22 +196,86 @@ def eval_cmd(args: argparse.Namespace) -> dict:
     return result
 
 
+# ------------------------------------------------------------------------------------------ export
+def export_cmd(args: argparse.Namespace) -> dict:
+    from condfx.export import export_model
+
+    err = Console(stderr=True)
+    say = (lambda _msg: None) if args.json else (lambda msg: err.print(f"{msg} ...", highlight=False, soft_wrap=True))
+    t0 = time.perf_counter()
+    bundle = export_model(
+        args.model, args.output, passes=_read_spec(args.passes), verify=not args.no_verify, progress=say
+    )
+    files = bundle.manifest["files"]
+    result = {
+        "model": args.model, "output": str(bundle.out_dir), "passes": args.passes,
+        "files": sorted([f["path"] for f in files.values()] + ["condfx_manifest.json"]),
+        "custom_ops": bundle.decode.custom_ops, "layers": len(bundle.manifest["layers"]),
+        "max_abs_diff": bundle.max_abs_diff, "diffs": bundle.diffs,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    if not args.json:
+        diff = "not verified" if bundle.max_abs_diff is None else f"{bundle.max_abs_diff:.3g}"
+        _OUT.print(
+            f"wrote {', '.join(result['files'])} to {bundle.out_dir}; "
+            f"max |ORT - PyTorch| (prefill, decode step): {diff}", highlight=False, soft_wrap=True,
+        )
+    return result
+
+
 # ---------------------------------------------------------------------------------------- generate
+_SAMPLING_FLAGS = (("temperature", "--temperature"), ("top_k", "--top-k"), ("top_p", "--top-p"))
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    """Sampling options for ``generate()``: greedy unless --temperature/--top-k/--top-p is given."""
+    from condfx.runtime.sampling import SamplingConfig
+
+    options = {name: getattr(args, name) for name, _ in _SAMPLING_FLAGS}
+    options = {k: v for k, v in options.items() if v is not None}
+    if not options:
+        return {"greedy": True}
+    if args.seed is not None:
+        options["seed"] = args.seed
+    SamplingConfig.from_options(**options)  # a bad value fails here, before the model loads
+    return options
+
+
+def _session(args: argparse.Namespace, model: torch.nn.Module):
+    from condfx.runtime import Session
+
+    if args.onnx is None:
+        return Session.from_model(model, passes=_read_spec(args.passes or "fuse-attention"))
+    if args.passes:
+        msg = "--passes cannot be combined with --onnx: the passes were fixed when the folder was exported."
+        raise ValueError(msg)
+    return Session.from_onnx(args.onnx, model=model)
+
+
 def generate_cmd(args: argparse.Namespace) -> dict:
-    from condfx.eval import greedy
+    from condfx.runtime import generate
 
     if args.max_new_tokens < 1:
         msg = f"--max-new-tokens must be at least 1; got {args.max_new_tokens}."
         raise ValueError(msg)
+    sampling = _sampling(args)
     model, tok = _load(args.model)
-    if args.passes:
-        model = _apply(_capture(model), args.passes).graph_module
     prompt = tok.encode(args.prompt, bos=True, eos=False)
-    new = greedy(model, tok, prompt, args.max_new_tokens)
+    limit = getattr(getattr(model, "info", None), "max_seq_len", None)
+    if limit is not None and len(prompt) > limit:
+        msg = f"--prompt has {len(prompt)} tokens, more than the model's context of {limit}."
+        raise ValueError(msg)
+    session = _session(args, model)
+    stop = () if tok.eos_id is None else (tok.eos_id,)
+    new = generate(session, [prompt], max_new_tokens=args.max_new_tokens, stop_ids=stop, **sampling)[0]
     text = tok.decode(prompt + new)
     if not args.json:
         _OUT.print(text, highlight=False, markup=False, soft_wrap=True)
-    return {"model": args.model, "prompt": args.prompt, "text": text, "new_tokens": len(new)}
+    backend = "onnxruntime" if args.onnx else "torch"
+    return {
+        "model": args.model, "prompt": args.prompt, "text": text, "new_tokens": len(new),
+        "tokens": new, "backend": backend, "sampling": sampling,
+    }
 
 
 # -------------------------------------------------------------------------------------------- demo

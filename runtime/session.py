@@ -10,7 +10,8 @@ calls). Every backend implements one call, the minimal interface the runtime nee
 
 ``TorchBackend`` runs the ``add-kv-cache`` GraphModule. The ONNX slot (``backend="onnx"``) takes the
 same decode-form graph exported to ONNX and runs it on ONNX Runtime; it lives in
-``runtime/onnx_backend.py`` as ``OnnxBackend.from_graph(gm) -> OnnxBackend`` with the same two members.
+``runtime/onnx_backend.py`` as ``OnnxBackend.from_graph(gm) -> OnnxBackend`` with the same two members;
+``Session.from_onnx(folder)`` opens a folder written by ``condfx export``.
 """
 
 from __future__ import annotations
@@ -165,6 +166,27 @@ class Session:
     def from_graph(cls, gm: fx.GraphModule, *, max_seq_len: int | None = None) -> Session:
         """Opens a torch session on a graph already in decode form (``add-kv-cache`` output)."""
         return cls(TorchBackend(gm), max_seq_len=max_seq_len)
+
+    @classmethod
+    def from_onnx(cls, folder: Any, *, model: nn.Module | None = None, **options: Any) -> Session:
+        """Opens a session on a folder written by ``condfx export`` (ONNX Runtime backend).
+
+        Args:
+            folder: the export folder (``prefill.onnx``, ``decode.onnx``, ``condfx_manifest.json``).
+            model: when given, the folder must have been exported from this model.
+            **options: ``OnnxBackend.from_dir`` options (providers, threads, check_hashes).
+
+        Returns:
+            The session; ``max_seq_len`` comes from the manifest.
+
+        Raises:
+            FileNotFoundError: the folder, its manifest or one of its files is missing.
+            ValueError: the folder is from another model, format or condfx version.
+        """
+        from condfx.runtime.onnx_backend import OnnxBackend
+
+        backend = OnnxBackend.from_dir(folder, model=model, **options)
+        return cls(backend, max_seq_len=backend.max_seq_len)
 
     @property
     def position(self) -> int:
