@@ -20,19 +20,26 @@ __version__ = "0.1.0"
 # Functions that share their module's name are imported eagerly: importing the submodule later would
 # otherwise rebind ``condfx.capture`` to the module.
 from condfx.capture import CaptureError, capture  # noqa: E402
+from condfx.train import train  # noqa: E402
+from condfx.verify import verify  # noqa: E402
 
 _LAZY = {
     "apply": ("condfx.passes.pipeline", "apply"),
-    "verify": ("condfx.verify", "verify"),
-    "train": ("condfx.train", "train"),
+    "export_model": ("condfx.export_bundle", "export_model"),
+    "export_onnx": ("condfx.export", "export_onnx"),
 }
 
 
 def __getattr__(name: str):
+    if name == "export":  # a callable module: condfx.export(model, out_dir) runs export_model
+        return importlib.import_module("condfx.export")
     if name in _LAZY:
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
-    raise AttributeError(f"module 'condfx' has no attribute {name!r}")
+    msg = f"module 'condfx' has no attribute {name!r}"
+    raise AttributeError(msg)
 
 
-__all__ = sorted([*_LAZY, "capture", "CaptureError"])
+__all__ = [  # apply, export_model, export_onnx and export are resolved lazily by __getattr__
+    "CaptureError", "apply", "capture", "export", "export_model", "export_onnx", "train", "verify",
+]

@@ -108,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     from condfx.capture import CaptureError
     from condfx.passes.base import PassError
 
-    user_errors = (ValueError, TypeError, FileNotFoundError, CaptureError, PassError, commands.UserError)
+    from condfx.export import ExportError
+
+    user_errors = (
+        ValueError, TypeError, FileNotFoundError, CaptureError, PassError, ExportError, commands.UserError
+    )
     try:
         args = _parser().parse_args(argv)
         func: Callable[[argparse.Namespace], object] = args.func

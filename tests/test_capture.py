@@ -83,3 +83,10 @@ def test_failed_capture_leaves_model_without_hooks():
     with pytest.raises(condfx.CaptureError):
         condfx.capture(model, torch.randn(2, 3, 4))
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_public_functions_stay_callable_after_importing_their_modules():
+    for module in ("condfx.verify", "condfx.train", "condfx.export"):
+        importlib.import_module(module)
+    assert inspect.isfunction(condfx.verify) and inspect.isfunction(condfx.train)
+    assert callable(condfx.export) and callable(condfx.apply)
