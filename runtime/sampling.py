@@ -54,6 +54,9 @@ class SamplingConfig:
     def from_options(cls, **options: Any) -> SamplingConfig:
         """Builds a config from keyword options, rejecting unknown names.
 
+        Decoding is greedy unless a sampling option (temperature, top_k, top_p) is given or
+        ``greedy=False`` is asked for, as in Hugging Face's ``generate``.
+
         Raises:
             ValueError: an unknown option (the message lists the allowed ones) or a bad value.
         """
@@ -62,6 +65,8 @@ class SamplingConfig:
             if name not in allowed:
                 msg = f"Unknown sampling option '{name}'; allowed options: {', '.join(allowed)}."
                 raise ValueError(msg)
+        if "greedy" not in options:
+            options["greedy"] = not ({"temperature", "top_k", "top_p"} & options.keys())
         return cls(**options)
 
     @property

@@ -156,3 +156,11 @@ def test_filter_logits_top_k_and_top_p_numbers():
     kept_k = torch.isfinite(filter_logits(logits[:, [3, 0, 2, 1]], top_k=2))
     assert kept_k.tolist() == [[False, True, False, True]]
     assert SamplingConfig(temperature=0).is_greedy and not SamplingConfig().is_greedy
+
+
+def test_default_without_sampling_options_is_greedy(stories):
+    model, tok, session = stories
+    (default,) = generate(session, ["Zoo"], tokenizer=tok, max_new_tokens=20)
+    assert default == greedy_reference(model, tok.encode("Zoo", bos=True), 20)
+    assert not SamplingConfig.from_options(temperature=0.7).greedy
+    assert SamplingConfig.from_options(seed=3).greedy
