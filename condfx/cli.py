@@ -106,9 +106,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``condfx`` console script."""
     from condfx.capture import CaptureError
-    from condfx.passes.base import PassError
-
     from condfx.export import ExportError
+    from condfx.passes.base import PassError
 
     user_errors = (
         ValueError, TypeError, FileNotFoundError, CaptureError, PassError, ExportError, commands.UserError

@@ -12,9 +12,11 @@ from condfx.ops.attention import (
     attention_reference,
     check_attention_shapes,
 )
+from condfx.ops.masked_ffn import masked_ffn_reference
 
 __all__ = [
     "attention_backward_reference",
     "attention_reference",
     "check_attention_shapes",
+    "masked_ffn_reference",
 ]

@@ -1,0 +1,233 @@
+"""Calibration of ``skip-ffn`` (FFN-SkipLLM): pick threshold, span, cold regions and warm-up.
+
+``calibrate_similarity`` runs the dense model once on calibration tokens, records cos(h_in, h_out)
+per FFN layer and token at each FFN region's residual add, then searches thresholds (quantiles of
+the observed cosines) x span 1-3 x cold regions 1-3 at each end x two warm-up lengths (5% and 10%
+of the sequence), simulating the policy on the recorded cosines. It keeps the config whose
+simulated skipped fraction (of all FFN blocks) is closest to ``target_skip``, preferring the highest
+threshold among configs within 0.02 of the target, and finally measures the real fraction by
+running the rewritten graph (after skipping, later cosines differ from the dense ones).
+
+The result saves to / loads from JSON together with the model's identity, so a calibration made for
+another model is rejected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+_SPANS = (1, 2, 3)
+_COLDS = (1, 2, 3)
+_N_THRESHOLDS = 48
+_CLOSE = 0.02
+
+
+@dataclass(frozen=True)
+class SkipCalibration:
+    """A calibrated ``skip-ffn`` configuration and the model it belongs to.
+
+    Attributes:
+        threshold, span, cold_start, cold_end, warmup: the ``SkipFFNConfig`` fields.
+        target_skip: the requested fraction of FFN blocks to skip.
+        simulated_skip: fraction predicted from the dense cosines.
+        measured_skip: fraction measured on the rewritten graph over the calibration tokens.
+        profile: mean cos(h_in, h_out) per FFN layer on the calibration tokens.
+        identity: n_layers, dim and a hash of the FFN weights' shapes and a few values.
+    """
+
+    threshold: float
+    span: int
+    cold_start: int
+    cold_end: int
+    warmup: int
+    target_skip: float
+    simulated_skip: float
+    measured_skip: float
+    profile: tuple[float, ...]
+    identity: dict[str, Any]
+
+    def config(self):
+        """The ``SkipFFNConfig`` of this calibration."""
+        from condfx.passes.skip_ffn import SkipFFNConfig
+
+        return SkipFFNConfig(threshold=self.threshold, span=self.span, cold_start=self.cold_start,
+                             cold_end=self.cold_end, warmup=self.warmup)
+
+    def spec(self) -> str:
+        """The pipeline spec text, e.g. ``skip-ffn{threshold=0.93,span=2,...}``."""
+        return (f"skip-ffn{{threshold={self.threshold!r},span={self.span},cold_start={self.cold_start},"
+                f"cold_end={self.cold_end},warmup={self.warmup}}}")
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the calibration as JSON."""
+        data = dataclasses.asdict(self)
+        data["profile"] = list(self.profile)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model_or_gm: nn.Module | None = None) -> SkipCalibration:
+        """Reads a calibration; with ``model_or_gm`` checks that it was made for that model.
+
+        Raises:
+            ValueError: the file is for a different model (or is not a calibration file).
+        """
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        try:
+            cal = cls(**{**data, "profile": tuple(data["profile"])})
+        except (TypeError, KeyError) as exc:
+            msg = f"{path} is not a skip-ffn calibration file ({exc})."
+            raise ValueError(msg) from None
+        if model_or_gm is not None:
+            mine = model_identity(_as_graph(model_or_gm))
+            if mine != cal.identity:
+                msg = (
+                    f"Calibration file {path} was made for a different model (n_layers "
+                    f"{cal.identity.get('n_layers')}, dim {cal.identity.get('dim')}, hash "
+                    f"{cal.identity.get('hash')}) than the one given (n_layers {mine['n_layers']}, "
+                    f"dim {mine['dim']}, hash {mine['hash']}); recalibrate for this model."
+                )
+                raise ValueError(msg)
+        return cal
+
+
+def _as_graph(model_or_gm: nn.Module, ids: torch.Tensor | None = None) -> fx.GraphModule:
+    if isinstance(model_or_gm, fx.GraphModule):
+        return model_or_gm
+    import condfx
+
+    ids = torch.zeros(2, 8, dtype=torch.long) if ids is None else ids
+    return condfx.capture(model_or_gm, (ids,))
+
+
+def model_identity(gm: fx.GraphModule) -> dict[str, Any]:
+    """n_layers (FFN regions), dim, and a sha256 of the FFN weights' shapes and first values."""
+    from condfx.patterns import find_regions
+
+    ffn = find_regions(gm).ffn
+    h = hashlib.sha256()
+    for region in ffn:
+        for ref in (region.up, region.gate, region.down):
+            if ref is None:
+                continue
+            w = _fetch(gm, ref.weight.target)
+            head = w.detach().reshape(-1)[:8].double().cpu().tolist()
+            h.update(f"{tuple(w.shape)}:{[round(v, 5) for v in head]};".encode())
+    dim = ffn[0].dim if ffn else 0
+    return {"n_layers": len(ffn), "dim": dim, "hash": h.hexdigest()[:16]}
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def layer_cosines(gm: fx.GraphModule, ids: torch.Tensor) -> torch.Tensor:
+    """cos(h_in, h_out) at every FFN region's residual add: (L, B, T) float32."""
+    from condfx.ops.masked_ffn import row_cosine
+    from condfx.patterns import find_regions
+
+    regions = find_regions(gm)
+    adds = {r.node: r.stream for r in regions.residuals}
+    wanted = [r.residual for r in regions.ffn if r.residual in adds]
+    if not wanted or len(wanted) != len(regions.ffn):
+        msg = "calibrate_similarity needs every FFN region to end in a residual add; some do not."
+        raise ValueError(msg)
+    found: dict[fx.Node, torch.Tensor] = {}
+
+    class _Recorder(fx.Interpreter):
+        def run_node(self, node):
+            out = super().run_node(node)
+            if node in wanted:
+                found[node] = row_cosine(self.env[adds[node]], out)
+            return out
+
+    with torch.no_grad():
+        _Recorder(gm).run(ids)
+    return torch.stack([found[n] for n in wanted])
+
+
+def simulate_skip(cos: torch.Tensor, thresholds: torch.Tensor, span: int, cold_start: int,
+                  cold_end: int, warmup: int) -> torch.Tensor:
+    """Fraction of all FFN blocks the policy skips on fixed cosines ``cos`` (L, B, T), per threshold."""
+    n_layers, b, t = cos.shape
+    k = thresholds.numel()
+    warm = (torch.arange(t) < warmup).expand(k, b, t)
+    countdown = torch.zeros(k, b, t, dtype=torch.long)
+    skipped = torch.zeros(k, dtype=torch.long)
+    for layer in range(cold_start, n_layers - cold_end):
+        execute = (countdown == 0) | warm
+        skipped += (~execute).sum(dim=(1, 2))
+        trigger = execute & ~warm & (cos[layer][None] >= thresholds[:, None, None])
+        countdown = torch.where(trigger, span, (countdown - 1).clamp_min(0))
+    return skipped.double() / (n_layers * b * t)
+
+
+def _search(cos: torch.Tensor, target: float) -> tuple[tuple, float]:
+    """((threshold, span, cold_start, cold_end, warmup), simulated fraction) nearest the target."""
+    n_layers, _, t = cos.shape
+    q = torch.linspace(0.0, 1.0, _N_THRESHOLDS, dtype=torch.float64)
+    thresholds = torch.quantile(cos.double().flatten(), q).float().clamp(1e-6, 1.0).unique()
+    best, best_key = None, None
+    for warmup in sorted({max(1, round(0.05 * t)), max(1, round(0.1 * t))}):
+        for cs in _COLDS:
+            for ce in _COLDS:
+                if cs + ce >= n_layers:
+                    continue
+                for span in _SPANS:
+                    fracs = simulate_skip(cos, thresholds, span, cs, ce, warmup)
+                    for thr, frac in zip(thresholds.tolist(), fracs.tolist(), strict=True):
+                        err = abs(frac - target)
+                        # within _CLOSE of the target: prefer the highest threshold (most saturated)
+                        key = (0, -thr, err) if err <= _CLOSE else (1, err, -thr)
+                        if best_key is None or key < best_key:
+                            best_key, best = key, ((thr, span, cs, ce, warmup), frac)
+    if best is None:
+        msg = f"calibrate_similarity needs at least 3 FFN layers (cold regions of 1 each); got {n_layers}."
+        raise ValueError(msg)
+    return best
+
+
+def calibrate_similarity(model_or_gm: nn.Module, token_ids: torch.Tensor, *, target_skip: float) -> SkipCalibration:
+    """Chooses a ``skip-ffn`` config that skips about ``target_skip`` of all FFN blocks.
+
+    Args:
+        model_or_gm: a causal LM (captured here) or a GraphModule from ``condfx.capture``.
+        token_ids: (B, T) or (T,) int64 calibration tokens.
+        target_skip: fraction of FFN blocks (all layers, all tokens) to skip, in (0, 1).
+
+    Returns:
+        The SkipCalibration (config, simulated and measured fractions, profile, model identity).
+
+    Raises:
+        ValueError: bad ``target_skip`` or tokens, or a model with fewer than 3 FFN layers.
+    """
+    from condfx.passes import apply
+    from condfx.passes.skip_ffn import measure_skip_fraction
+
+    if isinstance(target_skip, bool) or not isinstance(target_skip, (int, float)) or not 0 < target_skip < 1:
+        msg = f"calibrate_similarity target_skip must be a number in (0, 1); got {target_skip!r}."
+        raise ValueError(msg)
+    if not isinstance(token_ids, torch.Tensor) or token_ids.dtype != torch.long or token_ids.dim() not in (1, 2):
+        msg = "calibrate_similarity token_ids must be an int64 tensor of shape (B, T) or (T,)."
+        raise ValueError(msg)
+    ids = token_ids if token_ids.dim() == 2 else token_ids[None]
+    gm = _as_graph(model_or_gm, ids)
+    cos = layer_cosines(gm, ids)  # (L, B, T)
+    (thr, span, cs, ce, warmup), simulated = _search(cos, float(target_skip))
+    cal = SkipCalibration(thr, span, cs, ce, warmup, float(target_skip), simulated, 0.0,
+                          tuple(cos.mean(dim=(1, 2)).tolist()), model_identity(gm))
+    rewritten = apply(gm, cal.spec()).graph_module
+    measured = measure_skip_fraction(rewritten, ids)["fraction_of_all_ffn"]
+    return dataclasses.replace(cal, measured_skip=measured)
