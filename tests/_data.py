@@ -13,6 +13,12 @@ import pytest
 
 from condfx.data import DataFileError, data_file
 
+# data/README.md: stories260K, greedy from BOS + "Zoo" (llama2.c `-n 60`: 60 steps, 57 new tokens).
+STORIES_ZOO_REFERENCE = (
+    "Zoo was a little girl named Lily. She loved to play outside in the park. One day, she saw a big, "
+    "red ball. She wanted to play with it, but she didn't want to play with"
+)
+
 
 def require_data(name: str) -> Path:
     """Return the checked path of data file ``name``, or fail (CI) / skip (elsewhere) the test.

@@ -6,12 +6,7 @@ import re
 import pytest
 
 from condfx.cli import main
-from tests._data import require_data
-
-REFERENCE_ZOO = (
-    "Zoo was a little girl named Lily. She loved to play outside in the park. One day, she saw a big, "
-    "red ball. She wanted to play with it, but she didn't want to play with"
-)
+from tests._data import STORIES_ZOO_REFERENCE, require_data
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -49,7 +44,7 @@ def test_generate_reproduces_reference_text(capsys):
     model = str(require_data("stories260K.bin"))
     code, out, _ = _run(capsys, "generate", model, "--prompt", "Zoo", "--max-new-tokens", "57")
     assert code == 0
-    assert out.strip() == REFERENCE_ZOO
+    assert out.strip() == STORIES_ZOO_REFERENCE
 
 
 def test_eval_json_on_token_stream(capsys):

@@ -10,12 +10,7 @@ import re
 import pytest
 
 from condfx.cli import main
-from tests._data import require_data
-
-REFERENCE_ZOO = (
-    "Zoo was a little girl named Lily. She loved to play outside in the park. One day, she saw a big, "
-    "red ball. She wanted to play with it, but she didn't want to play with"
-)
+from tests._data import STORIES_ZOO_REFERENCE, require_data
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -60,7 +55,7 @@ def test_generate_onnx_reproduces_reference_text(capsys, exported):
     argv = ["generate", model, "--prompt", "Zoo", "--max-new-tokens", "57", "--onnx", str(folder)]
     code, out, _ = _run(capsys, *argv)
     assert code == 0
-    assert out.strip() == REFERENCE_ZOO
+    assert out.strip() == STORIES_ZOO_REFERENCE
 
 
 def test_generate_onnx_sampling_is_seeded(capsys, exported):

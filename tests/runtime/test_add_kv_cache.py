@@ -18,13 +18,7 @@ from tests.runtime import decode_graph, empty_past, load_model, logits_of
 MODELS = ["llama-tiny", "qwen3-tiny", "gpt2-tiny", "hf-llama", "hf-gpt2", "stories260K"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread on the shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ids(model, batch=2, length=9, seed=0):

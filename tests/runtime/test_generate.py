@@ -7,22 +7,14 @@ import torch
 
 from condfx.runtime import SamplingConfig, Session, TorchBackend, filter_logits, generate
 from condfx.runtime.generate import greedy_reference
+from tests._data import STORIES_ZOO_REFERENCE
 from tests.runtime import STORIES, decode_graph, load_model
 
-# README of the data folder: greedy from BOS + "Zoo", 60 new tokens.
-GOLDEN_ZOO = (
-    "Zoo was a little girl named Lily. She loved to play outside in the park. One day, she saw a "
-    "big, red ball. She wanted to play with it, but she didn't want to play with it.\n"
-)
+# data/README.md's reference sentence, continued to 60 new tokens.
+GOLDEN_ZOO = STORIES_ZOO_REFERENCE + " it.\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread on the shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

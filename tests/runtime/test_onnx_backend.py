@@ -12,21 +12,10 @@ from condfx import models_zoo
 from condfx.export import MANIFEST_NAME, export_decode_graph, model_identity
 from condfx.runtime import Session, TorchBackend, generate
 from condfx.runtime.onnx_backend import OnnxBackend
+from tests._data import STORIES_ZOO_REFERENCE
 from tests.runtime import STORIES, decode_graph, load_model, logits_of
 
-REFERENCE_ZOO = (
-    "Zoo was a little girl named Lily. She loved to play outside in the park. One day, she saw a big, "
-    "red ball. She wanted to play with it, but she didn't want to play with"
-)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread on the shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +57,7 @@ def test_golden_stories_greedy_onnx_equals_torch(stories):
     want = generate(torch_session, [prompt], max_new_tokens=57, greedy=True)[0]
     assert got == want
     assert len(prompt + got) >= 60
-    assert tok.decode(prompt + got) == REFERENCE_ZOO
+    assert tok.decode(prompt + got) == STORIES_ZOO_REFERENCE
 
 
 def test_numerics_prefill_and_steps_match_full_forward(stories):

@@ -10,14 +10,7 @@ from condfx.runtime import FullKVCache, Session, TorchBackend
 from tests._helpers import ToyStack
 from tests.runtime import decode_graph, load_model, logits_of
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread on the shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

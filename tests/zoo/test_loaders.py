@@ -18,23 +18,9 @@ from condfx.models_zoo import (
     load,
     load_llama2c,
 )
-from tests._data import require_data
+from tests._data import STORIES_ZOO_REFERENCE, require_data
 
-# llama2.c `run stories260K.bin -z tok512.bin -n 60 -i "Zoo" -t 0`: 60 steps = 61 tokens with BOS.
-GOLDEN_ZOO = (
-    "Zoo was a little girl named Lily. She loved to play outside in the park. One day, she saw a "
-    "big, red ball. She wanted to play with it, but she didn't want to play with"
-)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; on a loaded 2-core machine OpenMP spinning makes
-    the default 2 threads up to 40x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +46,13 @@ def test_golden_stories260k_greedy_llama2c_steps(stories):
     prompt = tok.encode("Zoo")
     assert prompt == [1, 410, 469, 347]
     out = _greedy(model, prompt, 61 - len(prompt))  # llama2.c -n 60: 61 tokens incl. BOS
-    assert tok.decode(out) == GOLDEN_ZOO
+    assert tok.decode(out) == STORIES_ZOO_REFERENCE
 
 
 def test_golden_stories260k_greedy_60_new_tokens(stories):
     model, tok = stories
     out = _greedy(model, tok.encode("Zoo"), 60)
-    assert tok.decode(out) == GOLDEN_ZOO + " it.\n"
+    assert tok.decode(out) == STORIES_ZOO_REFERENCE + " it.\n"
 
 
 def test_numerics_stories260k_eager_matches_sdpa_and_load(stories):

@@ -29,14 +29,7 @@ def _ids(b: int = 2, t: int = 9, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (b, t), generator=gen)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; on a loaded 2-core machine OpenMP spinning makes
-    the default 2 threads up to 40x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", autouse=True)
