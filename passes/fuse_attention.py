@@ -14,7 +14,8 @@ Requires: the canonical IR from ``condfx.capture`` (FakeTensor metadata on every
 Does not handle: non-causal attention (encoders, prefix-LM masks), attention with an additive bias
   or padding mask (ALiBi, padded batches), dropout, and cores whose query and key lengths are not
   provably equal (cross-attention, graphs captured with a KV cache): each is skipped with a reason.
-  The ONNX and Triton lowerings of the op come with issue #3 (``codegen/``).
+  The op's ONNX and Triton lowerings live in ``codegen/onnx/attention.py`` and
+  ``codegen/triton/attention.py``.
 """
 
 from __future__ import annotations

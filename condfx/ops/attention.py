@@ -10,12 +10,16 @@ Semantics (the contract every lowering must match):
 
 This module holds the three parts that live in ``condfx/ops`` (DESIGN.md "Custom ops are the contract"):
     * ``attention_reference``: the eager reference in plain PyTorch (CPU; chunked over queries so
-      T = S = 2048 at small head counts stays within a few hundred MB).
+      T = S = 2048 at small head counts stays within a few hundred MB). Tests and lowerings are
+      checked against it.
+    * ``attention_sdpa``: what the op runs on CPU: the same semantics through
+      ``F.scaled_dot_product_attention`` (``enable_gqa``, explicit mask when T < S or windowed), so a
+      fused model runs the kernel its unfused original ran.
     * the fake implementation (``register_fake``), so export, compile and shape propagation see through it.
     * autograd (``register_autograd``), whose backward is a second opaque op ``condfx::attention_backward``
       so a traced backward stays one node with a symbolic-shape-safe fake.
 
-Backend lowerings do NOT live here. Issue #3 adds them:
+Backend lowerings do not live here; they are in codegen/:
     * ``codegen/onnx/attention.py``: the ``condfx``-domain ONNX node plus an ONNX local function whose
       body is ``attention_reference`` decomposed into standard ops.
     * ``codegen/triton/attention.py``: ``_attention_fwd_kernel`` / ``attention_fwd`` registered for CUDA
