@@ -11,6 +11,8 @@ Attention core (``attention.py``):
     - eager: ``softmax(c * (q @ k^T) + mask) @ v``; the scale by mul or div on the scores, q or k;
       the mask additive, ``masked_fill(m, -inf)`` or ``where(m, scores, -inf)`` (either branch order);
       float32 casts around softmax, dropout with p=0 or train=False; matmul or bmm.
+    - fused: ``condfx.attention(q, k, v, scale, window)`` left by ``fuse-attention`` (core_form "fused"),
+      so later passes anchor on it like on the unfused forms.
     - K/V head repetition: HF ``repeat_kv`` (unsqueeze + expand + reshape), ``repeat_interleave(dim=1)``,
       or SDPA ``enable_gqa``; ``k``/``v`` are reported as (B, Hkv, S, D).
     - scale defaults to 1/sqrt(D) for SDPA and 1.0 for an eager chain without a factor.

@@ -2,6 +2,8 @@
 
 Core forms:
     aten.scaled_dot_product_attention(q, k, v, attn_mask?, is_causal?, scale?, enable_gqa?)
+    condfx.attention(q, k, v, scale, window)       ("fused", from fuse-attention: causal, end-aligned,
+        k/v already (B, Hkv, S, D); window 0 means none)
     softmax(scale * (q @ k^T) [+ mask | masked_fill | where]) @ v       ("eager"; the scale may be
         applied to the scores, to q or to k, by mul or div; casts and p=0 / eval dropout allowed)
 K/V head repetition is walked back (HF repeat_kv: unsqueeze + expand + reshape; repeat_interleave),
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
 from condfx.patterns import _graph as g
 from condfx.patterns.mask import MaskAnalyzer, MaskInfo, MaskKind
 from condfx.patterns.norm import norm_producing
@@ -37,6 +40,7 @@ FILL_VALUE = "masked fill value is not very negative"
 
 _SOFTMAX = (aten.softmax, aten._softmax, aten._safe_softmax)
 _MATMUL = (aten.matmul, aten.bmm)
+_FUSED = torch.ops.condfx.attention.default
 
 
 def _fail(reason: str, node: fx.Node, detail: str = "") -> MatchFailure:
@@ -54,6 +58,7 @@ class _Core:
     nodes: list[fx.Node] = field(default_factory=list)
     masks: list[tuple[fx.Node, MaskKind]] = field(default_factory=list)
     is_causal: bool = False
+    window: int | None = None
 
 
 # --- K/V head repetition -------------------------------------------------------------------------
@@ -110,6 +115,24 @@ def _parse_sdpa(node: fx.Node) -> _Core | MatchFailure:
         v_mask = g.val(mask)
         kind = MaskKind.KEEP if getattr(v_mask, "dtype", None) == torch.bool else MaskKind.ADDITIVE
         core.masks.append((mask, kind))
+    return core
+
+
+# --- fused core ----------------------------------------------------------------------------------
+
+def is_fused_core(node: object) -> bool:
+    """True for a ``condfx.attention`` call (the core left by the ``fuse-attention`` pass)."""
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is _FUSED
+
+
+def _parse_fused(node: fx.Node) -> _Core | MatchFailure:
+    q, k, v = node.args[:3]
+    scale = g.arg(node, 3, "scale", None)
+    window = g.arg(node, 4, "window", 0)
+    if g.scalar(scale) is None or not isinstance(window, int) or isinstance(window, bool):
+        return _fail(SCALE_NOT_CONSTANT, node, "condfx.attention scale or window is not a constant")
+    core = _Core(node, q, k, v, g.scalar(scale), "fused", [node], is_causal=True)
+    core.window = window or None
     return core
 
 
@@ -248,7 +271,7 @@ def _parse_eager(softmax: fx.Node) -> _Core | MatchFailure | None:
 
 def _causality(core: _Core, masks: MaskAnalyzer) -> MaskInfo | MatchFailure:
     if not core.masks:
-        return MaskInfo(True) if core.is_causal else _fail(NO_MASK, core.core, "no mask and not is_causal")
+        return MaskInfo(True, core.window) if core.is_causal else _fail(NO_MASK, core.core, "no mask and not is_causal")
     window = None
     for mask, kind in core.masks:
         info = masks.analyze(mask, kind)
@@ -391,13 +414,18 @@ def _outer(core: _Core, norms) -> dict:
 
 
 def match_attention(anchor: fx.Node, masks: MaskAnalyzer, norms) -> AttentionRegion | MatchFailure | None:
-    """Matches an attention region anchored on an SDPA or softmax node.
+    """Matches an attention region anchored on an SDPA, softmax or ``condfx.attention`` node.
 
     Returns:
         The region (``layer`` = -1 until blocks are assembled), a MatchFailure for a rejected
         attention-looking candidate, or None when ``anchor`` does not look like attention at all.
     """
-    core = _parse_sdpa(anchor) if g.is_op(anchor, aten.scaled_dot_product_attention) else _parse_eager(anchor)
+    if is_fused_core(anchor):
+        core = _parse_fused(anchor)
+    elif g.is_op(anchor, aten.scaled_dot_product_attention):
+        core = _parse_sdpa(anchor)
+    else:
+        core = _parse_eager(anchor)
     if not isinstance(core, _Core):
         return core
     heads = _heads(core)
@@ -422,8 +450,8 @@ def match_attention(anchor: fx.Node, masks: MaskAnalyzer, norms) -> AttentionReg
 
 
 def is_attention_anchor(node: fx.Node) -> bool:
-    """True for SDPA calls and softmax nodes (the two kinds of attention core anchors)."""
-    return g.is_op(node, aten.scaled_dot_product_attention, *_SOFTMAX)
+    """True for SDPA calls, softmax nodes and fused ``condfx.attention`` calls (the core anchors)."""
+    return g.is_op(node, aten.scaled_dot_product_attention, *_SOFTMAX) or is_fused_core(node)
 
 
 def find_attention(gm: fx.GraphModule, norms, masks: MaskAnalyzer | None = None):

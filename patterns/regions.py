@@ -111,7 +111,7 @@ class AttentionRegion:
     scale: float
     causal: bool
     window: int | None = None  # keys j with i - window < j <= i, when set
-    core_form: str = "sdpa"  # "sdpa" or "eager"
+    core_form: str = "sdpa"  # "sdpa", "eager" or "fused" (a condfx.attention node)
     x_in: fx.Node | None = None  # the (normalised) input of the q/k/v projections, (B, T, d)
     q_proj: LinearRef | None = None
     k_proj: LinearRef | None = None
