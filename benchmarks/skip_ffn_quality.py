@@ -1,83 +1,166 @@
-"""skip-ffn quality on stories260K: perplexity and measured FFN skip fraction per calibrated target.
+"""skip-ffn quality: perplexity, measured FFN skip fraction and greedy agreement per calibrated target.
 
-Calibrates ``skip-ffn`` (``condfx.calibrate.calibrate_similarity``) on stories 50-57 of
-``tinystories_valid_head.txt`` (8 x 128 tokens) for each target, then scores the first ``--docs``
-stories (``documents_to_ids``, BOS per story) with ``condfx.eval.perplexity`` on the dense graph and
-on each rewritten graph (full-sequence forwards: the policy applies to positions >= warmup; each
-token's decision depends only on its own row, so this equals token-by-token decoding). The skip
-fraction is measured on the evaluation stories with ``measure_skip_fraction`` and is the fraction
-of all FFN blocks (every layer, every token, cold layers included) that did not run.
+Default (stories260K): calibrates ``skip-ffn`` (``condfx.calibrate.calibrate_similarity``) on stories
+50-57 of ``tinystories_valid_head.txt`` (8 x 128 tokens) for each target, then scores the first
+``--docs`` stories (``documents_to_ids``, BOS per story) with ``condfx.eval.perplexity``.
+
+With ``--model PATH --text FILE`` (e.g. SmolLM2 on WikiText-2): the text is encoded once; the first
+``--tokens`` tokens (BOS included) are scored as one window, and calibration uses a different span,
+tokens ``--cal-start`` .. ``--cal-start + --tokens``. Also reports agreement of the first
+``--greedy`` greedy tokens with the dense model for one prompt, the first ``--prompt-tokens``
+text tokens (runtime Session, KV cache); the prompt must be longer than the calibrated warm-up
+(5-10% of the calibration length), otherwise generation never reaches the policy.
+
+Evaluation is teacher-forced with full-sequence forwards: the policy applies to positions >= warmup
+and each token's decision depends only on its own row, so this equals token-by-token decoding. The
+skip fraction is measured on the evaluation tokens in the same forward and is the fraction of all
+FFN blocks (every layer, every token, cold layers included) that did not run.
 
     python benchmarks/skip_ffn_quality.py [--docs 50] [--targets 0.1,0.2,0.3] [--json]
+    python benchmarks/skip_ffn_quality.py --model <data>/SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --text <data>/wikitext2_raw_test.txt --targets 0.1,0.2,0.3,0.4 [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import torch
+from torch import fx
 
 import condfx
-from condfx.calibrate import calibrate_similarity
+from condfx.calibrate import calibrate_similarity, layer_cosines
 from condfx.data import data_file
 from condfx.eval.perplexity import documents_to_ids, perplexity
 from condfx.models_zoo import load
-from condfx.passes.skip_ffn import measure_skip_fraction
+from condfx.passes.skip_ffn import is_masked_ffn
 
 _CAL_DOCS, _CAL_LEN = 8, 128
+_PROMPT = "The history of the city begins in the Middle Ages, when"
 
 
-class _Logits(torch.nn.Module):
-    """Wraps a captured graph so ``forward(ids)`` returns the logits tensor."""
+class _Counted(torch.nn.Module):
+    """``forward(ids)`` returns the logits of ``gm`` and counts the rows its masked FFNs skipped."""
 
-    def __init__(self, gm):
+    def __init__(self, gm: fx.GraphModule, n_ffn: int):
         super().__init__()
-        self.gm = gm
+        self.gm, self.n_ffn = gm, n_ffn
+        self.skipped = self.blocks = 0
 
     def forward(self, ids):
-        out = self.gm(ids)
+        counter = self
+
+        class _Interp(fx.Interpreter):
+            def run_node(self, node):
+                out = super().run_node(node)
+                if is_masked_ffn(node):
+                    counter.skipped += int((~self.env[node.args[2]]).sum())
+                return out
+
+        out = _Interp(self.gm).run(ids)
+        self.blocks += ids.numel() * self.n_ffn
         return out[0] if isinstance(out, (tuple, list)) else out
 
+    @property
+    def fraction(self) -> float:
+        return self.skipped / self.blocks if self.blocks else 0.0
 
-def _skip_fraction(gm, docs) -> float:
-    skipped = total = 0.0
-    for doc in docs:
-        stats = measure_skip_fraction(gm, torch.tensor([doc]))
-        skipped += stats["fraction_of_all_ffn"] * len(doc)
-        total += len(doc)
-    return skipped / total
+
+def _greedy(model, spec: str, prompt: list[int], n: int) -> list[int]:
+    from condfx.runtime import Session, generate
+
+    session = Session.from_model(model, passes=spec)
+    return generate(session, [prompt], max_new_tokens=n, greedy=True)[0]
+
+
+def _agreement(dense: list[int], other: list[int]) -> tuple[float, int]:
+    same = [a == b for a, b in zip(dense, other, strict=False)]
+    prefix = next((i for i, s in enumerate(same) if not s), len(same))
+    return sum(same) / max(len(dense), 1), prefix
+
+
+def _stories_data(args):
+    model, tok = load(data_file("stories260K.bin"))
+    text = data_file("tinystories_valid_head.txt").read_text(encoding="utf-8")
+    all_docs = documents_to_ids(text, tok, max_docs=args.docs + 2 * _CAL_DOCS)
+    cal_docs = [d for d in all_docs[args.docs :] if len(d) >= _CAL_LEN][:_CAL_DOCS]
+    return model, tok, all_docs[: args.docs], torch.tensor([d[:_CAL_LEN] for d in cal_docs]), 512
+
+
+def _text_data(args):
+    model, tok = load(args.model)
+    need = args.cal_start + args.tokens
+    text = open(args.text, encoding="utf-8").read()  # noqa: SIM115
+    chars = need * 8
+    ids = tok.encode(text[:chars], bos=True, eos=False)
+    while len(ids) < need and chars < len(text):
+        chars *= 2
+        ids = tok.encode(text[:chars], bos=True, eos=False)
+    if len(ids) < need:
+        msg = f"--text gives {len(ids)} tokens; --cal-start + --tokens needs {need}."
+        raise ValueError(msg)
+    return model, tok, [ids[: args.tokens]], torch.tensor([ids[args.cal_start : need]]), args.tokens
+
+
+def run(args) -> dict:
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model, tok, docs, cal_ids, context = (_text_data if args.model else _stories_data)(args)
+    gm = condfx.capture(model, (cal_ids[:1, :16].expand(2, -1).contiguous(),))  # B=2: not specialized
+    n_ffn = len(condfx.patterns.find_regions(gm).ffn)
+    # the prompt must be longer than the calibrated warm-up, or the policy never runs in generation
+    prompt = docs[0][: args.prompt_tokens] if args.model else tok.encode(_PROMPT, bos=True, eos=False)
+    dense_tokens = _greedy(model, "fuse-attention", prompt, args.greedy) if args.greedy else []
+    dense = perplexity(_Counted(gm, n_ffn), docs, context=context).ppl
+    rows = [{"target": 0.0, "spec": "dense", "ppl": dense, "rel_ppl": 0.0, "skip_fraction": 0.0,
+             "greedy_agreement": 1.0, "greedy_prefix": len(dense_tokens)}]
+    cos = layer_cosines(gm, cal_ids)
+    for target in (float(t) for t in args.targets.split(",")):
+        cal = calibrate_similarity(gm, cal_ids, target_skip=target, cosines=cos)
+        counted = _Counted(condfx.apply(gm, cal.spec()).graph_module, n_ffn)
+        ppl = perplexity(counted, docs, context=context).ppl
+        row = {"target": target, "spec": cal.spec(), "ppl": ppl, "rel_ppl": ppl / dense - 1,
+               "skip_fraction": counted.fraction, "calibration_skip": cal.measured_skip,
+               "profile": list(cal.profile)}
+        if args.greedy:
+            new = _greedy(model, f"fuse-attention, {cal.spec()}", prompt, args.greedy)
+            row["greedy_agreement"], row["greedy_prefix"] = _agreement(dense_tokens, new)
+            row["greedy_prompt_len"], row["warmup"] = len(prompt), cal.warmup
+        rows.append(row)
+    return {"model": args.model or "stories260K.bin", "text": args.text or "tinystories_valid_head.txt",
+            "eval_tokens": sum(len(d) for d in docs), "calibration_tokens": list(cal_ids.shape),
+            "greedy_tokens": args.greedy, "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--docs", type=int, default=50)
+    parser.add_argument("--model", default=None, help="model path (default stories260K with its stories)")
+    parser.add_argument("--text", default=None, help="text file (needed with --model)")
+    parser.add_argument("--tokens", type=int, default=2048, help="with --model: tokens scored (one window)")
+    parser.add_argument("--cal-start", type=int, default=4096, help="with --model: first calibration token")
+    parser.add_argument("--prompt-tokens", type=int, default=256,
+                        help="with --model: greedy prompt = first N text tokens (keep it above the warm-up)")
+    parser.add_argument("--docs", type=int, default=50, help="stories260K: stories scored")
+    parser.add_argument("--greedy", type=int, default=64, help="greedy tokens compared with dense (0: off)")
     parser.add_argument("--targets", default="0.1,0.2,0.3")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    model, tok = load(data_file("stories260K.bin"))
-    text = data_file("tinystories_valid_head.txt").read_text(encoding="utf-8")
-    all_docs = documents_to_ids(text, tok, max_docs=args.docs + 2 * _CAL_DOCS)
-    docs = all_docs[: args.docs]
-    cal_docs = [d for d in all_docs[args.docs :] if len(d) >= _CAL_LEN][:_CAL_DOCS]
-    cal_ids = torch.tensor([d[:_CAL_LEN] for d in cal_docs])
-    gm = condfx.capture(model, (cal_ids[:2, :16].contiguous(),))
-    rows = [{"target": 0.0, "spec": "dense", "ppl": perplexity(_Logits(gm), docs, context=512).ppl,
-             "skip_fraction": 0.0}]
-    for target in (float(t) for t in args.targets.split(",")):
-        cal = calibrate_similarity(gm, cal_ids, target_skip=target)
-        rewritten = condfx.apply(gm, cal.spec()).graph_module
-        ppl = perplexity(_Logits(rewritten), docs, context=512).ppl
-        rows.append({"target": target, "spec": cal.spec(), "ppl": ppl,
-                     "skip_fraction": _skip_fraction(rewritten, docs),
-                     "calibration_skip": cal.measured_skip, "profile": list(cal.profile)})
+    if bool(args.model) != bool(args.text):
+        parser.error("--model and --text go together.")
+    result = run(args)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(result, indent=2))
         return
-    print("| target | ppl | skip fraction (eval) | spec |\n|---:|---:|---:|---|")
-    for r in rows:
-        print(f"| {r['target']:.2f} | {r['ppl']:.3f} | {r['skip_fraction']:.3f} | {r['spec']} |")
+    print(f"{result['model']} on {result['text']}: {result['eval_tokens']} tokens scored, "
+          f"calibration {result['calibration_tokens']}, {result['seconds']} s")
+    print("| target | ppl | rel. ppl | skip fraction (eval) | greedy agree / prefix | spec |")
+    print("|---:|---:|---:|---:|---:|---|")
+    for r in result["rows"]:
+        agree = f"{r.get('greedy_agreement', float('nan')):.2f} / {r.get('greedy_prefix', '-')}"
+        print(f"| {r['target']:.2f} | {r['ppl']:.3f} | {100 * r['rel_ppl']:+.2f}% | {r['skip_fraction']:.3f} "
+              f"| {agree} | {r['spec']} |")
 
 
 if __name__ == "__main__":

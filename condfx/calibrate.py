@@ -41,6 +41,8 @@ class SkipCalibration:
         measured_skip: fraction measured on the rewritten graph over the calibration tokens.
         profile: mean cos(h_in, h_out) per FFN layer on the calibration tokens.
         identity: n_layers, dim and a hash of the FFN weights' shapes and a few values.
+        profile_p50, profile_p90: median and 90th percentile of cos(h_in, h_out) per FFN layer
+            (empty in files written before they existed).
     """
 
     threshold: float
@@ -53,6 +55,12 @@ class SkipCalibration:
     measured_skip: float
     profile: tuple[float, ...]
     identity: dict[str, Any]
+    profile_p50: tuple[float, ...] = ()
+    profile_p90: tuple[float, ...] = ()
+
+    def is_cold(self, layer: int) -> bool:
+        """True when FFN layer ``layer`` is in a cold region (never skipped)."""
+        return layer < self.cold_start or layer >= len(self.profile) - self.cold_end
 
     def config(self):
         """The ``SkipFFNConfig`` of this calibration."""
@@ -69,7 +77,8 @@ class SkipCalibration:
     def save(self, path: str | os.PathLike) -> None:
         """Writes the calibration as JSON."""
         data = dataclasses.asdict(self)
-        data["profile"] = list(self.profile)
+        for key in ("profile", "profile_p50", "profile_p90"):
+            data[key] = list(getattr(self, key))
         with open(path, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2)
 
@@ -83,7 +92,8 @@ class SkipCalibration:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
         try:
-            cal = cls(**{**data, "profile": tuple(data["profile"])})
+            lists = {k: tuple(data[k]) for k in ("profile", "profile_p50", "profile_p90") if k in data}
+            cal = cls(**{**data, **lists})
         except (TypeError, KeyError) as exc:
             msg = f"{path} is not a skip-ffn calibration file ({exc})."
             raise ValueError(msg) from None
@@ -199,13 +209,16 @@ def _search(cos: torch.Tensor, target: float) -> tuple[tuple, float]:
     return best
 
 
-def calibrate_similarity(model_or_gm: nn.Module, token_ids: torch.Tensor, *, target_skip: float) -> SkipCalibration:
+def calibrate_similarity(model_or_gm: nn.Module, token_ids: torch.Tensor, *, target_skip: float,
+                         cosines: torch.Tensor | None = None) -> SkipCalibration:
     """Chooses a ``skip-ffn`` config that skips about ``target_skip`` of all FFN blocks.
 
     Args:
         model_or_gm: a causal LM (captured here) or a GraphModule from ``condfx.capture``.
         token_ids: (B, T) or (T,) int64 calibration tokens.
         target_skip: fraction of FFN blocks (all layers, all tokens) to skip, in (0, 1).
+        cosines: ``layer_cosines(gm, token_ids)`` when already computed (saves one forward when
+            calibrating several targets on the same tokens).
 
     Returns:
         The SkipCalibration (config, simulated and measured fractions, profile, model identity).
@@ -224,10 +237,13 @@ def calibrate_similarity(model_or_gm: nn.Module, token_ids: torch.Tensor, *, tar
         raise ValueError(msg)
     ids = token_ids if token_ids.dim() == 2 else token_ids[None]
     gm = _as_graph(model_or_gm, ids)
-    cos = layer_cosines(gm, ids)  # (L, B, T)
+    cos = layer_cosines(gm, ids) if cosines is None else cosines  # (L, B, T)
     (thr, span, cs, ce, warmup), simulated = _search(cos, float(target_skip))
+    flat = cos.flatten(1).double()  # (L, B*T)
+    p50, p90 = torch.quantile(flat, torch.tensor([0.5, 0.9], dtype=torch.float64), dim=1).tolist()
     cal = SkipCalibration(thr, span, cs, ce, warmup, float(target_skip), simulated, 0.0,
-                          tuple(cos.mean(dim=(1, 2)).tolist()), model_identity(gm))
+                          tuple(cos.mean(dim=(1, 2)).tolist()), model_identity(gm),
+                          tuple(p50), tuple(p90))
     rewritten = apply(gm, cal.spec()).graph_module
     measured = measure_skip_fraction(rewritten, ids)["fraction_of_all_ffn"]
     return dataclasses.replace(cal, measured_skip=measured)

@@ -1,4 +1,4 @@
-"""The ``condfx`` command line: inspect, optimize, eval, export, generate, demo.
+"""The ``condfx`` command line: inspect, optimize, eval, calibrate, export, generate, demo.
 
 Tables and progress bars are for people; ``--json`` prints one JSON object for machines. Every user
 error is reported as one sentence on stderr with exit status 2.
@@ -68,6 +68,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", default=None, help="apply this pass spec before evaluating")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=commands.eval_cmd)
+
+    p = sub.add_parser(
+        "calibrate", help="calibrate skip-ffn for a target skip fraction and print the similarity profile",
+        description=(
+            "Writes a calibration file; use it with e.g. --passes \"fuse-attention, $(python -c "
+            "\"from condfx.calibrate import SkipCalibration as C; print(C.load('calib.json').spec())\")\"."
+        ),
+    )
+    _add_model(p)
+    p.add_argument("--text", required=True, help="a UTF-8 text file whose tokens calibrate")
+    p.add_argument("--target-skip", type=float, required=True, help="fraction of FFN blocks to skip, in (0, 1)")
+    p.add_argument("-o", "--output", default=None, help="calibration file (default <model stem>.skip-calibration.json)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also plot the similarity profile to this PNG")
+    p.add_argument("--max-tokens", type=int, default=1024, help="calibrate on the first N tokens (default 1024)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=commands.calibrate_cmd)
 
     p = sub.add_parser("export", help="write prefill and decode ONNX graphs with condfx custom ops")
     _add_model(p)

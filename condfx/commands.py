@@ -169,7 +169,9 @@ def eval_cmd(args: argparse.Namespace) -> dict:
         raise ValueError(msg)
     model, tok = _load(args.model)
     if args.passes:
-        model = _apply(_capture(model), args.passes).graph_module
+        rewritten = _apply(_capture(model), args.passes).graph_module
+        rewritten.info = getattr(model, "info", None)  # context length etc. for the evaluation
+        model = rewritten
     text = text_path.read_text(encoding="utf-8")
     t0 = time.perf_counter()
     with _progress(args.json) as bar:
@@ -194,6 +196,105 @@ def eval_cmd(args: argparse.Namespace) -> dict:
     if not args.json:
         _OUT.print(f"NLL {res.nll:.4f}  perplexity {res.ppl:.3f}  over {res.tokens} tokens")
     return result
+
+
+# --------------------------------------------------------------------------------------- calibrate
+def calibrate_cmd(args: argparse.Namespace) -> dict:
+    from condfx.calibrate import calibrate_similarity
+
+    t = args.target_skip
+    if not 0.0 < t < 1.0:
+        msg = f"--target-skip must be a fraction strictly between 0 and 1; got {t}."
+        raise ValueError(msg)
+    if args.max_tokens < 16:
+        msg = f"--max-tokens must be at least 16; got {args.max_tokens}."
+        raise ValueError(msg)
+    text_path = Path(args.text)
+    if not text_path.is_file():
+        msg = f"Text file '{args.text}' does not exist."
+        raise FileNotFoundError(msg)
+    model, tok = _load(args.model)
+    text = text_path.read_text(encoding="utf-8")[: args.max_tokens * 32]  # enough characters
+    ids = tok.encode(text, bos=True, eos=False)[: args.max_tokens]
+    if len(ids) < 16:
+        msg = f"Text file '{args.text}' gives {len(ids)} tokens; calibration needs at least 16."
+        raise ValueError(msg)
+    t0 = time.perf_counter()
+    cal = calibrate_similarity(_capture(model), torch.tensor([ids]), target_skip=t)
+    out = Path(args.output or f"{Path(args.model).stem}.skip-calibration.json")
+    cal.save(out)
+    result = {
+        "model": args.model, "text": str(text_path), "tokens": len(ids), "output": str(out),
+        "spec": cal.spec(), "threshold": cal.threshold, "span": cal.span, "cold_start": cal.cold_start,
+        "cold_end": cal.cold_end, "warmup": cal.warmup, "target_skip": t,
+        "simulated_skip": cal.simulated_skip, "measured_skip": cal.measured_skip,
+        "profile": _profile_rows(cal), "seconds": round(time.perf_counter() - t0, 2),
+    }
+    if args.plot:
+        result["plot"] = str(_plot_profile(cal, Path(args.plot), args.model))
+    if not args.json:
+        _print_calibration(result)
+    return result
+
+
+def _profile_rows(cal) -> list[dict]:
+    n = len(cal.profile)
+    p50 = cal.profile_p50 or (None,) * n
+    p90 = cal.profile_p90 or (None,) * n
+    return [
+        {"layer": i, "mean_cos": cal.profile[i], "p50": p50[i], "p90": p90[i], "cold": cal.is_cold(i)}
+        for i in range(n)
+    ]
+
+
+def _print_calibration(result: dict) -> None:
+    table = Table(title=f"FFN similarity cos(h_in, h_out) of {result['model']} over {result['tokens']} tokens")
+    for col in ("layer", "mean cos", "p50", "p90", "cold"):
+        table.add_column(col, justify="right")
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    for row in result["profile"]:
+        table.add_row(str(row["layer"]), fmt(row["mean_cos"]), fmt(row["p50"]), fmt(row["p90"]),
+                      "cold" if row["cold"] else "")
+    _OUT.print(table)
+    _OUT.print(
+        f"threshold {result['threshold']:.4f}, span {result['span']}, cold regions {result['cold_start']} "
+        f"(start) + {result['cold_end']} (end), warm-up {result['warmup']} tokens; target skip "
+        f"{result['target_skip']:.3f}, simulated {result['simulated_skip']:.3f}, measured "
+        f"{result['measured_skip']:.3f}", highlight=False, soft_wrap=True,
+    )
+    _OUT.print(f"pass spec: {result['spec']}", highlight=False, markup=False, soft_wrap=True)
+    _OUT.print(f"wrote {result['output']}" + (f" and {result['plot']}" if "plot" in result else ""),
+               highlight=False, soft_wrap=True)
+
+
+def _plot_profile(cal, path: Path, model: str) -> Path:
+    """Writes the per-layer similarity profile (mean, p50, p90, threshold, cold regions) as a PNG."""
+    try:
+        import matplotlib
+    except ImportError:
+        msg = "--plot needs matplotlib, which is not installed; install it or leave out --plot."
+        raise UserError(msg) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(range(len(cal.profile)))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(layers, cal.profile, marker="o", label="mean cos")
+    if cal.profile_p50:
+        ax.plot(layers, cal.profile_p50, linestyle="--", label="p50")
+        ax.plot(layers, cal.profile_p90, linestyle=":", label="p90")
+    ax.axhline(cal.threshold, color="red", linewidth=1, label=f"threshold {cal.threshold:.3f}")
+    for i in layers:
+        if cal.is_cold(i):
+            ax.axvspan(i - 0.5, i + 0.5, color="grey", alpha=0.2)
+    ax.set_xlabel("FFN layer (grey: cold)")
+    ax.set_ylabel("cos(h_in, h_out)")
+    ax.set_title(f"{Path(model).name}: target skip {cal.target_skip:.2f}, measured {cal.measured_skip:.3f}")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 # ------------------------------------------------------------------------------------------ export

@@ -88,3 +88,12 @@ def test_rejects_truncated_checkpoint(capsys, tmp_path):
     code, _, err = _run(capsys, "inspect", str(bad))
     assert code == 2
     assert "stories260K.bin" in err and "bytes" in err
+
+
+def test_eval_with_passes_matches_eval_without(capsys):
+    text = str(require_data("tinyshakespeare.txt"))
+    base = ["eval", "llama-tiny", "--text", text, "--max-tokens", "200", "--json"]
+    _, plain, _ = _run(capsys, *base)
+    code, fused, _ = _run(capsys, *base, "--passes", "fuse-attention")
+    assert code == 0
+    assert json.loads(fused)["nll"] == pytest.approx(json.loads(plain)["nll"], abs=1e-5)
