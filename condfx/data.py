@@ -59,8 +59,9 @@ def _sha256(path: str, mtime_ns: int, size: int) -> str:
     return digest.hexdigest()
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
     """Return the SHA256 hex digest of ``path`` (cached while the file is unchanged)."""
+    path = Path(path)
     st = path.stat()
     return _sha256(str(path.resolve()), st.st_mtime_ns, st.st_size)
 

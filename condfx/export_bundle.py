@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from condfx.data import file_sha256
 from condfx.export import ExportError, ExportResult, _check_opset, _check_writable, export_onnx
 
 MANIFEST_NAME = "condfx_manifest.json"
@@ -74,16 +75,6 @@ def io_names(layers: Sequence[Any]) -> tuple[list[str], list[str]]:
     past = [f"past_{kv}_{s.layer}" for s in layers for kv in "kv"]
     present = [f"present_{kv}_{s.layer}" for s in layers for kv in "kv"]
     return ["input_ids", *past], ["logits", *present]
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA256 of a file, read in 1 MiB blocks."""
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def weights_sha256(model: nn.Module) -> str:

@@ -6,7 +6,7 @@ tokens = generate(session, ["Once upon"], tokenizer=tok, max_new_tokens=20, top_
 """
 
 from condfx.runtime.caches import CacheSet, FullKVCache, LayerCache, SlidingWindowCache
-from condfx.runtime.generate import generate, greedy_reference
+from condfx.runtime.generate import generate
 from condfx.runtime.sampling import SamplingConfig, filter_logits, sample_next
 from condfx.runtime.session import BackendKind, DecodeBackend, Session, TorchBackend
 
@@ -22,6 +22,5 @@ __all__ = [
     "TorchBackend",
     "filter_logits",
     "generate",
-    "greedy_reference",
     "sample_next",
 ]

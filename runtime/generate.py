@@ -6,8 +6,7 @@ as one batch, and the groups run one after another (correct first; a padded, mas
 optimisation). Rows that stop early (a stop id) are dropped from the batch and from the caches
 (``CacheSet.reorder``), so finished rows cost nothing.
 
-``greedy_reference`` is the no-cache loop (the whole sequence through the model every step); it is
-the baseline the cached loop must match token for token and the speed reference.
+The no-cache baseline the cached loop must match token for token is ``condfx.eval.greedy``.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 from condfx.runtime.sampling import SamplingConfig, make_generator, sample_next
 from condfx.runtime.session import Session
@@ -131,30 +129,3 @@ def generate(
     for rows in _group_by_length(ids):
         _run_group(session, rows, ids, out, max_new_tokens, config, gen, stop, stream)
     return out
-
-
-def greedy_reference(
-    model: nn.Module, prompt: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()
-) -> list[int]:
-    """The no-cache greedy loop: the whole sequence goes through ``model`` for every new token.
-
-    Args:
-        model: a causal LM, ``model(ids (1, T))`` -> logits (1, T, V) (or an output with ``.logits``).
-        prompt: token ids.
-        max_new_tokens: tokens to generate.
-        stop_ids: ids that end the loop (kept as the last token).
-
-    Returns:
-        The new token ids.
-    """
-    seq, new = list(prompt), []
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            out = model(torch.tensor([seq], dtype=torch.long))
-            logits = out.logits if hasattr(out, "logits") else out  # (1, T, V)
-            tok = int(logits[0, -1].argmax())
-            seq.append(tok)
-            new.append(tok)
-            if tok in stop_ids:
-                break
-    return new

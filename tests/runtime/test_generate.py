@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from condfx.eval import greedy
 from condfx.runtime import SamplingConfig, Session, TorchBackend, filter_logits, generate
-from condfx.runtime.generate import greedy_reference
 from tests._data import STORIES_ZOO_REFERENCE
 from tests.runtime import STORIES, decode_graph, load_model
 
@@ -38,7 +38,7 @@ def test_golden_stories260k_greedy_with_cache_equals_no_cache_loop(stories):
     model, tok, session = stories
     prompt = tok.encode("Zoo", bos=True)
     (cached,) = generate(session, ["Zoo"], tokenizer=tok, max_new_tokens=60, greedy=True)
-    assert cached == greedy_reference(model, prompt, 60)
+    assert cached == greedy(model, None, prompt, 60)
     assert tok.decode(prompt + cached) == GOLDEN_ZOO
 
 
@@ -54,7 +54,7 @@ def test_numerics_mixed_length_batch_equals_one_prompt_at_a_time(llama):
 def test_numerics_greedy_equals_no_cache_loop_llama(llama):
     model, session = llama
     out = generate(session, [[3, 14, 15, 92]], max_new_tokens=8, temperature=0.0)
-    assert out[0] == greedy_reference(model, [3, 14, 15, 92], 8)
+    assert out[0] == greedy(model, None, [3, 14, 15, 92], 8)
 
 
 def test_sampling_with_seed_is_reproducible(llama):
@@ -153,6 +153,6 @@ def test_filter_logits_top_k_and_top_p_numbers():
 def test_default_without_sampling_options_is_greedy(stories):
     model, tok, session = stories
     (default,) = generate(session, ["Zoo"], tokenizer=tok, max_new_tokens=20)
-    assert default == greedy_reference(model, tok.encode("Zoo", bos=True), 20)
+    assert default == greedy(model, None, tok.encode("Zoo", bos=True), 20)
     assert not SamplingConfig.from_options(temperature=0.7).greedy
     assert SamplingConfig.from_options(seed=3).greedy
