@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from condfx.eval.perplexity import logits_of
+
 # (atol, rtol) per dtype for exact rewrites; the one table the tests use too.
 EXACT_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float64: (1e-10, 1e-10),
@@ -65,17 +67,11 @@ class VerifyResult:
         )
 
 
-def _first_tensor(out: Any) -> torch.Tensor:
-    from condfx.eval.perplexity import logits_of  # lazily: condfx.eval imports the model zoo
-
-    return logits_of(out)
-
-
 def _run(model: nn.Module | Callable, inputs: Sequence[Any], dtype: torch.dtype | None) -> torch.Tensor:
     if dtype is not None:
         inputs = [x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs]
     with torch.no_grad():
-        return _first_tensor(model(*inputs))
+        return logits_of(model(*inputs))
 
 
 def compare_outputs(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
