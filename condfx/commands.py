@@ -47,17 +47,7 @@ def _capture(model: torch.nn.Module):
 def _apply(gm, spec: str):
     from condfx.passes.pipeline import apply
 
-    return apply(gm, _read_spec(spec))
-
-
-def _read_spec(spec: str) -> str:
-    path = Path(spec)
-    if path.suffix.lower() in {".json", ".yaml", ".yml"}:
-        if not path.is_file():
-            msg = f"Pass spec file '{spec}' does not exist."
-            raise FileNotFoundError(msg)
-        return str(path)
-    return spec
+    return apply(gm, spec)
 
 
 # ----------------------------------------------------------------------------------------- inspect
@@ -305,7 +295,7 @@ def export_cmd(args: argparse.Namespace) -> dict:
     say = (lambda _msg: None) if args.json else (lambda msg: err.print(f"{msg} ...", highlight=False, soft_wrap=True))
     t0 = time.perf_counter()
     bundle = export_model(
-        args.model, args.output, passes=_read_spec(args.passes), verify=not args.no_verify, progress=say
+        args.model, args.output, passes=args.passes, verify=not args.no_verify, progress=say
     )
     files = bundle.manifest["files"]
     result = {
@@ -346,7 +336,7 @@ def _session(args: argparse.Namespace, model: torch.nn.Module):
     from condfx.runtime import Session
 
     if args.onnx is None:
-        return Session.from_model(model, passes=_read_spec(args.passes or "fuse-attention"))
+        return Session.from_model(model, passes=args.passes or "fuse-attention")
     if args.passes:
         msg = "--passes cannot be combined with --onnx: the passes were fixed when the folder was exported."
         raise ValueError(msg)

@@ -177,9 +177,13 @@ def load_spec(path: str | os.PathLike) -> list[PassSpec]:
         One PassSpec per pass, option values as the file typed them.
 
     Raises:
+        FileNotFoundError: the file does not exist.
         ValueError: unknown extension or a malformed document.
     """
     path = Path(path)
+    if not path.is_file():
+        msg = f"Pass spec file '{path}' does not exist."
+        raise FileNotFoundError(msg)
     text = path.read_text()
     if path.suffix == ".json":
         doc = json.loads(text)
