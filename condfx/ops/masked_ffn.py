@@ -117,6 +117,19 @@ def masked_ffn_reference(
     return update, cos
 
 
+_OBSERVERS: list = []  # callables (executed rows, all rows) called by every eager masked_ffn run
+
+
+def add_row_observer(fn) -> None:
+    """Calls ``fn(executed_rows, rows)`` after every eager ``condfx.masked_ffn`` run (until removed)."""
+    _OBSERVERS.append(fn)
+
+
+def remove_row_observer(fn) -> None:
+    """Undoes ``add_row_observer(fn)``."""
+    _OBSERVERS.remove(fn)
+
+
 @torch.library.custom_op("condfx::masked_ffn", mutates_args=())
 def masked_ffn(
     x: torch.Tensor,
@@ -137,6 +150,10 @@ def masked_ffn(
         update, cos = masked_ffn_reference(
             x, h_in, execute, w_up, b_up, w_gate, b_gate, w_down, b_down, kind, act, layout
         )
+    if _OBSERVERS:
+        executed, rows = int(execute.sum()), execute.numel()
+        for fn in tuple(_OBSERVERS):
+            fn(executed, rows)
     return update.contiguous(), cos.contiguous()
 
 
