@@ -153,3 +153,20 @@ def test_rejects_graph_without_forecast_policy():
     gm = apply(_gm(), "skip-ffn{cold_start=1,cold_end=1}").graph_module
     with pytest.raises(ValueError, match=r"apply 'skip-ffn\{policy=forecast\}' first"):
         forecast.ForecastTraining(gm)
+
+
+def test_numerics_onnx_session_matches_torch_session(tmp_path):
+    from condfx.runtime import Session
+
+    gm, *_ = _trained()
+    path = tmp_path / "state.safetensors"
+    forecast.save_state(gm, path)
+    spec = "fuse-attention, " + SPEC[:-1] + f',state="{path}"}}'
+    model, ids = _stories()
+    window = ids[:, 2000:2014]
+    outs = []
+    for backend in ("torch", "onnx"):
+        session = Session.from_model(model, passes=spec, backend=backend)
+        session.prefill(window[:, :4])
+        outs.append(torch.cat([session.step(window[:, i : i + 1]) for i in range(4, 14)], 1))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
