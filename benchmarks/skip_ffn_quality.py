@@ -177,7 +177,7 @@ def _forecast_rows(args, model, gm, cal_ids, train_ids, targets, docs, context, 
             fit_explained = sum(fit.values()) / len(fit)
             losses = result.losses
         work = copy.deepcopy(trained)
-        cal_skip = forecast.set_skip_fraction(work, cal_ids, target)
+        cal_skip = forecast.set_skip_fraction(work, cal_ids[:, : args.fc_cal_tokens], target)
         path = tmp / f"state_{target}.safetensors"
         forecast.save_state(work, path)
         spec = base + f',state="{path}"}}'
@@ -210,6 +210,7 @@ def main() -> None:
     parser.add_argument("--router-hidden", type=int, default=64, help="forecast: router hidden width")
     parser.add_argument("--fc-cold", type=int, default=1, help="forecast: cold layers at each end")
     parser.add_argument("--fc-warmup", type=int, default=4, help="forecast: warm-up tokens (attention sink)")
+    parser.add_argument("--fc-cal-tokens", type=int, default=512, help="forecast: tokens per row to set the bias")
     parser.add_argument("--train-target", type=float, default=0.3, help="forecast: router training target")
     parser.add_argument("--retrain", action="store_true", help="forecast: train the routers at every target")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")

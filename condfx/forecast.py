@@ -180,14 +180,17 @@ def fit_forecasters(gm: fx.GraphModule, ids: torch.Tensor, *, ridge: float = 1e-
 
 def train_routers(gm: fx.GraphModule, ids: torch.Tensor, *, target_skip: float, steps: int = 100,
                   seq_len: int = 128, batch_size: int = 2, lr: float = 2e-3, seed: int = 0,
-                  log_every: int = 0, save_to: str | Path | None = None):
-    """Stage 2: trains the routers (only) with ``condfx.train``; returns its TrainResult.
+                  log_every: int = 0, save_to: str | Path | None = None, forecasters: bool = False):
+    """Stage 2: trains the routers (and, with ``forecasters``, the forecasters) with ``condfx.train``.
+
+    Returns ``condfx.train``'s TrainResult.
 
     Args:
         gm: a ``policy=forecast`` graph whose forecasters are fitted (changed in place).
         ids: (1, N) or (N,) int64 training tokens; windows of ``seq_len + 1`` are drawn at random.
         target_skip: fraction of *all* FFN blocks to route out (cold layers count as executed), in (0, 1).
         steps, seq_len, batch_size, lr, seed, log_every, save_to: the training recipe (``condfx.train``).
+        forecasters: also train the forecasters end to end (the paper keeps them from stage 1).
 
     Raises:
         ValueError: a target outside (0, 1), or one the routed layers cannot reach.
@@ -203,7 +206,7 @@ def train_routers(gm: fx.GraphModule, ids: torch.Tensor, *, target_skip: float, 
         raise ValueError(msg)
     view = ForecastTraining(gm)
     skip_routed = _routed_target(gm, target_skip)
-    names = [n for n in forecast_param_names(gm) if ".skip_ffn_router_" in f".{n}"]
+    names = [n for n in forecast_param_names(gm) if forecasters or ".skip_ffn_router_" in f".{n}"]
 
     def data(step, generator):
         starts = torch.randint(0, stream.numel() - seq_len - 1, (batch_size,), generator=generator)
@@ -238,32 +241,51 @@ def _shift_biases(gm: fx.GraphModule, delta: float) -> None:
             _params_of(gm, d["ffn"])["router_b2"].sub_(delta)
 
 
-def set_skip_fraction(gm: fx.GraphModule, ids: torch.Tensor, target_skip: float, *, iters: int = 14) -> float:
+def _router_logits(gm: fx.GraphModule, ids: torch.Tensor) -> torch.Tensor:
+    """Every routed FFN's router logit on ``ids`` under the current policy, flattened (L*B*T,)."""
+    roles = _routed(gm)
+    logit_nodes = {d["logit"] for d in roles.values()}
+    found: list[torch.Tensor] = []
+
+    class _Record(fx.Interpreter):
+        def run_node(self, node):
+            out = super().run_node(node)
+            if node in logit_nodes:
+                found.append(out.reshape(-1))
+            return out
+
+    with torch.no_grad():
+        _Record(gm).run(ids)
+    return torch.cat(found)
+
+
+def set_skip_fraction(gm: fx.GraphModule, ids: torch.Tensor, target_skip: float, *, iters: int = 6,
+                      tolerance: float = 0.005) -> float:
     """Shifts all router output biases by one amount so ``ids`` skip ~``target_skip`` of all FFN blocks.
+
+    Fixed-point iteration: run the graph, take the shift that would route out the wanted share of
+    the recorded logits, apply it, repeat (later layers' logits move with earlier decisions) until the
+    measured fraction is within ``tolerance`` or ``iters`` runs were made; the best shift is kept.
 
     Returns:
         The measured fraction of all FFN blocks skipped on ``ids`` after the shift.
     """
-    _routed_target(gm, target_skip)  # validates
-    lo, hi, shift = -20.0, 20.0, 0.0  # larger shift → more skipped
-
-    def measure(delta):
-        _shift_biases(gm, delta)
-        try:
-            return measure_skip_fraction(gm, ids)["fraction_of_all_ffn"]
-        finally:
-            _shift_biases(gm, -delta)
-
+    skip_routed = _routed_target(gm, target_skip)  # validates
+    total_shift, best = 0.0, None
     for _ in range(iters):
-        shift = (lo + hi) / 2
-        if measure(shift) < target_skip:
-            lo = shift
-        else:
-            hi = shift
-    frac_lo, frac_hi = measure(lo), measure(hi)
-    shift, frac = (lo, frac_lo) if abs(frac_lo - target_skip) <= abs(frac_hi - target_skip) else (hi, frac_hi)
-    _shift_biases(gm, shift)
-    return frac
+        logits = _router_logits(gm, ids).double()
+        frac = measure_skip_fraction(gm, ids)["fraction_of_all_ffn"]
+        if best is None or abs(frac - target_skip) < abs(best[1] - target_skip):
+            best = (total_shift, frac)
+        if abs(frac - target_skip) <= tolerance:
+            break
+        # rows with logit <= q are routed out after subtracting q from the bias
+        q = float(torch.quantile(logits, skip_routed))
+        q = q + 1e-6 if q >= 0 else q - 1e-6
+        _shift_biases(gm, q)
+        total_shift += q
+    _shift_biases(gm, best[0] - total_shift)
+    return best[1]
 
 
 def save_state(gm: fx.GraphModule, path: str | Path, identity: dict | None = None) -> list[str]:
