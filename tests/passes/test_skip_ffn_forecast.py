@@ -155,7 +155,7 @@ def test_rejects_graph_without_forecast_policy():
         forecast.ForecastTraining(gm)
 
 
-def test_numerics_onnx_session_matches_torch_session(tmp_path):
+def test_numerics_onnx_session_matches_torch_graph(tmp_path):
     from condfx.runtime import Session
 
     gm, *_ = _trained()
@@ -164,9 +164,8 @@ def test_numerics_onnx_session_matches_torch_session(tmp_path):
     spec = "fuse-attention, " + SPEC[:-1] + f',state="{path}"}}'
     model, ids = _stories()
     window = ids[:, 2000:2014]
-    outs = []
-    for backend in ("torch", "onnx"):
-        session = Session.from_model(model, passes=spec, backend=backend)
-        session.prefill(window[:, :4])
-        outs.append(torch.cat([session.step(window[:, i : i + 1]) for i in range(4, 14)], 1))
-    torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
+    session = Session.from_model(model, passes=spec, backend="onnx")
+    session.prefill(window[:, :4])
+    steps = torch.cat([session.step(window[:, i : i + 1]) for i in range(4, 14)], 1)
+    assert measure_skip_fraction(gm, window)["skipped_rows"] > 0
+    torch.testing.assert_close(steps, _logits(gm(window))[:, 4:], atol=1e-4, rtol=1e-4)
