@@ -79,11 +79,19 @@ def _decode_skip_fraction(session: Session, prompt: torch.Tensor, steps: int) ->
 
 
 def _session(model, spec: str) -> Session:
-    """``Session.from_model`` with one pipeline (one weight copy instead of two while it is built)."""
-    gm = condfx.capture(model, (torch.zeros(2, 8, dtype=torch.long),))
-    result = condfx.apply(gm, f"{spec}, add-kv-cache")
-    del gm
-    return Session(TorchBackend(result.graph_module), max_seq_len=getattr(model.info, "max_seq_len", None))
+    """``Session.from_model`` without weight copies: the passes run in place on a fresh capture, which
+    shares the model's parameter tensors (``condfx.apply`` deep-copies; two 1B sessions would not fit)."""
+    import copy
+
+    from condfx.passes.pipeline import run_pass
+    from condfx.passes.spec import build_passes
+
+    captured = condfx.capture(model, (torch.zeros(2, 8, dtype=torch.long),))
+    shared = {id(t): t for t in (*captured.parameters(), *captured.buffers())}
+    gm = copy.deepcopy(captured, shared)  # the graph is copied, the weights are not (as condfx.apply, minus them)
+    for p in build_passes(f"{spec}, add-kv-cache"):
+        gm = run_pass(p, gm).graph_module
+    return Session(TorchBackend(gm), max_seq_len=getattr(model.info, "max_seq_len", None))
 
 
 def bench(name: str, target: float, steps: int, rounds: int, cal_tokens: int, batch: int) -> dict:
