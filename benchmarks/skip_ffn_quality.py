@@ -86,12 +86,16 @@ def _stories_data(args):
     text = data_file("tinystories_valid_head.txt").read_text(encoding="utf-8")
     all_docs = documents_to_ids(text, tok, max_docs=args.docs + 2 * _CAL_DOCS)
     cal_docs = [d for d in all_docs[args.docs :] if len(d) >= _CAL_LEN][:_CAL_DOCS]
-    return model, tok, all_docs[: args.docs], torch.tensor([d[:_CAL_LEN] for d in cal_docs]), 512
+    # forecast training text: stories after the scored ones (never scored), one stream
+    train_text = text[len(text) // 2 :]
+    train_ids = tok.encode(train_text[: args.train_tokens * 6], bos=True, eos=False)[: args.train_tokens]
+    return (model, tok, all_docs[: args.docs], torch.tensor([d[:_CAL_LEN] for d in cal_docs]), 512,
+            torch.tensor([train_ids]))
 
 
 def _text_data(args):
     model, tok = load(args.model)
-    need = args.cal_start + args.tokens
+    need = args.cal_start + max(args.tokens, args.train_tokens)
     text = open(args.text, encoding="utf-8").read()  # noqa: SIM115
     chars = need * 8
     ids = tok.encode(text[:chars], bos=True, eos=False)
@@ -101,13 +105,15 @@ def _text_data(args):
     if len(ids) < need:
         msg = f"--text gives {len(ids)} tokens; --cal-start + --tokens needs {need}."
         raise ValueError(msg)
-    return model, tok, [ids[: args.tokens]], torch.tensor([ids[args.cal_start : need]]), args.tokens
+    cal = torch.tensor([ids[args.cal_start : args.cal_start + args.tokens]])
+    train_ids = torch.tensor([ids[args.cal_start : args.cal_start + args.train_tokens]])
+    return model, tok, [ids[: args.tokens]], cal, args.tokens, train_ids
 
 
 def run(args) -> dict:
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model, tok, docs, cal_ids, context = (_text_data if args.model else _stories_data)(args)
+    model, tok, docs, cal_ids, context, train_ids = (_text_data if args.model else _stories_data)(args)
     gm = condfx.capture(model, (cal_ids[:1, :16].expand(2, -1).contiguous(),))  # B=2: not specialized
     n_ffn = len(condfx.patterns.find_regions(gm).ffn)
     # the prompt must be longer than the calibrated warm-up, or the policy never runs in generation
@@ -116,22 +122,71 @@ def run(args) -> dict:
     dense = perplexity(_Counted(gm, n_ffn), docs, context=context).ppl
     rows = [{"target": 0.0, "spec": "dense", "ppl": dense, "rel_ppl": 0.0, "skip_fraction": 0.0,
              "greedy_agreement": 1.0, "greedy_prefix": len(dense_tokens)}]
-    cos = layer_cosines(gm, cal_ids)
-    for target in (float(t) for t in args.targets.split(",")):
-        cal = calibrate_similarity(gm, cal_ids, target_skip=target, cosines=cos)
-        counted = _Counted(condfx.apply(gm, cal.spec()).graph_module, n_ffn)
-        ppl = perplexity(counted, docs, context=context).ppl
-        row = {"target": target, "spec": cal.spec(), "ppl": ppl, "rel_ppl": ppl / dense - 1,
-               "skip_fraction": counted.fraction, "calibration_skip": cal.measured_skip,
-               "profile": list(cal.profile)}
-        if args.greedy:
-            new = _greedy(model, f"fuse-attention, {cal.spec()}", prompt, args.greedy)
-            row["greedy_agreement"], row["greedy_prefix"] = _agreement(dense_tokens, new)
-            row["greedy_prompt_len"], row["warmup"] = len(prompt), cal.warmup
-        rows.append(row)
+    policies = args.policies.split(",")
+    targets = [float(t) for t in args.targets.split(",")]
+    if "similarity" in policies:
+        cos = layer_cosines(gm, cal_ids)
+        for target in targets:
+            cal = calibrate_similarity(gm, cal_ids, target_skip=target, cosines=cos)
+            rows.append(_evaluate(args, model, gm, cal.spec(), "similarity", target, docs, context, n_ffn, dense,
+                                  prompt, dense_tokens, calibration_skip=cal.measured_skip, warmup=cal.warmup))
+    if "forecast" in policies:
+        rows += _forecast_rows(args, model, gm, cal_ids, train_ids, targets, docs, context, n_ffn, dense,
+                               prompt, dense_tokens)
     return {"model": args.model or "stories260K.bin", "text": args.text or "tinystories_valid_head.txt",
             "eval_tokens": sum(len(d) for d in docs), "calibration_tokens": list(cal_ids.shape),
-            "greedy_tokens": args.greedy, "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
+            "train_tokens": list(train_ids.shape), "greedy_tokens": args.greedy,
+            "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
+
+
+def _evaluate(args, model, gm, spec, policy, target, docs, context, n_ffn, dense, prompt, dense_tokens,
+              rewritten=None, **extra) -> dict:
+    """Perplexity, measured skip fraction and greedy agreement of one skip-ffn spec."""
+    counted = _Counted(rewritten if rewritten is not None else condfx.apply(gm, spec).graph_module, n_ffn)
+    ppl = perplexity(counted, docs, context=context).ppl
+    row = {"policy": policy, "target": target, "spec": spec, "ppl": ppl, "rel_ppl": ppl / dense - 1,
+           "skip_fraction": counted.fraction, **extra}
+    if args.greedy:
+        new = _greedy(model, f"fuse-attention, {spec}", prompt, args.greedy)
+        row["greedy_agreement"], row["greedy_prefix"] = _agreement(dense_tokens, new)
+        row["greedy_prompt_len"] = len(prompt)
+    return row
+
+
+def _forecast_rows(args, model, gm, cal_ids, train_ids, targets, docs, context, n_ffn, dense, prompt,
+                   dense_tokens) -> list[dict]:
+    """Informed Routing: fit forecasters, train routers at each target (or once), set the bias per target."""
+    import copy
+    import tempfile
+    from pathlib import Path
+
+    from condfx import forecast
+
+    base = (f"skip-ffn{{policy=forecast,rank={args.rank},router_hidden={args.router_hidden},"
+            f"cold_start={args.fc_cold},cold_end={args.fc_cold},warmup={args.fc_warmup}")
+    tmp = Path(tempfile.mkdtemp(prefix="condfx_forecast_"))
+    rows, trained = [], None
+    for target in targets:
+        t0 = time.perf_counter()
+        if trained is None or args.retrain:
+            trained = condfx.apply(gm, base + "}").graph_module
+            fit = forecast.fit_forecasters(trained, train_ids[:, : args.fit_tokens])
+            train_target = target if args.retrain else args.train_target
+            result = forecast.train_routers(trained, train_ids, target_skip=train_target, steps=args.steps,
+                                            seq_len=args.seq_len, batch_size=1, lr=args.lr)
+            fit_explained = sum(fit.values()) / len(fit)
+            losses = result.losses
+        work = copy.deepcopy(trained)
+        cal_skip = forecast.set_skip_fraction(work, cal_ids[:, : args.fc_cal_tokens], target)
+        path = tmp / f"state_{target}.safetensors"
+        forecast.save_state(work, path)
+        spec = base + f',state="{path}"}}'
+        rows.append(_evaluate(args, model, gm, spec, "forecast", target, docs, context, n_ffn, dense, prompt,
+                              dense_tokens, rewritten=work, calibration_skip=cal_skip,
+                              trained_at=train_target, forecast_r2=fit_explained,
+                              train_loss_first_last=[losses[0], sum(losses[-10:]) / len(losses[-10:])],
+                              seconds=round(time.perf_counter() - t0, 1)))
+    return rows
 
 
 def main() -> None:
@@ -145,6 +200,19 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=50, help="stories260K: stories scored")
     parser.add_argument("--greedy", type=int, default=64, help="greedy tokens compared with dense (0: off)")
     parser.add_argument("--targets", default="0.1,0.2,0.3")
+    parser.add_argument("--policies", default="similarity,forecast")
+    parser.add_argument("--train-tokens", type=int, default=8192, help="forecast: training tokens (unscored text)")
+    parser.add_argument("--fit-tokens", type=int, default=4096, help="forecast: tokens for the forecaster fit")
+    parser.add_argument("--steps", type=int, default=100, help="forecast: router training steps")
+    parser.add_argument("--seq-len", type=int, default=256, help="forecast: router training window")
+    parser.add_argument("--lr", type=float, default=2e-3, help="forecast: router learning rate")
+    parser.add_argument("--rank", type=int, default=64, help="forecast: forecaster rank")
+    parser.add_argument("--router-hidden", type=int, default=64, help="forecast: router hidden width")
+    parser.add_argument("--fc-cold", type=int, default=1, help="forecast: cold layers at each end")
+    parser.add_argument("--fc-warmup", type=int, default=4, help="forecast: warm-up tokens (attention sink)")
+    parser.add_argument("--fc-cal-tokens", type=int, default=512, help="forecast: tokens per row to set the bias")
+    parser.add_argument("--train-target", type=float, default=0.3, help="forecast: router training target")
+    parser.add_argument("--retrain", action="store_true", help="forecast: train the routers at every target")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
     if bool(args.model) != bool(args.text):
@@ -155,12 +223,12 @@ def main() -> None:
         return
     print(f"{result['model']} on {result['text']}: {result['eval_tokens']} tokens scored, "
           f"calibration {result['calibration_tokens']}, {result['seconds']} s")
-    print("| target | ppl | rel. ppl | skip fraction (eval) | greedy agree / prefix | spec |")
-    print("|---:|---:|---:|---:|---:|---|")
+    print("| policy | target | ppl | rel. ppl | skip fraction (eval) | greedy agree / prefix | spec |")
+    print("|---|---:|---:|---:|---:|---:|---|")
     for r in result["rows"]:
         agree = f"{r.get('greedy_agreement', float('nan')):.2f} / {r.get('greedy_prefix', '-')}"
-        print(f"| {r['target']:.2f} | {r['ppl']:.3f} | {100 * r['rel_ppl']:+.2f}% | {r['skip_fraction']:.3f} "
-              f"| {agree} | {r['spec']} |")
+        print(f"| {r.get('policy', 'dense')} | {r['target']:.2f} | {r['ppl']:.3f} | {100 * r['rel_ppl']:+.2f}% "
+              f"| {r['skip_fraction']:.3f} | {agree} | {r['spec']} |")
 
 
 if __name__ == "__main__":

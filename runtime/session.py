@@ -257,6 +257,21 @@ class Session:
         """Bytes held by every layer cache right now."""
         return self.caches.nbytes()
 
+    def count_ffn_skips(self):
+        """A context manager counting the FFN rows ``skip-ffn`` skips in this session's calls.
+
+        ``with session.count_ffn_skips() as c: ...`` then ``c.fraction_of_all_ffn`` (see
+        ``runtime/ffn_skips.py``). Raises ValueError for a graph without ``skip-ffn`` or an ONNX backend.
+        """
+        from condfx.runtime.ffn_skips import FFNSkipCounter
+
+        gm = getattr(self.backend, "gm", None)
+        layers = None if gm is None else gm.meta.get("condfx_ffn_layers")
+        if layers is None:
+            msg = "Session.count_ffn_skips needs the PyTorch backend running a graph rewritten by skip-ffn."
+            raise ValueError(msg)
+        return FFNSkipCounter(ffn_layers=layers[0], masked_layers=layers[1])
+
 
 def _backend_kind(value: BackendKind | str) -> BackendKind:
     try:

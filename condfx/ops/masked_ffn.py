@@ -15,7 +15,9 @@ Semantics (the contract every lowering must match):
             whose h_in or h_out is all zeros gets 0.0 (norms are clamped at 1e-12).
 
 The reference gathers the executed rows, runs the projections on those rows only and scatters the
-result into a zero tensor; it never computes all rows and masks.
+result into a zero tensor; it never computes all rows and masks. Two host-side fast paths: no
+executed row returns zeros and ones without running anything (outside autograd), and all rows
+executed runs the FFN directly without the gather/scatter.
 
 This module holds the eager reference, the fake implementation and autograd (through the
 reference). The ONNX lowering lives in ``codegen/onnx/masked_ffn.py``.
@@ -109,12 +111,31 @@ def masked_ffn_reference(
     check_masked_ffn_args(x, h_in, execute, w_gate, kind, act, layout)
     b, t, d = x.shape
     rows = execute.reshape(-1).nonzero().squeeze(1)  # (N,)
-    picked = x.reshape(b * t, d).index_select(0, rows)  # (N, d)
-    out = dense_ffn(picked, w_up, b_up, w_gate, b_gate, w_down, b_down, kind, act, layout)
-    update = x.new_zeros(b * t, out.shape[-1]).index_copy(0, rows, out.to(x.dtype))
-    update = update.reshape(b, t, -1)  # (B, T, d)
+    n = rows.numel()
+    if n == 0 and not torch.is_grad_enabled():  # host-side fast path: nothing runs (batch-1 decode)
+        return x.new_zeros(x.shape), torch.ones(b, t, dtype=torch.float32, device=x.device)
+    if n == b * t:  # every row runs: no gather/scatter
+        update = dense_ffn(x, w_up, b_up, w_gate, b_gate, w_down, b_down, kind, act, layout).to(x.dtype)
+    else:
+        picked = x.reshape(b * t, d).index_select(0, rows)  # (N, d)
+        out = dense_ffn(picked, w_up, b_up, w_gate, b_gate, w_down, b_down, kind, act, layout)
+        update = x.new_zeros(b * t, out.shape[-1]).index_copy(0, rows, out.to(x.dtype))
+        update = update.reshape(b, t, -1)  # (B, T, d)
     cos = torch.where(execute, row_cosine(h_in, h_in + update), 1.0)  # (B, T)
     return update, cos
+
+
+_OBSERVERS: list = []  # callables (executed rows, all rows) called by every eager masked_ffn run
+
+
+def add_row_observer(fn) -> None:
+    """Calls ``fn(executed_rows, rows)`` after every eager ``condfx.masked_ffn`` run (until removed)."""
+    _OBSERVERS.append(fn)
+
+
+def remove_row_observer(fn) -> None:
+    """Undoes ``add_row_observer(fn)``."""
+    _OBSERVERS.remove(fn)
 
 
 @torch.library.custom_op("condfx::masked_ffn", mutates_args=())
@@ -137,6 +158,10 @@ def masked_ffn(
         update, cos = masked_ffn_reference(
             x, h_in, execute, w_up, b_up, w_gate, b_gate, w_down, b_down, kind, act, layout
         )
+    if _OBSERVERS:
+        executed, rows = int(execute.sum()), execute.numel()
+        for fn in tuple(_OBSERVERS):
+            fn(executed, rows)
     return update.contiguous(), cos.contiguous()
 
 
