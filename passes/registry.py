@@ -12,6 +12,7 @@ from types import MappingProxyType
 
 from condfx.passes.add_kv_cache import AddKVCache
 from condfx.passes.base import Pass
+from condfx.passes.fold_interleave import FoldInterleave
 from condfx.passes.fuse_attention import FuseAttention
 from condfx.passes.interleave_heads import InterleaveHeads
 from condfx.passes.skip_ffn import SkipFFN
@@ -22,6 +23,7 @@ PASSES: Mapping[str, type[Pass]] = MappingProxyType(
         AddKVCache.name: AddKVCache,
         SkipFFN.name: SkipFFN,
         InterleaveHeads.name: InterleaveHeads,
+        FoldInterleave.name: FoldInterleave,
     }
 )
 
