@@ -46,6 +46,8 @@ from condfx.patterns.regions import AttentionRegion, MatchFailure
 from condfx.patterns.rope_freq import rope_inv_freq
 
 IHA_TARGET = torch.ops.condfx.interleaved_attention.default
+IHA_PARAMETERS = r"(^|\.)iha_(alpha_[qkv]|collapse)$"
+"""``condfx.train(..., trainable=[IHA_PARAMETERS])`` trains only the parameters this pass adds."""
 aten = torch.ops.aten
 _COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "from_node")
 
