@@ -2,41 +2,27 @@
 
 from __future__ import annotations
 
-import copy
-import functools
 import re
 
 import pytest
-import torch
 
-import condfx
 from condfx.graph_text import graph_text
 from condfx.passes import PassError, apply
 from condfx.passes.fold_interleave import FoldInterleave
-from tests._data import require_data
 from tests._helpers import max_abs_diff
-
-
-@functools.cache
-def _iha(name: str, spec: str):
-    from condfx.models_zoo import load
-
-    model, _ = load(require_data("stories260K.bin") if name == "stories260K" else name)
-    ids = torch.randint(3, 60, (2, 12), generator=torch.Generator().manual_seed(0))
-    gm = condfx.capture(model, (ids,))
-    return apply(gm, spec).graph_module, ids
+from tests._iha import captured
 
 
 def _gm(name="stories260K", spec="interleave-heads{P=3,init_noise=0.1,seed=1}"):
-    gm, ids = _iha(name, spec)
-    return copy.deepcopy(gm), ids
+    gm, ids = captured(name)
+    return apply(gm, spec).graph_module, ids
 
 
 @pytest.mark.parametrize(
     ("name", "spec"),
     [("stories260K", "interleave-heads{P=3,init_noise=0.1,seed=1}"),
      ("stories260K", "interleave-heads{P=2,window=8,collapse=global,causal=token,init_noise=0.2}"),
-     ("hf-gpt2", "interleave-heads{P=2,init_noise=0.1}")],
+     ("gpt2-tiny", "interleave-heads{P=2,init_noise=0.1}")],
 )
 def test_numerics_fold_is_exact(name, spec):
     gm, ids = _gm(name, spec)
@@ -88,10 +74,7 @@ def test_rejects_qk_norm_between_projection_and_mix():
 
 
 def test_rejects_graph_without_interleaved_attention():
-    from condfx.models_zoo import load
-
-    model, _ = load("llama-tiny")
-    gm = condfx.capture(model, (torch.zeros(1, 4, dtype=torch.long),))
+    gm, _ = captured("llama-tiny")
     msg = "fold-interleave found no condfx.interleaved_attention node to fold: run interleave-heads first"
     with pytest.raises(PassError, match=re.escape(msg)):
         apply(gm, "fold-interleave")

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import copy
-import functools
 import re
 
 import pytest
 import torch
 
-import condfx
 from condfx.graph_text import graph_text
 from condfx.passes import PassError, apply
 from condfx.passes.interleave_heads import (
@@ -18,24 +15,14 @@ from condfx.passes.interleave_heads import (
     InterleaveHeadsConfig,
     interleaved_layers,
 )
-from tests._data import require_data
 from tests._helpers import max_abs_diff
+from tests._iha import captured
 
 EXACT_START = "causal=token,positions=token,init_noise=0"
 
 
-@functools.cache
-def _captured(name: str):
-    from condfx.models_zoo import load
-
-    model, _ = load(require_data("stories260K.bin") if name == "stories260K" else name)
-    ids = torch.randint(3, 60, (2, 12), generator=torch.Generator().manual_seed(0))
-    return condfx.capture(model, (ids,)), ids
-
-
 def _gm(name: str = "llama-tiny"):
-    gm, ids = _captured(name)
-    return copy.deepcopy(gm), ids
+    return captured(name)
 
 
 def _iha_nodes(gm):

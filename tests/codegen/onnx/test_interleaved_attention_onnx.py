@@ -12,6 +12,7 @@ import condfx
 from condfx.codegen.onnx import DOMAIN, LOWERINGS, attach_functions
 from condfx.export import export_onnx
 from condfx.ops import interleaved_attention_reference
+from tests._iha import captured
 
 
 def _model(scale, pseudo, window, token_causal, token_positions) -> onnx.ModelProto:
@@ -51,11 +52,8 @@ def test_numerics_function_matches_reference(pseudo, window, token_causal, token
 
 
 def test_numerics_exported_iha_model_matches_pytorch(tmp_path):
-    from condfx.models_zoo import load
-
-    model, _ = load("llama-tiny")
-    ids = torch.randint(3, 60, (2, 12), generator=torch.Generator().manual_seed(0))
-    gm = condfx.apply(condfx.capture(model, (ids,)), "interleave-heads{P=2,window=4,init_noise=0.1}")
+    gm, ids = captured("llama-tiny")
+    gm = condfx.apply(gm, "interleave-heads{P=2,window=4,init_noise=0.1}")
     result = export_onnx(gm.graph_module, (ids,), tmp_path / "iha.onnx")
     assert result.custom_ops == {"condfx::InterleavedAttention": 2}
     assert result.max_abs_diff < 1e-4
