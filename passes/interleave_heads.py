@@ -39,6 +39,7 @@ from torch import fx, nn
 
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
 from condfx.passes.base import GraphSnapshot, Pass, PassError, PassResult
+from condfx.passes.fuse_attention import _erase_replaced, _keep
 from condfx.passes.report import CostEstimate, estimate_cost
 from condfx.patterns import _graph as g
 from condfx.patterns import find_regions
@@ -299,13 +300,8 @@ class InterleaveHeads(Pass):
             replaced += [region.core, *region.core_nodes]
             rewritten.add(region.layer)
         if rewritten:
-            order = {n: i for i, n in enumerate(gm.graph.nodes)}
-            for node in sorted(set(replaced), key=order.__getitem__, reverse=True):
-                if not node.users:
-                    gm.graph.erase_node(node)
-            gm.graph.eliminate_dead_code(
-                is_impure_node=lambda n: n.op != "call_function" or n.is_impure()
-            )
+            _erase_replaced(gm.graph, replaced)
+            gm.graph.eliminate_dead_code(is_impure_node=_keep)
             gm.graph.lint()
             gm.recompile()
         report = snapshot.report(
