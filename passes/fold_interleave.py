@@ -24,8 +24,9 @@ from typing import ClassVar
 import torch
 from torch import fx, nn
 
+from condfx.passes._insert import call_with_meta, get_attr_with_meta, register_tensor
 from condfx.passes.base import GraphSnapshot, Pass, PassError, PassResult
-from condfx.passes.interleave_heads import _call, _get_attr, _register, is_interleaved_attention
+from condfx.passes.interleave_heads import is_interleaved_attention
 from condfx.patterns import _graph as g
 
 aten = torch.ops.aten
@@ -96,17 +97,17 @@ def fold_replacement(gm: fx.GraphModule, mix: _Mix, role: str) -> None:
     w_f = torch.einsum("mhp,mdi->hpdi", a64, w.double().reshape(n, d, -1)).reshape(n * p * d, -1)
     w_f = w_f.to(w.dtype)
     path = mix.alpha.target.rpartition(".")[0]
-    names = [_register(gm, path, f"iha_fold_{role}_weight", w_f, False)]
+    names = [register_tensor(gm, path, f"iha_fold_{role}_weight", w_f, False)]
     if b is not None:
         b_f = torch.einsum("mhp,md->hpd", a64, b.double().reshape(n, d)).reshape(-1).to(b.dtype)
-        names.append(_register(gm, path, f"iha_fold_{role}_bias", b_f, False))
+        names.append(register_tensor(gm, path, f"iha_fold_{role}_bias", b_f, False))
     graph, flat = gm.graph, mix.flat
     with graph.inserting_before(flat):
-        attrs = [_get_attr(gm, name, flat) for name in names]
-        y = _call(graph, aten.linear.default, (mix.proj.x_in, *attrs), flat)  # (B, T, n*P*D)
-        y = _call(graph, aten.unflatten.int, (y, -1, [n, p, d]), flat)  # (B, T, n, P, D)
-        y = _call(graph, aten.permute.default, (y, [0, 2, 1, 3, 4]), flat)  # (B, n, T, P, D)
-        y = _call(graph, aten.flatten.using_ints, (y, 2, 3), flat)  # (B, n, T*P, D)
+        attrs = [get_attr_with_meta(gm, name, flat) for name in names]
+        y = call_with_meta(graph, aten.linear.default, (mix.proj.x_in, *attrs), flat)  # (B, T, n*P*D)
+        y = call_with_meta(graph, aten.unflatten.int, (y, -1, [n, p, d]), flat)  # (B, T, n, P, D)
+        y = call_with_meta(graph, aten.permute.default, (y, [0, 2, 1, 3, 4]), flat)  # (B, n, T, P, D)
+        y = call_with_meta(graph, aten.flatten.using_ints, (y, 2, 3), flat)  # (B, n, T*P, D)
     flat.replace_all_uses_with(y)
 
 

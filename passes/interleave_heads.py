@@ -35,9 +35,10 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
+from condfx.passes._insert import call_with_meta, get_attr_with_meta, register_tensor
 from condfx.passes.base import GraphSnapshot, Pass, PassError, PassResult
 from condfx.passes.fuse_attention import _erase_replaced, _keep
 from condfx.passes.report import CostEstimate, estimate_cost
@@ -50,7 +51,6 @@ IHA_TARGET = torch.ops.condfx.interleaved_attention.default
 IHA_PARAMETERS = r"(^|\.)iha_(alpha_[qkv]|collapse)$"
 """``condfx.train(..., trainable=[IHA_PARAMETERS])`` trains only the parameters this pass adds."""
 aten = torch.ops.aten
-_COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "from_node")
 
 
 class Causality(enum.Enum):
@@ -180,58 +180,25 @@ def _init_tensors(cfg: InterleaveHeadsConfig, region: AttentionRegion, gen: torc
     return {"alpha_q": mix(h), "alpha_k": mix(hkv), "alpha_v": mix(hkv), "collapse": collapse}
 
 
-def _register(gm: fx.GraphModule, path: str, name: str, value: torch.Tensor, buffer: bool) -> str:
-    """Registers ``value`` on (a holder module at) ``path``; returns the dotted name."""
-    holder = gm
-    for part in [p for p in path.split(".") if p]:
-        if not hasattr(holder, part):
-            holder.add_module(part, nn.Module())
-        holder = getattr(holder, part)
-    if buffer:
-        holder.register_buffer(name, value.contiguous())
-    else:
-        holder.register_parameter(name, nn.Parameter(value.contiguous().clone()))
-    return f"{path}.{name}" if path else name
-
-
-def _call(graph: fx.Graph, target, args, like: fx.Node) -> fx.Node:
-    """Inserts ``target(*args)`` and gives it FakeTensor metadata and the provenance of ``like``."""
-    node = graph.call_function(target, args)
-    fake_mode = like.meta["val"].fake_mode
-    with fake_mode:
-        vals = fx.node.map_arg(args, lambda n: n.meta["val"])
-        node.meta["val"] = target(*vals)
-    for key in _COPIED_META:
-        if key in like.meta:
-            node.meta[key] = like.meta[key]
-    return node
-
-
-def _get_attr(gm: fx.GraphModule, name: str, like: fx.Node) -> fx.Node:
-    node = gm.graph.get_attr(name)
-    node.meta["val"] = like.meta["val"].fake_mode.from_tensor(g.get_attr_value(gm, node))
-    return node
-
-
 def interleave_replacement(gm, region, q, k, inv_freq, cfg, gen) -> tuple[fx.Node, int]:
     """Builds the IHA block in front of ``region.core`` and reroutes the core's users to it."""
     path = region.module_path or f"iha_{region.layer}"
-    names = {key: _register(gm, path, f"iha_{key}", t, False)
+    names = {key: register_tensor(gm, path, f"iha_{key}", t, False)
              for key, t in _init_tensors(cfg, region, gen).items()}
-    names["inv_freq"] = _register(gm, path, "iha_inv_freq", inv_freq.to(torch.float32), True)
+    names["inv_freq"] = register_tensor(gm, path, "iha_inv_freq", inv_freq.to(torch.float32), True)
     graph, core, p = gm.graph, region.core, cfg.P
     with graph.inserting_before(core):
-        attrs = {key: _get_attr(gm, name, core) for key, name in names.items()}
+        attrs = {key: get_attr_with_meta(gm, name, core) for key, name in names.items()}
         flat = []
         for x, key in ((q, "alpha_q"), (k, "alpha_k"), (region.v, "alpha_v")):
-            mixed = _call(graph, aten.einsum.default, ("bmtd,mhp->bhtpd", [x, attrs[key]]), core)
-            flat.append(_call(graph, aten.flatten.using_ints, (mixed, 2, 3), core))  # (B, h, T*P, D)
+            mixed = call_with_meta(graph, aten.einsum.default, ("bmtd,mhp->bhtpd", [x, attrs[key]]), core)
+            flat.append(call_with_meta(graph, aten.flatten.using_ints, (mixed, 2, 3), core))  # (B, h, T*P, D)
         token = cfg.causal is Causality.TOKEN, cfg.positions is Positions.TOKEN
         args = (*flat, attrs["inv_freq"], float(region.scale), p, cfg.window, *token)
-        attn = _call(graph, IHA_TARGET, args, core)  # (B, H, T*P, D)
-        split = _call(graph, aten.unflatten.int, (attn, 2, [-1, p]), core)  # (B, H, T, P, D)
+        attn = call_with_meta(graph, IHA_TARGET, args, core)  # (B, H, T*P, D)
+        split = call_with_meta(graph, aten.unflatten.int, (attn, 2, [-1, p]), core)  # (B, H, T, P, D)
         eq = "bhtpd,hp->bhtd" if cfg.collapse is Collapse.PER_HEAD else "bmtpd,hmp->bhtd"
-        out = _call(graph, aten.einsum.default, (eq, [split, attrs["collapse"]]), core)
+        out = call_with_meta(graph, aten.einsum.default, (eq, [split, attrs["collapse"]]), core)
     core.replace_all_uses_with(out)
     return attn, sum(gm.get_parameter(n).numel() for k, n in names.items() if k != "inv_freq")
 
