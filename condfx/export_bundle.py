@@ -129,6 +129,7 @@ def _manifest(gm, identity, passes, prefill, decode, diffs) -> dict[str, Any]:
                 "n_kv_heads": s.n_kv_heads,
                 "head_dim": s.head_dim,
                 "window": s.window,
+                "pseudo": s.pseudo,
                 "dtype": str(s.dtype).removeprefix("torch."),
             }
             for s in layers
@@ -223,7 +224,9 @@ def export_decode_graph(
     ids = torch.zeros(2, 5, dtype=torch.long, device=device)
     gen = torch.Generator().manual_seed(0)
     past = [  # (B, Hkv, P, D) per layer, k and v
-        torch.randn(2, s.n_kv_heads, _EXAMPLE_PAST, s.head_dim, generator=gen).to(device, s.dtype)
+        torch.randn(2, s.n_kv_heads, _EXAMPLE_PAST * s.pseudo, s.head_dim, generator=gen).to(
+            device, s.dtype
+        )
         for s in layers
         for _ in "kv"
     ]

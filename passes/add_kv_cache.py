@@ -39,6 +39,7 @@ from torch import fx
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
 from condfx.passes.base import GraphSnapshot, Pass, PassError, PassReport, PassResult
 from condfx.passes.fuse_attention import is_fused_attention
+from condfx.passes.interleave_heads import is_interleaved_attention
 from condfx.patterns import find_regions
 
 _ARANGES = (torch.ops.aten.arange.default, torch.ops.aten.arange.start)
@@ -64,6 +65,8 @@ class KVLayerSpec:
         head_dim: dim 3 of past/present.
         window: the attention's sliding window, 0 for full causal attention.
         dtype: dtype of k/v.
+        pseudo: P of an IHA layer (``condfx.interleaved_attention``): its cache holds P
+            pseudo-K/V rows per token, never trimmed (the op's RoPE positions are cache indices).
     """
 
     layer: int
@@ -71,6 +74,7 @@ class KVLayerSpec:
     head_dim: int
     window: int
     dtype: torch.dtype
+    pseudo: int = 1
 
 
 @dataclass(frozen=True)
@@ -137,7 +141,7 @@ def _check_fused(gm: fx.GraphModule, name: str) -> list[fx.Node]:
             f"{unfused[0].layer} is not: run fuse-attention first (e.g. 'fuse-attention, add-kv-cache')"
         )
         raise PassError(name, reason, node=unfused[0].core)
-    attn = [n for n in gm.graph.nodes if is_fused_attention(n)]
+    attn = [n for n in gm.graph.nodes if is_fused_attention(n) or is_interleaved_attention(n)]
     if not attn:
         reason = "add-kv-cache found no condfx.attention node: run fuse-attention first"
         raise PassError(name, reason)
@@ -189,6 +193,9 @@ def _layer_specs(attn: list[fx.Node]) -> list[KVLayerSpec]:
     specs = []
     for i, node in enumerate(attn):
         k = node.args[1].meta["val"]
+        if is_interleaved_attention(node):  # full cache: positions are cache indices
+            specs.append(KVLayerSpec(i, int(k.shape[1]), int(k.shape[3]), 0, k.dtype, int(node.args[5])))
+            continue
         window = int(node.args[4]) if len(node.args) > 4 else 0
         specs.append(KVLayerSpec(i, int(k.shape[1]), int(k.shape[3]), window, k.dtype))
     return specs
@@ -218,11 +225,15 @@ def _rewire_attention(graph: fx.Graph, attn, pasts) -> list[fx.Node]:
     return presents
 
 
-def _offset_positions(graph: fx.Graph, aranges, ids: fx.Node, past_k: fx.Node) -> None:
+def _offset_positions(
+    graph: fx.Graph, aranges, ids: fx.Node, past_k: fx.Node, pseudo: int = 1
+) -> None:
     """arange(T) → arange(P, P + T); P and T are read from the inputs right before the arange."""
     for node in aranges:
         with graph.inserting_before(node):
             p = graph.call_function(torch.ops.aten.sym_size.int, (past_k, 2))
+            if pseudo > 1:  # an IHA layer's cache holds ``pseudo`` rows per token
+                p = graph.call_function(operator.floordiv, (p, pseudo))
             t = graph.call_function(torch.ops.aten.sym_size.int, (ids, 1))
             end = graph.call_function(operator.add, (p, t))
             new = graph.call_function(torch.ops.aten.arange.start, (p, end), dict(node.kwargs))
@@ -241,7 +252,7 @@ def _reexport(
     ids = torch.zeros(shape, dtype=ids_val.dtype, device=device)  # (B, T) ids or (B, T, C)
     past, dyn = [], [{0: batch, 1: seq}]
     for s in specs:
-        shape = (_EXAMPLE_B, s.n_kv_heads, _EXAMPLE_P, s.head_dim)
+        shape = (_EXAMPLE_B, s.n_kv_heads, _EXAMPLE_P * s.pseudo, s.head_dim)
         past += [torch.zeros(shape, dtype=s.dtype, device=device) for _ in (0, 1)]
         # one length per layer: a sliding-window layer keeps fewer positions than a full one
         dyn += [{0: batch, 2: dim(f"past_{s.layer}", min=0)}] * 2
@@ -292,7 +303,8 @@ def _rewrite(gm, ids, attn, aranges, specs, name) -> None:
     pasts = _add_past_inputs(graph, ids, len(attn))
     presents = _rewire_attention(graph, attn, pasts)
     if aranges:
-        _offset_positions(graph, aranges, ids, pasts[_position_source(specs, name)][0])
+        source = _position_source(specs, name)
+        _offset_positions(graph, aranges, ids, pasts[source][0], specs[source].pseudo)
     output = next(n for n in graph.nodes if n.op == "output")
     logits = output.args[0]
     logits = logits[0] if isinstance(logits, (tuple, list)) else logits
@@ -317,7 +329,7 @@ class AddKVCache(Pass):
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         snapshot = GraphSnapshot.take(gm)
         if is_decode_form(gm):
-            n = sum(1 for node in gm.graph.nodes if is_fused_attention(node))
+            n = sum(1 for node in gm.graph.nodes if is_fused_attention(node) or is_interleaved_attention(node))
             skipped = (("already in decode form", "graph has past_k_0"),)
             base = snapshot.report(gm, self.name, matched=n, skipped=skipped)
             return PassResult(gm, False, _as_kv_report(base))

@@ -12,7 +12,9 @@ from types import MappingProxyType
 
 from condfx.passes.add_kv_cache import AddKVCache
 from condfx.passes.base import Pass
+from condfx.passes.fold_interleave import FoldInterleave
 from condfx.passes.fuse_attention import FuseAttention
+from condfx.passes.interleave_heads import InterleaveHeads
 from condfx.passes.skip_ffn import SkipFFN
 
 PASSES: Mapping[str, type[Pass]] = MappingProxyType(
@@ -20,6 +22,8 @@ PASSES: Mapping[str, type[Pass]] = MappingProxyType(
         FuseAttention.name: FuseAttention,
         AddKVCache.name: AddKVCache,
         SkipFFN.name: SkipFFN,
+        InterleaveHeads.name: InterleaveHeads,
+        FoldInterleave.name: FoldInterleave,
     }
 )
 

@@ -21,7 +21,7 @@ _CAST_PACKETS = {aten.to, aten._to_copy, aten.type_as, aten.contiguous, aten.clo
 # Ops that only rearrange elements of their first argument.
 _VIEW_PACKETS = {aten.view, aten.reshape, aten._unsafe_view, aten.transpose, aten.permute, aten.t,
                  aten.unsqueeze, aten.squeeze, aten.flatten, aten.expand, aten.unflatten}
-_LAYER_RE = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
 _FULL_END = 2**62
 
 

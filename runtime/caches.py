@@ -171,6 +171,35 @@ class SlidingWindowCache(FullKVCache):
         self.v = present_v[:, :, start:].contiguous()
 
 
+class InterleavedKVCache(FullKVCache):
+    """The pseudo-K/V of an IHA layer (``condfx.interleaved_attention``): ``pseudo`` rows per token,
+    so P times the bytes of a full KV cache. Never trimmed: the op takes RoPE positions from the row
+    index. ``length`` counts tokens, not rows."""
+
+    def __init__(
+        self,
+        batch: int,
+        n_kv_heads: int,
+        head_dim: int,
+        pseudo: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        if not isinstance(pseudo, int) or isinstance(pseudo, bool) or pseudo < 1:
+            msg = f"InterleavedKVCache.pseudo must be a positive int; got {pseudo!r}."
+            raise ValueError(msg)
+        super().__init__(batch, n_kv_heads, head_dim, dtype, device)
+        self.pseudo = pseudo
+
+    def update(self, present_k: torch.Tensor, present_v: torch.Tensor) -> None:
+        new = self._check(present_k, present_v)
+        if new % self.pseudo:
+            msg = f"InterleavedKVCache.update: {new} new rows are not a multiple of pseudo={self.pseudo}."
+            raise ValueError(msg)
+        self.length += new // self.pseudo
+        self.k, self.v = present_k, present_v
+
+
 class CacheSet:
     """One cache per attention layer, in graph order, plus byte accounting.
 

@@ -117,7 +117,8 @@ def check_model(folder: Path, manifest: dict[str, Any], identity: dict[str, Any]
 def _layer_specs(manifest: dict[str, Any]) -> tuple[KVLayerSpec, ...]:
     return tuple(
         KVLayerSpec(
-            s["layer"], s["n_kv_heads"], s["head_dim"], s["window"], getattr(torch, s["dtype"])
+            s["layer"], s["n_kv_heads"], s["head_dim"], s["window"], getattr(torch, s["dtype"]),
+            s.get("pseudo", 1),
         )
         for s in manifest["layers"]
     )

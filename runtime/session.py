@@ -24,7 +24,13 @@ import torch
 from torch import fx, nn
 
 from condfx.passes.add_kv_cache import KVLayerSpec, is_decode_form
-from condfx.runtime.caches import CacheSet, FullKVCache, LayerCache, SlidingWindowCache
+from condfx.runtime.caches import (
+    CacheSet,
+    FullKVCache,
+    InterleavedKVCache,
+    LayerCache,
+    SlidingWindowCache,
+)
 
 
 class BackendKind(str, enum.Enum):
@@ -84,6 +90,10 @@ def _onnx_backend(gm: fx.GraphModule) -> DecodeBackend:
 
 def default_cache(spec: KVLayerSpec, batch: int, device: torch.device) -> LayerCache:
     """The cache a layer gets by default: a sliding window for windowed attention, else full KV."""
+    if spec.pseudo > 1:  # IHA: P pseudo-K/V rows per token
+        return InterleavedKVCache(
+            batch, spec.n_kv_heads, spec.head_dim, spec.pseudo, spec.dtype, device
+        )
     if spec.window > 0:
         return SlidingWindowCache(
             batch, spec.n_kv_heads, spec.head_dim, spec.window, spec.dtype, device

@@ -13,6 +13,7 @@ import torch
 
 import condfx.ops  # noqa: F401  (defines torch.ops.condfx.*)
 from condfx.codegen.onnx import attention as _attention
+from condfx.codegen.onnx import interleaved_attention as _interleaved_attention
 from condfx.codegen.onnx import masked_ffn as _masked_ffn
 from condfx.codegen.onnx._functions import (
     DOMAIN,
@@ -27,6 +28,7 @@ from condfx.codegen.onnx._functions import (
 LOWERINGS: dict[torch._ops.OpOverload, Lowering] = {
     torch.ops.condfx.attention.default: _attention.LOWERING,
     torch.ops.condfx.masked_ffn.default: _masked_ffn.LOWERING,
+    torch.ops.condfx.interleaved_attention.default: _interleaved_attention.LOWERING,
 }
 
 __all__ = [

@@ -12,11 +12,13 @@ from condfx.ops.attention import (
     attention_reference,
     check_attention_shapes,
 )
+from condfx.ops.interleaved_attention import interleaved_attention_reference
 from condfx.ops.masked_ffn import masked_ffn_reference
 
 __all__ = [
     "attention_backward_reference",
     "attention_reference",
     "check_attention_shapes",
+    "interleaved_attention_reference",
     "masked_ffn_reference",
 ]

@@ -1,0 +1,45 @@
+"""Small helpers for passes that insert nodes and state: new nodes get FakeTensor metadata and the
+provenance of the node they stand in for (passes/README.md, invariants 2 and 9)."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from condfx.patterns import _graph as g
+
+_COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "from_node")
+
+
+def register_tensor(gm: fx.GraphModule, path: str, name: str, value: torch.Tensor, buffer: bool) -> str:
+    """Registers ``value`` on (a holder module at) ``path``; returns the dotted name."""
+    holder = gm
+    for part in [p for p in path.split(".") if p]:
+        if not hasattr(holder, part):
+            holder.add_module(part, nn.Module())
+        holder = getattr(holder, part)
+    if buffer:
+        holder.register_buffer(name, value.contiguous())
+    else:
+        holder.register_parameter(name, nn.Parameter(value.contiguous().clone()))
+    return f"{path}.{name}" if path else name
+
+
+def call_with_meta(graph: fx.Graph, target, args, like: fx.Node) -> fx.Node:
+    """Inserts ``target(*args)`` and gives it FakeTensor metadata and the provenance of ``like``."""
+    node = graph.call_function(target, args)
+    fake_mode = like.meta["val"].fake_mode
+    with fake_mode:
+        vals = fx.node.map_arg(args, lambda n: n.meta["val"])
+        node.meta["val"] = target(*vals)
+    for key in _COPIED_META:
+        if key in like.meta:
+            node.meta[key] = like.meta[key]
+    return node
+
+
+def get_attr_with_meta(gm: fx.GraphModule, name: str, like: fx.Node) -> fx.Node:
+    """Inserts a get_attr of ``name`` with a FakeTensor from ``like``'s fake mode."""
+    node = gm.graph.get_attr(name)
+    node.meta["val"] = like.meta["val"].fake_mode.from_tensor(g.get_attr_value(gm, node))
+    return node
