@@ -1,0 +1,224 @@
+"""Quantized per-layer caches: KIVI (packed K per channel, V per token) and XQuant (packed X or
+SVD latents, K/V rematerialised on read), each with a full-precision residual window.
+
+Storage (TECHNIQUES.md section 8, item 3): a ``QuantizedStream`` holds a stream (..., N, C) as
+    packed codes (..., Nq, C * bits / 8) uint8, scale and zero (float16; (..., Nq, C / group) per
+    token or (..., Nq / group, C) per channel), and a tail (..., N - Nq, C) in full precision,
+with Nq = ``quantized_count(N, residual, chunk)`` (``condfx.ops.kv_quant``): tokens leave the tail in
+whole chunks once they are ``residual`` tokens old; chunk = group for per-channel streams (KIVI keys,
+groups along tokens), 1 for per-token streams. This is the policy ``condfx::quantized_cache_attention``
+simulates, so a teacher-forced forward of a ``quantize-kv`` graph sees what these caches return.
+``nbytes()`` is the bytes of every tensor held: codes, scales, zero points and the tail.
+
+    * ``KIVICache`` (a ``LayerCache``): runs with the ``add-kv-cache`` decode graph; ``past()``
+      returns the dequantized K/V followed by the tail, ``update`` quantizes what left the window.
+    * ``XQuantCache``: one or two streams of X (MHA) or latents X·U (GQA); ``keys(positions)`` and
+      ``values()`` rematerialise K = RoPE(X̂·B_k) at the absolute positions and V = X̂·B_v.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from condfx.ops.kv_quant import (
+    BITS,
+    check_quant_args,
+    dequantize_reference,
+    quantize_reference,
+    quantized_count,
+)
+from condfx.runtime.caches import LayerCache
+
+
+def stream_bytes_per_token(
+    channels: int, bits: int, group: int, residual: int = 0, chunk: int = 1, context: int = 0,
+    tail_bytes: int = 2,
+) -> float:
+    """Mean cache bytes per token of one stream at ``context`` tokens (0: the tail is ignored).
+
+    Quantized tokens cost ``channels * bits / 8`` code bytes plus a float16 scale and zero per
+    ``group`` values; tail tokens cost ``channels * tail_bytes``. Bits 16 and 32 store every token
+    as float16 / float32.
+    """
+    if bits in (16, 32):
+        return channels * bits / 8
+    quantized = channels * bits / 8 + 4 * channels / group
+    if context <= 0:
+        return quantized
+    nq = quantized_count(context, residual, chunk)
+    return (nq * quantized + (context - nq) * channels * tail_bytes) / context
+
+
+class QuantizedStream:
+    """A growing stream (..., N, C) kept as packed codes plus a full-precision tail.
+
+    Args:
+        lead: the leading dims, e.g. (B, Hkv) or (B,).
+        channels: C.
+        bits: 2, 3 or 4; 16 / 32 keep every token in float16 / float32 (nothing packed).
+        group: values per scale/zero.
+        dim: -1 per token (groups along C), -2 per channel (groups of ``group`` tokens).
+        residual: tokens kept in the full-precision window, >= 0.
+        dtype: dtype of the tail and of what ``read`` returns.
+    """
+
+    def __init__(self, lead, channels, bits, group, dim, residual, dtype=torch.float32, device="cpu"):
+        if bits in BITS:
+            check_quant_args(bits, group, dim, channels, None)
+        elif bits not in (16, 32):
+            msg = f"QuantizedStream.bits must be one of {BITS + (16, 32)}; got {bits!r}."
+            raise ValueError(msg)
+        self.lead, self.channels, self.bits, self.group, self.dim = tuple(lead), channels, bits, group, dim
+        self.residual, self.dtype, self.device = residual, dtype, torch.device(device)
+        self.chunk = group if dim == -2 else 1
+        self.clear()
+
+    def clear(self) -> None:
+        """Drops every token."""
+        per = self.channels * self.bits // 8 if self.bits in BITS else 0
+        stat = (0, self.channels // self.group) if self.dim == -1 else (0, self.channels)
+        self.packed = torch.zeros((*self.lead, 0, per), dtype=torch.uint8, device=self.device)
+        self.scale = torch.zeros((*self.lead, *stat), dtype=torch.float16, device=self.device)
+        self.zero = self.scale.clone()
+        tail_dtype = torch.float16 if self.bits == 16 else self.dtype
+        self.tail = torch.zeros((*self.lead, 0, self.channels), dtype=tail_dtype, device=self.device)
+
+    @property
+    def quantized(self) -> int:
+        """Tokens held as codes."""
+        return int(self.packed.shape[-2])
+
+    def __len__(self) -> int:
+        return self.quantized + int(self.tail.shape[-2])
+
+    def append(self, x: torch.Tensor) -> None:
+        """Appends (..., T, C) tokens; quantizes the ones that left the residual window."""
+        self.tail = torch.cat([self.tail, x.to(self.tail.dtype)], -2)
+        if self.bits not in BITS:
+            return
+        move = quantized_count(len(self), self.residual, self.chunk) - self.quantized
+        if move <= 0:
+            return
+        packed, scale, zero = quantize_reference(self.tail[..., :move, :], self.bits, self.group, self.dim)
+        self.packed = torch.cat([self.packed, packed], -2)
+        self.scale, self.zero = torch.cat([self.scale, scale], -2), torch.cat([self.zero, zero], -2)
+        self.tail = self.tail[..., move:, :].contiguous()  # a copy: the moved rows are freed
+
+    def read(self) -> torch.Tensor:
+        """(..., N, C): the dequantized tokens followed by the tail, in ``dtype``."""
+        if self.bits not in BITS:
+            return self.tail.to(self.dtype)
+        deq = dequantize_reference(
+            self.packed, self.scale, self.zero, self.bits, self.group, self.dim, self.channels
+        )
+        return torch.cat([deq.to(self.dtype), self.tail.to(self.dtype)], -2)
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keeps batch rows ``index`` (dim 0 of every tensor)."""
+        for name in ("packed", "scale", "zero", "tail"):
+            setattr(self, name, getattr(self, name).index_select(0, index.to(self.device)))
+        self.lead = (int(index.numel()), *self.lead[1:])
+
+    def nbytes(self) -> int:
+        """Bytes of the codes, scales, zero points and tail."""
+        return sum(t.nbytes for t in (self.packed, self.scale, self.zero, self.tail))
+
+
+class KIVICache(LayerCache):
+    """KIVI: keys quantized per channel (groups of ``group`` tokens), values per token (groups of
+    ``group`` channels), the most recent tokens in full precision. Keys are stored after RoPE, as
+    the decode graph returns them."""
+
+    def __init__(self, batch, n_kv_heads, head_dim, bits, group, residual, dtype=torch.float32,
+                 device="cpu"):
+        super().__init__(batch, n_kv_heads, head_dim, dtype, device)
+        self.bits, self.group, self.residual = bits, group, residual
+        self._set(self._empty(), self._empty())
+
+    def _streams(self, batch: int):
+        lead, d = (batch, self.n_kv_heads), self.head_dim
+        k = QuantizedStream(lead, d, self.bits, self.group, -2, self.residual, self.dtype, self.device)
+        v = QuantizedStream(lead, d, self.bits, self.group, -1, self.residual, self.dtype, self.device)
+        return k, v
+
+    def past(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k.read(), self.v.read()
+
+    @property
+    def stored(self) -> int:
+        return len(self.k)
+
+    def update(self, present_k: torch.Tensor, present_v: torch.Tensor) -> None:
+        new = self._check(present_k, present_v)
+        self.length += new
+        self.k.append(present_k[:, :, present_k.shape[2] - new :])
+        self.v.append(present_v[:, :, present_v.shape[2] - new :])
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.batch = int(index.numel())
+        self.k.select(index)
+        self.v.select(index)
+
+    def _set(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k, self.v = self._streams(int(k.shape[0]))
+        self.k.append(k)
+        self.v.append(v)
+
+    def nbytes(self) -> int:
+        return self.k.nbytes() + self.v.nbytes()
+
+
+class XQuantCache:
+    """XQuant storage for one layer: the quantized X (or latents X·U_k, X·U_v) of every token.
+
+    Args:
+        batch: B.
+        streams: ``{"k": C_k, "v": C_v}`` for SVD latents, or ``{"x": d}`` when X itself is cached
+            (K and V then both read it).
+        bits, group, residual: the quantization (per token, groups along the channels).
+        up: ``{"k": B_k, "v": B_v}`` (C, Hkv * D) matrices that rematerialise K and V from the
+            stream (for ``"x"``: W_k.T and W_v.T).
+        rope: ``rope(k, positions) -> k`` applied to (B, Hkv, N, D) keys; None for no RoPE.
+        n_kv_heads, head_dim: the K/V head layout.
+    """
+
+    def __init__(self, batch, streams: dict[str, int], bits, group, residual, up, n_kv_heads,
+                 head_dim, rope: Callable | None = None, dtype=torch.float32, device="cpu"):
+        self.streams = {
+            name: QuantizedStream((batch,), c, bits, group, -1, residual, dtype, device)
+            for name, c in streams.items()
+        }
+        self.up, self.rope = up, rope
+        self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
+
+    def __len__(self) -> int:
+        return len(next(iter(self.streams.values())))
+
+    def append(self, **tokens: torch.Tensor) -> None:
+        """Appends (B, T, C) rows to each stream (``x=`` or ``k=`` and ``v=``)."""
+        if set(tokens) != set(self.streams):
+            msg = f"XQuantCache.append needs streams {sorted(self.streams)}; got {sorted(tokens)}."
+            raise ValueError(msg)
+        for name, x in tokens.items():
+            self.streams[name].append(x)
+
+    def _remat(self, which: str) -> torch.Tensor:
+        stream = self.streams.get(which) or self.streams["x"]
+        y = stream.read() @ self.up[which].to(stream.dtype)  # (B, N, Hkv * D)
+        b, n = y.shape[:2]
+        return y.reshape(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, N, D)
+
+    def keys(self) -> torch.Tensor:
+        """K (B, Hkv, N, D) rematerialised and rotated at positions 0..N-1 (the cache is pre-RoPE)."""
+        k = self._remat("k")
+        return k if self.rope is None else self.rope(k, torch.arange(k.shape[2], device=k.device))
+
+    def values(self) -> torch.Tensor:
+        """V (B, Hkv, N, D) rematerialised."""
+        return self._remat("v")
+
+    def nbytes(self) -> int:
+        """Bytes of every stream (codes, scales, zero points, tail)."""
+        return sum(s.nbytes() for s in self.streams.values())
