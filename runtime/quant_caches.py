@@ -32,25 +32,6 @@ from condfx.ops.kv_quant import (
 from condfx.runtime.caches import LayerCache
 
 
-def stream_bytes_per_token(
-    channels: int, bits: int, group: int, residual: int = 0, chunk: int = 1, context: int = 0,
-    tail_bytes: int = 2,
-) -> float:
-    """Mean cache bytes per token of one stream at ``context`` tokens (0: the tail is ignored).
-
-    Quantized tokens cost ``channels * bits / 8`` code bytes plus a float16 scale and zero per
-    ``group`` values; tail tokens cost ``channels * tail_bytes``. Bits 16 and 32 store every token
-    as float16 / float32.
-    """
-    if bits in (16, 32):
-        return channels * bits / 8
-    quantized = channels * bits / 8 + 4 * channels / group
-    if context <= 0:
-        return quantized
-    nq = quantized_count(context, residual, chunk)
-    return (nq * quantized + (context - nq) * channels * tail_bytes) / context
-
-
 class QuantizedStream:
     """A growing stream (..., N, C) kept as packed codes plus a full-precision tail.
 
@@ -222,3 +203,20 @@ class XQuantCache:
     def nbytes(self) -> int:
         """Bytes of every stream (codes, scales, zero points, tail)."""
         return sum(s.nbytes() for s in self.streams.values())
+
+
+def quantized_layer_cache(spec, quant: dict, batch: int, device) -> LayerCache:
+    """The Session cache of one layer rewritten by ``quantize-kv`` (``gm.meta["condfx_kv_quant"]``).
+
+    Raises:
+        NotImplementedError: an XQuant layer; its decode graph would have to return X, so XQuant
+            runs teacher-forced (one forward of the ``quantize-kv`` graph) for now.
+    """
+    if quant["method"] != "kivi":
+        msg = (
+            f"the Session runs quantize-kv caches for method 'kivi' only; got {quant['method']!r} "
+            "(evaluate XQuant with one teacher-forced forward of the quantize-kv graph)."
+        )
+        raise NotImplementedError(msg)
+    return KIVICache(batch, spec.n_kv_heads, spec.head_dim, quant["bits"], quant["group"],
+                     quant["residual"], spec.dtype, device)

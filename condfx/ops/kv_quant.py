@@ -52,6 +52,25 @@ def quantized_count(n: int, residual: int, chunk: int) -> int:
     return (max(0, n - residual) // chunk) * chunk
 
 
+def stream_bytes_per_token(
+    channels: int, bits: int, group: int, residual: int = 0, chunk: int = 1, context: int = 0,
+    tail_bytes: int = 2,
+) -> float:
+    """Mean cache bytes per token of one stream at ``context`` tokens (0: the tail is ignored).
+
+    Quantized tokens cost ``channels * bits / 8`` code bytes plus a float16 scale and zero per
+    ``group`` values; tail tokens cost ``channels * tail_bytes``. Bits 16 and 32 store every token
+    as float16 / float32.
+    """
+    if bits in (16, 32):
+        return channels * bits / 8
+    quantized = channels * bits / 8 + 4 * channels / group
+    if context <= 0:
+        return quantized
+    nq = quantized_count(context, residual, chunk)
+    return (nq * quantized + (context - nq) * channels * tail_bytes) / context
+
+
 def check_quant_args(bits: int, group: int, dim: int, channels: int, tokens: int | None) -> None:
     """Raises ValueError when bits/group/dim do not fit a stream of ``channels`` (and ``tokens``)."""
     if bits not in BITS:
@@ -195,13 +214,14 @@ def _uses_hat(t0, t1, t, s, residual, chunk, device) -> torch.Tensor:
 def quantized_cache_attention_reference(
     q, k, v, k_hat, v_hat, scale: float, window: int, residual: int, k_chunk: int, v_chunk: int
 ) -> torch.Tensor:
-    """Eager reference of ``quantized_cache_attention`` (float32 scores, chunked over queries)."""
+    """Eager reference of ``quantized_cache_attention`` (float64 scores, chunked over queries)."""
     check_attention_shapes(q, k, v, window)
     b, h, t, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
-    qg = q.float().reshape(b, hkv, h // hkv, t, d)  # (B, Hkv, G, T, D)
-    kg, khg = k.float().unsqueeze(2), k_hat.float().unsqueeze(2)  # (B, Hkv, 1, S, D)
-    vg, vhg = v.float().unsqueeze(2), v_hat.float().unsqueeze(2)
+    acc = torch.float64  # float64 scores keep bits=32 within 1e-5 of the model's own SDPA logits
+    qg = q.to(acc).reshape(b, hkv, h // hkv, t, d)  # (B, Hkv, G, T, D)
+    kg, khg = k.to(acc).unsqueeze(2), k_hat.to(acc).unsqueeze(2)  # (B, Hkv, 1, S, D)
+    vg, vhg = v.to(acc).unsqueeze(2), v_hat.to(acc).unsqueeze(2)
     step = max(1, min(t, _SCORE_BLOCK_ELEMENTS // max(1, b * h * s)))
     outs = []
     for t0 in range(0, t, step):

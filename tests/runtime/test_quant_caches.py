@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from condfx.ops.kv_quant import fake_quantize_reference
+from condfx.ops.kv_quant import fake_quantize_reference, stream_bytes_per_token
 from condfx.runtime.quant_caches import (
     KIVICache,
     QuantizedStream,
     XQuantCache,
-    stream_bytes_per_token,
 )
 
 
