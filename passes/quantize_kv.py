@@ -5,7 +5,7 @@ Rewrites (every attention region, layer i, bits b_i = first_bits for i < first_l
     attention(q, k, v, s, w) → condfx.quantized_cache_attention(q, k, v, k̂, v̂, s, w, R, ck, cv)
   where k̂, v̂ are what the quantized cache hands back for the same tokens:
     kivi:      k̂ = fq(k, per channel, groups of G tokens)  (after RoPE), ck = G;
-               v̂ = fq(v, per token, groups of G channels), cv = 1
+               v̂ = fq(v, per token, groups of G of the token's Hkv·D values), cv = 1
     xquant, X: x̂ = fq(x_in, per token); k̂, v̂ = copies of the x_in → k / v paths fed x̂
                (projection, QK-norm, RoPE at the same positions), ck = cv = 1     [MHA: 1 stream]
     xquant, SVD latent (GQA): W_kᵀ = U_k Σ_k B_kᵀ (offline, weights only); l_k = x_in U_k;
@@ -252,9 +252,14 @@ def _hats(g: _Graph, region: AttentionRegion, cfg, bits: int, acc: fx.Node | Non
     """(k̂, v̂, k_chunk, v_chunk, accumulator, streams) of one region; streams = [(C, chunk)]."""
     group, d = cfg.group, int(region.x_in.meta["val"].shape[-1]) if region.x_in is not None else 0
     if cfg.method is KVQuantMethod.KIVI:
-        _check_group(group, region.head_dim, "head dimension", region.layer)
-        k_hat, v_hat = _fq(g, region.k, bits, group, -2), _fq(g, region.v, bits, group, -1)
         c = region.num_kv_heads * region.head_dim
+        _check_group(group, c, "K/V width (heads x head dim)", region.layer)
+        # values per token: groups of G among the token's Hkv * D values (B, S, Hkv * D)
+        rows = g.call(aten.flatten.using_ints, g.call(aten.permute.default, region.v, [0, 2, 1, 3]), 2)
+        v_rows = _fq(g, rows, bits, group, -1)
+        heads = g.call(aten.unflatten.int, v_rows, 2, [region.num_kv_heads, region.head_dim])
+        v_hat = g.call(aten.permute.default, heads, [0, 2, 1, 3])
+        k_hat = _fq(g, region.k, bits, group, -2)
         return k_hat, v_hat, group, 1, acc, [(c, group), (c, 1)]
     if cfg.method is KVQuantMethod.XQUANT_CL:
         _check_group(group, d, "model dimension", region.layer)

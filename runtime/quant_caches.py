@@ -107,9 +107,14 @@ class QuantizedStream:
         return sum(t.nbytes for t in (self.packed, self.scale, self.zero, self.tail))
 
 
+def _rows(v: torch.Tensor) -> torch.Tensor:
+    """(B, Hkv, T, D) → (B, T, Hkv * D): a token's values side by side, as KIVI groups them."""
+    return v.transpose(1, 2).flatten(2)
+
+
 class KIVICache(LayerCache):
     """KIVI: keys quantized per channel (groups of ``group`` tokens), values per token (groups of
-    ``group`` channels), the most recent tokens in full precision. Keys are stored after RoPE, as
+    ``group`` of the token's Hkv * D values), the most recent tokens in full precision. Keys are stored after RoPE, as
     the decode graph returns them."""
 
     def __init__(self, batch, n_kv_heads, head_dim, bits, group, residual, dtype=torch.float32,
@@ -119,13 +124,15 @@ class KIVICache(LayerCache):
         self._set(self._empty(), self._empty())
 
     def _streams(self, batch: int):
-        lead, d = (batch, self.n_kv_heads), self.head_dim
-        k = QuantizedStream(lead, d, self.bits, self.group, -2, self.residual, self.dtype, self.device)
-        v = QuantizedStream(lead, d, self.bits, self.group, -1, self.residual, self.dtype, self.device)
+        h, d, q = self.n_kv_heads, self.head_dim, (self.bits, self.group)
+        k = QuantizedStream((batch, h), d, *q, -2, self.residual, self.dtype, self.device)
+        v = QuantizedStream((batch,), h * d, *q, -1, self.residual, self.dtype, self.device)
         return k, v
 
     def past(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k.read(), self.v.read()
+        v = self.v.read()  # (B, P, Hkv * D)
+        v = v.unflatten(2, (self.n_kv_heads, self.head_dim)).transpose(1, 2)  # (B, Hkv, P, D)
+        return self.k.read(), v
 
     @property
     def stored(self) -> int:
@@ -135,7 +142,7 @@ class KIVICache(LayerCache):
         new = self._check(present_k, present_v)
         self.length += new
         self.k.append(present_k[:, :, present_k.shape[2] - new :])
-        self.v.append(present_v[:, :, present_v.shape[2] - new :])
+        self.v.append(_rows(present_v[:, :, present_v.shape[2] - new :]))
 
     def reorder(self, index: torch.Tensor) -> None:
         self.batch = int(index.numel())
@@ -145,7 +152,7 @@ class KIVICache(LayerCache):
     def _set(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k, self.v = self._streams(int(k.shape[0]))
         self.k.append(k)
-        self.v.append(v)
+        self.v.append(_rows(v))
 
     def nbytes(self) -> int:
         return self.k.nbytes() + self.v.nbytes()

@@ -214,11 +214,11 @@ def _uses_hat(t0, t1, t, s, residual, chunk, device) -> torch.Tensor:
 def quantized_cache_attention_reference(
     q, k, v, k_hat, v_hat, scale: float, window: int, residual: int, k_chunk: int, v_chunk: int
 ) -> torch.Tensor:
-    """Eager reference of ``quantized_cache_attention`` (float64 scores, chunked over queries)."""
+    """Eager reference of ``quantized_cache_attention`` (float32 scores, float64 for float64 inputs; chunked over queries)."""
     check_attention_shapes(q, k, v, window)
     b, h, t, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
-    acc = torch.float64  # float64 scores keep bits=32 within 1e-5 of the model's own SDPA logits
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     qg = q.to(acc).reshape(b, hkv, h // hkv, t, d)  # (B, Hkv, G, T, D)
     kg, khg = k.to(acc).unsqueeze(2), k_hat.to(acc).unsqueeze(2)  # (B, Hkv, 1, S, D)
     vg, vhg = v.to(acc).unsqueeze(2), v_hat.to(acc).unsqueeze(2)

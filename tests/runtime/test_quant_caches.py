@@ -41,7 +41,9 @@ def test_numerics_kivi_cache_update_and_reorder():
     pk, pv = cache.past()
     torch.testing.assert_close(pk[:, :, 4:], k[:, :, 4:])
     torch.testing.assert_close(pk[:, :, :4], fake_quantize_reference(k[:, :, :4], 2, 4, -2))
-    torch.testing.assert_close(pv[:, :, :7], fake_quantize_reference(v[:, :, :7], 2, 4, -1))
+    rows = v[:, :, :7].transpose(1, 2).flatten(2)  # values grouped per token across heads
+    want_v = fake_quantize_reference(rows, 2, 4, -1).unflatten(2, (2, 8)).transpose(1, 2)
+    torch.testing.assert_close(pv[:, :, :7], want_v)
     cache.reorder(torch.tensor([1]))
     assert cache.past()[0].shape == (1, 2, 10, 8)
     torch.testing.assert_close(cache.past()[0][0], pk[1])
