@@ -38,6 +38,7 @@ packed codes) is ``runtime/quant_caches.py``; the Triton read path is ``codegen/
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from condfx.ops.attention import check_attention_shapes
 
@@ -239,6 +240,33 @@ def quantized_cache_attention_reference(
     return torch.cat(outs, dim=3).reshape(b, h, t, d)
 
 
+def quantized_cache_attention_sdpa(
+    q, k, v, k_hat, v_hat, scale: float, window: int, residual: int, k_chunk: int, v_chunk: int
+) -> torch.Tensor:
+    """The same semantics as one SDPA call (what the op runs on CPU).
+
+    Every key position j appears once per (key copy, value copy) pairing: (k̂, v̂), (k̂, v),
+    (k, v̂), (k, v), and the mask lets query row i see exactly the pairing it reads at j, so the
+    softmax runs over the same set of scores as the reference. With k_chunk == v_chunk the two
+    mixed pairings are never used and are left out (2S keys instead of 4S).
+    """
+    check_attention_shapes(q, k, v, window)
+    t, s = q.shape[2], k.shape[2]
+    hk = _uses_hat(0, t, t, s, residual, k_chunk, q.device)  # (T, S)
+    hv = _uses_hat(0, t, t, s, residual, v_chunk, q.device)
+    pos = torch.arange(t, device=q.device).unsqueeze(1) + (s - t)
+    j = torch.arange(s, device=q.device).unsqueeze(0)
+    keep = (j <= pos) & ((j > pos - window) if window > 0 else True)
+    pairs = [(k_hat, v_hat, hk & hv), (k, v, ~hk & ~hv)]
+    if k_chunk != v_chunk:
+        pairs += [(k_hat, v, hk & ~hv), (k, v_hat, ~hk & hv)]
+    keys = torch.cat([p[0] for p in pairs], 2)  # (B, Hkv, nS, D)
+    values = torch.cat([p[1] for p in pairs], 2)
+    mask = torch.cat([keep & p[2] for p in pairs], 1)  # (T, nS)
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
 @torch.library.custom_op("condfx::quantized_cache_attention", mutates_args=())
 def quantized_cache_attention(
     q: torch.Tensor,
@@ -254,9 +282,9 @@ def quantized_cache_attention(
 ) -> torch.Tensor:
     """``torch.ops.condfx.quantized_cache_attention``: see the module docstring."""
     with torch.no_grad():
-        return quantized_cache_attention_reference(
+        return quantized_cache_attention_sdpa(
             q, k, v, k_hat, v_hat, scale, window, residual, k_chunk, v_chunk
-        )
+        ).contiguous()
 
 
 @quantized_cache_attention.register_fake
