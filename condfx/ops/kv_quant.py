@@ -101,6 +101,10 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_codes(packed: torch.Tensor, bits: int, channels: int) -> torch.Tensor:
     """Inverse of ``pack_codes``: (..., C * bits / 8) uint8 → (..., C) int32 codes."""
+    if 8 % bits == 0:  # 2 and 4 bits: whole codes per byte, one shift per code slot
+        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+        codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (..., C*bits/8, 8/bits)
+        return codes.reshape(*packed.shape[:-1], channels).to(torch.int32)
     weights = torch.arange(8, device=packed.device, dtype=torch.int32)
     planes = (packed.to(torch.int32).unsqueeze(-1) >> weights) & 1  # (..., C*bits/8, 8)
     planes = planes.reshape(*packed.shape[:-1], channels, bits)
@@ -140,8 +144,9 @@ def quantize_reference(x: torch.Tensor, bits: int, group: int, dim: int):
 
 def dequantize_reference(packed, scale, zero, bits: int, group: int, dim: int, channels: int):
     """Eager reference of ``group_dequantize``: (..., N, C) float32."""
-    codes = unpack_codes(packed, bits, channels).float()
-    return codes * _expand(scale.float(), group, dim) + _expand(zero.float(), group, dim)
+    codes = _grouped(unpack_codes(packed, bits, channels).float(), group, dim)
+    s, z = scale.float().unsqueeze(-1 if dim == -1 else -2), zero.float().unsqueeze(-1 if dim == -1 else -2)
+    return (codes * s + z).reshape(*packed.shape[:-1], channels)
 
 
 def fake_quantize_reference(x: torch.Tensor, bits: int, group: int, dim: int) -> torch.Tensor:
