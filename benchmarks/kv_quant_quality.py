@@ -1,5 +1,6 @@
 """KV-cache quantization quality: perplexity with the quantized cache in the loop, per method and bits,
 with KV bytes per token and the compression against an fp16 cache; a PNG of the frontier.
+``--sink N`` keeps the first N tokens (the attention sink) in full precision in every method.
 
 Each ``quantize-kv`` graph is evaluated teacher-forced: one full-sequence forward in which every
 token attends to the quantized cache of the tokens before it (the full-precision residual window
@@ -56,12 +57,12 @@ def _data(args):
 
 
 def _specs(args, context: int):
-    base = f"residual={args.residual},context={context}"
+    base = f"residual={args.residual},context={context},sink={args.sink}"
     yield "dense (fp32 cache)", None
     yield "fp16 cache", f"quantize-kv{{method=kivi,bits=16,{base}}}"
     for group in (int(g) for g in args.groups.split(",")):
         for method in METHODS:
-            for bits in (2, 3, 4):
+            for bits in (int(b) for b in args.bits.split(",")):
                 yield f"{method} {bits}-bit g{group}", (
                     f"quantize-kv{{method={method},bits={bits},group={group},{base}}}"
                 )
@@ -92,7 +93,7 @@ def run(args) -> dict:
         row["compression"] = row["fp16_bytes_per_token"] / row["kv_bytes_per_token"]
         row["delta_ppl_vs_fp16"] = row["ppl"] - fp16_ppl
     return {"model": args.model or "stories260K.bin", "text": args.text or "tinystories_valid_head.txt",
-            "tokens": sum(len(d) for d in docs), "context": context, "residual": args.residual,
+            "tokens": sum(len(d) for d in docs), "context": context, "residual": args.residual, "sink": args.sink,
             "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
 
 
@@ -117,7 +118,7 @@ def plot(result: dict, path: str) -> None:
     ax.set_ylabel("perplexity")
     ax.set_yscale("log")
     name = result["model"].rsplit("/", 1)[-1]
-    ax.set_title(f"{name}, {result['tokens']} tokens, residual window {result['residual']}")
+    ax.set_title(f"{name}, {result['tokens']} tokens, residual {result['residual']}, sink {result['sink']}")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -131,6 +132,8 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=50, help="stories260K: stories scored")
     parser.add_argument("--groups", default="32", help="group sizes, comma-separated")
     parser.add_argument("--residual", type=int, default=32, help="full-precision window (tokens)")
+    parser.add_argument("--sink", type=int, default=0, help="first tokens kept in full precision")
+    parser.add_argument("--bits", default="2,3,4", help="bit widths, comma-separated")
     parser.add_argument("--plot", default=None, help="write the frontier PNG here")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()

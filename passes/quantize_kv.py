@@ -15,7 +15,8 @@ Rewrites (every attention region, layer i, bits b_i = first_bits for i < first_l
                a_i = a_{i-1} + fq(r_i - a_{i-1}) (deltas against the reconstructed accumulator,
                so errors do not drift); k̂, v̂ = copies of the r_i → k / v paths fed a_i (the layer's
                own norm re-applied), ck = cv = 1                                   [1 stream of d]
-  fq = condfx.fake_group_quantize (asymmetric min/max, float16 scale and zero). The op reads k̂/v̂
+  fq = condfx.fake_group_quantize (asymmetric min/max, float16 scale and zero) over the tokens
+  after the first ``sink`` (the attention sink, kept in full precision). The op reads k̂/v̂
   for tokens that left the residual window (``condfx/ops/kv_quant.py``), so one full-sequence
   forward is the teacher-forced form of token-by-token decoding with the quantized cache.
   bits=32 (quantization off) emits condfx.attention(q, k̂, v̂) on the rematerialised K/V, which
@@ -90,6 +91,7 @@ class QuantizeKVConfig:
         first_bits: bits of those layers.
         latent: for xquant, cache X, the SVD latents, or choose (auto).
         context: tokens at which the report gives KV bytes per token.
+        sink: the first tokens (the attention sink) kept in full precision, >= 0.
     """
 
     method: KVQuantMethod = KVQuantMethod.XQUANT
@@ -100,6 +102,7 @@ class QuantizeKVConfig:
     first_bits: int = 4
     latent: LatentKind = LatentKind.AUTO
     context: int = 4096
+    sink: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "method", _enum(KVQuantMethod, self.method, "method"))
@@ -109,7 +112,8 @@ class QuantizeKVConfig:
             if isinstance(v, bool) or v not in ALLOWED_BITS:
                 msg = f"QuantizeKVConfig.{name} must be one of {ALLOWED_BITS}; got {v!r}."
                 raise ValueError(msg)
-        for name, low in (("group", 1), ("residual", 0), ("first_layers", 0), ("context", 1)):
+        for name, low in (("group", 1), ("residual", 0), ("first_layers", 0), ("context", 1),
+                          ("sink", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 msg = f"QuantizeKVConfig.{name} must be an int >= {low}; got {v!r}."
@@ -201,8 +205,9 @@ def _tensor(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     return functools.reduce(getattr, node.target.split("."), gm).detach()
 
 
-def _fq(g: _Graph, x: fx.Node, bits: int, group: int, dim: int) -> fx.Node:
-    return g.call(FQ, x, bits, group, dim)
+def _fq(g: _Graph, x: fx.Node, bits: int, group: int, dim: int, sink: int = 0) -> fx.Node:
+    """fake_group_quantize over the tokens after the first ``sink`` (those stay as they are)."""
+    return g.call(FQ, x, bits, group, dim, sink) if sink else g.call(FQ, x, bits, group, dim)
 
 
 def _check_group(group: int, channels: int, what: str, layer: int) -> None:
@@ -232,7 +237,7 @@ def _uses_svd(region: AttentionRegion, cfg: QuantizeKVConfig) -> bool:
     return cfg.latent is LatentKind.SVD
 
 
-def _svd_stream(g: _Graph, region, proj, which: str, bits: int, group: int, dim: int) -> fx.Node:
+def _svd_stream(g: _Graph, region, proj, which: str, bits: int, group: int, dim: int, sink: int) -> fx.Node:
     """fq(x_in U) Σ Bᵀ (+ bias) fed through the proj → k/v path; returns k̂ or v̂."""
     w = _tensor(g.gm, proj.weight)  # (d_kv, d)
     u, s, vh = torch.linalg.svd(w.T.double(), full_matrices=False)
@@ -240,7 +245,7 @@ def _svd_stream(g: _Graph, region, proj, which: str, bits: int, group: int, dim:
     u_node = g.constant(region.module_path, f"xquant_u_{which}", u.to(w.dtype).contiguous())
     up = (s[:, None] * vh).to(w.dtype).contiguous()
     up_node = g.constant(region.module_path, f"xquant_up_{which}", up)
-    latent = _fq(g, g.call(aten.matmul.default, region.x_in, u_node), bits, group, dim)
+    latent = _fq(g, g.call(aten.matmul.default, region.x_in, u_node), bits, group, dim, sink)
     y = g.call(aten.matmul.default, latent, up_node)  # (B, T, d_kv)
     if proj.bias is not None:
         y = g.call(aten.add.Tensor, y, proj.bias)
@@ -256,26 +261,26 @@ def _hats(g: _Graph, region: AttentionRegion, cfg, bits: int, acc: fx.Node | Non
         _check_group(group, c, "K/V width (heads x head dim)", region.layer)
         # values per token: groups of G among the token's Hkv * D values (B, S, Hkv * D)
         rows = g.call(aten.flatten.using_ints, g.call(aten.permute.default, region.v, [0, 2, 1, 3]), 2)
-        v_rows = _fq(g, rows, bits, group, -1)
+        v_rows = _fq(g, rows, bits, group, -1, cfg.sink)
         heads = g.call(aten.unflatten.int, v_rows, 2, [region.num_kv_heads, region.head_dim])
         v_hat = g.call(aten.permute.default, heads, [0, 2, 1, 3])
-        k_hat = _fq(g, region.k, bits, group, -2)
+        k_hat = _fq(g, region.k, bits, group, -2, cfg.sink)
         return k_hat, v_hat, group, 1, acc, [(c, group), (c, 1)]
     if cfg.method is KVQuantMethod.XQUANT_CL:
         _check_group(group, d, "model dimension", region.layer)
         r = region.input_norm.x_in
         delta = r if acc is None else g.call(aten.sub.Tensor, r, acc)
-        q = _fq(g, delta, bits, group, -1)
+        q = _fq(g, delta, bits, group, -1, cfg.sink)
         acc = q if acc is None else g.call(aten.add.Tensor, acc, q)
         k_hat, v_hat = g.copy_path(r, region.k, acc), g.copy_path(r, region.v, acc)
         return k_hat, v_hat, 1, 1, acc, [(d, 1)]
     if _uses_svd(region, cfg):
-        k_hat = _svd_stream(g, region, region.k_proj, "k", bits, group, -2)
-        v_hat = _svd_stream(g, region, region.v_proj, "v", bits, group, -1)
+        k_hat = _svd_stream(g, region, region.k_proj, "k", bits, group, -2, cfg.sink)
+        v_hat = _svd_stream(g, region, region.v_proj, "v", bits, group, -1, cfg.sink)
         c = region.k_proj.out_features
         return k_hat, v_hat, group, 1, acc, [(c, group), (c, 1)]
     _check_group(group, d, "model dimension", region.layer)
-    x_hat = _fq(g, region.x_in, bits, group, -1)
+    x_hat = _fq(g, region.x_in, bits, group, -1, cfg.sink)
     k_hat, v_hat = g.copy_path(region.x_in, region.k, x_hat), g.copy_path(region.x_in, region.v, x_hat)
     return k_hat, v_hat, 1, 1, acc, [(d, 1)]
 
@@ -322,16 +327,17 @@ class QuantizeKV(Pass):
                 node = g.call(ATTENTION, region.q, k_hat, v_hat, float(region.scale), window)
             else:
                 args = (region.q, region.k, region.v, k_hat, v_hat, float(region.scale), window,
-                        cfg.residual, ck, cv)
+                        cfg.residual, ck, cv, cfg.sink)
                 node = g.call(QCA, *args)
             region.core.replace_all_uses_with(node)
             _erase_core(gm.graph, region)
             bytes_q += sum(
-                stream_bytes_per_token(c, bits, cfg.group, cfg.residual, chunk, cfg.context)
+                stream_bytes_per_token(c, bits, cfg.group, cfg.residual, chunk, cfg.context,
+                                       sink=cfg.sink)
                 for c, chunk in streams
             )
             specs.append({"layer": region.layer, "method": cfg.method.value, "bits": bits,
-                          "group": cfg.group, "residual": cfg.residual})
+                          "group": cfg.group, "residual": cfg.residual, "sink": cfg.sink})
             rewritten += 1
         gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op != "call_function" or n.is_impure())
         gm.graph.lint()

@@ -4,7 +4,8 @@ SVD latents, K/V rematerialised on read), each with a full-precision residual wi
 Storage (TECHNIQUES.md section 8, item 3): a ``QuantizedStream`` holds a stream (..., N, C) as
     packed codes (..., Nq, C * bits / 8) uint8, scale and zero (float16; (..., Nq, C / group) per
     token or (..., Nq / group, C) per channel), and a tail (..., N - Nq, C) in full precision,
-with Nq = ``quantized_count(N, residual, chunk)`` (``condfx.ops.kv_quant``): tokens leave the tail in
+and the first ``sink`` tokens in full precision (the attention sink),
+with Nq = ``quantized_count(N, residual, chunk, sink)`` (``condfx.ops.kv_quant``): tokens leave the tail in
 whole chunks once they are ``residual`` tokens old; chunk = group for per-channel streams (KIVI keys,
 groups along tokens), 1 for per-token streams. This is the policy ``condfx::quantized_cache_attention``
 simulates, so a teacher-forced forward of a ``quantize-kv`` graph sees what these caches return.
@@ -45,7 +46,8 @@ class QuantizedStream:
         dtype: dtype of the tail and of what ``read`` returns.
     """
 
-    def __init__(self, lead, channels, bits, group, dim, residual, dtype=torch.float32, device="cpu"):
+    def __init__(self, lead, channels, bits, group, dim, residual, dtype=torch.float32, device="cpu",
+                 sink=0):
         if bits in BITS:
             check_quant_args(bits, group, dim, channels, None)
         elif bits not in (16, 32):
@@ -53,6 +55,7 @@ class QuantizedStream:
             raise ValueError(msg)
         self.lead, self.channels, self.bits, self.group, self.dim = tuple(lead), channels, bits, group, dim
         self.residual, self.dtype, self.device = residual, dtype, torch.device(device)
+        self.sink = sink
         self.chunk = group if dim == -2 else 1
         self.clear()
 
@@ -65,6 +68,7 @@ class QuantizedStream:
         self.zero = self.scale.clone()
         tail_dtype = torch.float16 if self.bits == 16 else self.dtype
         self.tail = torch.zeros((*self.lead, 0, self.channels), dtype=tail_dtype, device=self.device)
+        self.head = self.tail.clone()  # the first ``sink`` tokens, never quantized
 
     @property
     def quantized(self) -> int:
@@ -72,14 +76,18 @@ class QuantizedStream:
         return int(self.packed.shape[-2])
 
     def __len__(self) -> int:
-        return self.quantized + int(self.tail.shape[-2])
+        return int(self.head.shape[-2]) + self.quantized + int(self.tail.shape[-2])
 
     def append(self, x: torch.Tensor) -> None:
         """Appends (..., T, C) tokens; quantizes the ones that left the residual window."""
-        self.tail = torch.cat([self.tail, x.to(self.tail.dtype)], -2)
+        x = x.to(self.tail.dtype)
+        room = self.sink - int(self.head.shape[-2])
+        if room > 0:
+            self.head, x = torch.cat([self.head, x[..., :room, :]], -2), x[..., room:, :]
+        self.tail = torch.cat([self.tail, x], -2)
         if self.bits not in BITS:
             return
-        move = quantized_count(len(self), self.residual, self.chunk) - self.quantized
+        move = quantized_count(len(self), self.residual, self.chunk, self.sink) - self.quantized
         if move <= 0:
             return
         packed, scale, zero = quantize_reference(self.tail[..., :move, :], self.bits, self.group, self.dim)
@@ -90,21 +98,21 @@ class QuantizedStream:
     def read(self) -> torch.Tensor:
         """(..., N, C): the dequantized tokens followed by the tail, in ``dtype``."""
         if self.bits not in BITS:
-            return self.tail.to(self.dtype)
+            return torch.cat([self.head, self.tail], -2).to(self.dtype)
         deq = dequantize_reference(
             self.packed, self.scale, self.zero, self.bits, self.group, self.dim, self.channels
         )
-        return torch.cat([deq.to(self.dtype), self.tail.to(self.dtype)], -2)
+        return torch.cat([self.head.to(self.dtype), deq.to(self.dtype), self.tail.to(self.dtype)], -2)
 
     def select(self, index: torch.Tensor) -> None:
         """Keeps batch rows ``index`` (dim 0 of every tensor)."""
-        for name in ("packed", "scale", "zero", "tail"):
+        for name in ("packed", "scale", "zero", "tail", "head"):
             setattr(self, name, getattr(self, name).index_select(0, index.to(self.device)))
         self.lead = (int(index.numel()), *self.lead[1:])
 
     def nbytes(self) -> int:
-        """Bytes of the codes, scales, zero points and tail."""
-        return sum(t.nbytes for t in (self.packed, self.scale, self.zero, self.tail))
+        """Bytes of the codes, scales, zero points, tail and sink tokens."""
+        return sum(t.nbytes for t in (self.packed, self.scale, self.zero, self.tail, self.head))
 
 
 def _rows(v: torch.Tensor) -> torch.Tensor:
@@ -118,15 +126,15 @@ class KIVICache(LayerCache):
     the decode graph returns them."""
 
     def __init__(self, batch, n_kv_heads, head_dim, bits, group, residual, dtype=torch.float32,
-                 device="cpu"):
+                 device="cpu", sink=0):
         super().__init__(batch, n_kv_heads, head_dim, dtype, device)
-        self.bits, self.group, self.residual = bits, group, residual
+        self.bits, self.group, self.residual, self.sink = bits, group, residual, sink
         self._set(self._empty(), self._empty())
 
     def _streams(self, batch: int):
         h, d, q = self.n_kv_heads, self.head_dim, (self.bits, self.group)
-        k = QuantizedStream((batch, h), d, *q, -2, self.residual, self.dtype, self.device)
-        v = QuantizedStream((batch,), h * d, *q, -1, self.residual, self.dtype, self.device)
+        k = QuantizedStream((batch, h), d, *q, -2, self.residual, self.dtype, self.device, self.sink)
+        v = QuantizedStream((batch,), h * d, *q, -1, self.residual, self.dtype, self.device, self.sink)
         return k, v
 
     def past(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,4 +234,4 @@ def quantized_layer_cache(spec, quant: dict, batch: int, device) -> LayerCache:
         )
         raise NotImplementedError(msg)
     return KIVICache(batch, spec.n_kv_heads, spec.head_dim, quant["bits"], quant["group"],
-                     quant["residual"], spec.dtype, device)
+                     quant["residual"], spec.dtype, device, quant.get("sink", 0))

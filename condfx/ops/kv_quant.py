@@ -17,19 +17,21 @@ Semantics (the contract every lowering must match):
     group_quantize(x, bits, group, dim) -> packed (..., N, C*bits/8) uint8,
         scale, zero (..., N, C/group) for dim -1 or (..., N/group, C) for dim -2, float16
     group_dequantize(packed, scale, zero, bits, group, dim, channels) -> (..., N, C) float32
-    fake_group_quantize(x, bits, group, dim) -> x̂ in x's dtype; bits 16 rounds to float16,
+    fake_group_quantize(x, bits, group, dim, sink) -> x̂ in x's dtype, the first ``sink`` tokens
+        passed through and groups along tokens counted from there; bits 16 rounds to float16,
         bits 32 returns x unchanged (quantization off); for dim -2 a trailing partial token group
         is quantized as if padded with its last token (cache policies never read it, see below).
 
-    quantized_cache_attention(q, k, v, k_hat, v_hat, scale, window, residual, k_chunk, v_chunk):
+    quantized_cache_attention(q, k, v, k_hat, v_hat, scale, window, residual, k_chunk, v_chunk, sink):
         ``condfx::attention`` (end-aligned causal, GQA, window) where the query at absolute position
-        p reads key j as ``k_hat[j]`` when j < quantized_count(p, residual, k_chunk), else as
+        p reads key j as ``k_hat[j]`` when sink <= j < quantized_end(p, residual, k_chunk, sink), else as
         ``k[j]`` (and likewise v / v_hat with v_chunk). This is exactly what token-by-token
         decoding sees when the cache, holding the p earlier tokens, keeps the first
         quantized_count(p) of them quantized and the rest (the residual window, at least
         ``residual`` tokens) in full precision; the token's own K/V is always read in full.
 
-    quantized_count(n, residual, chunk) = (max(0, n - residual) // chunk) * chunk
+    quantized_end(n, residual, chunk, sink) = sink + (max(0, n - residual - sink) // chunk) * chunk
+    (the first ``sink`` tokens, the attention sink, are never quantized, as in KVQuant)
 
 This module holds the eager references and fake implementations. Runtime storage (caches holding
 packed codes) is ``runtime/quant_caches.py``; the Triton read path is ``codegen/triton/kv_quant.py``.
@@ -48,14 +50,14 @@ DIMS = (-1, -2)
 _SCORE_BLOCK_ELEMENTS = 1 << 24
 
 
-def quantized_count(n: int, residual: int, chunk: int) -> int:
-    """Tokens held quantized by a cache of ``n`` tokens (see the module docstring)."""
-    return (max(0, n - residual) // chunk) * chunk
+def quantized_count(n: int, residual: int, chunk: int, sink: int = 0) -> int:
+    """Tokens held quantized by a cache of ``n`` tokens, after its ``sink`` first ones."""
+    return (max(0, n - residual - sink) // chunk) * chunk
 
 
 def stream_bytes_per_token(
     channels: int, bits: int, group: int, residual: int = 0, chunk: int = 1, context: int = 0,
-    tail_bytes: int = 2,
+    tail_bytes: int = 2, sink: int = 0,
 ) -> float:
     """Mean cache bytes per token of one stream at ``context`` tokens (0: the tail is ignored).
 
@@ -68,7 +70,7 @@ def stream_bytes_per_token(
     quantized = channels * bits / 8 + 4 * channels / group
     if context <= 0:
         return quantized
-    nq = quantized_count(context, residual, chunk)
+    nq = quantized_count(context, residual, chunk, sink)
     return (nq * quantized + (context - nq) * channels * tail_bytes) / context
 
 
@@ -149,9 +151,14 @@ def dequantize_reference(packed, scale, zero, bits: int, group: int, dim: int, c
     return (codes * s + z).reshape(*packed.shape[:-1], channels)
 
 
-def fake_quantize_reference(x: torch.Tensor, bits: int, group: int, dim: int) -> torch.Tensor:
+def fake_quantize_reference(
+    x: torch.Tensor, bits: int, group: int, dim: int, sink: int = 0
+) -> torch.Tensor:
     """Eager reference of ``fake_group_quantize`` (quantize then dequantize, x's dtype)."""
-    if bits == 32:
+    if sink:
+        head, rest = x[..., :sink, :], x[..., sink:, :]
+        return torch.cat([head, fake_quantize_reference(rest, bits, group, dim)], -2)
+    if bits == 32 or x.shape[-2] == 0:
         return x.clone()
     if bits == 16:
         return x.to(torch.float16).to(x.dtype)
@@ -200,25 +207,29 @@ def _group_dequantize_fake(packed, scale, zero, bits, group, dim, channels):
 
 
 @torch.library.custom_op("condfx::fake_group_quantize", mutates_args=())
-def fake_group_quantize(x: torch.Tensor, bits: int, group: int, dim: int) -> torch.Tensor:
+def fake_group_quantize(
+    x: torch.Tensor, bits: int, group: int, dim: int, sink: int = 0
+) -> torch.Tensor:
     """``torch.ops.condfx.fake_group_quantize``: see the module docstring."""
-    return fake_quantize_reference(x, bits, group, dim)
+    return fake_quantize_reference(x, bits, group, dim, sink)
 
 
 @fake_group_quantize.register_fake
-def _fake_group_quantize_fake(x, bits, group, dim):
+def _fake_group_quantize_fake(x, bits, group, dim, sink=0):
     return x.new_empty(x.shape)
 
 
-def _uses_hat(t0, t1, t, s, residual, chunk, device) -> torch.Tensor:
+def _uses_hat(t0, t1, t, s, residual, chunk, device, sink=0) -> torch.Tensor:
     """(t1 - t0, S) bool: True where query row i reads the quantized copy of key j."""
     n = torch.arange(t0, t1, device=device) + (s - t)  # tokens cached before row i's own
-    count = torch.div((n - residual).clamp(min=0), chunk, rounding_mode="floor") * chunk
-    return torch.arange(s, device=device).unsqueeze(0) < count.unsqueeze(1)
+    count = torch.div((n - residual - sink).clamp(min=0), chunk, rounding_mode="floor") * chunk
+    j = torch.arange(s, device=device).unsqueeze(0)
+    return (j >= sink) & (j < sink + count.unsqueeze(1))
 
 
 def quantized_cache_attention_reference(
-    q, k, v, k_hat, v_hat, scale: float, window: int, residual: int, k_chunk: int, v_chunk: int
+    q, k, v, k_hat, v_hat, scale: float, window: int, residual: int, k_chunk: int, v_chunk: int,
+    sink: int = 0,
 ) -> torch.Tensor:
     """Eager reference of ``quantized_cache_attention`` (float32 scores, float64 for float64 inputs; chunked over queries)."""
     check_attention_shapes(q, k, v, window)
@@ -233,20 +244,21 @@ def quantized_cache_attention_reference(
     for t0 in range(0, t, step):
         t1 = min(t, t0 + step)
         qc = qg[..., t0:t1, :]
-        use_k = _uses_hat(t0, t1, t, s, residual, k_chunk, q.device)  # (c, S)
+        use_k = _uses_hat(t0, t1, t, s, residual, k_chunk, q.device, sink)  # (c, S)
         scores = torch.where(use_k, qc @ khg.transpose(-1, -2), qc @ kg.transpose(-1, -2)) * scale
         pos = torch.arange(t0, t1, device=q.device).unsqueeze(1) + (s - t)
         j = torch.arange(s, device=q.device).unsqueeze(0)
         keep = (j <= pos) & ((j > pos - window) if window > 0 else True)
         p = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)  # (B, Hkv, G, c, S)
-        use_v = _uses_hat(t0, t1, t, s, residual, v_chunk, q.device)
+        use_v = _uses_hat(t0, t1, t, s, residual, v_chunk, q.device, sink)
         out = (p * use_v) @ vhg + (p * ~use_v) @ vg  # (B, Hkv, G, c, D)
         outs.append(out.to(q.dtype))
     return torch.cat(outs, dim=3).reshape(b, h, t, d)
 
 
 def quantized_cache_attention_sdpa(
-    q, k, v, k_hat, v_hat, scale: float, window: int, residual: int, k_chunk: int, v_chunk: int
+    q, k, v, k_hat, v_hat, scale: float, window: int, residual: int, k_chunk: int, v_chunk: int,
+    sink: int = 0,
 ) -> torch.Tensor:
     """The same semantics as one SDPA call (what the op runs on CPU).
 
@@ -257,8 +269,8 @@ def quantized_cache_attention_sdpa(
     """
     check_attention_shapes(q, k, v, window)
     t, s = q.shape[2], k.shape[2]
-    hk = _uses_hat(0, t, t, s, residual, k_chunk, q.device)  # (T, S)
-    hv = _uses_hat(0, t, t, s, residual, v_chunk, q.device)
+    hk = _uses_hat(0, t, t, s, residual, k_chunk, q.device, sink)  # (T, S)
+    hv = _uses_hat(0, t, t, s, residual, v_chunk, q.device, sink)
     pos = torch.arange(t, device=q.device).unsqueeze(1) + (s - t)
     j = torch.arange(s, device=q.device).unsqueeze(0)
     keep = (j <= pos) & ((j > pos - window) if window > 0 else True)
@@ -284,15 +296,18 @@ def quantized_cache_attention(
     residual: int,
     k_chunk: int,
     v_chunk: int,
+    sink: int = 0,
 ) -> torch.Tensor:
     """``torch.ops.condfx.quantized_cache_attention``: see the module docstring."""
     with torch.no_grad():
         return quantized_cache_attention_sdpa(
-            q, k, v, k_hat, v_hat, scale, window, residual, k_chunk, v_chunk
+            q, k, v, k_hat, v_hat, scale, window, residual, k_chunk, v_chunk, sink
         ).contiguous()
 
 
 @quantized_cache_attention.register_fake
-def _quantized_cache_attention_fake(q, k, v, k_hat, v_hat, scale, window, residual, k_chunk, v_chunk):
+def _quantized_cache_attention_fake(
+    q, k, v, k_hat, v_hat, scale, window, residual, k_chunk, v_chunk, sink=0
+):
     check_attention_shapes(q, k, v, window)
     return q.new_empty(q.shape)

@@ -78,12 +78,15 @@ def test_numerics_cache_attention_reduces_to_attention():
         torch.testing.assert_close(out[:, :, t : t + 1], want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("residual", "k_chunk", "v_chunk", "window"), [(3, 4, 1, 0), (0, 1, 1, 0), (2, 2, 2, 5)])
-def test_numerics_cache_attention_op_equals_reference(residual, k_chunk, v_chunk, window):
+@pytest.mark.parametrize(
+    ("residual", "k_chunk", "v_chunk", "window", "sink"),
+    [(3, 4, 1, 0, 0), (0, 1, 1, 0, 0), (2, 2, 2, 5, 0), (2, 4, 1, 0, 2)],
+)
+def test_numerics_cache_attention_op_equals_reference(residual, k_chunk, v_chunk, window, sink):
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 4, 11, 8), torch.randn(2, 2, 11, 8), torch.randn(2, 2, 11, 8)
     kh, vh = k + 0.3 * torch.randn_like(k), v + 0.3 * torch.randn_like(v)
-    args = (0.3, window, residual, k_chunk, v_chunk)
+    args = (0.3, window, residual, k_chunk, v_chunk, sink)
     want = quantized_cache_attention_reference(q, k, v, kh, vh, *args)
     got = torch.ops.condfx.quantized_cache_attention(q, k, v, kh, vh, *args)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -108,6 +108,17 @@ def test_numerics_report_bytes_per_token():
     assert "KV cache at 1024 tokens" in rep.to_markdown()
 
 
+def test_numerics_sink_tokens_stay_full_precision():
+    spec = "quantize-kv{method=xquant-cl,bits=2,group=8,residual=4,sink=%d,context=1024}"
+    r0, plain, dense = _run("stories260K", spec % 0)
+    r1, sunk, _ = _run("stories260K", spec % 1)
+    assert not torch.equal(plain, sunk)
+    # the first token's own logits never read a quantized key; the bytes grow by one fp16 row
+    torch.testing.assert_close(sunk[:, :1], dense[:, :1])
+    extra = r1.reports[-1].kv_bytes_per_token - r0.reports[-1].kv_bytes_per_token
+    assert 0 < extra < 5 * 64 * 2 / 1024 + 1e-9
+
+
 def test_numerics_first_layers_get_more_bits():
     _, low, dense = _run("stories260K", "quantize-kv{method=xquant,bits=2,group=8,residual=4}")
     _, mixed, _ = _run(
@@ -128,7 +139,7 @@ def test_golden_llama_tiny_kivi_layer0():
 %45 = aten.unflatten.int(%44, 2, [2, 16])
 %46 = aten.permute.default(%45, [0, 2, 1, 3])
 %47 = condfx.fake_group_quantize.default(%40, 2, 4, -2)
-%48 = condfx.quantized_cache_attention.default(%32, %40, %41, %47, %46, 0.25, 0, 3, 4, 1)""")
+%48 = condfx.quantized_cache_attention.default(%32, %40, %41, %47, %46, 0.25, 0, 3, 4, 1, 0)""")
 
 
 def test_idempotent_second_run_not_modified():
@@ -184,7 +195,7 @@ def test_rejects_fused_qkv_for_xquant_with_reason():
 def test_numerics_session_decoding_equals_teacher_forced_stories260k():
     """Prefill 10 tokens, then 30 one-token steps through the Session's KIVI caches: the logits
     equal one forward of the quantize-kv graph (the teacher-forced evaluation)."""
-    spec = "fuse-attention, quantize-kv{method=kivi,bits=2,group=8,residual=4}"
+    spec = "fuse-attention, quantize-kv{method=kivi,bits=2,group=8,residual=4,sink=1}"
     _, teacher, dense = _run("stories260K", spec)
     _, ids, _ = _captured("stories260K")
     session = Session.from_model(_stories(), passes=spec)
@@ -195,7 +206,8 @@ def test_numerics_session_decoding_equals_teacher_forced_stories260k():
     assert (teacher - dense).abs().max().item() > 0.1  # the cache really is quantized
     caches = session.caches
     assert caches.nbytes() == sum(c.k.nbytes() + c.v.nbytes() for c in caches.caches)
-    assert caches[0].k.quantized == 32 and caches[0].v.quantized == 36
+    assert caches[0].k.quantized == 32 and caches[0].v.quantized == 35  # after the 1 sink token
+    assert caches[0].k.head.shape[2] == 1
 
 
 def test_rejects_xquant_in_session():

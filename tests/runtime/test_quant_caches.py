@@ -69,6 +69,19 @@ def test_numerics_xquant_cache_rematerialises_svd_latent_exactly():
         cache.append(x=x)
 
 
+def test_numerics_stream_keeps_sink_tokens():
+    torch.manual_seed(0)
+    x = torch.randn(1, 20, 16)
+    s = QuantizedStream((1,), 16, 2, 8, -1, residual=3, sink=2)
+    s.append(x[:, :1])
+    s.append(x[:, 1:])
+    assert s.head.shape[1] == 2 and s.quantized == 15 and len(s) == 20
+    got = s.read()
+    torch.testing.assert_close(got[:, :2], x[:, :2])
+    torch.testing.assert_close(got[:, 2:17], fake_quantize_reference(x[:, 2:17], 2, 8, -1))
+    assert s.nbytes() == 15 * (4 + 2 * 2 * 2) + 5 * 16 * 4
+
+
 def test_rejects_bad_stream_bits():
     with pytest.raises(ValueError, match="bits must be one of"):
         QuantizedStream((1,), 16, 8, 8, -1, 0)
