@@ -6,6 +6,9 @@ Rewrites (for the i-th ``condfx.attention`` node, in graph order):
     condfx.attention(q, k, v, s, w)
         → condfx.attention(q, cat([past_k_i, k], 2), cat([past_v_i, v], 2), s, w);
           present_k_i, present_v_i = the two cats                     # (B, Hkv, P + T, D)
+    condfx.quantized_cache_attention(q, k, v, k̂, v̂, ...) (``quantize-kv``) likewise, with
+        k̂, v̂ → cat([past_k_i, k̂], 2), cat([past_v_i, v̂], 2): the quantized cache returns the past
+        as attention reads it, and the runtime's ``KIVICache`` keeps it so
     arange(T) feeding RoPE cos/sin or a position embedding
         → arange(P, P + T), P = past_k_j.shape[2] of the first layer without a window
   Exact: the decode form with P = 0 is the original function, and prefill(ids[:n]) followed by
@@ -40,6 +43,7 @@ import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
 from condfx.passes.base import GraphSnapshot, Pass, PassError, PassReport, PassResult
 from condfx.passes.fuse_attention import is_fused_attention
 from condfx.passes.interleave_heads import is_interleaved_attention
+from condfx.passes.quantize_kv import is_quantized_cache_attention
 from condfx.patterns import find_regions
 
 _ARANGES = (torch.ops.aten.arange.default, torch.ops.aten.arange.start)
@@ -141,11 +145,21 @@ def _check_fused(gm: fx.GraphModule, name: str) -> list[fx.Node]:
             f"{unfused[0].layer} is not: run fuse-attention first (e.g. 'fuse-attention, add-kv-cache')"
         )
         raise PassError(name, reason, node=unfused[0].core)
-    attn = [n for n in gm.graph.nodes if is_fused_attention(n) or is_interleaved_attention(n)]
+    attn = [n for n in gm.graph.nodes if is_cached_attention(n)]
     if not attn:
         reason = "add-kv-cache found no condfx.attention node: run fuse-attention first"
         raise PassError(name, reason)
     return attn
+
+
+def is_cached_attention(node: fx.Node) -> bool:
+    """Is ``node`` an attention op whose keys and values the decode form caches?"""
+    return is_fused_attention(node) or is_interleaved_attention(node) or is_quantized_cache_attention(node)
+
+
+def _window_arg(node: fx.Node) -> int:
+    """Index of the window argument: 4 in condfx.attention, 6 in condfx.quantized_cache_attention."""
+    return 6 if is_quantized_cache_attention(node) else 4
 
 
 def _symbols(value) -> set:
@@ -196,7 +210,7 @@ def _layer_specs(attn: list[fx.Node]) -> list[KVLayerSpec]:
         if is_interleaved_attention(node):  # full cache: positions are cache indices
             specs.append(KVLayerSpec(i, int(k.shape[1]), int(k.shape[3]), 0, k.dtype, int(node.args[5])))
             continue
-        window = int(node.args[4]) if len(node.args) > 4 else 0
+        window = int(node.args[_window_arg(node)]) if len(node.args) > _window_arg(node) else 0
         specs.append(KVLayerSpec(i, int(k.shape[1]), int(k.shape[3]), window, k.dtype))
     return specs
 
@@ -221,6 +235,11 @@ def _rewire_attention(graph: fx.Graph, attn, pasts) -> list[fx.Node]:
             k_all = graph.call_function(torch.ops.aten.cat.default, ([pk, node.args[1]], 2))
             v_all = graph.call_function(torch.ops.aten.cat.default, ([pv, node.args[2]], 2))
         node.args = (node.args[0], k_all, v_all, *node.args[3:])
+        if is_quantized_cache_attention(node):  # the cache already holds the past as read
+            with graph.inserting_before(node):
+                kh = graph.call_function(torch.ops.aten.cat.default, ([pk, node.args[3]], 2))
+                vh = graph.call_function(torch.ops.aten.cat.default, ([pv, node.args[4]], 2))
+            node.args = (*node.args[:3], kh, vh, *node.args[5:])
         presents += [k_all, v_all]
     return presents
 
@@ -329,7 +348,7 @@ class AddKVCache(Pass):
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         snapshot = GraphSnapshot.take(gm)
         if is_decode_form(gm):
-            n = sum(1 for node in gm.graph.nodes if is_fused_attention(node) or is_interleaved_attention(node))
+            n = sum(1 for node in gm.graph.nodes if is_cached_attention(node))
             skipped = (("already in decode form", "graph has past_k_0"),)
             base = snapshot.report(gm, self.name, matched=n, skipped=skipped)
             return PassResult(gm, False, _as_kv_report(base))

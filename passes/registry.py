@@ -15,6 +15,7 @@ from condfx.passes.base import Pass
 from condfx.passes.fold_interleave import FoldInterleave
 from condfx.passes.fuse_attention import FuseAttention
 from condfx.passes.interleave_heads import InterleaveHeads
+from condfx.passes.quantize_kv import QuantizeKV
 from condfx.passes.skip_ffn import SkipFFN
 
 PASSES: Mapping[str, type[Pass]] = MappingProxyType(
@@ -24,6 +25,7 @@ PASSES: Mapping[str, type[Pass]] = MappingProxyType(
         SkipFFN.name: SkipFFN,
         InterleaveHeads.name: InterleaveHeads,
         FoldInterleave.name: FoldInterleave,
+        QuantizeKV.name: QuantizeKV,
     }
 )
 

@@ -31,6 +31,7 @@ from condfx.runtime.caches import (
     LayerCache,
     SlidingWindowCache,
 )
+from condfx.runtime.quant_caches import quantized_layer_cache
 
 
 class BackendKind(str, enum.Enum):
@@ -68,6 +69,7 @@ class TorchBackend:
             raise ValueError(msg)
         self.gm = gm
         self.layers: tuple[KVLayerSpec, ...] = tuple(gm.meta["condfx_kv"])
+        self.kv_quant: tuple[dict, ...] = tuple(gm.meta.get("condfx_kv_quant", ()))
         params = list(gm.parameters()) + list(gm.buffers())
         self.device = params[0].device if params else torch.device("cpu")
 
@@ -126,7 +128,12 @@ class Session:
         self.max_seq_len = max_seq_len
         self.reports = tuple(reports)
         self.device = getattr(backend, "device", torch.device("cpu"))
-        self.caches = CacheSet([default_cache(s, 1, self.device) for s in backend.layers])
+        quant = {q["layer"]: q for q in getattr(backend, "kv_quant", ())}
+        self.caches = CacheSet([
+            quantized_layer_cache(s, quant[s.layer], 1, self.device) if s.layer in quant
+            else default_cache(s, 1, self.device)
+            for s in backend.layers
+        ])
         self._started = False
 
     @classmethod

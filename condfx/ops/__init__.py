@@ -13,12 +13,22 @@ from condfx.ops.attention import (
     check_attention_shapes,
 )
 from condfx.ops.interleaved_attention import interleaved_attention_reference
+from condfx.ops.kv_quant import (
+    dequantize_reference,
+    fake_quantize_reference,
+    quantize_reference,
+    quantized_cache_attention_reference,
+)
 from condfx.ops.masked_ffn import masked_ffn_reference
 
 __all__ = [
     "attention_backward_reference",
     "attention_reference",
     "check_attention_shapes",
+    "dequantize_reference",
+    "fake_quantize_reference",
     "interleaved_attention_reference",
     "masked_ffn_reference",
+    "quantize_reference",
+    "quantized_cache_attention_reference",
 ]

@@ -1,0 +1,351 @@
+"""Quantize the KV cache: XQuant (cache low-bit X or its SVD latent), XQuant-CL (cross-layer deltas)
+or KIVI (K per channel, V per token), each with a full-precision window of recent tokens.
+
+Rewrites (every attention region, layer i, bits b_i = first_bits for i < first_layers else bits):
+    attention(q, k, v, s, w) → condfx.quantized_cache_attention(q, k, v, k̂, v̂, s, w, R, ck, cv)
+  where k̂, v̂ are what the quantized cache hands back for the same tokens:
+    kivi:      k̂ = fq(k, per channel, groups of G tokens)  (after RoPE), ck = G;
+               v̂ = fq(v, per token, groups of G of the token's Hkv·D values), cv = 1
+    xquant, X: x̂ = fq(x_in, per token); k̂, v̂ = copies of the x_in → k / v paths fed x̂
+               (projection, QK-norm, RoPE at the same positions), ck = cv = 1     [MHA: 1 stream]
+    xquant, SVD latent (GQA): W_kᵀ = U_k Σ_k B_kᵀ (offline, weights only); l_k = x_in U_k;
+               k̂ = copy of the k_proj → k path fed fq(l_k, per channel) Σ_k B_kᵀ (+ bias), ck = G;
+               v̂ likewise with fq(x_in U_v, per token), cv = 1                   [2 streams of d_kv]
+    xquant-cl: r_i = pre-norm residual stream of layer i; a_0 = fq(r_0),
+               a_i = a_{i-1} + fq(r_i - a_{i-1}) (deltas against the reconstructed accumulator,
+               so errors do not drift); k̂, v̂ = copies of the r_i → k / v paths fed a_i (the layer's
+               own norm re-applied), ck = cv = 1                                   [1 stream of d]
+  fq = condfx.fake_group_quantize (asymmetric min/max, float16 scale and zero) over the tokens
+  after the first ``sink`` (the attention sink, kept in full precision). The op reads k̂/v̂
+  for tokens that left the residual window (``condfx/ops/kv_quant.py``), so one full-sequence
+  forward is the teacher-forced form of token-by-token decoding with the quantized cache.
+  bits=32 (quantization off) emits condfx.attention(q, k̂, v̂) on the rematerialised K/V, which
+  keeps the function within float32 rounding (SVD, deltas); bits=16 rounds the cache to float16.
+
+Requires: attention regions (fused or not) with their projections found; ``xquant`` needs
+  ``k_proj``/``v_proj`` on a 3-D input, ``xquant-cl`` the layer's input norm. Must run before
+  ``add-kv-cache``; the decode form then runs with ``KIVICache`` for ``kivi`` (``runtime/quant_caches``).
+
+Does not handle: fused qkv projections, in_out (Conv1D) weights for the SVD latent; each such region
+  is skipped with a reason. XQuant caches in the Session (their decode graph would have to return X).
+  References: XQuant arXiv 2508.10395, KIVI arXiv 2402.02750, TECHNIQUES.md sections 5, 6; issue 6.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from enum import Enum
+from typing import ClassVar
+
+import torch
+from torch import fx, nn
+
+import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
+from condfx.ops.kv_quant import stream_bytes_per_token
+from condfx.passes.base import GraphSnapshot, Pass, PassError, PassReport, PassResult
+from condfx.patterns import find_regions
+from condfx.patterns.regions import AttentionRegion
+
+aten = torch.ops.aten
+QCA = torch.ops.condfx.quantized_cache_attention.default
+FQ = torch.ops.condfx.fake_group_quantize.default
+ATTENTION = torch.ops.condfx.attention.default
+ALLOWED_BITS = (2, 3, 4, 16, 32)
+_COPIED_META = ("nn_module_stack", "stack_trace")
+
+
+class KVQuantMethod(Enum):
+    XQUANT = "xquant"
+    XQUANT_CL = "xquant-cl"
+    KIVI = "kivi"
+
+
+class LatentKind(Enum):
+    """What ``xquant`` caches: X itself, the SVD latents, or X when d <= 2 d_kv (``auto``)."""
+
+    AUTO = "auto"
+    X = "x"
+    SVD = "svd"
+
+
+def _enum(cls, value, field_name: str):
+    try:
+        return cls(value.value if isinstance(value, cls) else value)
+    except ValueError:
+        allowed = ", ".join(m.value for m in cls)
+        msg = f"QuantizeKVConfig.{field_name} must be one of {{{allowed}}}; got {value!r}."
+        raise ValueError(msg) from None
+
+
+@dataclass(frozen=True)
+class QuantizeKVConfig:
+    """Options of ``quantize-kv``.
+
+    Attributes:
+        method: xquant, xquant-cl or kivi.
+        bits: 2, 3 or 4; 16 (float16 cache) or 32 (quantization off).
+        group: values sharing one scale and zero point (channels, or tokens for per-channel keys).
+        residual: most recent tokens kept in full precision, 0 <= residual <= context.
+        first_layers: the first layers get ``first_bits`` instead of ``bits``.
+        first_bits: bits of those layers.
+        latent: for xquant, cache X, the SVD latents, or choose (auto).
+        context: tokens at which the report gives KV bytes per token.
+        sink: the first tokens (the attention sink) kept in full precision, >= 0.
+    """
+
+    method: KVQuantMethod = KVQuantMethod.XQUANT
+    bits: int = 4
+    group: int = 32
+    residual: int = 32
+    first_layers: int = 0
+    first_bits: int = 4
+    latent: LatentKind = LatentKind.AUTO
+    context: int = 4096
+    sink: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "method", _enum(KVQuantMethod, self.method, "method"))
+        object.__setattr__(self, "latent", _enum(LatentKind, self.latent, "latent"))
+        for name in ("bits", "first_bits"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or v not in ALLOWED_BITS:
+                msg = f"QuantizeKVConfig.{name} must be one of {ALLOWED_BITS}; got {v!r}."
+                raise ValueError(msg)
+        for name, low in (("group", 1), ("residual", 0), ("first_layers", 0), ("context", 1),
+                          ("sink", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                msg = f"QuantizeKVConfig.{name} must be an int >= {low}; got {v!r}."
+                raise ValueError(msg)
+        if self.residual > self.context:
+            msg = (
+                f"QuantizeKVConfig.residual {self.residual} is longer than the context "
+                f"{self.context}; the residual window must fit in the context."
+            )
+            raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class QuantizeKVReport(PassReport):
+    """The PassReport plus the cache size: bytes per token over all layers at ``context`` tokens."""
+
+    kv_bytes_per_token: float = 0.0
+    fp16_bytes_per_token: float = 0.0
+    context: int = 0
+
+    @property
+    def compression(self) -> float:
+        """fp16 KV bytes / quantized cache bytes."""
+        return self.fp16_bytes_per_token / self.kv_bytes_per_token if self.kv_bytes_per_token else 0.0
+
+    def to_markdown(self) -> str:
+        return (
+            f"{super().to_markdown()}\n- KV cache at {self.context} tokens: "
+            f"{self.kv_bytes_per_token:.1f} B/token vs fp16 {self.fp16_bytes_per_token:.1f} "
+            f"({self.compression:.2f}x)"
+        )
+
+
+def is_quantized_cache_attention(node: fx.Node) -> bool:
+    """True when ``node`` is a ``condfx.quantized_cache_attention`` call."""
+    return node.op == "call_function" and node.target is QCA
+
+
+class _Graph:
+    """Inserts nodes before the region being rewritten, with FakeTensor values."""
+
+    def __init__(self, gm: fx.GraphModule, before: fx.Node):
+        self.gm, self.graph, self.before = gm, gm.graph, before
+        self.mode = before.args[0].meta["val"].fake_mode
+
+    def call(self, target, *args) -> fx.Node:
+        with self.graph.inserting_before(self.before):
+            node = self.graph.call_function(target, args)
+        vals = fx.node.map_aggregate(args, lambda a: a.meta["val"] if isinstance(a, fx.Node) else a)
+        with self.mode:
+            node.meta["val"] = target(*vals)
+        for key in _COPIED_META:
+            if key in self.before.meta:
+                node.meta[key] = self.before.meta[key]
+        return node
+
+    def constant(self, owner: str, name: str, value: torch.Tensor) -> fx.Node:
+        """Registers ``value`` as a frozen parameter ``owner.name`` and returns its get_attr node."""
+        module = self.gm.get_submodule(owner) if owner else self.gm
+        module.register_parameter(name, nn.Parameter(value, requires_grad=False))
+        target = f"{owner}.{name}" if owner else name
+        with self.graph.inserting_before(self.before):
+            node = self.graph.get_attr(target)
+        node.meta["val"] = self.mode.from_tensor(value, static_shapes=True)
+        return node
+
+    def copy_path(self, src: fx.Node, dst: fx.Node, new_src: fx.Node) -> fx.Node:
+        """Copies every node on a path src → dst with src replaced by ``new_src``; returns dst's copy."""
+        ancestors, stack = set(), [dst]
+        while stack:
+            n = stack.pop()
+            if n not in ancestors:
+                ancestors.add(n)
+                stack.extend(n.all_input_nodes)
+        on_path, stack = set(), [src]
+        while stack:
+            for user in stack.pop().users:
+                if user in ancestors and user not in on_path:
+                    on_path.add(user)
+                    stack.append(user)
+        env = {src: new_src}
+        for n in [n for n in self.graph.nodes if n in on_path]:
+            with self.graph.inserting_before(self.before):
+                env[n] = self.graph.node_copy(n, lambda a: env.get(a, a))
+        return env[dst]
+
+
+def _tensor(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    return functools.reduce(getattr, node.target.split("."), gm).detach()
+
+
+def _fq(g: _Graph, x: fx.Node, bits: int, group: int, dim: int, sink: int = 0) -> fx.Node:
+    """fake_group_quantize over the tokens after the first ``sink`` (those stay as they are)."""
+    return g.call(FQ, x, bits, group, dim, sink) if sink else g.call(FQ, x, bits, group, dim)
+
+
+def _check_group(group: int, channels: int, what: str, layer: int) -> None:
+    if channels % group:
+        msg = f"quantize-kv group {group} must divide the {what} {channels} of layer {layer}."
+        raise ValueError(msg)
+
+
+def _unsupported(region: AttentionRegion, cfg: QuantizeKVConfig) -> str | None:
+    if cfg.method is KVQuantMethod.KIVI:
+        return None
+    projs = (region.k_proj, region.v_proj)
+    if region.x_in is None or any(p is None for p in projs):
+        return "k/v projections not found"
+    if any(p.out_slice is not None for p in projs):
+        return "fused qkv projection"
+    if cfg.method is KVQuantMethod.XQUANT_CL and region.input_norm is None:
+        return "no input norm before the projections"
+    if any(p.node.meta["val"].dim() != 3 or p.weight_layout != "out_in" for p in projs):
+        return "projection is not a 3-D out_in linear"
+    return None
+
+
+def _uses_svd(region: AttentionRegion, cfg: QuantizeKVConfig) -> bool:
+    if cfg.latent is LatentKind.AUTO:
+        return region.x_in.meta["val"].shape[-1] > 2 * region.k_proj.out_features
+    return cfg.latent is LatentKind.SVD
+
+
+def _svd_stream(g: _Graph, region, proj, which: str, bits: int, group: int, dim: int, sink: int) -> fx.Node:
+    """fq(x_in U) Σ Bᵀ (+ bias) fed through the proj → k/v path; returns k̂ or v̂."""
+    w = _tensor(g.gm, proj.weight)  # (d_kv, d)
+    u, s, vh = torch.linalg.svd(w.T.double(), full_matrices=False)
+    _check_group(group, int(s.numel()), f"{which} latent width", region.layer)
+    u_node = g.constant(region.module_path, f"xquant_u_{which}", u.to(w.dtype).contiguous())
+    up = (s[:, None] * vh).to(w.dtype).contiguous()
+    up_node = g.constant(region.module_path, f"xquant_up_{which}", up)
+    latent = _fq(g, g.call(aten.matmul.default, region.x_in, u_node), bits, group, dim, sink)
+    y = g.call(aten.matmul.default, latent, up_node)  # (B, T, d_kv)
+    if proj.bias is not None:
+        y = g.call(aten.add.Tensor, y, proj.bias)
+    dst = region.k if which == "k" else region.v
+    return g.copy_path(proj.node, dst, y)
+
+
+def _hats(g: _Graph, region: AttentionRegion, cfg, bits: int, acc: fx.Node | None):
+    """(k̂, v̂, k_chunk, v_chunk, accumulator, streams) of one region; streams = [(C, chunk)]."""
+    group, d = cfg.group, int(region.x_in.meta["val"].shape[-1]) if region.x_in is not None else 0
+    if cfg.method is KVQuantMethod.KIVI:
+        c = region.num_kv_heads * region.head_dim
+        _check_group(group, c, "K/V width (heads x head dim)", region.layer)
+        # values per token: groups of G among the token's Hkv * D values (B, S, Hkv * D)
+        rows = g.call(aten.flatten.using_ints, g.call(aten.permute.default, region.v, [0, 2, 1, 3]), 2)
+        v_rows = _fq(g, rows, bits, group, -1, cfg.sink)
+        heads = g.call(aten.unflatten.int, v_rows, 2, [region.num_kv_heads, region.head_dim])
+        v_hat = g.call(aten.permute.default, heads, [0, 2, 1, 3])
+        k_hat = _fq(g, region.k, bits, group, -2, cfg.sink)
+        return k_hat, v_hat, group, 1, acc, [(c, group), (c, 1)]
+    if cfg.method is KVQuantMethod.XQUANT_CL:
+        _check_group(group, d, "model dimension", region.layer)
+        r = region.input_norm.x_in
+        delta = r if acc is None else g.call(aten.sub.Tensor, r, acc)
+        q = _fq(g, delta, bits, group, -1, cfg.sink)
+        acc = q if acc is None else g.call(aten.add.Tensor, acc, q)
+        k_hat, v_hat = g.copy_path(r, region.k, acc), g.copy_path(r, region.v, acc)
+        return k_hat, v_hat, 1, 1, acc, [(d, 1)]
+    if _uses_svd(region, cfg):
+        k_hat = _svd_stream(g, region, region.k_proj, "k", bits, group, -2, cfg.sink)
+        v_hat = _svd_stream(g, region, region.v_proj, "v", bits, group, -1, cfg.sink)
+        c = region.k_proj.out_features
+        return k_hat, v_hat, group, 1, acc, [(c, group), (c, 1)]
+    _check_group(group, d, "model dimension", region.layer)
+    x_hat = _fq(g, region.x_in, bits, group, -1, cfg.sink)
+    k_hat, v_hat = g.copy_path(region.x_in, region.k, x_hat), g.copy_path(region.x_in, region.v, x_hat)
+    return k_hat, v_hat, 1, 1, acc, [(d, 1)]
+
+
+def _erase_core(graph: fx.Graph, region: AttentionRegion) -> None:
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in sorted({region.core, *region.core_nodes}, key=order.__getitem__, reverse=True):
+        if not node.users:
+            graph.erase_node(node)
+
+
+class QuantizeKV(Pass):
+    """``quantize-kv``: attention reads a quantized cache (XQuant, XQuant-CL or KIVI)."""
+
+    name: ClassVar[str] = "quantize-kv"
+    config_class: ClassVar[type] = QuantizeKVConfig
+    matches: ClassVar[str] = "attention region"
+    exact: ClassVar[bool] = False
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        snapshot, cfg = GraphSnapshot.take(gm), self.config
+        done = [n for n in gm.graph.nodes if is_quantized_cache_attention(n)]
+        if done:
+            skipped = tuple(("already quantized", f"node {n.name}") for n in done)
+            return PassResult(gm, False, snapshot.report(gm, self.name, matched=len(done), skipped=skipped))
+        regions = find_regions(gm).attention
+        if not regions:
+            reason = "found no attention region: quantize-kv needs a model with attention layers"
+            raise PassError(self.name, reason)
+        acc, skipped, bytes_q, bytes_fp, rewritten, specs = None, [], 0.0, 0.0, 0, []
+        for i, region in enumerate(regions):
+            bytes_fp += 2 * 2 * region.num_kv_heads * region.head_dim
+            reason = _unsupported(region, cfg)
+            if reason:
+                skipped.append((reason, f"layer {region.layer}"))
+                bytes_fp_layer = 2 * 2 * region.num_kv_heads * region.head_dim
+                bytes_q += bytes_fp_layer
+                continue
+            bits = cfg.first_bits if i < cfg.first_layers else cfg.bits
+            g = _Graph(gm, region.core)
+            k_hat, v_hat, ck, cv, acc, streams = _hats(g, region, cfg, bits, acc)
+            window = int(region.window or 0)
+            if bits == 32:  # nothing quantized: attention reads the rematerialised K/V throughout
+                node = g.call(ATTENTION, region.q, k_hat, v_hat, float(region.scale), window)
+            else:
+                args = (region.q, region.k, region.v, k_hat, v_hat, float(region.scale), window,
+                        cfg.residual, ck, cv, cfg.sink)
+                node = g.call(QCA, *args)
+            region.core.replace_all_uses_with(node)
+            _erase_core(gm.graph, region)
+            bytes_q += sum(
+                stream_bytes_per_token(c, bits, cfg.group, cfg.residual, chunk, cfg.context,
+                                       sink=cfg.sink)
+                for c, chunk in streams
+            )
+            specs.append({"layer": region.layer, "method": cfg.method.value, "bits": bits,
+                          "group": cfg.group, "residual": cfg.residual, "sink": cfg.sink})
+            rewritten += 1
+        gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op != "call_function" or n.is_impure())
+        gm.graph.lint()
+        gm.recompile()
+        gm.meta["condfx_kv_quant"] = tuple(specs)
+        base = snapshot.report(gm, self.name, matched=len(regions), rewritten=rewritten,
+                               skipped=tuple(skipped))
+        fields = {f: getattr(base, f) for f in base.__dataclass_fields__}
+        report = QuantizeKVReport(**fields, kv_bytes_per_token=bytes_q,
+                                  fp16_bytes_per_token=bytes_fp, context=cfg.context)
+        return PassResult(gm, rewritten > 0, report)

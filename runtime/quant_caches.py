@@ -1,0 +1,237 @@
+"""Quantized per-layer caches: KIVI (packed K per channel, V per token) and XQuant (packed X or
+SVD latents, K/V rematerialised on read), each with a full-precision residual window.
+
+Storage (TECHNIQUES.md section 8, item 3): a ``QuantizedStream`` holds a stream (..., N, C) as
+    packed codes (..., Nq, C * bits / 8) uint8, scale and zero (float16; (..., Nq, C / group) per
+    token or (..., Nq / group, C) per channel), and a tail (..., N - Nq, C) in full precision,
+and the first ``sink`` tokens in full precision (the attention sink),
+with Nq = ``quantized_count(N, residual, chunk, sink)`` (``condfx.ops.kv_quant``): tokens leave the tail in
+whole chunks once they are ``residual`` tokens old; chunk = group for per-channel streams (KIVI keys,
+groups along tokens), 1 for per-token streams. This is the policy ``condfx::quantized_cache_attention``
+simulates, so a teacher-forced forward of a ``quantize-kv`` graph sees what these caches return.
+``nbytes()`` is the bytes of every tensor held: codes, scales, zero points and the tail.
+
+    * ``KIVICache`` (a ``LayerCache``): runs with the ``add-kv-cache`` decode graph; ``past()``
+      returns the dequantized K/V followed by the tail, ``update`` quantizes what left the window.
+    * ``XQuantCache``: one or two streams of X (MHA) or latents X·U (GQA); ``keys(positions)`` and
+      ``values()`` rematerialise K = RoPE(X̂·B_k) at the absolute positions and V = X̂·B_v.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from condfx.ops.kv_quant import (
+    BITS,
+    check_quant_args,
+    dequantize_reference,
+    quantize_reference,
+    quantized_count,
+)
+from condfx.runtime.caches import LayerCache
+
+
+class QuantizedStream:
+    """A growing stream (..., N, C) kept as packed codes plus a full-precision tail.
+
+    Args:
+        lead: the leading dims, e.g. (B, Hkv) or (B,).
+        channels: C.
+        bits: 2, 3 or 4; 16 / 32 keep every token in float16 / float32 (nothing packed).
+        group: values per scale/zero.
+        dim: -1 per token (groups along C), -2 per channel (groups of ``group`` tokens).
+        residual: tokens kept in the full-precision window, >= 0.
+        dtype: dtype of the tail and of what ``read`` returns.
+    """
+
+    def __init__(self, lead, channels, bits, group, dim, residual, dtype=torch.float32, device="cpu",
+                 sink=0):
+        if bits in BITS:
+            check_quant_args(bits, group, dim, channels, None)
+        elif bits not in (16, 32):
+            msg = f"QuantizedStream.bits must be one of {BITS + (16, 32)}; got {bits!r}."
+            raise ValueError(msg)
+        self.lead, self.channels, self.bits, self.group, self.dim = tuple(lead), channels, bits, group, dim
+        self.residual, self.dtype, self.device = residual, dtype, torch.device(device)
+        self.sink = sink
+        self.chunk = group if dim == -2 else 1
+        self.clear()
+
+    def clear(self) -> None:
+        """Drops every token."""
+        per = self.channels * self.bits // 8 if self.bits in BITS else 0
+        stat = (0, self.channels // self.group) if self.dim == -1 else (0, self.channels)
+        self.packed = torch.zeros((*self.lead, 0, per), dtype=torch.uint8, device=self.device)
+        self.scale = torch.zeros((*self.lead, *stat), dtype=torch.float16, device=self.device)
+        self.zero = self.scale.clone()
+        tail_dtype = torch.float16 if self.bits == 16 else self.dtype
+        self.tail = torch.zeros((*self.lead, 0, self.channels), dtype=tail_dtype, device=self.device)
+        self.head = self.tail.clone()  # the first ``sink`` tokens, never quantized
+
+    @property
+    def quantized(self) -> int:
+        """Tokens held as codes."""
+        return int(self.packed.shape[-2])
+
+    def __len__(self) -> int:
+        return int(self.head.shape[-2]) + self.quantized + int(self.tail.shape[-2])
+
+    def append(self, x: torch.Tensor) -> None:
+        """Appends (..., T, C) tokens; quantizes the ones that left the residual window."""
+        x = x.to(self.tail.dtype)
+        room = self.sink - int(self.head.shape[-2])
+        if room > 0:
+            self.head, x = torch.cat([self.head, x[..., :room, :]], -2), x[..., room:, :]
+        self.tail = torch.cat([self.tail, x], -2)
+        if self.bits not in BITS:
+            return
+        move = quantized_count(len(self), self.residual, self.chunk, self.sink) - self.quantized
+        if move <= 0:
+            return
+        packed, scale, zero = quantize_reference(self.tail[..., :move, :], self.bits, self.group, self.dim)
+        self.packed = torch.cat([self.packed, packed], -2)
+        self.scale, self.zero = torch.cat([self.scale, scale], -2), torch.cat([self.zero, zero], -2)
+        self.tail = self.tail[..., move:, :].contiguous()  # a copy: the moved rows are freed
+
+    def read(self) -> torch.Tensor:
+        """(..., N, C): the dequantized tokens followed by the tail, in ``dtype``."""
+        if self.bits not in BITS:
+            return torch.cat([self.head, self.tail], -2).to(self.dtype)
+        deq = dequantize_reference(
+            self.packed, self.scale, self.zero, self.bits, self.group, self.dim, self.channels
+        )
+        return torch.cat([self.head.to(self.dtype), deq.to(self.dtype), self.tail.to(self.dtype)], -2)
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keeps batch rows ``index`` (dim 0 of every tensor)."""
+        for name in ("packed", "scale", "zero", "tail", "head"):
+            setattr(self, name, getattr(self, name).index_select(0, index.to(self.device)))
+        self.lead = (int(index.numel()), *self.lead[1:])
+
+    def nbytes(self) -> int:
+        """Bytes of the codes, scales, zero points, tail and sink tokens."""
+        return sum(t.nbytes for t in (self.packed, self.scale, self.zero, self.tail, self.head))
+
+
+def _rows(v: torch.Tensor) -> torch.Tensor:
+    """(B, Hkv, T, D) → (B, T, Hkv * D): a token's values side by side, as KIVI groups them."""
+    return v.transpose(1, 2).flatten(2)
+
+
+class KIVICache(LayerCache):
+    """KIVI: keys quantized per channel (groups of ``group`` tokens), values per token (groups of
+    ``group`` of the token's Hkv * D values), the most recent tokens in full precision. Keys are stored after RoPE, as
+    the decode graph returns them."""
+
+    def __init__(self, batch, n_kv_heads, head_dim, bits, group, residual, dtype=torch.float32,
+                 device="cpu", sink=0):
+        super().__init__(batch, n_kv_heads, head_dim, dtype, device)
+        self.bits, self.group, self.residual, self.sink = bits, group, residual, sink
+        self._set(self._empty(), self._empty())
+
+    def _streams(self, batch: int):
+        h, d, q = self.n_kv_heads, self.head_dim, (self.bits, self.group)
+        k = QuantizedStream((batch, h), d, *q, -2, self.residual, self.dtype, self.device, self.sink)
+        v = QuantizedStream((batch,), h * d, *q, -1, self.residual, self.dtype, self.device, self.sink)
+        return k, v
+
+    def past(self) -> tuple[torch.Tensor, torch.Tensor]:
+        v = self.v.read()  # (B, P, Hkv * D)
+        v = v.unflatten(2, (self.n_kv_heads, self.head_dim)).transpose(1, 2)  # (B, Hkv, P, D)
+        return self.k.read(), v
+
+    @property
+    def stored(self) -> int:
+        return len(self.k)
+
+    def update(self, present_k: torch.Tensor, present_v: torch.Tensor) -> None:
+        new = self._check(present_k, present_v)
+        self.length += new
+        self.k.append(present_k[:, :, present_k.shape[2] - new :])
+        self.v.append(_rows(present_v[:, :, present_v.shape[2] - new :]))
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.batch = int(index.numel())
+        self.k.select(index)
+        self.v.select(index)
+
+    def _set(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k, self.v = self._streams(int(k.shape[0]))
+        self.k.append(k)
+        self.v.append(_rows(v))
+
+    def nbytes(self) -> int:
+        return self.k.nbytes() + self.v.nbytes()
+
+
+class XQuantCache:
+    """XQuant storage for one layer: the quantized X (or latents X·U_k, X·U_v) of every token.
+
+    Args:
+        batch: B.
+        streams: ``{"k": C_k, "v": C_v}`` for SVD latents, or ``{"x": d}`` when X itself is cached
+            (K and V then both read it).
+        bits, group, residual: the quantization (per token, groups along the channels).
+        up: ``{"k": B_k, "v": B_v}`` (C, Hkv * D) matrices that rematerialise K and V from the
+            stream (for ``"x"``: W_k.T and W_v.T).
+        rope: ``rope(k, positions) -> k`` applied to (B, Hkv, N, D) keys; None for no RoPE.
+        n_kv_heads, head_dim: the K/V head layout.
+    """
+
+    def __init__(self, batch, streams: dict[str, int], bits, group, residual, up, n_kv_heads,
+                 head_dim, rope: Callable | None = None, dtype=torch.float32, device="cpu"):
+        self.streams = {
+            name: QuantizedStream((batch,), c, bits, group, -1, residual, dtype, device)
+            for name, c in streams.items()
+        }
+        self.up, self.rope = up, rope
+        self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
+
+    def __len__(self) -> int:
+        return len(next(iter(self.streams.values())))
+
+    def append(self, **tokens: torch.Tensor) -> None:
+        """Appends (B, T, C) rows to each stream (``x=`` or ``k=`` and ``v=``)."""
+        if set(tokens) != set(self.streams):
+            msg = f"XQuantCache.append needs streams {sorted(self.streams)}; got {sorted(tokens)}."
+            raise ValueError(msg)
+        for name, x in tokens.items():
+            self.streams[name].append(x)
+
+    def _remat(self, which: str) -> torch.Tensor:
+        stream = self.streams.get(which) or self.streams["x"]
+        y = stream.read() @ self.up[which].to(stream.dtype)  # (B, N, Hkv * D)
+        b, n = y.shape[:2]
+        return y.reshape(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, N, D)
+
+    def keys(self) -> torch.Tensor:
+        """K (B, Hkv, N, D) rematerialised and rotated at positions 0..N-1 (the cache is pre-RoPE)."""
+        k = self._remat("k")
+        return k if self.rope is None else self.rope(k, torch.arange(k.shape[2], device=k.device))
+
+    def values(self) -> torch.Tensor:
+        """V (B, Hkv, N, D) rematerialised."""
+        return self._remat("v")
+
+    def nbytes(self) -> int:
+        """Bytes of every stream (codes, scales, zero points, tail)."""
+        return sum(s.nbytes() for s in self.streams.values())
+
+
+def quantized_layer_cache(spec, quant: dict, batch: int, device) -> LayerCache:
+    """The Session cache of one layer rewritten by ``quantize-kv`` (``gm.meta["condfx_kv_quant"]``).
+
+    Raises:
+        NotImplementedError: an XQuant layer; its decode graph would have to return X, so XQuant
+            runs teacher-forced (one forward of the ``quantize-kv`` graph) for now.
+    """
+    if quant["method"] != "kivi":
+        msg = (
+            f"the Session runs quantize-kv caches for method 'kivi' only; got {quant['method']!r} "
+            "(evaluate XQuant with one teacher-forced forward of the quantize-kv graph)."
+        )
+        raise NotImplementedError(msg)
+    return KIVICache(batch, spec.n_kv_heads, spec.head_dim, quant["bits"], quant["group"],
+                     quant["residual"], spec.dtype, device, quant.get("sink", 0))

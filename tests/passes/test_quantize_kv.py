@@ -1,0 +1,215 @@
+"""Tests of ``quantize-kv``: matches, rejections, numerics (off = dense), golden lines, Session."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import warnings
+
+import pytest
+import torch
+from expecttest import assert_expected_inline
+from torch import nn
+
+import condfx
+from condfx.graph_text import graph_text
+from condfx.passes import PassError
+from condfx.passes.quantize_kv import QCA, QuantizeKV, QuantizeKVConfig
+from condfx.runtime.session import Session
+from tests._data import require_data
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _logits(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@functools.cache
+def _stories():
+    from condfx.models_zoo import load
+
+    model, _ = load(require_data("stories260K.bin"))
+    return model.eval()
+
+
+@functools.cache
+def _captured(name: str, dtype: torch.dtype = torch.float32):
+    from condfx.models_zoo import build_zoo
+
+    model = (_stories() if name == "stories260K" else build_zoo(name)).to(dtype)
+    ids = torch.randint(3, 100, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense = _logits(model(ids))
+    return condfx.capture(model, (ids[:, :8].clone(),)), ids, dense
+
+
+def _run(name, spec, dtype=torch.float32):
+    gm, ids, dense = _captured(name, dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        result = condfx.apply(gm, spec)
+    with torch.no_grad():
+        return result, _logits(result.graph_module(ids)), dense
+
+
+def test_matches_every_attention_region_fused_or_not():
+    for spec in ("quantize-kv{method=kivi,bits=2,group=8}", "fuse-attention, quantize-kv{bits=3,group=8}"):
+        result, _, _ = _run("llama-tiny", spec)
+        gm = result.graph_module
+        assert result.reports[-1].rewritten == 2
+        assert sum(n.target is QCA for n in gm.graph.nodes) == 2
+        targets = {str(n.target) for n in gm.graph.nodes}
+        assert not any("scaled_dot_product" in t or t == "condfx.attention.default" for t in targets)
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "qwen3-tiny"])
+@pytest.mark.parametrize(
+    "method", ["kivi", "xquant,latent=x", "xquant,latent=svd", "xquant-cl"]
+)
+def test_numerics_quantization_off_is_dense_float64(name, method):
+    # float64: the SVD latent, the copied RoPE / QK-norm path and the CL deltas are exact algebra
+    spec = f"quantize-kv{{method={method},bits=32,group=4,residual=3}}"
+    result, out, dense = _run(name, spec, torch.float64)
+    assert result.reports[-1].rewritten == 2
+    assert (out - dense).abs().max().item() < 1e-10
+
+
+@pytest.mark.parametrize("method", ["kivi", "xquant,latent=x", "xquant,latent=svd", "xquant-cl"])
+def test_numerics_off_and_16_bits_on_stories260k(method):
+    _, off, dense = _run("stories260K", f"quantize-kv{{method={method},bits=32,group=8}}")
+    tol = 1e-5 if "svd" not in method and "cl" not in method else 5e-5  # float32 SVD / deltas
+    assert (off - dense).abs().max().item() < tol
+    _, half, _ = _run("stories260K", f"quantize-kv{{method={method},bits=16,group=8,residual=4}}")
+    assert 0 < (half - dense).abs().max().item() < 2e-2
+    errors = []
+    for bits in (2, 3, 4):
+        _, out, _ = _run("stories260K", f"quantize-kv{{method={method},bits={bits},group=8,residual=4}}")
+        errors.append((out - dense).pow(2).mean().item())
+    assert errors[0] > errors[1] > errors[2] > 0
+
+
+def test_numerics_residual_window_covering_sequence_is_dense():
+    _, out, dense = _run("stories260K", "quantize-kv{method=kivi,bits=2,group=8,residual=40}")
+    assert (out - dense).abs().max().item() < 1e-5
+
+
+def test_numerics_report_bytes_per_token():
+    spec = "quantize-kv{method=kivi,bits=2,group=8,residual=16,context=1024}"
+    result, _, _ = _run("stories260K", spec)
+    rep = result.reports[-1]
+    # 5 layers, K and V of 4 heads x 8 dims; 2-bit codes + fp16 scale/zero per 8 values;
+    # K leaves the window in chunks of 8 tokens, V one token at a time; the tail is fp16
+    code = 32 * 2 / 8 + 4 * 32 / 8
+    k = (1008 * code + 16 * 64) / 1024
+    v = (1008 * code + 16 * 64) / 1024
+    assert rep.fp16_bytes_per_token == 5 * 128
+    assert rep.kv_bytes_per_token == pytest.approx(5 * (k + v))
+    assert "KV cache at 1024 tokens" in rep.to_markdown()
+
+
+def test_numerics_sink_tokens_stay_full_precision():
+    spec = "quantize-kv{method=xquant-cl,bits=2,group=8,residual=4,sink=%d,context=1024}"
+    r0, plain, dense = _run("stories260K", spec % 0)
+    r1, sunk, _ = _run("stories260K", spec % 1)
+    assert not torch.equal(plain, sunk)
+    # the first token's own logits never read a quantized key; the bytes grow by one fp16 row
+    torch.testing.assert_close(sunk[:, :1], dense[:, :1])
+    extra = r1.reports[-1].kv_bytes_per_token - r0.reports[-1].kv_bytes_per_token
+    assert 0 < extra < 5 * 64 * 2 / 1024 + 1e-9
+
+
+def test_numerics_first_layers_get_more_bits():
+    _, low, dense = _run("stories260K", "quantize-kv{method=xquant,bits=2,group=8,residual=4}")
+    _, mixed, _ = _run(
+        "stories260K", "quantize-kv{method=xquant,bits=2,group=8,residual=4,first_layers=2,first_bits=4}"
+    )
+    assert (mixed - dense).pow(2).mean() < (low - dense).pow(2).mean()
+
+
+def test_golden_llama_tiny_kivi_layer0():
+    result, _, _ = _run("llama-tiny", "fuse-attention, quantize-kv{method=kivi,bits=2,group=4,residual=3}")
+    lines = graph_text(result.graph_module).splitlines()
+    first = next(i for i, line in enumerate(lines) if "quantized_cache_attention" in line)
+    keep = [line for line in lines[: first + 1] if any(w in line for w in ("condfx.", "flatten", "permute"))]
+    assert_expected_inline("\n".join(keep), """\
+%42 = aten.permute.default(%41, [0, 2, 1, 3])
+%43 = aten.flatten.using_ints(%42, 2)
+%44 = condfx.fake_group_quantize.default(%43, 2, 4, -1)
+%45 = aten.unflatten.int(%44, 2, [2, 16])
+%46 = aten.permute.default(%45, [0, 2, 1, 3])
+%47 = condfx.fake_group_quantize.default(%40, 2, 4, -2)
+%48 = condfx.quantized_cache_attention.default(%32, %40, %41, %47, %46, 0.25, 0, 3, 4, 1, 0)""")
+
+
+def test_idempotent_second_run_not_modified():
+    result, _, _ = _run("llama-tiny", "quantize-kv{method=kivi,bits=2,group=8}")
+    again = QuantizeKV(QuantizeKVConfig(method="kivi", bits=2, group=8))(result.graph_module)
+    assert not again.modified and again.report.skipped[0][0] == "already quantized"
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"bits": 5}, r"bits must be one of \(2, 3, 4, 16, 32\); got 5"),
+        ({"method": "kvquant"}, r"method must be one of \{xquant, xquant-cl, kivi\}"),
+        ({"residual": 64, "context": 32}, "residual 64 is longer than the context 32"),
+        ({"group": 0}, "group must be an int >= 1"),
+        ({"latent": "pca"}, r"latent must be one of \{auto, x, svd\}"),
+    ],
+)
+def test_rejects_bad_config(options, match):
+    with pytest.raises(ValueError, match=match):
+        QuantizeKVConfig(**options)
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("quantize-kv{method=kivi,group=48}", r"group 48 must divide the K/V width \(heads x head dim\) 32"),
+        ("quantize-kv{method=xquant-cl,group=48}", "group 48 must divide the model dimension 64"),
+    ],
+)
+def test_rejects_group_not_dividing(spec, match):
+    gm, _, _ = _captured("llama-tiny")
+    before = graph_text(gm)
+    with pytest.raises((ValueError, PassError), match=match):
+        condfx.apply(gm, spec)
+    assert graph_text(gm) == before  # the caller's module is untouched
+
+
+def test_rejects_model_without_attention():
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 10))
+    gm = condfx.capture(model, (torch.zeros(2, 4, dtype=torch.long),))
+    with pytest.raises(PassError, match="found no attention region"):
+        condfx.apply(gm, "quantize-kv{method=kivi}")
+
+
+def test_rejects_fused_qkv_for_xquant_with_reason():
+    gm, _, _ = _captured("gpt2-tiny")
+    result = QuantizeKV(QuantizeKVConfig(method="xquant", group=8))(copy.deepcopy(gm))
+    assert not result.modified
+    assert {r for r, _ in result.report.skipped} == {"fused qkv projection"}
+
+
+def test_numerics_session_decoding_equals_teacher_forced_stories260k():
+    """Prefill 10 tokens, then 30 one-token steps through the Session's KIVI caches: the logits
+    equal one forward of the quantize-kv graph (the teacher-forced evaluation)."""
+    spec = "fuse-attention, quantize-kv{method=kivi,bits=2,group=8,residual=4,sink=1}"
+    _, teacher, dense = _run("stories260K", spec)
+    _, ids, _ = _captured("stories260K")
+    session = Session.from_model(_stories(), passes=spec)
+    steps = [session.prefill(ids[:, :10])]
+    steps += [session.step(ids[:, t : t + 1]) for t in range(10, 40)]
+    decoded = torch.cat(steps, 1)
+    assert (decoded - teacher).abs().max().item() < 1e-3
+    assert (teacher - dense).abs().max().item() > 0.1  # the cache really is quantized
+    caches = session.caches
+    assert caches.nbytes() == sum(c.k.nbytes() + c.v.nbytes() for c in caches.caches)
+    assert caches[0].k.quantized == 32 and caches[0].v.quantized == 35  # after the 1 sink token
+    assert caches[0].k.head.shape[2] == 1
+
+
+def test_rejects_xquant_in_session():
+    with pytest.raises(NotImplementedError, match="for method 'kivi' only"):
+        Session.from_model(_stories(), passes="fuse-attention, quantize-kv{method=xquant,group=8}")

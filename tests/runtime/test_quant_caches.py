@@ -1,0 +1,87 @@
+"""QuantizedStream, KIVICache and XQuantCache: policy, exact bytes, rematerialisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from condfx.ops.kv_quant import fake_quantize_reference, stream_bytes_per_token
+from condfx.runtime.quant_caches import (
+    KIVICache,
+    QuantizedStream,
+    XQuantCache,
+)
+
+
+@pytest.mark.parametrize(("dim", "group"), [(-1, 8), (-2, 4)])
+def test_numerics_stream_matches_fake_quant_and_counts_bytes(dim, group):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 23, 16)
+    s = QuantizedStream((2, 3), 16, 3, group, dim, residual=5)
+    for t in range(23):  # token by token, as decoding appends
+        s.append(x[:, :, t : t + 1])
+    nq = ((23 - 5) // s.chunk) * s.chunk
+    assert s.quantized == nq and len(s) == 23
+    want = fake_quantize_reference(x[:, :, :nq], 3, group, dim)
+    torch.testing.assert_close(s.read(), torch.cat([want, x[:, :, nq:]], 2))
+    stats = nq * 16 // group
+    assert s.nbytes() == 2 * 3 * (nq * 16 * 3 // 8 + 2 * 2 * stats + (23 - nq) * 16 * 4)
+    per_token = stream_bytes_per_token(16, 3, group, 5, s.chunk, 23, tail_bytes=4)
+    assert s.nbytes() == pytest.approx(2 * 3 * 23 * per_token)
+
+
+def test_numerics_kivi_cache_update_and_reorder():
+    torch.manual_seed(0)
+    cache = KIVICache(2, 2, 8, bits=2, group=4, residual=3)
+    k, v = torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8)
+    cache.update(k[:, :, :6], v[:, :, :6])
+    pk, pv = cache.past()
+    cache.update(torch.cat([pk, k[:, :, 6:]], 2), torch.cat([pv, v[:, :, 6:]], 2))
+    assert cache.length == cache.stored == 10 and cache.k.quantized == 4 and cache.v.quantized == 7
+    pk, pv = cache.past()
+    torch.testing.assert_close(pk[:, :, 4:], k[:, :, 4:])
+    torch.testing.assert_close(pk[:, :, :4], fake_quantize_reference(k[:, :, :4], 2, 4, -2))
+    rows = v[:, :, :7].transpose(1, 2).flatten(2)  # values grouped per token across heads
+    want_v = fake_quantize_reference(rows, 2, 4, -1).unflatten(2, (2, 8)).transpose(1, 2)
+    torch.testing.assert_close(pv[:, :, :7], want_v)
+    cache.reorder(torch.tensor([1]))
+    assert cache.past()[0].shape == (1, 2, 10, 8)
+    torch.testing.assert_close(cache.past()[0][0], pk[1])
+    assert cache.nbytes() == cache.k.nbytes() + cache.v.nbytes() < (k.nbytes + v.nbytes) // 2
+
+
+def test_numerics_xquant_cache_rematerialises_svd_latent_exactly():
+    torch.manual_seed(0)
+    d, hkv, hd = 24, 2, 4
+    wk, wv = torch.randn(hkv * hd, d), torch.randn(hkv * hd, d)
+    uk, sk, vhk = torch.linalg.svd(wk.T, full_matrices=False)
+    uv, sv, vhv = torch.linalg.svd(wv.T, full_matrices=False)
+    up = {"k": sk[:, None] * vhk, "v": sv[:, None] * vhv}
+    cache = XQuantCache(1, {"k": 8, "v": 8}, 32, 8, 0, up, hkv, hd)
+    x = torch.randn(1, 5, d)
+    cache.append(k=x @ uk, v=x @ uv)
+    want_k = (x @ wk.T).reshape(1, 5, hkv, hd).transpose(1, 2)
+    torch.testing.assert_close(cache.keys(), want_k, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cache.values(), (x @ wv.T).reshape(1, 5, hkv, hd).transpose(1, 2),
+                               atol=1e-4, rtol=1e-4)
+    assert cache.nbytes() == 2 * 5 * 8 * 4
+    with pytest.raises(ValueError, match="needs streams"):
+        cache.append(x=x)
+
+
+def test_numerics_stream_keeps_sink_tokens():
+    torch.manual_seed(0)
+    x = torch.randn(1, 20, 16)
+    s = QuantizedStream((1,), 16, 2, 8, -1, residual=3, sink=2)
+    s.append(x[:, :1])
+    s.append(x[:, 1:])
+    assert s.head.shape[1] == 2 and s.quantized == 15 and len(s) == 20
+    got = s.read()
+    torch.testing.assert_close(got[:, :2], x[:, :2])
+    torch.testing.assert_close(got[:, 2:17], fake_quantize_reference(x[:, 2:17], 2, 8, -1))
+    assert s.nbytes() == 15 * (4 + 2 * 2 * 2) + 5 * 16 * 4
+
+
+def test_rejects_bad_stream_bits():
+    with pytest.raises(ValueError, match="bits must be one of"):
+        QuantizedStream((1,), 16, 8, 8, -1, 0)
