@@ -13,10 +13,12 @@ from condfx.ops.attention import (
     check_attention_shapes,
 )
 from condfx.ops.masked_ffn import masked_ffn_reference
+from condfx.ops.routed_attention import routed_attention_reference
 
 __all__ = [
     "attention_backward_reference",
     "attention_reference",
     "check_attention_shapes",
     "masked_ffn_reference",
+    "routed_attention_reference",
 ]
