@@ -37,6 +37,7 @@ import torch
 from torch import fx
 
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
+from condfx.ops.routed_attention import is_routed_attention
 from condfx.passes.base import GraphSnapshot, Pass, PassError, PassReport, PassResult
 from condfx.passes.fuse_attention import is_fused_attention
 from condfx.patterns import find_regions
@@ -137,7 +138,8 @@ def _check_fused(gm: fx.GraphModule, name: str) -> list[fx.Node]:
             f"{unfused[0].layer} is not: run fuse-attention first (e.g. 'fuse-attention, add-kv-cache')"
         )
         raise PassError(name, reason, node=unfused[0].core)
-    attn = [n for n in gm.graph.nodes if is_fused_attention(n)]
+    # L2A's routed global attention reads (and caches) every key like a full-attention layer
+    attn = [n for n in gm.graph.nodes if is_fused_attention(n) or is_routed_attention(n)]
     if not attn:
         reason = "add-kv-cache found no condfx.attention node: run fuse-attention first"
         raise PassError(name, reason)
@@ -189,7 +191,7 @@ def _layer_specs(attn: list[fx.Node]) -> list[KVLayerSpec]:
     specs = []
     for i, node in enumerate(attn):
         k = node.args[1].meta["val"]
-        window = int(node.args[4]) if len(node.args) > 4 else 0
+        window = int(node.args[4]) if len(node.args) > 4 and is_fused_attention(node) else 0
         specs.append(KVLayerSpec(i, int(k.shape[1]), int(k.shape[3]), window, k.dtype))
     return specs
 

@@ -13,6 +13,7 @@ from types import MappingProxyType
 from condfx.passes.add_kv_cache import AddKVCache
 from condfx.passes.base import Pass
 from condfx.passes.fuse_attention import FuseAttention
+from condfx.passes.prune_global import PruneGlobal
 from condfx.passes.route_attention import RouteAttention
 from condfx.passes.skip_ffn import SkipFFN
 
@@ -22,6 +23,7 @@ PASSES: Mapping[str, type[Pass]] = MappingProxyType(
         AddKVCache.name: AddKVCache,
         SkipFFN.name: SkipFFN,
         RouteAttention.name: RouteAttention,
+        PruneGlobal.name: PruneGlobal,
     }
 )
 

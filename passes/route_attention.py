@@ -201,12 +201,13 @@ def _between(sources: list[fx.Node], outputs: list[fx.Node]) -> set[fx.Node]:
     return {n for n in up if n.op == "call_function"}
 
 
-def _state(gm: fx.GraphModule, prefix: str, region: AttentionRegion) -> nn.Module:
+def _state(gm: fx.GraphModule, prefix: str, region: AttentionRegion, window: int) -> nn.Module:
     state = nn.Module()
     d = region.x_in.meta["val"].shape[-1]
     dtype = region.x_in.meta["val"].dtype
     state.register_parameter("router_weight", nn.Parameter(torch.zeros(1, int(d), dtype=dtype)))
     state.register_buffer("layer", torch.tensor(region.layer, dtype=torch.int64))
+    state.register_buffer("window", torch.tensor(window, dtype=torch.int64))
     state.register_buffer("dense", torch.tensor(False))
     state.register_buffer("route_stats", torch.zeros(2, dtype=torch.float64))
     gm.get_submodule(prefix).add_module("l2a", state)
@@ -216,7 +217,7 @@ def _state(gm: fx.GraphModule, prefix: str, region: AttentionRegion) -> nn.Modul
 def route_attention_replacement(gm: fx.GraphModule, region: AttentionRegion, cfg: RouteAttentionConfig) -> None:
     """Inserts the router and the global branch after ``region``'s residual add (see module docstring)."""
     prefix = owner_prefix(region)
-    state = _state(gm, prefix, region)
+    state = _state(gm, prefix, region, cfg.window)
     res = region.residual
     region.core.args = (*region.core.args[:4], cfg.window)  # the window branch
     b = _Builder(gm, res.next, res, prefix)

@@ -7,7 +7,7 @@ attention's q projection, e.g. ``layers.0.attention``). Roles:
     "route"  logit >= 0, (B, T) bool: the inference routing decision
     "routed" the ``condfx.routed_attention`` node (global branch core)
     "out"    stream + gate * global: the residual add ending the layer's global branch
-The ``l2a`` submodule holds ``layer`` (int64 buffer), ``dense`` (bool buffer: run the global branch
+The ``l2a`` submodule holds ``layer`` and ``window`` (int64 buffers), ``dense`` (bool buffer: run the global branch
 for every query, set by the trainer on dense steps) and ``route_stats`` (float64 [routed, total]
 query counts recorded by ``condfx.l2a.record_route_stats``).
 """
