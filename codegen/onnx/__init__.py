@@ -14,6 +14,7 @@ import torch
 import condfx.ops  # noqa: F401  (defines torch.ops.condfx.*)
 from condfx.codegen.onnx import attention as _attention
 from condfx.codegen.onnx import masked_ffn as _masked_ffn
+from condfx.codegen.onnx import routed_attention as _routed_attention
 from condfx.codegen.onnx._functions import (
     DOMAIN,
     DOMAIN_VERSION,
@@ -27,6 +28,7 @@ from condfx.codegen.onnx._functions import (
 LOWERINGS: dict[torch._ops.OpOverload, Lowering] = {
     torch.ops.condfx.attention.default: _attention.LOWERING,
     torch.ops.condfx.masked_ffn.default: _masked_ffn.LOWERING,
+    torch.ops.condfx.routed_attention.default: _routed_attention.LOWERING,
 }
 
 __all__ = [

@@ -32,6 +32,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from condfx.ops import _flash_cpu
+
 # Upper bound on the elements of one (B, H, chunk, S) score block in the reference: 2**24 floats = 64 MiB.
 _SCORE_BLOCK_ELEMENTS = 1 << 24
 
@@ -208,6 +210,8 @@ def _windowed_blocks(q, k, v, scale: float, window: int) -> torch.Tensor:
     """Sliding-window attention in query blocks of ``window`` rows, each reading only the keys
     its rows can see (at most 2 * window - 1), so the work is O(T * window), not O(T * S)."""
     t, s = q.shape[2], k.shape[2]
+    if t == s and window > 1 and _flash_cpu.usable(q, k, v):
+        return _flash_cpu.window_attention(q, k, v, scale, window)
     gqa = q.shape[1] != k.shape[1]
     outs = []
     for t0 in range(0, t, window):

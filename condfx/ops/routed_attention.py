@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from condfx.ops import _flash_cpu
 from condfx.ops.attention import check_attention_shapes
 
 # Compact queries per SDPA call; each call reads keys up to its last query's position.
@@ -52,9 +53,13 @@ def check_route(q: torch.Tensor, route: torch.Tensor) -> None:
 def _attend_rows(qb, kb, vb, pos, scale):
     """Attention for compact queries qb (1, H, N, D) at absolute positions pos (N,), sorted."""
     gqa = qb.shape[1] != kb.shape[1]
+    fast = _flash_cpu.usable(qb, kb, vb)
     outs = []
     for n0 in range(0, qb.shape[2], _QUERY_BLOCK):
         p = pos[n0 : n0 + _QUERY_BLOCK]  # (c,)
+        if fast:
+            outs.append(_flash_cpu.routed_rows(qb[:, :, n0 : n0 + _QUERY_BLOCK], kb, vb, p, scale))
+            continue
         s_used = int(p[-1]) + 1  # keys beyond the block's last query are never visible
         keep = torch.arange(s_used, device=qb.device).unsqueeze(0) <= p.unsqueeze(1)  # (c, S')
         outs.append(

@@ -23,12 +23,13 @@ def _expected(q, k, v, route, scale):
     return dense_attention(q, k, v, scale) * route[:, None, :, None]
 
 
-@pytest.mark.parametrize(("t", "s", "hkv"), [(9, 9, 2), (5, 12, 1), (1, 7, 2), (11, 11, 4)])
-def test_numerics_matches_masked_dense_formula(t, s, hkv):
-    q, k, v, route = _qkv(2, 4, hkv, t, s, 8, dtype=torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32 runs the flash pieces
+@pytest.mark.parametrize(("t", "s", "hkv"), [(9, 9, 2), (5, 12, 1), (1, 7, 2), (11, 11, 4), (300, 300, 2)])
+def test_numerics_matches_masked_dense_formula(t, s, hkv, dtype):
+    q, k, v, route = _qkv(2, 4, hkv, t, s, 8, dtype=dtype)
     route[0, -1] = True  # at least one routed row
     out = torch.ops.condfx.routed_attention(q, k, v, route, 0.3)
-    atol, rtol = TOLERANCES[torch.float64]
+    atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(out, _expected(q, k, v, route, 0.3), atol=atol, rtol=rtol)
 
 
@@ -47,21 +48,26 @@ def test_numerics_query_blocks_equal_one_block(monkeypatch):
     torch.testing.assert_close(routed_attention_reference(q, k, v, route, 0.3), whole)
 
 
-def test_reference_attends_only_routed_rows(monkeypatch):
-    """The reference computes scores for the compacted routed queries only (no masked T x T)."""
-    q, k, v, route = _qkv(1, 2, 2, 64, 64, 4)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_reference_attends_only_routed_rows(monkeypatch, dtype):
+    """Scores are computed for the compacted routed queries only (no masked T x T), and keys are
+    read only up to the last routed position (float32 splits them in two flash pieces)."""
+    q, k, v, route = _qkv(1, 2, 2, 64, 64, 4, dtype=dtype)
     route[:] = False
-    route[0, [5, 40, 63]] = True
+    route[0, [5, 40, 62]] = True
     seen = []
-    real = routed_module.F.scaled_dot_product_attention
+    module, name = (routed_module.F, "scaled_dot_product_attention") if dtype == torch.float64 else (
+        routed_module._flash_cpu, "_FLASH")
+    real = getattr(module, name)
 
-    def spy(q_, k_, v_, **kw):
+    def spy(q_, k_, v_, *args, **kw):
         seen.append((q_.shape[2], k_.shape[2]))
-        return real(q_, k_, v_, **kw)
+        return real(q_, k_, v_, *args, **kw)
 
-    monkeypatch.setattr(routed_module.F, "scaled_dot_product_attention", spy)
-    routed_attention_reference(q, k, v, route, 0.5)
-    assert seen == [(3, 64)]
+    monkeypatch.setattr(module, name, spy)
+    with torch.no_grad():
+        torch.ops.condfx.routed_attention(q, k, v, route, 0.5)
+    assert {rows for rows, _ in seen} == {3} and sum(keys for _, keys in seen) == 63
 
 
 def test_numerics_gradients_match_dense_formula():
@@ -101,7 +107,7 @@ def test_rejects_bad_route(route, match):
         routed_attention_reference(q, k, v, route, 0.5)
 
 
-@pytest.mark.parametrize(("t", "s", "window"), [(40, 40, 4), (30, 35, 5), (17, 17, 8)])
+@pytest.mark.parametrize(("t", "s", "window"), [(40, 40, 4), (30, 35, 5), (17, 17, 8), (70, 70, 2), (64, 64, 9)])
 def test_numerics_windowed_attention_blocks_match_dense(t, s, window):
     """``condfx.attention`` with a window runs in query blocks on long inputs (L2A's window branch)."""
     g = torch.Generator().manual_seed(3)
