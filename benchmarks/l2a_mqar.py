@@ -31,7 +31,15 @@ import torch
 import condfx
 from condfx.demo import cache_dir
 from condfx.eval.tasks import MQARConfig, build_mqar_model, make_mqar_batch, mqar_accuracy
-from condfx.l2a import L2ARecipe, record_route_stats, route_fractions, train_l2a
+from condfx.l2a import (
+    L2ARecipe,
+    l2a_trainable,
+    record_route_stats,
+    route_fractions,
+    train_l2a,
+    window_only,
+)
+from condfx.patterns.routed import find_routed_layers
 from condfx.train import load_trained, train
 
 EVAL_N, EVAL_SEED = 512, 123
@@ -65,15 +73,6 @@ def dense_model(gap: int, steps: int):
     return model.eval()
 
 
-def _windowed(gm, window: int):
-    out = condfx.apply(gm, "fuse-attention").graph_module
-    for node in out.graph.nodes:
-        if node.target is torch.ops.condfx.attention.default:
-            node.args = (*node.args[:4], window)
-    out.recompile()
-    return out
-
-
 def _routing(gm, far: MQARConfig) -> list[float]:
     ids, _ = make_mqar_batch(far, 256, torch.Generator().manual_seed(EVAL_SEED))
     return route_fractions(gm, ids)
@@ -97,13 +96,11 @@ def run(args) -> dict:
     ids, _ = make_mqar_batch(far, 2, torch.Generator().manual_seed(0))
     gm = condfx.capture(dense, (ids,))
     rows = [{"model": "dense", "accuracy": mqar_accuracy(dense, far, EVAL_N, EVAL_SEED), "global": None}]
-    win = _windowed(gm, args.window)
+    win = window_only(gm, args.window)
     rows.append({"model": "window-only", "accuracy": mqar_accuracy(win, far, EVAL_N, EVAL_SEED), "global": [0.0, 0.0]})
     data = mixed(near, far, args.batch // 2)
     recipe = L2ARecipe(steps=args.steps, lr=args.lr, warmup=args.steps // 10, lam=args.lam, seed=1)
     if not args.skip_window_ft:
-        from condfx.l2a import l2a_trainable  # the same parameter set, without any L2A state
-
         names = l2a_trainable(win)
         train(win, data, steps=args.steps, lr=args.lr, warmup=args.steps // 10, trainable=lambda n: n in names,
               progress=False, seed=1)
@@ -115,7 +112,7 @@ def run(args) -> dict:
     calib, _ = make_mqar_batch(far, 256, torch.Generator().manual_seed(7))
     record_route_stats(l2a, [calib])
     pruned = condfx.apply(l2a, f"prune-global{{max_fraction={args.max_fraction}}}").graph_module
-    left = [r.layer for r in __import__("condfx.patterns.routed", fromlist=["x"]).find_routed_layers(pruned)]
+    left = [r.layer for r in find_routed_layers(pruned)]
     rows.append({"model": "L2A pruned", "accuracy": mqar_accuracy(pruned, far, EVAL_N, EVAL_SEED),
                  "global": _routing(pruned, far) if left else [], "global_layers": left})
     kv = {"dense": kv_bytes_per_token(condfx.apply(gm, "fuse-attention").graph_module),
@@ -130,11 +127,11 @@ def main() -> None:
     parser.add_argument("--gap", type=int, default=12)
     parser.add_argument("--window", type=int, default=4)
     parser.add_argument("--dense-steps", type=int, default=1500)
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--lam", type=float, default=2.0)
-    parser.add_argument("--max-fraction", type=float, default=0.05)
+    parser.add_argument("--lam", type=float, default=0.05)
+    parser.add_argument("--max-fraction", type=float, default=0.1)
     parser.add_argument("--skip-window-ft", action="store_true")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()

@@ -40,6 +40,7 @@ __all__ = [
     "route_fractions",
     "save_l2a_state",
     "train_l2a",
+    "window_only",
 ]
 
 
@@ -64,6 +65,19 @@ def l2a_view(gm: fx.GraphModule, *roles: str) -> fx.GraphModule:
     output.args = ((logits, *extra),)
     graph._codegen = fx.graph.CodeGen()  # plain positional inputs and a tuple output
     return fx.GraphModule(gm, graph)
+
+
+def window_only(gm: fx.GraphModule, window: int) -> fx.GraphModule:
+    """A copy of ``gm`` with every attention core fused and restricted to a ``window``-token window
+    (the untrained window-only baseline of L2A)."""
+    from condfx.passes import apply
+
+    out = apply(gm, "fuse-attention").graph_module
+    for node in out.graph.nodes:
+        if node.target is torch.ops.condfx.attention.default:
+            node.args = (*node.args[:4], window)
+    out.recompile()
+    return out
 
 
 def route_fractions(gm: fx.GraphModule, input_ids: torch.Tensor) -> list[float]:
@@ -133,7 +147,7 @@ class L2ARecipe:
     steps: int = 300
     lr: float = 1e-3
     warmup: int = 30
-    lam: float = 0.5
+    lam: float = 0.05
     dense_fraction: float = 0.1
     target_fraction: float | None = None
     adapt_rate: float = 0.05

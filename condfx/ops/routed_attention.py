@@ -135,6 +135,8 @@ def _backward(ctx, grad):
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
         out = routed_attention_reference(*leaves, route, ctx.scale)
+        if not out.requires_grad:  # no routed row: the output is a constant zero
+            return (*(torch.zeros_like(t) for t in (q, k, v)), None, None)
         dq, dk, dv = torch.autograd.grad(out, leaves, grad, allow_unused=True)
     return dq, dk, dv, None, None
 

@@ -80,6 +80,13 @@ def test_numerics_gradients_match_dense_formula():
         torch.testing.assert_close(a.grad, b.grad)
 
 
+def test_numerics_gradients_are_zero_when_nothing_routes():
+    q, k, v, route = _qkv(1, 2, 2, 5, 5, 4)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    torch.ops.condfx.routed_attention(*leaves, torch.zeros_like(route), 0.4).sum().backward()
+    assert all(torch.all(t.grad == 0) for t in leaves)
+
+
 def test_fake_impl_under_export_keeps_symbolic_shapes():
     class M(torch.nn.Module):
         def forward(self, q, k, v, route):
