@@ -145,8 +145,13 @@ def main() -> None:
     print("|---|---:|---:|---|---:|")
     for r in out["rows"]:
         g = r["global"]
-        per = "-" if g is None else " / ".join(f"{x:.1%}" for x in g) or "none (all pruned)"
-        skip = "-" if g is None else f"{1 - sum(g) / 2:.1%}"  # over both layers; pruned ones skip all
+        if "global_layers" in r:  # pruned layers have no global branch: all their tokens skip it
+            kept = dict(zip(r["global_layers"], g, strict=True))
+            cells = [f"{kept[i]:.1%}" if i in kept else "pruned" for i in range(2)]
+        else:
+            cells = None if g is None else [f"{x:.1%}" for x in g]
+        per = "-" if cells is None else " / ".join(cells)
+        skip = "-" if g is None else f"{1 - sum(g) / 2:.1%}"  # over both layers
         print(f"| {r['model']} | {r['accuracy']:.3f} | {r['accuracy'] / dense_acc:.1%} | {per} | {skip} |")
     kv = out["kv_bytes_per_token_8k"]
     print(f"KV bytes/token at 8K: dense {kv['dense']:.0f}, L2A {kv['L2A']:.0f}, L2A pruned {kv['L2A pruned']:.0f} "
