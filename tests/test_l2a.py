@@ -106,3 +106,14 @@ def test_rejects_model_without_l2a_layers():
 def test_rejects_bad_recipe():
     with pytest.raises(ValueError, match=r"L2ARecipe.target_fraction must be in \(0, 1\)"):
         L2ARecipe(target_fraction=1.5)
+
+
+def test_distillation_adds_kl_to_the_loss():
+    model, _, _ = _captured()
+    recipe = L2ARecipe(steps=2, warmup=0, lam=0.0, dense_fraction=0.0, lr=1e-9)
+    plain = train_l2a(_routed()[0], _data, recipe, progress=False)
+    distilled = train_l2a(_routed()[0], _data, L2ARecipe(**{**recipe.__dict__, "distill": 1.0}),
+                          teacher=model, progress=False)
+    assert distilled.losses[0] > plain.losses[0]  # KL(original || L2A) > 0 at initialisation
+    with pytest.raises(ValueError, match="distill > 0 needs a teacher"):
+        train_l2a(_routed()[0], _data, L2ARecipe(**{**recipe.__dict__, "distill": 1.0}), progress=False)
