@@ -61,7 +61,8 @@ def run(args) -> dict:
 
     rows = [{"model": "original", "ppl": ppl(gm)}]
     rows.append({"model": f"window-only (w={args.window}), untrained", "ppl": ppl(window_only(gm, args.window))})
-    recipe = L2ARecipe(steps=args.steps, lr=args.lr, warmup=args.steps // 10, lam=args.lam, seed=0)
+    recipe = L2ARecipe(steps=args.steps, lr=args.lr, warmup=args.steps // 10, lam=args.lam, seed=0,
+                       router_warmup=args.router_warmup)
     l2a = condfx.apply(gm, f"route-attention{{window={args.window}}}").graph_module
     res = train_l2a(l2a, _data(stream, args.seq, args.batch), recipe, progress=not args.json)
     flat = [t for d in eval_docs for t in d]
@@ -73,7 +74,7 @@ def run(args) -> dict:
     out = train(dense, _data(stream, args.seq, args.batch), steps=args.steps, lr=args.lr,
                 warmup=args.steps // 10, trainable=lambda n: n in names, progress=False, seed=0)
     rows.append({"model": "dense trained (same steps)", "ppl": ppl(dense), "train_s": out.seconds})
-    return {"window": args.window, "steps": args.steps, "seq": args.seq, "batch": args.batch,
+    return {"window": args.window, "steps": args.steps, "lam": args.lam, "router_warmup": args.router_warmup, "seq": args.seq, "batch": args.batch,
             "eval_docs": args.eval_docs, "rows": rows, "seconds": time.perf_counter() - t0}
 
 
@@ -86,6 +87,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--lam", type=float, default=0.05)
     parser.add_argument("--eval-docs", type=int, default=50)
+    parser.add_argument("--router-warmup", type=int, default=0, help="steps with frozen routers")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     out = run(args)

@@ -141,6 +141,8 @@ class L2ARecipe:
         target_fraction: when set, lambda adapts so the routed fraction approaches this value.
         adapt_rate: multiplicative lambda step in target mode (lambda *= exp(rate * (frac - target))).
         distill: weight of the KL term against ``teacher`` (0 disables it).
+        router_warmup: steps during which the routers stay frozen (every token routed), so the
+            global branch adapts before the routers decide (not in the paper; 0 disables it).
         seed: seeds the data and the dense-step coin.
     """
 
@@ -152,6 +154,7 @@ class L2ARecipe:
     target_fraction: float | None = None
     adapt_rate: float = 0.05
     distill: float = 0.0
+    router_warmup: int = 0
     seed: int = 0
 
     def __post_init__(self):
@@ -247,6 +250,8 @@ class _Controller:
         dense = bool(torch.rand((), generator=self.coin) < self.r.dense_fraction)
         for layer in self.layers:
             layer.state.dense.fill_(dense)
+            # AdamW skips a parameter without a gradient: a frozen router keeps its zero weights
+            layer.state.router_weight.requires_grad_(step >= self.r.router_warmup)
 
     def after_step(self, step: int, loss: float, model: _TrainView) -> None:
         fr = [float(r.float().mean()) for r in model.routes]

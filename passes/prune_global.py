@@ -17,6 +17,7 @@ Does not handle: graphs in decode form (run it before ``add-kv-cache``). Lossy (
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -94,8 +95,7 @@ def prune_global_replacement(gm: fx.GraphModule, layer: RoutedLayer) -> None:
 def _global_regions(attention, layers: list[RoutedLayer]):
     """Stand-ins for the global branches of ``layers`` (full-length cache) for the cost estimate."""
     by_layer = {r.layer: r for r in attention}
-    return [by_layer[x.layer].__class__(**{**by_layer[x.layer].__dict__, "window": None})
-            for x in layers if x.layer in by_layer]
+    return [dataclasses.replace(by_layer[x.layer], window=None) for x in layers if x.layer in by_layer]
 
 
 class PruneGlobal(Pass):

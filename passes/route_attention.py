@@ -29,6 +29,7 @@ Does not handle: regions without an input norm, output projection or residual ad
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -269,7 +270,7 @@ class RouteAttention(Pass):
             gm.graph.lint()
             gm.recompile()
         after = find_regions(gm).attention
-        globals_ = [r.__class__(**{**r.__dict__, "window": None}) for r in after if r.layer in todo]
+        globals_ = [dataclasses.replace(r, window=None) for r in after if r.layer in todo]
         report = snapshot.report(
             gm, self.name, matched=len(wanted), rewritten=len(todo), skipped=tuple(skipped),
             near_misses=tuple(str(f) for f in before.failures if f.kind in ("", "attention")),

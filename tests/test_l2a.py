@@ -117,3 +117,11 @@ def test_distillation_adds_kl_to_the_loss():
     assert distilled.losses[0] > plain.losses[0]  # KL(original || L2A) > 0 at initialisation
     with pytest.raises(ValueError, match="distill > 0 needs a teacher"):
         train_l2a(_routed()[0], _data, L2ARecipe(**{**recipe.__dict__, "distill": 1.0}), progress=False)
+
+
+def test_router_warmup_keeps_routers_frozen():
+    gm, _ = _routed()
+    train_l2a(gm, _data, L2ARecipe(steps=3, warmup=0, router_warmup=3), progress=False)
+    layers = find_routed_layers(gm)
+    assert all(torch.all(x.state.router_weight == 0) for x in layers)
+    assert all(x.state.router_weight.requires_grad for x in layers)  # flags restored
