@@ -74,8 +74,8 @@ def run(args) -> dict:
     out = train(dense, _data(stream, args.seq, args.batch), steps=args.steps, lr=args.lr,
                 warmup=args.steps // 10, trainable=lambda n: n in names, progress=False, seed=0)
     rows.append({"model": "dense trained (same steps)", "ppl": ppl(dense), "train_s": out.seconds})
-    return {"window": args.window, "steps": args.steps, "lam": args.lam, "router_warmup": args.router_warmup, "seq": args.seq, "batch": args.batch,
-            "eval_docs": args.eval_docs, "rows": rows, "seconds": time.perf_counter() - t0}
+    return {"window": args.window, "steps": args.steps, "lam": args.lam, "router_warmup": args.router_warmup,
+            "seq": args.seq, "batch": args.batch, "eval_docs": args.eval_docs, "rows": rows, "seconds": time.perf_counter() - t0}
 
 
 def main() -> None:
