@@ -40,6 +40,7 @@ import torch
 from torch import fx
 
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
+from condfx.ops.routed_attention import is_routed_attention
 from condfx.passes.base import GraphSnapshot, Pass, PassError, PassReport, PassResult
 from condfx.passes.fuse_attention import is_fused_attention
 from condfx.passes.interleave_heads import is_interleaved_attention
@@ -153,13 +154,31 @@ def _check_fused(gm: fx.GraphModule, name: str) -> list[fx.Node]:
 
 
 def is_cached_attention(node: fx.Node) -> bool:
-    """Is ``node`` an attention op whose keys and values the decode form caches?"""
-    return is_fused_attention(node) or is_interleaved_attention(node) or is_quantized_cache_attention(node)
+    """Is ``node`` an attention op whose keys and values the decode form caches?
+
+    ``condfx.attention`` (windowed or not), IHA's ``condfx.interleaved_attention``, ``quantize-kv``'s
+    ``condfx.quantized_cache_attention`` and L2A's ``condfx.routed_attention`` (the routed global branch
+    reads, and so caches, every key like a full-attention layer).
+    """
+    return (
+        is_fused_attention(node)
+        or is_interleaved_attention(node)
+        or is_quantized_cache_attention(node)
+        or is_routed_attention(node)
+    )
 
 
-def _window_arg(node: fx.Node) -> int:
-    """Index of the window argument: 4 in condfx.attention, 6 in condfx.quantized_cache_attention."""
-    return 6 if is_quantized_cache_attention(node) else 4
+# index of the sliding-window argument of the cached attention ops that have one
+_WINDOW_ARG = {
+    torch.ops.condfx.attention.default: 4,
+    torch.ops.condfx.quantized_cache_attention.default: 6,
+}
+
+
+def _window_of(node: fx.Node) -> int:
+    """The node's sliding window, 0 for full causal attention (and for ops without a window)."""
+    index = _WINDOW_ARG.get(node.target) if node.op == "call_function" else None
+    return int(node.args[index]) if index is not None and len(node.args) > index else 0
 
 
 def _symbols(value) -> set:
@@ -210,7 +229,7 @@ def _layer_specs(attn: list[fx.Node]) -> list[KVLayerSpec]:
         if is_interleaved_attention(node):  # full cache: positions are cache indices
             specs.append(KVLayerSpec(i, int(k.shape[1]), int(k.shape[3]), 0, k.dtype, int(node.args[5])))
             continue
-        window = int(node.args[_window_arg(node)]) if len(node.args) > _window_arg(node) else 0
+        window = _window_of(node)
         specs.append(KVLayerSpec(i, int(k.shape[1]), int(k.shape[3]), window, k.dtype))
     return specs
 

@@ -15,7 +15,9 @@ from condfx.passes.base import Pass
 from condfx.passes.fold_interleave import FoldInterleave
 from condfx.passes.fuse_attention import FuseAttention
 from condfx.passes.interleave_heads import InterleaveHeads
+from condfx.passes.prune_global import PruneGlobal
 from condfx.passes.quantize_kv import QuantizeKV
+from condfx.passes.route_attention import RouteAttention
 from condfx.passes.skip_ffn import SkipFFN
 
 PASSES: Mapping[str, type[Pass]] = MappingProxyType(
@@ -26,6 +28,8 @@ PASSES: Mapping[str, type[Pass]] = MappingProxyType(
         InterleaveHeads.name: InterleaveHeads,
         FoldInterleave.name: FoldInterleave,
         QuantizeKV.name: QuantizeKV,
+        RouteAttention.name: RouteAttention,
+        PruneGlobal.name: PruneGlobal,
     }
 )
 

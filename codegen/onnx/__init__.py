@@ -15,6 +15,7 @@ import condfx.ops  # noqa: F401  (defines torch.ops.condfx.*)
 from condfx.codegen.onnx import attention as _attention
 from condfx.codegen.onnx import interleaved_attention as _interleaved_attention
 from condfx.codegen.onnx import masked_ffn as _masked_ffn
+from condfx.codegen.onnx import routed_attention as _routed_attention
 from condfx.codegen.onnx._functions import (
     DOMAIN,
     DOMAIN_VERSION,
@@ -29,6 +30,7 @@ LOWERINGS: dict[torch._ops.OpOverload, Lowering] = {
     torch.ops.condfx.attention.default: _attention.LOWERING,
     torch.ops.condfx.masked_ffn.default: _masked_ffn.LOWERING,
     torch.ops.condfx.interleaved_attention.default: _interleaved_attention.LOWERING,
+    torch.ops.condfx.routed_attention.default: _routed_attention.LOWERING,
 }
 
 __all__ = [

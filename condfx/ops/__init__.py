@@ -20,6 +20,7 @@ from condfx.ops.kv_quant import (
     quantized_cache_attention_reference,
 )
 from condfx.ops.masked_ffn import masked_ffn_reference
+from condfx.ops.routed_attention import routed_attention_reference
 
 __all__ = [
     "attention_backward_reference",
@@ -31,4 +32,5 @@ __all__ = [
     "masked_ffn_reference",
     "quantize_reference",
     "quantized_cache_attention_reference",
+    "routed_attention_reference",
 ]

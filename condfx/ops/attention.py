@@ -32,6 +32,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from condfx.ops import _flash_cpu
+
 # Upper bound on the elements of one (B, H, chunk, S) score block in the reference: 2**24 floats = 64 MiB.
 _SCORE_BLOCK_ELEMENTS = 1 << 24
 
@@ -198,8 +200,29 @@ def attention_sdpa(
     gqa = q.shape[1] != k.shape[1]
     if t == s and window == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if 0 < window and t > 2 * window:
+        return _windowed_blocks(q, k, v, scale, window)
     mask = _visible(0, t, t, s, window, q.device)  # (T, S)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def _windowed_blocks(q, k, v, scale: float, window: int) -> torch.Tensor:
+    """Sliding-window attention in query blocks of ``window`` rows, each reading only the keys
+    its rows can see (at most 2 * window - 1), so the work is O(T * window), not O(T * S)."""
+    t, s = q.shape[2], k.shape[2]
+    if t == s and window > 1 and _flash_cpu.usable(q, k, v):
+        return _flash_cpu.window_attention(q, k, v, scale, window)
+    gqa = q.shape[1] != k.shape[1]
+    outs = []
+    for t0 in range(0, t, window):
+        t1 = min(t, t0 + window)
+        lo = max(0, s - t + t0 - window + 1)  # first key the block's first row sees
+        hi = s - t + t1  # one past the block's last row position
+        keep = _visible(t0, t1, t, s, window, q.device)[:, lo:hi]  # (c, hi - lo)
+        outs.append(F.scaled_dot_product_attention(
+            q[:, :, t0:t1], k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=keep, scale=scale, enable_gqa=gqa
+        ))  # (B, H, c, D)
+    return torch.cat(outs, dim=2)
 
 
 @torch.library.custom_op("condfx::attention", mutates_args=())

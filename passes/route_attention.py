@@ -1,0 +1,280 @@
+"""Turn attention layers into L2A layers: sliding-window attention for every token plus a learned
+router that sends only some tokens to global attention (TECHNIQUES.md section 1).
+
+Rewrites (per selected attention region; x = the block's input stream):
+    x + o(attn(q(n(x)), k(n(x)), v(n(x))))
+        → h = x + o(condfx.attention(q, k, v, scale, window))        # window branch, base weights
+          s = n'(h)                                                  # new norm, init from n
+          logit = s @ w_r^T                                          # w_r (1, d) zero-initialised
+          route = logit >= 0                                         # (B, T) bool, inference rule
+          gate = p + detach(float(route) - p),  p = sigmoid(logit / temperature)
+          h + gate * o'(condfx.routed_attention(q'(s), k'(s), v'(s), route | dense, scale))
+  q'/k'/v'/o' (with their QK-norms and biases) and n' are copies of the base weights, so the global
+  branch starts as the base attention. ``gate`` is the hard 0/1 decision in the forward pass and
+  carries the tempered sigmoid's gradient backward (straight-through). ``dense`` is a bool buffer
+  the trainer sets on the dense-global steps. Not exact: at initialisation every logit is 0, every
+  token is routed, and the layer computes attention twice; pair it with ``condfx.l2a.train_l2a``.
+
+New state per layer, under ``<prefix>.l2a`` (prefix = the module owning the q projection): the
+  copied weights, ``router_weight``, buffers ``layer``, ``dense``, ``route_stats``; nodes are tagged
+  for ``condfx.patterns.routed.find_routed_layers``.
+
+Requires: the canonical IR; attention regions with their input norm, q/k/v/o projections read
+  from ``get_attr`` weights and a residual add. Fuses the selected regions first (``fuse-attention``).
+  Must run before ``add-kv-cache``.
+
+Does not handle: regions without an input norm, output projection or residual add (skipped with a
+  reason); non-causal attention. Paper: Choudhary et al., "Learning When to Attend", 2026.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import fx, nn
+
+import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
+from condfx.passes.base import GraphSnapshot, Pass, PassResult
+from condfx.passes.fuse_attention import FuseAttention, FuseAttentionConfig, is_fused_attention
+from condfx.passes.report import estimate_cost
+from condfx.patterns import find_regions
+from condfx.patterns._graph import get_attr_value
+from condfx.patterns.regions import AttentionRegion
+from condfx.patterns.routed import TAG
+
+aten = torch.ops.aten
+ROUTED = torch.ops.condfx.routed_attention.default
+
+
+def _int_list(name: str, value) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    ok = isinstance(value, (list, tuple)) and all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value
+    )
+    if not ok:
+        msg = f"RouteAttentionConfig.{name} must be a list of non-negative layer indices or None; got {value!r}."
+        raise ValueError(msg)
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class RouteAttentionConfig:
+    """Options of ``route-attention``.
+
+    Attributes:
+        window: sliding-window size of the local branch (keys j with pos - window < j <= pos), >= 1.
+        layers: layer indices to convert; None converts every attention region.
+        temperature: router temperature of the sigmoid whose gradient trains the router, > 0.
+        context: the model's context length when known; the window must be smaller than it.
+    """
+
+    window: int = 512
+    layers: tuple[int, ...] | None = None
+    temperature: float = 0.1
+    context: int | None = None
+
+    def __post_init__(self):
+        w = self.window
+        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+            msg = f"RouteAttentionConfig.window must be an int >= 1; got {w!r}."
+            raise ValueError(msg)
+        object.__setattr__(self, "layers", _int_list("layers", self.layers))
+        tau = self.temperature
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
+            msg = f"RouteAttentionConfig.temperature must be a number > 0; got {tau!r}."
+            raise ValueError(msg)
+        object.__setattr__(self, "temperature", float(tau))
+        c = self.context
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+            msg = f"RouteAttentionConfig.context must be a positive int or None; got {c!r}."
+            raise ValueError(msg)
+        if c is not None and w >= c:
+            msg = f"RouteAttentionConfig.window={w} must be smaller than the context length {c}."
+            raise ValueError(msg)
+
+
+def owner_prefix(region: AttentionRegion) -> str | None:
+    """Dotted path of the module owning the q projection weight (``layers.0.attention``)."""
+    w = region.q_proj.weight if region.q_proj is not None else None
+    if w is None or w.op != "get_attr" or str(w.target).count(".") < 2:
+        return None
+    return str(w.target).rsplit(".", 2)[0]
+
+
+def check_routable(gm: fx.GraphModule, region: AttentionRegion) -> str | None:
+    """The skip reason for ``region``, or None when it can be converted."""
+    if not region.causal:
+        return "non-causal attention"
+    if region.input_norm is None or region.x_in is None:
+        return "no input norm"
+    if region.out is None or region.residual is None:
+        return "no output projection or residual add"
+    prefix = owner_prefix(region)
+    if prefix is None:
+        return "q projection weight is not a get_attr"
+    if hasattr(gm.get_submodule(prefix), "l2a"):
+        return "already routed"
+    return None
+
+
+class _Builder:
+    """Appends nodes before ``anchor``, giving each its FakeTensor value and tagging it."""
+
+    def __init__(self, gm: fx.GraphModule, anchor: fx.Node, like: fx.Node, prefix: str):
+        self.gm, self.anchor, self.like, self.prefix = gm, anchor, like, prefix
+        self.mode = like.meta["val"].fake_mode
+        self.created: list[fx.Node] = []
+
+    def _val(self, a):
+        if not isinstance(a, fx.Node):
+            return a
+        if a.op == "get_attr" and "val" not in a.meta:
+            a.meta["val"] = self.mode.from_tensor(get_attr_value(self.gm, a))
+        return a.meta["val"]
+
+    def _finish(self, node: fx.Node, role: str | None) -> fx.Node:
+        if node.op == "call_function":
+            args = fx.node.map_aggregate(node.args, self._val)
+            kwargs = fx.node.map_aggregate(node.kwargs, self._val)
+            with self.mode:
+                node.meta["val"] = node.target(*args, **kwargs)
+        for key in ("nn_module_stack", "stack_trace"):
+            if key in self.like.meta:
+                node.meta[key] = self.like.meta[key]
+        if role is not None:
+            node.meta[TAG] = (self.prefix, role)
+        self.created.append(node)
+        return node
+
+    def call(self, target, *args, role: str | None = None, **kwargs) -> fx.Node:
+        with self.gm.graph.inserting_before(self.anchor):
+            node = self.gm.graph.call_function(target, args, kwargs)
+        return self._finish(node, role)
+
+    def get_attr(self, target: str) -> fx.Node:
+        with self.gm.graph.inserting_before(self.anchor):
+            node = self.gm.graph.get_attr(target)
+        self._val(node)
+        self.created.append(node)
+        return node
+
+    def copy(self, sources: dict, outputs: list, state: nn.Module, role: str) -> list[fx.Node]:
+        """Copies the nodes between ``sources`` and ``outputs`` (sources replaced by their values);
+        parameters they read are cloned into ``state`` as ``<role>_<name>``. Returns the outputs' copies."""
+        between = _between(list(sources), outputs)
+        env = dict(sources)
+        for node in self.gm.graph.nodes:  # graph order
+            if node not in between:
+                continue
+            for inp in node.all_input_nodes:
+                if inp in env or inp.op != "get_attr":
+                    continue
+                tensor = get_attr_value(self.gm, inp)
+                if isinstance(tensor, nn.Parameter):
+                    name = f"{role}_{'_'.join(inp.target.split('.')[-2:])}"
+                    state.register_parameter(name, nn.Parameter(tensor.detach().clone()))
+                    env[inp] = self.get_attr(f"{self.prefix}.l2a.{name}")
+            with self.gm.graph.inserting_before(self.anchor):
+                copied = self.gm.graph.node_copy(node, lambda n: env.get(n, n))
+            env[node] = self._finish(copied, None)
+        return [env[o] for o in outputs]
+
+
+def _between(sources: list[fx.Node], outputs: list[fx.Node]) -> set[fx.Node]:
+    """call_function nodes that depend on a source and feed an output (outputs included)."""
+    down, stack = set(), list(sources)
+    while stack:
+        for user in stack.pop().users:
+            if user not in down:
+                down.add(user)
+                stack.append(user)
+    up, stack = set(), list(outputs)
+    while stack:
+        node = stack.pop()
+        if node in up or node not in down:
+            continue
+        up.add(node)
+        stack.extend(node.all_input_nodes)
+    return {n for n in up if n.op == "call_function"}
+
+
+def _state(gm: fx.GraphModule, prefix: str, region: AttentionRegion, window: int) -> nn.Module:
+    state = nn.Module()
+    d = region.x_in.meta["val"].shape[-1]
+    dtype = region.x_in.meta["val"].dtype
+    state.register_parameter("router_weight", nn.Parameter(torch.zeros(1, int(d), dtype=dtype)))
+    state.register_buffer("layer", torch.tensor(region.layer, dtype=torch.int64))
+    state.register_buffer("window", torch.tensor(window, dtype=torch.int64))
+    state.register_buffer("dense", torch.tensor(False))
+    state.register_buffer("route_stats", torch.zeros(2, dtype=torch.float64))
+    gm.get_submodule(prefix).add_module("l2a", state)
+    return state
+
+
+def route_attention_replacement(gm: fx.GraphModule, region: AttentionRegion, cfg: RouteAttentionConfig) -> None:
+    """Inserts the router and the global branch after ``region``'s residual add (see module docstring)."""
+    prefix = owner_prefix(region)
+    state = _state(gm, prefix, region, cfg.window)
+    res = region.residual
+    region.core.args = (*region.core.args[:4], cfg.window)  # the window branch
+    b = _Builder(gm, res.next, res, prefix)
+    norm = region.input_norm
+    (s,) = b.copy({norm.x_in: res}, [norm.out], state, "norm")
+    logit = b.call(aten.squeeze.dim, b.call(aten.linear.default, s, b.get_attr(f"{prefix}.l2a.router_weight")), -1)
+    prob = b.call(aten.sigmoid.default, b.call(aten.div.Tensor, logit, cfg.temperature), role="prob")
+    route = b.call(aten.ge.Scalar, logit, 0.0, role="route")
+    hard = b.call(aten.to.dtype, route, logit.meta["val"].dtype)
+    gate = b.call(aten.add.Tensor, prob, b.call(aten.detach.default, b.call(aten.sub.Tensor, hard, prob)))
+    attend = b.call(aten.logical_or.default, route, b.get_attr(f"{prefix}.l2a.dense"))
+    q, k, v = b.copy({region.x_in: s}, [region.q, region.k, region.v], state, "global")
+    core = b.call(ROUTED, q, k, v, attend, float(region.scale), role="routed")
+    (o,) = b.copy({region.core: core}, [region.out], state, "global")
+    gated = b.call(aten.mul.Tensor, o, b.call(aten.unsqueeze.default, b.call(aten.to.dtype, gate, o.meta["val"].dtype), -1))
+    out = b.call(aten.add.Tensor, res, gated, role="out")
+    created = set(b.created)
+    res.replace_all_uses_with(out, delete_user_cb=lambda user: user not in created)
+
+
+class RouteAttention(Pass):
+    """``route-attention``: attention regions → window branch + router + routed global branch."""
+
+    name: ClassVar[str] = "route-attention"
+    config_class: ClassVar[type] = RouteAttentionConfig
+    matches: ClassVar[str] = "attention region"
+    exact: ClassVar[bool] = False
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        snapshot = GraphSnapshot.take(gm)
+        cfg = self.config
+        before = find_regions(gm)
+        found = {r.layer for r in before.attention}
+        missing = [i for i in cfg.layers or () if i not in found]
+        if missing:
+            msg = f"route-attention layers={list(cfg.layers)} names layer {missing[0]}, but the model's attention layers are {sorted(found)}."
+            raise ValueError(msg)
+        wanted = [r for r in before.attention if cfg.layers is None or r.layer in cfg.layers]
+        skipped, todo = [], []
+        for region in wanted:
+            reason = check_routable(gm, region)
+            (skipped.append((reason, f"layer {region.layer}")) if reason else todo.append(region.layer))
+        if todo:
+            FuseAttention(FuseAttentionConfig(layers=tuple(todo)))(gm)
+            for region in find_regions(gm).attention:
+                if region.layer in todo and is_fused_attention(region.core):
+                    route_attention_replacement(gm, region, cfg)
+            gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op != "call_function" or n.is_impure())
+            gm.graph.lint()
+            gm.recompile()
+        after = find_regions(gm).attention
+        globals_ = [dataclasses.replace(r, window=None) for r in after if r.layer in todo]
+        report = snapshot.report(
+            gm, self.name, matched=len(wanted), rewritten=len(todo), skipped=tuple(skipped),
+            near_misses=tuple(str(f) for f in before.failures if f.kind in ("", "attention")),
+            cost_before=estimate_cost(before.attention, before.ffn),
+            cost_after=estimate_cost(after + globals_, before.ffn),  # global branch counted dense
+        )
+        return PassResult(gm, bool(todo), report)
