@@ -14,6 +14,8 @@ local windows add a few percent: attention-core FLOPs per token are printed besi
 Accuracy is measured on 512 held-out sequences (fresh seed) per run; mean and std over ``--seeds``.
 
     python benchmarks/iha_mqar.py [--seeds 0,1,2] [--steps 400] [--json]
+    python benchmarks/iha_mqar.py --vocab 32 --pairs 4 --seq-len 32 --layers 2 --batch 64 \\
+        --steps 250 --seeds 0 --all-global [--causal token --positions token]   # the demo task
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def _core_flops(region, context: int) -> int:
 def _iha_spec(args, layers: int) -> list[str]:
     local = ",".join(str(i) for i in range(layers - 1))
     common = f"P={args.P},causal={args.causal},positions={args.positions},collapse={args.collapse}"
+    if args.all_global:  # not FLOP-matched: every layer sees the full interleaved context
+        return [f"interleave-heads{{{common}}}"]
     specs = [f"interleave-heads{{{common},layers=[{layers - 1}]}}"]
     if local:
         specs.insert(0, f"interleave-heads{{{common},window={args.window},layers=[{local}]}}")
@@ -56,7 +60,7 @@ def _flops(gm, args, iha: bool) -> tuple[int, int]:
         return sum(_core_flops(r, n) for r in regions), sum(attention_flops_per_token(r, n) for r in regions)
     core = total = 0
     for r in regions:
-        window = args.window if r.layer < len(regions) - 1 else 0
+        window = args.window if r.layer < len(regions) - 1 and not args.all_global else 0
         cfg = InterleaveHeadsConfig(P=args.P, window=window)
         keys = min(window, args.P * n) if window else args.P * n
         core += 4 * r.num_heads * r.head_dim * args.P * keys
@@ -103,6 +107,7 @@ def main(argv=None) -> None:
     ap.add_argument("--causal", default="flat")
     ap.add_argument("--positions", default="interleaved")
     ap.add_argument("--collapse", default="per-head")
+    ap.add_argument("--all-global", action="store_true", help="IHA on every layer, no windows")
     ap.add_argument("--models", default="MHA,IHA")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)

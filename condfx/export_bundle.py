@@ -129,8 +129,8 @@ def _manifest(gm, identity, passes, prefill, decode, diffs) -> dict[str, Any]:
                 "n_kv_heads": s.n_kv_heads,
                 "head_dim": s.head_dim,
                 "window": s.window,
-                "pseudo": s.pseudo,
                 "dtype": str(s.dtype).removeprefix("torch."),
+                **({"pseudo": s.pseudo} if s.pseudo > 1 else {}),  # IHA layers only
             }
             for s in layers
         ],
