@@ -39,11 +39,12 @@ from enum import Enum
 from typing import ClassVar
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
 from condfx.ops.kv_quant import stream_bytes_per_token
 from condfx.passes.base import GraphSnapshot, Pass, PassError, PassReport, PassResult
+from condfx.passes.graph_builder import GraphBuilder
 from condfx.patterns import find_regions
 from condfx.patterns.regions import AttentionRegion
 
@@ -52,7 +53,6 @@ QCA = torch.ops.condfx.quantized_cache_attention.default
 FQ = torch.ops.condfx.fake_group_quantize.default
 ATTENTION = torch.ops.condfx.attention.default
 ALLOWED_BITS = (2, 3, 4, 16, 32)
-_COPIED_META = ("nn_module_stack", "stack_trace")
 
 
 class KVQuantMethod(Enum):
@@ -152,60 +152,11 @@ def is_quantized_cache_attention(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is QCA
 
 
-class _Graph:
-    """Inserts nodes before the region being rewritten, with FakeTensor values."""
-
-    def __init__(self, gm: fx.GraphModule, before: fx.Node):
-        self.gm, self.graph, self.before = gm, gm.graph, before
-        self.mode = before.args[0].meta["val"].fake_mode
-
-    def call(self, target, *args) -> fx.Node:
-        with self.graph.inserting_before(self.before):
-            node = self.graph.call_function(target, args)
-        vals = fx.node.map_aggregate(args, lambda a: a.meta["val"] if isinstance(a, fx.Node) else a)
-        with self.mode:
-            node.meta["val"] = target(*vals)
-        for key in _COPIED_META:
-            if key in self.before.meta:
-                node.meta[key] = self.before.meta[key]
-        return node
-
-    def constant(self, owner: str, name: str, value: torch.Tensor) -> fx.Node:
-        """Registers ``value`` as a frozen parameter ``owner.name`` and returns its get_attr node."""
-        module = self.gm.get_submodule(owner) if owner else self.gm
-        module.register_parameter(name, nn.Parameter(value, requires_grad=False))
-        target = f"{owner}.{name}" if owner else name
-        with self.graph.inserting_before(self.before):
-            node = self.graph.get_attr(target)
-        node.meta["val"] = self.mode.from_tensor(value, static_shapes=True)
-        return node
-
-    def copy_path(self, src: fx.Node, dst: fx.Node, new_src: fx.Node) -> fx.Node:
-        """Copies every node on a path src → dst with src replaced by ``new_src``; returns dst's copy."""
-        ancestors, stack = set(), [dst]
-        while stack:
-            n = stack.pop()
-            if n not in ancestors:
-                ancestors.add(n)
-                stack.extend(n.all_input_nodes)
-        on_path, stack = set(), [src]
-        while stack:
-            for user in stack.pop().users:
-                if user in ancestors and user not in on_path:
-                    on_path.add(user)
-                    stack.append(user)
-        env = {src: new_src}
-        for n in [n for n in self.graph.nodes if n in on_path]:
-            with self.graph.inserting_before(self.before):
-                env[n] = self.graph.node_copy(n, lambda a: env.get(a, a))
-        return env[dst]
-
-
 def _tensor(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     return functools.reduce(getattr, node.target.split("."), gm).detach()
 
 
-def _fq(g: _Graph, x: fx.Node, bits: int, group: int, dim: int, sink: int = 0) -> fx.Node:
+def _fq(g: GraphBuilder, x: fx.Node, bits: int, group: int, dim: int, sink: int = 0) -> fx.Node:
     """fake_group_quantize over the tokens after the first ``sink`` (those stay as they are)."""
     return g.call(FQ, x, bits, group, dim, sink) if sink else g.call(FQ, x, bits, group, dim)
 
@@ -237,7 +188,7 @@ def _uses_svd(region: AttentionRegion, cfg: QuantizeKVConfig) -> bool:
     return cfg.latent is LatentKind.SVD
 
 
-def _svd_stream(g: _Graph, region, proj, which: str, bits: int, group: int, dim: int, sink: int) -> fx.Node:
+def _svd_stream(g: GraphBuilder, region, proj, which: str, bits: int, group: int, dim: int, sink: int) -> fx.Node:
     """fq(x_in U) Σ Bᵀ (+ bias) fed through the proj → k/v path; returns k̂ or v̂."""
     w = _tensor(g.gm, proj.weight)  # (d_kv, d)
     u, s, vh = torch.linalg.svd(w.T.double(), full_matrices=False)
@@ -253,7 +204,7 @@ def _svd_stream(g: _Graph, region, proj, which: str, bits: int, group: int, dim:
     return g.copy_path(proj.node, dst, y)
 
 
-def _hats(g: _Graph, region: AttentionRegion, cfg, bits: int, acc: fx.Node | None):
+def _hats(g: GraphBuilder, region: AttentionRegion, cfg, bits: int, acc: fx.Node | None):
     """(k̂, v̂, k_chunk, v_chunk, accumulator, streams) of one region; streams = [(C, chunk)]."""
     group, d = cfg.group, int(region.x_in.meta["val"].shape[-1]) if region.x_in is not None else 0
     if cfg.method is KVQuantMethod.KIVI:
@@ -320,7 +271,7 @@ class QuantizeKV(Pass):
                 bytes_q += bytes_fp_layer
                 continue
             bits = cfg.first_bits if i < cfg.first_layers else cfg.bits
-            g = _Graph(gm, region.core)
+            g = GraphBuilder(gm, region.core)
             k_hat, v_hat, ck, cv, acc, streams = _hats(g, region, cfg, bits, acc)
             window = int(region.window or 0)
             if bits == 32:  # nothing quantized: attention reads the rematerialised K/V throughout
