@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-_COPIED_META = ("nn_module_stack", "stack_trace")
+from condfx.passes._insert import call_with_meta
 
 
 class GraphBuilder:
@@ -26,16 +26,9 @@ class GraphBuilder:
         self.mode = before.args[0].meta["val"].fake_mode
 
     def call(self, target, *args) -> fx.Node:
-        """Inserts ``target(*args)`` and computes its FakeTensor value."""
+        """Inserts ``target(*args)`` with its FakeTensor value and ``before``'s provenance."""
         with self.graph.inserting_before(self.before):
-            node = self.graph.call_function(target, args)
-        vals = fx.node.map_aggregate(args, lambda a: a.meta["val"] if isinstance(a, fx.Node) else a)
-        with self.mode:
-            node.meta["val"] = target(*vals)
-        for key in _COPIED_META:
-            if key in self.before.meta:
-                node.meta[key] = self.before.meta[key]
-        return node
+            return call_with_meta(self.graph, target, args, self.before)
 
     def constant(self, owner: str, name: str, value: torch.Tensor) -> fx.Node:
         """Registers ``value`` as a frozen parameter ``owner.name`` and returns its get_attr node."""
