@@ -28,6 +28,7 @@ import json
 import time
 
 import torch
+from l2a_speed import best_of  # benchmarks/ is on sys.path when a script in it runs
 
 import condfx
 from condfx.l2a import l2a_view, record_route_stats, route_fractions
@@ -61,15 +62,6 @@ def force_routes(gm, ids: torch.Tensor, routed: float, temperature: float = 0.1)
     return route_fractions(gm, ids)
 
 
-def _best(fn, reps: int) -> float:
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def kv_bytes_per_token(gm, ids: torch.Tensor) -> float:
     session = Session.from_graph(condfx.apply(gm, "add-kv-cache").graph_module)
     with torch.no_grad():
@@ -92,9 +84,9 @@ def run(args) -> dict:
         for t in lengths:
             x = ids[:, :t]
             dense(x)  # warm-up
-            d = _best(lambda x=x: dense(x), args.reps)
+            d = best_of(lambda x=x: dense(x), args.reps)
             l2a(x)
-            r = _best(lambda x=x: l2a(x), args.reps)
+            r = best_of(lambda x=x: l2a(x), args.reps)
             rows.append({"T": t, "dense_s": d, "l2a_s": r, "speedup": d / r})
             if not args.json:
                 print(f"  T={t}: dense {d:.2f}s, L2A {r:.2f}s", flush=True)
