@@ -30,7 +30,8 @@ import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
 H, HKV, D = 9, 3, 64
 
 
-def _best(fn, reps: int) -> float:
+def best_of(fn, reps: int) -> float:
+    """Best wall time of ``reps`` calls of ``fn`` (seconds)."""
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -68,16 +69,16 @@ def measure(t: int, routed: float, window: int, reps: int, flex) -> dict:
     route = torch.rand(1, t, generator=g) < routed
     s = D**-0.5
     with torch.no_grad():
-        dense = _best(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=s, enable_gqa=True), reps)
-        win = _best(lambda: torch.ops.condfx.attention(q, k, v, s, window), reps)
-        glob = _best(lambda: torch.ops.condfx.routed_attention(q2, k2, v2, route, s), reps)
+        dense = best_of(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=s, enable_gqa=True), reps)
+        win = best_of(lambda: torch.ops.condfx.attention(q, k, v, s, window), reps)
+        glob = best_of(lambda: torch.ops.condfx.routed_attention(q2, k2, v2, route, s), reps)
         row = {"T": t, "routed": float(route.float().mean()), "dense_sdpa_s": dense, "window_s": win,
                "routed_global_s": glob, "l2a_layer_s": win + glob, "speedup": dense / (win + glob)}
         fn, reason = flex
         if fn is not None:
             try:
                 fn(q, k, v)  # compile outside the timing
-                row["flex_window_s"] = _best(lambda: fn(q, k, v), reps)
+                row["flex_window_s"] = best_of(lambda: fn(q, k, v), reps)
             except Exception as exc:  # noqa: BLE001
                 row["flex_window_s"], reason = None, f"{type(exc).__name__}: {exc}"[:120]
         else:

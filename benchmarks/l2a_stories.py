@@ -12,6 +12,14 @@ Training text: the stories after the first 100 (never the evaluated ones), packe
 stories.
 
     nice python benchmarks/l2a_stories.py [--steps 150] [--window 32] [--json]
+
+With ``--model PATH --text FILE`` (e.g. SmolLM2 on WikiText-2) the text is encoded once (first
+``--chars`` characters, BOS first): perplexity is measured on its first ``--eval-tokens`` tokens
+(windows of ``--eval-context``, stride half of it) and training draws ``--seq``-token rows from the
+tokens after them. The global fraction is measured on the evaluation tokens.
+
+    nice python benchmarks/l2a_stories.py --model <data>/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --text <data>/wikitext2_raw_test.txt --window 64 --seq 256 --batch 1 --steps 40
 """
 
 from __future__ import annotations
@@ -44,20 +52,33 @@ def _data(stream: torch.Tensor, seq: int, batch: int):
     return draw
 
 
-def run(args) -> dict:
-    t0 = time.perf_counter()
+def _stories(args):
     model, tok = load(data_file("stories260K.bin"))
-    model.eval()
     text = data_file("tinystories_valid_head.txt").read_text(encoding="utf-8")
     docs = documents_to_ids(text, tok)
-    eval_docs, train_docs = docs[: args.eval_docs], docs[100:]
-    stream = _packed(train_docs, args.seq)
-    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    return model, docs[: args.eval_docs], _packed(docs[100:], args.seq), 512
+
+
+def _text(args):
+    model, tok = load(args.model)
+    with open(args.text, encoding="utf-8") as f:
+        ids = tok.encode(f.read()[: args.chars], bos=True, eos=False)
+    if len(ids) < args.eval_tokens + 2 * args.seq:
+        msg = f"--text gives {len(ids)} tokens; need more than --eval-tokens + 2 * --seq = {args.eval_tokens + 2 * args.seq}."
+        raise ValueError(msg)
+    return model, [ids[: args.eval_tokens]], torch.tensor(ids[args.eval_tokens:]), args.eval_context
+
+
+def run(args) -> dict:
+    t0 = time.perf_counter()
+    model, eval_docs, stream, context = (_text if args.model else _stories)(args)
+    model.eval()
+    ids = stream[:32].reshape(2, 16)  # batch 2: keeps the batch dim symbolic
     gm = condfx.capture(model, (ids,))
 
     def ppl(m):
         with torch.no_grad():
-            return perplexity(m, eval_docs, context=512).ppl
+            return perplexity(m, eval_docs, context=context).ppl
 
     rows = [{"model": "original", "ppl": ppl(gm)}]
     rows.append({"model": f"window-only (w={args.window}), untrained", "ppl": ppl(window_only(gm, args.window))})
@@ -74,7 +95,8 @@ def run(args) -> dict:
     out = train(dense, _data(stream, args.seq, args.batch), steps=args.steps, lr=args.lr,
                 warmup=args.steps // 10, trainable=lambda n: n in names, progress=False, seed=0)
     rows.append({"model": "dense trained (same steps)", "ppl": ppl(dense), "train_s": out.seconds})
-    return {"window": args.window, "steps": args.steps, "lam": args.lam, "router_warmup": args.router_warmup,
+    return {"model_file": args.model or "stories260K.bin", "text": args.text or "tinystories_valid_head.txt",
+            "window": args.window, "steps": args.steps, "lam": args.lam, "router_warmup": args.router_warmup,
             "seq": args.seq, "batch": args.batch, "eval_docs": args.eval_docs, "rows": rows, "seconds": time.perf_counter() - t0}
 
 
@@ -88,14 +110,22 @@ def main() -> None:
     parser.add_argument("--lam", type=float, default=0.05)
     parser.add_argument("--eval-docs", type=int, default=50)
     parser.add_argument("--router-warmup", type=int, default=0, help="steps with frozen routers")
+    parser.add_argument("--model", default=None, help="model file (GGUF, llama2.c); needs --text")
+    parser.add_argument("--text", default=None, help="plain text for --model (e.g. wikitext2_raw_test.txt)")
+    parser.add_argument("--chars", type=int, default=200000, help="characters of --text encoded")
+    parser.add_argument("--eval-tokens", type=int, default=1024, help="--text tokens scored")
+    parser.add_argument("--eval-context", type=int, default=512, help="perplexity window on --text")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if bool(args.model) != bool(args.text):
+        parser.error("--model and --text go together.")
     out = run(args)
     if args.json:
         print(json.dumps(out, indent=2))
         return
-    print(f"stories260K, window {out['window']}, {out['steps']} steps of {out['batch']}x{out['seq']} tokens, "
-          f"ppl on the first {out['eval_docs']} TinyStories stories")
+    what = f"the first {out['eval_docs']} TinyStories stories" if not args.model else f"the first {args.eval_tokens} tokens of {out['text']}"
+    print(f"{out['model_file']}, window {out['window']}, {out['steps']} steps of {out['batch']}x{out['seq']} tokens, "
+          f"ppl on {what}")
     print("| model | perplexity | global fraction per layer |")
     print("|---|---:|---|")
     for r in out["rows"]:
