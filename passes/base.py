@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import enum
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -162,6 +163,23 @@ class GraphSnapshot:
             wall_time_s=time.perf_counter() - self.started,
             **counts,
         )
+
+
+def coerce_enum(cls: type[enum.Enum], value: Any, field: str) -> enum.Enum:
+    """Returns ``value`` as a member of ``cls`` for a config's ``__post_init__``.
+
+    Raises:
+        ValueError: one sentence naming ``field`` (e.g. ``"QuantizeKVConfig.method"``), the value and
+            the allowed values.
+    """
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(value)
+    except ValueError:
+        allowed = "{" + ", ".join(str(m.value) for m in cls) + "}"
+        msg = f"{field} must be one of {allowed}; got {value!r}."
+        raise ValueError(msg) from None
 
 
 def _param_elements(gm: fx.GraphModule) -> int:

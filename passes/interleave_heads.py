@@ -39,7 +39,7 @@ from torch import fx
 
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
 from condfx.passes._insert import call_with_meta, get_attr_with_meta, register_tensor
-from condfx.passes.base import GraphSnapshot, Pass, PassError, PassResult
+from condfx.passes.base import GraphSnapshot, Pass, PassError, PassResult, coerce_enum
 from condfx.passes.fuse_attention import _erase_replaced, _keep
 from condfx.passes.report import CostEstimate, estimate_cost
 from condfx.patterns import _graph as g
@@ -66,17 +66,6 @@ class Collapse(enum.Enum):
 class Positions(enum.Enum):
     INTERLEAVED = "interleaved"  # RoPE position t*P + p (the paper's virtual positions)
     TOKEN = "token"  # RoPE position t for every pseudo-token of token t
-
-
-def _enum(cls, value, field: str):
-    if isinstance(value, cls):
-        return value
-    try:
-        return cls(value)
-    except ValueError:
-        allowed = "{" + ", ".join(m.value for m in cls) + "}"
-        msg = f"InterleaveHeadsConfig.{field} must be one of {allowed}; got {value!r}."
-        raise ValueError(msg) from None
 
 
 @dataclass(frozen=True)
@@ -121,9 +110,9 @@ class InterleaveHeadsConfig:
         if not isinstance(self.init_noise, (int, float)) or self.init_noise < 0:
             msg = f"InterleaveHeadsConfig.init_noise must be a float >= 0; got {self.init_noise!r}."
             raise ValueError(msg)
-        object.__setattr__(self, "causal", _enum(Causality, self.causal, "causal"))
-        object.__setattr__(self, "collapse", _enum(Collapse, self.collapse, "collapse"))
-        object.__setattr__(self, "positions", _enum(Positions, self.positions, "positions"))
+        object.__setattr__(self, "causal", coerce_enum(Causality, self.causal, "InterleaveHeadsConfig.causal"))
+        object.__setattr__(self, "collapse", coerce_enum(Collapse, self.collapse, "InterleaveHeadsConfig.collapse"))
+        object.__setattr__(self, "positions", coerce_enum(Positions, self.positions, "InterleaveHeadsConfig.positions"))
 
 
 def is_interleaved_attention(node: fx.Node) -> bool:

@@ -43,7 +43,7 @@ from torch import fx
 
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
 from condfx.ops.kv_quant import stream_bytes_per_token
-from condfx.passes.base import GraphSnapshot, Pass, PassError, PassReport, PassResult
+from condfx.passes.base import GraphSnapshot, Pass, PassError, PassReport, PassResult, coerce_enum
 from condfx.passes.graph_builder import GraphBuilder
 from condfx.patterns import find_regions
 from condfx.patterns.regions import AttentionRegion
@@ -67,15 +67,6 @@ class LatentKind(Enum):
     AUTO = "auto"
     X = "x"
     SVD = "svd"
-
-
-def _enum(cls, value, field_name: str):
-    try:
-        return cls(value.value if isinstance(value, cls) else value)
-    except ValueError:
-        allowed = ", ".join(m.value for m in cls)
-        msg = f"QuantizeKVConfig.{field_name} must be one of {{{allowed}}}; got {value!r}."
-        raise ValueError(msg) from None
 
 
 @dataclass(frozen=True)
@@ -105,8 +96,8 @@ class QuantizeKVConfig:
     sink: int = 0
 
     def __post_init__(self):
-        object.__setattr__(self, "method", _enum(KVQuantMethod, self.method, "method"))
-        object.__setattr__(self, "latent", _enum(LatentKind, self.latent, "latent"))
+        object.__setattr__(self, "method", coerce_enum(KVQuantMethod, self.method, "QuantizeKVConfig.method"))
+        object.__setattr__(self, "latent", coerce_enum(LatentKind, self.latent, "QuantizeKVConfig.latent"))
         for name in ("bits", "first_bits"):
             v = getattr(self, name)
             if isinstance(v, bool) or v not in ALLOWED_BITS:
