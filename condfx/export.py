@@ -111,7 +111,7 @@ def _as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     raise TypeError(msg)
 
 
-_PAST_NAME = re.compile(r"past_[kv]_(\d+)$")
+_PAST_NAME = re.compile(r"past_([kv])_(\d+)(_codes|_scale|_zero|_fp)?$")
 
 
 def _dynamic_shapes(inputs: tuple[torch.Tensor, ...], names: Sequence[str]) -> tuple:
@@ -129,8 +129,9 @@ def _dynamic_shapes(inputs: tuple[torch.Tensor, ...], names: Sequence[str]) -> t
         name = names[i] if i < len(names) else str(i)
         suffix = "" if i == 0 else f"_{name}"
         past = _PAST_NAME.match(name)
-        if past and x.dim() == 4:
-            shapes.append({0: "batch" + suffix, 2: f"past_{past.group(1)}"})
+        if past and x.dim() == 4:  # a KIVI stream tensor has its own length
+            length = f"past_{past.group(2)}" + (f"_{past.group(1)}{past.group(3)}" if past.group(3) else "")
+            shapes.append({0: "batch" + suffix, 2: length})
         elif x.dim() >= 2:
             shapes.append({d: n + suffix for d, n in enumerate(_DYNAMIC_DIM_NAMES)})
         else:

@@ -62,18 +62,14 @@ class _Prefill(nn.Module):
 
     def forward(self, input_ids: torch.Tensor):
         b = input_ids.shape[0]
-        past = [
-            torch.zeros(b, s.n_kv_heads, 0, s.head_dim, dtype=s.dtype, device=input_ids.device)
-            for s in self.layers
-            for _ in (0, 1)
-        ]  # (B, Hkv, 0, D) each
+        past = [t for s in self.layers for t in s.empty_past(b, input_ids.device)]  # length 0 each
         return self.decode(input_ids, *past)
 
 
 def io_names(layers: Sequence[Any]) -> tuple[list[str], list[str]]:
     """ONNX names of the decode graph: ``(inputs, outputs)``; prefill takes ``inputs[:1]``."""
-    past = [f"past_{kv}_{s.layer}" for s in layers for kv in "kv"]
-    present = [f"present_{kv}_{s.layer}" for s in layers for kv in "kv"]
+    past = [f"past_{n}" for s in layers for n in s.io_names()]
+    present = [f"present_{n}" for s in layers for n in s.io_names()]
     return ["input_ids", *past], ["logits", *present]
 
 
@@ -131,6 +127,8 @@ def _manifest(gm, identity, passes, prefill, decode, diffs) -> dict[str, Any]:
                 "window": s.window,
                 "dtype": str(s.dtype).removeprefix("torch."),
                 **({"pseudo": s.pseudo} if s.pseudo > 1 else {}),  # IHA layers only
+                **({"kivi": dict(zip(("bits", "group", "residual", "sink"), s.kivi, strict=True))}
+                   if s.kivi else {}),  # KIVI layers only: eight packed-cache tensors
             }
             for s in layers
         ],
@@ -170,7 +168,7 @@ def _verify_bundle(gm: fx.GraphModule, out_dir: Path) -> dict[str, float]:
     ids = torch.randint(0, _vocab(gm), (2, 7), generator=gen)  # (B, T) prompt
     nxt = torch.randint(0, _vocab(gm), (2, 2), generator=gen)  # (B, 2) next tokens
     device = _device(gm)
-    empty = [torch.zeros(2, s.n_kv_heads, 0, s.head_dim).to(s.dtype) for s in layers for _ in "kv"]
+    empty = [t for s in layers for t in s.empty_past(2)]
     with torch.no_grad():
         first = [t.cpu() for t in gm(ids.to(device), *(e.to(device) for e in empty))]
         second = [t.cpu() for t in gm(nxt.to(device), *(t.to(device) for t in first[1:]))]
@@ -186,6 +184,13 @@ def _verify_bundle(gm: fx.GraphModule, out_dir: Path) -> dict[str, float]:
         msg = f"ONNX Runtime could not run the export in '{out_dir}': {first}"
         raise ExportError(msg) from exc
     return {"prefill": _max_diff(got_pre, first), "decode": _max_diff(got_dec, second)}
+
+
+def _example(shape_of: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random values of the shape and dtype of ``shape_of`` (codes in the uint8 range)."""
+    if shape_of.dtype == torch.uint8:
+        return torch.randint(0, 256, shape_of.shape, generator=gen, dtype=torch.uint8)
+    return torch.randn(shape_of.shape, generator=gen).to(shape_of.dtype)
 
 
 def export_decode_graph(
@@ -223,12 +228,8 @@ def export_decode_graph(
     device = _device(gm)  # examples live beside the weights
     ids = torch.zeros(2, 5, dtype=torch.long, device=device)
     gen = torch.Generator().manual_seed(0)
-    past = [  # (B, Hkv, P, D) per layer, k and v
-        torch.randn(2, s.n_kv_heads, _EXAMPLE_PAST * s.pseudo, s.head_dim, generator=gen).to(
-            device, s.dtype
-        )
-        for s in layers
-        for _ in "kv"
+    past = [  # (B, Hkv, P, D) per layer, k and v (KIVI: eight stream tensors)
+        _example(t, gen).to(device) for s in layers for t in s.empty_past(2, None, _EXAMPLE_PAST)
     ]
     common = dict(output_names=outputs, verify=False, opset=opset)
     prefill = export_onnx(_Prefill(gm), ids, out / PREFILL_FILE, input_names=inputs[:1], **common)

@@ -8,7 +8,12 @@ Rewrites (for the i-th ``condfx.attention`` node, in graph order):
           present_k_i, present_v_i = the two cats                     # (B, Hkv, P + T, D)
     condfx.quantized_cache_attention(q, k, v, k̂, v̂, ...) (``quantize-kv``) likewise, with
         k̂, v̂ → cat([past_k_i, k̂], 2), cat([past_v_i, v̂], 2): the quantized cache returns the past
-        as attention reads it, and the runtime's ``KIVICache`` keeps it so
+        as attention reads it (XQuant layers; their caches do not run in the Session yet)
+    a KIVI layer (``quantize-kv{method=kivi}``: k̂ = fake_group_quantize(k) per channel) instead
+        → condfx.kivi_cache_attention(q, k, v, past_k_i_codes, past_k_i_scale, past_k_i_zero,
+          past_k_i_fp, past_v_i_codes, ..., past_v_i_fp, ...) whose eight updated stream tensors are
+          the layer's presents: the graph reads and updates the packed integer cache itself
+          (``condfx/ops/kivi_cache.py``), so PyTorch and ONNX Runtime carry the same integer tensors
     arange(T) feeding RoPE cos/sin or a position embedding
         → arange(P, P + T), P = past_k_j.shape[2] of the first layer without a window
   Exact: the decode form with P = 0 is the original function, and prefill(ids[:n]) followed by
@@ -40,6 +45,7 @@ import torch
 from torch import fx
 
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
+from condfx.ops.kivi_cache import STREAM_PARTS, stream_shapes
 from condfx.ops.routed_attention import is_routed_attention
 from condfx.passes.base import GraphSnapshot, Pass, PassError, PassReport, PassResult
 from condfx.passes.fuse_attention import is_fused_attention
@@ -72,6 +78,8 @@ class KVLayerSpec:
         dtype: dtype of k/v.
         pseudo: P of an IHA layer (``condfx.interleaved_attention``): its cache holds P
             pseudo-K/V rows per token, never trimmed (the op's RoPE positions are cache indices).
+        kivi: (bits, group, residual, sink) of a KIVI layer, whose cache is eight tensors, the K
+            and V streams of ``condfx.kivi_cache_attention`` (codes, scale, zero, fp each).
     """
 
     layer: int
@@ -80,6 +88,24 @@ class KVLayerSpec:
     window: int
     dtype: torch.dtype
     pseudo: int = 1
+    kivi: tuple[int, int, int, int] | None = None
+
+    def io_names(self) -> list[str]:
+        """Names of the layer's cache tensors after ``past_`` / ``present_``, in graph order."""
+        kv = [f"{x}_{self.layer}" for x in "kv"]
+        return kv if self.kivi is None else [f"{n}_{p}" for n in kv for p in STREAM_PARTS]
+
+    def empty_past(self, batch: int, device=None, length: int = 0) -> list[torch.Tensor]:
+        """The layer's decode-graph inputs for an empty cache (``length`` > 0: example sizes)."""
+        if self.kivi is None:
+            shape = (batch, self.n_kv_heads, length * self.pseudo, self.head_dim)
+            return [torch.zeros(shape, dtype=self.dtype, device=device) for _ in "kv"]
+        bits, group, _, _ = self.kivi
+        h, d, packed = self.n_kv_heads, self.head_dim, 2 * group * bool(length)
+        k = stream_shapes((batch, h), d, bits, group, -2, packed, length)
+        v = stream_shapes((batch, 1), h * d, bits, group, -1, packed, length)
+        dtypes = (torch.uint8, torch.float16, torch.float16, self.dtype) * 2
+        return [torch.zeros(sh, dtype=dt, device=device) for sh, dt in zip(k + v, dtypes, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -99,8 +125,8 @@ class KVCacheReport(PassReport):
 
 
 def is_decode_form(gm: fx.GraphModule) -> bool:
-    """True when ``gm`` already has the ``past_k_0`` input this pass adds."""
-    return any(n.op == "placeholder" and n.name == "past_k_0" for n in gm.graph.nodes)
+    """True when ``gm`` already has the ``past_k_0`` input (``past_k_0_codes`` for KIVI) this pass adds."""
+    return any(n.op == "placeholder" and n.name in ("past_k_0", "past_k_0_codes") for n in gm.graph.nodes)
 
 
 def _reaches_position_use(node: fx.Node) -> bool:
@@ -230,26 +256,61 @@ def _layer_specs(attn: list[fx.Node]) -> list[KVLayerSpec]:
             specs.append(KVLayerSpec(i, int(k.shape[1]), int(k.shape[3]), 0, k.dtype, int(node.args[5])))
             continue
         window = _window_of(node)
-        specs.append(KVLayerSpec(i, int(k.shape[1]), int(k.shape[3]), window, k.dtype))
+        kivi = _kivi_params(node)
+        specs.append(KVLayerSpec(i, int(k.shape[1]), int(k.shape[3]), window, k.dtype, kivi=kivi))
     return specs
 
 
-def _add_past_inputs(graph: fx.Graph, ids: fx.Node, n: int) -> list[tuple[fx.Node, fx.Node]]:
+def _kivi_params(node: fx.Node) -> tuple[int, int, int, int] | None:
+    """(bits, group, residual, sink) when ``node`` is a KIVI ``quantized_cache_attention``, else None.
+
+    KIVI's keys are ``fake_group_quantize(k, bits, group, -2[, sink])`` of the op's own k (per channel,
+    after RoPE); XQuant's come from a rematerialised path instead.
+    """
+    if not is_quantized_cache_attention(node):
+        return None
+    k_hat = node.args[3]
+    fq = torch.ops.condfx.fake_group_quantize.default
+    if not (isinstance(k_hat, fx.Node) and k_hat.target is fq and k_hat.args[0] is node.args[1]):
+        return None
+    bits, group, _, *sink = k_hat.args[1:]
+    residual = int(node.args[7])
+    return int(bits), int(group), residual, int(sink[0]) if sink else 0
+
+
+def _add_past_inputs(graph: fx.Graph, ids: fx.Node, specs: list[KVLayerSpec]) -> list[list[fx.Node]]:
     pasts, last = [], ids
-    for i in range(n):
-        with graph.inserting_after(last):
-            pk = graph.placeholder(f"past_k_{i}")
-        with graph.inserting_after(pk):
-            pv = graph.placeholder(f"past_v_{i}")
-        pasts.append((pk, pv))
-        last = pv
+    for spec in specs:
+        layer = []
+        for name in spec.io_names():
+            with graph.inserting_after(last):
+                last = graph.placeholder(f"past_{name}")
+            layer.append(last)
+        pasts.append(layer)
     return pasts
 
 
-def _rewire_attention(graph: fx.Graph, attn, pasts) -> list[fx.Node]:
+def _rewire_kivi(graph: fx.Graph, node: fx.Node, spec: KVLayerSpec, streams: list[fx.Node]) -> list[fx.Node]:
+    """Replaces a KIVI ``quantized_cache_attention`` by ``kivi_cache_attention``; returns its 8 presents."""
+    bits, group, residual, sink = spec.kivi
+    q, k, v, _, _, scale, window = node.args[:7]
+    args = (q, k, v, *streams, scale, window, bits, group, residual, sink)
+    with graph.inserting_before(node):
+        step = graph.call_function(torch.ops.condfx.kivi_cache_attention.default, args)
+        outs = [graph.call_function(operator.getitem, (step, i)) for i in range(9)]
+    node.replace_all_uses_with(outs[0])
+    graph.erase_node(node)
+    return outs[1:]
+
+
+def _rewire_attention(graph: fx.Graph, attn, pasts, specs) -> list[fx.Node]:
     """Feeds cat([past, new], 2) to every attention node; returns the presents, k then v per layer."""
     presents = []
-    for node, (pk, pv) in zip(attn, pasts, strict=True):
+    for node, past, spec in zip(attn, pasts, specs, strict=True):
+        if spec.kivi is not None:
+            presents += _rewire_kivi(graph, node, spec, past)
+            continue
+        pk, pv = past
         with graph.inserting_before(node):
             k_all = graph.call_function(torch.ops.aten.cat.default, ([pk, node.args[1]], 2))
             v_all = graph.call_function(torch.ops.aten.cat.default, ([pv, node.args[2]], 2))
@@ -264,12 +325,19 @@ def _rewire_attention(graph: fx.Graph, attn, pasts) -> list[fx.Node]:
 
 
 def _offset_positions(
-    graph: fx.Graph, aranges, ids: fx.Node, past_k: fx.Node, pseudo: int = 1
+    graph: fx.Graph, aranges, ids: fx.Node, past: list[fx.Node], pseudo: int = 1
 ) -> None:
-    """arange(T) → arange(P, P + T); P and T are read from the inputs right before the arange."""
+    """arange(T) → arange(P, P + T); P and T are read from the inputs right before the arange.
+
+    ``past`` is the position source's cache: [past_k] (P = its dim 2), or a KIVI K stream whose
+    packed codes and full-precision tokens together hold the P positions.
+    """
     for node in aranges:
         with graph.inserting_before(node):
-            p = graph.call_function(torch.ops.aten.sym_size.int, (past_k, 2))
+            p = graph.call_function(torch.ops.aten.sym_size.int, (past[0], 2))
+            for extra in past[1:]:
+                size = graph.call_function(torch.ops.aten.sym_size.int, (extra, 2))
+                p = graph.call_function(operator.add, (p, size))
             if pseudo > 1:  # an IHA layer's cache holds ``pseudo`` rows per token
                 p = graph.call_function(operator.floordiv, (p, pseudo))
             t = graph.call_function(torch.ops.aten.sym_size.int, (ids, 1))
@@ -290,10 +358,11 @@ def _reexport(
     ids = torch.zeros(shape, dtype=ids_val.dtype, device=device)  # (B, T) ids or (B, T, C)
     past, dyn = [], [{0: batch, 1: seq}]
     for s in specs:
-        shape = (_EXAMPLE_B, s.n_kv_heads, _EXAMPLE_P * s.pseudo, s.head_dim)
-        past += [torch.zeros(shape, dtype=s.dtype, device=device) for _ in (0, 1)]
-        # one length per layer: a sliding-window layer keeps fewer positions than a full one
-        dyn += [{0: batch, 2: dim(f"past_{s.layer}", min=0)}] * 2
+        past += s.empty_past(_EXAMPLE_B, device, _EXAMPLE_P)
+        if s.kivi is None:  # one length per layer: a sliding-window layer keeps fewer positions
+            dyn += [{0: batch, 2: dim(f"past_{s.layer}", min=0)}] * 2
+        else:  # each stream tensor has its own length (packed tokens, their groups, fp tokens)
+            dyn += [{0: batch, 2: dim(f"past_{n}", min=0)} for n in s.io_names()]
     with torch.no_grad():
         ep = torch.export.export(gm, (ids, *past), dynamic_shapes=tuple(dyn), strict=False)
     out = ep.module()
@@ -338,15 +407,18 @@ def _rewrite(gm, ids, attn, aranges, specs, name) -> None:
     graph = gm.graph
     for node in [n for n in graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
         graph.erase_node(node)  # export's shape guards for the old signature; re-export adds new
-    pasts = _add_past_inputs(graph, ids, len(attn))
-    presents = _rewire_attention(graph, attn, pasts)
+    pasts = _add_past_inputs(graph, ids, specs)
+    presents = _rewire_attention(graph, attn, pasts, specs)
     if aranges:
         source = _position_source(specs, name)
-        _offset_positions(graph, aranges, ids, pasts[source][0], specs[source].pseudo)
+        length = [pasts[source][0], pasts[source][3]] if specs[source].kivi else pasts[source][:1]
+        _offset_positions(graph, aranges, ids, length, specs[source].pseudo)
     output = next(n for n in graph.nodes if n.op == "output")
     logits = output.args[0]
     logits = logits[0] if isinstance(logits, (tuple, list)) else logits
     output.args = ((logits, *presents),)
+    # KIVI layers leave their fake-quantize nodes unused
+    graph.eliminate_dead_code(is_impure_node=lambda n: n.op != "call_function" or n.is_impure())
     graph._codegen = fx.graph.CodeGen()  # plain positional inputs and a tuple output
     graph.lint()
     gm.recompile()

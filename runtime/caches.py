@@ -34,9 +34,13 @@ class LayerCache(abc.ABC):
     """The state one attention layer carries between decode steps.
 
     Attributes:
+        io_tensors: tensors the layer has among the decode graph's pasts (and presents): 2 (K, V)
+            here; a cache whose graph reads a packed form (``GraphKIVICache``: 8) overrides it.
         length: positions processed so far (the absolute position of the next token), which can be
             larger than the number of positions stored (``stored``) for bounded caches.
     """
+
+    io_tensors: int = 2
 
     def __init__(
         self,
@@ -227,11 +231,14 @@ class CacheSet:
 
     def update(self, presents: Sequence[torch.Tensor]) -> None:
         """Takes the flat decode-graph outputs after the logits: present_k_0, present_v_0, ..."""
-        if len(presents) != 2 * len(self.caches):
-            msg = f"CacheSet.update needs {2 * len(self.caches)} present tensors; got {len(presents)}."
+        want = sum(c.io_tensors for c in self.caches)
+        if len(presents) != want:
+            msg = f"CacheSet.update needs {want} present tensors; got {len(presents)}."
             raise ValueError(msg)
-        for i, cache in enumerate(self.caches):
-            cache.update(presents[2 * i], presents[2 * i + 1])
+        start = 0
+        for cache in self.caches:
+            cache.update(*presents[start : start + cache.io_tensors])
+            start += cache.io_tensors
 
     def reset(self, batch: int | None = None) -> None:
         """Empties every cache, optionally for a new batch size."""

@@ -119,6 +119,7 @@ def _layer_specs(manifest: dict[str, Any]) -> tuple[KVLayerSpec, ...]:
         KVLayerSpec(
             s["layer"], s["n_kv_heads"], s["head_dim"], s["window"], getattr(torch, s["dtype"]),
             s.get("pseudo", 1),
+            tuple(s["kivi"][k] for k in ("bits", "group", "residual", "sink")) if "kivi" in s else None,
         )
         for s in manifest["layers"]
     )

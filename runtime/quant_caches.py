@@ -220,6 +220,66 @@ class XQuantCache:
         return sum(s.nbytes() for s in self.streams.values())
 
 
+class GraphKIVICache(LayerCache):
+    """The cache of a KIVI layer in decode form: the eight tensors ``condfx.kivi_cache_attention``
+    reads and returns (K stream per channel, V stream per token: packed uint8 codes, float16 scale
+    and zero point, full-precision sink + recent tokens; ``condfx/ops/kivi_cache.py``).
+
+    The graph quantizes what leaves the residual window itself, so the cache only carries the
+    tensors between calls, in PyTorch or ONNX Runtime alike. ``nbytes()`` counts all eight.
+    """
+
+    io_tensors = 8
+
+    def __init__(self, spec, batch: int, device="cpu"):
+        if spec.kivi is None:
+            msg = f"GraphKIVICache needs a KIVI layer spec (spec.kivi set); layer {spec.layer} has none."
+            raise ValueError(msg)
+        super().__init__(batch, spec.n_kv_heads, spec.head_dim, spec.dtype, device)
+        self.spec = spec
+        self.tensors = spec.empty_past(batch, self.device)
+
+    def past(self) -> tuple[torch.Tensor, ...]:
+        return tuple(self.tensors)
+
+    @property
+    def stored(self) -> int:
+        return int(self.tensors[0].shape[2]) + int(self.tensors[3].shape[2])
+
+    def update(self, *present: torch.Tensor) -> None:
+        if len(present) != self.io_tensors:
+            msg = f"GraphKIVICache.update needs {self.io_tensors} tensors; got {len(present)}."
+            raise ValueError(msg)
+        codes, fp = present[0], present[3]
+        total = int(codes.shape[2]) + int(fp.shape[2])
+        if int(codes.shape[0]) != self.batch or total < self.stored:
+            msg = (f"GraphKIVICache.update: the K stream must keep batch {self.batch} and at least "
+                   f"{self.stored} tokens; got batch {int(codes.shape[0])} with {total}.")
+            raise ValueError(msg)
+        self.length += total - self.stored
+        self.tensors = list(present)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor):
+        msg = "GraphKIVICache is read and written by the decode graph; use the Session, not append()."
+        raise NotImplementedError(msg)
+
+    def reset(self, batch: int | None = None) -> None:
+        self.batch = self.batch if batch is None else batch
+        self.length = 0
+        self.tensors = self.spec.empty_past(self.batch, self.device)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        index = index.to(self.device)
+        self.batch = int(index.numel())
+        self.tensors = [t.index_select(0, index) for t in self.tensors]
+
+    def _set(self, k, v) -> None:  # reset and reorder are overridden; nothing calls this
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
 def quantized_layer_cache(spec, quant: dict, batch: int, device) -> LayerCache:
     """The Session cache of one layer rewritten by ``quantize-kv`` (``gm.meta["condfx_kv_quant"]``).
 
@@ -227,11 +287,10 @@ def quantized_layer_cache(spec, quant: dict, batch: int, device) -> LayerCache:
         NotImplementedError: an XQuant layer; its decode graph would have to return X, so XQuant
             runs teacher-forced (one forward of the ``quantize-kv`` graph) for now.
     """
-    if quant["method"] != "kivi":
-        msg = (
-            f"the Session runs quantize-kv caches for method 'kivi' only; got {quant['method']!r} "
-            "(evaluate XQuant with one teacher-forced forward of the quantize-kv graph)."
-        )
-        raise NotImplementedError(msg)
-    return KIVICache(batch, spec.n_kv_heads, spec.head_dim, quant["bits"], quant["group"],
-                     quant["residual"], spec.dtype, device, quant.get("sink", 0))
+    if spec.kivi is not None:
+        return GraphKIVICache(spec, batch, device)
+    msg = (
+        f"the Session runs quantize-kv caches for method 'kivi' only; got {quant['method']!r} "
+        "(evaluate XQuant with one teacher-forced forward of the quantize-kv graph)."
+    )
+    raise NotImplementedError(msg)

@@ -14,6 +14,7 @@ import torch
 import condfx.ops  # noqa: F401  (defines torch.ops.condfx.*)
 from condfx.codegen.onnx import attention as _attention
 from condfx.codegen.onnx import interleaved_attention as _interleaved_attention
+from condfx.codegen.onnx import kivi_cache_attention as _kivi_cache_attention
 from condfx.codegen.onnx import masked_ffn as _masked_ffn
 from condfx.codegen.onnx import routed_attention as _routed_attention
 from condfx.codegen.onnx._functions import (
@@ -31,6 +32,7 @@ LOWERINGS: dict[torch._ops.OpOverload, Lowering] = {
     torch.ops.condfx.masked_ffn.default: _masked_ffn.LOWERING,
     torch.ops.condfx.interleaved_attention.default: _interleaved_attention.LOWERING,
     torch.ops.condfx.routed_attention.default: _routed_attention.LOWERING,
+    torch.ops.condfx.kivi_cache_attention.default: _kivi_cache_attention.LOWERING,
 }
 
 __all__ = [

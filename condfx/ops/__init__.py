@@ -13,6 +13,7 @@ from condfx.ops.attention import (
     check_attention_shapes,
 )
 from condfx.ops.interleaved_attention import interleaved_attention_reference
+from condfx.ops.kivi_cache import kivi_cache_attention_reference
 from condfx.ops.kv_quant import (
     dequantize_reference,
     fake_quantize_reference,
@@ -29,6 +30,7 @@ __all__ = [
     "dequantize_reference",
     "fake_quantize_reference",
     "interleaved_attention_reference",
+    "kivi_cache_attention_reference",
     "masked_ffn_reference",
     "quantize_reference",
     "quantized_cache_attention_reference",

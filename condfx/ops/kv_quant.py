@@ -96,7 +96,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """(..., C) integer codes < 2**bits → (..., C * bits / 8) uint8, little-endian bits."""
     shifts = torch.arange(bits, device=codes.device, dtype=torch.int32)
     planes = (codes.to(torch.int32).unsqueeze(-1) >> shifts) & 1  # (..., C, bits)
-    planes = planes.reshape(*codes.shape[:-1], -1, 8)  # (..., C*bits/8, 8)
+    planes = planes.reshape(*codes.shape[:-1], codes.shape[-1] * bits // 8, 8)  # (..., C*bits/8, 8)
     weights = torch.arange(8, device=codes.device, dtype=torch.int32)
     return (planes << weights).sum(-1).to(torch.uint8)
 

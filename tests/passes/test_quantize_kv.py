@@ -193,21 +193,27 @@ def test_rejects_fused_qkv_for_xquant_with_reason():
 
 
 def test_numerics_session_decoding_equals_teacher_forced_stories260k():
-    """Prefill 10 tokens, then 30 one-token steps through the Session's KIVI caches: the logits
-    equal one forward of the quantize-kv graph (the teacher-forced evaluation)."""
+    """Prefill 10 tokens, then one-token and multi-token steps through the Session's packed KIVI
+    caches (the decode graph reads and updates them): the logits equal one forward of the
+    quantize-kv graph (the teacher-forced evaluation)."""
     spec = "fuse-attention, quantize-kv{method=kivi,bits=2,group=8,residual=4,sink=1}"
     _, teacher, dense = _run("stories260K", spec)
     _, ids, _ = _captured("stories260K")
     session = Session.from_model(_stories(), passes=spec)
     steps = [session.prefill(ids[:, :10])]
-    steps += [session.step(ids[:, t : t + 1]) for t in range(10, 40)]
+    steps += [session.step(ids[:, t : t + 1]) for t in range(10, 30)]
+    steps += [session.step(ids[:, 30:35]), session.step(ids[:, 35:40])]  # whole groups at once
     decoded = torch.cat(steps, 1)
     assert (decoded - teacher).abs().max().item() < 1e-3
     assert (teacher - dense).abs().max().item() > 0.1  # the cache really is quantized
     caches = session.caches
-    assert caches.nbytes() == sum(c.k.nbytes() + c.v.nbytes() for c in caches.caches)
-    assert caches[0].k.quantized == 32 and caches[0].v.quantized == 35  # after the 1 sink token
-    assert caches[0].k.head.shape[2] == 1
+    k_codes, k_scale, k_zero, k_fp, v_codes, _, _, v_fp = caches[0].past()
+    assert caches.nbytes() == sum(t.nbytes for c in caches.caches for t in c.past())
+    assert k_codes.dtype == torch.uint8 and k_scale.dtype == torch.float16
+    # 40 tokens, 1 sink, residual 4: K whole groups of 8 (32 packed), V per token (35 packed)
+    assert (k_codes.shape[2], k_scale.shape[2], k_fp.shape[2]) == (32, 4, 8)
+    assert (v_codes.shape[2], v_fp.shape[2]) == (35, 5)
+    assert session.position == 40
 
 
 def test_rejects_xquant_in_session():

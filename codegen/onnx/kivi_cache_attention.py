@@ -1,0 +1,255 @@
+"""ONNX lowering of ``torch.ops.condfx.kivi_cache_attention``: node ``condfx::KIVICacheAttention`` +
+local function. The decode graph takes and returns the KIVI cache as integer tensors.
+
+Provenance: the function body is ``condfx.ops.kivi_cache.kivi_cache_attention_reference`` in standard
+ONNX ops (opset 18). Per stream (K per channel, V per token): Concat the stored full-precision tokens
+with the new ones, Slice off the sink, unpack the uint8 codes bit by bit (integer Div / Mod by powers
+of two, ReduceSum of the bit planes), dequantize with the float16 scale and zero, quantize the whole
+chunks of the not-yet-quantized tokens (ReduceMin / ReduceMax per group, float16 rounding of scale and
+zero, Round half to even, Clip) and pack them again; the attention is the reference's: scores
+Where(read quantized, q K̂ᵀ, q Kᵀ), the end-aligned causal / window mask, Softmax, and the values mixed
+the same way. The body is built with ``onnx.helper`` from small Python helpers (one per stream piece),
+so the K and V streams share the code; ``bits``, ``group``, ``residual``, ``sink`` and ``window`` are
+attributes the body reads through attribute references.
+
+Node:  (out, k_codes', k_scale', k_zero', k_fp', v_codes', v_scale', v_zero', v_fp') =
+       condfx::KIVICacheAttention<scale: float, window, bits, group, residual, sink: int>(
+           q (B, H, T, D), k, v (B, Hkv, T, D),
+           k_codes (B, Hkv, Nk, D*bits/8) uint8, k_scale, k_zero (B, Hkv, Nk/group, D) float16,
+           k_fp (B, Hkv, Fk, D), v_codes (B, 1, Nv, Hkv*D*bits/8) uint8,
+           v_scale, v_zero (B, 1, Nv, Hkv*D/group) float16, v_fp (B, 1, Fv, Hkv*D))
+
+Supported: float32 q/k/v and full-precision tails; bits 2, 3, 4; every size dynamic. Differences from
+the reference: the CPU op runs the attention as one SDPA call over the (K̂, V̂) and (K, V) copies;
+the body computes the scores of both copies and selects, like ``quantized_cache_attention_reference``
+(float32 rounding only). Tested with ONNX Runtime 1.32 CPU.
+"""
+
+from __future__ import annotations
+
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from condfx.codegen.onnx._functions import DOMAIN, DOMAIN_VERSION, MIN_OPSET, Lowering
+from condfx.ops.kivi_cache import updated_lengths
+
+OP_TYPE = "KIVICacheAttention"
+_INPUTS = ("q", "k", "v", "k_codes", "k_scale", "k_zero", "k_fp",
+           "v_codes", "v_scale", "v_zero", "v_fp")
+_OUTPUTS = ("out", "k_codes_out", "k_scale_out", "k_zero_out", "k_fp_out",
+            "v_codes_out", "v_scale_out", "v_zero_out", "v_fp_out")
+_FLOAT_ATTRS, _INT_ATTRS = ("scale",), ("window", "bits", "group", "residual", "sink")
+
+
+class _Body:
+    """Collects the nodes of a function body; every helper returns the name of its output."""
+
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self._n = 0
+
+    def __call__(self, op_type: str, *inputs: str, outputs: int = 1, **attrs):
+        names = [f"t{self._n}_{i}" for i in range(outputs)]
+        self._n += 1
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, **attrs))
+        return names[0] if outputs == 1 else names
+
+    def ints(self, *values: int) -> str:
+        """A constant 1-D int64 tensor."""
+        return self("Constant", value_ints=list(values))
+
+    def scalar(self, value: float | int) -> str:
+        kind = "value_float" if isinstance(value, float) else "value_int"
+        return self("Constant", **{kind: value})
+
+    def attr(self, name: str) -> str:
+        """A scalar constant holding the function attribute ``name`` (int64 or float)."""
+        kind = TensorProto.FLOAT if name in _FLOAT_ATTRS else TensorProto.INT64
+        key = "value_float" if kind == TensorProto.FLOAT else "value_int"
+        attr_type = onnx.AttributeProto.FLOAT if kind == TensorProto.FLOAT else onnx.AttributeProto.INT
+        node = helper.make_node("Constant", [], [f"attr_{name}"])
+        node.attribute.append(helper.make_attribute_ref(key, attr_type, ref_attr_name=name))
+        self.nodes.append(node)
+        return f"attr_{name}"
+
+    def dim(self, x: str, axis: int) -> str:
+        """Size of ``x`` along ``axis`` as a 1-D int64 tensor of one element."""
+        if axis == -1:
+            return self("Shape", x, start=-1)
+        return self("Shape", x, start=axis, end=axis + 1)
+
+    def slice(self, x: str, start: str, end: str, axis: int) -> str:
+        return self("Slice", x, start, end, self.ints(axis))
+
+
+def _unpack(f: _Body, codes: str, bits1: str, pow8: str, powb: str) -> str:
+    """uint8 (..., N, C*bits/8) → float32 codes (..., N, C)."""
+    packed = f("Unsqueeze", f("Cast", codes, to=TensorProto.INT32), f.ints(-1))  # (..., N, nb, 1)
+    planes = f("Mod", f("Div", packed, pow8), f("Constant", value=helper.make_tensor("", TensorProto.INT32, [], [2])))
+    lead = f("Shape", codes, start=0, end=-1)
+    channels = f("Div", f("Mul", f.dim(codes, -1), f.ints(8)), bits1)
+    planes = f("Reshape", planes, f("Concat", lead, channels, bits1, axis=0))  # (..., N, C, bits)
+    return f("ReduceSum", f("Mul", f("Cast", planes, to=TensorProto.FLOAT), powb), f.ints(-1), keepdims=0)
+
+
+def _pack(f: _Body, codes: str, bits1: str, powb_i: str, pow8: str) -> str:
+    """float32 codes (..., N, C) → uint8 (..., N, C*bits/8), little-endian bits."""
+    c = f("Unsqueeze", f("Cast", codes, to=TensorProto.INT32), f.ints(-1))  # (..., N, C, 1)
+    two = f("Constant", value=helper.make_tensor("", TensorProto.INT32, [], [2]))
+    planes = f("Mod", f("Div", c, powb_i), two)  # (..., N, C, bits)
+    lead = f("Shape", codes, start=0, end=-1)
+    nbytes = f("Div", f("Mul", f.dim(codes, -1), bits1), f.ints(8))
+    planes = f("Reshape", planes, f("Concat", lead, nbytes, f.ints(8), axis=0))  # (..., N, C*bits/8, 8)
+    byte = f("ReduceSum", f("Mul", planes, pow8), f.ints(-1), keepdims=0)
+    return f("Cast", byte, to=TensorProto.UINT8)
+
+
+def _grouped_shape(f: _Body, x: str, group1: str, per_channel: bool) -> str:
+    """Shape (..., N, C/g, g) (per token) or (..., N/g, g, C) (per channel) of ``x`` (..., N, C)."""
+    if per_channel:
+        groups = f("Div", f.dim(x, -2), group1)
+        return f("Concat", f("Shape", x, start=0, end=-2), groups, group1, f.dim(x, -1), axis=0)
+    groups = f("Div", f.dim(x, -1), group1)
+    return f("Concat", f("Shape", x, start=0, end=-1), groups, group1, axis=0)
+
+
+def _dequantize(f: _Body, codes: str, scale: str, zero: str, group1: str, per_channel: bool) -> str:
+    """float32 codes (..., N, C) and float16 stats → float32 values (..., N, C)."""
+    g = f("Reshape", codes, _grouped_shape(f, codes, group1, per_channel))
+    axis = f.ints(-2 if per_channel else -1)
+    s = f("Unsqueeze", f("Cast", scale, to=TensorProto.FLOAT), axis)
+    z = f("Unsqueeze", f("Cast", zero, to=TensorProto.FLOAT), axis)
+    return f("Reshape", f("Add", f("Mul", g, s), z), f("Shape", codes))
+
+
+def _quantize(f: _Body, x: str, group1: str, levels: str, per_channel: bool):
+    """float32 x (..., N, C), N whole chunks → (float32 codes, scale fp16, zero fp16)."""
+    g = f("Reshape", x, _grouped_shape(f, x, group1, per_channel))
+    axis = f.ints(-2 if per_channel else -1)
+    lo, hi = f("ReduceMin", g, axis, keepdims=1), f("ReduceMax", g, axis, keepdims=1)
+    zero16 = f("Cast", lo, to=TensorProto.FLOAT16)
+    scale16 = f("Cast", f("Div", f("Sub", hi, lo), levels), to=TensorProto.FLOAT16)
+    s, z = f("Cast", scale16, to=TensorProto.FLOAT), f("Cast", zero16, to=TensorProto.FLOAT)
+    denom = f("Where", f("Greater", s, f.scalar(0.0)), s, f.scalar(1.0))
+    codes = f("Clip", f("Round", f("Div", f("Sub", g, z), denom)), f.scalar(0.0), levels)
+    return f("Reshape", codes, f("Shape", x)), f("Squeeze", scale16, axis), f("Squeeze", zero16, axis)
+
+
+def _stream(f: _Body, prefix: str, new: str, a: dict, per_channel: bool) -> tuple[str, str, list[str]]:
+    """(full, hat, [codes', scale', zero', fp']) of one stream; see ``kivi_cache.stream_step``."""
+    codes, scale, zero, fp = (f"{prefix}_{p}" for p in ("codes", "scale", "zero", "fp"))
+    chunk1 = a["group1"] if per_channel else f.ints(1)
+    allf = f("Concat", fp, f("Cast", new, to=TensorProto.FLOAT), axis=-2)
+    big = f.ints(1 << 62)
+    head = f.slice(allf, f.ints(0), a["sink1"], -2)
+    rest = f.slice(allf, a["sink1"], big, -2)
+    deq = _dequantize(f, _unpack(f, codes, a["bits1"], a["pow8"], a["powb"]), scale, zero,
+                      a["group1"], per_channel)
+    whole = f("Mul", f("Div", f.dim(rest, -2), chunk1), chunk1)
+    q_codes, q_scale, q_zero = _quantize(f, f.slice(rest, f.ints(0), whole, -2), a["group1"],
+                                         a["levels"], per_channel)
+    rest_hat = f("Concat", _dequantize(f, q_codes, q_scale, q_zero, a["group1"], per_channel),
+                 f.slice(rest, whole, big, -2), axis=-2)
+    total = f("Add", f("Add", f.dim(head, -2), f.dim(codes, -2)), f.dim(rest, -2))
+    over = f("Max", f("Sub", f("Sub", total, a["residual1"]), a["sink1"]), f.ints(0))
+    move = f("Sub", f("Mul", f("Div", over, chunk1), chunk1), f.dim(codes, -2))
+    rows = f("Div", move, a["group1"]) if per_channel else move
+    packed = _pack(f, f.slice(q_codes, f.ints(0), move, -2), a["bits1"], a["powb_i"], a["pow8"])
+    updated = [
+        f("Concat", codes, packed, axis=-2),
+        f("Concat", scale, f.slice(q_scale, f.ints(0), rows, -2), axis=-2),
+        f("Concat", zero, f.slice(q_zero, f.ints(0), rows, -2), axis=-2),
+        f("Concat", head, f.slice(rest, move, big, -2), axis=-2),
+    ]
+    return f("Concat", head, deq, rest, axis=-2), f("Concat", head, deq, rest_hat, axis=-2), updated
+
+
+def _reads_hat(f: _Body, a: dict, t: str, s: str, chunk1: str) -> str:
+    """(T, S) bool: query row i (at position S - T + i) reads key j from the quantized copy."""
+    zero, one = f.scalar(0), f.scalar(1)
+    t0, s0 = f("Squeeze", t), f("Squeeze", s)
+    n = f("Add", f("Range", zero, t0, one), f("Sub", s0, t0))  # (T,) tokens before row i
+    over = f("Max", f("Sub", f("Sub", n, a["residual"]), a["sink"]), zero)
+    chunk = f("Squeeze", chunk1)
+    end = f("Add", f("Mul", f("Div", over, chunk), chunk), a["sink"])  # (T,)
+    j = f("Unsqueeze", f("Range", zero, s0, one), f.ints(0))  # (1, S)
+    return f("And", f("GreaterOrEqual", j, a["sink"]), f("Less", j, f("Unsqueeze", end, f.ints(1))))
+
+
+def _attributes(f: _Body) -> dict:
+    a = {name: f.attr(name) for name in (*_FLOAT_ATTRS, *_INT_ATTRS)}
+    for name in ("bits", "group", "residual", "sink"):
+        a[f"{name}1"] = f("Reshape", a[name], f.ints(1))
+    bits_f = f("Cast", a["bits"], to=TensorProto.FLOAT)
+    a["levels"] = f("Sub", f("Pow", f.scalar(2.0), bits_f), f.scalar(1.0))
+    powers = f("Pow", f.scalar(2.0), f("Cast", f("Range", f.scalar(0), a["bits"], f.scalar(1)), to=TensorProto.FLOAT))
+    a["powb"], a["powb_i"] = powers, f("Cast", powers, to=TensorProto.INT32)
+    a["pow8"] = f("Constant", value=helper.make_tensor("", TensorProto.INT32, [8], [1 << i for i in range(8)]))
+    return a
+
+
+def kivi_cache_attention_function() -> onnx.FunctionProto:
+    """The ``condfx::KIVICacheAttention`` local function (opset 18 body)."""
+    f = _Body()
+    a = _attributes(f)
+    b, hkv, t, d = (f.dim("k", i) for i in range(4))
+    rows = f("Reshape", f("Transpose", "v", perm=[0, 2, 1, 3]), f("Concat", b, f.ints(1), t, f("Mul", hkv, d), axis=0))
+    kf, kh, k_out = _stream(f, "k", "k", a, per_channel=True)
+    vf, vh, v_out = _stream(f, "v", rows, a, per_channel=False)
+    s = f.dim(kf, 2)
+    heads = f("Concat", b, f.ints(-1), hkv, d, axis=0)
+
+    def as_heads(x):  # (B, 1, S, Hkv*D) -> (B, Hkv, S, D)
+        return f("Transpose", f("Reshape", x, heads), perm=[0, 2, 1, 3])
+
+    h = f.dim("q", 1)
+    qg = f("Reshape", f("Cast", "q", to=TensorProto.FLOAT), f("Concat", b, hkv, f("Div", h, hkv), t, d, axis=0))
+    axis2 = f.ints(2)
+    kt, kht = (f("Transpose", f("Unsqueeze", x, axis2), perm=[0, 1, 2, 4, 3]) for x in (kf, kh))
+    use_k = _reads_hat(f, a, t, s, a["group1"])
+    use_v = _reads_hat(f, a, t, s, f.ints(1))
+    scores = f("Mul", f("Where", use_k, f("MatMul", qg, kht), f("MatMul", qg, kt)), a["scale"])
+    zero, one = f.scalar(0), f.scalar(1)
+    pos = f("Unsqueeze", f("Add", f("Range", zero, f("Squeeze", t), one), f("Sub", f("Squeeze", s), f("Squeeze", t))), f.ints(1))
+    j = f("Unsqueeze", f("Range", zero, f("Squeeze", s), one), f.ints(0))
+    in_window = f("Or", f("LessOrEqual", a["window"], zero), f("Greater", j, f("Sub", pos, a["window"])))
+    keep = f("And", f("LessOrEqual", j, pos), in_window)
+    probs = f("Softmax", f("Where", keep, scores, f.scalar(float("-inf"))), axis=-1)
+    vg, vhg = (f("Unsqueeze", as_heads(x), axis2) for x in (vf, vh))
+    zeros = f("Mul", probs, f.scalar(0.0))
+    mixed = f("Add", f("MatMul", f("Where", use_v, probs, zeros), vhg),
+              f("MatMul", f("Where", use_v, zeros, probs), vg))
+    out = f("CastLike", f("Reshape", mixed, f("Shape", "q")), "q")
+    results = [out, *k_out, *v_out]
+    f.nodes += [helper.make_node("Identity", [r], [o]) for r, o in zip(results, _OUTPUTS, strict=True)]
+    return helper.make_function(
+        DOMAIN, OP_TYPE, list(_INPUTS), list(_OUTPUTS), f.nodes,
+        [helper.make_opsetid("", MIN_OPSET)], attributes=[*_FLOAT_ATTRS, *_INT_ATTRS],
+    )
+
+
+def emit_kivi_cache_attention(q, k, v, k_codes, k_scale, k_zero, k_fp, v_codes, v_scale, v_zero, v_fp,
+                              scale, window, bits, group, residual, sink):
+    """Emits one ``condfx::KIVICacheAttention`` node under ``torch.onnx.export``; runs the op otherwise."""
+    args = (q, k, v, k_codes, k_scale, k_zero, k_fp, v_codes, v_scale, v_zero, v_fp)
+    if not torch.onnx.is_in_onnx_export():
+        return torch.ops.condfx.kivi_cache_attention(*args, scale, window, bits, group, residual, sink)
+    b, hkv, t, d = k.shape
+    nqk, nfk = updated_lengths(k_codes.shape[2], k_fp.shape[2], t, residual, group, sink)
+    nqv, nfv = updated_lengths(v_codes.shape[2], v_fp.shape[2], t, residual, 1, sink)
+    c = hkv * d
+    shapes = [q.shape,
+              (b, hkv, nqk, d * bits // 8), (b, hkv, nqk // group, d), (b, hkv, nqk // group, d), (b, hkv, nfk, d),
+              (b, 1, nqv, c * bits // 8), (b, 1, nqv, c // group), (b, 1, nqv, c // group), (b, 1, nfv, c)]
+    half = torch.float16
+    dtypes = [q.dtype, torch.uint8, half, half, k_fp.dtype, torch.uint8, half, half, v_fp.dtype]
+    attrs = {"scale": float(scale), "window": int(window), "bits": int(bits), "group": int(group),
+             "residual": int(residual), "sink": int(sink)}
+    return tuple(torch.onnx.ops.symbolic_multi_out(
+        f"{DOMAIN}::{OP_TYPE}", args, attrs, dtypes=dtypes, shapes=shapes, version=DOMAIN_VERSION,
+    ))
+
+
+LOWERING = Lowering(op_type=OP_TYPE, emit=emit_kivi_cache_attention,
+                    build_function=kivi_cache_attention_function)
