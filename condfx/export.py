@@ -111,7 +111,7 @@ def _as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     raise TypeError(msg)
 
 
-_PAST_NAME = re.compile(r"past_([kv])_(\d+)(_codes|_scale|_zero|_fp)?$")
+_PAST_NAME = re.compile(r"past_([kvx])_(\d+)(_codes|_scale|_zero|_fp)?$")
 
 
 def _dynamic_shapes(inputs: tuple[torch.Tensor, ...], names: Sequence[str]) -> tuple:

@@ -8,6 +8,7 @@ The layout of the files is described in ``condfx.export``'s docstring.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -85,8 +86,6 @@ def weights_sha256(model: nn.Module) -> str:
 
 def model_identity(model: nn.Module, spec: str | None = None) -> dict[str, Any]:
     """What identifies the exported model: ``model.info`` fields, the spec and a weights hash."""
-    import dataclasses
-
     info = getattr(model, "info", None)
     ident = dataclasses.asdict(info) if dataclasses.is_dataclass(info) else {}
     ident.setdefault("name", spec or type(model).__name__)
@@ -127,8 +126,8 @@ def _manifest(gm, identity, passes, prefill, decode, diffs) -> dict[str, Any]:
                 "window": s.window,
                 "dtype": str(s.dtype).removeprefix("torch."),
                 **({"pseudo": s.pseudo} if s.pseudo > 1 else {}),  # IHA layers only
-                **({"kivi": dict(zip(("bits", "group", "residual", "sink"), s.kivi, strict=True))}
-                   if s.kivi else {}),  # KIVI layers only: eight packed-cache tensors
+                # quantized layers only: four packed-cache tensors per stream
+                **({"streams": [dataclasses.asdict(st) for st in s.streams]} if s.streams else {}),
             }
             for s in layers
         ],

@@ -45,7 +45,7 @@ import torch
 from torch import fx
 
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
-from condfx.ops.kivi_cache import STREAM_PARTS, stream_shapes
+from condfx.ops.quant_stream import STREAM_PARTS, StreamSpec
 from condfx.ops.routed_attention import is_routed_attention
 from condfx.passes.base import GraphSnapshot, Pass, PassError, PassReport, PassResult
 from condfx.passes.fuse_attention import is_fused_attention
@@ -78,8 +78,9 @@ class KVLayerSpec:
         dtype: dtype of k/v.
         pseudo: P of an IHA layer (``condfx.interleaved_attention``): its cache holds P
             pseudo-K/V rows per token, never trimmed (the op's RoPE positions are cache indices).
-        kivi: (bits, group, residual, sink) of a KIVI layer, whose cache is eight tensors, the K
-            and V streams of ``condfx.kivi_cache_attention`` (codes, scale, zero, fp each).
+        streams: a quantized layer's cache streams (``condfx/ops/quant_stream.py``): KIVI's K and V
+            (``condfx.kivi_cache_attention``), XQuant's X or SVD latents; four tensors each (codes,
+            scale, zero, fp), read and updated by the decode graph itself. Empty: plain K and V.
     """
 
     layer: int
@@ -88,24 +89,20 @@ class KVLayerSpec:
     window: int
     dtype: torch.dtype
     pseudo: int = 1
-    kivi: tuple[int, int, int, int] | None = None
+    streams: tuple[StreamSpec, ...] = ()
 
     def io_names(self) -> list[str]:
         """Names of the layer's cache tensors after ``past_`` / ``present_``, in graph order."""
-        kv = [f"{x}_{self.layer}" for x in "kv"]
-        return kv if self.kivi is None else [f"{n}_{p}" for n in kv for p in STREAM_PARTS]
+        if not self.streams:
+            return [f"{x}_{self.layer}" for x in "kv"]
+        return [f"{st.name}_{self.layer}_{p}" for st in self.streams for p in STREAM_PARTS]
 
     def empty_past(self, batch: int, device=None, length: int = 0) -> list[torch.Tensor]:
         """The layer's decode-graph inputs for an empty cache (``length`` > 0: example sizes)."""
-        if self.kivi is None:
-            shape = (batch, self.n_kv_heads, length * self.pseudo, self.head_dim)
-            return [torch.zeros(shape, dtype=self.dtype, device=device) for _ in "kv"]
-        bits, group, _, _ = self.kivi
-        h, d, packed = self.n_kv_heads, self.head_dim, 2 * group * bool(length)
-        k = stream_shapes((batch, h), d, bits, group, -2, packed, length)
-        v = stream_shapes((batch, 1), h * d, bits, group, -1, packed, length)
-        dtypes = (torch.uint8, torch.float16, torch.float16, self.dtype) * 2
-        return [torch.zeros(sh, dtype=dt, device=device) for sh, dt in zip(k + v, dtypes, strict=True)]
+        if self.streams:
+            return [t for st in self.streams for t in st.empty(batch, self.dtype, device, length)]
+        shape = (batch, self.n_kv_heads, length * self.pseudo, self.head_dim)
+        return [torch.zeros(shape, dtype=self.dtype, device=device) for _ in "kv"]
 
 
 @dataclass(frozen=True)
@@ -256,26 +253,29 @@ def _layer_specs(attn: list[fx.Node]) -> list[KVLayerSpec]:
             specs.append(KVLayerSpec(i, int(k.shape[1]), int(k.shape[3]), 0, k.dtype, int(node.args[5])))
             continue
         window = _window_of(node)
-        kivi = _kivi_params(node)
-        specs.append(KVLayerSpec(i, int(k.shape[1]), int(k.shape[3]), window, k.dtype, kivi=kivi))
+        streams = _kivi_streams(node)
+        specs.append(KVLayerSpec(i, int(k.shape[1]), int(k.shape[3]), window, k.dtype, streams=streams))
     return specs
 
 
-def _kivi_params(node: fx.Node) -> tuple[int, int, int, int] | None:
-    """(bits, group, residual, sink) when ``node`` is a KIVI ``quantized_cache_attention``, else None.
+def _kivi_streams(node: fx.Node) -> tuple[StreamSpec, ...]:
+    """The K and V streams when ``node`` is a KIVI ``quantized_cache_attention``, else ().
 
     KIVI's keys are ``fake_group_quantize(k, bits, group, -2[, sink])`` of the op's own k (per channel,
     after RoPE); XQuant's come from a rematerialised path instead.
     """
     if not is_quantized_cache_attention(node):
-        return None
+        return ()
     k_hat = node.args[3]
     fq = torch.ops.condfx.fake_group_quantize.default
     if not (isinstance(k_hat, fx.Node) and k_hat.target is fq and k_hat.args[0] is node.args[1]):
-        return None
-    bits, group, _, *sink = k_hat.args[1:]
-    residual = int(node.args[7])
-    return int(bits), int(group), residual, int(sink[0]) if sink else 0
+        return ()
+    bits, group, _, *sink = (int(a) for a in k_hat.args[1:])
+    q = (bits, group)
+    rest = (int(node.args[7]), sink[0] if sink else 0)  # residual, sink
+    _, hkv, _, d = node.args[1].meta["val"].shape
+    return (StreamSpec("k", int(hkv), int(d), *q, -2, *rest),
+            StreamSpec("v", 1, int(hkv * d), *q, -1, *rest))
 
 
 def _add_past_inputs(graph: fx.Graph, ids: fx.Node, specs: list[KVLayerSpec]) -> list[list[fx.Node]]:
@@ -292,7 +292,8 @@ def _add_past_inputs(graph: fx.Graph, ids: fx.Node, specs: list[KVLayerSpec]) ->
 
 def _rewire_kivi(graph: fx.Graph, node: fx.Node, spec: KVLayerSpec, streams: list[fx.Node]) -> list[fx.Node]:
     """Replaces a KIVI ``quantized_cache_attention`` by ``kivi_cache_attention``; returns its 8 presents."""
-    bits, group, residual, sink = spec.kivi
+    st = spec.streams[0]
+    bits, group, residual, sink = st.bits, st.group, st.residual, st.sink
     q, k, v, _, _, scale, window = node.args[:7]
     args = (q, k, v, *streams, scale, window, bits, group, residual, sink)
     with graph.inserting_before(node):
@@ -307,7 +308,7 @@ def _rewire_attention(graph: fx.Graph, attn, pasts, specs) -> list[fx.Node]:
     """Feeds cat([past, new], 2) to every attention node; returns the presents, k then v per layer."""
     presents = []
     for node, past, spec in zip(attn, pasts, specs, strict=True):
-        if spec.kivi is not None:
+        if spec.streams:
             presents += _rewire_kivi(graph, node, spec, past)
             continue
         pk, pv = past
@@ -359,7 +360,7 @@ def _reexport(
     past, dyn = [], [{0: batch, 1: seq}]
     for s in specs:
         past += s.empty_past(_EXAMPLE_B, device, _EXAMPLE_P)
-        if s.kivi is None:  # one length per layer: a sliding-window layer keeps fewer positions
+        if not s.streams:  # one length per layer: a sliding-window layer keeps fewer positions
             dyn += [{0: batch, 2: dim(f"past_{s.layer}", min=0)}] * 2
         else:  # each stream tensor has its own length (packed tokens, their groups, fp tokens)
             dyn += [{0: batch, 2: dim(f"past_{n}", min=0)} for n in s.io_names()]
@@ -411,7 +412,8 @@ def _rewrite(gm, ids, attn, aranges, specs, name) -> None:
     presents = _rewire_attention(graph, attn, pasts, specs)
     if aranges:
         source = _position_source(specs, name)
-        length = [pasts[source][0], pasts[source][3]] if specs[source].kivi else pasts[source][:1]
+        # a quantized layer's first stream holds its tokens as codes (0) and full precision (3)
+        length = [pasts[source][0], pasts[source][3]] if specs[source].streams else pasts[source][:1]
         _offset_positions(graph, aranges, ids, length, specs[source].pseudo)
     output = next(n for n in graph.nodes if n.op == "output")
     logits = output.args[0]

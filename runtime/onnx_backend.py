@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from condfx.ops.quant_stream import StreamSpec
 from condfx.passes.add_kv_cache import KVLayerSpec
 
 _CPU, _CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
@@ -119,7 +120,7 @@ def _layer_specs(manifest: dict[str, Any]) -> tuple[KVLayerSpec, ...]:
         KVLayerSpec(
             s["layer"], s["n_kv_heads"], s["head_dim"], s["window"], getattr(torch, s["dtype"]),
             s.get("pseudo", 1),
-            tuple(s["kivi"][k] for k in ("bits", "group", "residual", "sink")) if "kivi" in s else None,
+            tuple(StreamSpec(**st) for st in s.get("streams", ())),
         )
         for s in manifest["layers"]
     )

@@ -220,23 +220,22 @@ class XQuantCache:
         return sum(s.nbytes() for s in self.streams.values())
 
 
-class GraphKIVICache(LayerCache):
-    """The cache of a KIVI layer in decode form: the eight tensors ``condfx.kivi_cache_attention``
-    reads and returns (K stream per channel, V stream per token: packed uint8 codes, float16 scale
-    and zero point, full-precision sink + recent tokens; ``condfx/ops/kivi_cache.py``).
+class GraphStreamCache(LayerCache):
+    """The cache of a quantized layer in decode form: the stream tensors its graph reads and returns
+    (per stream: packed uint8 codes, float16 scale and zero point, full-precision sink + recent
+    tokens; ``condfx/ops/quant_stream.py``): KIVI's K and V, XQuant's X or SVD latents.
 
     The graph quantizes what leaves the residual window itself, so the cache only carries the
-    tensors between calls, in PyTorch or ONNX Runtime alike. ``nbytes()`` counts all eight.
+    tensors between calls, in PyTorch or ONNX Runtime alike. ``nbytes()`` counts all of them.
     """
 
-    io_tensors = 8
-
     def __init__(self, spec, batch: int, device="cpu"):
-        if spec.kivi is None:
-            msg = f"GraphKIVICache needs a KIVI layer spec (spec.kivi set); layer {spec.layer} has none."
+        if not spec.streams:
+            msg = f"GraphStreamCache needs a layer spec with quantized streams; layer {spec.layer} has none."
             raise ValueError(msg)
         super().__init__(batch, spec.n_kv_heads, spec.head_dim, spec.dtype, device)
         self.spec = spec
+        self.io_tensors = 4 * len(spec.streams)
         self.tensors = spec.empty_past(batch, self.device)
 
     def past(self) -> tuple[torch.Tensor, ...]:
@@ -248,19 +247,19 @@ class GraphKIVICache(LayerCache):
 
     def update(self, *present: torch.Tensor) -> None:
         if len(present) != self.io_tensors:
-            msg = f"GraphKIVICache.update needs {self.io_tensors} tensors; got {len(present)}."
+            msg = f"GraphStreamCache.update needs {self.io_tensors} tensors; got {len(present)}."
             raise ValueError(msg)
         codes, fp = present[0], present[3]
         total = int(codes.shape[2]) + int(fp.shape[2])
         if int(codes.shape[0]) != self.batch or total < self.stored:
-            msg = (f"GraphKIVICache.update: the K stream must keep batch {self.batch} and at least "
+            msg = (f"GraphStreamCache.update: the K stream must keep batch {self.batch} and at least "
                    f"{self.stored} tokens; got batch {int(codes.shape[0])} with {total}.")
             raise ValueError(msg)
         self.length += total - self.stored
         self.tensors = list(present)
 
     def append(self, k: torch.Tensor, v: torch.Tensor):
-        msg = "GraphKIVICache is read and written by the decode graph; use the Session, not append()."
+        msg = "GraphStreamCache is read and written by the decode graph; use the Session, not append()."
         raise NotImplementedError(msg)
 
     def reset(self, batch: int | None = None) -> None:
@@ -287,8 +286,8 @@ def quantized_layer_cache(spec, quant: dict, batch: int, device) -> LayerCache:
         NotImplementedError: an XQuant layer; its decode graph would have to return X, so XQuant
             runs teacher-forced (one forward of the ``quantize-kv`` graph) for now.
     """
-    if spec.kivi is not None:
-        return GraphKIVICache(spec, batch, device)
+    if spec.streams:
+        return GraphStreamCache(spec, batch, device)
     msg = (
         f"the Session runs quantize-kv caches for method 'kivi' only; got {quant['method']!r} "
         "(evaluate XQuant with one teacher-forced forward of the quantize-kv graph)."

@@ -7,8 +7,8 @@ calls). Every backend implements one call, the minimal interface the runtime nee
     backend.run(input_ids, past)        -> (logits, present)
         input_ids (B, T) int64, past = [past_k_0, past_v_0, ...] each (B, Hkv, P, D);
         logits (B, T, V), present = [present_k_0, present_v_0, ...] each (B, Hkv, P + T, D).
-        A KIVI layer has eight tensors instead of two (``KVLayerSpec.io_names``): its packed K and
-        V streams, read and updated by the graph itself.
+        A quantized layer has four tensors per stream instead of two (``KVLayerSpec.io_names``):
+        its packed streams, read and updated by the graph itself.
 
 ``TorchBackend`` runs the ``add-kv-cache`` GraphModule. The ONNX slot (``backend="onnx"``) takes the
 same decode-form graph exported to ONNX and runs it on ONNX Runtime; it lives in
@@ -33,7 +33,7 @@ from condfx.runtime.caches import (
     LayerCache,
     SlidingWindowCache,
 )
-from condfx.runtime.quant_caches import GraphKIVICache, quantized_layer_cache
+from condfx.runtime.quant_caches import GraphStreamCache, quantized_layer_cache
 
 
 class BackendKind(str, enum.Enum):
@@ -94,9 +94,9 @@ def _onnx_backend(gm: fx.GraphModule) -> DecodeBackend:
 
 def default_cache(spec: KVLayerSpec, batch: int, device: torch.device) -> LayerCache:
     """The cache a layer gets by default: a sliding window for windowed attention, else full KV
-    (a KIVI layer's graph reads and returns its packed cache: ``GraphKIVICache``)."""
-    if spec.kivi is not None:
-        return GraphKIVICache(spec, batch, device)
+    (a quantized layer's graph reads and returns its packed cache: ``GraphStreamCache``)."""
+    if spec.streams:
+        return GraphStreamCache(spec, batch, device)
     if spec.pseudo > 1:  # IHA: P pseudo-K/V rows per token
         return InterleavedKVCache(
             batch, spec.n_kv_heads, spec.head_dim, spec.pseudo, spec.dtype, device
@@ -136,7 +136,7 @@ class Session:
         quant = {q["layer"]: q for q in getattr(backend, "kv_quant", ())}
         self.caches = CacheSet([
             quantized_layer_cache(s, quant[s.layer], 1, self.device)
-            if s.layer in quant and s.kivi is None
+            if s.layer in quant and not s.streams
             else default_cache(s, 1, self.device)
             for s in backend.layers
         ])

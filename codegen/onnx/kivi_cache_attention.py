@@ -32,7 +32,7 @@ import torch
 from onnx import TensorProto, helper
 
 from condfx.codegen.onnx._functions import DOMAIN, DOMAIN_VERSION, MIN_OPSET, Lowering
-from condfx.ops.kivi_cache import updated_lengths
+from condfx.ops.quant_stream import updated_lengths
 
 OP_TYPE = "KIVICacheAttention"
 _INPUTS = ("q", "k", "v", "k_codes", "k_scale", "k_zero", "k_fp",

@@ -2,11 +2,8 @@
 graph itself reads and updates, held as packed integer codes (the decode form ``add-kv-cache`` gives a
 ``quantize-kv{method=kivi}`` layer; ``runtime/quant_caches.GraphKIVICache`` carries the tensors).
 
-A cache *stream* (..., N, C) is four tensors: ``codes`` (..., Nq, C * bits / 8) uint8 (packed as
-``condfx.ops.kv_quant.pack_codes``), ``scale`` / ``zero`` float16 ((..., Nq, C / group) per token, or
-(..., Nq / group, C) per channel) and ``fp`` (..., N - Nq, C) in full precision: the first ``sink``
-tokens followed by the tokens not quantized yet. The stream's tokens, in order, are
-``fp[:sink]``, dequantize(codes), ``fp[sink:]``; Nq = ``quantized_count(N, residual, chunk, sink)``.
+A cache *stream* is four tensors (packed uint8 codes, float16 scale and zero point, the
+full-precision sink and recent tokens), as ``condfx/ops/quant_stream.py`` describes.
 
     kivi_cache_attention(q, k, v, k_codes, k_scale, k_zero, k_fp, v_codes, v_scale, v_zero, v_fp,
                          scale, window, bits, group, residual, sink)
@@ -29,66 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from condfx.ops.kv_quant import (
-    check_quant_args,
-    dequantize_reference,
-    quantize_reference,
-    quantized_cache_attention_sdpa,
-    quantized_count,
-)
-
-STREAM_PARTS = ("codes", "scale", "zero", "fp")
-
-
-def stream_shapes(lead, channels: int, bits: int, group: int, dim: int, quantized, full) -> list:
-    """Shapes of (codes, scale, zero, fp) of a stream with ``quantized`` packed and ``full`` fp tokens."""
-    stats = (quantized, channels // group) if dim == -1 else (quantized // group, channels)
-    return [(*lead, quantized, channels * bits // 8), (*lead, *stats), (*lead, *stats),
-            (*lead, full, channels)]
-
-
-def _dtypes(fp) -> tuple:
-    return (torch.uint8, torch.float16, torch.float16, fp.dtype)
-
-
-def empty_stream(lead, channels: int, bits: int, group: int, dim: int, dtype, device="cpu") -> list:
-    """The four tensors of an empty stream."""
-    dtypes = (torch.uint8, torch.float16, torch.float16, dtype)
-    shapes = stream_shapes(lead, channels, bits, group, dim, 0, 0)
-    return [torch.zeros(s, dtype=t, device=device) for s, t in zip(shapes, dtypes, strict=True)]
-
-
-def stream_step(codes, scale, zero, fp, new, bits: int, group: int, dim: int, residual: int, sink: int):
-    """One step of a stream: (full, hat, codes', scale', zero', fp'); see the module docstring."""
-    channels = int(new.shape[-1])
-    chunk = group if dim == -2 else 1
-    nq = int(codes.shape[-2])
-    if int(scale.shape[-2]) != (nq if dim == -1 else nq // group) or nq % chunk:
-        msg = (f"condfx.kivi_cache_attention: a stream with {nq} packed tokens needs "
-               f"{nq if dim == -1 else nq // group} scale rows (group {group}); got {int(scale.shape[-2])}.")
-        raise ValueError(msg)
-    allf = torch.cat([fp, new.to(fp.dtype)], -2)
-    head, rest = allf[..., :sink, :], allf[..., sink:, :]
-    deq = dequantize_reference(codes, scale, zero, bits, group, dim, channels).to(fp.dtype)
-    whole = int(rest.shape[-2]) // chunk * chunk
-    packed, sc, ze = quantize_reference(rest[..., :whole, :], bits, group, dim)
-    rest_hat = dequantize_reference(packed, sc, ze, bits, group, dim, channels).to(fp.dtype)
-    rest_hat = torch.cat([rest_hat, rest[..., whole:, :]], -2)
-    total = int(head.shape[-2]) + nq + int(rest.shape[-2])
-    move = quantized_count(total, residual, chunk, sink) - nq
-    if move < 0 or (move and int(head.shape[-2]) < sink):
-        msg = (f"condfx.kivi_cache_attention: a stream of {total} tokens holds {nq} packed, more than "
-               f"its policy (residual {residual}, sink {sink}, chunk {chunk}) allows.")
-        raise ValueError(msg)
-    rows = move // group if dim == -2 else move
-    return (
-        torch.cat([head, deq, rest], -2),
-        torch.cat([head, deq, rest_hat], -2),
-        torch.cat([codes, packed[..., :move, :]], -2),
-        torch.cat([scale, sc[..., :rows, :]], -2),
-        torch.cat([zero, ze[..., :rows, :]], -2),
-        torch.cat([head, rest[..., move:, :]], -2),
-    )
+from condfx.ops.kv_quant import check_quant_args, quantized_cache_attention_sdpa
+from condfx.ops.quant_stream import stream_dtypes, stream_shapes, stream_step
 
 
 def _check(q, k, v, bits, group) -> None:
@@ -143,13 +82,6 @@ def kivi_cache_attention(
     return tuple(o.contiguous() for o in outs)
 
 
-def updated_lengths(stored, fp_len, new: int, residual: int, chunk: int, sink: int):
-    """(Nq', N' - Nq') of a stream after ``new`` tokens; works on SymInts (export)."""
-    total = stored + fp_len + new
-    nq = torch.sym_max(0, total - residual - sink) // chunk * chunk
-    return nq, total - nq
-
-
 @kivi_cache_attention.register_fake
 def _kivi_cache_attention_fake(q, k, v, k_codes, k_scale, k_zero, k_fp, v_codes, v_scale, v_zero,
                                v_fp, scale, window, bits, group, residual, sink):
@@ -162,6 +94,6 @@ def _kivi_cache_attention_fake(q, k, v, k_codes, k_scale, k_zero, k_fp, v_codes,
     torch._check(nqk % group == 0)
     ks = stream_shapes((b, hkv), d, bits, group, -2, nqk, nfk)
     vs = stream_shapes((b, 1), hkv * d, bits, group, -1, nqv, nfv)
-    k_out = [q.new_empty(s, dtype=dt) for s, dt in zip(ks, _dtypes(k_fp), strict=True)]
-    v_out = [q.new_empty(s, dtype=dt) for s, dt in zip(vs, _dtypes(v_fp), strict=True)]
+    k_out = [q.new_empty(s, dtype=dt) for s, dt in zip(ks, stream_dtypes(k_fp), strict=True)]
+    v_out = [q.new_empty(s, dtype=dt) for s, dt in zip(vs, stream_dtypes(v_fp), strict=True)]
     return (q.new_empty(q.shape), *k_out, *v_out)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import condfx.ops  # noqa: F401
-from condfx.ops.kivi_cache import empty_stream
 from condfx.ops.kv_quant import fake_quantize_reference, quantized_cache_attention_reference
+from condfx.ops.quant_stream import empty_stream
 
 B, H, HKV, D = 2, 4, 2, 8
 

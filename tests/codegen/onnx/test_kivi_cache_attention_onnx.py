@@ -12,8 +12,12 @@ from onnx import TensorProto, helper
 
 import condfx
 from condfx.codegen.onnx import DOMAIN
-from condfx.codegen.onnx.kivi_cache_attention import _INPUTS, _OUTPUTS, kivi_cache_attention_function
-from condfx.ops.kivi_cache import empty_stream
+from condfx.codegen.onnx.kivi_cache_attention import (
+    _INPUTS,
+    _OUTPUTS,
+    kivi_cache_attention_function,
+)
+from condfx.ops.quant_stream import empty_stream
 from condfx.runtime.session import Session
 
 _TYPES = {"codes": TensorProto.UINT8, "scale": TensorProto.FLOAT16, "zero": TensorProto.FLOAT16,

@@ -1,0 +1,152 @@
+"""``condfx::quantized_stream``: one step of a quantized cache stream that the decode graph reads and
+updates itself, held as packed integer codes. KIVI's two streams live inside
+``condfx::kivi_cache_attention`` (``kivi_cache.py``); XQuant's X or SVD latents use this op directly.
+
+A stream (B, H, N, C) is four tensors: ``codes`` (B, H, Nq, C * bits / 8) uint8 (packed as
+``condfx.ops.kv_quant.pack_codes``), ``scale`` / ``zero`` float16 ((B, H, Nq, C / group) per token,
+dim -1, or (B, H, Nq / group, C) per channel, dim -2) and ``fp`` (B, H, N - Nq, C) in full precision:
+the first ``sink`` tokens followed by the tokens not quantized yet. The stream's tokens, in order, are
+``fp[:sink]``, dequantize(codes), ``fp[sink:]``; Nq = ``quantized_count(N, residual, chunk, sink)``
+with chunk = group per channel, 1 per token.
+
+    quantized_stream(codes, scale, zero, fp, new, bits, group, dim, residual, sink)
+        -> (full, hat, codes', scale', zero', fp')
+    new (B, H, T, C): the step's tokens. full (B, H, N + T, C): the stream's tokens followed by new,
+    as stored (the quantized ones dequantized). hat: the same with the not-yet-quantized tokens after
+    the sink replaced by their quantize-dequantize in the stream's groups (whole chunks from the first
+    of them; a trailing partial chunk stays in full precision: no query reads it quantized). The
+    returned stream holds the N + T tokens with quantized_count(N + T, ...) of them packed: exactly
+    the codes ``hat`` was made from, so ``condfx::quantized_cache_attention`` reading (full, hat)
+    sees what one teacher-forced ``quantize-kv`` forward sees, for any split into steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from condfx.ops.kv_quant import (
+    check_quant_args,
+    dequantize_reference,
+    quantize_reference,
+    quantized_count,
+)
+
+STREAM_PARTS = ("codes", "scale", "zero", "fp")
+
+
+def stream_shapes(lead, channels: int, bits: int, group: int, dim: int, quantized, full) -> list:
+    """Shapes of (codes, scale, zero, fp) of a stream with ``quantized`` packed and ``full`` fp tokens."""
+    stats = (quantized, channels // group) if dim == -1 else (quantized // group, channels)
+    return [(*lead, quantized, channels * bits // 8), (*lead, *stats), (*lead, *stats),
+            (*lead, full, channels)]
+
+
+def stream_dtypes(fp) -> tuple:
+    return (torch.uint8, torch.float16, torch.float16, fp.dtype)
+
+
+def empty_stream(lead, channels: int, bits: int, group: int, dim: int, dtype, device="cpu") -> list:
+    """The four tensors of an empty stream."""
+    dtypes = (torch.uint8, torch.float16, torch.float16, dtype)
+    shapes = stream_shapes(lead, channels, bits, group, dim, 0, 0)
+    return [torch.zeros(s, dtype=t, device=device) for s, t in zip(shapes, dtypes, strict=True)]
+
+
+def stream_step(codes, scale, zero, fp, new, bits: int, group: int, dim: int, residual: int, sink: int):
+    """One step of a stream: (full, hat, codes', scale', zero', fp'); see the module docstring."""
+    channels = int(new.shape[-1])
+    chunk = group if dim == -2 else 1
+    nq = int(codes.shape[-2])
+    if int(scale.shape[-2]) != (nq if dim == -1 else nq // group) or nq % chunk:
+        msg = (f"condfx.quantized_stream: a stream with {nq} packed tokens needs "
+               f"{nq if dim == -1 else nq // group} scale rows (group {group}); got {int(scale.shape[-2])}.")
+        raise ValueError(msg)
+    allf = torch.cat([fp, new.to(fp.dtype)], -2)
+    head, rest = allf[..., :sink, :], allf[..., sink:, :]
+    deq = dequantize_reference(codes, scale, zero, bits, group, dim, channels).to(fp.dtype)
+    whole = int(rest.shape[-2]) // chunk * chunk
+    packed, sc, ze = quantize_reference(rest[..., :whole, :], bits, group, dim)
+    rest_hat = dequantize_reference(packed, sc, ze, bits, group, dim, channels).to(fp.dtype)
+    rest_hat = torch.cat([rest_hat, rest[..., whole:, :]], -2)
+    total = int(head.shape[-2]) + nq + int(rest.shape[-2])
+    move = quantized_count(total, residual, chunk, sink) - nq
+    if move < 0 or (move and int(head.shape[-2]) < sink):
+        msg = (f"condfx.quantized_stream: a stream of {total} tokens holds {nq} packed, more than "
+               f"its policy (residual {residual}, sink {sink}, chunk {chunk}) allows.")
+        raise ValueError(msg)
+    rows = move // group if dim == -2 else move
+    return (
+        torch.cat([head, deq, rest], -2),
+        torch.cat([head, deq, rest_hat], -2),
+        torch.cat([codes, packed[..., :move, :]], -2),
+        torch.cat([scale, sc[..., :rows, :]], -2),
+        torch.cat([zero, ze[..., :rows, :]], -2),
+        torch.cat([head, rest[..., move:, :]], -2),
+    )
+
+
+def updated_lengths(stored, fp_len, new: int, residual: int, chunk: int, sink: int):
+    """(Nq', N' - Nq') of a stream after ``new`` tokens; works on SymInts (export)."""
+    total = stored + fp_len + new
+    nq = torch.sym_max(0, total - residual - sink) // chunk * chunk
+    return nq, total - nq
+
+
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """One quantized stream of a layer's decode-form cache.
+
+    Attributes:
+        name: ``k`` / ``v`` (KIVI keys and values, SVD latents) or ``x`` (XQuant's X).
+        heads: dim 1 of the stream's tensors (KIVI keys: Hkv; otherwise 1).
+        channels: C.
+        bits, group, dim, residual, sink: the quantization (``quantized_stream``).
+    """
+
+    name: str
+    heads: int
+    channels: int
+    bits: int
+    group: int
+    dim: int
+    residual: int
+    sink: int
+
+    def empty(self, batch: int, dtype, device=None, length: int = 0) -> list[torch.Tensor]:
+        """The four tensors of an empty stream (``length`` > 0: example sizes for tracing)."""
+        packed = 2 * self.group * bool(length)
+        shapes = stream_shapes((batch, self.heads), self.channels, self.bits, self.group, self.dim,
+                               packed, length)
+        dtypes = (torch.uint8, torch.float16, torch.float16, dtype)
+        return [torch.zeros(s, dtype=t, device=device) for s, t in zip(shapes, dtypes, strict=True)]
+
+
+@torch.library.custom_op("condfx::quantized_stream", mutates_args=())
+def quantized_stream(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fp: torch.Tensor, new: torch.Tensor,
+    bits: int, group: int, dim: int, residual: int, sink: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.ops.condfx.quantized_stream``: see the module docstring."""
+    check_quant_args(bits, group, dim, int(new.shape[-1]), None)
+    with torch.no_grad():
+        outs = stream_step(codes, scale, zero, fp, new, bits, group, dim, residual, sink)
+    return tuple(o.contiguous() for o in outs)
+
+
+@quantized_stream.register_fake
+def _quantized_stream_fake(codes, scale, zero, fp, new, bits, group, dim, residual, sink):
+    check_quant_args(bits, group, dim, int(new.shape[-1]), None)
+    b, h, t, c = new.shape
+    ctx = torch.library.get_ctx()  # new sizes: see kivi_cache's fake for why they are unbacked
+    nq, nf = ctx.new_dynamic_size(), ctx.new_dynamic_size()
+    n = codes.shape[2] + fp.shape[2] + t
+    if dim == -2:
+        torch._check(nq % group == 0)
+    shapes = stream_shapes((b, h), c, bits, group, dim, nq, nf)
+    full = fp.new_empty((b, h, n, c))
+    return (full, fp.new_empty((b, h, n, c)),
+            *(fp.new_empty(s, dtype=d) for s, d in zip(shapes, stream_dtypes(fp), strict=True)))
