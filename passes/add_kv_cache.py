@@ -122,8 +122,10 @@ class KVCacheReport(PassReport):
 
 
 def is_decode_form(gm: fx.GraphModule) -> bool:
-    """True when ``gm`` already has the ``past_k_0`` input (``past_k_0_codes`` for KIVI) this pass adds."""
-    return any(n.op == "placeholder" and n.name in ("past_k_0", "past_k_0_codes") for n in gm.graph.nodes)
+    """True when ``gm`` already has the first-layer cache input this pass adds (``past_k_0``, or a
+    quantized layer's ``past_k_0_codes`` / ``past_x_0_codes``)."""
+    first = ("past_k_0", "past_k_0_codes", "past_x_0_codes")
+    return any(n.op == "placeholder" and n.name in first for n in gm.graph.nodes)
 
 
 def _reaches_position_use(node: fx.Node) -> bool:
@@ -253,7 +255,7 @@ def _layer_specs(attn: list[fx.Node]) -> list[KVLayerSpec]:
             specs.append(KVLayerSpec(i, int(k.shape[1]), int(k.shape[3]), 0, k.dtype, int(node.args[5])))
             continue
         window = _window_of(node)
-        streams = _kivi_streams(node)
+        streams = _kivi_streams(node) or _xquant_streams(node)[0]
         specs.append(KVLayerSpec(i, int(k.shape[1]), int(k.shape[3]), window, k.dtype, streams=streams))
     return specs
 
@@ -290,6 +292,104 @@ def _add_past_inputs(graph: fx.Graph, ids: fx.Node, specs: list[KVLayerSpec]) ->
     return pasts
 
 
+def _xquant_streams(node: fx.Node) -> tuple[tuple[StreamSpec, ...], list[fx.Node]]:
+    """The streams of an XQuant ``quantized_cache_attention`` and their fake-quantize nodes.
+
+    XQuant's k̂ and v̂ are the layer's own k/v path re-run on ``fake_group_quantize`` of X (one node
+    both read: stream ``x``) or of the SVD latents X·U_k, X·U_v (streams ``k``, ``v``). Anything else
+    (XQuant-CL, whose k̂ reads every earlier layer's deltas; KIVI) gives ((), []).
+    """
+    if not is_quantized_cache_attention(node) or _kivi_streams(node):
+        return (), []
+    fq = torch.ops.condfx.fake_group_quantize.default
+    found = []
+    for hat in node.args[3:5]:
+        seen, stack, hits = set(), [hat], []
+        while stack:
+            n = stack.pop()
+            if n in seen or not isinstance(n, fx.Node):
+                continue
+            seen.add(n)
+            if n.target is fq:
+                hits.append(n)
+                continue
+            stack.extend(n.all_input_nodes)
+        found.append(hits)
+    (k_fq,), (v_fq,) = found if all(len(h) == 1 for h in found) else ((None,), (None,))
+    if k_fq is None or k_fq.args[0].meta["val"].dim() != 3:
+        return (), []
+    residual = int(node.args[7])
+    def spec(name, q):  # noqa: E306
+        bits, group, dim, *sink = (int(a) for a in q.args[1:])
+        channels = int(q.args[0].meta["val"].shape[-1])
+        return StreamSpec(name, 1, channels, bits, group, dim, residual, sink[0] if sink else 0)
+    if k_fq is v_fq:
+        return (spec("x", k_fq),), [k_fq]
+    return (spec("k", k_fq), spec("v", v_fq)), [k_fq, v_fq]
+
+
+def _clone_for_all_tokens(graph, root: fx.Node, env: dict, ids: fx.Node) -> fx.Node:
+    """A copy of ``root`` computed over every cached token: the nodes between the keys in ``env``
+    (fake-quantize nodes → stream outputs, the sequence length T → the cached length N) and
+    ``root`` are copied with those replaced; the rest (weights, inv_freq, ...) is shared. Copying
+    the T-sized nodes re-derives RoPE's positions as arange(N): the stream's tokens start at 0."""
+    seq = str(ids.meta["val"].shape[1])
+    memo = dict(env)
+
+    def depends(n) -> bool:
+        if n in memo:
+            return memo[n] is not n
+        val = n.meta.get("val")
+        if isinstance(val, torch.SymInt) and str(val) == seq and env.get("T") is not None:
+            memo[n] = env["T"]
+            return True
+        hit = any(depends(a) for a in n.all_input_nodes)
+        memo[n] = None if hit else n  # None: to copy
+        return hit
+
+    def copy(n):
+        if not isinstance(n, fx.Node):
+            return n
+        if not depends(n):
+            return n
+        if memo.get(n) is None:
+            memo[n] = graph.node_copy(n, copy)
+        return memo[n]
+
+    return copy(root)
+
+
+def _rewire_xquant(graph, node, spec: KVLayerSpec, streams: list[fx.Node], ids: fx.Node) -> list[fx.Node]:
+    """Feeds an XQuant layer's attention from its packed streams; returns the streams' presents.
+
+    Each fake-quantize node fq(X) becomes ``condfx.quantized_stream`` over the cached tokens plus
+    X; the k/v path from it (projection or latent up-projection, QK-norm, RoPE) is copied twice over
+    all N cached tokens, fed the stream's ``full`` and ``hat`` outputs: attention reads (k, v) =
+    full, (k̂, v̂) = hat, as in the teacher-forced graph.
+    """
+    _, fqs = _xquant_streams(node)
+    presents, outs, align = [], {}, None
+    for st, fq, past in zip(spec.streams, fqs, [streams[i : i + 4] for i in range(0, len(streams), 4)],
+                            strict=True):
+        with graph.inserting_before(node):
+            new = graph.call_function(torch.ops.aten.unsqueeze.default, (fq.args[0], 1))
+            args = (*past, new, st.bits, st.group, st.dim, st.residual, st.sink, align)
+            step = graph.call_function(torch.ops.condfx.quantized_stream.default, args)
+            items = [graph.call_function(operator.getitem, (step, i)) for i in range(6)]
+            full, hat = (graph.call_function(torch.ops.aten.squeeze.dim, (x, 1)) for x in items[:2])
+        align = items[0] if align is None else align
+        outs[fq] = (full, hat)
+        presents += items[2:]
+    with graph.inserting_before(node):
+        n_all = graph.call_function(torch.ops.aten.sym_size.int, (align, 2))
+        copies = {}
+        for which in (0, 1):  # 0: full, 1: hat
+            env = {fq: pair[which] for fq, pair in outs.items()} | {"T": n_all}
+            copies[which] = [_clone_for_all_tokens(graph, h, env, ids) for h in node.args[3:5]]
+    node.args = (node.args[0], *copies[0], *copies[1], *node.args[5:])
+    return presents
+
+
 def _rewire_kivi(graph: fx.Graph, node: fx.Node, spec: KVLayerSpec, streams: list[fx.Node]) -> list[fx.Node]:
     """Replaces a KIVI ``quantized_cache_attention`` by ``kivi_cache_attention``; returns its 8 presents."""
     st = spec.streams[0]
@@ -304,12 +404,15 @@ def _rewire_kivi(graph: fx.Graph, node: fx.Node, spec: KVLayerSpec, streams: lis
     return outs[1:]
 
 
-def _rewire_attention(graph: fx.Graph, attn, pasts, specs) -> list[fx.Node]:
+def _rewire_attention(graph: fx.Graph, attn, pasts, specs, ids) -> list[fx.Node]:
     """Feeds cat([past, new], 2) to every attention node; returns the presents, k then v per layer."""
     presents = []
     for node, past, spec in zip(attn, pasts, specs, strict=True):
-        if spec.streams:
+        if _kivi_streams(node):
             presents += _rewire_kivi(graph, node, spec, past)
+            continue
+        if spec.streams:
+            presents += _rewire_xquant(graph, node, spec, past, ids)
             continue
         pk, pv = past
         with graph.inserting_before(node):
@@ -409,7 +512,7 @@ def _rewrite(gm, ids, attn, aranges, specs, name) -> None:
     for node in [n for n in graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
         graph.erase_node(node)  # export's shape guards for the old signature; re-export adds new
     pasts = _add_past_inputs(graph, ids, specs)
-    presents = _rewire_attention(graph, attn, pasts, specs)
+    presents = _rewire_attention(graph, attn, pasts, specs, ids)
     if aranges:
         source = _position_source(specs, name)
         # a quantized layer's first stream holds its tokens as codes (0) and full precision (3)

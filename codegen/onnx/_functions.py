@@ -42,7 +42,9 @@ class Lowering:
         emit: torch-side emitter with the op's signature; under ``torch.onnx.export`` it calls
             ``torch.onnx.ops.symbolic`` (elsewhere it runs the op itself).
         build_function: returns the ONNX local function (``FunctionProto``, domain ``condfx``,
-            name ``op_type``) whose body computes the op in standard ops at opset ``MIN_OPSET``.
+            name ``op_type``) whose body computes the op in standard ops at opset ``MIN_OPSET``;
+            or a list of functions when ``emit`` picks one of several node types by an argument
+            (``condfx::quantized_stream``: per token or per channel).
         domain: ONNX domain of the node and function.
         version: version of ``domain`` the model imports.
     """
@@ -172,12 +174,15 @@ def attach_functions(model: onnx.ModelProto, lowerings: Iterable[Lowering]) -> l
     opset = _model_opset(model, "") or MIN_OPSET
     attached = []
     for lowering in lowerings:
-        if lowering.qualified_name not in used:
+        if not any(name.startswith(lowering.qualified_name) for name in used):
             continue
-        if (lowering.domain, lowering.op_type) not in present:
-            model.functions.append(retarget_function(lowering.build_function(), opset))
-            present.add((lowering.domain, lowering.op_type))
-            attached.append(lowering.qualified_name)
+        built = lowering.build_function()
+        for function in built if isinstance(built, (list, tuple)) else [built]:
+            name = f"{function.domain}::{function.name}"
+            if name in used and (function.domain, function.name) not in present:
+                model.functions.append(retarget_function(function, opset))
+                present.add((function.domain, function.name))
+                attached.append(name)
         if _model_opset(model, lowering.domain) is None:
             model.opset_import.append(onnx.helper.make_opsetid(lowering.domain, lowering.version))
     return attached

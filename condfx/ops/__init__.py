@@ -21,6 +21,7 @@ from condfx.ops.kv_quant import (
     quantized_cache_attention_reference,
 )
 from condfx.ops.masked_ffn import masked_ffn_reference
+from condfx.ops.quant_stream import stream_step
 from condfx.ops.routed_attention import routed_attention_reference
 
 __all__ = [
@@ -35,4 +36,5 @@ __all__ = [
     "quantize_reference",
     "quantized_cache_attention_reference",
     "routed_attention_reference",
+    "stream_step",
 ]

@@ -128,25 +128,33 @@ class StreamSpec:
 @torch.library.custom_op("condfx::quantized_stream", mutates_args=())
 def quantized_stream(
     codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fp: torch.Tensor, new: torch.Tensor,
-    bits: int, group: int, dim: int, residual: int, sink: int,
+    bits: int, group: int, dim: int, residual: int, sink: int, align: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``torch.ops.condfx.quantized_stream``: see the module docstring."""
+    """``torch.ops.condfx.quantized_stream``: see the module docstring.
+
+    ``align``: another stream's ``full`` output of the same layer (an XQuant V latent aligned to
+    its K latent); ``full`` and ``hat`` must then have its length (dim 2), which their traced
+    size says too, so graphs reading both streams need no guard relating their input lengths.
+    """
     check_quant_args(bits, group, dim, int(new.shape[-1]), None)
     with torch.no_grad():
         outs = stream_step(codes, scale, zero, fp, new, bits, group, dim, residual, sink)
+    if align is not None and align.shape[2] != outs[0].shape[2]:
+        msg = (f"condfx.quantized_stream: the stream holds {outs[0].shape[2]} tokens but the stream "
+               f"it is aligned to {align.shape[2]}; both must hold the same tokens.")
+        raise ValueError(msg)
     return tuple(o.contiguous() for o in outs)
 
 
 @quantized_stream.register_fake
-def _quantized_stream_fake(codes, scale, zero, fp, new, bits, group, dim, residual, sink):
+def _quantized_stream_fake(codes, scale, zero, fp, new, bits, group, dim, residual, sink, align=None):
     check_quant_args(bits, group, dim, int(new.shape[-1]), None)
     b, h, t, c = new.shape
     ctx = torch.library.get_ctx()  # new sizes: see kivi_cache's fake for why they are unbacked
     nq, nf = ctx.new_dynamic_size(), ctx.new_dynamic_size()
-    n = codes.shape[2] + fp.shape[2] + t
+    n = codes.shape[2] + fp.shape[2] + t if align is None else align.shape[2]
     if dim == -2:
         torch._check(nq % group == 0)
     shapes = stream_shapes((b, h), c, bits, group, dim, nq, nf)
-    full = fp.new_empty((b, h, n, c))
-    return (full, fp.new_empty((b, h, n, c)),
+    return (fp.new_empty((b, h, n, c)), fp.new_empty((b, h, n, c)),
             *(fp.new_empty(s, dtype=d) for s, d in zip(shapes, stream_dtypes(fp), strict=True)))
