@@ -16,6 +16,7 @@ from condfx.codegen.onnx import attention as _attention
 from condfx.codegen.onnx import interleaved_attention as _interleaved_attention
 from condfx.codegen.onnx import kivi_cache_attention as _kivi_cache_attention
 from condfx.codegen.onnx import masked_ffn as _masked_ffn
+from condfx.codegen.onnx import quantized_cache_attention as _quantized_cache_attention
 from condfx.codegen.onnx import quantized_stream as _quantized_stream
 from condfx.codegen.onnx import routed_attention as _routed_attention
 from condfx.codegen.onnx._functions import (
@@ -35,6 +36,7 @@ LOWERINGS: dict[torch._ops.OpOverload, Lowering] = {
     torch.ops.condfx.routed_attention.default: _routed_attention.LOWERING,
     torch.ops.condfx.kivi_cache_attention.default: _kivi_cache_attention.LOWERING,
     torch.ops.condfx.quantized_stream.default: _quantized_stream.LOWERING,
+    torch.ops.condfx.quantized_cache_attention.default: _quantized_cache_attention.LOWERING,
 }
 
 __all__ = [

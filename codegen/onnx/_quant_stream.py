@@ -137,10 +137,13 @@ def stream(f: Body, parts: list[str], new: str, a: dict, per_channel: bool) -> t
 
 
 def attributes(f: Body, names) -> dict:
-    """Constants of the function attributes ``names`` plus the bit tables derived from ``bits``."""
+    """Constants of the function attributes ``names`` (scalars, and 1-D as ``<name>1``) plus the
+    bit tables derived from ``bits`` when it is one of them."""
     a = {name: f.attr(name) for name in names}
-    for name in ("bits", "group", "residual", "sink"):
+    for name in names:
         a[f"{name}1"] = f("Reshape", a[name], f.ints(1))
+    if "bits" not in a:
+        return a
     bits_f = f("Cast", a["bits"], to=TensorProto.FLOAT)
     a["levels"] = f("Sub", f("Pow", f.scalar(2.0), bits_f), f.scalar(1.0))
     powers = f("Pow", f.scalar(2.0), f("Cast", f("Range", f.scalar(0), a["bits"], f.scalar(1)), to=TensorProto.FLOAT))
@@ -149,3 +152,40 @@ def attributes(f: Body, names) -> dict:
     return a
 
 
+def _reads_hat(f: Body, a: dict, t: str, s: str, chunk1: str) -> str:
+    """(T, S) bool: query row i (at position S - T + i) reads key j from the quantized copy."""
+    zero, one = f.scalar(0), f.scalar(1)
+    t0, s0 = f("Squeeze", t), f("Squeeze", s)
+    n = f("Add", f("Range", zero, t0, one), f("Sub", s0, t0))  # (T,) tokens before row i
+    over = f("Max", f("Sub", f("Sub", n, a["residual"]), a["sink"]), zero)
+    chunk = f("Squeeze", chunk1)
+    end = f("Add", f("Mul", f("Div", over, chunk), chunk), a["sink"])  # (T,)
+    j = f("Unsqueeze", f("Range", zero, s0, one), f.ints(0))  # (1, S)
+    return f("And", f("GreaterOrEqual", j, a["sink"]), f("Less", j, f("Unsqueeze", end, f.ints(1))))
+
+
+def attend(f: Body, a: dict, q: str, k: str, v: str, k_hat: str, v_hat: str, k_chunk1: str,
+           v_chunk1: str) -> str:
+    """``condfx::quantized_cache_attention`` over (B, Hkv, S, D) k, v, k̂, v̂: scores Where(read
+    quantized, q k̂ᵀ, q kᵀ), the end-aligned causal / window mask, Softmax, values mixed alike."""
+    b, hkv, t, d, h = f.dim(k, 0), f.dim(k, 1), f.dim(q, 2), f.dim(k, 3), f.dim(q, 1)
+    s = f.dim(k, 2)
+    qg = f("Reshape", f("Cast", q, to=TensorProto.FLOAT), f("Concat", b, hkv, f("Div", h, hkv), t, d, axis=0))
+    axis2 = f.ints(2)
+    kt, kht = (f("Transpose", f("Unsqueeze", f("Cast", x, to=TensorProto.FLOAT), axis2), perm=[0, 1, 2, 4, 3])
+               for x in (k, k_hat))
+    use_k = _reads_hat(f, a, t, s, k_chunk1)
+    use_v = _reads_hat(f, a, t, s, v_chunk1)
+    scores = f("Mul", f("Where", use_k, f("MatMul", qg, kht), f("MatMul", qg, kt)), a["scale"])
+    zero, one = f.scalar(0), f.scalar(1)
+    t0, s0 = f("Squeeze", t), f("Squeeze", s)
+    pos = f("Unsqueeze", f("Add", f("Range", zero, t0, one), f("Sub", s0, t0)), f.ints(1))  # (T, 1)
+    j = f("Unsqueeze", f("Range", zero, s0, one), f.ints(0))  # (1, S)
+    in_window = f("Or", f("LessOrEqual", a["window"], zero), f("Greater", j, f("Sub", pos, a["window"])))
+    keep = f("And", f("LessOrEqual", j, pos), in_window)
+    probs = f("Softmax", f("Where", keep, scores, f.scalar(float("-inf"))), axis=-1)
+    vg, vhg = (f("Unsqueeze", f("Cast", x, to=TensorProto.FLOAT), axis2) for x in (v, v_hat))
+    zeros = f("Mul", probs, f.scalar(0.0))
+    mixed = f("Add", f("MatMul", f("Where", use_v, probs, zeros), vhg),
+              f("MatMul", f("Where", use_v, zeros, probs), vg))
+    return f("CastLike", f("Reshape", mixed, f("Shape", q)), q)

@@ -29,10 +29,17 @@ from __future__ import annotations
 
 import onnx
 import torch
-from onnx import TensorProto, helper
+from onnx import helper
 
 from condfx.codegen.onnx._functions import DOMAIN, DOMAIN_VERSION, MIN_OPSET, Lowering
-from condfx.codegen.onnx._quant_stream import FLOAT_ATTRS, INT_ATTRS, Body, attributes, stream
+from condfx.codegen.onnx._quant_stream import (
+    FLOAT_ATTRS,
+    INT_ATTRS,
+    Body,
+    attend,
+    attributes,
+    stream,
+)
 from condfx.ops.quant_stream import STREAM_PARTS, updated_lengths
 
 OP_TYPE = "KIVICacheAttention"
@@ -40,18 +47,6 @@ _INPUTS = ("q", "k", "v", "k_codes", "k_scale", "k_zero", "k_fp",
            "v_codes", "v_scale", "v_zero", "v_fp")
 _OUTPUTS = ("out", "k_codes_out", "k_scale_out", "k_zero_out", "k_fp_out",
             "v_codes_out", "v_scale_out", "v_zero_out", "v_fp_out")
-
-
-def _reads_hat(f: Body, a: dict, t: str, s: str, chunk1: str) -> str:
-    """(T, S) bool: query row i (at position S - T + i) reads key j from the quantized copy."""
-    zero, one = f.scalar(0), f.scalar(1)
-    t0, s0 = f("Squeeze", t), f("Squeeze", s)
-    n = f("Add", f("Range", zero, t0, one), f("Sub", s0, t0))  # (T,) tokens before row i
-    over = f("Max", f("Sub", f("Sub", n, a["residual"]), a["sink"]), zero)
-    chunk = f("Squeeze", chunk1)
-    end = f("Add", f("Mul", f("Div", over, chunk), chunk), a["sink"])  # (T,)
-    j = f("Unsqueeze", f("Range", zero, s0, one), f.ints(0))  # (1, S)
-    return f("And", f("GreaterOrEqual", j, a["sink"]), f("Less", j, f("Unsqueeze", end, f.ints(1))))
 
 
 def kivi_cache_attention_function() -> onnx.FunctionProto:
@@ -62,30 +57,12 @@ def kivi_cache_attention_function() -> onnx.FunctionProto:
     rows = f("Reshape", f("Transpose", "v", perm=[0, 2, 1, 3]), f("Concat", b, f.ints(1), t, f("Mul", hkv, d), axis=0))
     kf, kh, k_out = stream(f, [f"k_{p}" for p in STREAM_PARTS], "k", a, per_channel=True)
     vf, vh, v_out = stream(f, [f"v_{p}" for p in STREAM_PARTS], rows, a, per_channel=False)
-    s = f.dim(kf, 2)
     heads = f("Concat", b, f.ints(-1), hkv, d, axis=0)
 
     def as_heads(x):  # (B, 1, S, Hkv*D) -> (B, Hkv, S, D)
         return f("Transpose", f("Reshape", x, heads), perm=[0, 2, 1, 3])
 
-    h = f.dim("q", 1)
-    qg = f("Reshape", f("Cast", "q", to=TensorProto.FLOAT), f("Concat", b, hkv, f("Div", h, hkv), t, d, axis=0))
-    axis2 = f.ints(2)
-    kt, kht = (f("Transpose", f("Unsqueeze", x, axis2), perm=[0, 1, 2, 4, 3]) for x in (kf, kh))
-    use_k = _reads_hat(f, a, t, s, a["group1"])
-    use_v = _reads_hat(f, a, t, s, f.ints(1))
-    scores = f("Mul", f("Where", use_k, f("MatMul", qg, kht), f("MatMul", qg, kt)), a["scale"])
-    zero, one = f.scalar(0), f.scalar(1)
-    pos = f("Unsqueeze", f("Add", f("Range", zero, f("Squeeze", t), one), f("Sub", f("Squeeze", s), f("Squeeze", t))), f.ints(1))
-    j = f("Unsqueeze", f("Range", zero, f("Squeeze", s), one), f.ints(0))
-    in_window = f("Or", f("LessOrEqual", a["window"], zero), f("Greater", j, f("Sub", pos, a["window"])))
-    keep = f("And", f("LessOrEqual", j, pos), in_window)
-    probs = f("Softmax", f("Where", keep, scores, f.scalar(float("-inf"))), axis=-1)
-    vg, vhg = (f("Unsqueeze", as_heads(x), axis2) for x in (vf, vh))
-    zeros = f("Mul", probs, f.scalar(0.0))
-    mixed = f("Add", f("MatMul", f("Where", use_v, probs, zeros), vhg),
-              f("MatMul", f("Where", use_v, zeros, probs), vg))
-    out = f("CastLike", f("Reshape", mixed, f("Shape", "q")), "q")
+    out = attend(f, a, "q", kf, as_heads(vf), kh, as_heads(vh), a["group1"], f.ints(1))
     results = [out, *k_out, *v_out]
     f.nodes += [helper.make_node("Identity", [r], [o]) for r, o in zip(results, _OUTPUTS, strict=True)]
     return helper.make_function(
