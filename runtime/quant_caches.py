@@ -283,13 +283,13 @@ def quantized_layer_cache(spec, quant: dict, batch: int, device) -> LayerCache:
     """The Session cache of one layer rewritten by ``quantize-kv`` (``gm.meta["condfx_kv_quant"]``).
 
     Raises:
-        NotImplementedError: an XQuant layer; its decode graph would have to return X, so XQuant
-            runs teacher-forced (one forward of the ``quantize-kv`` graph) for now.
+        NotImplementedError: an XQuant-CL layer (its k̂ reads every earlier layer's deltas; it runs
+            teacher-forced, one forward of the ``quantize-kv`` graph, for now).
     """
     if spec.streams:
         return GraphStreamCache(spec, batch, device)
     msg = (
-        f"the Session runs quantize-kv caches for method 'kivi' only; got {quant['method']!r} "
-        "(evaluate XQuant with one teacher-forced forward of the quantize-kv graph)."
+        f"the Session runs quantize-kv caches for methods 'kivi' and 'xquant'; got {quant['method']!r} "
+        "(evaluate XQuant-CL with one teacher-forced forward of the quantize-kv graph)."
     )
     raise NotImplementedError(msg)

@@ -1,5 +1,6 @@
-"""ONNX lowering of ``condfx::kivi_cache_attention``: the function against the op step by step, and a
-KIVI model exported with packed integer caches, run by ONNX Runtime through the Session."""
+"""ONNX lowerings of the packed KV-cache ops (``kivi_cache_attention``, ``quantized_stream``): each
+function against its op step by step, and KIVI / XQuant models exported with packed integer caches,
+run by ONNX Runtime through the Session against the PyTorch Session."""
 
 from __future__ import annotations
 
@@ -94,4 +95,65 @@ def test_export_kivi_model_ort_session_matches_pytorch(tmp_path):
         logits[name] = torch.cat(steps, 1)
         codes = session.caches[0].past()[0]
         assert codes.dtype == torch.uint8 and codes.shape[2] == 20  # (24 - 3 - 1) // 4 * 4
+    assert (logits["onnx"] - logits["torch"]).abs().max().item() < 1e-3
+
+
+def _function_model(function: onnx.FunctionProto, inputs: dict, outputs: dict, **attrs) -> onnx.ModelProto:
+    node = helper.make_node(function.name, list(inputs), list(outputs), domain=DOMAIN, **attrs)
+    graph = helper.make_graph(
+        [node], "g",
+        [helper.make_tensor_value_info(n, t, [f"{n}{i}" for i in range(4)]) for n, t in inputs.items()],
+        [helper.make_tensor_value_info(n, t, [f"{n}{i}" for i in range(4)]) for n, t in outputs.items()])
+    model = helper.make_model(graph, functions=[function],
+                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("dim", [-1, -2])
+def test_quantized_stream_function_matches_op(dim):
+    from condfx.codegen.onnx.quantized_stream import quantized_stream_functions
+
+    function = quantized_stream_functions()[0 if dim == -1 else 1]
+    f32 = TensorProto.FLOAT
+    inputs = {"codes": TensorProto.UINT8, "scale": TensorProto.FLOAT16, "zero": TensorProto.FLOAT16,
+              "fp": f32, "new": f32}
+    outputs = {"full": f32, "hat": f32, "codes_out": TensorProto.UINT8, "scale_out": TensorProto.FLOAT16,
+               "zero_out": TensorProto.FLOAT16, "fp_out": f32}
+    model = _function_model(function, inputs, outputs, bits=3, group=4, residual=2, sink=1)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 1, 19, 16, generator=torch.Generator().manual_seed(0))
+    stream = empty_stream((2, 1), 16, 3, 4, dim, torch.float32)
+    p = 0
+    for n in (6, 1, 5, 1, 6):
+        full, hat, *want = torch.ops.condfx.quantized_stream(*stream, x[:, :, p : p + n], 3, 4, dim, 2, 1)
+        got = sess.run(None, dict(zip(inputs, [*(t.numpy() for t in stream), x[:, :, p : p + n].numpy()],
+                                      strict=True)))
+        np.testing.assert_allclose(got[0], full.numpy(), atol=1e-6)
+        np.testing.assert_allclose(got[1], hat.numpy(), atol=1e-5)
+        assert [g.shape for g in got[2:]] == [tuple(w.shape) for w in want]
+        stream, p = [torch.from_numpy(g) for g in got[2:]], p + n
+    assert (hat - x).abs().max().item() > 1e-2  # quantized tokens were read
+
+
+@pytest.mark.parametrize("latent", ["x", "svd"])
+def test_export_xquant_model_ort_session_matches_pytorch(tmp_path, latent):
+    """XQuant's decode graph takes and returns its X / latent streams as uint8 codes + float16
+    scales and re-runs the k/v path in ONNX Runtime; the ORT Session decodes like the PyTorch one."""
+    from condfx.models_zoo import build_zoo
+
+    model = build_zoo("llama-tiny")
+    spec = f"fuse-attention, quantize-kv{{method=xquant,latent={latent},bits=3,group=4,residual=3,sink=1}}"
+    bundle = condfx.export.export_model(model, tmp_path, passes=spec)
+    assert bundle.max_abs_diff < 1e-3
+    stream = "x" if latent == "x" else "k"
+    decode = onnx.load(str(tmp_path / "decode.onnx"), load_external_data=False)
+    types = {i.name: i.type.tensor_type.elem_type for i in decode.graph.input}
+    assert types[f"past_{stream}_0_codes"] == TensorProto.UINT8
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for name, session in (("torch", Session.from_model(model, passes=spec)),
+                          ("onnx", Session.from_onnx(tmp_path, model=model))):
+        steps = [session.prefill(ids[:, :6])] + [session.step(ids[:, t : t + 1]) for t in range(6, 20)]
+        logits[name] = torch.cat([*steps, session.step(ids[:, 20:24])], 1)
     assert (logits["onnx"] - logits["torch"]).abs().max().item() < 1e-3
