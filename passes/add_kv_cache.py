@@ -6,20 +6,29 @@ Rewrites (for the i-th ``condfx.attention`` node, in graph order):
     condfx.attention(q, k, v, s, w)
         → condfx.attention(q, cat([past_k_i, k], 2), cat([past_v_i, v], 2), s, w);
           present_k_i, present_v_i = the two cats                     # (B, Hkv, P + T, D)
-    condfx.quantized_cache_attention(q, k, v, k̂, v̂, ...) (``quantize-kv``) likewise, with
-        k̂, v̂ → cat([past_k_i, k̂], 2), cat([past_v_i, v̂], 2): the quantized cache returns the past
-        as attention reads it (XQuant layers; their caches do not run in the Session yet)
-    a KIVI layer (``quantize-kv{method=kivi}``: k̂ = fake_group_quantize(k) per channel) instead
-        → condfx.kivi_cache_attention(q, k, v, past_k_i_codes, past_k_i_scale, past_k_i_zero,
-          past_k_i_fp, past_v_i_codes, ..., past_v_i_fp, ...) whose eight updated stream tensors are
-          the layer's presents: the graph reads and updates the packed integer cache itself
-          (``condfx/ops/kivi_cache.py``), so PyTorch and ONNX Runtime carry the same integer tensors
+    ``quantize-kv`` layers: the graph reads and updates its packed integer cache itself, four tensors
+    per stream (``past_<s>_i_codes`` uint8, ``_scale`` / ``_zero`` float16, ``_fp`` the full-precision
+    sink + residual tokens; ``condfx/ops/quant_stream.py``), so PyTorch and ONNX Runtime carry the
+    same tensors and any split into steps equals the teacher-forced forward:
+      KIVI (k̂ = fake_group_quantize(k) per channel):
+        condfx.quantized_cache_attention(q, k, v, k̂, v̂, ...)
+        → condfx.kivi_cache_attention(q, k, v, <K stream>, <V stream>, ...)[0]; presents: the
+          eight updated stream tensors
+      XQuant (k̂, v̂ = the k/v path re-run on fake_group_quantize(X) or of the SVD latents):
+        each fq(X) → condfx.quantized_stream(<stream>, X) (streams ``x``, or ``k`` and ``v``);
+        the k/v path from it is copied twice over the N cached tokens, fed the stream's ``full`` and
+        ``hat`` outputs (RoPE positions re-derived as arange(N)), and attention reads
+        (k, v, k̂, v̂) = (path(full), path(hat)); presents: the updated stream tensors
+      XQuant-CL (k̂ reads every earlier layer's deltas) keeps plain K/V inputs with
+        k̂, v̂ → cat([past_k_i, k̂], 2), cat([past_v_i, v̂], 2); no runtime cache runs it yet
     arange(T) feeding RoPE cos/sin or a position embedding
-        → arange(P, P + T), P = past_k_j.shape[2] of the first layer without a window
+        → arange(P, P + T), P = past_k_j.shape[2] of the first layer without a window (a
+          quantized layer: the codes' plus the fp tokens of its first stream)
   Exact: the decode form with P = 0 is the original function, and prefill(ids[:n]) followed by
   decode steps over ids[n:] reproduces the full forward (the op aligns queries to the end of the keys).
   The rewritten graph is re-exported (``torch.export``; dims batch, seq and one past length
-  P_i >= 0 per layer, shared by its k and v; example P = 3), so every node gets fresh FakeTensor
+  P_i >= 0 per layer, shared by its k and v (one length per stream tensor for quantized layers);
+  example P = 3), so every node gets fresh FakeTensor
   metadata. ``gm.meta["condfx_kv"]`` lists the layers' ``KVLayerSpec``s for the runtime.
   Position sources are checked: every tensor whose shape depends on T but not on the tokens must
   come from an offset arange, else the pass fails (e.g. a RoPE table sliced to T).
@@ -45,6 +54,7 @@ import torch
 from torch import fx
 
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
+from condfx.ops.kv_quant import BITS
 from condfx.ops.quant_stream import STREAM_PARTS, StreamSpec
 from condfx.ops.routed_attention import is_routed_attention
 from condfx.passes.base import GraphSnapshot, Pass, PassError, PassReport, PassResult
@@ -273,6 +283,8 @@ def _kivi_streams(node: fx.Node) -> tuple[StreamSpec, ...]:
     if not (isinstance(k_hat, fx.Node) and k_hat.target is fq and k_hat.args[0] is node.args[1]):
         return ()
     bits, group, _, *sink = (int(a) for a in k_hat.args[1:])
+    if bits not in BITS:  # 16: a float16 cache (``Float16KVCache``), nothing packed
+        return ()
     q = (bits, group)
     rest = (int(node.args[7]), sink[0] if sink else 0)  # residual, sink
     _, hkv, _, d = node.args[1].meta["val"].shape
@@ -316,7 +328,7 @@ def _xquant_streams(node: fx.Node) -> tuple[tuple[StreamSpec, ...], list[fx.Node
             stack.extend(n.all_input_nodes)
         found.append(hits)
     (k_fq,), (v_fq,) = found if all(len(h) == 1 for h in found) else ((None,), (None,))
-    if k_fq is None or k_fq.args[0].meta["val"].dim() != 3:
+    if k_fq is None or k_fq.args[0].meta["val"].dim() != 3 or int(k_fq.args[1]) not in BITS:
         return (), []
     residual = int(node.args[7])
     def spec(name, q):  # noqa: E306

@@ -15,10 +15,9 @@ Kinds (TECHNIQUES.md section 8, item 3, "runtime state schema"):
       kept keys must stay in position order; trimming by slicing keeps them so (a ring buffer with a
       rotating start would need a gather first). Memory is bounded by the window.
     * ``GlobalOnlyCache`` (L2A, later): full KV of the routed global tokens only.
-    * ``QuantizedXCache`` (XQuant, later): packed low-bit X or SVD latent, scales and zero points, a
-      full-precision tail, the cross-layer accumulator; K/V are rematerialised on read.
-    * ``KIVICache`` (KIVI baseline, later): packed K (per channel) / V (per token) blocks, scales and a
-      full-precision residual buffer.
+    * ``GraphStreamCache`` (``runtime/quant_caches.py``; KIVI and XQuant): the packed codes, float16
+      scales and zero points and full-precision tail of each stream, which the decode graph reads
+      and updates itself; ``KIVICache`` / ``XQuantCache`` there keep the same policies eagerly.
   Every cache reports ``nbytes()``: the bytes of every tensor it holds, metadata included.
 """
 
@@ -35,7 +34,7 @@ class LayerCache(abc.ABC):
 
     Attributes:
         io_tensors: tensors the layer has among the decode graph's pasts (and presents): 2 (K, V)
-            here; a cache whose graph reads a packed form (``GraphKIVICache``: 8) overrides it.
+            here; a cache whose graph reads a packed form (``GraphStreamCache``: 4 per stream) overrides it.
         length: positions processed so far (the absolute position of the next token), which can be
             larger than the number of positions stored (``stored``) for bounded caches.
     """

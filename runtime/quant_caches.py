@@ -11,8 +11,13 @@ groups along tokens), 1 for per-token streams. This is the policy ``condfx::quan
 simulates, so a teacher-forced forward of a ``quantize-kv`` graph sees what these caches return.
 ``nbytes()`` is the bytes of every tensor held: codes, scales, zero points and the tail.
 
-    * ``KIVICache`` (a ``LayerCache``): runs with the ``add-kv-cache`` decode graph; ``past()``
-      returns the dequantized K/V followed by the tail, ``update`` quantizes what left the window.
+    * ``GraphStreamCache`` (a ``LayerCache``): what the Session uses for ``quantize-kv`` layers
+      (KIVI and XQuant). Their decode graph reads and updates the packed streams itself
+      (``condfx::kivi_cache_attention`` / ``condfx::quantized_stream``), so the cache only carries
+      the integer and float16 tensors between calls, in PyTorch and ONNX Runtime alike.
+    * ``KIVICache`` (a ``LayerCache``): the same KIVI policy kept by Python code around a float
+      decode graph: ``past()`` returns the dequantized K/V followed by the tail, ``update``
+      quantizes what left the window (eager use and ``benchmarks/kv_quant_speed.py``).
     * ``XQuantCache``: one or two streams of X (MHA) or latents X·U (GQA); ``keys(positions)`` and
       ``values()`` rematerialise K = RoPE(X̂·B_k) at the absolute positions and V = X̂·B_v.
 """
@@ -30,7 +35,7 @@ from condfx.ops.kv_quant import (
     quantize_reference,
     quantized_count,
 )
-from condfx.runtime.caches import LayerCache
+from condfx.runtime.caches import FullKVCache, LayerCache
 
 
 class QuantizedStream:
@@ -279,6 +284,22 @@ class GraphStreamCache(LayerCache):
         return sum(t.nbytes for t in self.tensors)
 
 
+class Float16KVCache(FullKVCache):
+    """K and V stored as float16 and handed back in the graph's dtype: the cache of
+    ``quantize-kv{method=kivi,bits=16}`` (each token reads the float16-rounded K/V of the tokens
+    before it, its own and the residual window's in full precision)."""
+
+    def past(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k.to(self.dtype), self.v.to(self.dtype)
+
+    def update(self, present_k: torch.Tensor, present_v: torch.Tensor) -> None:
+        self.length += self._check(present_k, present_v)
+        self.k, self.v = present_k.half(), present_v.half()
+
+    def _set(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k, self.v = k.half(), v.half()
+
+
 def quantized_layer_cache(spec, quant: dict, batch: int, device) -> LayerCache:
     """The Session cache of one layer rewritten by ``quantize-kv`` (``gm.meta["condfx_kv_quant"]``).
 
@@ -288,6 +309,8 @@ def quantized_layer_cache(spec, quant: dict, batch: int, device) -> LayerCache:
     """
     if spec.streams:
         return GraphStreamCache(spec, batch, device)
+    if quant["method"] == "kivi" and quant["bits"] == 16:
+        return Float16KVCache(batch, spec.n_kv_heads, spec.head_dim, spec.dtype, device)
     msg = (
         f"the Session runs quantize-kv caches for methods 'kivi' and 'xquant'; got {quant['method']!r} "
         "(evaluate XQuant-CL with one teacher-forced forward of the quantize-kv graph)."
