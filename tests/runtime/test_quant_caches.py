@@ -85,3 +85,58 @@ def test_numerics_stream_keeps_sink_tokens():
 def test_rejects_bad_stream_bits():
     with pytest.raises(ValueError, match="bits must be one of"):
         QuantizedStream((1,), 16, 8, 8, -1, 0)
+
+
+def _kivi_spec():
+    from condfx.ops.quant_stream import StreamSpec
+    from condfx.passes.add_kv_cache import KVLayerSpec
+
+    streams = (StreamSpec("k", 2, 8, 2, 4, -2, 3, 1), StreamSpec("v", 1, 16, 2, 4, -1, 3, 1))
+    return KVLayerSpec(0, 2, 8, 0, torch.float32, streams=streams)
+
+
+def test_graph_stream_cache_carries_what_the_graph_returns():
+    """GraphStreamCache: past() is the eight tensors the op returned; length, bytes, reorder, reset."""
+    from condfx.runtime.quant_caches import GraphStreamCache
+
+    cache = GraphStreamCache(_kivi_spec(), batch=2)
+    assert len(cache.past()) == cache.io_tensors == 8 and cache.stored == 0
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 12, 8, generator=g) for h in (4, 2, 2))
+    out = torch.ops.condfx.kivi_cache_attention(q, k, v, *cache.past(), 0.3, 0, 2, 4, 3, 1)
+    cache.update(*out[1:])
+    assert cache.length == cache.stored == 12 and cache.past()[0].shape[2] == 8  # (12 - 3 - 1) // 4 * 4
+    assert cache.nbytes() == sum(t.nbytes for t in out[1:])
+    cache.reorder(torch.tensor([1]))
+    assert cache.batch == 1 and all(t.shape[0] == 1 for t in cache.past())
+    torch.testing.assert_close(cache.past()[3], out[4][1:])
+    cache.reset(3)
+    assert cache.length == 0 and all(t.shape[0] == 3 and t.shape[2] == 0 for t in cache.past())
+
+
+def test_rejects_graph_stream_cache_bad_update():
+    from condfx.runtime.quant_caches import GraphStreamCache
+
+    cache = GraphStreamCache(_kivi_spec(), batch=2)
+    with pytest.raises(ValueError, match="needs 8 tensors; got 2"):
+        cache.update(torch.zeros(1), torch.zeros(1))
+    with pytest.raises(NotImplementedError, match="use the Session"):
+        cache.append(torch.zeros(2, 2, 1, 8), torch.zeros(2, 2, 1, 8))
+
+
+def test_numerics_float16_cache_for_kivi_16_bits():
+    """quantize-kv{method=kivi,bits=16} decodes with a float16 K/V cache (half the float32 bytes)."""
+    import condfx
+    from condfx.models_zoo import build_zoo
+    from condfx.runtime.session import Session
+
+    model = build_zoo("llama-tiny").eval()
+    ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(0))
+    dense = Session.from_model(model)
+    half = Session.from_model(model, passes="fuse-attention, quantize-kv{method=kivi,bits=16,residual=0}")
+    outs = {}
+    for name, s in (("dense", dense), ("half", half)):
+        outs[name] = torch.cat([s.prefill(ids[:, :8])] + [s.step(ids[:, t : t + 1]) for t in range(8, 20)], 1)
+    assert type(half.caches[0]).__name__ == "Float16KVCache" and half.caches[0].k.dtype == torch.float16
+    assert half.cache_bytes() * 2 == dense.cache_bytes()
+    assert 0 < (outs["half"] - outs["dense"]).abs().max().item() < 1e-2
