@@ -126,7 +126,6 @@ def test_rejects_graph_stream_cache_bad_update():
 
 def test_numerics_float16_cache_for_kivi_16_bits():
     """quantize-kv{method=kivi,bits=16} decodes with a float16 K/V cache (half the float32 bytes)."""
-    import condfx
     from condfx.models_zoo import build_zoo
     from condfx.runtime.session import Session
 
