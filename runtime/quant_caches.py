@@ -304,15 +304,15 @@ def quantized_layer_cache(spec, quant: dict, batch: int, device) -> LayerCache:
     """The Session cache of one layer rewritten by ``quantize-kv`` (``gm.meta["condfx_kv_quant"]``).
 
     Raises:
-        NotImplementedError: an XQuant-CL layer (its k̂ reads every earlier layer's deltas; it runs
-            teacher-forced, one forward of the ``quantize-kv`` graph, for now).
+        NotImplementedError: a layer whose decode form packs nothing and that no float cache
+            emulates (XQuant with bits 16).
     """
     if spec.streams:
         return GraphStreamCache(spec, batch, device)
     if quant["method"] == "kivi" and quant["bits"] == 16:
         return Float16KVCache(batch, spec.n_kv_heads, spec.head_dim, spec.dtype, device)
     msg = (
-        f"the Session runs quantize-kv caches for methods 'kivi' and 'xquant'; got {quant['method']!r} "
-        "(evaluate XQuant-CL with one teacher-forced forward of the quantize-kv graph)."
+        f"the Session runs quantize-kv caches of 2, 3 or 4 bits (and 16 for kivi); layer "
+        f"{spec.layer} has method {quant['method']!r} with {quant['bits']} bits."
     )
     raise NotImplementedError(msg)

@@ -216,11 +216,12 @@ def test_numerics_session_decoding_equals_teacher_forced_stories260k():
     assert session.position == 40
 
 
-@pytest.mark.parametrize("latent", ["x", "svd"])
+@pytest.mark.parametrize("latent", ["x", "svd", "cl"])
 def test_numerics_session_xquant_decoding_equals_teacher_forced_stories260k(latent):
-    """XQuant in decode form: the graph packs X (or the SVD latents) into its stream and re-runs the
-    k/v path over every cached token; prefill + 1-token and 5-token steps equal one forward."""
-    spec = f"fuse-attention, quantize-kv{{method=xquant,latent={latent},bits=2,group=8,residual=4,sink=1}}"
+    """XQuant in decode form: the graph packs X (the SVD latents; CL: the deltas) into its stream and
+    re-runs the k/v path over every cached token; prefill + 1-token and 5-token steps equal one forward."""
+    method = "xquant-cl" if latent == "cl" else f"xquant,latent={latent}"
+    spec = f"fuse-attention, quantize-kv{{method={method},bits=2,group=8,residual=4,sink=1}}"
     _, teacher, dense = _run("stories260K", spec)
     _, ids, _ = _captured("stories260K")
     session = Session.from_model(_stories(), passes=spec)
@@ -229,11 +230,11 @@ def test_numerics_session_xquant_decoding_equals_teacher_forced_stories260k(late
     assert (torch.cat(steps, 1) - teacher).abs().max().item() < 1e-3
     assert (teacher - dense).abs().max().item() > 0.1
     past = session.caches[0].past()
-    assert len(past) == (4 if latent == "x" else 8) and past[0].dtype == torch.uint8
+    assert len(past) == (8 if latent == "svd" else 4) and past[0].dtype == torch.uint8
     # 40 tokens - 1 sink - 4 residual: 35 per token (X, V latent), 32 in whole groups (K latent)
-    assert [t.shape[2] for t in past[::4]] == ([35] if latent == "x" else [32, 35])
+    assert [t.shape[2] for t in past[::4]] == ([32, 35] if latent == "svd" else [35])
 
 
-def test_rejects_xquant_cl_in_session():
-    with pytest.raises(NotImplementedError, match="'kivi' and 'xquant'; got 'xquant-cl'"):
-        Session.from_model(_stories(), passes="fuse-attention, quantize-kv{method=xquant-cl,group=8}")
+def test_rejects_xquant_16_bits_in_session():
+    with pytest.raises(NotImplementedError, match="method 'xquant' with 16 bits"):
+        Session.from_model(_stories(), passes="fuse-attention, quantize-kv{method=xquant,bits=16,group=8}")
