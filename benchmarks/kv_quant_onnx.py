@@ -14,7 +14,7 @@ bytes per token after the last step (``Session.cache_bytes()``, every codes / sc
 tensor) against an fp16 K/V cache, and the decode time of ORT relative to PyTorch (same run; CPU
 figures are ratios).
 
-    python benchmarks/kv_quant_onnx.py [--methods kivi,xquant] [--bits 2] [--json]
+    python benchmarks/kv_quant_onnx.py [--methods kivi,xquant,xquant-cl] [--bits 2] [--json]
     python benchmarks/kv_quant_onnx.py --model ../shared/data/SmolLM2-135M-Instruct.Q4_1.gguf \\
         --text ../shared/data/wikitext2_raw_test.txt --tokens 160 --group 32
 """
@@ -107,7 +107,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model spec (default: stories260K)")
     ap.add_argument("--text", default=None, help="text file (default: TinyStories head)")
-    ap.add_argument("--methods", default="kivi,xquant")
+    ap.add_argument("--methods", default="kivi,xquant,xquant-cl")
     ap.add_argument("--bits", type=int, default=2)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--residual", type=int, default=32)

@@ -136,17 +136,18 @@ def test_quantized_stream_function_matches_op(dim):
     assert (hat - x).abs().max().item() > 1e-2  # quantized tokens were read
 
 
-@pytest.mark.parametrize("latent", ["x", "svd"])
+@pytest.mark.parametrize("latent", ["x", "svd", "cl"])
 def test_export_xquant_model_ort_session_matches_pytorch(tmp_path, latent):
     """XQuant's decode graph takes and returns its X / latent streams as uint8 codes + float16
     scales and re-runs the k/v path in ONNX Runtime; the ORT Session decodes like the PyTorch one."""
     from condfx.models_zoo import build_zoo
 
     model = build_zoo("llama-tiny")
-    spec = f"fuse-attention, quantize-kv{{method=xquant,latent={latent},bits=3,group=4,residual=3,sink=1}}"
+    method = "xquant-cl" if latent == "cl" else f"xquant,latent={latent}"
+    spec = f"fuse-attention, quantize-kv{{method={method},bits=3,group=4,residual=3,sink=1}}"
     bundle = condfx.export.export_model(model, tmp_path, passes=spec)
     assert bundle.max_abs_diff < 1e-3
-    stream = "x" if latent == "x" else "k"
+    stream = "k" if latent == "svd" else "x"
     decode = onnx.load(str(tmp_path / "decode.onnx"), load_external_data=False)
     types = {i.name: i.type.tensor_type.elem_type for i in decode.graph.input}
     assert types[f"past_{stream}_0_codes"] == TensorProto.UINT8
