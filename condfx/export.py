@@ -120,7 +120,8 @@ def _dynamic_shapes(inputs: tuple[torch.Tensor, ...], names: Sequence[str]) -> t
     The first input gets ``batch`` / ``seq``, other inputs ``batch_<name>`` / ``seq_<name>``. A
     cache input named ``past_k_<i>`` / ``past_v_<i>`` (B, Hkv, P, D) gets dims 0 and 2:
     ``batch_<name>`` and ``past_<i>`` (k and v of one layer share their length; the heads and head
-    size stay static). Names must differ per input otherwise: ONNX Runtime treats equal dim_params
+    size stay static); a packed-cache tensor ``past_<s>_<i>_<part>`` (``quantize-kv`` layers, s in
+    k / v / x, part in codes / scale / zero / fp) gets its own length ``past_<i>_<s>_<part>``. Names must differ per input otherwise: ONNX Runtime treats equal dim_params
     as equal sizes. Dimensions that torch.export proves equal are merged under one name by the
     exporter.
     """
