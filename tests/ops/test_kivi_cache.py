@@ -60,21 +60,22 @@ def test_numerics_cache_is_really_quantized():
     assert (got - dense).abs().max().item() > 1e-2
 
 
-def test_rejects_stream_holding_more_than_policy():
+def _step_with_k_stream(stats_rows: int, fp_tokens: int):
+    """One 1-token step over a K stream of 8 packed tokens (group 4, residual 4) with the given
+    scale rows and fp tokens, and an empty V stream."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, h, 1, D, generator=g) for h in (H, HKV, HKV))
-    ks = [torch.zeros(B, HKV, 8, D // 4, dtype=torch.uint8), torch.zeros(B, HKV, 2, D, dtype=torch.float16),
-          torch.zeros(B, HKV, 2, D, dtype=torch.float16), torch.zeros(B, HKV, 0, D)]
+    stats = torch.zeros(B, HKV, stats_rows, D, dtype=torch.float16)
+    ks = [torch.zeros(B, HKV, 8, D // 4, dtype=torch.uint8), stats, stats, torch.zeros(B, HKV, fp_tokens, D)]
     vs = empty_stream((B, 1), HKV * D, 2, 4, -1, torch.float32)
-    with pytest.raises(ValueError, match="more than its policy"):
-        torch.ops.condfx.kivi_cache_attention(q, k, v, *ks, *vs, 0.3, 0, 2, 4, 4, 0)
+    return torch.ops.condfx.kivi_cache_attention(q, k, v, *ks, *vs, 0.3, 0, 2, 4, 4, 0)
+
+
+def test_rejects_stream_holding_more_than_policy():
+    with pytest.raises(ValueError, match="more than its policy"):  # 9 tokens keep only 4 packed
+        _step_with_k_stream(2, 0)
 
 
 def test_rejects_scale_rows_not_matching_codes():
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, h, 1, D, generator=g) for h in (H, HKV, HKV))
-    ks = [torch.zeros(B, HKV, 8, D // 4, dtype=torch.uint8), torch.zeros(B, HKV, 3, D, dtype=torch.float16),
-          torch.zeros(B, HKV, 3, D, dtype=torch.float16), torch.zeros(B, HKV, 4, D)]
-    vs = empty_stream((B, 1), HKV * D, 2, 4, -1, torch.float32)
     with pytest.raises(ValueError, match="needs 2 scale rows"):
-        torch.ops.condfx.kivi_cache_attention(q, k, v, *ks, *vs, 0.3, 0, 2, 4, 4, 0)
+        _step_with_k_stream(3, 4)
