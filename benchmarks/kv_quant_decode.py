@@ -91,34 +91,43 @@ def _cut_layers(model: nn.Module, n: int | None) -> None:
     model.info = info_from_hf_config(hf.config, model.info.name)
 
 
+def _upstream(roots, stop: set) -> set:
+    """Nodes ``roots`` are computed from (themselves included), not walking past ``stop``."""
+    seen, stack = set(), [r for r in roots if isinstance(r, fx.Node)]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(() if n in stop else n.all_input_nodes)
+    return seen
+
+
 def _node_parts(gm: fx.GraphModule) -> dict[fx.Node, str]:
-    """The part of a step each node of the decode graph belongs to (see the module docstring)."""
+    """The part of a step each node of the decode graph belongs to (see the module docstring).
+
+    XQuant's ``remat``: for each attention node of a graph with ``quantized_stream`` nodes, what its
+    k, v, k̂, v̂ are computed from (not walking past a stream node) and its query is not: the copied
+    k/v path over the N cached tokens, including the RoPE tables of those N positions.
+    """
     ops = torch.ops.condfx
-    attn = {ops.attention.default, ops.quantized_cache_attention.default}
+    attn = {ops.attention.default, ops.quantized_cache_attention.default, ops.kivi_cache_attention.default}
     placeholders = {n for n in gm.graph.nodes if n.op == "placeholder"}
     parts: dict[fx.Node, str] = {}
     for node in gm.graph.nodes:
         if node.target is ops.quantized_stream.default:
             parts[node] = "stream"
-        elif node.target in attn or node.target is ops.kivi_cache_attention.default:
+        elif node.target in attn:
             parts[node] = "attention"
         elif node.target is torch.ops.aten.cat.default and placeholders & set(node.all_input_nodes):
             parts[node] = "cache io"
-    for node in [n for n in gm.graph.nodes if n.target is ops.quantized_stream.default]:
-        after, stack = set(), [node]  # everything computed from the stream, up to attention
-        while stack:
-            for user in stack.pop().users:
-                if user not in after and parts.get(user) != "attention":
-                    after.add(user)
-                    stack.append(user)
-        for attn_node in (u for n in after for u in n.users if parts.get(u) == "attention"):
-            before, stack = set(), list(attn_node.args[1:5])  # k, v, k̂, v̂
-            while stack:
-                n = stack.pop()
-                if isinstance(n, fx.Node) and n in after and n not in before:
-                    before.add(n)
-                    stack.extend(n.all_input_nodes)
-            parts.update(dict.fromkeys(before, "remat"))
+    streams = {n for n, p in parts.items() if p == "stream"}
+    if not streams:
+        return parts
+    for node in [n for n, p in parts.items() if p == "attention"]:
+        kv = _upstream(node.args[1:5], streams)
+        query = _upstream([node.args[0]], streams)
+        parts.update(dict.fromkeys((n for n in kv - query if n.op == "call_function" and n not in parts),
+                                   "remat"))
     return parts
 
 
