@@ -38,7 +38,12 @@ Columns:
                  residual window (KIVI: the ``stream_step`` calls inside ``kivi_cache_attention``,
                  timed by wrapping them); ``remat`` XQuant's copies of the k/v path over every cached
                  token (latent up-projection and RoPE, twice); ``attention`` the attention op itself.
-CPU figures (a shared 2-core machine, one thread) are ratios to fp16 within one run.
+CPU figures (a shared 2-core machine, one thread) are ratios to fp16 within one run. The fp16
+baseline is the ``quantize-kv{bits=16}`` graph as it runs today: its Session casts the whole cache
+float16 -> float32 and back every step, and its attention op reads 2S keys under a mask (the
+full-precision and "quantized" copies), so it is slower than the plain fp32 path; fp32 is there
+to show that. Step peak MB is process RSS: it includes what glibc malloc keeps between layers of
+a step, not only the live tensors.
 
     python benchmarks/kv_quant_decode.py [--contexts 4096,8192] [--layers 30] [--steps 8]
         [--rounds 3] [--bits 2] [--group 64] [--residual 32] [--json] [--plot PNG]
@@ -299,6 +304,7 @@ def run(args) -> dict:
 
 def _plot(result: dict, path: str) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -311,7 +317,9 @@ def _plot(result: dict, path: str) -> None:
     ax.set_xlabel("context (tokens)")
     ax.set_ylabel("decode tokens/s (batch 1, 1 CPU thread)")
     ax.set_yscale("log")
-    ax.set_title(f"{result['model']}, {result['layers']} layers: decode speed per KV cache")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_title(f"{result['model']}, {result['layers']} layers\ndecode speed per KV cache (same run)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
