@@ -58,10 +58,14 @@ def kivi_cache_attention_reference(
         msg = (f"condfx.kivi_cache_attention: the K stream holds {kf.shape[2] - t} tokens but the V "
                f"stream {vf.shape[2] - t}; both must hold the same past.")
         raise ValueError(msg)
-    out = quantized_cache_attention_sdpa(
-        q, kf.to(q.dtype), heads(vf).to(q.dtype), kh.to(q.dtype), heads(vh).to(q.dtype),
-        scale, window, residual, group, 1, sink,
-    )
+    if t == 1:  # the one query reads quantized copies only of tokens packed before this step,
+        # whose stored value is already the dequantized one: plain attention over S keys, not 2S
+        out = torch.ops.condfx.attention(q, kf.to(q.dtype), heads(vf).to(q.dtype), scale, window)
+    else:
+        out = quantized_cache_attention_sdpa(
+            q, kf.to(q.dtype), heads(vf).to(q.dtype), kh.to(q.dtype), heads(vh).to(q.dtype),
+            scale, window, residual, group, 1, sink,
+        )
     return (out.contiguous(), *k_out, *v_out)
 
 
