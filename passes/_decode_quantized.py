@@ -36,13 +36,23 @@ def kivi_streams(node: fx.Node) -> tuple[StreamSpec, ...]:
     if not (isinstance(k_hat, fx.Node) and k_hat.target is fq and k_hat.args[0] is node.args[1]):
         return ()
     bits, group, _, *sink = (int(a) for a in k_hat.args[1:])
-    if bits not in BITS:  # 16: a float16 cache (``Float16KVCache``), nothing packed
-        return ()
+    if bits not in BITS or _values_fq_args(node.args[4]) != k_hat.args[1:3]:
+        return ()  # 16 bits: a float16 cache, nothing packed; K and V quantized alike only
     q = (bits, group)
     rest = (int(node.args[7]), sink[0] if sink else 0)  # residual, sink
     _, hkv, _, d = node.args[1].meta["val"].shape
     return (StreamSpec("k", int(hkv), int(d), *q, -2, *rest),
             StreamSpec("v", 1, int(hkv * d), *q, -1, *rest))
+
+
+def _values_fq_args(v_hat) -> tuple | None:
+    """(bits, group) of the fake-quantize node KIVI's v̂ = permute(unflatten(fq(rows of v))) reads."""
+    n = v_hat
+    for _ in range(4):  # a few view ops up from v̂
+        if not isinstance(n, fx.Node) or _is_fq(n):
+            break
+        n = n.args[0] if n.args else None
+    return tuple(n.args[1:3]) if _is_fq(n) else None
 
 
 def _is_fq(n) -> bool:
