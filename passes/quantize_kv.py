@@ -19,8 +19,10 @@ Rewrites (every attention region, layer i, bits b_i = first_bits for i < first_l
   after the first ``sink`` (the attention sink, kept in full precision). The op reads k̂/v̂
   for tokens that left the residual window (``condfx/ops/kv_quant.py``), so one full-sequence
   forward is the teacher-forced form of token-by-token decoding with the quantized cache.
-  bits=32 (quantization off) emits condfx.attention(q, k̂, v̂) on the rematerialised K/V, which
-  keeps the function within float32 rounding (SVD, deltas); bits=16 rounds the cache to float16.
+  bits=32 (quantization off) emits condfx.attention(q, k̂, v̂) on the rematerialised K/V through
+  the exact path: nothing is lost, so the SVD latent reads through the folded U Σ Bᵀ = W_kᵀ (not
+  two rounded factors) and CL's accumulator is r_i itself (delta + previous accumulator); the
+  logits equal the dense ones to float rounding of one matmul. bits=16 rounds the cache to float16.
 
 Requires: attention regions (fused or not) with their projections found; ``xquant`` needs
   ``k_proj``/``v_proj`` on a 3-D input, ``xquant-cl`` the layer's input norm. Must run before
@@ -184,11 +186,15 @@ def _svd_stream(g: GraphBuilder, region, proj, which: str, bits: int, group: int
     w = _tensor(g.gm, proj.weight)  # (d_kv, d)
     u, s, vh = torch.linalg.svd(w.T.double(), full_matrices=False)
     _check_group(group, int(s.numel()), f"{which} latent width", region.layer)
-    u_node = g.constant(region.module_path, f"xquant_u_{which}", u.to(w.dtype).contiguous())
-    up = (s[:, None] * vh).to(w.dtype).contiguous()
-    up_node = g.constant(region.module_path, f"xquant_up_{which}", up)
-    latent = _fq(g, g.call(aten.matmul.default, region.x_in, u_node), bits, group, dim, sink)
-    y = g.call(aten.matmul.default, latent, up_node)  # (B, T, d_kv)
+    if bits == 32:  # the latent is kept exactly: read through U Σ Bᵀ = W_kᵀ folded, no split rounding
+        fold = ((u * s) @ vh).to(w.dtype).contiguous()
+        y = g.call(aten.matmul.default, region.x_in, g.constant(region.module_path, f"xquant_w_{which}", fold))
+    else:
+        u_node = g.constant(region.module_path, f"xquant_u_{which}", u.to(w.dtype).contiguous())
+        up = (s[:, None] * vh).to(w.dtype).contiguous()
+        up_node = g.constant(region.module_path, f"xquant_up_{which}", up)
+        latent = _fq(g, g.call(aten.matmul.default, region.x_in, u_node), bits, group, dim, sink)
+        y = g.call(aten.matmul.default, latent, up_node)  # (B, T, d_kv)
     if proj.bias is not None:
         y = g.call(aten.add.Tensor, y, proj.bias)
     dst = region.k if which == "k" else region.v
@@ -211,9 +217,12 @@ def _hats(g: GraphBuilder, region: AttentionRegion, cfg, bits: int, acc: fx.Node
     if cfg.method is KVQuantMethod.XQUANT_CL:
         _check_group(group, d, "model dimension", region.layer)
         r = region.input_norm.x_in
-        delta = r if acc is None else g.call(aten.sub.Tensor, r, acc)
-        q = _fq(g, delta, bits, group, -1, cfg.sink)
-        acc = q if acc is None else g.call(aten.add.Tensor, acc, q)
+        if bits == 32:  # a lossless delta gives back r_i itself: the accumulator is r_i, exactly
+            acc = r
+        else:
+            delta = r if acc is None else g.call(aten.sub.Tensor, r, acc)
+            q = _fq(g, delta, bits, group, -1, cfg.sink)
+            acc = q if acc is None else g.call(aten.add.Tensor, acc, q)
         k_hat, v_hat = g.copy_path(r, region.k, acc), g.copy_path(r, region.v, acc)
         return k_hat, v_hat, 1, 1, acc, [(d, 1)]
     if _uses_svd(region, cfg):
