@@ -233,5 +233,12 @@ def quantized_layer_cache(spec, quant: dict, batch: int, device) -> LayerCache:
             "(evaluate XQuant with one teacher-forced forward of the quantize-kv graph)."
         )
         raise NotImplementedError(msg)
+    kb, vb = quant.get("k_bits", quant["bits"]), quant.get("v_bits", quant["bits"])
+    if quant.get("rotate") or kb != vb:
+        msg = (
+            f"the Session's KIVICache holds K and V unrotated at one bit width; got k_bits={kb}, "
+            f"v_bits={vb}, rotate={bool(quant.get('rotate'))} (evaluate teacher-forced for now)."
+        )
+        raise NotImplementedError(msg)
     return KIVICache(batch, spec.n_kv_heads, spec.head_dim, quant["bits"], quant["group"],
                      quant["residual"], spec.dtype, device, quant.get("sink", 0))
