@@ -1,7 +1,8 @@
 """Quantize the KV cache: XQuant (cache low-bit X or its SVD latent), XQuant-CL (cross-layer deltas)
 or KIVI (K per channel, V per token), each with a full-precision window of recent tokens.
 
-Rewrites (every attention region, layer i, bits b_i = first_bits for i < first_layers else bits):
+Rewrites (every attention region, layer i; K / V bits = first_bits for i < first_layers, else
+k_bits / v_bits, each defaulting to bits):
     attention(q, k, v, s, w) → condfx.quantized_cache_attention(q, k, v, k̂, v̂, s, w, R, ck, cv)
   where k̂, v̂ are what the quantized cache hands back for the same tokens:
     kivi:      k̂ = fq(k, per channel, groups of G tokens)  (after RoPE), ck = G;
@@ -23,10 +24,15 @@ Rewrites (every attention region, layer i, bits b_i = first_bits for i < first_l
   the exact path: nothing is lost, so the SVD latent reads through the folded U Σ Bᵀ = W_kᵀ (not
   two rounded factors) and CL's accumulator is r_i itself (delta + previous accumulator); the
   logits equal the dense ones to float rounding of one matmul. bits=16 rounds the cache to float16.
+  rotate=true quantizes every stream in a fixed orthogonal basis, fq(x) → fq(x R) Rᵀ with R the
+  normalised block Hadamard (``rotation``; per head of D for kivi, after RoPE): it spreads outlier
+  channels over the group, so keys lose far less at 3 bits. The bytes do not change; a real decoder
+  would fold R into q (K) and o_proj (V). For SVD latents R is folded into U and Σ Bᵀ (no extra node).
 
 Requires: attention regions (fused or not) with their projections found; ``xquant`` needs
   ``k_proj``/``v_proj`` on a 3-D input, ``xquant-cl`` the layer's input norm. Must run before
-  ``add-kv-cache``; the decode form then runs with ``KIVICache`` for ``kivi`` (``runtime/quant_caches``).
+  ``add-kv-cache``; the decode form then runs with ``KIVICache`` for ``kivi`` (``runtime/quant_caches``)
+  when K and V share one bit width, unrotated.
 
 Does not handle: fused qkv projections, in_out (Conv1D) weights for the SVD latent; each such region
   is skipped with a reason. XQuant caches in the Session (their decode graph would have to return X).

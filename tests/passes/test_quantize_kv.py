@@ -261,9 +261,19 @@ def test_numerics_session_decoding_equals_teacher_forced_stories260k():
 
 
 def test_rejects_rotated_or_split_bits_kivi_in_session():
+    from types import SimpleNamespace
+
+    from condfx.runtime.quant_caches import KIVICache, quantized_layer_cache
+
+    result, _, _ = _run("llama-tiny", "quantize-kv{method=kivi,bits=2,group=8}")
+    spec = SimpleNamespace(n_kv_heads=2, head_dim=16, dtype=torch.float32)
+    plain = result.graph_module.meta["condfx_kv_quant"][0]
+    assert isinstance(quantized_layer_cache(spec, plain, 1, "cpu"), KIVICache)
     for opt in ("rotate=true", "k_bits=4"):
+        result, _, _ = _run("llama-tiny", f"quantize-kv{{method=kivi,bits=2,group=8,{opt}}}")
+        quant = result.graph_module.meta["condfx_kv_quant"][0]
         with pytest.raises(NotImplementedError, match="holds K and V unrotated at one bit width"):
-            Session.from_model(_stories(), passes=f"fuse-attention, quantize-kv{{method=kivi,bits=2,group=8,{opt}}}")
+            quantized_layer_cache(spec, quant, 1, "cpu")
 
 
 def test_rejects_xquant_in_session():
