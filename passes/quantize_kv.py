@@ -129,8 +129,8 @@ class QuantizeKVConfig:
         one_stream = self.method is KVQuantMethod.XQUANT_CL or (
             self.method is KVQuantMethod.XQUANT and self.latent is LatentKind.X)
         if (self.k_bits or self.v_bits) and one_stream:
-            msg = (f"QuantizeKVConfig.k_bits and v_bits need separate K and V streams; {self.method.value} "
-                   f"with latent={self.latent.value} caches one.")
+            what = "xquant-cl" if self.method is KVQuantMethod.XQUANT_CL else "xquant with latent=x"
+            msg = f"QuantizeKVConfig.k_bits and v_bits need separate K and V streams; {what} caches one."
             raise ValueError(msg)
         for name, low in (("group", 1), ("residual", 0), ("first_layers", 0), ("context", 1),
                           ("sink", 0)):

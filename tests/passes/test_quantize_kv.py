@@ -197,7 +197,8 @@ def test_idempotent_second_run_not_modified():
         ({"latent": "pca"}, r"latent must be one of \{auto, x, svd\}"),
         ({"k_bits": 5}, r"k_bits must be 0 \(use bits\) or one of \(2, 3, 4, 16, 32\); got 5"),
         ({"rotate": "yes"}, "rotate must be a bool; got 'yes'"),
-        ({"method": "xquant-cl", "v_bits": 2}, "need separate K and V streams; xquant-cl"),
+        ({"method": "xquant-cl", "v_bits": 2}, "need separate K and V streams; xquant-cl caches one"),
+        ({"latent": "x", "k_bits": 2}, "need separate K and V streams; xquant with latent=x caches one"),
     ],
 )
 def test_rejects_bad_config(options, match):
