@@ -1,6 +1,10 @@
 """KV-cache quantization quality: perplexity with the quantized cache in the loop, per method and bits,
 with KV bytes per token and the compression against an fp16 cache; a PNG of the frontier.
 ``--sink N`` keeps the first N tokens (the attention sink) in full precision in every method.
+``--methods`` picks methods, ``--rotate`` adds each row again with ``rotate=true`` (fixed Hadamard),
+``--kv-bits 3/2,4/2`` adds kivi and xquant (SVD latent) rows with separate K / V bits, ``--configs "a;b"`` adds
+one row per ``quantize-kv`` option string, optionally labelled ``label:options`` (e.g.
+``K3/V2 rot:method=kivi,bits=2,k_bits=3,rotate=true,group=64``).
 
 Each ``quantize-kv`` graph is evaluated teacher-forced: one full-sequence forward in which every
 token attends to the quantized cache of the tokens before it (the full-precision residual window
@@ -60,12 +64,27 @@ def _specs(args, context: int):
     base = f"residual={args.residual},context={context},sink={args.sink}"
     yield "dense (fp32 cache)", None
     yield "fp16 cache", f"quantize-kv{{method=kivi,bits=16,{base}}}"
-    for group in (int(g) for g in args.groups.split(",")):
-        for method in METHODS:
-            for bits in (int(b) for b in args.bits.split(",")):
-                yield f"{method} {bits}-bit g{group}", (
-                    f"quantize-kv{{method={method},bits={bits},group={group},{base}}}"
-                )
+    methods = args.methods.split(",") if args.methods else ()
+    pairs = [tuple(int(b) for b in p.split("/")) for p in args.kv_bits.split(",")] if args.kv_bits else []
+    for rotate in (False, True) if args.rotate else (False,):
+        rot, tag = (",rotate=true", " rot") if rotate else ("", "")
+        for group in (int(g) for g in args.groups.split(",")) if methods else ():
+            for method in methods:
+                for bits in (int(b) for b in args.bits.split(",")) if args.bits else ():
+                    yield f"{method}{tag} {bits}-bit g{group}", (
+                        f"quantize-kv{{method={method},bits={bits},group={group}{rot},{base}}}"
+                    )
+                if method == "xquant-cl":
+                    continue
+                latent = ",latent=svd" if method == "xquant" else ""  # two streams
+                for kb, vb in pairs:
+                    yield f"{method}{tag} K{kb}/V{vb} g{group}", (
+                        f"quantize-kv{{method={method}{latent},bits={vb},k_bits={kb},group={group}{rot},{base}}}"
+                    )
+    for item in filter(None, (args.configs or "").split(";")):
+        label, _, options = item.rpartition(":")
+        method = options.split("method=", 1)[1].split(",", 1)[0] if "method=" in options else "xquant"
+        yield f"{method}: {label or options}", f"quantize-kv{{{options},{base}}}"
 
 
 def run(args) -> dict:
@@ -107,7 +126,7 @@ def plot(result: dict, path: str) -> None:
     fp16 = result["rows"][1]["ppl"]
     for method, marker in zip(METHODS, "os^", strict=True):
         pts = sorted((r["compression"], r["ppl"], r["config"]) for r in result["rows"]
-                     if r["config"].startswith(method + " "))
+                     if r["config"].split(" ", 1)[0].rstrip(":") == method)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, label=method, linestyle="none")
         for x, y, name in pts:
             ax.annotate(name.split(" ", 1)[1], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
@@ -133,7 +152,11 @@ def main() -> None:
     parser.add_argument("--groups", default="32", help="group sizes, comma-separated")
     parser.add_argument("--residual", type=int, default=32, help="full-precision window (tokens)")
     parser.add_argument("--sink", type=int, default=0, help="first tokens kept in full precision")
-    parser.add_argument("--bits", default="2,3,4", help="bit widths, comma-separated")
+    parser.add_argument("--bits", default="2,3,4", help="bit widths, comma-separated ('' for none)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="methods, comma-separated")
+    parser.add_argument("--rotate", action="store_true", help="every row also with rotate=true")
+    parser.add_argument("--kv-bits", default="", help="K/V bit pairs for kivi and xquant, e.g. 3/2,4/2")
+    parser.add_argument("--configs", default="", help="extra rows: quantize-kv options, ';'-separated")
     parser.add_argument("--plot", default=None, help="write the frontier PNG here")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()

@@ -1,7 +1,8 @@
 """Quantize the KV cache: XQuant (cache low-bit X or its SVD latent), XQuant-CL (cross-layer deltas)
 or KIVI (K per channel, V per token), each with a full-precision window of recent tokens.
 
-Rewrites (every attention region, layer i, bits b_i = first_bits for i < first_layers else bits):
+Rewrites (every attention region, layer i; K / V bits = first_bits for i < first_layers, else
+k_bits / v_bits, each defaulting to bits):
     attention(q, k, v, s, w) → condfx.quantized_cache_attention(q, k, v, k̂, v̂, s, w, R, ck, cv)
   where k̂, v̂ are what the quantized cache hands back for the same tokens:
     kivi:      k̂ = fq(k, per channel, groups of G tokens)  (after RoPE), ck = G;
@@ -19,15 +20,22 @@ Rewrites (every attention region, layer i, bits b_i = first_bits for i < first_l
   after the first ``sink`` (the attention sink, kept in full precision). The op reads k̂/v̂
   for tokens that left the residual window (``condfx/ops/kv_quant.py``), so one full-sequence
   forward is the teacher-forced form of token-by-token decoding with the quantized cache.
-  bits=32 (quantization off) emits condfx.attention(q, k̂, v̂) on the rematerialised K/V, which
-  keeps the function within float32 rounding (SVD, deltas); bits=16 rounds the cache to float16.
+  bits=32 (quantization off) emits condfx.attention(q, k̂, v̂) on the rematerialised K/V through
+  the exact path: nothing is lost, so the SVD latent reads through the folded U Σ Bᵀ = W_kᵀ (not
+  two rounded factors) and CL's accumulator is r_i itself (delta + previous accumulator); the
+  logits equal the dense ones to float rounding of one matmul. bits=16 rounds the cache to float16.
+  rotate=true quantizes every stream in a fixed orthogonal basis, fq(x) → fq(x R) Rᵀ with R the
+  normalised block Hadamard (``rotation``; per head of D for kivi, after RoPE): it spreads outlier
+  channels over the group, so keys lose far less at 3 bits. The bytes do not change; a real decoder
+  would fold R into q (K) and o_proj (V). For SVD latents R is folded into U and Σ Bᵀ (no extra node).
 
 Requires: attention regions (fused or not) with their projections found; ``xquant`` needs
   ``k_proj``/``v_proj`` on a 3-D input, ``xquant-cl`` the layer's input norm. Must run before
-  ``add-kv-cache``; the decode form then runs with ``KIVICache`` for ``kivi`` (``runtime/quant_caches``).
+  ``add-kv-cache``, whose decode form reads and updates the packed caches in the graph for every
+  method (``passes/_decode_quantized.py``), except rotated or split-bit KIVI (teacher-forced only).
 
 Does not handle: fused qkv projections, in_out (Conv1D) weights for the SVD latent; each such region
-  is skipped with a reason. XQuant caches in the Session (their decode graph would have to return X).
+  is skipped with a reason.
   References: XQuant arXiv 2508.10395, KIVI arXiv 2402.02750, TECHNIQUES.md sections 5, 6; issue 6.
 """
 
@@ -83,6 +91,10 @@ class QuantizeKVConfig:
         latent: for xquant, cache X, the SVD latents, or choose (auto).
         context: tokens at which the report gives KV bytes per token.
         sink: the first tokens (the attention sink) kept in full precision, >= 0.
+        k_bits: bits of the K stream (kivi, xquant SVD latents); 0 takes ``bits``.
+        v_bits: bits of the V stream, likewise; layers in ``first_layers`` keep ``first_bits``.
+        rotate: quantize each stream in a fixed normalised Hadamard basis (blocks of the largest
+            power of two dividing the width, per head for kivi): x̂ = fq(x R) Rᵀ.
     """
 
     method: KVQuantMethod = KVQuantMethod.XQUANT
@@ -94,6 +106,9 @@ class QuantizeKVConfig:
     latent: LatentKind = LatentKind.AUTO
     context: int = 4096
     sink: int = 0
+    k_bits: int = 0
+    v_bits: int = 0
+    rotate: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "method", coerce_enum(KVQuantMethod, self.method, "QuantizeKVConfig.method"))
@@ -103,6 +118,20 @@ class QuantizeKVConfig:
             if isinstance(v, bool) or v not in ALLOWED_BITS:
                 msg = f"QuantizeKVConfig.{name} must be one of {ALLOWED_BITS}; got {v!r}."
                 raise ValueError(msg)
+        for name in ("k_bits", "v_bits"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or v not in (0, *ALLOWED_BITS):
+                msg = f"QuantizeKVConfig.{name} must be 0 (use bits) or one of {ALLOWED_BITS}; got {v!r}."
+                raise ValueError(msg)
+        if not isinstance(self.rotate, bool):
+            msg = f"QuantizeKVConfig.rotate must be a bool; got {self.rotate!r}."
+            raise ValueError(msg)
+        one_stream = self.method is KVQuantMethod.XQUANT_CL or (
+            self.method is KVQuantMethod.XQUANT and self.latent is LatentKind.X)
+        if (self.k_bits or self.v_bits) and one_stream:
+            what = "xquant-cl" if self.method is KVQuantMethod.XQUANT_CL else "xquant with latent=x"
+            msg = f"QuantizeKVConfig.k_bits and v_bits need separate K and V streams; {what} caches one."
+            raise ValueError(msg)
         for name, low in (("group", 1), ("residual", 0), ("first_layers", 0), ("context", 1),
                           ("sink", 0)):
             v = getattr(self, name)
@@ -179,52 +208,105 @@ def _uses_svd(region: AttentionRegion, cfg: QuantizeKVConfig) -> bool:
     return cfg.latent is LatentKind.SVD
 
 
-def _svd_stream(g: GraphBuilder, region, proj, which: str, bits: int, group: int, dim: int, sink: int) -> fx.Node:
-    """fq(x_in U) Σ Bᵀ (+ bias) fed through the proj → k/v path; returns k̂ or v̂."""
+def hadamard(n: int) -> torch.Tensor:
+    """The normalised Sylvester Hadamard matrix of size ``n`` (a power of two): orthogonal, symmetric."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / n**0.5
+
+
+def rotation(width: int) -> torch.Tensor:
+    """Block-diagonal normalised Hadamard (float64) over ``width``: blocks of the largest power of two
+    dividing it (``width`` itself when it is one)."""
+    block = width & -width
+    return torch.block_diag(*[hadamard(block)] * (width // block))
+
+
+def _rotated_fq(g: GraphBuilder, region, x: fx.Node, bits: int, group: int, dim: int, sink: int,
+                rot: torch.Tensor | None, which: str) -> fx.Node:
+    """fq(x R) Rᵀ over x's last dimension for a rotation ``rot`` (float64), else fq(x)."""
+    if rot is None or bits == 32:
+        return _fq(g, x, bits, group, dim, sink)
+    r = g.constant(region.module_path, f"kvq_rotation_{which}", rot.to(x.meta["val"].dtype).contiguous())
+    y = _fq(g, g.call(aten.matmul.default, x, r), bits, group, dim, sink)
+    return g.call(aten.matmul.default, y, g.call(aten.t.default, r))
+
+
+def _svd_stream(g: GraphBuilder, region, proj, which: str, bits: int, group: int, dim: int, sink: int,
+                rotate: bool) -> fx.Node:
+    """fq(x_in U R) Rᵀ Σ Bᵀ (+ bias) fed through the proj → k/v path; returns k̂ or v̂ (R = I
+    unless ``rotate``; it is folded into the two constants)."""
     w = _tensor(g.gm, proj.weight)  # (d_kv, d)
     u, s, vh = torch.linalg.svd(w.T.double(), full_matrices=False)
     _check_group(group, int(s.numel()), f"{which} latent width", region.layer)
-    u_node = g.constant(region.module_path, f"xquant_u_{which}", u.to(w.dtype).contiguous())
-    up = (s[:, None] * vh).to(w.dtype).contiguous()
-    up_node = g.constant(region.module_path, f"xquant_up_{which}", up)
-    latent = _fq(g, g.call(aten.matmul.default, region.x_in, u_node), bits, group, dim, sink)
-    y = g.call(aten.matmul.default, latent, up_node)  # (B, T, d_kv)
+    if bits == 32:  # the latent is kept exactly: read through U Σ Bᵀ = W_kᵀ folded, no split rounding
+        fold = ((u * s) @ vh).to(w.dtype).contiguous()
+        y = g.call(aten.matmul.default, region.x_in, g.constant(region.module_path, f"xquant_w_{which}", fold))
+    else:
+        up = s[:, None] * vh
+        if rotate:
+            r = rotation(int(s.numel()))
+            u, up = u @ r, r.T @ up
+        u_node = g.constant(region.module_path, f"xquant_u_{which}", u.to(w.dtype).contiguous())
+        up_node = g.constant(region.module_path, f"xquant_up_{which}", up.to(w.dtype).contiguous())
+        latent = _fq(g, g.call(aten.matmul.default, region.x_in, u_node), bits, group, dim, sink)
+        y = g.call(aten.matmul.default, latent, up_node)  # (B, T, d_kv)
     if proj.bias is not None:
         y = g.call(aten.add.Tensor, y, proj.bias)
     dst = region.k if which == "k" else region.v
     return g.copy_path(proj.node, dst, y)
 
 
-def _hats(g: GraphBuilder, region: AttentionRegion, cfg, bits: int, acc: fx.Node | None):
-    """(k̂, v̂, k_chunk, v_chunk, accumulator, streams) of one region; streams = [(C, chunk)]."""
+def _hats(g: GraphBuilder, region: AttentionRegion, cfg, kb: int, vb: int, acc: fx.Node | None):
+    """(k̂, v̂, k_chunk, v_chunk, accumulator, streams) of one region with K / V at kb / vb bits;
+    streams = [(C, chunk, bits)]."""
     group, d = cfg.group, int(region.x_in.meta["val"].shape[-1]) if region.x_in is not None else 0
     if cfg.method is KVQuantMethod.KIVI:
-        c = region.num_kv_heads * region.head_dim
+        hkv, hd = region.num_kv_heads, region.head_dim
+        c = hkv * hd
         _check_group(group, c, "K/V width (heads x head dim)", region.layer)
+        rot = rotation(hd) if cfg.rotate else None  # per head
         # values per token: groups of G among the token's Hkv * D values (B, S, Hkv * D)
         rows = g.call(aten.flatten.using_ints, g.call(aten.permute.default, region.v, [0, 2, 1, 3]), 2)
-        v_rows = _fq(g, rows, bits, group, -1, cfg.sink)
-        heads = g.call(aten.unflatten.int, v_rows, 2, [region.num_kv_heads, region.head_dim])
+        v_rot = None if rot is None else torch.block_diag(*[rot] * hkv)
+        v_rows = _rotated_fq(g, region, rows, vb, group, -1, cfg.sink, v_rot, "v")
+        heads = g.call(aten.unflatten.int, v_rows, 2, [hkv, hd])
         v_hat = g.call(aten.permute.default, heads, [0, 2, 1, 3])
-        k_hat = _fq(g, region.k, bits, group, -2, cfg.sink)
-        return k_hat, v_hat, group, 1, acc, [(c, group), (c, 1)]
+        k_hat = _rotated_fq(g, region, region.k, kb, group, -2, cfg.sink, rot, "k")
+        return k_hat, v_hat, group, 1, acc, [(c, group, kb), (c, 1, vb)]
+    rot = rotation(d) if cfg.rotate else None
     if cfg.method is KVQuantMethod.XQUANT_CL:
         _check_group(group, d, "model dimension", region.layer)
         r = region.input_norm.x_in
-        delta = r if acc is None else g.call(aten.sub.Tensor, r, acc)
-        q = _fq(g, delta, bits, group, -1, cfg.sink)
-        acc = q if acc is None else g.call(aten.add.Tensor, acc, q)
+        if kb == 32:  # a lossless delta gives back r_i itself: the accumulator is r_i, exactly
+            acc = r
+        else:
+            delta = r if acc is None else g.call(aten.sub.Tensor, r, acc)
+            q = _rotated_fq(g, region, delta, kb, group, -1, cfg.sink, rot, "delta")
+            acc = q if acc is None else g.call(aten.add.Tensor, acc, q)
         k_hat, v_hat = g.copy_path(r, region.k, acc), g.copy_path(r, region.v, acc)
-        return k_hat, v_hat, 1, 1, acc, [(d, 1)]
+        return k_hat, v_hat, 1, 1, acc, [(d, 1, kb)]
     if _uses_svd(region, cfg):
-        k_hat = _svd_stream(g, region, region.k_proj, "k", bits, group, -2, cfg.sink)
-        v_hat = _svd_stream(g, region, region.v_proj, "v", bits, group, -1, cfg.sink)
+        k_hat = _svd_stream(g, region, region.k_proj, "k", kb, group, -2, cfg.sink, cfg.rotate)
+        v_hat = _svd_stream(g, region, region.v_proj, "v", vb, group, -1, cfg.sink, cfg.rotate)
         c = region.k_proj.out_features
-        return k_hat, v_hat, group, 1, acc, [(c, group), (c, 1)]
+        return k_hat, v_hat, group, 1, acc, [(c, group, kb), (c, 1, vb)]
+    if kb != vb:
+        msg = (f"quantize-kv k_bits {kb} and v_bits {vb} differ, but layer {region.layer} caches X "
+               "(one stream); use latent=svd.")
+        raise ValueError(msg)
     _check_group(group, d, "model dimension", region.layer)
-    x_hat = _fq(g, region.x_in, bits, group, -1, cfg.sink)
+    x_hat = _rotated_fq(g, region, region.x_in, kb, group, -1, cfg.sink, rot, "x")
     k_hat, v_hat = g.copy_path(region.x_in, region.k, x_hat), g.copy_path(region.x_in, region.v, x_hat)
-    return k_hat, v_hat, 1, 1, acc, [(d, 1)]
+    return k_hat, v_hat, 1, 1, acc, [(d, 1, kb)]
+
+
+def _layer_bits(cfg: QuantizeKVConfig, index: int) -> tuple[int, int]:
+    """(K bits, V bits) of the ``index``-th attention region."""
+    if index < cfg.first_layers:
+        return cfg.first_bits, cfg.first_bits
+    return cfg.k_bits or cfg.bits, cfg.v_bits or cfg.bits
 
 
 def _erase_core(graph: fx.Graph, region: AttentionRegion) -> None:
@@ -261,11 +343,11 @@ class QuantizeKV(Pass):
                 bytes_fp_layer = 2 * 2 * region.num_kv_heads * region.head_dim
                 bytes_q += bytes_fp_layer
                 continue
-            bits = cfg.first_bits if i < cfg.first_layers else cfg.bits
+            kb, vb = _layer_bits(cfg, i)
             g = GraphBuilder(gm, region.core)
-            k_hat, v_hat, ck, cv, acc, streams = _hats(g, region, cfg, bits, acc)
+            k_hat, v_hat, ck, cv, acc, streams = _hats(g, region, cfg, kb, vb, acc)
             window = int(region.window or 0)
-            if bits == 32:  # nothing quantized: attention reads the rematerialised K/V throughout
+            if kb == vb == 32:  # nothing quantized: attention reads the rematerialised K/V throughout
                 node = g.call(ATTENTION, region.q, k_hat, v_hat, float(region.scale), window)
             else:
                 args = (region.q, region.k, region.v, k_hat, v_hat, float(region.scale), window,
@@ -276,10 +358,11 @@ class QuantizeKV(Pass):
             bytes_q += sum(
                 stream_bytes_per_token(c, bits, cfg.group, cfg.residual, chunk, cfg.context,
                                        sink=cfg.sink)
-                for c, chunk in streams
+                for c, chunk, bits in streams
             )
-            specs.append({"layer": region.layer, "method": cfg.method.value, "bits": bits,
-                          "group": cfg.group, "residual": cfg.residual, "sink": cfg.sink})
+            specs.append({"layer": region.layer, "method": cfg.method.value, "bits": kb, "k_bits": kb,
+                          "v_bits": vb, "rotate": cfg.rotate, "group": cfg.group,
+                          "residual": cfg.residual, "sink": cfg.sink})
             rewritten += 1
         gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op != "call_function" or n.is_impure())
         gm.graph.lint()

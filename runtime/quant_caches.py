@@ -305,14 +305,16 @@ def quantized_layer_cache(spec, quant: dict, batch: int, device) -> LayerCache:
 
     Raises:
         NotImplementedError: a layer whose decode form packs nothing and that no float cache
-            emulates (XQuant with bits 16).
+            emulates (rotated or split-bit KIVI, XQuant with bits 16).
     """
     if spec.streams:
         return GraphStreamCache(spec, batch, device)
-    if quant["method"] == "kivi" and quant["bits"] == 16:
+    if quant["method"] == "kivi" and quant["bits"] == 16 and not quant.get("rotate"):
         return Float16KVCache(batch, spec.n_kv_heads, spec.head_dim, spec.dtype, device)
+    kb, vb = quant.get("k_bits", quant["bits"]), quant.get("v_bits", quant["bits"])
     msg = (
-        f"the Session runs quantize-kv caches of 2, 3 or 4 bits (and 16 for kivi); layer "
-        f"{spec.layer} has method {quant['method']!r} with {quant['bits']} bits."
+        f"the Session's packed caches do not cover layer {spec.layer} (method {quant['method']!r}, "
+        f"k_bits={kb}, v_bits={vb}, rotate={bool(quant.get('rotate'))}): rotated or split-bit KIVI "
+        "and 16-bit XQuant run teacher-forced only (one forward of the quantize-kv graph)."
     )
     raise NotImplementedError(msg)

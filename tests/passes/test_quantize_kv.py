@@ -78,8 +78,7 @@ def test_numerics_quantization_off_is_dense_float64(name, method):
 @pytest.mark.parametrize("method", ["kivi", "xquant,latent=x", "xquant,latent=svd", "xquant-cl"])
 def test_numerics_off_and_16_bits_on_stories260k(method):
     _, off, dense = _run("stories260K", f"quantize-kv{{method={method},bits=32,group=8}}")
-    tol = 1e-5 if "svd" not in method and "cl" not in method else 5e-5  # float32 SVD / deltas
-    assert (off - dense).abs().max().item() < tol
+    assert (off - dense).abs().max().item() < 1e-5  # float32: bits=32 reads through the exact path
     _, half, _ = _run("stories260K", f"quantize-kv{{method={method},bits=16,group=8,residual=4}}")
     assert 0 < (half - dense).abs().max().item() < 2e-2
     errors = []
@@ -127,6 +126,46 @@ def test_numerics_first_layers_get_more_bits():
     assert (mixed - dense).pow(2).mean() < (low - dense).pow(2).mean()
 
 
+@pytest.mark.parametrize("method", ["kivi", "xquant,latent=x", "xquant,latent=svd", "xquant-cl"])
+def test_numerics_rotate_is_lossless_without_quantization_and_changes_the_error(method):
+    _, off, dense = _run("stories260K", f"quantize-kv{{method={method},bits=16,group=8,rotate=true}}")
+    assert (off - dense).abs().max().item() < 2e-2  # R Rᵀ = I: only the float16 rounding remains
+    spec = f"quantize-kv{{method={method},bits=2,group=8,residual=4,rotate=%s}}"
+    r_plain, plain, _ = _run("stories260K", spec % "false")
+    r_rot, rot, _ = _run("stories260K", spec % "true")
+    assert not torch.allclose(plain, rot)
+    assert 0 < (rot - dense).pow(2).mean().item() < 0.1  # still a working quantized cache
+    assert r_rot.reports[-1].kv_bytes_per_token == r_plain.reports[-1].kv_bytes_per_token
+
+
+def test_rotation_is_orthogonal_block_hadamard():
+    from condfx.passes.quantize_kv import hadamard, rotation
+
+    r = rotation(192)  # three 64-blocks
+    torch.testing.assert_close(r @ r.T, torch.eye(192, dtype=torch.float64))
+    torch.testing.assert_close(r[:64, :64], hadamard(64))
+    assert r[:64, 64:].abs().max() == 0 and hadamard(4)[1].tolist() == [0.5, -0.5, 0.5, -0.5]
+
+
+@pytest.mark.parametrize("method", ["kivi", "xquant,latent=svd"])
+def test_numerics_separate_k_and_v_bits(method):
+    spec = f"quantize-kv{{method={method},bits=2,group=8,residual=4,context=512%s}}"
+    results = {opt: _run("stories260K", spec % opt) for opt in ("", ",k_bits=4", ",v_bits=4",
+                                                                 ",k_bits=32,v_bits=32")}
+    dense = results[""][2]
+    err = {opt: (out - dense).pow(2).mean().item() for opt, (_, out, _) in results.items()}
+    assert err[",k_bits=4"] < err[""] and err[",v_bits=4"] < err[""]
+    assert err[",k_bits=32,v_bits=32"] < 1e-10  # both off: the exact path
+    base = results[""][0].reports[-1].kv_bytes_per_token
+    # 5 layers x 32 channels x 2 more bits per value, for the quantized tokens of one stream
+    gm = results[",k_bits=4"][0].graph_module
+    assert gm.meta["condfx_kv_quant"][0]["k_bits"] == 4 and gm.meta["condfx_kv_quant"][0]["v_bits"] == 2
+    k_extra = results[",k_bits=4"][0].reports[-1].kv_bytes_per_token - base
+    v_extra = results[",v_bits=4"][0].reports[-1].kv_bytes_per_token - base
+    assert k_extra == pytest.approx(5 * 8 * (512 - 8) / 512)  # K leaves the window in chunks of 8
+    assert v_extra == pytest.approx(5 * 8 * (512 - 4) / 512)
+
+
 def test_golden_llama_tiny_kivi_layer0():
     result, _, _ = _run("llama-tiny", "fuse-attention, quantize-kv{method=kivi,bits=2,group=4,residual=3}")
     lines = graph_text(result.graph_module).splitlines()
@@ -156,6 +195,10 @@ def test_idempotent_second_run_not_modified():
         ({"residual": 64, "context": 32}, "residual 64 is longer than the context 32"),
         ({"group": 0}, "group must be an int >= 1"),
         ({"latent": "pca"}, r"latent must be one of \{auto, x, svd\}"),
+        ({"k_bits": 5}, r"k_bits must be 0 \(use bits\) or one of \(2, 3, 4, 16, 32\); got 5"),
+        ({"rotate": "yes"}, "rotate must be a bool; got 'yes'"),
+        ({"method": "xquant-cl", "v_bits": 2}, "need separate K and V streams; xquant-cl caches one"),
+        ({"latent": "x", "k_bits": 2}, "need separate K and V streams; xquant with latent=x caches one"),
     ],
 )
 def test_rejects_bad_config(options, match):
@@ -176,6 +219,14 @@ def test_rejects_group_not_dividing(spec, match):
     with pytest.raises((ValueError, PassError), match=match):
         condfx.apply(gm, spec)
     assert graph_text(gm) == before  # the caller's module is untouched
+
+
+def test_rejects_k_v_bits_when_a_layer_caches_x():
+    gm, _, _ = _captured("stories260K")  # d = 2 d_kv: latent=auto caches X
+    before = graph_text(gm)
+    with pytest.raises((ValueError, PassError), match="k_bits 4 and v_bits 2 differ, but layer 0 caches X"):
+        condfx.apply(gm, "quantize-kv{method=xquant,bits=2,k_bits=4,group=8}")
+    assert graph_text(gm) == before
 
 
 def test_rejects_model_without_attention():
@@ -216,11 +267,11 @@ def test_numerics_session_decoding_equals_teacher_forced_stories260k():
     assert session.position == 40
 
 
-@pytest.mark.parametrize("latent", ["x", "svd", "cl"])
+@pytest.mark.parametrize("latent", ["x", "svd", "cl", "svd,rotate=true,k_bits=4"])
 def test_numerics_session_xquant_decoding_equals_teacher_forced_stories260k(latent):
     """XQuant in decode form: the graph packs X (the SVD latents; CL: the deltas) into its stream and
     re-runs the k/v path over every cached token; prefill + 1-token and 5-token steps equal one forward."""
-    method = "xquant-cl" if latent == "cl" else f"xquant,latent={latent}"
+    method = "xquant-cl" if latent == "cl" else f"xquant,latent={latent}"  # rotated, K/V bits apart too
     spec = f"fuse-attention, quantize-kv{{method={method},bits=2,group=8,residual=4,sink=1}}"
     _, teacher, dense = _run("stories260K", spec)
     _, ids, _ = _captured("stories260K")
@@ -230,11 +281,25 @@ def test_numerics_session_xquant_decoding_equals_teacher_forced_stories260k(late
     assert (torch.cat(steps, 1) - teacher).abs().max().item() < 1e-3
     assert (teacher - dense).abs().max().item() > 0.1
     past = session.caches[0].past()
-    assert len(past) == (8 if latent == "svd" else 4) and past[0].dtype == torch.uint8
+    svd = latent.startswith("svd")
+    assert len(past) == (8 if svd else 4) and past[0].dtype == torch.uint8
     # 40 tokens - 1 sink - 4 residual: 35 per token (X, V latent), 32 in whole groups (K latent)
-    assert [t.shape[2] for t in past[::4]] == ([32, 35] if latent == "svd" else [35])
+    assert [t.shape[2] for t in past[::4]] == ([32, 35] if svd else [35])
 
 
 def test_rejects_xquant_16_bits_in_session():
-    with pytest.raises(NotImplementedError, match="method 'xquant' with 16 bits"):
+    with pytest.raises(NotImplementedError, match="method 'xquant', k_bits=16"):
         Session.from_model(_stories(), passes="fuse-attention, quantize-kv{method=xquant,bits=16,group=8}")
+
+
+def test_rejects_rotated_or_split_bits_kivi_in_session():
+    from types import SimpleNamespace
+
+    from condfx.runtime.quant_caches import quantized_layer_cache
+
+    spec = SimpleNamespace(layer=0, n_kv_heads=2, head_dim=16, dtype=torch.float32, streams=())
+    for opt in ("rotate=true", "k_bits=4"):
+        result, _, _ = _run("llama-tiny", f"quantize-kv{{method=kivi,bits=2,group=8,{opt}}}")
+        quant = result.graph_module.meta["condfx_kv_quant"][0]
+        with pytest.raises(NotImplementedError, match="rotated or split-bit KIVI"):
+            quantized_layer_cache(spec, quant, 1, "cpu")
