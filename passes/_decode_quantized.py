@@ -32,8 +32,7 @@ def kivi_streams(node: fx.Node) -> tuple[StreamSpec, ...]:
     if not is_quantized_cache_attention(node):
         return ()
     k_hat = node.args[3]
-    fq = torch.ops.condfx.fake_group_quantize.default
-    if not (isinstance(k_hat, fx.Node) and k_hat.target is fq and k_hat.args[0] is node.args[1]):
+    if not (_is_fq(k_hat) and k_hat.args[0] is node.args[1]):
         return ()
     bits, group, _, *sink = (int(a) for a in k_hat.args[1:])
     if bits not in BITS or _values_fq_args(node.args[4]) != k_hat.args[1:3]:
@@ -84,9 +83,12 @@ def xquant_streams(node: fx.Node):
             if n in seen or not isinstance(n, fx.Node):
                 continue
             seen.add(n)
-            if _is_fq(n) or _cl_accumulation(n):  # stop: the layer's own quantized input
-                hits.append(n.args[1] if _cl_accumulation(n) else n)
-                accs.add(n) if _cl_accumulation(n) else None
+            if _cl_accumulation(n):  # stop: the layer's own quantized input (CL: added to a_{i-1})
+                hits.append(n.args[1])
+                accs.add(n)
+                continue
+            if _is_fq(n):
+                hits.append(n)
                 continue
             stack.extend(n.all_input_nodes)
         found.append(hits)
@@ -104,10 +106,10 @@ def xquant_streams(node: fx.Node):
     return (spec("k", k_fq), spec("v", v_fq)), [k_fq, v_fq], None
 
 
-def _clone_for_all_tokens(graph, root: fx.Node, env: dict, ids: fx.Node) -> fx.Node:
+def _clone_for_all_tokens(graph, root: fx.Node, env: dict, length: fx.Node, ids: fx.Node) -> fx.Node:
     """A copy of ``root`` computed over every cached token: the nodes between the keys in ``env``
-    (fake-quantize nodes → stream outputs, the sequence length T → the cached length N) and
-    ``root`` are copied with those replaced; the rest (weights, inv_freq, ...) is shared. Copying
+    (fake-quantize nodes → stream outputs) and ``root`` are copied with those replaced, and the
+    sequence length T with ``length`` (N); the rest (weights, inv_freq, ...) is shared. Copying
     the T-sized nodes re-derives RoPE's positions as arange(N): the stream's tokens start at 0."""
     seq = str(ids.meta["val"].shape[1])
     memo = dict(env)
@@ -116,8 +118,8 @@ def _clone_for_all_tokens(graph, root: fx.Node, env: dict, ids: fx.Node) -> fx.N
         if n in memo:
             return memo[n] is not n
         val = n.meta.get("val")
-        if isinstance(val, torch.SymInt) and str(val) == seq and env.get("T") is not None:
-            memo[n] = env["T"]
+        if isinstance(val, torch.SymInt) and str(val) == seq:
+            memo[n] = length
             return True
         hit = any(depends(a) for a in n.all_input_nodes)
         memo[n] = None if hit else n  # None: to copy
@@ -167,19 +169,18 @@ def rewire_xquant(graph, node, spec, streams: list[fx.Node], ids: fx.Node,
         align = items[0] if align is None else align
         outs[fq] = (full, hat, rows)
         presents += items[2:]
+    earlier = {prev: acc_all[prev]} if prev is not None else {}  # CL: a_{i-1} over all tokens
+    full_env = {fq: full for fq, (full, _, _) in outs.items()} | earlier
+    hat_env = {fq: hat for fq, (_, hat, _) in outs.items()} | earlier
     with graph.inserting_before(node):
         n_all = graph.call_function(torch.ops.aten.sym_size.int, (align, 2))
-        copies = {}
-        for which in (0, 1):  # 0: full, 1: hat
-            env = {fq: pair[which] for fq, pair in outs.items()} | {"T": n_all}
-            if prev is not None:
-                env[prev] = acc_all[prev]
-            copies[which] = [_clone_for_all_tokens(graph, h, env, ids) for h in node.args[3:5]]
-            if which == 1 and len(fqs) == 1:  # a CL accumulation over all tokens, for the next layer
-                acc_all[fqs[0]] = env[fqs[0]]
-                if acc is not None:
-                    acc_all[acc] = _clone_for_all_tokens(graph, acc, env, ids)
-    node.args = (node.args[0], *copies[0], *copies[1], *node.args[5:])
+        k, v, k_hat, v_hat = (_clone_for_all_tokens(graph, h, env, n_all, ids)
+                              for env in (full_env, hat_env) for h in node.args[3:5])
+        if len(fqs) == 1:  # X or CL deltas: the accumulation over all tokens, for a next CL layer
+            acc_all[fqs[0]] = hat_env[fqs[0]]
+            if acc is not None:
+                acc_all[acc] = _clone_for_all_tokens(graph, acc, hat_env, n_all, ids)
+    node.args = (node.args[0], k, v, k_hat, v_hat, *node.args[5:])
     # the new-token reads of fq switch to the stream's rows once every layer is rewired
     deferred.extend((fq, rows) for fq, (_, _, rows) in outs.items())
     return presents

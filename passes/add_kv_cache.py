@@ -290,11 +290,11 @@ def _rewire_attention(graph: fx.Graph, attn, pasts, specs, ids) -> list[fx.Node]
         _, fqs, acc = xquant_streams(node)
         found[node] = (fqs, acc, acc.args[0] if acc is not None else None)
     for node, past, spec in zip(attn, pasts, specs, strict=True):
-        if kivi_streams(node):
-            presents += rewire_kivi(graph, node, spec, past)
-            continue
-        if spec.streams:
+        if spec.streams and found[node][0]:  # XQuant: its fake-quantize nodes were found
             presents += rewire_xquant(graph, node, spec, past, ids, acc_all, found[node], deferred)
+            continue
+        if spec.streams:  # KIVI
+            presents += rewire_kivi(graph, node, spec, past)
             continue
         pk, pv = past
         with graph.inserting_before(node):
