@@ -3,13 +3,14 @@ SVD latents, K/V rematerialised on read), each with a full-precision residual wi
 
 Storage (TECHNIQUES.md section 8, item 3): a ``QuantizedStream`` holds a stream (..., N, C) as
     packed codes (..., Nq, C * bits / 8) uint8, scale and zero (float16; (..., Nq, C / group) per
-    token or (..., Nq / group, C) per channel), and a tail (..., N - Nq, C) in full precision,
-and the first ``sink`` tokens in full precision (the attention sink),
+    token or (..., Nq / group, C) per channel), and the first ``sink`` tokens (the attention sink)
+    followed by a tail, (..., N - Nq, C) in full precision: the four tensors of
+    ``condfx/ops/quant_stream.py``, appended to and read with its ``stream_append`` / ``stream_read``,
 with Nq = ``quantized_count(N, residual, chunk, sink)`` (``condfx.ops.kv_quant``): tokens leave the tail in
 whole chunks once they are ``residual`` tokens old; chunk = group for per-channel streams (KIVI keys,
 groups along tokens), 1 for per-token streams. This is the policy ``condfx::quantized_cache_attention``
 simulates, so a teacher-forced forward of a ``quantize-kv`` graph sees what these caches return.
-``nbytes()`` is the bytes of every tensor held: codes, scales, zero points and the tail.
+``nbytes()`` is the bytes of every tensor held: codes, scales, zero points, sink and tail.
 
     * ``GraphStreamCache`` (a ``LayerCache``): what the Session uses for ``quantize-kv`` layers
       (KIVI and XQuant). Their decode graph reads and updates the packed streams itself
@@ -28,13 +29,8 @@ from collections.abc import Callable
 
 import torch
 
-from condfx.ops.kv_quant import (
-    BITS,
-    check_quant_args,
-    dequantize_reference,
-    quantize_reference,
-    quantized_count,
-)
+from condfx.ops.kv_quant import BITS, check_quant_args
+from condfx.ops.quant_stream import empty_stream, stream_append, stream_read
 from condfx.runtime.caches import FullKVCache, LayerCache
 
 
@@ -66,58 +62,49 @@ class QuantizedStream:
 
     def clear(self) -> None:
         """Drops every token."""
-        per = self.channels * self.bits // 8 if self.bits in BITS else 0
-        stat = (0, self.channels // self.group) if self.dim == -1 else (0, self.channels)
-        self.packed = torch.zeros((*self.lead, 0, per), dtype=torch.uint8, device=self.device)
-        self.scale = torch.zeros((*self.lead, *stat), dtype=torch.float16, device=self.device)
-        self.zero = self.scale.clone()
-        tail_dtype = torch.float16 if self.bits == 16 else self.dtype
-        self.tail = torch.zeros((*self.lead, 0, self.channels), dtype=tail_dtype, device=self.device)
-        self.head = self.tail.clone()  # the first ``sink`` tokens, never quantized
+        fp_dtype = torch.float16 if self.bits == 16 else self.dtype
+        self.codes, self.scale, self.zero, self.fp = empty_stream(
+            self.lead, self.channels, self.bits, self.group, self.dim, fp_dtype, self.device)
 
     @property
     def quantized(self) -> int:
         """Tokens held as codes."""
-        return int(self.packed.shape[-2])
+        return int(self.codes.shape[-2])
+
+    @property
+    def head(self) -> torch.Tensor:
+        """The first ``sink`` tokens, never quantized."""
+        return self.fp[..., : self.sink, :]
 
     def __len__(self) -> int:
-        return int(self.head.shape[-2]) + self.quantized + int(self.tail.shape[-2])
+        return self.quantized + int(self.fp.shape[-2])
 
     def append(self, x: torch.Tensor) -> None:
         """Appends (..., T, C) tokens; quantizes the ones that left the residual window."""
-        x = x.to(self.tail.dtype)
-        room = self.sink - int(self.head.shape[-2])
-        if room > 0:
-            self.head, x = torch.cat([self.head, x[..., :room, :]], -2), x[..., room:, :]
-        self.tail = torch.cat([self.tail, x], -2)
         if self.bits not in BITS:
+            self.fp = torch.cat([self.fp, x.to(self.fp.dtype)], -2)
             return
-        move = quantized_count(len(self), self.residual, self.chunk, self.sink) - self.quantized
-        if move <= 0:
-            return
-        packed, scale, zero = quantize_reference(self.tail[..., :move, :], self.bits, self.group, self.dim)
-        self.packed = torch.cat([self.packed, packed], -2)
-        self.scale, self.zero = torch.cat([self.scale, scale], -2), torch.cat([self.zero, zero], -2)
-        self.tail = self.tail[..., move:, :].contiguous()  # a copy: the moved rows are freed
+        quant = (self.bits, self.group, self.dim, self.residual, self.sink)
+        self.codes, self.scale, self.zero, self.fp = stream_append(*self._tensors(), x, *quant)
 
     def read(self) -> torch.Tensor:
-        """(..., N, C): the dequantized tokens followed by the tail, in ``dtype``."""
+        """(..., N, C): the sink, the dequantized tokens, then the tail, in ``dtype``."""
         if self.bits not in BITS:
-            return torch.cat([self.head, self.tail], -2).to(self.dtype)
-        deq = dequantize_reference(
-            self.packed, self.scale, self.zero, self.bits, self.group, self.dim, self.channels
-        )
-        return torch.cat([self.head.to(self.dtype), deq.to(self.dtype), self.tail.to(self.dtype)], -2)
+            return self.fp.to(self.dtype)
+        return stream_read(*self._tensors(), self.bits, self.group, self.dim, self.sink).to(self.dtype)
+
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.codes, self.scale, self.zero, self.fp
 
     def select(self, index: torch.Tensor) -> None:
         """Keeps batch rows ``index`` (dim 0 of every tensor)."""
-        for name in ("packed", "scale", "zero", "tail", "head"):
-            setattr(self, name, getattr(self, name).index_select(0, index.to(self.device)))
+        index = index.to(self.device)
+        self.codes, self.scale, self.zero, self.fp = (t.index_select(0, index) for t in self._tensors())
         self.lead = (int(index.numel()), *self.lead[1:])
 
     def nbytes(self) -> int:
-        """Bytes of the codes, scales, zero points, tail and sink tokens."""
-        return sum(t.nbytes for t in (self.packed, self.scale, self.zero, self.tail, self.head))
+        """Bytes of the codes, scales, zero points and the full-precision sink and tail tokens."""
+        return sum(t.nbytes for t in self._tensors())
 
 
 def _rows(v: torch.Tensor) -> torch.Tensor:

@@ -59,7 +59,7 @@ def emit_quantized_stream(codes, scale, zero, fp, new, bits, group, dim, residua
     nq, nf = updated_lengths(codes.shape[2], fp.shape[2], t, residual, group if dim == -2 else 1, sink)
     n = codes.shape[2] + fp.shape[2] + t if align is None else align.shape[2]
     shapes = [(b, h, n, c), (b, h, n, c), *stream_shapes((b, h), c, bits, group, dim, nq, nf)]
-    dtypes = [fp.dtype, fp.dtype, *stream_dtypes(fp)]
+    dtypes = [fp.dtype, fp.dtype, *stream_dtypes(fp.dtype)]
     attrs = {"bits": int(bits), "group": int(group), "residual": int(residual), "sink": int(sink)}
     return tuple(torch.onnx.ops.symbolic_multi_out(
         f"{DOMAIN}::{_op_type(dim)}", args, attrs, dtypes=dtypes, shapes=shapes, version=DOMAIN_VERSION,

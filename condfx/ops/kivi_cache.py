@@ -98,6 +98,6 @@ def _kivi_cache_attention_fake(q, k, v, k_codes, k_scale, k_zero, k_fp, v_codes,
     torch._check(nqk % group == 0)
     ks = stream_shapes((b, hkv), d, bits, group, -2, nqk, nfk)
     vs = stream_shapes((b, 1), hkv * d, bits, group, -1, nqv, nfv)
-    k_out = [q.new_empty(s, dtype=dt) for s, dt in zip(ks, stream_dtypes(k_fp), strict=True)]
-    v_out = [q.new_empty(s, dtype=dt) for s, dt in zip(vs, stream_dtypes(v_fp), strict=True)]
+    k_out = [q.new_empty(s, dtype=dt) for s, dt in zip(ks, stream_dtypes(k_fp.dtype), strict=True)]
+    v_out = [q.new_empty(s, dtype=dt) for s, dt in zip(vs, stream_dtypes(v_fp.dtype), strict=True)]
     return (q.new_empty(q.shape), *k_out, *v_out)

@@ -43,20 +43,28 @@ def stream_shapes(lead, channels: int, bits: int, group: int, dim: int, quantize
             (*lead, full, channels)]
 
 
-def stream_dtypes(fp) -> tuple:
-    return (torch.uint8, torch.float16, torch.float16, fp.dtype)
+def stream_dtypes(dtype: torch.dtype) -> tuple:
+    """dtypes of (codes, scale, zero, fp) for full-precision tokens of ``dtype``."""
+    return (torch.uint8, torch.float16, torch.float16, dtype)
 
 
-def empty_stream(lead, channels: int, bits: int, group: int, dim: int, dtype, device="cpu") -> list:
-    """The four tensors of an empty stream."""
-    dtypes = (torch.uint8, torch.float16, torch.float16, dtype)
-    shapes = stream_shapes(lead, channels, bits, group, dim, 0, 0)
-    return [torch.zeros(s, dtype=t, device=device) for s, t in zip(shapes, dtypes, strict=True)]
+def empty_stream(lead, channels: int, bits: int, group: int, dim: int, dtype, device="cpu",
+                 quantized: int = 0, full: int = 0) -> list:
+    """The four tensors of a stream, zero-filled (sizes > 0: examples for tracing)."""
+    shapes = stream_shapes(lead, channels, bits, group, dim, quantized, full)
+    return [torch.zeros(s, dtype=t, device=device) for s, t in zip(shapes, stream_dtypes(dtype), strict=True)]
 
 
-def stream_step(codes, scale, zero, fp, new, bits: int, group: int, dim: int, residual: int, sink: int):
-    """One step of a stream: (full, hat, codes', scale', zero', fp'); see the module docstring."""
-    channels = int(new.shape[-1])
+def stream_read(codes, scale, zero, fp, bits: int, group: int, dim: int, sink: int) -> torch.Tensor:
+    """The stream's tokens in order, in fp's dtype: fp[:sink], dequantize(codes), fp[sink:]."""
+    deq = dequantize_reference(codes, scale, zero, bits, group, dim, int(fp.shape[-1])).to(fp.dtype)
+    return torch.cat([fp[..., :sink, :], deq, fp[..., sink:, :]], -2)
+
+
+def stream_append(codes, scale, zero, fp, new, bits: int, group: int, dim: int, residual: int,
+                  sink: int) -> list:
+    """(codes', scale', zero', fp') after appending ``new``: the tokens that left the residual window
+    (in whole chunks, after the sink) are packed; see the module docstring."""
     chunk = group if dim == -2 else 1
     nq = int(codes.shape[-2])
     if int(scale.shape[-2]) != (nq if dim == -1 else nq // group) or nq % chunk:
@@ -65,26 +73,34 @@ def stream_step(codes, scale, zero, fp, new, bits: int, group: int, dim: int, re
         raise ValueError(msg)
     allf = torch.cat([fp, new.to(fp.dtype)], -2)
     head, rest = allf[..., :sink, :], allf[..., sink:, :]
-    deq = dequantize_reference(codes, scale, zero, bits, group, dim, channels).to(fp.dtype)
-    whole = int(rest.shape[-2]) // chunk * chunk
-    packed, sc, ze = quantize_reference(rest[..., :whole, :], bits, group, dim)
-    rest_hat = dequantize_reference(packed, sc, ze, bits, group, dim, channels).to(fp.dtype)
-    rest_hat = torch.cat([rest_hat, rest[..., whole:, :]], -2)
-    total = int(head.shape[-2]) + nq + int(rest.shape[-2])
+    total = nq + int(allf.shape[-2])
     move = quantized_count(total, residual, chunk, sink) - nq
     if move < 0 or (move and int(head.shape[-2]) < sink):
         msg = (f"condfx.quantized_stream: a stream of {total} tokens holds {nq} packed, more than "
                f"its policy (residual {residual}, sink {sink}, chunk {chunk}) allows.")
         raise ValueError(msg)
-    rows = move // group if dim == -2 else move
-    return (
-        torch.cat([head, deq, rest], -2),
-        torch.cat([head, deq, rest_hat], -2),
-        torch.cat([codes, packed[..., :move, :]], -2),
-        torch.cat([scale, sc[..., :rows, :]], -2),
-        torch.cat([zero, ze[..., :rows, :]], -2),
-        torch.cat([head, rest[..., move:, :]], -2),
-    )
+    packed, sc, ze = quantize_reference(rest[..., :move, :], bits, group, dim)
+    return [torch.cat([codes, packed], -2), torch.cat([scale, sc], -2), torch.cat([zero, ze], -2),
+            torch.cat([head, rest[..., move:, :]], -2)]
+
+
+def stream_step(codes, scale, zero, fp, new, bits: int, group: int, dim: int, residual: int, sink: int):
+    """One step of a stream: (full, hat, codes', scale', zero', fp'); see the module docstring.
+
+    ``hat`` quantizes the whole chunks of the not-yet-packed tokens; ``stream_append`` packs the
+    first of those chunks again (the same groups, so the same codes; at most residual + T tokens).
+    """
+    quant, chunk = (bits, group, dim), group if dim == -2 else 1
+    updated = stream_append(codes, scale, zero, fp, new, *quant, residual, sink)
+    allf = torch.cat([fp, new.to(fp.dtype)], -2)
+    full = stream_read(codes, scale, zero, allf, *quant, sink)
+    stored = min(sink, int(allf.shape[-2])) + int(codes.shape[-2])  # sink + packed tokens
+    rest = full[..., stored:, :]
+    whole = int(rest.shape[-2]) // chunk * chunk
+    rest_hat = dequantize_reference(*quantize_reference(rest[..., :whole, :], *quant), *quant,
+                                    int(rest.shape[-1])).to(fp.dtype)
+    hat = torch.cat([full[..., :stored, :], rest_hat, rest[..., whole:, :]], -2)
+    return (full, hat, *updated)
 
 
 def updated_lengths(stored, fp_len, new: int, residual: int, chunk: int, sink: int):
@@ -92,8 +108,6 @@ def updated_lengths(stored, fp_len, new: int, residual: int, chunk: int, sink: i
     total = stored + fp_len + new
     nq = torch.sym_max(0, total - residual - sink) // chunk * chunk
     return nq, total - nq
-
-
 
 
 @dataclass(frozen=True)
@@ -118,11 +132,8 @@ class StreamSpec:
 
     def empty(self, batch: int, dtype, device=None, length: int = 0) -> list[torch.Tensor]:
         """The four tensors of an empty stream (``length`` > 0: example sizes for tracing)."""
-        packed = 2 * self.group * bool(length)
-        shapes = stream_shapes((batch, self.heads), self.channels, self.bits, self.group, self.dim,
-                               packed, length)
-        dtypes = (torch.uint8, torch.float16, torch.float16, dtype)
-        return [torch.zeros(s, dtype=t, device=device) for s, t in zip(shapes, dtypes, strict=True)]
+        return empty_stream((batch, self.heads), self.channels, self.bits, self.group, self.dim, dtype,
+                            device, 2 * self.group * bool(length), length)
 
 
 @torch.library.custom_op("condfx::quantized_stream", mutates_args=())
@@ -157,4 +168,4 @@ def _quantized_stream_fake(codes, scale, zero, fp, new, bits, group, dim, residu
         torch._check(nq % group == 0)
     shapes = stream_shapes((b, h), c, bits, group, dim, nq, nf)
     return (fp.new_empty((b, h, n, c)), fp.new_empty((b, h, n, c)),
-            *(fp.new_empty(s, dtype=d) for s, d in zip(shapes, stream_dtypes(fp), strict=True)))
+            *(fp.new_empty(s, dtype=d) for s, d in zip(shapes, stream_dtypes(fp.dtype), strict=True)))
