@@ -40,7 +40,7 @@ from condfx.codegen.onnx._quant_stream import (
     attributes,
     stream,
 )
-from condfx.ops.quant_stream import STREAM_PARTS, updated_lengths
+from condfx.ops.quant_stream import STREAM_PARTS, stream_dtypes, stream_shapes, updated_lengths
 
 OP_TYPE = "KIVICacheAttention"
 _INPUTS = ("q", "k", "v", "k_codes", "k_scale", "k_zero", "k_fp",
@@ -80,12 +80,9 @@ def emit_kivi_cache_attention(q, k, v, k_codes, k_scale, k_zero, k_fp, v_codes, 
     b, hkv, t, d = k.shape
     nqk, nfk = updated_lengths(k_codes.shape[2], k_fp.shape[2], t, residual, group, sink)
     nqv, nfv = updated_lengths(v_codes.shape[2], v_fp.shape[2], t, residual, 1, sink)
-    c = hkv * d
-    shapes = [q.shape,
-              (b, hkv, nqk, d * bits // 8), (b, hkv, nqk // group, d), (b, hkv, nqk // group, d), (b, hkv, nfk, d),
-              (b, 1, nqv, c * bits // 8), (b, 1, nqv, c // group), (b, 1, nqv, c // group), (b, 1, nfv, c)]
-    half = torch.float16
-    dtypes = [q.dtype, torch.uint8, half, half, k_fp.dtype, torch.uint8, half, half, v_fp.dtype]
+    shapes = [q.shape, *stream_shapes((b, hkv), d, bits, group, -2, nqk, nfk),
+              *stream_shapes((b, 1), hkv * d, bits, group, -1, nqv, nfv)]
+    dtypes = [q.dtype, *stream_dtypes(k_fp.dtype), *stream_dtypes(v_fp.dtype)]
     attrs = {"scale": float(scale), "window": int(window), "bits": int(bits), "group": int(group),
              "residual": int(residual), "sink": int(sink)}
     return tuple(torch.onnx.ops.symbolic_multi_out(
