@@ -1,5 +1,6 @@
 """Small helpers for passes that insert nodes and state: new nodes get FakeTensor metadata and the
-provenance of the node they stand in for (passes/README.md, invariants 2 and 9)."""
+provenance of the node they stand in for (passes/README.md, invariants 2 and 9); and the two ways
+passes drop what a rewrite left unused."""
 
 from __future__ import annotations
 
@@ -43,3 +44,24 @@ def get_attr_with_meta(gm: fx.GraphModule, name: str, like: fx.Node) -> fx.Node:
     node = gm.graph.get_attr(name)
     node.meta["val"] = like.meta["val"].fake_mode.from_tensor(g.get_attr_value(gm, node))
     return node
+
+
+def _kept(node: fx.Node) -> bool:
+    return node.op != "call_function" or node.is_impure()
+
+
+def remove_dead_calls(graph: fx.Graph) -> None:
+    """Dead-code elimination of unused pure ``call_function`` nodes only (placeholders, get_attr
+    nodes and impure calls stay)."""
+    graph.eliminate_dead_code(is_impure_node=_kept)
+
+
+def erase_unused(graph: fx.Graph, nodes) -> None:
+    """Erases those of ``nodes`` that have no users, users before producers.
+
+    Needed besides DCE because ``Node.is_impure`` counts SDPA (which may use dropout) as impure.
+    """
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in sorted(set(nodes), key=order.__getitem__, reverse=True):
+        if not node.users:
+            graph.erase_node(node)

@@ -58,6 +58,7 @@ import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
 from condfx.ops.quant_stream import STREAM_PARTS, StreamSpec
 from condfx.ops.routed_attention import is_routed_attention
 from condfx.passes._decode_quantized import kivi_streams, rewire_kivi, rewire_xquant, xquant_streams
+from condfx.passes._insert import remove_dead_calls
 from condfx.passes.base import GraphSnapshot, Pass, PassError, PassReport, PassResult
 from condfx.passes.fuse_attention import is_fused_attention
 from condfx.passes.interleave_heads import is_interleaved_attention
@@ -407,7 +408,7 @@ def _rewrite(gm, ids, attn, aranges, specs, name) -> None:
     logits = logits[0] if isinstance(logits, (tuple, list)) else logits
     output.args = ((logits, *presents),)
     # KIVI layers leave their fake-quantize nodes unused
-    graph.eliminate_dead_code(is_impure_node=lambda n: n.op != "call_function" or n.is_impure())
+    remove_dead_calls(graph)
     graph._codegen = fx.graph.CodeGen()  # plain positional inputs and a tuple output
     graph.lint()
     gm.recompile()

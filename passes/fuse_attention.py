@@ -29,6 +29,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
+from condfx.passes._insert import erase_unused, remove_dead_calls
 from condfx.passes.base import GraphSnapshot, Pass, PassResult
 from condfx.passes.report import estimate_cost
 from condfx.patterns import find_regions
@@ -106,22 +107,6 @@ def _fused_cores_not_in(gm: fx.GraphModule, regions) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if is_fused_attention(n) and n not in cores]
 
 
-def _keep(node: fx.Node) -> bool:
-    """DCE predicate: only pure call_function nodes may be removed."""
-    return node.op != "call_function" or node.is_impure()
-
-
-def _erase_replaced(graph: fx.Graph, replaced: list[fx.Node]) -> None:
-    """Erases dead core nodes, users before producers.
-
-    Needed besides DCE because ``Node.is_impure`` counts SDPA (which may use dropout) as impure.
-    """
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    for node in sorted(set(replaced), key=order.__getitem__, reverse=True):
-        if not node.users:
-            graph.erase_node(node)
-
-
 def _fuse_regions(gm: fx.GraphModule, selected: list[AttentionRegion]):
     """Fuses every fusable region; returns (regions after, skips, number rewritten)."""
     after, skipped, replaced = [], [], []
@@ -135,8 +120,8 @@ def _fuse_regions(gm: fx.GraphModule, selected: list[AttentionRegion]):
         after.append(dataclasses.replace(region, core=fused, core_nodes=(fused,)))
         replaced += [region.core, *region.core_nodes]
     if replaced:
-        _erase_replaced(gm.graph, replaced)
-        gm.graph.eliminate_dead_code(is_impure_node=_keep)
+        erase_unused(gm.graph, replaced)
+        remove_dead_calls(gm.graph)
         gm.graph.lint()
         gm.recompile()
     return after, skipped, len(after) - len(skipped)

@@ -38,9 +38,14 @@ import torch
 from torch import fx
 
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
-from condfx.passes._insert import call_with_meta, get_attr_with_meta, register_tensor
+from condfx.passes._insert import (
+    call_with_meta,
+    erase_unused,
+    get_attr_with_meta,
+    register_tensor,
+    remove_dead_calls,
+)
 from condfx.passes.base import GraphSnapshot, Pass, PassError, PassResult, coerce_enum
-from condfx.passes.fuse_attention import _erase_replaced, _keep
 from condfx.passes.report import CostEstimate, estimate_cost
 from condfx.patterns import _graph as g
 from condfx.patterns import find_regions
@@ -256,8 +261,8 @@ class InterleaveHeads(Pass):
             replaced += [region.core, *region.core_nodes]
             rewritten.add(region.layer)
         if rewritten:
-            _erase_replaced(gm.graph, replaced)
-            gm.graph.eliminate_dead_code(is_impure_node=_keep)
+            erase_unused(gm.graph, replaced)
+            remove_dead_calls(gm.graph)
             gm.graph.lint()
             gm.recompile()
         report = snapshot.report(

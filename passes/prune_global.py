@@ -23,6 +23,7 @@ from typing import ClassVar
 
 from torch import fx
 
+from condfx.passes._insert import remove_dead_calls
 from condfx.passes.base import GraphSnapshot, Pass, PassResult
 from condfx.passes.report import estimate_cost
 from condfx.patterns import find_regions
@@ -84,7 +85,7 @@ def prune_global_replacement(gm: fx.GraphModule, layer: RoutedLayer) -> None:
     out = layer.nodes["out"]
     out.replace_all_uses_with(out.args[0])
     gm.graph.erase_node(out)
-    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op != "call_function" or n.is_impure())
+    remove_dead_calls(gm.graph)
     stale = f"{layer.prefix}.l2a."
     for node in list(gm.graph.nodes):
         if node.op == "get_attr" and str(node.target).startswith(stale) and not node.users:

@@ -51,6 +51,7 @@ from torch import fx
 
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
 from condfx.ops.kv_quant import stream_bytes_per_token
+from condfx.passes._insert import erase_unused, remove_dead_calls
 from condfx.passes.base import GraphSnapshot, Pass, PassError, PassReport, PassResult, coerce_enum
 from condfx.passes.graph_builder import GraphBuilder
 from condfx.patterns import find_regions
@@ -309,13 +310,6 @@ def _layer_bits(cfg: QuantizeKVConfig, index: int) -> tuple[int, int]:
     return cfg.k_bits or cfg.bits, cfg.v_bits or cfg.bits
 
 
-def _erase_core(graph: fx.Graph, region: AttentionRegion) -> None:
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    for node in sorted({region.core, *region.core_nodes}, key=order.__getitem__, reverse=True):
-        if not node.users:
-            graph.erase_node(node)
-
-
 class QuantizeKV(Pass):
     """``quantize-kv``: attention reads a quantized cache (XQuant, XQuant-CL or KIVI)."""
 
@@ -354,7 +348,7 @@ class QuantizeKV(Pass):
                         cfg.residual, ck, cv, cfg.sink)
                 node = g.call(QCA, *args)
             region.core.replace_all_uses_with(node)
-            _erase_core(gm.graph, region)
+            erase_unused(gm.graph, [region.core, *region.core_nodes])
             bytes_q += sum(
                 stream_bytes_per_token(c, bits, cfg.group, cfg.residual, chunk, cfg.context,
                                        sink=cfg.sink)
@@ -364,7 +358,7 @@ class QuantizeKV(Pass):
                           "v_bits": vb, "rotate": cfg.rotate, "group": cfg.group,
                           "residual": cfg.residual, "sink": cfg.sink})
             rewritten += 1
-        gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op != "call_function" or n.is_impure())
+        remove_dead_calls(gm.graph)
         gm.graph.lint()
         gm.recompile()
         gm.meta["condfx_kv_quant"] = tuple(specs)

@@ -37,6 +37,7 @@ import torch
 from torch import fx, nn
 
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
+from condfx.passes._insert import remove_dead_calls
 from condfx.passes.base import GraphSnapshot, Pass, PassResult
 from condfx.passes.fuse_attention import FuseAttention, FuseAttentionConfig, is_fused_attention
 from condfx.passes.report import estimate_cost
@@ -266,7 +267,7 @@ class RouteAttention(Pass):
             for region in find_regions(gm).attention:
                 if region.layer in todo and is_fused_attention(region.core):
                     route_attention_replacement(gm, region, cfg)
-            gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op != "call_function" or n.is_impure())
+            remove_dead_calls(gm.graph)
             gm.graph.lint()
             gm.recompile()
         after = find_regions(gm).attention

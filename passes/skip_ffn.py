@@ -55,6 +55,7 @@ import torch
 from torch import fx, nn
 
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
+from condfx.passes._insert import remove_dead_calls
 from condfx.passes.add_kv_cache import find_position_aranges, is_decode_form
 from condfx.passes.base import GraphSnapshot, Pass, PassResult
 from condfx.passes.report import estimate_cost
@@ -348,10 +349,6 @@ def _copy_state(gm: fx.GraphModule, state: dict[str, torch.Tensor], added: list[
             param.copy_(state[name])
 
 
-def _keep(node: fx.Node) -> bool:
-    return node.op != "call_function" or node.is_impure()
-
-
 class SkipFFN(Pass):
     """``skip-ffn``: FFN regions outside the cold layers → ``condfx.masked_ffn`` with a skip policy."""
 
@@ -420,7 +417,7 @@ class SkipFFN(Pass):
                     countdown = _rewrite_region(b, region, res, countdown, warm, cfg)
         if state is not None:
             _copy_state(gm, state, added, cfg.state)
-        graph.eliminate_dead_code(is_impure_node=_keep)
+        remove_dead_calls(graph)
         graph.lint()
         gm.recompile()
 
