@@ -288,14 +288,14 @@ class Float16KVCache(FullKVCache):
 
 
 def quantized_layer_cache(spec, quant: dict, batch: int, device) -> LayerCache:
-    """The Session cache of one layer rewritten by ``quantize-kv`` (``gm.meta["condfx_kv_quant"]``).
+    """The Session cache of a ``quantize-kv`` layer whose decode form packs nothing (no
+    ``spec.streams``; a packed layer gets ``GraphStreamCache`` from ``session.default_cache``).
+    ``quant`` is the layer's entry of ``gm.meta["condfx_kv_quant"]``.
 
     Raises:
-        NotImplementedError: a layer whose decode form packs nothing and that no float cache
-            emulates (rotated or split-bit KIVI, XQuant with bits 16).
+        NotImplementedError: a layer that no float cache emulates (rotated or split-bit KIVI,
+            XQuant with bits 16).
     """
-    if spec.streams:
-        return GraphStreamCache(spec, batch, device)
     if quant["method"] == "kivi" and quant["bits"] == 16 and not quant.get("rotate"):
         return Float16KVCache(batch, spec.n_kv_heads, spec.head_dim, spec.dtype, device)
     kb, vb = quant.get("k_bits", quant["bits"]), quant.get("v_bits", quant["bits"])

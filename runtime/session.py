@@ -135,9 +135,9 @@ class Session:
         self.device = getattr(backend, "device", torch.device("cpu"))
         quant = {q["layer"]: q for q in getattr(backend, "kv_quant", ())}
         self.caches = CacheSet([
-            quantized_layer_cache(s, quant[s.layer], 1, self.device)
-            if s.layer in quant and not s.streams
-            else default_cache(s, 1, self.device)
+            default_cache(s, 1, self.device)
+            if s.streams or s.layer not in quant
+            else quantized_layer_cache(s, quant[s.layer], 1, self.device)
             for s in backend.layers
         ])
         self._started = False
