@@ -136,6 +136,34 @@ def stream(f: Body, parts: list[str], new: str, a: dict, per_channel: bool) -> t
     return f("Concat", head, deq, rest, axis=-2), f("Concat", head, deq, rest_hat, axis=-2), updated
 
 
+def dropped_stream(f: Body, parts: list[str], new: str, a: dict, per_channel: bool) -> tuple[str, str, list[str]]:
+    """``stream`` for a dropped stream (bits 0): codes, scale and zero have no columns, quantized
+    tokens read 0; only the tokens kept in full precision are stored."""
+    codes, scale, zero, fp = parts
+    chunk1 = a["group1"] if per_channel else f.ints(1)
+    allf = f("Concat", fp, f("Cast", new, to=TensorProto.FLOAT), axis=-2)
+    big, lead, width = f.ints(1 << 62), f("Shape", codes, start=0, end=2), f.dim(fp, -1)
+    head = f.slice(allf, f.ints(0), a["sink1"], -2)
+    rest = f.slice(allf, a["sink1"], big, -2)
+
+    def zeros(n: str, cols: str, dtype: int) -> str:
+        value = helper.make_tensor("", dtype, [1], [0])
+        return f("ConstantOfShape", f("Concat", lead, n, cols, axis=0), value=value)
+
+    deq = zeros(f.dim(codes, -2), width, TensorProto.FLOAT)
+    whole = f("Mul", f("Div", f.dim(rest, -2), chunk1), chunk1)
+    rest_hat = f("Concat", zeros(whole, width, TensorProto.FLOAT), f.slice(rest, whole, big, -2), axis=-2)
+    total = f("Add", f("Add", f.dim(head, -2), f.dim(codes, -2)), f.dim(rest, -2))
+    over = f("Max", f("Sub", f("Sub", total, a["residual1"]), a["sink1"]), f.ints(0))
+    nq = f("Mul", f("Div", over, chunk1), chunk1)
+    rows = f("Div", nq, a["group1"]) if per_channel else nq
+    none = f.ints(0)
+    updated = [zeros(nq, none, TensorProto.UINT8), zeros(rows, none, TensorProto.FLOAT16),
+               zeros(rows, none, TensorProto.FLOAT16),
+               f("Concat", head, f.slice(rest, f("Sub", nq, f.dim(codes, -2)), big, -2), axis=-2)]
+    return f("Concat", head, deq, rest, axis=-2), f("Concat", head, deq, rest_hat, axis=-2), updated
+
+
 def attributes(f: Body, names) -> dict:
     """Constants of the function attributes ``names`` (scalars, and 1-D as ``<name>1``) plus the
     bit tables derived from ``bits`` when it is one of them."""

@@ -9,7 +9,9 @@ axis decides the reshapes of the body, so each ``dim`` gets its own function; ``
 Node:  (full, hat, codes', scale', zero', fp') = condfx::QuantizedStream{Token,Channel}
            <bits, group, residual, sink: int>(codes (B, H, Nq, C*bits/8) uint8, scale, zero float16,
                                               fp (B, H, F, C), new (B, H, T, C))
-Supported: float32 streams, bits 2, 3, 4, every size dynamic. Tested with ONNX Runtime 1.32 CPU.
+Bits 0 (a dropped stream, ``quantize-kv{latent=klt}``) is ``condfx::QuantizedStreamDropped{Token,Channel}``
+<group, residual, sink>: no codes, its quantized tokens read 0.
+Supported: float32 streams, bits 0, 2, 3, 4, every size dynamic. Tested with ONNX Runtime 1.32 CPU.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import torch
 from onnx import helper
 
 from condfx.codegen.onnx._functions import DOMAIN, DOMAIN_VERSION, MIN_OPSET, Lowering
-from condfx.codegen.onnx._quant_stream import Body, attributes, stream
+from condfx.codegen.onnx._quant_stream import Body, attributes, dropped_stream, stream
+from condfx.ops.kv_quant import DROPPED
 from condfx.ops.quant_stream import STREAM_PARTS, stream_dtypes, stream_shapes
 
 OP_TYPE = "QuantizedStream"
@@ -28,23 +31,29 @@ _OUTPUTS = ("full", "hat", *(f"{p}_out" for p in STREAM_PARTS))
 _ATTRS = ("bits", "group", "residual", "sink")
 
 
-def _op_type(dim: int) -> str:
-    return OP_TYPE + ("Channel" if dim == -2 else "Token")
+def _op_type(dim: int, bits: int = 2) -> str:
+    return OP_TYPE + ("Dropped" if bits == DROPPED else "") + ("Channel" if dim == -2 else "Token")
 
 
-def _function(dim: int) -> onnx.FunctionProto:
+def _attrs(bits: int) -> tuple[str, ...]:
+    return _ATTRS[1:] if bits == DROPPED else _ATTRS
+
+
+def _function(dim: int, bits: int = 2) -> onnx.FunctionProto:
     f = Body()
-    a = attributes(f, _ATTRS)
-    full, hat, updated = stream(f, list(STREAM_PARTS), "new", a, per_channel=dim == -2)
+    a = attributes(f, _attrs(bits))
+    build = dropped_stream if bits == DROPPED else stream
+    full, hat, updated = build(f, list(STREAM_PARTS), "new", a, per_channel=dim == -2)
     results = [full, hat, *updated]
     f.nodes += [helper.make_node("Identity", [r], [o]) for r, o in zip(results, _OUTPUTS, strict=True)]
-    return helper.make_function(DOMAIN, _op_type(dim), list(_INPUTS), list(_OUTPUTS), f.nodes,
-                                [helper.make_opsetid("", MIN_OPSET)], attributes=list(_ATTRS))
+    return helper.make_function(DOMAIN, _op_type(dim, bits), list(_INPUTS), list(_OUTPUTS), f.nodes,
+                                [helper.make_opsetid("", MIN_OPSET)], attributes=list(_attrs(bits)))
 
 
 def quantized_stream_functions() -> list[onnx.FunctionProto]:
-    """The per-token and per-channel ``condfx::QuantizedStream*`` local functions."""
-    return [_function(-1), _function(-2)]
+    """The ``condfx::QuantizedStream*`` local functions: per token, per channel, and their dropped
+    (bits 0) forms."""
+    return [_function(-1), _function(-2), _function(-1, DROPPED), _function(-2, DROPPED)]
 
 
 def emit_quantized_stream(codes, scale, zero, fp, new, bits, group, dim, residual, sink, align=None):
@@ -61,8 +70,9 @@ def emit_quantized_stream(codes, scale, zero, fp, new, bits, group, dim, residua
     shapes = [(b, h, n, c), (b, h, n, c), *stream_shapes((b, h), c, bits, group, dim, nq, nf)]
     dtypes = [fp.dtype, fp.dtype, *stream_dtypes(fp.dtype)]
     attrs = {"bits": int(bits), "group": int(group), "residual": int(residual), "sink": int(sink)}
+    attrs = {k: attrs[k] for k in _attrs(bits)}
     return tuple(torch.onnx.ops.symbolic_multi_out(
-        f"{DOMAIN}::{_op_type(dim)}", args, attrs, dtypes=dtypes, shapes=shapes, version=DOMAIN_VERSION,
+        f"{DOMAIN}::{_op_type(dim, bits)}", args, attrs, dtypes=dtypes, shapes=shapes, version=DOMAIN_VERSION,
     ))
 
 

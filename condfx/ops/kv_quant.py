@@ -19,7 +19,8 @@ Semantics (the contract every lowering must match):
     group_dequantize(packed, scale, zero, bits, group, dim, channels) -> (..., N, C) float32
     fake_group_quantize(x, bits, group, dim, sink) -> x̂ in x's dtype, the first ``sink`` tokens
         passed through and groups along tokens counted from there; bits 16 rounds to float16,
-        bits 32 returns x unchanged (quantization off); for dim -2 a trailing partial token group
+        bits 32 returns x unchanged (quantization off), bits 0 returns zeros (a channel dropped from
+        the quantized tokens: ``quantize-kv{latent=klt}``'s low-variance coefficients); for dim -2 a trailing partial token group
         is quantized as if padded with its last token (cache policies never read it, see below).
 
     quantized_cache_attention(q, k, v, k_hat, v_hat, scale, window, residual, k_chunk, v_chunk, sink):
@@ -46,6 +47,7 @@ from condfx.ops.attention import check_attention_shapes
 
 BITS = (2, 3, 4)
 PASSTHROUGH_BITS = (16, 32)  # 16: stored as float16; 32: quantization off
+DROPPED = 0  # fake_group_quantize / quantized_stream only: quantized tokens store nothing, read 0
 DIMS = (-1, -2)
 _SCORE_BLOCK_ELEMENTS = 1 << 24
 
@@ -67,15 +69,23 @@ def stream_bytes_per_token(
     """
     if bits in (16, 32):
         return channels * bits / 8
-    quantized = channels * bits / 8 + 4 * channels / group
+    # bits 0: coefficients dropped from the quantized tokens, kept in the full-precision tail
+    quantized = channels * bits / 8 + 4 * channels / group if bits else 0.0
     if context <= 0:
         return quantized
     nq = quantized_count(context, residual, chunk, sink)
     return (nq * quantized + (context - nq) * channels * tail_bytes) / context
 
 
-def check_quant_args(bits: int, group: int, dim: int, channels: int, tokens: int | None) -> None:
-    """Raises ValueError when bits/group/dim do not fit a stream of ``channels`` (and ``tokens``)."""
+def check_quant_args(bits: int, group: int, dim: int, channels: int, tokens: int | None,
+                     dropped_ok: bool = False) -> None:
+    """Raises ValueError when bits/group/dim do not fit a stream of ``channels`` (and ``tokens``);
+    ``dropped_ok`` also allows bits 0 (a dropped stream)."""
+    if dropped_ok and bits == DROPPED:
+        if group < 1 or (dim == -1 and channels % group):
+            msg = f"condfx.quantized_stream: group {group} must divide the {channels} channels of the stream."
+            raise ValueError(msg)
+        return
     if bits not in BITS:
         msg = f"condfx.group_quantize: bits must be one of {BITS}; got {bits!r}."
         raise ValueError(msg)
@@ -129,8 +139,19 @@ def _expand(stat: torch.Tensor, group: int, dim: int) -> torch.Tensor:
     return stat.repeat_interleave(group, dim=-2)
 
 
+def _dropped(x: torch.Tensor, group: int, dim: int):
+    """bits 0: nothing stored, (codes, scale, zero) with no columns."""
+    *lead, n, _ = x.shape
+    rows = n if dim == -1 else n // group
+    return (x.new_zeros((*lead, n, 0), dtype=torch.uint8), x.new_zeros((*lead, rows, 0), dtype=torch.float16),
+            x.new_zeros((*lead, rows, 0), dtype=torch.float16))
+
+
 def quantize_reference(x: torch.Tensor, bits: int, group: int, dim: int):
-    """Eager reference of ``group_quantize``: (packed uint8, scale fp16, zero fp16)."""
+    """Eager reference of ``group_quantize``: (packed uint8, scale fp16, zero fp16); bits 0 (a dropped
+    stream, used inside ``quantized_stream`` only) stores nothing."""
+    if bits == DROPPED:
+        return _dropped(x, group, dim)
     check_quant_args(bits, group, dim, int(x.shape[-1]), int(x.shape[-2]))
     levels = (1 << bits) - 1
     g = _grouped(x.float(), group, dim)
@@ -145,7 +166,9 @@ def quantize_reference(x: torch.Tensor, bits: int, group: int, dim: int):
 
 
 def dequantize_reference(packed, scale, zero, bits: int, group: int, dim: int, channels: int):
-    """Eager reference of ``group_dequantize``: (..., N, C) float32."""
+    """Eager reference of ``group_dequantize``: (..., N, C) float32 (zeros for bits 0)."""
+    if bits == DROPPED:
+        return torch.zeros((*packed.shape[:-1], channels), dtype=torch.float32, device=packed.device)
     codes = _grouped(unpack_codes(packed, bits, channels).float(), group, dim)
     s, z = scale.float().unsqueeze(-1 if dim == -1 else -2), zero.float().unsqueeze(-1 if dim == -1 else -2)
     return (codes * s + z).reshape(*packed.shape[:-1], channels)
@@ -160,6 +183,8 @@ def fake_quantize_reference(
         return torch.cat([head, fake_quantize_reference(rest, bits, group, dim)], -2)
     if bits == 32 or x.shape[-2] == 0:
         return x.clone()
+    if bits == DROPPED:  # the coefficient is not cached for quantized tokens: they read 0
+        return torch.zeros_like(x)
     if bits == 16:
         return x.to(torch.float16).to(x.dtype)
     n = int(x.shape[-2])

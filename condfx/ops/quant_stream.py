@@ -5,7 +5,8 @@ updates itself, held as packed integer codes. KIVI's two streams live inside
 A stream (B, H, N, C) is four tensors: ``codes`` (B, H, Nq, C * bits / 8) uint8 (packed as
 ``condfx.ops.kv_quant.pack_codes``), ``scale`` / ``zero`` float16 ((B, H, Nq, C / group) per token,
 dim -1, or (B, H, Nq / group, C) per channel, dim -2) and ``fp`` (B, H, N - Nq, C) in full precision:
-the first ``sink`` tokens followed by the tokens not quantized yet. The stream's tokens, in order, are
+the first ``sink`` tokens followed by the tokens not quantized yet. Bits 0 is a dropped stream: codes,
+scale and zero have no columns and its quantized tokens read 0 (``quantize-kv{latent=klt}``). The stream's tokens, in order, are
 ``fp[:sink]``, dequantize(codes), ``fp[sink:]``; Nq = ``quantized_count(N, residual, chunk, sink)``
 with chunk = group per channel, 1 per token.
 
@@ -39,6 +40,8 @@ STREAM_PARTS = ("codes", "scale", "zero", "fp")
 def stream_shapes(lead, channels: int, bits: int, group: int, dim: int, quantized, full) -> list:
     """Shapes of (codes, scale, zero, fp) of a stream with ``quantized`` packed and ``full`` fp tokens."""
     stats = (quantized, channels // group) if dim == -1 else (quantized // group, channels)
+    if bits == 0:  # a dropped stream: only its full-precision tokens are stored
+        stats = (stats[0], 0)
     return [(*lead, quantized, channels * bits // 8), (*lead, *stats), (*lead, *stats),
             (*lead, full, channels)]
 
@@ -147,7 +150,7 @@ def quantized_stream(
     its K latent); ``full`` and ``hat`` must then have its length (dim 2), which their traced
     size says too, so graphs reading both streams need no guard relating their input lengths.
     """
-    check_quant_args(bits, group, dim, int(new.shape[-1]), None)
+    check_quant_args(bits, group, dim, int(new.shape[-1]), None, dropped_ok=True)
     with torch.no_grad():
         outs = stream_step(codes, scale, zero, fp, new, bits, group, dim, residual, sink)
     if align is not None and align.shape[2] != outs[0].shape[2]:
@@ -159,7 +162,7 @@ def quantized_stream(
 
 @quantized_stream.register_fake
 def _quantized_stream_fake(codes, scale, zero, fp, new, bits, group, dim, residual, sink, align=None):
-    check_quant_args(bits, group, dim, int(new.shape[-1]), None)
+    check_quant_args(bits, group, dim, int(new.shape[-1]), None, dropped_ok=True)
     b, h, t, c = new.shape
     ctx = torch.library.get_ctx()  # new sizes: see kivi_cache's fake for why they are unbacked
     nq, nf = ctx.new_dynamic_size(), ctx.new_dynamic_size()

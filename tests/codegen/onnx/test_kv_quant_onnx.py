@@ -110,23 +110,24 @@ def _function_model(function: onnx.FunctionProto, inputs: dict, outputs: dict, *
     return model
 
 
-@pytest.mark.parametrize("dim", [-1, -2])
-def test_quantized_stream_function_matches_op(dim):
+@pytest.mark.parametrize(("dim", "bits"), [(-1, 3), (-2, 3), (-1, 0), (-2, 0)])
+def test_quantized_stream_function_matches_op(dim, bits):
     from condfx.codegen.onnx.quantized_stream import quantized_stream_functions
 
-    function = quantized_stream_functions()[0 if dim == -1 else 1]
+    function = quantized_stream_functions()[(0 if dim == -1 else 1) + (2 if bits == 0 else 0)]
     f32 = TensorProto.FLOAT
     inputs = {"codes": TensorProto.UINT8, "scale": TensorProto.FLOAT16, "zero": TensorProto.FLOAT16,
               "fp": f32, "new": f32}
     outputs = {"full": f32, "hat": f32, "codes_out": TensorProto.UINT8, "scale_out": TensorProto.FLOAT16,
                "zero_out": TensorProto.FLOAT16, "fp_out": f32}
-    model = _function_model(function, inputs, outputs, bits=3, group=4, residual=2, sink=1)
+    attrs = {"bits": bits} if bits else {}
+    model = _function_model(function, inputs, outputs, **attrs, group=4, residual=2, sink=1)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = torch.randn(2, 1, 19, 16, generator=torch.Generator().manual_seed(0))
-    stream = empty_stream((2, 1), 16, 3, 4, dim, torch.float32)
+    stream = empty_stream((2, 1), 16, bits, 4, dim, torch.float32)
     p = 0
     for n in (6, 1, 5, 1, 6):
-        full, hat, *want = torch.ops.condfx.quantized_stream(*stream, x[:, :, p : p + n], 3, 4, dim, 2, 1)
+        full, hat, *want = torch.ops.condfx.quantized_stream(*stream, x[:, :, p : p + n], bits, 4, dim, 2, 1)
         got = sess.run(None, dict(zip(inputs, [*(t.numpy() for t in stream), x[:, :, p : p + n].numpy()],
                                       strict=True)))
         np.testing.assert_allclose(got[0], full.numpy(), atol=1e-6)
@@ -155,6 +156,33 @@ def test_export_xquant_model_ort_session_matches_pytorch(tmp_path, latent):
     logits = {}
     for name, session in (("torch", Session.from_model(model, passes=spec)),
                           ("onnx", Session.from_onnx(tmp_path, model=model))):
+        steps = [session.prefill(ids[:, :6])] + [session.step(ids[:, t : t + 1]) for t in range(6, 20)]
+        logits[name] = torch.cat([*steps, session.step(ids[:, 20:24])], 1)
+    assert (logits["onnx"] - logits["torch"]).abs().max().item() < 1e-3
+
+
+def test_export_klt_model_with_dropped_streams_ort_session_matches_pytorch(tmp_path):
+    """latent=klt: several latent streams per layer, some at 0 bits (dropped from the quantized
+    tokens, kept in the full-precision tail), as decode-graph inputs and outputs; ORT decodes like
+    PyTorch."""
+    from condfx.kv_calibrate import record_kv_stats
+    from condfx.models_zoo import build_zoo
+
+    model = build_zoo("llama-tiny")
+    calib = [torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))]
+    spec = "fuse-attention, quantize-kv{method=xquant,latent=klt,group=4,residual=3,sink=1,k_budget=5,v_budget=8}"
+    bundle = condfx.export.export_model(model, tmp_path, passes=spec, kv_calibration=calib)
+    assert bundle.max_abs_diff < 1e-3
+    gm = condfx.capture(model, (torch.zeros(2, 8, dtype=torch.long),))
+    record_kv_stats(gm, calib)
+    torch_session = Session.from_graph(condfx.apply(gm, f"{spec}, add-kv-cache").graph_module)
+    streams = torch_session.backend.layers[0].streams
+    assert any(st.bits == 0 for st in streams) and len(streams) > 2
+    decode = onnx.load(str(tmp_path / "decode.onnx"), load_external_data=False)
+    assert any(n.op_type.startswith("QuantizedStreamDropped") for n in decode.graph.node)
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for name, session in (("torch", torch_session), ("onnx", Session.from_onnx(tmp_path, model=model))):
         steps = [session.prefill(ids[:, :6])] + [session.step(ids[:, t : t + 1]) for t in range(6, 20)]
         logits[name] = torch.cat([*steps, session.step(ids[:, 20:24])], 1)
     assert (logits["onnx"] - logits["torch"]).abs().max().item() < 1e-3
