@@ -92,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
         help="pass spec run before add-kv-cache; it must fuse attention (default fuse-attention)",
     )
     p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--kv-calib", default=None, metavar="TEXT",
+                   help="calibration text for quantize-kv{latent=klt} (its first 4,096 tokens)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=commands.export_cmd)

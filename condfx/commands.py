@@ -295,7 +295,8 @@ def export_cmd(args: argparse.Namespace) -> dict:
     say = (lambda _msg: None) if args.json else (lambda msg: err.print(f"{msg} ...", highlight=False, soft_wrap=True))
     t0 = time.perf_counter()
     bundle = export_model(
-        args.model, args.output, passes=args.passes, verify=not args.no_verify, progress=say
+        args.model, args.output, passes=args.passes, verify=not args.no_verify, progress=say,
+        kv_calibration=args.kv_calib,
     )
     files = bundle.manifest["files"]
     result = {

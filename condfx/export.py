@@ -111,7 +111,7 @@ def _as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     raise TypeError(msg)
 
 
-_PAST_NAME = re.compile(r"past_([kvx])_(\d+)(_codes|_scale|_zero|_fp)?$")
+_PAST_NAME = re.compile(r"past_([kvx]\d*)_(\d+)(_codes|_scale|_zero|_fp)?$")
 
 
 def _dynamic_shapes(inputs: tuple[torch.Tensor, ...], names: Sequence[str]) -> tuple:
@@ -154,7 +154,9 @@ def _resized_inputs(inputs: tuple[torch.Tensor, ...], names: Sequence[str]) -> t
         shape = [x.shape[0] + 1, *x.shape[1:]]
         past = i < len(names) and _PAST_NAME.match(names[i]) and x.dim() == 4
         shape[2 if past else 1] += 2
-        if x.dtype.is_floating_point:
+        if x.numel() == 0 or 0 in shape:  # e.g. a dropped stream's codes (no columns)
+            out.append(torch.zeros(shape, dtype=x.dtype))
+        elif x.dtype.is_floating_point:
             out.append(torch.randn(shape, generator=gen).to(x.dtype))
         else:
             lo, hi = int(x.min()), int(x.max())

@@ -249,6 +249,7 @@ def export_model(
     verify: bool = True,
     opset: int = 18,
     progress: Any = None,
+    kv_calibration: Any = None,
 ) -> ExportBundle:
     """Captures a model, applies ``passes`` + ``add-kv-cache`` and writes its ONNX bundle.
 
@@ -263,6 +264,9 @@ def export_model(
         verify: compare ONNX Runtime with PyTorch (prefill, then a decode step) after writing.
         opset: the standard ONNX opset, 18 or later.
         progress: called with a short message before each stage (e.g. ``print``), or None.
+        kv_calibration: for ``quantize-kv{latent=klt}``'s statistics (``condfx.kv_calibrate.
+            record_kv_stats`` on the captured graph): batches of input ids (B, T), or a text file
+            (its first 4,096 tokens, with the tokenizer of a model given as a spec), or None.
 
     Returns:
         The ExportBundle (``bundle.max_abs_diff`` is the ORT vs PyTorch check).
@@ -277,13 +281,13 @@ def export_model(
 
     say = progress or (lambda _msg: None)
     _check_opset(opset)
-    spec = None
+    spec, tokenizer = None, None
     if isinstance(model_or_spec, (str, os.PathLike)):
         from condfx.models_zoo import load
 
         spec = str(model_or_spec)
         say(f"loading {spec}")
-        model_or_spec = load(spec)[0]
+        model_or_spec, tokenizer = load(spec)
     if not isinstance(model_or_spec, nn.Module):
         got = type(model_or_spec).__name__
         msg = f"export_model needs a torch.nn.Module or a model spec string; got {got}."
@@ -291,6 +295,17 @@ def export_model(
     _check_writable(Path(out_dir) / MANIFEST_NAME)
     say("capturing and applying passes")
     gm = condfx.capture(model_or_spec, (torch.zeros(2, 8, dtype=torch.long),))
+    if kv_calibration is not None:
+        from condfx.kv_calibrate import record_kv_stats, text_batches
+
+        if isinstance(kv_calibration, (str, os.PathLike)):
+            if tokenizer is None:
+                msg = ("export_model: kv_calibration as a text file needs the model as a spec (for its "
+                       "tokenizer); with a module, pass batches of input ids.")
+                raise ValueError(msg)
+            kv_calibration = text_batches(kv_calibration, tokenizer)
+        say("recording q/k/v statistics for quantize-kv")
+        record_kv_stats(gm, kv_calibration)
     fused = condfx.apply(gm, passes)
     decode = condfx.apply(fused.graph_module, "add-kv-cache").graph_module
     say(f"exporting {PREFILL_FILE} and {DECODE_FILE}" + (" and verifying" if verify else ""))

@@ -18,7 +18,7 @@ import operator
 import torch
 from torch import fx
 
-from condfx.ops.kv_quant import BITS
+from condfx.ops.kv_quant import BITS, DROPPED
 from condfx.ops.quant_stream import StreamSpec
 from condfx.passes.quantize_kv import is_quantized_cache_attention
 
@@ -92,8 +92,9 @@ def xquant_streams(node: fx.Node):
                 continue
             stack.extend(n.all_input_nodes)
         found.append(hits)
-    (k_fq,), (v_fq,) = found if all(len(h) == 1 for h in found) else ((None,), (None,))
-    if k_fq is None or k_fq.args[0].meta["val"].dim() != 3 or int(k_fq.args[1]) not in BITS:
+    hits = [q for h in found for q in h]
+    if not all(found) or any(q.args[0].meta["val"].dim() != 3 or int(q.args[1]) not in (*BITS, DROPPED)
+                             for q in hits):
         return (), [], None
     residual = int(node.args[7])
     def spec(name, q):  # noqa: E306
@@ -101,9 +102,15 @@ def xquant_streams(node: fx.Node):
         channels = int(q.args[0].meta["val"].shape[-1])
         return StreamSpec(name, 1, channels, bits, group, dim, residual, sink[0] if sink else 0)
     acc = accs.pop() if len(accs) == 1 else None
-    if k_fq is v_fq:
-        return (spec("x", k_fq),), [k_fq], acc
-    return (spec("k", k_fq), spec("v", v_fq)), [k_fq, v_fq], None
+    if found[0] == found[1] and len(found[0]) == 1:
+        return (spec("x", hits[0]),), hits[:1], acc
+    if len(found[0]) == len(found[1]) == 1:
+        return (spec("k", hits[0]), spec("v", hits[1])), hits, None
+    # latent=klt: one stream per run of equal bits, in the order quantize-kv wrote them
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    named = [(f"{w}{i}", q) for w, h in zip("kv", found, strict=True)
+             for i, q in enumerate(sorted(h, key=order.__getitem__))]
+    return tuple(spec(name, q) for name, q in named), [q for _, q in named], None
 
 
 def _clone_for_all_tokens(graph, root: fx.Node, env: dict, length: fx.Node, ids: fx.Node) -> fx.Node:

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -133,11 +134,13 @@ class KVCacheReport(PassReport):
         return f"{super().to_markdown()}\n- positions offset by the cache length: {offset}"
 
 
+_FIRST_PAST = re.compile(r"past_(k|x|k0)_0(_codes)?")
+
+
 def is_decode_form(gm: fx.GraphModule) -> bool:
     """True when ``gm`` already has the first-layer cache input this pass adds (``past_k_0``, or a
-    quantized layer's ``past_k_0_codes`` / ``past_x_0_codes``)."""
-    first = ("past_k_0", "past_k_0_codes", "past_x_0_codes")
-    return any(n.op == "placeholder" and n.name in first for n in gm.graph.nodes)
+    quantized layer's first stream, ``past_k_0_codes`` / ``past_x_0_codes`` / ``past_k0_0_codes``)."""
+    return any(n.op == "placeholder" and _FIRST_PAST.fullmatch(n.name) for n in gm.graph.nodes)
 
 
 def _reaches_position_use(node: fx.Node) -> bool:

@@ -12,6 +12,14 @@ k_bits / v_bits, each defaulting to bits):
     xquant, SVD latent (GQA): W_kᵀ = U_k Σ_k B_kᵀ (offline, weights only); l_k = x_in U_k;
                k̂ = copy of the k_proj → k path fed fq(l_k, per channel) Σ_k B_kᵀ (+ bias), ck = G;
                v̂ likewise with fq(x_in U_v, per token), cv = 1                   [2 streams of d_kv]
+    xquant, calibrated latent (latent=klt; needs ``condfx.kv_calibrate.record_kv_stats`` first):
+               per stream a basis A from calibration second moments, the keys' weighted by the query
+               energy on each channel, the values' by W_oᵀW_o (``kv_calibrate.klt_basis``); its
+               coefficients, by descending variance, get 0/2/3/4 bits per block of G
+               (``allocate_bits``, within k_budget / v_budget bits per channel, scales included);
+               each run of equal bits is a stream fq(x_in U_t + c_t), k̂ = cat(runs) A⁻¹ (+ the k path),
+               a 0-bit run is dropped from the quantized tokens only (the full-precision tail keeps
+               it)                                                         [several streams per K / V]
     xquant-cl: r_i = pre-norm residual stream of layer i; a_0 = fq(r_0),
                a_i = a_{i-1} + fq(r_i - a_{i-1}) (deltas against the reconstructed accumulator,
                so errors do not drift); k̂, v̂ = copies of the r_i → k / v paths fed a_i (the layer's
@@ -37,11 +45,14 @@ Requires: attention regions (fused or not) with their projections found; ``xquan
 Does not handle: fused qkv projections, in_out (Conv1D) weights for the SVD latent; each such region
   is skipped with a reason.
   References: XQuant arXiv 2508.10395, KIVI arXiv 2402.02750, TECHNIQUES.md sections 5, 6; issue 6.
+  latent=klt is transform coding (Karhunen-Loève transform + bit allocation by variance) applied to
+  XQuant's latent; the query weighting of the keys follows the idea that a key error costs q·Δk.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 from enum import Enum
 from typing import ClassVar
@@ -50,6 +61,14 @@ import torch
 from torch import fx
 
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
+from condfx.kv_calibrate import (
+    DROP_PENALTY,
+    META_KEY,
+    allocate_bits,
+    klt_basis,
+    output_weights,
+    query_weights,
+)
 from condfx.ops.kv_quant import stream_bytes_per_token
 from condfx.passes._insert import erase_unused, remove_dead_calls
 from condfx.passes.base import GraphSnapshot, Pass, PassError, PassReport, PassResult, coerce_enum
@@ -62,6 +81,7 @@ QCA = torch.ops.condfx.quantized_cache_attention.default
 FQ = torch.ops.condfx.fake_group_quantize.default
 ATTENTION = torch.ops.condfx.attention.default
 ALLOWED_BITS = (2, 3, 4, 16, 32)
+PASSTHROUGH_BITS = (16, 32)
 
 
 class KVQuantMethod(Enum):
@@ -76,6 +96,7 @@ class LatentKind(Enum):
     AUTO = "auto"
     X = "x"
     SVD = "svd"
+    KLT = "klt"
 
 
 @dataclass(frozen=True)
@@ -96,6 +117,9 @@ class QuantizeKVConfig:
         v_bits: bits of the V stream, likewise; layers in ``first_layers`` keep ``first_bits``.
         rotate: quantize each stream in a fixed normalised Hadamard basis (blocks of the largest
             power of two dividing the width, per head for kivi): x̂ = fq(x R) Rᵀ.
+        k_budget: latent=klt: bits per K channel per token, codes plus scales and zero points
+            (0: k_bits + 32 / group, the bytes of a plain stream at those bits).
+        v_budget: likewise for V.
     """
 
     method: KVQuantMethod = KVQuantMethod.XQUANT
@@ -110,6 +134,8 @@ class QuantizeKVConfig:
     k_bits: int = 0
     v_bits: int = 0
     rotate: bool = False
+    k_budget: float = 0.0
+    v_budget: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "method", coerce_enum(KVQuantMethod, self.method, "QuantizeKVConfig.method"))
@@ -123,6 +149,17 @@ class QuantizeKVConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or v not in (0, *ALLOWED_BITS):
                 msg = f"QuantizeKVConfig.{name} must be 0 (use bits) or one of {ALLOWED_BITS}; got {v!r}."
+                raise ValueError(msg)
+        if self.latent is LatentKind.KLT and self.method is not KVQuantMethod.XQUANT:
+            msg = f"QuantizeKVConfig.latent=klt is a latent of method=xquant; got method={self.method.value}."
+            raise ValueError(msg)
+        for name in ("k_budget", "v_budget"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 32:
+                msg = f"QuantizeKVConfig.{name} must be a number of bits per channel in [0, 32]; got {v!r}."
+                raise ValueError(msg)
+            if v and self.latent is not LatentKind.KLT:
+                msg = f"QuantizeKVConfig.{name} applies to latent=klt only; got latent={self.latent.value}."
                 raise ValueError(msg)
         if not isinstance(self.rotate, bool):
             msg = f"QuantizeKVConfig.rotate must be a bool; got {self.rotate!r}."
@@ -200,6 +237,8 @@ def _unsupported(region: AttentionRegion, cfg: QuantizeKVConfig) -> str | None:
         return "no input norm before the projections"
     if any(p.node.meta["val"].dim() != 3 or p.weight_layout != "out_in" for p in projs):
         return "projection is not a 3-D out_in linear"
+    if cfg.latent is LatentKind.KLT and (region.o_proj is None or region.o_proj.weight_layout != "out_in"):
+        return "no out_in output projection (latent=klt weighs the values by it)"
     return None
 
 
@@ -259,7 +298,77 @@ def _svd_stream(g: GraphBuilder, region, proj, which: str, bits: int, group: int
     return g.copy_path(proj.node, dst, y)
 
 
-def _hats(g: GraphBuilder, region: AttentionRegion, cfg, kb: int, vb: int, acc: fx.Node | None):
+def _klt_stream(g: GraphBuilder, region, proj, which: str, budget: float, group: int, dim: int, sink: int,
+                rotate: bool) -> tuple[fx.Node, list[tuple[int, int]]]:
+    """k̂ or v̂ from the calibrated latent: y = k A (A the query-weighted KLT for K, the output-weighted
+    one for V, ``condfx/kv_calibrate.py``); blocks of ``group`` coefficients get 0, 2, 3 or 4 bits
+    within ``budget`` bits per channel; each run of equal bits is one stream fq(x_in U_t + c_t)
+    (rotated within the run when ``rotate``), read back through A⁻¹. A run at 0 bits is dropped from
+    the quantized tokens only (fq with bits 0 reads 0): the full-precision tail (sink, residual window)
+    keeps every coefficient, so those tokens read the exact K / V. Returns (hat, [(width, bits)])."""
+    stats = g.gm.meta.get(META_KEY, {}).get(region.layer)
+    if stats is None:
+        msg = (f"quantize-kv latent=klt needs calibration statistics for layer {region.layer}: run "
+               "condfx.kv_calibrate.record_kv_stats(gm, batches) on calibration text first.")
+        raise ValueError(msg)
+    w = _tensor(g.gm, proj.weight).double()  # (d_kv, d)
+    c = int(w.shape[0])
+    _check_group(group, c, f"{which} width", region.layer)
+    if which == "k":
+        a, a_inv, lam = klt_basis(stats.k, query_weights(region, stats))
+    else:
+        a, a_inv, lam = klt_basis(stats.v, output_weights(region, _tensor(g.gm, region.o_proj.weight)))
+    bits = allocate_bits(lam, group, budget * c, DROP_PENALTY[which])
+    bias = _tensor(g.gm, proj.bias).double() if proj.bias is not None else None
+    dtype = region.x_in.meta["val"].dtype
+    pieces, ups, streams, start = [], [], [], 0
+    for tb, run in itertools.groupby(bits):
+        width = group * len(list(run))
+        cols = slice(start, start + width)
+        start += width
+        streams.append((width, tb))
+        u, up = w.T @ a[:, cols], a_inv[cols]
+        off = None if bias is None else bias @ a[:, cols]
+        if rotate and tb:
+            r = rotation(width)
+            u, up, off = u @ r, r.T @ up, None if off is None else off @ r
+        name = f"xquant_klt_{which}{len(pieces)}"
+        lat = g.call(aten.matmul.default, region.x_in, g.constant(region.module_path, f"{name}_u",
+                                                                    u.to(dtype).contiguous()))
+        if off is not None:
+            lat = g.call(aten.add.Tensor, lat, g.constant(region.module_path, f"{name}_c", off.to(dtype)))
+        pieces.append(_fq(g, lat, tb, group, dim, sink))
+        ups.append(up)
+    if all(tb == 0 for _, tb in streams):
+        msg = (f"quantize-kv latent=klt: a {which} budget of {budget} bits per channel buys no group of "
+               f"layer {region.layer}; allow at least {2 + 32 / group:g} x group / width.")
+        raise ValueError(msg)
+    latent = pieces[0] if len(pieces) == 1 else g.call(aten.cat.default, pieces, -1)
+    up_node = g.constant(region.module_path, f"xquant_klt_{which}_up", torch.cat(ups).to(dtype).contiguous())
+    y = g.call(aten.matmul.default, latent, up_node)  # (B, T, d_kv), the bias included
+    dst = region.k if which == "k" else region.v
+    return g.copy_path(proj.node, dst, y), streams
+
+
+def _klt_hats(g: GraphBuilder, region: AttentionRegion, cfg, bits: tuple[int, int],
+              budgets: tuple[float, float]):
+    """``_hats`` for latent=klt; a stream at 16 or 32 bits without a budget is the SVD latent's."""
+    hats, streams = [], []
+    for which, b, budget, dim, chunk in (("k", bits[0], budgets[0], -2, cfg.group), ("v", bits[1], budgets[1], -1, 1)):
+        proj = region.k_proj if which == "k" else region.v_proj
+        if not budget and b in PASSTHROUGH_BITS:
+            hats.append(_svd_stream(g, region, proj, which, b, cfg.group, dim, cfg.sink, False))
+            streams.append((proj.out_features, chunk, b))
+            continue
+        hat, runs = _klt_stream(g, region, proj, which, budget or b + 32 / cfg.group, cfg.group, dim,
+                                cfg.sink, cfg.rotate)
+        hats.append(hat)
+        streams += [(w, chunk, tb) for w, tb in runs]
+    return hats[0], hats[1], cfg.group, 1, None, streams
+
+
+def _hats(g: GraphBuilder, region: AttentionRegion, cfg, kb: int, vb: int, acc: fx.Node | None,
+          budgets: tuple[float, float] = (0.0, 0.0)):
     """(k̂, v̂, k_chunk, v_chunk, accumulator, streams) of one region with K / V at kb / vb bits;
     streams = [(C, chunk, bits)]."""
     group, d = cfg.group, int(region.x_in.meta["val"].shape[-1]) if region.x_in is not None else 0
@@ -288,6 +397,8 @@ def _hats(g: GraphBuilder, region: AttentionRegion, cfg, kb: int, vb: int, acc: 
             acc = q if acc is None else g.call(aten.add.Tensor, acc, q)
         k_hat, v_hat = g.copy_path(r, region.k, acc), g.copy_path(r, region.v, acc)
         return k_hat, v_hat, 1, 1, acc, [(d, 1, kb)]
+    if cfg.latent is LatentKind.KLT:
+        return _klt_hats(g, region, cfg, (kb, vb), budgets)
     if _uses_svd(region, cfg):
         k_hat = _svd_stream(g, region, region.k_proj, "k", kb, group, -2, cfg.sink, cfg.rotate)
         v_hat = _svd_stream(g, region, region.v_proj, "v", vb, group, -1, cfg.sink, cfg.rotate)
@@ -303,11 +414,12 @@ def _hats(g: GraphBuilder, region: AttentionRegion, cfg, kb: int, vb: int, acc: 
     return k_hat, v_hat, 1, 1, acc, [(d, 1, kb)]
 
 
-def _layer_bits(cfg: QuantizeKVConfig, index: int) -> tuple[int, int]:
-    """(K bits, V bits) of the ``index``-th attention region."""
+def _layer_bits(cfg: QuantizeKVConfig, index: int) -> tuple[int, int, float, float]:
+    """(K bits, V bits, K budget, V budget) of the ``index``-th attention region (budgets: latent=klt,
+    0 when unset or in the first layers, which keep ``first_bits``)."""
     if index < cfg.first_layers:
-        return cfg.first_bits, cfg.first_bits
-    return cfg.k_bits or cfg.bits, cfg.v_bits or cfg.bits
+        return cfg.first_bits, cfg.first_bits, 0.0, 0.0
+    return cfg.k_bits or cfg.bits, cfg.v_bits or cfg.bits, cfg.k_budget, cfg.v_budget
 
 
 class QuantizeKV(Pass):
@@ -337,9 +449,9 @@ class QuantizeKV(Pass):
                 bytes_fp_layer = 2 * 2 * region.num_kv_heads * region.head_dim
                 bytes_q += bytes_fp_layer
                 continue
-            kb, vb = _layer_bits(cfg, i)
+            kb, vb, kbud, vbud = _layer_bits(cfg, i)
             g = GraphBuilder(gm, region.core)
-            k_hat, v_hat, ck, cv, acc, streams = _hats(g, region, cfg, kb, vb, acc)
+            k_hat, v_hat, ck, cv, acc, streams = _hats(g, region, cfg, kb, vb, acc, (kbud, vbud))
             window = int(region.window or 0)
             if kb == vb == 32:  # nothing quantized: attention reads the rematerialised K/V throughout
                 node = g.call(ATTENTION, region.q, k_hat, v_hat, float(region.scale), window)
@@ -356,7 +468,8 @@ class QuantizeKV(Pass):
             )
             specs.append({"layer": region.layer, "method": cfg.method.value, "bits": kb, "k_bits": kb,
                           "v_bits": vb, "rotate": cfg.rotate, "group": cfg.group,
-                          "residual": cfg.residual, "sink": cfg.sink})
+                          "residual": cfg.residual, "sink": cfg.sink,
+                          "dropped": sum(c for c, _, bits in streams if bits == 0)})
             rewritten += 1
         remove_dead_calls(gm.graph)
         gm.graph.lint()

@@ -109,3 +109,16 @@ def test_rejects_bad_export_pass_spec(capsys, tmp_path):
     code, _, err = _run(capsys, *argv)
     assert code == 2
     assert "Did you mean 'fuse-attention'" in err.replace("\n", "")
+
+
+def test_export_klt_with_calibration_text(capsys, tmp_path):
+    """``--kv-calib`` records the q/k/v statistics latent=klt needs; without it, one sentence says so."""
+    model, text = str(require_data("stories260K.bin")), str(require_data("tinystories_valid_head.txt"))
+    passes = "fuse-attention, quantize-kv{method=xquant,latent=klt,group=8,k_budget=4,v_budget=5,sink=1}"
+    code, out, err = _run(capsys, "export", model, "--passes", passes, "--kv-calib", text, "-o",
+                          str(tmp_path / "klt"), "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["max_abs_diff"] <= 1e-3 and "condfx::QuantizedStreamToken" in str(result["custom_ops"])
+    code, _, err = _run(capsys, "export", model, "--passes", passes, "-o", str(tmp_path / "none"))
+    assert code != 0 and "latent=klt needs calibration statistics for layer 0" in err

@@ -194,7 +194,10 @@ def test_idempotent_second_run_not_modified():
         ({"method": "kvquant"}, r"method must be one of \{xquant, xquant-cl, kivi\}"),
         ({"residual": 64, "context": 32}, "residual 64 is longer than the context 32"),
         ({"group": 0}, "group must be an int >= 1"),
-        ({"latent": "pca"}, r"latent must be one of \{auto, x, svd\}"),
+        ({"latent": "pca"}, r"latent must be one of \{auto, x, svd, klt\}"),
+        ({"k_budget": 3.0}, "k_budget applies to latent=klt only; got latent=auto"),
+        ({"latent": "klt", "v_budget": -1}, r"v_budget must be a number of bits per channel in \[0, 32\]"),
+        ({"latent": "klt", "method": "kivi"}, "latent=klt is a latent of method=xquant; got method=kivi"),
         ({"k_bits": 5}, r"k_bits must be 0 \(use bits\) or one of \(2, 3, 4, 16, 32\); got 5"),
         ({"rotate": "yes"}, "rotate must be a bool; got 'yes'"),
         ({"method": "xquant-cl", "v_bits": 2}, "need separate K and V streams; xquant-cl caches one"),
@@ -303,3 +306,90 @@ def test_rejects_rotated_or_split_bits_kivi_in_session():
         quant = result.graph_module.meta["condfx_kv_quant"][0]
         with pytest.raises(NotImplementedError, match="rotated or split-bit KIVI"):
             quantized_layer_cache(spec, quant, 1, "cpu")
+
+
+def _klt_gm(flat: bool = False):
+    """stories260K captured, with q/k/v second moments: recorded on its own tokens, or flat (identity
+    moments, so the bit allocation spreads over several runs of bits)."""
+    from condfx.kv_calibrate import META_KEY, LayerKVStats, record_kv_stats
+
+    gm, ids, _ = _captured("stories260K")
+    gm = copy.deepcopy(gm)
+    record_kv_stats(gm, [ids[:, :40]])
+    if flat:
+        gm.meta[META_KEY] = {layer: LayerKVStats(k=torch.eye(32, dtype=torch.float64), v=torch.eye(32, dtype=torch.float64),
+                                                 q=torch.eye(8, dtype=torch.float64).expand(4, 8, 8), tokens=1)
+                             for layer in gm.meta[META_KEY]}
+    return gm
+
+
+@pytest.mark.parametrize(("flat", "budgets"), [(False, "k_budget=14,v_budget=14"), (True, "k_budget=10.75,v_budget=16")])
+def test_numerics_session_klt_decoding_equals_teacher_forced_stories260k(flat, budgets):
+    """latent=klt in decode form (budgets that keep every coefficient): one packed stream per run of
+    equal bits; prefill + 1-token and 5-token steps equal one forward."""
+    spec = f"fuse-attention, quantize-kv{{method=xquant,latent=klt,group=4,residual=4,sink=1,{budgets}}}"
+    gm, (_, ids, dense) = _klt_gm(flat), _captured("stories260K")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        teacher = _logits(condfx.apply(gm, spec).graph_module(ids)).detach()
+        session = Session.from_graph(condfx.apply(gm, f"{spec}, add-kv-cache").graph_module)
+    steps = [session.prefill(ids[:, :10])] + [session.step(ids[:, t : t + 1]) for t in range(10, 30)]
+    steps += [session.step(ids[:, 30:35]), session.step(ids[:, 35:40])]
+    assert (torch.cat(steps, 1) - teacher).abs().max().item() < 1e-3
+    assert (teacher - dense).abs().max().item() > 0.01
+    streams = session.backend.layers[0].streams
+    assert sum(st.channels for st in streams if st.name.startswith("k")) == 32
+    assert len(streams) > (2 if flat else 1)
+    assert session.caches.nbytes() == sum(t.nbytes for c in session.caches.caches for t in c.past())
+
+
+def test_klt_drops_coefficients_from_quantized_tokens_only():
+    """A tight budget drops the low-variance coefficients from the quantized tokens (0-bit streams that
+    keep only the full-precision tail: the residual window reads exact K / V); the Session decodes it."""
+    spec = "fuse-attention, quantize-kv{method=xquant,latent=klt,group=4,residual=4,sink=1,k_budget=4,v_budget=6}"
+    gm, (_, ids, dense) = _klt_gm(), _captured("stories260K")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        result = condfx.apply(gm, spec)
+        session = Session.from_graph(condfx.apply(gm, f"{spec}, add-kv-cache").graph_module)
+    assert all(q["dropped"] > 0 for q in result.graph_module.meta["condfx_kv_quant"])
+    teacher = _logits(result.graph_module(ids)).detach()
+    assert (teacher[:, :5] - dense[:, :5]).abs().max().item() < 1e-4  # sink + residual only: exact
+    assert (teacher - dense).abs().max().item() > 0.01
+    steps = [session.prefill(ids[:, :10])] + [session.step(ids[:, t : t + 1]) for t in range(10, 30)]
+    steps += [session.step(ids[:, 30:35]), session.step(ids[:, 35:40])]
+    assert (torch.cat(steps, 1) - teacher).abs().max().item() < 1e-3
+    streams = session.backend.layers[0].streams
+    dropped = [st for st in streams if st.bits == 0]
+    assert dropped and sum(st.channels for st in streams if st.name.startswith("k")) == 32
+    past = dict(zip(session.backend.layers[0].io_names(), session.caches[0].past(), strict=True))
+    d = next(f"{st.name}_0" for st in dropped)
+    assert past[f"{d}_codes"].shape[-1] == 0 and past[f"{d}_scale"].numel() == 0  # nothing quantized kept
+    # full precision: sink 1 + residual 4 (V, per token), + whole 4-token chunks (K, per channel)
+    assert past[f"{d}_fp"].shape[2] == (8 if d.startswith("k") else 5)
+    rep = result.reports[-1]
+    assert rep.fp16_bytes_per_token / rep.kv_bytes_per_token > 2.5
+
+
+def test_klt_bits_32_is_dense_without_statistics():
+    result, out, dense = _run("stories260K", "quantize-kv{method=xquant,latent=klt,bits=32,group=8}")
+    assert result.reports[-1].rewritten == 5 and (out - dense).abs().max().item() < 1e-5
+
+
+def test_rejects_klt_without_statistics():
+    with pytest.raises((ValueError, PassError), match="latent=klt needs calibration statistics for layer 0: run"):
+        _run("stories260K", "quantize-kv{method=xquant,latent=klt,bits=2,group=8}")
+
+
+def test_allocate_bits_spends_within_budget_and_follows_the_variance():
+    from condfx.kv_calibrate import allocate_bits
+
+    lam = torch.tensor([100.0] * 4 + [10.0] * 4 + [1e-4] * 4, dtype=torch.float64)
+    bits = allocate_bits(lam, 4, 3 * 12)  # 36 bits: one block at 4 bits (16 + 32) does not fit
+    assert bits == [0, 0, 0]
+    bits = allocate_bits(lam, 4, 4 * 12 + 32)
+    assert bits == sorted(bits, reverse=True) and bits[-1] == 0  # the near-empty block is dropped
+    assert sum(4 * b + 32 * (b > 0) for b in bits) <= 4 * 12 + 32
+    assert allocate_bits(lam, 4, 1000) == [4, 4, 4]
+    # a drop penalty keeps the second block rather than a fourth bit on the first
+    assert allocate_bits(lam[:8], 4, 80, drop=1.0) != allocate_bits(lam[:8], 4, 80, drop=100.0)

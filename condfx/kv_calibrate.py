@@ -1,0 +1,169 @@
+"""Calibration of ``quantize-kv{latent=klt}``: second moments of each attention layer's q, k and v.
+
+``record_kv_stats(gm, batches)`` runs the captured graph on calibration token batches and stores,
+per attention layer, E[k kᵀ] and E[v vᵀ] (the k_proj / v_proj outputs, before RoPE, bias included)
+and, per KV head, E[q qᵀ] summed over the query heads that read it (q_proj output, before RoPE) in
+``gm.meta["condfx_kv_stats"]``. The first ``skip`` positions of every batch row (the attention sink,
+kept in full precision by ``sink``) are left out: their activations are orders of magnitude larger
+and would dominate the moments.
+
+``quantize-kv`` turns them into one basis per stream (``klt_basis``): the Karhunen-Loève transform of
+the keys in a query-weighted space (an error in a key channel costs what the queries put on it) and of
+the values in the space the output projection weighs them by, with coefficients ordered by variance,
+and spends the stream's bits where the variance is (``allocate_bits``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from condfx.patterns import find_regions
+from condfx.patterns.regions import AttentionRegion, RoPEStyle
+
+META_KEY = "condfx_kv_stats"
+
+# MSE of min/max asymmetric group quantization of unit-variance Gaussian values, per bit width
+# (groups of 32; measured with condfx.ops.kv_quant): the distortion model of the bit allocation.
+_DISTORTION = {0: 1.0, 2: 0.154, 3: 0.0279, 4: 0.0061}
+
+# A dropped coefficient's error is the same in every token, so it does not average out in the
+# attention's weighted sums the way independent rounding noise does: ``allocate_bits`` counts it this
+# many times its variance. Values average directly (a large factor), keys through the softmax.
+DROP_PENALTY = {"k": 3.0, "v": 30.0}
+
+
+@dataclass(frozen=True)
+class LayerKVStats:
+    """Second moments of one attention layer over ``tokens`` calibration tokens (float64)."""
+
+    k: torch.Tensor  # (d_kv, d_kv): E[k kᵀ] of the k_proj output
+    v: torch.Tensor  # (d_kv, d_kv): E[v vᵀ] of the v_proj output
+    q: torch.Tensor  # (Hkv, D, D): E[q qᵀ] of the query heads of each KV head, summed
+    tokens: int
+
+
+def _outputs_view(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
+    graph = copy.deepcopy(gm.graph)
+    by_name = {n.name: n for n in graph.nodes}
+    output = next(n for n in graph.nodes if n.op == "output")
+    output.args = (tuple(by_name[name] for name in names),)
+    graph._codegen = fx.graph.CodeGen()  # plain positional inputs and a tuple output
+    return fx.GraphModule(gm, graph)
+
+
+def _usable(region: AttentionRegion) -> bool:
+    projs = (region.q_proj, region.k_proj, region.v_proj)
+    return all(p is not None and p.out_slice is None and p.node.meta["val"].dim() == 3 for p in projs)
+
+
+def record_kv_stats(gm: fx.GraphModule, batches: Iterable[torch.Tensor], skip: int = 4) -> dict[int, int]:
+    """Runs ``gm`` on ``batches`` of input ids (B, T) and stores every attention layer's q/k/v second
+    moments in ``gm.meta["condfx_kv_stats"]`` (replacing earlier ones), leaving out the first ``skip``
+    positions of each row. Returns {layer: calibration tokens}."""
+    regions = [r for r in find_regions(gm).attention if _usable(r)]
+    if not regions:
+        msg = "record_kv_stats found no attention layer with separate q/k/v projections to calibrate."
+        raise ValueError(msg)
+    view = _outputs_view(gm, [p.node.name for r in regions for p in (r.q_proj, r.k_proj, r.v_proj)])
+    sums: list[list[torch.Tensor | float]] = [[0.0, 0.0, 0.0] for _ in regions]
+    tokens = 0
+    with torch.no_grad():
+        for ids in batches:
+            outs = view(ids)
+            rows = int(ids.shape[0]) * max(0, int(ids.shape[1]) - skip)
+            if rows == 0:
+                continue
+            tokens += rows
+            for i, r in enumerate(regions):
+                q, k, v = (o[:, skip:].double().reshape(rows, -1) for o in outs[3 * i : 3 * i + 3])
+                hkv, hd = r.num_kv_heads, r.head_dim
+                qh = q.reshape(rows, hkv, r.num_heads // hkv, hd)  # query heads grouped by KV head
+                sums[i][0] += torch.einsum("nhgd,nhge->hde", qh, qh)
+                sums[i][1] += k.T @ k
+                sums[i][2] += v.T @ v
+    if tokens == 0:
+        msg = f"record_kv_stats got no tokens after the first {skip} of each row: pass longer batches."
+        raise ValueError(msg)
+    stats = {r.layer: LayerKVStats(k=s[1] / tokens, v=s[2] / tokens, q=s[0] / tokens, tokens=tokens)
+             for r, s in zip(regions, sums, strict=True)}
+    gm.meta[META_KEY] = stats
+    return {layer: s.tokens for layer, s in stats.items()}
+
+
+def text_batches(path, tokenizer, tokens: int = 4096, length: int = 512) -> list[torch.Tensor]:
+    """Calibration batches from a text file: its first ``tokens`` tokens as (1, ``length``) id tensors."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read(tokens * 16)
+    ids = tokenizer.encode(text, bos=True, eos=False)[:tokens]
+    if len(ids) < length:
+        msg = f"calibration text {path} gives {len(ids)} tokens; at least {length} are needed."
+        raise ValueError(msg)
+    return [torch.tensor([ids[i : i + length]]) for i in range(0, len(ids) - length + 1, length)]
+
+
+def query_weights(region: AttentionRegion, stats: LayerKVStats) -> torch.Tensor:
+    """(d_kv,) weight of each key channel: the query energy on it, averaged over its RoPE pair
+    (rotary position embedding mixes the two channels of a pair at every relative distance)."""
+    w = torch.diagonal(stats.q, dim1=-2, dim2=-1).clone()  # (Hkv, D)
+    if region.rope is not None:
+        half = region.head_dim // 2
+        if region.rope.style is RoPEStyle.HALF:
+            w = (w + w.roll(half, -1)) / 2
+        else:
+            pairs = w.reshape(*w.shape[:-1], half, 2).mean(-1, keepdim=True)
+            w = pairs.expand(*pairs.shape[:-1], 2).reshape(w.shape)
+    return w.reshape(-1).clamp(min=w.max() * 1e-12)
+
+
+def output_weights(region: AttentionRegion, w_o: torch.Tensor) -> torch.Tensor:
+    """(d_kv, d_kv) block diagonal: Σ over the query heads h of KV head j of W_o[:, h]ᵀ W_o[:, h], the
+    squared error in the layer's output that an error in head j's value costs (W_o out_in)."""
+    hkv, hd, group = region.num_kv_heads, region.head_dim, region.num_heads // region.num_kv_heads
+    cols = w_o.double().reshape(w_o.shape[0], hkv, group, hd)
+    return torch.block_diag(*[torch.einsum("ogd,oge->de", cols[:, j], cols[:, j]) for j in range(hkv)])
+
+
+def klt_basis(second_moment: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A, A⁻¹, λ): y = x A gives coefficients with variances λ (descending) in the space where the
+    squared error is xᵀ weight x (``weight`` (C,) diagonal or (C, C) positive definite)."""
+    if weight.dim() == 1:
+        half, inv_half = torch.diag(weight.sqrt()), torch.diag(weight.rsqrt())
+    else:
+        e, vecs = torch.linalg.eigh(weight)
+        e = e.clamp(min=e.max() * 1e-12)
+        half, inv_half = vecs @ torch.diag(e.sqrt()) @ vecs.T, vecs @ torch.diag(e.rsqrt()) @ vecs.T
+    lam, vecs = torch.linalg.eigh(half @ second_moment @ half)
+    lam, vecs = lam.flip(0).clamp(min=0), vecs.flip(1)
+    return half @ vecs, vecs.T @ inv_half, lam
+
+
+def allocate_bits(lam: torch.Tensor, group: int, budget: float, drop: float = 1.0) -> list[int]:
+    """Bits (0, 2, 3 or 4) of each block of ``group`` coefficients (ordered by descending variance
+    ``lam``) so that codes plus a float16 scale and zero per group cost at most ``budget`` bits per
+    token, greedily buying the largest expected-error reduction per bit (a block at 0 bits is dropped;
+    its error is its variance)."""
+    blocks = lam.reshape(-1, group).sum(-1).tolist()
+    bits, spent, steps = [0] * len(blocks), 0.0, {0: 2, 2: 3, 3: 4}
+    while True:
+        best, gain = None, 0.0
+        for i, b in enumerate(bits):
+            if b not in steps:
+                continue
+            nb = steps[b]
+            cost = group * (nb - b) + (32 if b == 0 else 0)
+            if spent + cost > budget + 1e-9:
+                continue
+            d0 = _DISTORTION[b] * (drop if b == 0 else 1.0)
+            g = blocks[i] * (d0 - _DISTORTION[nb]) / cost
+            if g > gain:
+                best, gain = i, g
+        if best is None:
+            return bits
+        b = bits[best]
+        spent += group * (steps[b] - b) + (32 if b == 0 else 0)
+        bits[best] = steps[b]
