@@ -53,7 +53,12 @@ def _data(args):
         return model, documents_to_ids(text, tok, max_docs=args.docs), 512
     model, tok = load(args.model)
     text = open(args.text, encoding="utf-8").read()  # noqa: SIM115
-    ids = tok.encode(text[: args.tokens * 12], bos=True, eos=False)[: args.tokens]
+    if args.offset:  # a later window of the text (a held-out segment), still opened by BOS
+        body = tok.encode(text[: (args.offset + args.tokens) * 12], bos=False, eos=False)
+        bos = tok.encode("", bos=True, eos=False)
+        ids = bos + body[args.offset : args.offset + args.tokens - len(bos)]
+    else:
+        ids = tok.encode(text[: args.tokens * 12], bos=True, eos=False)[: args.tokens]
     if len(ids) < args.tokens:
         msg = f"--text gives {len(ids)} tokens; --tokens needs {args.tokens}."
         raise ValueError(msg)
@@ -93,6 +98,12 @@ def run(args) -> dict:
     model, docs, context = _data(args)
     example = torch.tensor([docs[0][:16]] * 2)
     gm = condfx.capture(model, (example,))
+    if args.calib_text:  # second moments for latent=klt rows, from a text other than the scored one
+        from condfx.kv_calibrate import record_kv_stats, text_batches
+
+        tok = load(args.model)[1] if args.model else load(data_file("stories260K.bin"))[1]
+        n = record_kv_stats(gm, text_batches(args.calib_text, tok, args.calib_tokens))
+        print(f"calibrated on {next(iter(n.values()))} tokens of {args.calib_text}", flush=True)
     rows = []
     for label, spec in _specs(args, context):
         result = condfx.apply(gm, spec) if spec else None
@@ -148,6 +159,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model path (default stories260K with its stories)")
     parser.add_argument("--text", default=None, help="text file (needed with --model)")
     parser.add_argument("--tokens", type=int, default=2048, help="with --model: first N tokens, one window")
+    parser.add_argument("--offset", type=int, default=0, help="with --model: start N tokens into the text")
     parser.add_argument("--docs", type=int, default=50, help="stories260K: stories scored")
     parser.add_argument("--groups", default="32", help="group sizes, comma-separated")
     parser.add_argument("--residual", type=int, default=32, help="full-precision window (tokens)")
@@ -157,6 +169,9 @@ def main() -> None:
     parser.add_argument("--rotate", action="store_true", help="every row also with rotate=true")
     parser.add_argument("--kv-bits", default="", help="K/V bit pairs for kivi and xquant, e.g. 3/2,4/2")
     parser.add_argument("--configs", default="", help="extra rows: quantize-kv options, ';'-separated")
+    parser.add_argument("--calib-text", default=None,
+                        help="calibration text for latent=klt rows (record_kv_stats), not the scored one")
+    parser.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (512 per batch)")
     parser.add_argument("--plot", default=None, help="write the frontier PNG here")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
