@@ -30,6 +30,7 @@ import torch
 
 import condfx
 from condfx.data import data_file
+from condfx.kv_calibrate import record_kv_stats, text_batches
 from condfx.models_zoo import load
 from condfx.runtime.session import Session
 
@@ -62,6 +63,14 @@ def _fp16_bytes_per_token(session: Session) -> float:
     return sum(2 * 2 * s.n_kv_heads * s.head_dim for s in session.backend.layers)
 
 
+def _torch_session(model, spec: str, calib) -> Session:
+    if calib is None:
+        return Session.from_model(model, passes=spec)
+    gm = condfx.capture(model, (torch.zeros(2, 8, dtype=torch.long),))  # as export_model captures
+    record_kv_stats(gm, calib)
+    return Session.from_graph(condfx.apply(gm, f"{spec}, add-kv-cache").graph_module)
+
+
 def run(args) -> dict:
     model_path = args.model or str(data_file("stories260K.bin"))
     model, tok = load(model_path)
@@ -69,14 +78,17 @@ def run(args) -> dict:
     text = open(args.text or data_file("tinystories_valid_head.txt"), encoding="utf-8").read()  # noqa: SIM115
     ids = torch.tensor([tok.encode(text[: args.tokens * 12], bos=True, eos=False)[: args.tokens]])
     rows = []
-    for method in args.methods.split(","):
-        spec = (f"fuse-attention, quantize-kv{{method={method},bits={args.bits},group={args.group},"
+    calib = text_batches(args.calib_text, tok) if args.calib_text else None
+    items = [(m, f"method={m},bits={args.bits}") for m in filter(None, args.methods.split(","))]
+    items += [item.rpartition(":")[::2] for item in filter(None, args.configs.split(";"))]
+    for method, options in items:
+        spec = (f"fuse-attention, quantize-kv{{{options},group={args.group},"
                 f"residual={args.residual},sink={args.sink}}}")
         with tempfile.TemporaryDirectory(prefix="condfx-kvq-") as tmp:
             t0 = time.perf_counter()
-            bundle = condfx.export.export_model(model, tmp, passes=spec)
+            bundle = condfx.export.export_model(model, tmp, passes=spec, kv_calibration=calib)
             export_s = time.perf_counter() - t0
-            torch_session = Session.from_model(model, passes=spec)
+            torch_session = _torch_session(model, spec, calib)
             onnx_session = Session.from_onnx(tmp, model=model)
             want, t_torch = _decode(torch_session, ids, args.prefill)
             got, t_onnx = _decode(onnx_session, ids, args.prefill)
@@ -86,7 +98,7 @@ def run(args) -> dict:
         per_token = onnx_session.cache_bytes() / onnx_session.position
         fp16 = _fp16_bytes_per_token(onnx_session)
         rows.append({
-            "method": method, "bits": args.bits, "group": args.group,
+            "method": method, "options": options, "group": args.group,
             "same_cache_max_abs_diff": same_cache,
             "max_abs_diff": (want - got).abs().max().item(), "code_flips": flips, "greedy_agreement": agree,
             "bundle_check": bundle.max_abs_diff, "cache_bytes_per_token": per_token,
@@ -108,6 +120,9 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="model spec (default: stories260K)")
     ap.add_argument("--text", default=None, help="text file (default: TinyStories head)")
     ap.add_argument("--methods", default="kivi,xquant,xquant-cl")
+    ap.add_argument("--configs", default="", help="extra rows 'label:quantize-kv options;...' (no group/"
+                    "residual/sink: those come from the flags)")
+    ap.add_argument("--calib-text", default=None, help="calibration text for latent=klt rows")
     ap.add_argument("--bits", type=int, default=2)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--residual", type=int, default=32)
@@ -120,10 +135,10 @@ def main() -> None:
     if args.json:
         print(json.dumps(out, indent=2))
         return
-    print("\n| method | bits | max abs logit diff, same cache | free-running (codes differing) | greedy agreement | cache B/token | vs fp16 | ORT / PyTorch decode time |")
+    print("\n| method | options | max abs logit diff, same cache | free-running (codes differing) | greedy agreement | cache B/token | vs fp16 | ORT / PyTorch decode time |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in out["rows"]:
-        print(f"| {r['method']} | {r['bits']} | {r['same_cache_max_abs_diff']:.2e} | "
+        print(f"| {r['method']} | {r['options']} | {r['same_cache_max_abs_diff']:.2e} | "
               f"{r['max_abs_diff']:.2e} ({r['code_flips']}) | {r['greedy_agreement']:.3f} | "
               f"{r['cache_bytes_per_token']:.0f} | {r['compression']:.2f}x | {r['onnx_vs_torch_decode_time']:.2f} |")
 
