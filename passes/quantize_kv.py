@@ -340,8 +340,9 @@ def _klt_stream(g: GraphBuilder, region, proj, which: str, budget: float, group:
         pieces.append(_fq(g, lat, tb, group, dim, sink))
         ups.append(up)
     if all(tb == 0 for _, tb in streams):
-        msg = (f"quantize-kv latent=klt: a {which} budget of {budget} bits per channel buys no group of "
-               f"layer {region.layer}; allow at least {2 + 32 / group:g} x group / width.")
+        msg = (f"quantize-kv latent=klt: a {which} budget of {budget:g} bits per channel buys nothing in "
+               f"layer {region.layer}; one block of {group} coefficients at 2 bits needs "
+               f"{(2 * group + 32) / c:.3g}.")
         raise ValueError(msg)
     latent = pieces[0] if len(pieces) == 1 else g.call(aten.cat.default, pieces, -1)
     up_node = g.constant(region.module_path, f"xquant_klt_{which}_up", torch.cat(ups).to(dtype).contiguous())

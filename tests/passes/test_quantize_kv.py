@@ -376,6 +376,13 @@ def test_klt_bits_32_is_dense_without_statistics():
     assert result.reports[-1].rewritten == 5 and (out - dense).abs().max().item() < 1e-5
 
 
+def test_rejects_klt_budget_that_buys_nothing():
+    gm = _klt_gm()
+    with pytest.raises((ValueError, PassError), match=r"a k budget of 0.5 bits per channel buys nothing in layer 0; "
+                       r"one block of 8 coefficients at 2 bits needs 1.5\."):
+        condfx.apply(gm, "quantize-kv{method=xquant,latent=klt,group=8,k_budget=0.5,v_budget=4}")
+
+
 def test_rejects_klt_without_statistics():
     with pytest.raises((ValueError, PassError), match="latent=klt needs calibration statistics for layer 0: run"):
         _run("stories260K", "quantize-kv{method=xquant,latent=klt,bits=2,group=8}")
