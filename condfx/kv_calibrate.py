@@ -15,13 +15,13 @@ and spends the stream's bits where the variance is (``allocate_bits``).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import fx
 
+from condfx.passes._insert import output_view
 from condfx.patterns import find_regions
 from condfx.patterns.regions import AttentionRegion, RoPEStyle
 
@@ -47,15 +47,6 @@ class LayerKVStats:
     tokens: int
 
 
-def _outputs_view(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
-    graph = copy.deepcopy(gm.graph)
-    by_name = {n.name: n for n in graph.nodes}
-    output = next(n for n in graph.nodes if n.op == "output")
-    output.args = (tuple(by_name[name] for name in names),)
-    graph._codegen = fx.graph.CodeGen()  # plain positional inputs and a tuple output
-    return fx.GraphModule(gm, graph)
-
-
 def _usable(region: AttentionRegion) -> bool:
     projs = (region.q_proj, region.k_proj, region.v_proj)
     return all(p is not None and p.out_slice is None and p.node.meta["val"].dim() == 3 for p in projs)
@@ -69,7 +60,13 @@ def record_kv_stats(gm: fx.GraphModule, batches: Iterable[torch.Tensor], skip: i
     if not regions:
         msg = "record_kv_stats found no attention layer with separate q/k/v projections to calibrate."
         raise ValueError(msg)
-    view = _outputs_view(gm, [p.node.name for r in regions for p in (r.q_proj, r.k_proj, r.v_proj)])
+    names = [p.node.name for r in regions for p in (r.q_proj, r.k_proj, r.v_proj)]
+
+    def outputs(graph: fx.Graph, _output: fx.Node) -> list[fx.Node]:
+        by_name = {n.name: n for n in graph.nodes}
+        return [by_name[name] for name in names]
+
+    view = output_view(gm, outputs)
     sums: list[list[torch.Tensor | float]] = [[0.0, 0.0, 0.0] for _ in regions]
     tokens = 0
     with torch.no_grad():

@@ -17,7 +17,6 @@ of routed and total queries in the ``l2a.route_stats`` buffers that ``prune-glob
 
 from __future__ import annotations
 
-import copy
 import math
 import sys
 from collections.abc import Callable, Iterable
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from condfx.passes._insert import output_view
 from condfx.patterns import find_regions
 from condfx.patterns.routed import TAG, find_routed_layers
 
@@ -56,15 +56,14 @@ def l2a_view(gm: fx.GraphModule, *roles: str) -> fx.GraphModule:
     """A module sharing ``gm``'s parameters that returns (logits, then for each role in ``roles`` the
     node of that role of every L2A layer, in layer order)."""
     layers = _layers_or_raise(gm)
-    graph = copy.deepcopy(gm.graph)
-    by_tag = {n.meta.get(TAG): n for n in graph.nodes if TAG in n.meta}
-    extra = [by_tag[(layer.prefix, role)] for role in roles for layer in layers]
-    output = next(n for n in graph.nodes if n.op == "output")
-    logits = output.args[0]
-    logits = logits[0] if isinstance(logits, (tuple, list)) else logits
-    output.args = ((logits, *extra),)
-    graph._codegen = fx.graph.CodeGen()  # plain positional inputs and a tuple output
-    return fx.GraphModule(gm, graph)
+
+    def outputs(graph: fx.Graph, output: fx.Node) -> tuple:
+        by_tag = {n.meta.get(TAG): n for n in graph.nodes if TAG in n.meta}
+        logits = output.args[0]
+        logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+        return (logits, *(by_tag[(layer.prefix, role)] for role in roles for layer in layers))
+
+    return output_view(gm, outputs)
 
 
 def window_only(gm: fx.GraphModule, window: int) -> fx.GraphModule:

@@ -1,8 +1,11 @@
 """Small helpers for passes that insert nodes and state: new nodes get FakeTensor metadata and the
-provenance of the node they stand in for (passes/README.md, invariants 2 and 9); and the two ways
-passes drop what a rewrite left unused."""
+provenance of the node they stand in for (passes/README.md, invariants 2 and 9); the two ways
+passes drop what a rewrite left unused; and a view of a graph that returns other nodes."""
 
 from __future__ import annotations
+
+import copy
+from collections.abc import Callable
 
 import torch
 from torch import fx, nn
@@ -65,3 +68,13 @@ def erase_unused(graph: fx.Graph, nodes) -> None:
     for node in sorted(set(nodes), key=order.__getitem__, reverse=True):
         if not node.users:
             graph.erase_node(node)
+
+
+def output_view(gm: fx.GraphModule, outputs: Callable[[fx.Graph, fx.Node], tuple]) -> fx.GraphModule:
+    """A module sharing ``gm``'s parameters whose forward returns ``outputs(graph, output)``, picked
+    from a copy of the graph (``output`` its output node), as a plain tuple of positional results."""
+    graph = copy.deepcopy(gm.graph)
+    output = next(n for n in graph.nodes if n.op == "output")
+    output.args = (tuple(outputs(graph, output)),)
+    graph._codegen = fx.graph.CodeGen()  # plain positional inputs and a tuple output
+    return fx.GraphModule(gm, graph)
