@@ -106,25 +106,38 @@ def _quantize(f: Body, x: str, group1: str, levels: str, per_channel: bool):
     return f("Reshape", codes, f("Shape", x)), f("Squeeze", scale16, axis), f("Squeeze", zero16, axis)
 
 
+def _split_step(f: Body, fp: str, new: str, a: dict) -> tuple[str, str, str]:
+    """(head, rest, big): the stream's full-precision tokens plus the step's, split at the sink."""
+    allf = f("Concat", fp, f("Cast", new, to=TensorProto.FLOAT), axis=-2)
+    big = f.ints(1 << 62)
+    return f.slice(allf, f.ints(0), a["sink1"], -2), f.slice(allf, a["sink1"], big, -2), big
+
+
+def _floor_to(f: Body, n: str, chunk1: str) -> str:
+    return f("Mul", f("Div", n, chunk1), chunk1)
+
+
+def _packed_after(f: Body, head: str, codes: str, rest: str, a: dict, chunk1: str) -> str:
+    """quantized_count of the stream once the step is appended (1-D int64)."""
+    total = f("Add", f("Add", f.dim(head, -2), f.dim(codes, -2)), f.dim(rest, -2))
+    over = f("Max", f("Sub", f("Sub", total, a["residual1"]), a["sink1"]), f.ints(0))
+    return _floor_to(f, over, chunk1)
+
+
 def stream(f: Body, parts: list[str], new: str, a: dict, per_channel: bool) -> tuple[str, str, list[str]]:
     """(full, hat, [codes', scale', zero', fp']) of the stream whose four tensors are named ``parts``
     and whose step adds ``new``; see ``condfx.ops.quant_stream.stream_step``."""
     codes, scale, zero, fp = parts
     chunk1 = a["group1"] if per_channel else f.ints(1)
-    allf = f("Concat", fp, f("Cast", new, to=TensorProto.FLOAT), axis=-2)
-    big = f.ints(1 << 62)
-    head = f.slice(allf, f.ints(0), a["sink1"], -2)
-    rest = f.slice(allf, a["sink1"], big, -2)
+    head, rest, big = _split_step(f, fp, new, a)
     deq = _dequantize(f, _unpack(f, codes, a["bits1"], a["pow8"], a["powb"]), scale, zero,
                       a["group1"], per_channel)
-    whole = f("Mul", f("Div", f.dim(rest, -2), chunk1), chunk1)
+    whole = _floor_to(f, f.dim(rest, -2), chunk1)
     q_codes, q_scale, q_zero = _quantize(f, f.slice(rest, f.ints(0), whole, -2), a["group1"],
                                          a["levels"], per_channel)
     rest_hat = f("Concat", _dequantize(f, q_codes, q_scale, q_zero, a["group1"], per_channel),
                  f.slice(rest, whole, big, -2), axis=-2)
-    total = f("Add", f("Add", f.dim(head, -2), f.dim(codes, -2)), f.dim(rest, -2))
-    over = f("Max", f("Sub", f("Sub", total, a["residual1"]), a["sink1"]), f.ints(0))
-    move = f("Sub", f("Mul", f("Div", over, chunk1), chunk1), f.dim(codes, -2))
+    move = f("Sub", _packed_after(f, head, codes, rest, a, chunk1), f.dim(codes, -2))
     rows = f("Div", move, a["group1"]) if per_channel else move
     packed = _pack(f, f.slice(q_codes, f.ints(0), move, -2), a["bits1"], a["powb_i"], a["pow8"])
     updated = [
@@ -139,25 +152,20 @@ def stream(f: Body, parts: list[str], new: str, a: dict, per_channel: bool) -> t
 def dropped_stream(f: Body, parts: list[str], new: str, a: dict, per_channel: bool) -> tuple[str, str, list[str]]:
     """``stream`` for a dropped stream (bits 0): codes, scale and zero have no columns, quantized
     tokens read 0; only the tokens kept in full precision are stored."""
-    codes, scale, zero, fp = parts
+    codes, _, _, fp = parts
     chunk1 = a["group1"] if per_channel else f.ints(1)
-    allf = f("Concat", fp, f("Cast", new, to=TensorProto.FLOAT), axis=-2)
-    big, lead, width = f.ints(1 << 62), f("Shape", codes, start=0, end=2), f.dim(fp, -1)
-    head = f.slice(allf, f.ints(0), a["sink1"], -2)
-    rest = f.slice(allf, a["sink1"], big, -2)
+    head, rest, big = _split_step(f, fp, new, a)
+    lead, width, none = f("Shape", codes, start=0, end=2), f.dim(fp, -1), f.ints(0)
 
     def zeros(n: str, cols: str, dtype: int) -> str:
         value = helper.make_tensor("", dtype, [1], [0])
         return f("ConstantOfShape", f("Concat", lead, n, cols, axis=0), value=value)
 
     deq = zeros(f.dim(codes, -2), width, TensorProto.FLOAT)
-    whole = f("Mul", f("Div", f.dim(rest, -2), chunk1), chunk1)
+    whole = _floor_to(f, f.dim(rest, -2), chunk1)
     rest_hat = f("Concat", zeros(whole, width, TensorProto.FLOAT), f.slice(rest, whole, big, -2), axis=-2)
-    total = f("Add", f("Add", f.dim(head, -2), f.dim(codes, -2)), f.dim(rest, -2))
-    over = f("Max", f("Sub", f("Sub", total, a["residual1"]), a["sink1"]), f.ints(0))
-    nq = f("Mul", f("Div", over, chunk1), chunk1)
+    nq = _packed_after(f, head, codes, rest, a, chunk1)
     rows = f("Div", nq, a["group1"]) if per_channel else nq
-    none = f.ints(0)
     updated = [zeros(nq, none, TensorProto.UINT8), zeros(rows, none, TensorProto.FLOAT16),
                zeros(rows, none, TensorProto.FLOAT16),
                f("Concat", head, f.slice(rest, f("Sub", nq, f.dim(codes, -2)), big, -2), axis=-2)]
