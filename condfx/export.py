@@ -154,10 +154,10 @@ def _resized_inputs(inputs: tuple[torch.Tensor, ...], names: Sequence[str]) -> t
         shape = [x.shape[0] + 1, *x.shape[1:]]
         past = i < len(names) and _PAST_NAME.match(names[i]) and x.dim() == 4
         shape[2 if past else 1] += 2
-        if x.numel() == 0 or 0 in shape:  # e.g. a dropped stream's codes (no columns)
-            out.append(torch.zeros(shape, dtype=x.dtype))
-        elif x.dtype.is_floating_point:
+        if x.dtype.is_floating_point:
             out.append(torch.randn(shape, generator=gen).to(x.dtype))
+        elif x.numel() == 0:  # no values to take the range of (a dropped stream's codes: no columns)
+            out.append(torch.zeros(shape, dtype=x.dtype))
         else:
             lo, hi = int(x.min()), int(x.max())
             out.append(torch.randint(lo, hi + 1, shape, generator=gen, dtype=x.dtype))

@@ -147,20 +147,19 @@ def allocate_bits(lam: torch.Tensor, group: int, budget: float, drop: float = 1.
     blocks = lam.reshape(-1, group).sum(-1).tolist()
     bits, spent, steps = [0] * len(blocks), 0.0, {0: 2, 2: 3, 3: 4}
     while True:
-        best, gain = None, 0.0
+        best, gain, best_cost = None, 0.0, 0
         for i, b in enumerate(bits):
             if b not in steps:
                 continue
             nb = steps[b]
-            cost = group * (nb - b) + (32 if b == 0 else 0)
+            cost = group * (nb - b) + (32 if b == 0 else 0)  # opening a block buys its scale and zero
             if spent + cost > budget + 1e-9:
                 continue
             d0 = _DISTORTION[b] * (drop if b == 0 else 1.0)
             g = blocks[i] * (d0 - _DISTORTION[nb]) / cost
             if g > gain:
-                best, gain = i, g
+                best, gain, best_cost = i, g, cost
         if best is None:
             return bits
-        b = bits[best]
-        spent += group * (steps[b] - b) + (32 if b == 0 else 0)
-        bits[best] = steps[b]
+        spent += best_cost
+        bits[best] = steps[bits[best]]

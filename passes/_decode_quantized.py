@@ -21,6 +21,7 @@ from torch import fx
 from condfx.ops.kv_quant import BITS, DROPPED
 from condfx.ops.quant_stream import StreamSpec
 from condfx.passes.quantize_kv import is_quantized_cache_attention
+from condfx.patterns import _graph as g
 
 
 def kivi_streams(node: fx.Node) -> tuple[StreamSpec, ...]:
@@ -107,7 +108,7 @@ def xquant_streams(node: fx.Node):
     if len(found[0]) == len(found[1]) == 1:
         return (spec("k", hits[0]), spec("v", hits[1])), hits, None
     # latent=klt: one stream per run of equal bits, in the order quantize-kv wrote them
-    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    order = g.node_order(node.graph.owning_module)
     named = [(f"{w}{i}", q) for w, h in zip("kv", found, strict=True)
              for i, q in enumerate(sorted(h, key=order.__getitem__))]
     return tuple(spec(name, q) for name, q in named), [q for _, q in named], None

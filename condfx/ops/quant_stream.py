@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from condfx.ops.kv_quant import (
+    DROPPED,
     check_quant_args,
     dequantize_reference,
     quantize_reference,
@@ -40,7 +41,7 @@ STREAM_PARTS = ("codes", "scale", "zero", "fp")
 def stream_shapes(lead, channels: int, bits: int, group: int, dim: int, quantized, full) -> list:
     """Shapes of (codes, scale, zero, fp) of a stream with ``quantized`` packed and ``full`` fp tokens."""
     stats = (quantized, channels // group) if dim == -1 else (quantized // group, channels)
-    if bits == 0:  # a dropped stream: only its full-precision tokens are stored
+    if bits == DROPPED:  # only its full-precision tokens are stored
         stats = (stats[0], 0)
     return [(*lead, quantized, channels * bits // 8), (*lead, *stats), (*lead, *stats),
             (*lead, full, channels)]
