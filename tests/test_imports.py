@@ -107,6 +107,7 @@ def test_package_modules_are_found():
 def test_every_module_imports_on_its_own(checked):
     result, targets = checked
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.returncode == 0 or _failures(result), result.stdout + result.stderr[-3000:]
     failed = {t: e for t, e in _failures(result).items() if not t.startswith("script:")}
     assert not failed, "\n".join(f"{t}: {e}" for t, e in failed.items())
 
