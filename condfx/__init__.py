@@ -6,14 +6,11 @@ The public API is imported lazily so that ``import condfx`` stays cheap for the 
 from __future__ import annotations
 
 import importlib
-import os
 
-# In a source checkout the stage folders (passes/, patterns/, codegen/, runtime/, models_zoo/) sit
-# beside this package rather than inside it; an installed wheel places them inside. Extending
-# __path__ makes ``condfx.passes`` resolve the same way in both layouts.
-_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.isdir(os.path.join(_root, "passes")) and _root not in __path__:
-    __path__.append(_root)
+# The stage folders (passes/, patterns/, codegen/, runtime/, models_zoo/) sit at the repository
+# root; relative symlinks inside this package (condfx/passes -> ../passes, ...) make them
+# condfx.passes etc. in a source checkout, and pyproject.toml's package-dir maps them into the
+# wheel. Nothing edits __path__ at run time, so static tools (import-linter) read the same package.
 
 __version__ = "0.1.0"
 

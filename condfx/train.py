@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from condfx.eval.perplexity import model_device, model_logits
+from condfx.model_io import model_device, model_logits
 
 __all__ = ["Schedule", "TrainResult", "load_trained", "next_token_loss", "train"]
 

@@ -8,10 +8,11 @@ Importing this package does not import transformers.
 
 from .gpt2 import GPT2Config, GPT2Model
 from .hf import CausalLMLogits, build_hf, load_gguf, load_hf_folder
+from .info import ModelInfo
 from .llama import AttnImpl, LlamaConfig, LlamaModel
 from .llama2c import load_llama2c
 from .tokenizers import ByteTokenizer, HFTokenizer, Llama2cTokenizer, Tokenizer
-from .zoo import META_ONLY, ZOO, ModelInfo, build_zoo, load
+from .zoo import META_ONLY, ZOO, build_zoo, load
 
 __all__ = [
     "META_ONLY",

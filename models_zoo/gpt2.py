@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .info import ModelInfo
 from .llama import AttnImpl, causal_mask, init_weights, parse_attn_impl
 
 
@@ -142,8 +143,6 @@ class GPT2Model(nn.Module):
     @property
     def info(self):
         """The model's ``ModelInfo`` (shape summary shared by every zoo model)."""
-        from .zoo import info_from_gpt2
-
         return info_from_gpt2(self.config, self.name)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -157,3 +156,19 @@ class GPT2Model(nn.Module):
             h = block(h, mask)  # (B, T, C)
         h = self.ln_f(h)  # (B, T, C)
         return self.lm_head(h)  # (B, T, V)
+
+
+def info_from_gpt2(cfg: GPT2Config, name: str) -> ModelInfo:
+    """``ModelInfo`` of a ``GPT2Model``."""
+    return ModelInfo(
+        name=name,
+        family="gpt2",
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        n_kv_heads=cfg.n_heads,
+        head_dim=cfg.head_dim,
+        dim=cfg.dim,
+        hidden_dim=cfg.hidden_dim,
+        vocab_size=cfg.vocab_size,
+        max_seq_len=cfg.max_seq_len,
+    )

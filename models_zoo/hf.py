@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .info import ModelInfo
 from .llama import AttnImpl, parse_attn_impl
 from .tokenizers import HFTokenizer
-from .zoo import ModelInfo
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gpt2")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .info import ModelInfo
+
 
 class AttnImpl(str, Enum):
     """How the attention core is computed."""
@@ -267,8 +269,6 @@ class LlamaModel(nn.Module):
     @property
     def info(self):
         """The model's ``ModelInfo`` (shape summary shared by every zoo model)."""
-        from .zoo import info_from_llama
-
         return info_from_llama(self.config, self.name)
 
     def rope_cos_sin(self, t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,3 +310,20 @@ def init_weights(model: nn.Module, seed: int, std: float = 0.02) -> None:
                 p.fill_(1.0)
             else:
                 p.copy_(torch.empty(p.shape).normal_(0.0, std, generator=gen))
+
+
+def info_from_llama(cfg: LlamaConfig, name: str) -> ModelInfo:
+    """``ModelInfo`` of a ``LlamaModel``; the family is qwen3 with QK-norm, qwen2 with qkv bias."""
+    family = "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
+    return ModelInfo(
+        name=name,
+        family=family,
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        n_kv_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim,
+        dim=cfg.dim,
+        hidden_dim=cfg.hidden_dim,
+        vocab_size=cfg.vocab_size,
+        max_seq_len=cfg.max_seq_len,
+    )

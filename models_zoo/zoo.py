@@ -1,14 +1,14 @@
-"""The zoo: named tiny builders, the ``ModelInfo`` summary, and ``load`` for names and files.
+"""The zoo: named tiny builders and ``load`` for names and files.
 
 Every model ``load`` returns is in eval mode and carries ``model.info`` (a ``ModelInfo``).
 transformers is imported only when a Hugging Face model, GGUF file or folder is asked for.
+The zoo imports the builders; the builders never import the zoo (``ModelInfo`` lives in ``info``).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,61 +19,6 @@ from .llama import AttnImpl, LlamaConfig, LlamaModel, parse_attn_impl
 from .tokenizers import ByteTokenizer, Tokenizer
 
 FILE_KINDS = "a llama2.c checkpoint (.bin), a GGUF file (.gguf) or a local Hugging Face folder"
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """Shape summary every zoo model carries as ``model.info``.
-
-    Attributes:
-        name: zoo name or file/folder stem.
-        family: ``llama``, ``qwen2``, ``qwen3`` or ``gpt2`` (the HF ``model_type`` for HF models).
-        n_layers, n_heads, n_kv_heads, head_dim, dim, hidden_dim, vocab_size, max_seq_len: shape.
-    """
-
-    name: str
-    family: str
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    dim: int
-    hidden_dim: int
-    vocab_size: int
-    max_seq_len: int
-
-
-def info_from_llama(cfg: LlamaConfig, name: str) -> ModelInfo:
-    """``ModelInfo`` of a ``LlamaModel``; the family is qwen3 with QK-norm, qwen2 with qkv bias."""
-    family = "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
-    return ModelInfo(
-        name=name,
-        family=family,
-        n_layers=cfg.n_layers,
-        n_heads=cfg.n_heads,
-        n_kv_heads=cfg.n_kv_heads,
-        head_dim=cfg.head_dim,
-        dim=cfg.dim,
-        hidden_dim=cfg.hidden_dim,
-        vocab_size=cfg.vocab_size,
-        max_seq_len=cfg.max_seq_len,
-    )
-
-
-def info_from_gpt2(cfg: GPT2Config, name: str) -> ModelInfo:
-    """``ModelInfo`` of a ``GPT2Model``."""
-    return ModelInfo(
-        name=name,
-        family="gpt2",
-        n_layers=cfg.n_layers,
-        n_heads=cfg.n_heads,
-        n_kv_heads=cfg.n_heads,
-        head_dim=cfg.head_dim,
-        dim=cfg.dim,
-        hidden_dim=cfg.hidden_dim,
-        vocab_size=cfg.vocab_size,
-        max_seq_len=cfg.max_seq_len,
-    )
 
 
 # A builder: (seed, attn_impl or None for the entry's default) -> model.

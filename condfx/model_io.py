@@ -1,0 +1,74 @@
+"""How condfx calls a user's model: logits from any output convention, its device, eval mode.
+
+A leaf module (torch only): ``condfx.train``, ``condfx.verify`` and ``condfx.eval`` all call models
+through it, so none of them has to import another for these four helpers (``condfx.eval.tasks``
+trains through ``condfx.train``, so ``condfx.train`` importing ``condfx.eval`` was a cycle).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["eval_mode", "logits_of", "model_device", "model_logits"]
+
+
+def model_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Runs ``model`` and returns its logits, accepting the output conventions found in the wild.
+
+    Args:
+        model: a module whose forward takes ``input_ids`` (B, T).
+        input_ids: token ids, shape (B, T).
+
+    Returns:
+        The logits, shape (B, T, V).
+
+    Raises:
+        TypeError: if the output is neither a tensor, an object with ``.logits``, nor a tuple or
+            list whose first element is a tensor.
+    """
+    return logits_of(model(input_ids))
+
+
+def logits_of(out) -> torch.Tensor:
+    """The logits in a model's output: the tensor itself, ``out.logits``, or the first of a tuple.
+
+    Raises:
+        TypeError: for anything else.
+    """
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    msg = f"model output must be logits (B, T, V), an object with .logits, or a tuple; got {type(out).__name__}"
+    raise TypeError(msg)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Returns the device of the model's first parameter or buffer (CPU when it has none)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Puts ``model`` in eval mode for the block and restores its training flag afterwards.
+
+    Graph modules from ``torch.export`` refuse ``.eval()``; they are run as they are.
+    """
+    was_training = model.training
+    try:
+        model.eval()
+    except (NotImplementedError, RuntimeError):
+        was_training = None
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()
