@@ -31,12 +31,12 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
 from condfx.passes._insert import erase_unused, remove_dead_calls
 from condfx.passes.base import GraphSnapshot, Pass, PassResult
+from condfx.passes.graph_builder import GraphBuilder
 from condfx.passes.report import estimate_cost
 from condfx.patterns import find_regions
 from condfx.patterns.regions import AttentionRegion, MatchFailure
 
 FUSED_TARGET = torch.ops.condfx.attention.default
-_COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "from_node")
 
 
 @dataclass(frozen=True)
@@ -86,17 +86,10 @@ def check_fusable(region: AttentionRegion) -> MatchFailure | None:
     return None
 
 
-def fuse_attention_replacement(graph: fx.Graph, region: AttentionRegion) -> fx.Node:
+def fuse_attention_replacement(gm: fx.GraphModule, region: AttentionRegion) -> fx.Node:
     """Inserts ``condfx.attention`` after the region's core and reroutes the core's users to it."""
-    args = (region.q, region.k, region.v, float(region.scale), int(region.window or 0))
-    with graph.inserting_after(region.core):
-        fused = graph.call_function(FUSED_TARGET, args)
-    q_val, k_val, v_val = (n.meta["val"] for n in args[:3])
-    with q_val.fake_mode:
-        fused.meta["val"] = FUSED_TARGET(q_val, k_val, v_val, *args[3:])
-    for key in _COPIED_META:
-        if key in region.core.meta:
-            fused.meta[key] = region.core.meta[key]
+    b = GraphBuilder(gm, region.core.next, like=region.core)  # right after the core
+    fused = b.call(FUSED_TARGET, region.q, region.k, region.v, float(region.scale), int(region.window or 0))
     region.core.replace_all_uses_with(fused)
     return fused
 
@@ -116,7 +109,7 @@ def _fuse_regions(gm: fx.GraphModule, selected: list[AttentionRegion]):
             skipped.append((failure.reason, failure.detail))
             after.append(region)
             continue
-        fused = fuse_attention_replacement(gm.graph, region)
+        fused = fuse_attention_replacement(gm, region)
         after.append(dataclasses.replace(region, core=fused, core_nodes=(fused,)))
         replaced += [region.core, *region.core_nodes]
     if replaced:
