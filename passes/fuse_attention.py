@@ -30,7 +30,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
 from condfx.passes._insert import erase_unused, remove_dead_calls
-from condfx.passes.base import GraphSnapshot, Pass, PassResult
+from condfx.passes.base import GraphSnapshot, Pass, PassResult, layer_indices, missing_layers
 from condfx.passes.graph_builder import GraphBuilder
 from condfx.passes.report import estimate_cost
 from condfx.patterns import find_regions
@@ -50,18 +50,7 @@ class FuseAttentionConfig:
     layers: tuple[int, ...] | None = None
 
     def __post_init__(self):
-        if self.layers is None:
-            return
-        ok = isinstance(self.layers, (list, tuple)) and all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers
-        )
-        if not ok:
-            msg = (
-                "FuseAttentionConfig.layers must be a list of non-negative layer indices or None; "
-                f"got {self.layers!r}."
-            )
-            raise ValueError(msg)
-        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "layers", layer_indices(self.layers, "FuseAttentionConfig.layers"))
 
 
 def is_fused_attention(node: fx.Node) -> bool:
@@ -132,8 +121,10 @@ class FuseAttention(Pass):
         regions = find_regions(gm)
         wanted = self.config.layers
         selected = [r for r in regions.attention if wanted is None or r.layer in wanted]
-        found = {r.layer for r in regions.attention}
-        skipped = [("layer not found", f"layer {i}") for i in wanted or () if i not in found]
+        # A missing layer is a skip here, not select_layers' PassError: tests pin it (route-attention
+        # calls this pass on layers it has already checked).
+        missing = missing_layers(wanted, (r.layer for r in regions.attention))
+        skipped = [("layer not found", f"layer {i}") for i in missing]
         # condfx.attention nodes the finder does not report (fused by an earlier run).
         unseen = _fused_cores_not_in(gm, regions.attention) if wanted is None else []
         skipped += [("already fused", f"node {n.name}") for n in unseen]

@@ -39,7 +39,14 @@ from torch import fx
 
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
 from condfx.passes._insert import erase_unused, register_tensor, remove_dead_calls
-from condfx.passes.base import GraphSnapshot, Pass, PassError, PassResult, coerce_enum
+from condfx.passes.base import (
+    GraphSnapshot,
+    Pass,
+    PassResult,
+    coerce_enum,
+    layer_indices,
+    select_layers,
+)
 from condfx.passes.graph_builder import GraphBuilder
 from condfx.passes.report import CostEstimate, estimate_cost
 from condfx.patterns import _graph as g
@@ -99,14 +106,7 @@ class InterleaveHeadsConfig:
         if not isinstance(self.window, int) or self.window < 0 or self.window % self.P:
             msg = f"InterleaveHeadsConfig.window must be 0 or a positive multiple of P={self.P}; got {self.window!r}."
             raise ValueError(msg)
-        if self.layers is not None:
-            ok = isinstance(self.layers, (list, tuple)) and all(
-                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers
-            )
-            if not ok:
-                msg = f"InterleaveHeadsConfig.layers must be a list of non-negative layer indices or None; got {self.layers!r}."
-                raise ValueError(msg)
-            object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "layers", layer_indices(self.layers, "InterleaveHeadsConfig.layers"))
         if not isinstance(self.init_noise, (int, float)) or self.init_noise < 0:
             msg = f"InterleaveHeadsConfig.init_noise must be a float >= 0; got {self.init_noise!r}."
             raise ValueError(msg)
@@ -221,13 +221,8 @@ def _cost_after(regions, rewritten, cfg, ffn) -> CostEstimate:
 def _select(self, gm, regions):
     existing = interleaved_layers(gm)
     wanted = self.config.layers
-    found = {r.layer for r in regions.attention}
-    missing = [i for i in wanted or () if i not in found and i not in existing]
-    if missing:
-        have = sorted(found | set(existing))
-        reason = f"interleave-heads: layers {missing} do not exist; the graph has attention layers {have}"
-        raise PassError(self.name, reason)
-    selected = [r for r in regions.attention if wanted is None or r.layer in wanted]
+    chosen = select_layers(self.name, wanted, [*(r.layer for r in regions.attention), *existing])
+    selected = [r for r in regions.attention if r.layer in chosen]
     skipped = [("already interleaved", f"layer {i}") for i in (wanted or existing) if i in existing]
     return selected, skipped
 

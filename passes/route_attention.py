@@ -38,7 +38,7 @@ from torch import fx, nn
 
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
 from condfx.passes._insert import remove_dead_calls
-from condfx.passes.base import GraphSnapshot, Pass, PassResult
+from condfx.passes.base import GraphSnapshot, Pass, PassResult, layer_indices, select_layers
 from condfx.passes.fuse_attention import FuseAttention, FuseAttentionConfig, is_fused_attention
 from condfx.passes.graph_builder import GraphBuilder
 from condfx.passes.report import estimate_cost
@@ -49,18 +49,6 @@ from condfx.patterns.routed import TAG
 
 aten = torch.ops.aten
 ROUTED = torch.ops.condfx.routed_attention.default
-
-
-def _int_list(name: str, value) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    ok = isinstance(value, (list, tuple)) and all(
-        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value
-    )
-    if not ok:
-        msg = f"RouteAttentionConfig.{name} must be a list of non-negative layer indices or None; got {value!r}."
-        raise ValueError(msg)
-    return tuple(value)
 
 
 @dataclass(frozen=True)
@@ -84,7 +72,7 @@ class RouteAttentionConfig:
         if isinstance(w, bool) or not isinstance(w, int) or w < 1:
             msg = f"RouteAttentionConfig.window must be an int >= 1; got {w!r}."
             raise ValueError(msg)
-        object.__setattr__(self, "layers", _int_list("layers", self.layers))
+        object.__setattr__(self, "layers", layer_indices(self.layers, "RouteAttentionConfig.layers"))
         tau = self.temperature
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
             msg = f"RouteAttentionConfig.temperature must be a number > 0; got {tau!r}."
@@ -217,12 +205,8 @@ class RouteAttention(Pass):
         snapshot = GraphSnapshot.take(gm)
         cfg = self.config
         before = find_regions(gm)
-        found = {r.layer for r in before.attention}
-        missing = [i for i in cfg.layers or () if i not in found]
-        if missing:
-            msg = f"route-attention layers={list(cfg.layers)} names layer {missing[0]}, but the model's attention layers are {sorted(found)}."
-            raise ValueError(msg)
-        wanted = [r for r in before.attention if cfg.layers is None or r.layer in cfg.layers]
+        chosen = select_layers(self.name, cfg.layers, (r.layer for r in before.attention))
+        wanted = [r for r in before.attention if r.layer in chosen]
         skipped, todo = [], []
         for region in wanted:
             reason = check_routable(gm, region)
