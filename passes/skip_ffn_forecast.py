@@ -30,7 +30,7 @@ from condfx.patterns import _graph as g
 from condfx.patterns.regions import FFNRegion
 
 if TYPE_CHECKING:
-    from condfx.passes.skip_ffn import SkipFFNConfig
+    from condfx.passes.skip_ffn_config import SkipFFNConfig
 
 aten = torch.ops.aten
 FORECAST_PARAMS = ("router_w1", "router_b1", "router_w2", "router_b2", "forecast_a", "forecast_b",

@@ -20,7 +20,7 @@ from condfx.passes.graph_builder import GraphBuilder
 from condfx.patterns.regions import FFNKind, FFNRegion, ResidualAdd
 
 if TYPE_CHECKING:
-    from condfx.passes.skip_ffn import SkipFFNConfig
+    from condfx.passes.skip_ffn_config import SkipFFNConfig
 
 MASKED_FFN = torch.ops.condfx.masked_ffn.default
 aten = torch.ops.aten

@@ -20,7 +20,7 @@ from condfx.passes.graph_builder import GraphBuilder
 from condfx.passes.skip_ffn_policy import FFNSite, call_masked_ffn
 
 if TYPE_CHECKING:
-    from condfx.passes.skip_ffn import SkipFFNConfig
+    from condfx.passes.skip_ffn_config import SkipFFNConfig
 
 aten = torch.ops.aten
 
