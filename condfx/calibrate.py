@@ -15,7 +15,6 @@ another model is rejected.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -23,6 +22,15 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+
+from condfx.capture import capture
+from condfx.ops.masked_ffn import row_cosine
+from condfx.passes.model_identity import model_identity
+from condfx.passes.pipeline import apply
+from condfx.passes.skip_ffn import SkipFFNConfig, measure_skip_fraction
+from condfx.patterns import find_regions
+
+__all__ = ["SkipCalibration", "calibrate_similarity", "layer_cosines", "model_identity", "simulate_skip"]
 
 _SPANS = (1, 2, 3)
 _COLDS = (1, 2, 3)
@@ -62,10 +70,8 @@ class SkipCalibration:
         """True when FFN layer ``layer`` is in a cold region (never skipped)."""
         return layer < self.cold_start or layer >= len(self.profile) - self.cold_end
 
-    def config(self):
+    def config(self) -> SkipFFNConfig:
         """The ``SkipFFNConfig`` of this calibration."""
-        from condfx.passes.skip_ffn import SkipFFNConfig
-
         return SkipFFNConfig(threshold=self.threshold, span=self.span, cold_start=self.cold_start,
                              cold_end=self.cold_end, warmup=self.warmup)
 
@@ -113,41 +119,12 @@ class SkipCalibration:
 def _as_graph(model_or_gm: nn.Module, ids: torch.Tensor | None = None) -> fx.GraphModule:
     if isinstance(model_or_gm, fx.GraphModule):
         return model_or_gm
-    import condfx
-
     ids = torch.zeros(2, 8, dtype=torch.long) if ids is None else ids
-    return condfx.capture(model_or_gm, (ids,))
-
-
-def model_identity(gm: fx.GraphModule) -> dict[str, Any]:
-    """n_layers (FFN regions), dim, and a sha256 of the FFN weights' shapes and first values."""
-    from condfx.patterns import find_regions
-
-    ffn = find_regions(gm).ffn
-    h = hashlib.sha256()
-    for region in ffn:
-        for ref in (region.up, region.gate, region.down):
-            if ref is None:
-                continue
-            w = _fetch(gm, ref.weight.target)
-            head = w.detach().reshape(-1)[:8].double().cpu().tolist()
-            h.update(f"{tuple(w.shape)}:{[round(v, 5) for v in head]};".encode())
-    dim = ffn[0].dim if ffn else 0
-    return {"n_layers": len(ffn), "dim": dim, "hash": h.hexdigest()[:16]}
-
-
-def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return capture(model_or_gm, (ids,))
 
 
 def layer_cosines(gm: fx.GraphModule, ids: torch.Tensor) -> torch.Tensor:
     """cos(h_in, h_out) at every FFN region's residual add: (L, B, T) float32."""
-    from condfx.ops.masked_ffn import row_cosine
-    from condfx.patterns import find_regions
-
     regions = find_regions(gm)
     adds = {r.node: r.stream for r in regions.residuals}
     wanted = [r.residual for r in regions.ffn if r.residual in adds]
@@ -226,9 +203,6 @@ def calibrate_similarity(model_or_gm: nn.Module, token_ids: torch.Tensor, *, tar
     Raises:
         ValueError: bad ``target_skip`` or tokens, or a model with fewer than 3 FFN layers.
     """
-    from condfx.passes import apply
-    from condfx.passes.skip_ffn import measure_skip_fraction
-
     if isinstance(target_skip, bool) or not isinstance(target_skip, (int, float)) or not 0 < target_skip < 1:
         msg = f"calibrate_similarity target_skip must be a number in (0, 1); got {target_skip!r}."
         raise ValueError(msg)

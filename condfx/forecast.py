@@ -30,7 +30,9 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from condfx.passes.skip_ffn import _ROLE, FORECAST_PARAMS, measure_skip_fraction
+from condfx.passes.skip_ffn import measure_skip_fraction
+from condfx.passes.skip_ffn_forecast import FORECAST_PARAMS
+from condfx.passes.skip_ffn_forecast import FORECAST_ROLE as _ROLE
 
 __all__ = [
     "ForecastTraining", "fit_forecasters", "forecast_param_names", "save_state", "set_skip_fraction",

@@ -1,6 +1,8 @@
-"""Small helpers for passes that insert nodes and state: new nodes get FakeTensor metadata and the
-provenance of the node they stand in for (passes/README.md, invariants 2 and 9); the two ways
-passes drop what a rewrite left unused; and a view of a graph that returns other nodes."""
+"""Small helpers for passes that insert state and clean up: registering tensors on holder modules,
+the two ways passes drop what a rewrite left unused, and a view of a graph that returns other nodes.
+
+New nodes are inserted with ``condfx.passes.graph_builder.GraphBuilder`` (FakeTensor values and
+provenance, passes/README.md invariants 2 and 9)."""
 
 from __future__ import annotations
 
@@ -9,10 +11,6 @@ from collections.abc import Callable
 
 import torch
 from torch import fx, nn
-
-from condfx.patterns import _graph as g
-
-_COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "from_node")
 
 
 def register_tensor(gm: fx.GraphModule, path: str, name: str, value: torch.Tensor, buffer: bool) -> str:
@@ -27,26 +25,6 @@ def register_tensor(gm: fx.GraphModule, path: str, name: str, value: torch.Tenso
     else:
         holder.register_parameter(name, nn.Parameter(value.contiguous().clone()))
     return f"{path}.{name}" if path else name
-
-
-def call_with_meta(graph: fx.Graph, target, args, like: fx.Node) -> fx.Node:
-    """Inserts ``target(*args)`` and gives it FakeTensor metadata and the provenance of ``like``."""
-    node = graph.call_function(target, args)
-    fake_mode = like.meta["val"].fake_mode
-    with fake_mode:
-        vals = fx.node.map_arg(args, lambda n: n.meta["val"])
-        node.meta["val"] = target(*vals)
-    for key in _COPIED_META:
-        if key in like.meta:
-            node.meta[key] = like.meta[key]
-    return node
-
-
-def get_attr_with_meta(gm: fx.GraphModule, name: str, like: fx.Node) -> fx.Node:
-    """Inserts a get_attr of ``name`` with a FakeTensor from ``like``'s fake mode."""
-    node = gm.graph.get_attr(name)
-    node.meta["val"] = like.meta["val"].fake_mode.from_tensor(g.get_attr_value(gm, node))
-    return node
 
 
 def _kept(node: fx.Node) -> bool:

@@ -182,6 +182,65 @@ def coerce_enum(cls: type[enum.Enum], value: Any, field: str) -> enum.Enum:
         raise ValueError(msg) from None
 
 
+def layer_indices(value: Any, field: str) -> tuple[int, ...] | None:
+    """A config's ``layers`` option as a tuple of layer indices, for ``__post_init__``.
+
+    Args:
+        value: None (every layer) or a list/tuple of non-negative ints.
+        field: the option's name for the message, e.g. ``"FuseAttentionConfig.layers"``.
+
+    Raises:
+        ValueError: one sentence naming ``field``, the value and what is allowed.
+    """
+    if value is None:
+        return None
+    ok = isinstance(value, (list, tuple)) and all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value
+    )
+    if not ok:
+        msg = f"{field} must be a list of non-negative layer indices or None; got {value!r}."
+        raise ValueError(msg)
+    return tuple(value)
+
+
+def missing_layers(requested: tuple[int, ...] | None, available) -> list[int]:
+    """The indices of a ``layers=`` option that are not in ``available``, in the option's order."""
+    have = set(available)
+    return [i for i in requested or () if i not in have]
+
+
+def select_layers(
+    pass_name: str, requested: tuple[int, ...] | None, available, kind: str = "attention",
+    whose: str = "the model's",
+) -> frozenset[int]:
+    """The layers a pass's ``layers=`` option selects among ``available`` (all of them for None).
+
+    Every pass with a ``layers=`` option selects through this function, so a layer that does not
+    exist gets one behaviour and one message everywhere (``fuse-attention`` alone records it as a
+    skip instead, see ``missing_layers``: its tests pin that).
+
+    Args:
+        pass_name: the pass, named in the message.
+        requested: the ``layers`` option (None selects every available layer).
+        available: the layer indices the graph has for this pass.
+        kind: what those layers are ("attention", "L2A").
+        whose: the owner phrase in the message ("the model's", or "the" for layers a pass added).
+
+    Raises:
+        PassError: ``requested`` names layers that are not in ``available``; the message names the
+            pass, the missing layers and the layers that exist.
+    """
+    known = sorted(set(available))
+    missing = missing_layers(requested, known)
+    if missing:
+        reason = (
+            f"{pass_name}: layers {missing} do not exist; the graph has {kind} layers {known} "
+            f"(layers={list(requested)} names layer {missing[0]}, but {whose} {kind} layers are {known})."
+        )
+        raise PassError(pass_name, reason)
+    return frozenset(known if requested is None else requested)
+
+
 def _param_elements(gm: fx.GraphModule) -> int:
     tensors = {id(t): t for t in (*gm.parameters(), *gm.buffers())}
     return sum(t.numel() for t in tensors.values())

@@ -24,8 +24,9 @@ from typing import ClassVar
 import torch
 from torch import fx, nn
 
-from condfx.passes._insert import call_with_meta, get_attr_with_meta, register_tensor
+from condfx.passes._insert import register_tensor
 from condfx.passes.base import GraphSnapshot, Pass, PassError, PassResult
+from condfx.passes.graph_builder import GraphBuilder
 from condfx.passes.interleave_heads import is_interleaved_attention
 from condfx.patterns import _graph as g
 
@@ -101,13 +102,13 @@ def fold_replacement(gm: fx.GraphModule, mix: _Mix, role: str) -> None:
     if b is not None:
         b_f = torch.einsum("mhp,md->hpd", a64, b.double().reshape(n, d)).reshape(-1).to(b.dtype)
         names.append(register_tensor(gm, path, f"iha_fold_{role}_bias", b_f, False))
-    graph, flat = gm.graph, mix.flat
-    with graph.inserting_before(flat):
-        attrs = [get_attr_with_meta(gm, name, flat) for name in names]
-        y = call_with_meta(graph, aten.linear.default, (mix.proj.x_in, *attrs), flat)  # (B, T, n*P*D)
-        y = call_with_meta(graph, aten.unflatten.int, (y, -1, [n, p, d]), flat)  # (B, T, n, P, D)
-        y = call_with_meta(graph, aten.permute.default, (y, [0, 2, 1, 3, 4]), flat)  # (B, n, T, P, D)
-        y = call_with_meta(graph, aten.flatten.using_ints, (y, 2, 3), flat)  # (B, n, T*P, D)
+    flat = mix.flat
+    b = GraphBuilder(gm, flat)
+    attrs = [b.get_attr(name) for name in names]
+    y = b.call(aten.linear.default, mix.proj.x_in, *attrs)  # (B, T, n*P*D)
+    y = b.call(aten.unflatten.int, y, -1, [n, p, d])  # (B, T, n, P, D)
+    y = b.call(aten.permute.default, y, [0, 2, 1, 3, 4])  # (B, n, T, P, D)
+    y = b.call(aten.flatten.using_ints, y, 2, 3)  # (B, n, T*P, D)
     flat.replace_all_uses_with(y)
 
 

@@ -30,13 +30,13 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
 from condfx.passes._insert import erase_unused, remove_dead_calls
-from condfx.passes.base import GraphSnapshot, Pass, PassResult
+from condfx.passes.base import GraphSnapshot, Pass, PassResult, layer_indices, missing_layers
+from condfx.passes.graph_builder import GraphBuilder
 from condfx.passes.report import estimate_cost
 from condfx.patterns import find_regions
 from condfx.patterns.regions import AttentionRegion, MatchFailure
 
 FUSED_TARGET = torch.ops.condfx.attention.default
-_COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "from_node")
 
 
 @dataclass(frozen=True)
@@ -50,18 +50,7 @@ class FuseAttentionConfig:
     layers: tuple[int, ...] | None = None
 
     def __post_init__(self):
-        if self.layers is None:
-            return
-        ok = isinstance(self.layers, (list, tuple)) and all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers
-        )
-        if not ok:
-            msg = (
-                "FuseAttentionConfig.layers must be a list of non-negative layer indices or None; "
-                f"got {self.layers!r}."
-            )
-            raise ValueError(msg)
-        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "layers", layer_indices(self.layers, "FuseAttentionConfig.layers"))
 
 
 def is_fused_attention(node: fx.Node) -> bool:
@@ -86,17 +75,10 @@ def check_fusable(region: AttentionRegion) -> MatchFailure | None:
     return None
 
 
-def fuse_attention_replacement(graph: fx.Graph, region: AttentionRegion) -> fx.Node:
+def fuse_attention_replacement(gm: fx.GraphModule, region: AttentionRegion) -> fx.Node:
     """Inserts ``condfx.attention`` after the region's core and reroutes the core's users to it."""
-    args = (region.q, region.k, region.v, float(region.scale), int(region.window or 0))
-    with graph.inserting_after(region.core):
-        fused = graph.call_function(FUSED_TARGET, args)
-    q_val, k_val, v_val = (n.meta["val"] for n in args[:3])
-    with q_val.fake_mode:
-        fused.meta["val"] = FUSED_TARGET(q_val, k_val, v_val, *args[3:])
-    for key in _COPIED_META:
-        if key in region.core.meta:
-            fused.meta[key] = region.core.meta[key]
+    b = GraphBuilder(gm, region.core.next, like=region.core)  # right after the core
+    fused = b.call(FUSED_TARGET, region.q, region.k, region.v, float(region.scale), int(region.window or 0))
     region.core.replace_all_uses_with(fused)
     return fused
 
@@ -116,7 +98,7 @@ def _fuse_regions(gm: fx.GraphModule, selected: list[AttentionRegion]):
             skipped.append((failure.reason, failure.detail))
             after.append(region)
             continue
-        fused = fuse_attention_replacement(gm.graph, region)
+        fused = fuse_attention_replacement(gm, region)
         after.append(dataclasses.replace(region, core=fused, core_nodes=(fused,)))
         replaced += [region.core, *region.core_nodes]
     if replaced:
@@ -139,8 +121,10 @@ class FuseAttention(Pass):
         regions = find_regions(gm)
         wanted = self.config.layers
         selected = [r for r in regions.attention if wanted is None or r.layer in wanted]
-        found = {r.layer for r in regions.attention}
-        skipped = [("layer not found", f"layer {i}") for i in wanted or () if i not in found]
+        # A missing layer is a skip here, not select_layers' PassError: tests pin it (route-attention
+        # calls this pass on layers it has already checked).
+        missing = missing_layers(wanted, (r.layer for r in regions.attention))
+        skipped = [("layer not found", f"layer {i}") for i in missing]
         # condfx.attention nodes the finder does not report (fused by an earlier run).
         unseen = _fused_cores_not_in(gm, regions.attention) if wanted is None else []
         skipped += [("already fused", f"node {n.name}") for n in unseen]

@@ -38,14 +38,16 @@ import torch
 from torch import fx
 
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
-from condfx.passes._insert import (
-    call_with_meta,
-    erase_unused,
-    get_attr_with_meta,
-    register_tensor,
-    remove_dead_calls,
+from condfx.passes._insert import erase_unused, register_tensor, remove_dead_calls
+from condfx.passes.base import (
+    GraphSnapshot,
+    Pass,
+    PassResult,
+    coerce_enum,
+    layer_indices,
+    select_layers,
 )
-from condfx.passes.base import GraphSnapshot, Pass, PassError, PassResult, coerce_enum
+from condfx.passes.graph_builder import GraphBuilder
 from condfx.passes.report import CostEstimate, estimate_cost
 from condfx.patterns import _graph as g
 from condfx.patterns import find_regions
@@ -104,14 +106,7 @@ class InterleaveHeadsConfig:
         if not isinstance(self.window, int) or self.window < 0 or self.window % self.P:
             msg = f"InterleaveHeadsConfig.window must be 0 or a positive multiple of P={self.P}; got {self.window!r}."
             raise ValueError(msg)
-        if self.layers is not None:
-            ok = isinstance(self.layers, (list, tuple)) and all(
-                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers
-            )
-            if not ok:
-                msg = f"InterleaveHeadsConfig.layers must be a list of non-negative layer indices or None; got {self.layers!r}."
-                raise ValueError(msg)
-            object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "layers", layer_indices(self.layers, "InterleaveHeadsConfig.layers"))
         if not isinstance(self.init_noise, (int, float)) or self.init_noise < 0:
             msg = f"InterleaveHeadsConfig.init_noise must be a float >= 0; got {self.init_noise!r}."
             raise ValueError(msg)
@@ -180,19 +175,18 @@ def interleave_replacement(gm, region, q, k, inv_freq, cfg, gen) -> tuple[fx.Nod
     names = {key: register_tensor(gm, path, f"iha_{key}", t, False)
              for key, t in _init_tensors(cfg, region, gen).items()}
     names["inv_freq"] = register_tensor(gm, path, "iha_inv_freq", inv_freq.to(torch.float32), True)
-    graph, core, p = gm.graph, region.core, cfg.P
-    with graph.inserting_before(core):
-        attrs = {key: get_attr_with_meta(gm, name, core) for key, name in names.items()}
-        flat = []
-        for x, key in ((q, "alpha_q"), (k, "alpha_k"), (region.v, "alpha_v")):
-            mixed = call_with_meta(graph, aten.einsum.default, ("bmtd,mhp->bhtpd", [x, attrs[key]]), core)
-            flat.append(call_with_meta(graph, aten.flatten.using_ints, (mixed, 2, 3), core))  # (B, h, T*P, D)
-        token = cfg.causal is Causality.TOKEN, cfg.positions is Positions.TOKEN
-        args = (*flat, attrs["inv_freq"], float(region.scale), p, cfg.window, *token)
-        attn = call_with_meta(graph, IHA_TARGET, args, core)  # (B, H, T*P, D)
-        split = call_with_meta(graph, aten.unflatten.int, (attn, 2, [-1, p]), core)  # (B, H, T, P, D)
-        eq = "bhtpd,hp->bhtd" if cfg.collapse is Collapse.PER_HEAD else "bmtpd,hmp->bhtd"
-        out = call_with_meta(graph, aten.einsum.default, (eq, [split, attrs["collapse"]]), core)
+    core, p = region.core, cfg.P
+    b = GraphBuilder(gm, core)
+    attrs = {key: b.get_attr(name) for key, name in names.items()}
+    flat = []
+    for x, key in ((q, "alpha_q"), (k, "alpha_k"), (region.v, "alpha_v")):
+        mixed = b.call(aten.einsum.default, "bmtd,mhp->bhtpd", [x, attrs[key]])
+        flat.append(b.call(aten.flatten.using_ints, mixed, 2, 3))  # (B, h, T*P, D)
+    token = cfg.causal is Causality.TOKEN, cfg.positions is Positions.TOKEN
+    attn = b.call(IHA_TARGET, *flat, attrs["inv_freq"], float(region.scale), p, cfg.window, *token)  # (B, H, T*P, D)
+    split = b.call(aten.unflatten.int, attn, 2, [-1, p])  # (B, H, T, P, D)
+    eq = "bhtpd,hp->bhtd" if cfg.collapse is Collapse.PER_HEAD else "bmtpd,hmp->bhtd"
+    out = b.call(aten.einsum.default, eq, [split, attrs["collapse"]])
     core.replace_all_uses_with(out)
     return attn, sum(gm.get_parameter(n).numel() for k, n in names.items() if k != "inv_freq")
 
@@ -227,13 +221,8 @@ def _cost_after(regions, rewritten, cfg, ffn) -> CostEstimate:
 def _select(self, gm, regions):
     existing = interleaved_layers(gm)
     wanted = self.config.layers
-    found = {r.layer for r in regions.attention}
-    missing = [i for i in wanted or () if i not in found and i not in existing]
-    if missing:
-        have = sorted(found | set(existing))
-        reason = f"interleave-heads: layers {missing} do not exist; the graph has attention layers {have}"
-        raise PassError(self.name, reason)
-    selected = [r for r in regions.attention if wanted is None or r.layer in wanted]
+    chosen = select_layers(self.name, wanted, [*(r.layer for r in regions.attention), *existing])
+    selected = [r for r in regions.attention if r.layer in chosen]
     skipped = [("already interleaved", f"layer {i}") for i in (wanted or existing) if i in existing]
     return selected, skipped
 

@@ -24,7 +24,7 @@ from typing import ClassVar
 from torch import fx
 
 from condfx.passes._insert import remove_dead_calls
-from condfx.passes.base import GraphSnapshot, Pass, PassResult
+from condfx.passes.base import GraphSnapshot, Pass, PassResult, layer_indices, select_layers
 from condfx.passes.report import estimate_cost
 from condfx.patterns import find_regions
 from condfx.patterns.routed import RoutedLayer, find_routed_layers
@@ -48,15 +48,7 @@ class PruneGlobalConfig:
             msg = f"PruneGlobalConfig.max_fraction must be a number in [0, 1]; got {f!r}."
             raise ValueError(msg)
         object.__setattr__(self, "max_fraction", float(f))
-        if self.layers is None:
-            return
-        ok = isinstance(self.layers, (list, tuple)) and all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers
-        )
-        if not ok:
-            msg = f"PruneGlobalConfig.layers must be a list of non-negative layer indices or None; got {self.layers!r}."
-            raise ValueError(msg)
-        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "layers", layer_indices(self.layers, "PruneGlobalConfig.layers"))
 
 
 def _selected(gm: fx.GraphModule, cfg: PruneGlobalConfig) -> list[RoutedLayer]:
@@ -64,12 +56,8 @@ def _selected(gm: fx.GraphModule, cfg: PruneGlobalConfig) -> list[RoutedLayer]:
     if not layers:
         msg = "prune-global found no L2A layer: apply 'route-attention' (and train it) first."
         raise ValueError(msg)
-    known = [r.layer for r in layers]
-    missing = [i for i in cfg.layers or () if i not in known]
-    if missing:
-        msg = f"prune-global layers={list(cfg.layers)} names layer {missing[0]}, but the L2A layers are {known}."
-        raise ValueError(msg)
-    chosen = [r for r in layers if cfg.layers is None or r.layer in cfg.layers]
+    selected = select_layers(PruneGlobal.name, cfg.layers, (r.layer for r in layers), "L2A", "the")
+    chosen = [r for r in layers if r.layer in selected]
     unrecorded = [r.layer for r in chosen if r.routed_fraction is None]
     if unrecorded:
         msg = (

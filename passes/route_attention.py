@@ -38,8 +38,9 @@ from torch import fx, nn
 
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
 from condfx.passes._insert import remove_dead_calls
-from condfx.passes.base import GraphSnapshot, Pass, PassResult
+from condfx.passes.base import GraphSnapshot, Pass, PassResult, layer_indices, select_layers
 from condfx.passes.fuse_attention import FuseAttention, FuseAttentionConfig, is_fused_attention
+from condfx.passes.graph_builder import GraphBuilder
 from condfx.passes.report import estimate_cost
 from condfx.patterns import find_regions
 from condfx.patterns._graph import get_attr_value
@@ -48,18 +49,6 @@ from condfx.patterns.routed import TAG
 
 aten = torch.ops.aten
 ROUTED = torch.ops.condfx.routed_attention.default
-
-
-def _int_list(name: str, value) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    ok = isinstance(value, (list, tuple)) and all(
-        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value
-    )
-    if not ok:
-        msg = f"RouteAttentionConfig.{name} must be a list of non-negative layer indices or None; got {value!r}."
-        raise ValueError(msg)
-    return tuple(value)
 
 
 @dataclass(frozen=True)
@@ -83,7 +72,7 @@ class RouteAttentionConfig:
         if isinstance(w, bool) or not isinstance(w, int) or w < 1:
             msg = f"RouteAttentionConfig.window must be an int >= 1; got {w!r}."
             raise ValueError(msg)
-        object.__setattr__(self, "layers", _int_list("layers", self.layers))
+        object.__setattr__(self, "layers", layer_indices(self.layers, "RouteAttentionConfig.layers"))
         tau = self.temperature
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
             msg = f"RouteAttentionConfig.temperature must be a number > 0; got {tau!r}."
@@ -122,67 +111,31 @@ def check_routable(gm: fx.GraphModule, region: AttentionRegion) -> str | None:
     return None
 
 
-class _Builder:
-    """Appends nodes before ``anchor``, giving each its FakeTensor value and tagging it."""
+def _tag(node: fx.Node, prefix: str, role: str) -> fx.Node:
+    """Marks ``node`` for ``condfx.patterns.routed.find_routed_layers``."""
+    node.meta[TAG] = (prefix, role)
+    return node
 
-    def __init__(self, gm: fx.GraphModule, anchor: fx.Node, like: fx.Node, prefix: str):
-        self.gm, self.anchor, self.like, self.prefix = gm, anchor, like, prefix
-        self.mode = like.meta["val"].fake_mode
-        self.created: list[fx.Node] = []
 
-    def _val(self, a):
-        if not isinstance(a, fx.Node):
-            return a
-        if a.op == "get_attr" and "val" not in a.meta:
-            a.meta["val"] = self.mode.from_tensor(get_attr_value(self.gm, a))
-        return a.meta["val"]
-
-    def _finish(self, node: fx.Node, role: str | None) -> fx.Node:
-        if node.op == "call_function":
-            args = fx.node.map_aggregate(node.args, self._val)
-            kwargs = fx.node.map_aggregate(node.kwargs, self._val)
-            with self.mode:
-                node.meta["val"] = node.target(*args, **kwargs)
-        for key in ("nn_module_stack", "stack_trace"):
-            if key in self.like.meta:
-                node.meta[key] = self.like.meta[key]
-        if role is not None:
-            node.meta[TAG] = (self.prefix, role)
-        self.created.append(node)
-        return node
-
-    def call(self, target, *args, role: str | None = None, **kwargs) -> fx.Node:
-        with self.gm.graph.inserting_before(self.anchor):
-            node = self.gm.graph.call_function(target, args, kwargs)
-        return self._finish(node, role)
-
-    def get_attr(self, target: str) -> fx.Node:
-        with self.gm.graph.inserting_before(self.anchor):
-            node = self.gm.graph.get_attr(target)
-        self._val(node)
-        self.created.append(node)
-        return node
-
-    def copy(self, sources: dict, outputs: list, state: nn.Module, role: str) -> list[fx.Node]:
-        """Copies the nodes between ``sources`` and ``outputs`` (sources replaced by their values);
-        parameters they read are cloned into ``state`` as ``<role>_<name>``. Returns the outputs' copies."""
-        between = _between(list(sources), outputs)
-        env = dict(sources)
-        for node in self.gm.graph.nodes:  # graph order
-            if node not in between:
+def _copy_between(b: GraphBuilder, sources: dict, outputs: list, state: nn.Module, prefix: str,
+                  role: str) -> list[fx.Node]:
+    """Copies the nodes between ``sources`` and ``outputs`` (sources replaced by their values);
+    parameters they read are cloned into ``state`` as ``<role>_<name>``. Returns the outputs' copies."""
+    between = _between(list(sources), outputs)
+    env = dict(sources)
+    for node in b.graph.nodes:  # graph order
+        if node not in between:
+            continue
+        for inp in node.all_input_nodes:
+            if inp in env or inp.op != "get_attr":
                 continue
-            for inp in node.all_input_nodes:
-                if inp in env or inp.op != "get_attr":
-                    continue
-                tensor = get_attr_value(self.gm, inp)
-                if isinstance(tensor, nn.Parameter):
-                    name = f"{role}_{'_'.join(inp.target.split('.')[-2:])}"
-                    state.register_parameter(name, nn.Parameter(tensor.detach().clone()))
-                    env[inp] = self.get_attr(f"{self.prefix}.l2a.{name}")
-            with self.gm.graph.inserting_before(self.anchor):
-                copied = self.gm.graph.node_copy(node, lambda n: env.get(n, n))
-            env[node] = self._finish(copied, None)
-        return [env[o] for o in outputs]
+            tensor = get_attr_value(b.gm, inp)
+            if isinstance(tensor, nn.Parameter):
+                name = f"{role}_{'_'.join(inp.target.split('.')[-2:])}"
+                state.register_parameter(name, nn.Parameter(tensor.detach().clone()))
+                env[inp] = b.get_attr(f"{prefix}.l2a.{name}")
+        env[node] = b.copy(node, env)
+    return [env[o] for o in outputs]
 
 
 def _between(sources: list[fx.Node], outputs: list[fx.Node]) -> set[fx.Node]:
@@ -222,20 +175,20 @@ def route_attention_replacement(gm: fx.GraphModule, region: AttentionRegion, cfg
     state = _state(gm, prefix, region, cfg.window)
     res = region.residual
     region.core.args = (*region.core.args[:4], cfg.window)  # the window branch
-    b = _Builder(gm, res.next, res, prefix)
+    b = GraphBuilder(gm, res.next, like=res)
     norm = region.input_norm
-    (s,) = b.copy({norm.x_in: res}, [norm.out], state, "norm")
+    (s,) = _copy_between(b, {norm.x_in: res}, [norm.out], state, prefix, "norm")
     logit = b.call(aten.squeeze.dim, b.call(aten.linear.default, s, b.get_attr(f"{prefix}.l2a.router_weight")), -1)
-    prob = b.call(aten.sigmoid.default, b.call(aten.div.Tensor, logit, cfg.temperature), role="prob")
-    route = b.call(aten.ge.Scalar, logit, 0.0, role="route")
+    prob = _tag(b.call(aten.sigmoid.default, b.call(aten.div.Tensor, logit, cfg.temperature)), prefix, "prob")
+    route = _tag(b.call(aten.ge.Scalar, logit, 0.0), prefix, "route")
     hard = b.call(aten.to.dtype, route, logit.meta["val"].dtype)
     gate = b.call(aten.add.Tensor, prob, b.call(aten.detach.default, b.call(aten.sub.Tensor, hard, prob)))
     attend = b.call(aten.logical_or.default, route, b.get_attr(f"{prefix}.l2a.dense"))
-    q, k, v = b.copy({region.x_in: s}, [region.q, region.k, region.v], state, "global")
-    core = b.call(ROUTED, q, k, v, attend, float(region.scale), role="routed")
-    (o,) = b.copy({region.core: core}, [region.out], state, "global")
+    q, k, v = _copy_between(b, {region.x_in: s}, [region.q, region.k, region.v], state, prefix, "global")
+    core = _tag(b.call(ROUTED, q, k, v, attend, float(region.scale)), prefix, "routed")
+    (o,) = _copy_between(b, {region.core: core}, [region.out], state, prefix, "global")
     gated = b.call(aten.mul.Tensor, o, b.call(aten.unsqueeze.default, b.call(aten.to.dtype, gate, o.meta["val"].dtype), -1))
-    out = b.call(aten.add.Tensor, res, gated, role="out")
+    out = _tag(b.call(aten.add.Tensor, res, gated), prefix, "out")
     created = set(b.created)
     res.replace_all_uses_with(out, delete_user_cb=lambda user: user not in created)
 
@@ -252,12 +205,8 @@ class RouteAttention(Pass):
         snapshot = GraphSnapshot.take(gm)
         cfg = self.config
         before = find_regions(gm)
-        found = {r.layer for r in before.attention}
-        missing = [i for i in cfg.layers or () if i not in found]
-        if missing:
-            msg = f"route-attention layers={list(cfg.layers)} names layer {missing[0]}, but the model's attention layers are {sorted(found)}."
-            raise ValueError(msg)
-        wanted = [r for r in before.attention if cfg.layers is None or r.layer in cfg.layers]
+        chosen = select_layers(self.name, cfg.layers, (r.layer for r in before.attention))
+        wanted = [r for r in before.attention if r.layer in chosen]
         skipped, todo = [], []
         for region in wanted:
             reason = check_routable(gm, region)

@@ -11,17 +11,9 @@ Rewrites (FFN regions in graph order, n = their number; layers ``cold_start <= i
   skipped. Cold layers keep their original FFN. Lossy (``exact = False``), except that a config
   under which no row ever skips reproduces the original outputs.
 
-``policy=forecast`` (Informed Routing) rewrites each non-cold FFN instead to
-          logit_i = router_i(x)  (Linear d→H, ReLU, Linear H→1; parameters skip_ffn_router_*)
-          execute_i = (logit_i > 0) | (position < warmup)
-          update_i, _ = condfx.masked_ffn(x, h_in, execute_i, ...)
-          g = float(execute_i)[..., None]
-          h_out = h_in + g * update_i + (1 - g) * forecast_i(x)   (x A^T B^T + c, rank r; skip_ffn_forecast_*)
-  so a routed-out row gets the low-rank forecast of the FFN's update instead of nothing. The new
-  parameters sit next to the FFN module (e.g. ``layers.3.feed_forward.skip_ffn_router_w1``); untrained
-  (no ``state``) every row executes. ``condfx.forecast`` fits and trains them and writes the
-  ``state`` file (safetensors with the model identity, checked here). The logit/execute/gate/FFN nodes
-  are tagged in ``node.meta["condfx_forecast"]`` for its training view.
+``policy=forecast`` (Informed Routing) rewrites each non-cold FFN instead to a learned router, the
+  masked FFN and a low-rank forecast for routed-out rows (``skip_ffn_forecast.py``). The policies
+  are strategy objects chosen through ``POLICIES`` (``skip_ffn_policy.FFNSkipPolicy``).
 
 Positions: the policy reads the model's own position ``arange`` (the one feeding RoPE or the
   position embedding, found with ``add_kv_cache.find_position_aranges``), so when ``add-kv-cache``
@@ -45,102 +37,41 @@ Does not handle: fused gate/up projections (one weight split in two), projection
 
 from __future__ import annotations
 
-import operator
 from collections import Counter
-from dataclasses import dataclass
-from enum import Enum
+from types import MappingProxyType
 from typing import ClassVar
 
 import torch
-from torch import fx, nn
+from torch import fx
 
-import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
 from condfx.passes._insert import remove_dead_calls
 from condfx.passes.add_kv_cache import find_position_aranges, is_decode_form
 from condfx.passes.base import GraphSnapshot, Pass, PassResult
+from condfx.passes.graph_builder import GraphBuilder
 from condfx.passes.report import estimate_cost
+from condfx.passes.skip_ffn_config import SkipFFNConfig, SkipPolicy
+from condfx.passes.skip_ffn_forecast import ForecastPolicy
+from condfx.passes.skip_ffn_policy import (
+    MASKED_FFN,
+    FFNSite,
+    FFNSkipPolicy,
+    is_masked_ffn,
+    masked_ffn_argument,
+)
+from condfx.passes.skip_ffn_similarity import SimilarityPolicy
 from condfx.patterns import find_regions
-from condfx.patterns.regions import FFNKind, FFNRegion, ResidualAdd
+from condfx.patterns.regions import FFNRegion, ResidualAdd
 
-MASKED_FFN = torch.ops.condfx.masked_ffn.default
+__all__ = ["MASKED_FFN", "POLICIES", "SkipFFN", "SkipFFNConfig", "SkipPolicy", "is_masked_ffn",
+           "measure_skip_fraction"]
 aten = torch.ops.aten
-_COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "from_node")
 
 
-class SkipPolicy(Enum):
-    """How the execute mask is decided: FFN-SkipLLM similarity, or Informed Routing's router + forecast."""
-
-    SIMILARITY = "similarity"
-    FORECAST = "forecast"
-
-
-@dataclass(frozen=True)
-class SkipFFNConfig:
-    """Options of ``skip-ffn``.
-
-    Attributes:
-        policy: the decision rule ("similarity": FFN-SkipLLM).
-        threshold: cos(h_in, h_out) at or above which the next ``span`` FFNs are skipped, in (0, 1].
-        span: FFNs skipped after a saturated one, >= 1.
-        cold_start: first FFN layers never skipped, >= 0.
-        cold_end: last FFN layers never skipped, >= 0.
-        warmup: tokens at positions < warmup always run every FFN, >= 0.
-        rank: forecast policy: rank of each FFN's low-rank forecaster, >= 1.
-        router_hidden: forecast policy: hidden width of each FFN's router MLP, >= 1.
-        state: forecast policy: safetensors file of trained routers and forecasters
-            (``condfx.forecast.save_state``); None gives the untrained state, under which every
-            row executes and the rewritten graph reproduces the original outputs.
-    """
-
-    policy: SkipPolicy = SkipPolicy.SIMILARITY
-    threshold: float = 0.9
-    span: int = 1
-    cold_start: int = 1
-    cold_end: int = 1
-    warmup: int = 0
-    rank: int = 32
-    router_hidden: int = 64
-    state: str | None = None
-
-    def __post_init__(self):
-        bad = f"SkipFFNConfig.policy must be 'similarity' or 'forecast'; got {self.policy!r}."
-        if isinstance(self.policy, str):
-            try:
-                object.__setattr__(self, "policy", SkipPolicy(self.policy))
-            except ValueError:
-                raise ValueError(bad) from None
-        if not isinstance(self.policy, SkipPolicy):
-            raise ValueError(bad)
-        if self.state is not None and not isinstance(self.state, str):
-            msg = f"SkipFFNConfig.state must be a safetensors file path or None; got {self.state!r}."
-            raise ValueError(msg)
-        t = self.threshold
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t <= 1.0:
-            msg = f"SkipFFNConfig.threshold must be a number in (0, 1]; got {t!r}."
-            raise ValueError(msg)
-        object.__setattr__(self, "threshold", float(t))
-        for name, low in (("span", 1), ("cold_start", 0), ("cold_end", 0), ("warmup", 0), ("rank", 1),
-                          ("router_hidden", 1)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                msg = f"SkipFFNConfig.{name} must be an int >= {low}; got {v!r}."
-                raise ValueError(msg)
-
-
-def is_masked_ffn(node: fx.Node) -> bool:
-    """True when ``node`` is a ``condfx.masked_ffn`` call."""
-    return node.op == "call_function" and node.target is MASKED_FFN
-
-
-def _act_name(region: FFNRegion) -> str:
-    act = region.act
-    if act.op == "call_function" and act.target is aten.silu.default:
-        return "silu"
-    if act.op == "call_function" and act.target is aten.gelu.default:
-        return "gelu_tanh" if act.kwargs.get("approximate", "none") == "tanh" else "gelu"
-    if region.kind is FFNKind.SWIGLU and act.target is aten.mul.Tensor:
-        return "silu"  # x * sigmoid(x)
-    return "gelu_tanh"  # the explicit tanh formula (HF "gelu_new")
+POLICIES: MappingProxyType[SkipPolicy, FFNSkipPolicy] = MappingProxyType({
+    SkipPolicy.SIMILARITY: SimilarityPolicy(),
+    SkipPolicy.FORECAST: ForecastPolicy(),
+})
+"""The strategy of each ``SkipPolicy``: one line per policy."""
 
 
 def _unsupported(region: FFNRegion, residuals: dict[fx.Node, ResidualAdd]) -> str | None:
@@ -159,26 +90,6 @@ def _unsupported(region: FFNRegion, residuals: dict[fx.Node, ResidualAdd]) -> st
     return None
 
 
-class _Builder:
-    """Inserts nodes before an anchor and gives each its FakeTensor value."""
-
-    def __init__(self, graph: fx.Graph, meta_from: fx.Node):
-        self.graph, self.meta_from = graph, meta_from
-
-    def __call__(self, target, *args, **kwargs) -> fx.Node:
-        node = self.graph.call_function(target, args, kwargs)
-        fake = lambda a: a.meta["val"] if isinstance(a, fx.Node) else a  # noqa: E731
-        vals = fx.node.map_aggregate(args, fake)
-        kvals = fx.node.map_aggregate(kwargs, fake)
-        mode = self.meta_from.meta["val"].fake_mode
-        with mode:
-            node.meta["val"] = target(*vals, **kvals)
-        for key in _COPIED_META:
-            if key in self.meta_from.meta:
-                node.meta[key] = self.meta_from.meta[key]
-        return node
-
-
 def _position_node(gm: fx.GraphModule) -> fx.Node | None:
     """The model's token-position arange (offset by the cache length in decode form), or None."""
     ids = next(n for n in gm.graph.nodes if n.op == "placeholder")
@@ -193,160 +104,16 @@ def _position_node(gm: fx.GraphModule) -> fx.Node | None:
     return None
 
 
-def _controller_start(b: _Builder, region: FFNRegion, pos: fx.Node | None, warmup: int):
-    """(countdown zeros (B, T) int64, warm (B, T) bool or None) built from the first region's input."""
-    row = b(aten.select.int, region.x_in, -1, 0)  # (B, T)
-    countdown = b(aten.zeros_like.default, row, dtype=torch.int64)
+def _warm(b: GraphBuilder, row: fx.Node, x_in: fx.Node, pos: fx.Node | None, warmup: int) -> fx.Node | None:
+    """(B, T) bool, True at positions < warmup, or None when ``warmup`` is 0."""
     if warmup == 0:
-        return countdown, None
+        return None
     if pos is None:
-        t = b(aten.sym_size.int, region.x_in, 1)
-        pos = b(aten.arange.default, t, device=region.x_in.meta["val"].device)
-    warm = b(aten.lt.Scalar, pos, warmup)  # (T,)
-    zeros_b = b(aten.zeros_like.default, row, dtype=torch.bool)
-    return countdown, b(aten.bitwise_or.Tensor, zeros_b, warm)  # (B, T)
-
-
-def _rewrite_region(b: _Builder, region: FFNRegion, res: ResidualAdd, countdown, warm, cfg) -> fx.Node:
-    """Inserts the masked FFN and the countdown update; returns the new countdown."""
-    execute = b(aten.eq.Scalar, countdown, 0)  # (B, T)
-    if warm is not None:
-        execute = b(aten.bitwise_or.Tensor, execute, warm)
-    gate = region.gate
-    args = (
-        region.x_in, res.stream, execute, region.up.weight, region.up.bias,
-        gate.weight if gate else None, gate.bias if gate else None,
-        region.down.weight, region.down.bias,
-        region.kind.value, _act_name(region), region.up.weight_layout,
-    )
-    fused = b(MASKED_FFN, *args)
-    update = b(operator.getitem, fused, 0)  # (B, T, d)
-    cos = b(operator.getitem, fused, 1)  # (B, T)
-    res.node.replace_input_with(res.branch, update)
-    trigger = b(aten.logical_and.default, execute, b(aten.ge.Scalar, cos, cfg.threshold))
-    if warm is not None:
-        trigger = b(aten.logical_and.default, trigger, b(aten.logical_not.default, warm))
-    left = b(aten.clamp_min.default, b(aten.sub.Tensor, countdown, 1), 0)
-    return b(aten.where.ScalarSelf, trigger, cfg.span, left)
-
-
-FORECAST_PARAMS = ("router_w1", "router_b1", "router_w2", "router_b2", "forecast_a", "forecast_b",
-                   "forecast_c")
-_ROLE = "condfx_forecast"  # node.meta key: (role, routed-layer index) for condfx.forecast's training view
-
-
-def _forecast_params(gm: fx.GraphModule, region: FFNRegion, cfg: SkipFFNConfig, index: int) -> dict[str, str]:
-    """Registers one FFN's router and forecaster next to its module; returns short name -> target.
-
-    Untrained values: the router's output bias is +1 and its output weight 0 (every row executes),
-    the forecaster is 0; the first router layer is random (seeded by ``index``) so training can start.
-    """
-    owner = region.down.weight.target.rsplit(".", 1)[0]  # e.g. layers.3.feed_forward.w2
-    parent = owner.rsplit(".", 1)[0] if "." in owner else ""
-    module = gm.get_submodule(parent)
-    ref = _fetch_attr(gm, region.down.weight.target)
-    d, h, r = region.dim, cfg.router_hidden, cfg.rank
-    g = torch.Generator().manual_seed(1000 + index)
-    values = {
-        "router_w1": torch.randn(h, d, generator=g) / d**0.5, "router_b1": torch.zeros(h),
-        "router_w2": torch.zeros(1, h), "router_b2": torch.ones(1),
-        "forecast_a": torch.zeros(r, d), "forecast_b": torch.zeros(d, r), "forecast_c": torch.zeros(d),
-    }
-    targets = {}
-    for short, value in values.items():
-        name = f"skip_ffn_{short}"
-        if hasattr(module, name):
-            msg = f"skip-ffn: {parent or 'the model'} already has an attribute {name!r}."
-            raise ValueError(msg)
-        module.register_parameter(name, nn.Parameter(value.to(ref.device, ref.dtype), requires_grad=False))
-        targets[short] = f"{parent}.{name}" if parent else name
-    return targets
-
-
-def _fetch_attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _get_attr(b: _Builder, gm: fx.GraphModule, target: str) -> fx.Node:
-    node = b.graph.get_attr(target)
-    mode = b.meta_from.meta["val"].fake_mode
-    node.meta["val"] = mode.from_tensor(_fetch_attr(gm, target), static_shapes=True)
-    return node
-
-
-def _rewrite_region_forecast(b: _Builder, gm, region: FFNRegion, res: ResidualAdd, warm, params, index):
-    """Router → execute mask → masked FFN; routed-out rows get the low-rank forecast of the update."""
-    p = {k: _get_attr(b, gm, v) for k, v in params.items()}
-    x = region.x_in
-    hidden = b(aten.relu.default, b(aten.linear.default, x, p["router_w1"], p["router_b1"]))  # (B, T, H)
-    logit = b(aten.squeeze.dim, b(aten.linear.default, hidden, p["router_w2"], p["router_b2"]), -1)  # (B, T)
-    execute = b(aten.gt.Scalar, logit, 0.0)  # (B, T) bool
-    if warm is not None:
-        execute = b(aten.bitwise_or.Tensor, execute, warm)
-    gate = region.gate
-    args = (
-        x, res.stream, execute, region.up.weight, region.up.bias,
-        gate.weight if gate else None, gate.bias if gate else None,
-        region.down.weight, region.down.bias,
-        region.kind.value, _act_name(region), region.up.weight_layout,
-    )
-    fused = b(MASKED_FFN, *args)
-    update = b(operator.getitem, fused, 0)  # (B, T, d): 0 on routed-out rows
-    low = b(aten.linear.default, x, p["forecast_a"])  # (B, T, r)
-    guess = b(aten.linear.default, low, p["forecast_b"], p["forecast_c"])  # (B, T, d)
-    dtype = update.meta["val"].dtype
-    g = b(aten.unsqueeze.default, b(aten._to_copy.default, execute, dtype=dtype), -1)  # (B, T, 1)
-    blended = b(aten.add.Tensor, b(aten.mul.Tensor, update, g), b(aten.mul.Tensor, guess, b(aten.rsub.Scalar, g, 1)))
-    res.node.replace_input_with(res.branch, blended)
-    for node, role in ((logit, "logit"), (execute, "execute"), (g, "gate"), (fused, "ffn")):
-        node.meta[_ROLE] = (role, index)
-
-
-def _load_state(gm: fx.GraphModule, path: str) -> dict[str, torch.Tensor]:
-    """Reads a forecast-policy state file and checks it was made for this model."""
-    import json
-    import os
-
-    from safetensors import safe_open
-
-    from condfx.calibrate import model_identity
-
-    if not os.path.isfile(path):
-        msg = f"skip-ffn state file {path!r} does not exist."
-        raise ValueError(msg)
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-    theirs = json.loads(meta.get("identity", "{}"))
-    mine = model_identity(gm)
-    if theirs != mine:
-        msg = (
-            f"skip-ffn state file {path} was made for a different model (n_layers {theirs.get('n_layers')}, "
-            f"dim {theirs.get('dim')}, hash {theirs.get('hash')}) than this one (n_layers "
-            f"{mine['n_layers']}, dim {mine['dim']}, hash {mine['hash']}); retrain for this model."
-        )
-        raise ValueError(msg)
-    return tensors
-
-
-def _copy_state(gm: fx.GraphModule, state: dict[str, torch.Tensor], added: list[str], path) -> None:
-    if set(state) != set(added):
-        msg = (
-            f"skip-ffn state file {path} holds {len(state)} tensors but this rewrite has {len(added)} "
-            "learned parameters (different cold regions, rank or router_hidden?); use the options it was trained with."
-        )
-        raise ValueError(msg)
-    with torch.no_grad():
-        for name in added:
-            param = _fetch_attr(gm, name)
-            if param.shape != state[name].shape:
-                msg = (f"skip-ffn state file {path}: {name} has shape {tuple(state[name].shape)}, the rewrite "
-                       f"needs {tuple(param.shape)} (different rank or router_hidden?).")
-                raise ValueError(msg)
-            param.copy_(state[name])
+        t = b.call(aten.sym_size.int, x_in, 1)
+        pos = b.call(aten.arange.default, t, device=x_in.meta["val"].device)
+    warm = b.call(aten.lt.Scalar, pos, warmup)  # (T,)
+    zeros_b = b.call(aten.zeros_like.default, row, dtype=torch.bool)
+    return b.call(aten.bitwise_or.Tensor, zeros_b, warm)  # (B, T)
 
 
 class SkipFFN(Pass):
@@ -393,32 +160,21 @@ class SkipFFN(Pass):
         return PassResult(gm, bool(todo), report)
 
     def _rewrite(self, gm: fx.GraphModule, todo: list[FFNRegion], residuals) -> None:
-        cfg, graph = self.config, gm.graph
-        forecast = cfg.policy is SkipPolicy.FORECAST
-        state = _load_state(gm, cfg.state) if forecast and cfg.state else None
-        if forecast:
-            from condfx.calibrate import model_identity
-
-            gm.meta["condfx_identity"] = model_identity(gm)  # what condfx.forecast.save_state records
+        """Builds the shared warm-up mask, then lets the configured policy rewrite each FFN."""
+        cfg, policy = self.config, POLICIES[self.config.policy]
+        context = policy.prepare(gm, cfg)
         pos = _position_node(gm) if cfg.warmup else None
-        first = residuals[todo[0].residual]
-        with graph.inserting_before(first.node):
-            countdown, warm = _controller_start(_Builder(graph, first.node), todo[0], pos, cfg.warmup)
-        added: list[str] = []
-        for i, region in enumerate(todo):
-            res = residuals[region.residual]
-            with graph.inserting_before(res.node):
-                b = _Builder(graph, res.node)
-                if forecast:
-                    params = _forecast_params(gm, region, cfg, i)
-                    added += params.values()
-                    _rewrite_region_forecast(b, gm, region, res, warm, params, i)
-                else:
-                    countdown = _rewrite_region(b, region, res, countdown, warm, cfg)
-        if state is not None:
-            _copy_state(gm, state, added, cfg.state)
-        remove_dead_calls(graph)
-        graph.lint()
+        x_in = todo[0].x_in
+        b = GraphBuilder(gm, residuals[todo[0].residual].node)
+        row = b.call(aten.select.int, x_in, -1, 0)  # (B, T)
+        carry = policy.start(b, row, cfg)
+        warm = _warm(b, row, x_in, pos, cfg.warmup)
+        sites = [FFNSite(r, residuals[r.residual], i, warm) for i, r in enumerate(todo)]
+        for site in sites:
+            carry = policy.rewrite(GraphBuilder(gm, site.residual.node), site, cfg, carry)
+        policy.finish(gm, cfg, sites, context)
+        remove_dead_calls(gm.graph)
+        gm.graph.lint()
         gm.recompile()
 
 
@@ -441,7 +197,7 @@ def measure_skip_fraction(gm: fx.GraphModule, *inputs: torch.Tensor) -> dict:
         def run_node(self, node):
             out = super().run_node(node)
             if is_masked_ffn(node):
-                execute = self.env[node.args[2]]
+                execute = self.env[masked_ffn_argument(node, "execute")]
                 counts[node.name] += int((~execute).sum())
                 totals[node.name] += execute.numel()
             return out

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from condfx.verify import EXACT_TOLERANCES
+from condfx.ops._masks import causal_window_mask
+from condfx.verify import EXACT_TOLERANCES, max_abs_diff  # noqa: F401  (max_abs_diff: re-exported for the tests)
 
 # (atol, rtol) per dtype for exact rewrites: the same table condfx.verify uses.
 TOLERANCES = EXACT_TOLERANCES
@@ -22,19 +23,12 @@ def assert_close_exact(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
 
 
-def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| in float64."""
-    return (a.double() - b.double()).abs().max().item()
-
-
 def dense_attention(q, k, v, scale: float, window: int = 0) -> torch.Tensor:
     """The textbook formula: repeat K/V heads, full (T, S) score matrix, end-aligned causal mask."""
     t, s = q.shape[2], k.shape[2]
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    pos = torch.arange(t).unsqueeze(1) + (s - t)
-    j = torch.arange(s).unsqueeze(0)
-    keep = (j <= pos) & ((j > pos - window) if window > 0 else True)
+    keep = causal_window_mask(t, s, window)  # (T, S)
     scores = (q.double() @ k.double().transpose(-1, -2)) * scale
     probs = torch.softmax(scores.masked_fill(~keep, -math.inf), dim=-1)
     return (probs @ v.double()).to(q.dtype)

@@ -51,6 +51,8 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
+from condfx.ops._masks import causal_window_mask
+
 _LOG2E = 1.4426950408889634  # exp(x) == exp2(x * log2(e))
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _HEAD_DIMS = (16, 32, 64, 128)
@@ -317,9 +319,7 @@ def attention_reference(
     hkv, s = k.shape[1], k.shape[2]
     qg = q.float().reshape(b, hkv, h // hkv, t, d)  # (B, Hkv, G, T, D)
     scores = qg @ k.float().unsqueeze(2).transpose(-1, -2) * scale  # (B, Hkv, G, T, S)
-    pos = torch.arange(t, device=q.device).unsqueeze(1) + (s - t)  # (T, 1)
-    j = torch.arange(s, device=q.device).unsqueeze(0)  # (1, S)
-    keep = (j <= pos) & ((j > pos - window) if window > 0 else torch.ones_like(j, dtype=torch.bool))
+    keep = causal_window_mask(t, s, window, q.device)  # (T, S)
     probs = torch.softmax(scores.masked_fill(~keep, -math.inf), dim=-1)  # (B, Hkv, G, T, S)
     out = probs @ v.float().unsqueeze(2)  # (B, Hkv, G, T, D)
     return out.reshape(b, h, t, d).to(q.dtype)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from condfx.ops._masks import visible
+
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -92,10 +94,10 @@ def window_attention(q, k, v, scale: float, window: int) -> torch.Tensor:
                                   scale, causal=True)
             parts.append((out.flip(2), lse.flip(2)))
         elif t0 > 0:
-            i = torch.arange(t0, t1).unsqueeze(1)  # (c', 1) absolute query positions
-            j = torch.arange(lo, t0).unsqueeze(0)  # (1, t0 - lo)
-            # every row sees key t0 - 1: a row i of the block has i - window < t0 - 1
-            parts.append(attend_lse(qb, k[:, :, lo:t0], v[:, :, lo:t0], scale, keep=j > i - window))
+            # keys lo..t0-1 precede every row (causal holds); every row sees key t0 - 1, since a
+            # row i of the block has i - window < t0 - 1
+            keep = visible(torch.arange(t0, t1), torch.arange(lo, t0), window)  # (c', t0 - lo)
+            parts.append(attend_lse(qb, k[:, :, lo:t0], v[:, :, lo:t0], scale, keep=keep))
         outs.append(merge(parts))
     return torch.cat(outs, dim=2)
 
@@ -104,7 +106,7 @@ def routed_rows(qb, kb, vb, pos: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention for compact queries qb (1, H, N, D) at sorted absolute positions ``pos``:
     keys before the first position are visible to every row (no mask); the rest use a mask."""
     p0, p1 = int(pos[0]), int(pos[-1]) + 1
-    keep = torch.arange(p0, p1).unsqueeze(0) <= pos.unsqueeze(1)  # (N, p1 - p0)
+    keep = visible(pos, torch.arange(p0, p1))  # (N, p1 - p0)
     parts = [attend_lse(qb, kb[:, :, p0:p1], vb[:, :, p0:p1], scale, keep=keep)]
     if p0 > 0:
         parts.append(attend_lse(qb, kb[:, :, :p0], vb[:, :, :p0], scale))

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from condfx.ops import _flash_cpu
+from condfx.ops._masks import causal_window_mask
 
 # Upper bound on the elements of one (B, H, chunk, S) score block in the reference: 2**24 floats = 64 MiB.
 _SCORE_BLOCK_ELEMENTS = 1 << 24
@@ -85,16 +86,6 @@ def check_attention_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wi
         raise ValueError(msg)
 
 
-def _visible(t0: int, t1: int, t: int, s: int, window: int, device) -> torch.Tensor:
-    """(t1 - t0, S) bool mask, True where query row i (absolute S - T + i) may read key j."""
-    pos = torch.arange(t0, t1, device=device).unsqueeze(1) + (s - t)  # (c, 1)
-    j = torch.arange(s, device=device).unsqueeze(0)  # (1, S)
-    keep = j <= pos
-    if window > 0:
-        keep = keep & (j > pos - window)
-    return keep
-
-
 def _chunk_len(b: int, h: int, t: int, s: int) -> int:
     return max(1, min(t, _SCORE_BLOCK_ELEMENTS // max(1, b * h * s)))
 
@@ -103,7 +94,7 @@ def _probs(qg, kg, t0, t1, t, s, scale, window):
     """Softmax probabilities for query rows [t0, t1): (B, Hkv, G, c, S) in float32 or float64."""
     acc = torch.float64 if qg.dtype == torch.float64 else torch.float32
     scores = (qg[..., t0:t1, :].to(acc) @ kg.to(acc).transpose(-1, -2)) * scale  # (B, Hkv, G, c, S)
-    keep = _visible(t0, t1, t, s, window, qg.device)
+    keep = causal_window_mask(t, s, window, qg.device, rows=(t0, t1))  # (c, S)
     return torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
 
 
@@ -202,7 +193,7 @@ def attention_sdpa(
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     if 0 < window and t > 2 * window:
         return _windowed_blocks(q, k, v, scale, window)
-    mask = _visible(0, t, t, s, window, q.device)  # (T, S)
+    mask = causal_window_mask(t, s, window, q.device)  # (T, S)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
@@ -218,7 +209,7 @@ def _windowed_blocks(q, k, v, scale: float, window: int) -> torch.Tensor:
         t1 = min(t, t0 + window)
         lo = max(0, s - t + t0 - window + 1)  # first key the block's first row sees
         hi = s - t + t1  # one past the block's last row position
-        keep = _visible(t0, t1, t, s, window, q.device)[:, lo:hi]  # (c, hi - lo)
+        keep = causal_window_mask(t, s, window, q.device, rows=(t0, t1))[:, lo:hi]  # (c, hi - lo)
         outs.append(F.scaled_dot_product_attention(
             q[:, :, t0:t1], k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=keep, scale=scale, enable_gqa=gqa
         ))  # (B, H, c, D)

@@ -38,6 +38,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from condfx.ops._masks import causal_window_mask, visible
+
 
 def _static(*dims) -> bool:
     return all(isinstance(d, int) for d in dims)
@@ -96,14 +98,11 @@ def interleaved_visible(
     t_len: int, s_len: int, pseudo: int, window: int, token_causal: bool, device=None
 ) -> torch.Tensor:
     """(T*P, S*P) bool mask, True where query row i may read key row j (module docstring)."""
-    a = torch.arange(t_len, device=device).unsqueeze(1) + (s_len - t_len)  # (T*P, 1)
-    j = torch.arange(s_len, device=device).unsqueeze(0)  # (1, S*P)
-    if token_causal:
-        a, j, window = a // pseudo, j // pseudo, window // pseudo
-    keep = j <= a
-    if window > 0:
-        keep = keep & (j > a - window)
-    return keep
+    if not token_causal:
+        return causal_window_mask(t_len, s_len, window, device)
+    a = torch.arange(t_len, device=device) + (s_len - t_len)  # (T*P,) absolute rows
+    j = torch.arange(s_len, device=device)  # (S*P,)
+    return visible(a // pseudo, j // pseudo, window // pseudo)  # causal over tokens
 
 
 def _positions(length: int, total: int, pseudo: int, token_positions: bool, device) -> torch.Tensor:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from condfx.ops._masks import causal_window_mask
 from condfx.ops.attention import check_attention_shapes
 
 BITS = (2, 3, 4)
@@ -271,9 +272,7 @@ def quantized_cache_attention_reference(
         qc = qg[..., t0:t1, :]
         use_k = _uses_hat(t0, t1, t, s, residual, k_chunk, q.device, sink)  # (c, S)
         scores = torch.where(use_k, qc @ khg.transpose(-1, -2), qc @ kg.transpose(-1, -2)) * scale
-        pos = torch.arange(t0, t1, device=q.device).unsqueeze(1) + (s - t)
-        j = torch.arange(s, device=q.device).unsqueeze(0)
-        keep = (j <= pos) & ((j > pos - window) if window > 0 else True)
+        keep = causal_window_mask(t, s, window, q.device, rows=(t0, t1))  # (c, S)
         p = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)  # (B, Hkv, G, c, S)
         use_v = _uses_hat(t0, t1, t, s, residual, v_chunk, q.device, sink)
         out = (p * use_v) @ vhg + (p * ~use_v) @ vg  # (B, Hkv, G, c, D)
@@ -296,9 +295,7 @@ def quantized_cache_attention_sdpa(
     t, s = q.shape[2], k.shape[2]
     hk = _uses_hat(0, t, t, s, residual, k_chunk, q.device, sink)  # (T, S)
     hv = _uses_hat(0, t, t, s, residual, v_chunk, q.device, sink)
-    pos = torch.arange(t, device=q.device).unsqueeze(1) + (s - t)
-    j = torch.arange(s, device=q.device).unsqueeze(0)
-    keep = (j <= pos) & ((j > pos - window) if window > 0 else True)
+    keep = causal_window_mask(t, s, window, q.device)  # (T, S)
     pairs = [(k_hat, v_hat, hk & hv), (k, v, ~hk & ~hv)]
     if k_chunk != v_chunk:
         pairs += [(k_hat, v, hk & ~hv), (k, v_hat, ~hk & hv)]

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from condfx.ops import _flash_cpu
+from condfx.ops._masks import visible
 from condfx.ops.attention import check_attention_shapes
 
 # Compact queries per SDPA call; each call reads keys up to its last query's position.
@@ -61,7 +62,7 @@ def _attend_rows(qb, kb, vb, pos, scale):
             outs.append(_flash_cpu.routed_rows(qb[:, :, n0 : n0 + _QUERY_BLOCK], kb, vb, p, scale))
             continue
         s_used = int(p[-1]) + 1  # keys beyond the block's last query are never visible
-        keep = torch.arange(s_used, device=qb.device).unsqueeze(0) <= p.unsqueeze(1)  # (c, S')
+        keep = visible(p, torch.arange(s_used, device=qb.device))  # (c, S')
         outs.append(
             F.scaled_dot_product_attention(
                 qb[:, :, n0 : n0 + _QUERY_BLOCK], kb[:, :, :s_used], vb[:, :, :s_used],

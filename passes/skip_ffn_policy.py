@@ -1,0 +1,96 @@
+"""What the two ``skip-ffn`` policies share: the ``condfx.masked_ffn`` call, the site of one
+rewritten FFN, and the ``FFNSkipPolicy`` protocol that ``skip_ffn.POLICIES`` maps each
+``SkipPolicy`` to (``skip_ffn_similarity.SimilarityPolicy``, ``skip_ffn_forecast.ForecastPolicy``).
+
+A policy is stateless: what it reads before the graph changes is returned by ``prepare`` and handed
+back to ``finish``; what flows from one FFN to the next (the similarity countdown) is the carry that
+``start`` returns and each ``rewrite`` passes on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from torch import fx
+
+import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
+from condfx.passes.graph_builder import GraphBuilder
+from condfx.patterns.regions import FFNKind, FFNRegion, ResidualAdd
+
+if TYPE_CHECKING:
+    from condfx.passes.skip_ffn_config import SkipFFNConfig
+
+MASKED_FFN = torch.ops.condfx.masked_ffn.default
+aten = torch.ops.aten
+
+
+def is_masked_ffn(node: fx.Node) -> bool:
+    """True when ``node`` is a ``condfx.masked_ffn`` call."""
+    return node.op == "call_function" and node.target is MASKED_FFN
+
+
+def masked_ffn_argument(node: fx.Node, name: str):
+    """The argument ``name`` (schema name, e.g. ``"execute"``) of a ``condfx.masked_ffn`` node."""
+    names = [a.name for a in MASKED_FFN._schema.arguments]
+    i = names.index(name)
+    return node.args[i] if i < len(node.args) else node.kwargs.get(name)
+
+
+@dataclass(frozen=True)
+class FFNSite:
+    """One FFN region being rewritten.
+
+    Attributes:
+        region: the FFN region.
+        residual: its residual add (``residual.node`` is the builder's anchor).
+        index: position among the rewritten regions (0 for the first non-cold one).
+        warm: (B, T) bool, True for tokens at positions < warmup, or None without warm-up.
+    """
+
+    region: FFNRegion
+    residual: ResidualAdd
+    index: int
+    warm: fx.Node | None
+
+
+class FFNSkipPolicy(Protocol):
+    """How one ``SkipPolicy`` decides which rows of each FFN execute."""
+
+    def prepare(self, gm: fx.GraphModule, cfg: SkipFFNConfig) -> Any:
+        """Checks and reads what the policy needs before the graph changes; returns its context."""
+
+    def start(self, b: GraphBuilder, row: fx.Node, cfg: SkipFFNConfig) -> Any:
+        """Builds what runs once before the first FFN (``row``: a (B, T) slice); returns the carry."""
+
+    def rewrite(self, b: GraphBuilder, site: FFNSite, cfg: SkipFFNConfig, carry: Any) -> Any:
+        """Rewrites one FFN (``b`` inserts before its residual add); returns the next carry."""
+
+    def finish(self, gm: fx.GraphModule, cfg: SkipFFNConfig, sites: list[FFNSite], context: Any) -> None:
+        """Runs after every FFN was rewritten, with ``prepare``'s context."""
+
+
+def act_name(region: FFNRegion) -> str:
+    """The ``act`` argument of ``condfx.masked_ffn`` for ``region``'s activation."""
+    act = region.act
+    if act.op == "call_function" and act.target is aten.silu.default:
+        return "silu"
+    if act.op == "call_function" and act.target is aten.gelu.default:
+        return "gelu_tanh" if act.kwargs.get("approximate", "none") == "tanh" else "gelu"
+    if region.kind is FFNKind.SWIGLU and act.target is aten.mul.Tensor:
+        return "silu"  # x * sigmoid(x)
+    return "gelu_tanh"  # the explicit tanh formula (HF "gelu_new")
+
+
+def call_masked_ffn(b: GraphBuilder, site: FFNSite, execute: fx.Node) -> fx.Node:
+    """Inserts ``condfx.masked_ffn`` for ``site`` with the (B, T) bool ``execute``; returns the
+    (update, cos) tuple node."""
+    region, gate = site.region, site.region.gate
+    return b.call(
+        MASKED_FFN,
+        region.x_in, site.residual.stream, execute, region.up.weight, region.up.bias,
+        gate.weight if gate else None, gate.bias if gate else None,
+        region.down.weight, region.down.bias,
+        region.kind.value, act_name(region), region.up.weight_layout,
+    )
