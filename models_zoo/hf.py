@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import MappingProxyType
@@ -187,13 +188,13 @@ def load_gguf(
         gguf_checks.check_tensors(reader, path, arch)
         read_tokenizer = functools.partial(AutoTokenizer.from_pretrained, folder, gguf_file=name)
         tokenizer = _call(where, "read the tokenizer of", read_tokenizer)
-        hf, info = _call(
-            where,
-            "build a model from",
-            lambda: AutoModelForCausalLM.from_pretrained(
-                folder, gguf_file=name, config=config, **_LOAD_OPTIONS, **_attn_kwargs(attn_impl)
-            ),
+        build = functools.partial(
+            AutoModelForCausalLM.from_pretrained,
+            folder, gguf_file=name, config=config, **_LOAD_OPTIONS, **_attn_kwargs(attn_impl),
         )
+        # The GGUF conversion draws its own tqdm bar, out of reach of the switch above.
+        with contextlib.redirect_stderr(io.StringIO()):
+            hf, info = _call(where, "build a model from", build)
     checks.check_loading_info(info, where)
     checks.check_finite(hf, where)
     return CausalLMLogits(hf.eval(), path.stem).eval(), HFTokenizer(tokenizer)
@@ -329,8 +330,10 @@ def _call(where: str, what: str, fn: Callable[[], Any]) -> Any:
 
 
 def _failure(where: str, what: str, err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    detail = lines[0].rstrip(".") if lines else type(err).__name__
+    # Multi-line messages (e.g. transformers' config validators) are joined into one line.
+    detail = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    detail = (detail[:300] + " ...") if len(detail) > 300 else detail.rstrip(".")
+    detail = detail or type(err).__name__
     return f"transformers could not {what} {where}: {detail}."
 
 
