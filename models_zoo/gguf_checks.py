@@ -109,7 +109,8 @@ def check_tensors(reader: Any, path: Path, arch: str) -> None:
         gap_text = f", missing {_layers(gaps)}" if gaps else ""
         msg = (
             f"GGUF file {path.name} has {arch}.block_count = {blocks} but tensors for "
-            f"{len(found)} layers ({have}{gap_text}); the metadata and the tensors disagree."
+            f"{len(found)} layer{'' if len(found) == 1 else 's'} ({have}{gap_text}); the metadata "
+            "and the tensors disagree."
         )
         raise LoadError(msg)
     known = _known_names(arch, max(found, default=-1) + 1)

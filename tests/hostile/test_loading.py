@@ -56,6 +56,9 @@ def _tiny_hf(kind: str):
         ),
         "gemma": lambda: tf.GemmaConfig(**_SIZES, num_key_value_heads=1, head_dim=16, **common),
         "bert": lambda: tf.BertConfig(**_SIZES, vocab_size=VOCAB),
+        "gemma3": lambda: tf.Gemma3TextConfig(
+            **_SIZES, num_key_value_heads=1, head_dim=16, pad_token_id=0, **common
+        ),
         "t5": lambda: tf.T5Config(
             vocab_size=VOCAB, d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16
         ),
@@ -64,6 +67,7 @@ def _tiny_hf(kind: str):
         "llama": tf.LlamaForCausalLM,
         "mistral": tf.MistralForCausalLM,
         "gemma": tf.GemmaForCausalLM,
+        "gemma3": tf.Gemma3ForCausalLM,
         "bert": tf.BertForMaskedLM,
         "t5": tf.T5ForConditionalGeneration,
     }
@@ -159,6 +163,10 @@ _HF_CONFIG_CASES = {
     "more-layers": (
         lambda c: c.update(num_hidden_layers=3),
         r"is missing weights the model needs: model\.layers\.2\.",
+    ),
+    "fewer-layers": (
+        lambda c: c.update(num_hidden_layers=1),
+        r"has tensors the model does not have: model\.layers\.1\.",
     ),
     "heads-not-dividing": (
         lambda c: c.update(num_attention_heads=5, num_key_value_heads=5, head_dim=None),
@@ -301,18 +309,6 @@ def test_numerics_hf_folder_of_any_decoder_loads(hf_root, kind):
 
 # GGUF -------------------------------------------------------------------------------------------
 
-_GGUF_NAMES = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-
 
 def _interleave_rope(w: np.ndarray, heads: int) -> np.ndarray:
     """Half-split to llama.cpp's interleaved-pair row order (what convert_hf_to_gguf writes)."""
@@ -320,22 +316,33 @@ def _interleave_rope(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _gguf_tensors(model) -> dict[str, np.ndarray]:
-    sd = {k: v.numpy() for k, v in model.state_dict().items()}
-    tensors = {
-        "token_embd.weight": sd["model.embed_tokens.weight"],
-        "output_norm.weight": sd["model.norm.weight"],
-        "output.weight": sd["lm_head.weight"],
-    }
-    for i in range(2):
-        for hf_name, name in _GGUF_NAMES.items():
-            w = sd[f"model.layers.{i}.{hf_name}.weight"]
-            heads = {"attn_q": 4, "attn_k": 2}.get(name)
-            tensors[f"blk.{i}.{name}.weight"] = w if heads is None else _interleave_rope(w, heads)
+    """The model's weights under GGUF names (gguf-py's own name map), stored as llama.cpp does."""
+    from gguf import MODEL_ARCH, get_tensor_name_map
+
+    arch = model.config.model_type
+    names = get_tensor_name_map(
+        {"llama": MODEL_ARCH.LLAMA, "gemma3_text": MODEL_ARCH.GEMMA3}[arch], 2
+    )
+    tensors = {}
+    for key, value in model.state_dict().items():
+        if key == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        name, w = names.get_name(key.rsplit(".", 1)[0]) + ".weight", value.numpy()
+        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+            w = _interleave_rope(w, 4 if "attn_q" in name else 2)
+        if arch == "gemma3_text" and "norm" in name:
+            w = w + 1  # llama.cpp stores Gemma's norm scale 1 + w
+        tensors[name] = w
     return tensors
 
 
 def _write_gguf(
-    path: Path, tensors: dict[str, np.ndarray], arch: str = "llama", heads: int = 4, blocks: int = 2
+    path: Path,
+    tensors: dict[str, np.ndarray],
+    arch: str = "llama",
+    heads: int = 4,
+    blocks: int = 2,
+    kv_heads: int = 2,
 ) -> Path:
     from gguf import GGUFWriter
 
@@ -345,10 +352,16 @@ def _write_gguf(
     writer.add_embedding_length(64)
     writer.add_feed_forward_length(128)
     writer.add_head_count(heads)
-    writer.add_head_count_kv(2)
-    writer.add_rope_dimension_count(16)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(16)
+    writer.add_value_length(16)
     writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_rope_freq_base(10000.0)
+    if arch == "gemma3":  # Gemma3TextConfig's defaults, so the source model's logits are kept
+        writer.add_rope_freq_base(1e6)
+        writer.add_sliding_window(4096)
+    else:
+        writer.add_rope_dimension_count(16)
+        writer.add_rope_freq_base(10000.0)
     writer.add_vocab_size(VOCAB)
     writer.add_tokenizer_model("llama")
     writer.add_token_list(["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(VOCAB - 3)])
@@ -375,6 +388,16 @@ def gguf_tensors(gguf_source):
     return _gguf_tensors(gguf_source)
 
 
+def test_numerics_gguf_of_gemma3_loads_with_the_source_logits(tmp_path):
+    source = _tiny_hf("gemma3")
+    path = _write_gguf(tmp_path / "gemma3.gguf", _gguf_tensors(source), arch="gemma3", kv_heads=1)
+    model, _ = load(path, attn_impl="eager")
+    assert model.info.family == "gemma3_text" and model.info.n_layers == 2
+    source.config._attn_implementation = "eager"
+    with torch.no_grad():
+        torch.testing.assert_close(model(_IDS), source(input_ids=_IDS, use_cache=False).logits)
+
+
 def test_numerics_gguf_loads_with_the_source_logits(gguf_source, gguf_tensors, tmp_path):
     model, _ = load(_write_gguf(tmp_path / "tiny.gguf", gguf_tensors), attn_impl="eager")
     with torch.no_grad():
@@ -395,6 +418,11 @@ _GGUF_CASES = {
         dict(blocks=3),
         None,
         r"llama\.block_count = 3 but tensors for 2 layers \(blk\.0 to blk\.1\)",
+    ),
+    "missing-layer": (
+        {},
+        lambda t: {k: v for k, v in t.items() if not k.startswith("blk.1.")},
+        r"llama\.block_count = 2 but tensors for 1 layer \(blk\.0 to blk\.0\)",
     ),
     "block-count-under": (dict(blocks=1), None, r"llama\.block_count = 1 but tensors for 2 layers"),
     "renamed-tensor": (
