@@ -113,12 +113,25 @@ def check_tensors(reader: Any, path: Path, arch: str) -> None:
             "and the tensors disagree."
         )
         raise LoadError(msg)
+    _check_tensor_types(reader, path)
     known = _known_names(arch, max(found, default=-1) + 1)
     if known is None:
         return
     for name in names:
         if name not in known and name.rsplit(".", 1)[0] not in known:
             msg = f"GGUF file {path.name} has tensor {name!r}, which is not a {arch} tensor name."
+            raise LoadError(msg)
+
+
+def _check_tensor_types(reader: Any, path: Path) -> None:
+    """Refuse integer tensors: GGUF weights are float or block-quantized, never plain integers."""
+    for tensor in reader.tensors:
+        kind = tensor.tensor_type.name
+        if kind in ("I8", "I16", "I32", "I64"):
+            msg = (
+                f"GGUF file {path.name} has tensor {tensor.name!r} of type {kind}; weights must "
+                "be floating point or quantized."
+            )
             raise LoadError(msg)
 
 

@@ -370,7 +370,8 @@ def _write_gguf(
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     for name, array in tensors.items():
-        writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
+        dtype = np.int32 if array.dtype == np.int32 else np.float32
+        writer.add_tensor(name, np.ascontiguousarray(array, dtype=dtype))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -439,6 +440,22 @@ _GGUF_CASES = {
         {},
         lambda t: {**t, "blk.0.attn_v.weight": np.full_like(t["blk.0.attn_v.weight"], np.nan)},
         r"tiny\.gguf has NaN or infinite values in weight model\.layers\.0\.self_attn\.v_proj\.weight",
+    ),
+    "wrong-shape": (
+        {},
+        lambda t: {**t, "blk.0.ffn_up.weight": t["blk.0.ffn_up.weight"][:100]},
+        r"tiny\.gguf has tensors of the wrong shape: model\.layers\.0\.mlp\.up_proj\.weight is "
+        r"\[100, 64\], the config implies \[128, 64\]",
+    ),
+    "heads-disagree": (  # 8 heads of 16: q_proj would be 128 wide, the tensors are 64
+        dict(heads=8),
+        None,
+        r"wrong shape: model\.layers\.0\.self_attn\.o_proj\.weight is \[64, 64\], the config implies \[64, 128\]",
+    ),
+    "int32": (
+        {},
+        lambda t: {**t, "blk.0.ffn_up.weight": (t["blk.0.ffn_up.weight"] * 100).astype(np.int32)},
+        r"tiny\.gguf has tensor 'blk\.0\.ffn_up\.weight' of type I32; weights must be floating point",
     ),
     "unknown-architecture": (
         dict(arch="condfxnet"),
