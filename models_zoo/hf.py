@@ -37,6 +37,8 @@ TINY_KINDS = ("llama", "qwen2", "qwen3", "gpt2")
 _LOAD_OPTIONS = MappingProxyType(
     dict(dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True)
 )
+# Never a download, never remote code: every transformers call on a user file gets these.
+_LOCAL = MappingProxyType(dict(local_files_only=True, trust_remote_code=False))
 _DEFAULT_MAX_SEQ = 2048  # context assumed when a config states none
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
@@ -180,17 +182,20 @@ def load_gguf(
     folder, name, where = str(path.parent), path.name, f"GGUF file {path.name}"
     with _quiet_transformers():
         config = _gguf_config(
-            path, arch, lambda: AutoConfig.from_pretrained(folder, gguf_file=name)
+            path, arch, lambda: AutoConfig.from_pretrained(folder, gguf_file=name, **_LOCAL)
         )
         why = decoder_refusal(config)
         if why is not None:
             raise LoadError(_gguf_refusal(path, arch, why))
         gguf_checks.check_tensors(reader, path, arch)
-        read_tokenizer = functools.partial(AutoTokenizer.from_pretrained, folder, gguf_file=name)
+        read_tokenizer = functools.partial(
+            AutoTokenizer.from_pretrained, folder, gguf_file=name, **_LOCAL
+        )
         tokenizer = _call(where, "read the tokenizer of", read_tokenizer)
         build = functools.partial(
             AutoModelForCausalLM.from_pretrained,
-            folder, gguf_file=name, config=config, **_LOAD_OPTIONS, **_attn_kwargs(attn_impl),
+            folder, gguf_file=name, config=config, **_LOCAL, **_LOAD_OPTIONS,
+            **_attn_kwargs(attn_impl),
         )
         # The GGUF conversion draws its own tqdm bar, out of reach of the switch above.
         with contextlib.redirect_stderr(io.StringIO()):
@@ -267,25 +272,15 @@ def load_hf_folder(
             weights; a corrupt or truncated safetensors file, an index shard outside the folder;
             non-float, missing, unexpected, misshapen or non-finite weights.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     if not (path / "config.json").is_file():
         msg = f"{path} is not a Hugging Face model folder: config.json is missing."
         raise FileNotFoundError(msg)
-    _check_model_type(path, checks.read_config_json(path)["model_type"])
     where = f"Model folder {path}"
-    local = dict(local_files_only=True, trust_remote_code=False)
     with _quiet_transformers():
-        config = _call(
-            str(path / "config.json"),
-            "build a configuration from",
-            lambda: AutoConfig.from_pretrained(path, **local),
-        )
-        why = decoder_refusal(config)
-        if why is not None:
-            msg = f"{where} holds {why}; condfx needs a decoder-only causal LM."
-            raise LoadError(msg)
+        config = _folder_config(path)
         if not any((path / f).is_file() for f in _TOKENIZER_FILES):
             looked = ", ".join(_TOKENIZER_FILES)
             msg = f"{where} has no tokenizer files (looked for {looked})."
@@ -296,34 +291,44 @@ def load_hf_folder(
             where,
             "build a model from",
             lambda: AutoModelForCausalLM.from_pretrained(
-                path, config=config, use_safetensors=True, **local, **_LOAD_OPTIONS,
+                path, config=config, use_safetensors=True, **_LOCAL, **_LOAD_OPTIONS,
                 **_attn_kwargs(attn_impl),
             ),
         )
         tokenizer = _call(
-            where, "read the tokenizer of", lambda: AutoTokenizer.from_pretrained(path, **local)
+            where, "read the tokenizer of", lambda: AutoTokenizer.from_pretrained(path, **_LOCAL)
         )
     checks.check_loading_info(info, where)
     checks.check_finite(hf, where)
     return CausalLMLogits(hf.eval(), path.name).eval(), HFTokenizer(tokenizer)
 
 
-def _check_model_type(path: Path, kind: str) -> None:
-    from transformers import CONFIG_MAPPING
+def _folder_config(path: Path) -> Any:
+    """The transformers config of a folder whose config.json passed ``checks.read_config_json``,
+    refused unless it is a decoder-only causal LM with attention."""
+    from transformers import CONFIG_MAPPING, AutoConfig
 
+    kind = checks.read_config_json(path)["model_type"]
     if kind not in CONFIG_MAPPING:
         msg = (
             f"{path / 'config.json'} has model_type {kind!r}, which transformers {_tf_version()} "
             "does not know (condfx never runs remote code)."
         )
         raise LoadError(msg)
+    read = functools.partial(AutoConfig.from_pretrained, path, **_LOCAL)
+    config = _call(str(path / "config.json"), "build a configuration from", read)
+    why = decoder_refusal(config)
+    if why is not None:
+        msg = f"Model folder {path} holds {why}; condfx needs a decoder-only causal LM."
+        raise LoadError(msg)
+    return config
 
 
 def _call(where: str, what: str, fn: Callable[[], Any]) -> Any:
     """Run a transformers call on a user file; any failure becomes one sentence naming it."""
     try:
         return fn()
-    except (LoadError, FileNotFoundError):
+    except LoadError:
         raise
     except Exception as err:  # third-party code on a user file: any failure is the file's
         raise LoadError(_failure(where, what, err)) from err
