@@ -259,6 +259,23 @@ def test_rejects_index_shard_outside_the_folder(hf_root, tmp_path):
         load(folder)
 
 
+def test_numerics_sharded_folder_loads_and_a_missing_shard_is_refused(hf_root, tmp_path):
+    folder = tmp_path / "sharded"
+    _tiny_hf("llama").save_pretrained(folder, max_shard_size="100KB")
+    _save_byte_tokenizer(folder)
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (folder / "model.safetensors.index.json").is_file()
+    reference, _ = load(hf_root / "llama")
+    model, _ = load(folder)
+    with torch.no_grad():
+        torch.testing.assert_close(model(_IDS), reference(_IDS))
+    shards[-1].unlink()
+    with pytest.raises(
+        ValueError, match=rf"names shard '{shards[-1].name}' for .*, which does not exist"
+    ):
+        load(folder)
+
+
 def _safetensors_header(path: Path) -> str:
     data = path.read_bytes()
     return data[8 : 8 + struct.unpack("<Q", data[:8])[0]].decode()
