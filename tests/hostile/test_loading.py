@@ -483,6 +483,27 @@ _GGUF_CASES = {
 }
 
 
+def test_rejects_gguf_of_an_encoder_decoder_model(tmp_path):
+    from gguf import GGUFWriter
+
+    path = tmp_path / "t5.gguf"
+    writer = GGUFWriter(str(path), "t5")
+    writer.add_block_count(2)
+    writer.add_embedding_length(64)
+    writer.add_head_count(4)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(
+        ValueError,
+        match=r"GGUF file t5\.gguf has architecture 't5'; .*decoder-only causal LM.* "
+        r"this file holds a 't5' model, an encoder-decoder model",
+    ):
+        load(path)
+
+
 @pytest.mark.parametrize("case", sorted(_GGUF_CASES))
 def test_rejects_inconsistent_gguf(gguf_tensors, tmp_path, case):
     options, edit, pattern = _GGUF_CASES[case]
