@@ -6,7 +6,9 @@ JSON and shapes are read without loading tensors; finiteness is checked once the
 memory.
 
 Does not handle: pickle checkpoints (refused, never read), quantized safetensors (integer or
-float8 tensors are refused: condfx loads floating-point weights only).
+float8 tensors are refused: condfx loads floating-point weights only). Shard names in an index
+must stay inside the folder (no ``..``, not absolute); symbolic links are followed, as in the
+Hugging Face cache, whose snapshot files link to blobs outside the snapshot folder.
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ def read_config_json(folder: Path) -> dict[str, Any]:
         raise LoadError(msg)
     for key in _SIZE_KEYS:
         value = raw.get(key)
-        if value is not None and (type(value) is not int or value <= 0):
+        values = value if isinstance(value, list) else [value]  # a few models size per layer
+        if value is not None and not all(type(v) is int and v > 0 for v in values):
             msg = f"{path} has {key} = {value!r}; it must be a positive integer."
             raise LoadError(msg)
     _check_heads(path, raw)
@@ -90,13 +93,13 @@ def _check_heads(path: Path, raw: dict[str, Any]) -> None:
         )
         raise LoadError(msg)
     kv = raw.get("num_key_value_heads")
-    if heads and kv and heads % kv:
+    if heads and isinstance(kv, int) and heads % kv:
         msg = f"{path} has {kv} key/value heads, which do not divide the {heads} attention heads."
         raise LoadError(msg)
 
 
 def _first(raw: dict[str, Any], keys: tuple[str, ...]) -> int | None:
-    return next((raw[k] for k in keys if raw.get(k) is not None), None)
+    return next((raw[k] for k in keys if isinstance(raw.get(k), int)), None)
 
 
 def safetensors_files(folder: Path) -> list[Path]:
