@@ -3,9 +3,11 @@
 ``load(spec)`` takes a zoo name (see ``ZOO``) or a path and returns ``(model, tokenizer)``; every
 model has ``forward(input_ids (B, T) int64) -> logits (B, T, V)`` and ``model.info``
 (a ``ModelInfo``).
+A file or folder that is refused raises ``LoadError`` (a ``ValueError``), one sentence naming it.
 Importing this package does not import transformers.
 """
 
+from .checks import LoadError
 from .gpt2 import GPT2Config, GPT2Model
 from .hf import CausalLMLogits, build_hf, load_gguf, load_hf_folder
 from .info import ModelInfo
@@ -26,6 +28,7 @@ __all__ = [
     "Llama2cTokenizer",
     "LlamaConfig",
     "LlamaModel",
+    "LoadError",
     "ModelInfo",
     "Tokenizer",
     "build_hf",

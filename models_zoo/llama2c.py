@@ -5,7 +5,8 @@ n_kv_heads, vocab_size, seq_len; a negative vocab_size means an unshared classif
 arrays: token_embedding, rms_att, wq, wk, wv, wo, rms_ffn, w1, w2, w3, rms_final, freq_cis_real,
 freq_cis_imag, [classifier]. llama2.c applies RoPE to interleaved pairs; ``wq``/``wk`` are
 un-permuted here so the model runs with half-split ("rotate_half") RoPE. Weights are read with
-numpy, never unpickled.
+numpy, never unpickled. The header is checked against the file size and against the stored RoPE
+tables (which fix head_dim and seq_len), and every value must be finite.
 
 Does not handle: the versioned llama2.c exports (magic ``ak42``, versions 1 and 2, int8).
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checks import LoadError
 from .llama import AttnImpl, LlamaConfig, LlamaModel, parse_attn_impl
 from .tokenizers import Llama2cTokenizer
 
@@ -111,7 +113,31 @@ def _read_arrays(path: Path, cfg: LlamaConfig, shared: bool) -> dict[str, torch.
         size = int(np.prod(shape))
         arrays[name] = flat[off : off + size].view(shape)
         off += size
+    for name, array in arrays.items():
+        if not bool(torch.isfinite(array).all()):
+            msg = f"llama2.c checkpoint {path} has NaN or infinite values in {name}."
+            raise LoadError(msg)
+    _check_rope_tables(path, arrays, cfg)
     return arrays
+
+
+def _check_rope_tables(path: Path, arrays: dict[str, torch.Tensor], cfg: LlamaConfig) -> None:
+    """Refuse a header whose head_dim or seq_len disagree with the stored RoPE tables.
+
+    The tables are cos/sin(t * 10000^(-2i/head_dim)) for t < seq_len, i < head_dim/2, so they
+    pin both sizes: a header altered to another shape of the same file size is caught here.
+    """
+    seq, hd = cfg.max_seq_len, cfg.head_dim
+    freqs = 10000.0 ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)  # (hd/2,)
+    angles = torch.outer(torch.arange(seq, dtype=torch.float64), freqs)  # (seq, hd/2)
+    for name, expected in (("freq_cis_real", angles.cos()), ("freq_cis_imag", angles.sin())):
+        stored = arrays[name].view(seq, hd // 2).double()
+        if not torch.allclose(stored, expected, rtol=0.0, atol=1e-3):
+            msg = (
+                f"llama2.c checkpoint {path} has a header (head_dim {hd}, seq_len {seq}) that "
+                f"disagrees with its stored RoPE table {name}; the header or the file is altered."
+            )
+            raise LoadError(msg)
 
 
 def _state_dict(arrays: dict[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, torch.Tensor]:
@@ -152,8 +178,9 @@ def load_llama2c(
 
     Raises:
         FileNotFoundError: the checkpoint or tokenizer does not exist.
-        ValueError: the file is truncated, corrupt, a versioned export, or the tokenizer's
-            vocabulary does not match.
+        ValueError: the file is truncated, corrupt, a versioned export, its header disagrees
+            with its size or its stored RoPE tables, it holds NaN or infinite values, or the
+            tokenizer's vocabulary does not match.
     """
     path = Path(path)
     if not path.is_file():

@@ -144,7 +144,8 @@ def load(
 
     Raises:
         FileNotFoundError: a path that does not exist.
-        ValueError: an unknown name, an unsupported file kind, or a bad ``attn_impl``.
+        ValueError: an unknown name, an unsupported file kind, or a bad ``attn_impl``;
+            ``LoadError`` (a ``ValueError``) for a file or folder the loaders refuse.
     """
     if isinstance(spec, str) and spec in ZOO:
         return build_zoo(spec, device=device, attn_impl=attn_impl), ByteTokenizer()
