@@ -274,10 +274,13 @@ def _rewrite(gm, ids, attn, aranges, layouts, name) -> None:
     nodes = {n.name: n for n in graph.nodes}
     pasts = _add_past_inputs(graph, ids, layouts)
     p = _position(graph, attn, layouts, pasts)
-    if aranges and p is None:
+    rules = [DECODE_RULES[node.target] for node in attn]
+    needs = [r.pass_name for r in rules if r.needs_position] + (["the position aranges"] if aranges else [])
+    if needs and p is None:
+        made = ", ".join(sorted({r.pass_name for r in rules}))
         reason = (
-            "every attention layer keeps a bounded cache (e.g. a sliding window), so no cache "
-            "length gives the position the position aranges need"
+            f"{needs[0]} needs the absolute position, but every attention layer keeps a bounded cache "
+            f"(layers made by {made}), so no cache length gives it: keep one full-attention layer"
         )
         raise PassError(name, reason)
     ctx = DecodeContext(gm, ids, p, nodes)

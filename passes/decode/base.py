@@ -10,7 +10,9 @@ op overload to its rule):
                                              position of the first new token (full caches: yes;
                                              windowed ones: no)
 ``ctx.position`` is that position P (an fx node, computed once from the first layer whose rule says
-so), for rules that need it (a bounded cache that re-derives positions); None when no layer gives it.
+so), for rules that need it (a bounded cache that re-derives positions: set ``needs_position``);
+None when no layer gives it, and then add-kv-cache refuses a rule that needs it in one sentence
+naming the passes that made the graph's layers.
 
 Op arguments are read and written by their schema names (``op_arg`` / ``set_op_args``), never by
 position.
@@ -102,6 +104,7 @@ class DecodeRule:
     """The decode form of one cached-attention op (see the module docstring)."""
 
     pass_name: ClassVar[str] = ""  # the pass that introduces the op, for messages
+    needs_position: ClassVar[bool] = False  # rewire reads ctx.position (add-kv-cache then requires it)
 
     def layout(self, node: fx.Node, layer: int) -> CacheLayout:
         """The cache layout the op's layer needs."""

@@ -32,6 +32,17 @@ from condfx.passes.kv_quant.plan import PLAN_KEY, DecodeForm, QuantizedKVPlan
 aten = torch.ops.aten
 
 
+def _planned(ctx: DecodeContext, plan: QuantizedKVPlan, name: str, node: fx.Node) -> fx.Node:
+    """The node ``name`` of the plan; PassError naming quantize-kv when a later pass removed it."""
+    found = ctx.nodes.get(name)
+    if found is None:
+        reason = (f"quantize-kv's plan for layer {plan.layer} names node '{name}', which is no longer in "
+                  "the graph: a pass after quantize-kv rewrote that layer, and its decode form cannot be "
+                  "built; run quantize-kv after the passes that rewrite attention")
+        raise PassError("add-kv-cache", reason, node=node)
+    return found
+
+
 def plan_of(node: fx.Node) -> QuantizedKVPlan:
     """The plan quantize-kv attached to ``node``; PassError when it has none."""
     plan = node.meta.get(PLAN_KEY)
@@ -66,7 +77,7 @@ class QuantizedDecodeRule(DecodeRule):
             presents = cat_past(ctx.graph, node, past)
             cat_past(ctx.graph, node, past, ("k_hat", "v_hat"))
             for sp in plan.streams:  # the new tokens' float16 rounding as two casts (ONNX has them)
-                _round_to_float16(ctx.graph, ctx.nodes[sp.fq])
+                _round_to_float16(ctx.graph, _planned(ctx, plan, sp.fq, node))
             return presents
         if plan.form is DecodeForm.KIVI:
             return _rewire_kivi(ctx.graph, node, plan, past)
@@ -154,7 +165,7 @@ def _rewire_streams(node: fx.Node, plan: QuantizedKVPlan, past: list[fx.Node], c
     """
     graph, acc_all = ctx.graph, ctx.state.setdefault("cl", {})
     order = {n: i for i, n in enumerate(graph.nodes)}
-    fqs = [ctx.nodes[sp.fq] for sp in plan.streams]
+    fqs = [_planned(ctx, plan, sp.fq, node) for sp in plan.streams]
     # streams are stepped in graph order (each right after its fq), all aligned to the first one
     stepped, align = {}, None
     for i in sorted(range(len(fqs)), key=lambda i: order[fqs[i]]):
@@ -163,7 +174,7 @@ def _rewire_streams(node: fx.Node, plan: QuantizedKVPlan, past: list[fx.Node], c
         align = stepped[i][3][0] if align is None else align
     outs = {fqs[i]: stepped[i][:3] for i in range(len(fqs))}
     presents = [p for i in range(len(fqs)) for p in stepped[i][3][2:]]
-    prev = ctx.nodes[plan.previous] if plan.previous else None
+    prev = _planned(ctx, plan, plan.previous, node) if plan.previous else None
     earlier = {prev: acc_all[prev]} if prev is not None else {}  # CL: a_{i-1} over all tokens
     full_env = {fq: full for fq, (full, _, _) in outs.items()} | earlier
     hat_env = {fq: hat for fq, (_, hat, _) in outs.items()} | earlier
@@ -176,7 +187,7 @@ def _rewire_streams(node: fx.Node, plan: QuantizedKVPlan, past: list[fx.Node], c
             fq = next(iter(outs))
             acc_all[fq] = hat_env[fq]
             if plan.accumulation is not None:
-                acc = ctx.nodes[plan.accumulation]
+                acc = _planned(ctx, plan, plan.accumulation, node)
                 acc_all[acc] = _clone_for_all_tokens(graph, acc, hat_env, n_all, ctx.ids)
     set_op_args(node, k=k, v=v, k_hat=k_hat, v_hat=v_hat)
     for fq, (_, _, rows) in outs.items():  # the new-token reads of fq switch once all are rewired
