@@ -41,7 +41,8 @@ Each variant is a strategy (``passes/kv_quant/{kivi,xquant,xquant_cl,klt}.py``) 
 Requires: attention regions (fused or not) with their projections found; ``xquant`` needs
   ``k_proj``/``v_proj`` on a 3-D input, ``xquant-cl`` the layer's input norm. Must run before
   ``add-kv-cache``, whose decode form reads and updates the packed caches in the graph for every
-  method (``passes/decode/quantized.py``), except 16-bit streams other than plain KIVI's (refused).
+  method (``passes/decode/quantized.py``; 16 bits: float16 streams, or plain KIVI's float16 cache),
+  except a layer with one side unquantized (32 bits) beside a quantized one, which add-kv-cache refuses.
 
 Does not handle: fused qkv projections, in_out (Conv1D) weights for the SVD latent; each such region
   is skipped with a reason.

@@ -24,6 +24,9 @@ QUANTIZED = {
     "xquant-x": "quantize-kv{method=xquant,latent=x,bits=2,group=8,residual=4,sink=1}",
     "xquant-svd": "quantize-kv{method=xquant,latent=svd,bits=3,group=8,residual=4}",
     "xquant-cl": "quantize-kv{method=xquant-cl,bits=2,group=8,residual=4}",
+    "xquant-16": "quantize-kv{method=xquant,latent=svd,bits=16,group=8,residual=4,sink=1}",
+    "kivi-rotated-16": "quantize-kv{method=kivi,bits=16,group=8,residual=4,rotate=true}",
+    "kivi-split-16": "quantize-kv{method=kivi,bits=2,k_bits=16,group=8,residual=4}",
 }
 
 
@@ -91,3 +94,39 @@ def test_layouts_round_trip_through_json_and_reject_unknown_kinds():
         assert sum(t.nbytes for t in x.empty_past(3)) == x.nbytes(0, batch=3)
     with pytest.raises(ValueError, match=r"kind 'ring' \(written by condfx 9\.9\) is not one this condfx knows"):
         layout_from_json({"kind": "ring", "layer": 0}, written_by="9.9")
+
+
+@pytest.mark.parametrize("dim", [-1, -2])
+def test_half_stream_function_matches_op(dim):
+    """The float16 stream (bits 16) in ONNX Runtime equals ``condfx.quantized_stream`` step by step."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from condfx.codegen.onnx import DOMAIN
+    from condfx.codegen.onnx.quantized_stream import quantized_stream_functions
+    from condfx.ops.quant_stream import HALF, empty_stream
+
+    function = quantized_stream_functions()[4 if dim == -1 else 5]
+    f32, f16 = TensorProto.FLOAT, TensorProto.FLOAT16
+    inputs = {"codes": f16, "scale": f16, "zero": f16, "fp": f32, "new": f32}
+    outputs = {"full": f32, "hat": f32, "codes_out": f16, "scale_out": f16, "zero_out": f16, "fp_out": f32}
+    node = helper.make_node(function.name, list(inputs), list(outputs), domain=DOMAIN, group=4, residual=2, sink=1)
+    graph = helper.make_graph(
+        [node], "g",
+        [helper.make_tensor_value_info(n, t, [f"{n}{i}" for i in range(4)]) for n, t in inputs.items()],
+        [helper.make_tensor_value_info(n, t, [f"{n}{i}" for i in range(4)]) for n, t in outputs.items()])
+    model = helper.make_model(graph, functions=[function],
+                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 1, 19, 16, generator=torch.Generator().manual_seed(0))
+    stream, p = empty_stream((2, 1), 16, HALF, 4, dim, torch.float32), 0
+    for n in (6, 1, 5, 1, 6):
+        full, hat, *want = torch.ops.condfx.quantized_stream(*stream, x[:, :, p : p + n], HALF, 4, dim, 2, 1)
+        got = sess.run(None, dict(zip(inputs, [*(t.numpy() for t in stream), x[:, :, p : p + n].numpy()],
+                                      strict=True)))
+        np.testing.assert_allclose(got[0], full.numpy(), atol=1e-6)
+        np.testing.assert_allclose(got[1], hat.numpy(), atol=1e-6)
+        assert [g.shape for g in got[2:]] == [tuple(w.shape) for w in want]
+        stream, p = [torch.from_numpy(g) for g in got[2:]], p + n
+    assert want[0].dtype == torch.float16 and want[0].shape[2] == 16  # (19 - 2 - 1) tokens packed

@@ -55,7 +55,7 @@ class StreamsLayout(CacheLayout):
             chunk = st.group if st.dim == -2 else 1
             nq = quantized_count(tokens, st.residual, chunk, st.sink)
             shapes = stream_shapes((batch, st.heads), st.channels, st.bits, st.group, st.dim, nq, tokens - nq)
-            for shape, dt in zip(shapes, stream_dtypes(self.dtype), strict=True):
+            for shape, dt in zip(shapes, stream_dtypes(self.dtype, st.bits), strict=True):
                 total += math.prod(shape) * torch.empty((), dtype=dt).element_size()
         return total
 

@@ -11,6 +11,7 @@ The rule reads the layer's ``QuantizedKVPlan`` (``passes/kv_quant/plan.py``, ``n
                         ``hat`` outputs (RoPE positions re-derived as arange(N)), and attention reads
                         (k, v, k̂, v̂) = (path(full), path(hat)). XQuant-CL: the stream holds the
                         deltas; a_i over all N tokens (a_{i-1} + hat) is built layer by layer.
+                        A 16-bit stream keeps its quantized tokens as float16 values.
     DecodeForm.FLOAT16: a float16 K/V cache: k, v and k̂, v̂ read cat([past, new], 2), the new
                         tokens' fq(x, 16) written as casts to float16 and back.
     DecodeForm.NONE:    refused with the plan's reason.

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from condfx.ops.kv_quant import BITS, DROPPED
-from condfx.ops.quant_stream import StreamSpec
+from condfx.ops.kv_quant import BITS
+from condfx.ops.quant_stream import STREAM_BITS, StreamSpec
 from condfx.passes.kv_quant.config import KVQuantMethod, QuantizeKVConfig
 
 PLAN_KEY = "condfx_kv_plan"
@@ -27,7 +27,7 @@ class DecodeForm(enum.Enum):
     KIVI: ``condfx.kivi_cache_attention`` over packed K and V streams (plain KIVI, equal bits).
     STREAMS: each planned fake-quantize node becomes a ``condfx.quantized_stream`` and the path from
         it to k̂ / v̂ is re-run over every cached token (XQuant X / SVD / KLT / CL, rotated or
-        split-bit KIVI).
+        split-bit KIVI; 16 bits is a float16 stream).
     FLOAT16: a float16 K/V cache (KIVI with 16 bits, no rotation).
     NONE: no decode form (``reason`` says why); add-kv-cache refuses the layer.
     """
@@ -113,8 +113,8 @@ def _form(cfg: QuantizeKVConfig, bits: tuple[int, int], streams, one_stream: boo
         return DecodeForm.KIVI, ""
     if kivi and kb == vb == 16 and not cfg.rotate:
         return DecodeForm.FLOAT16, ""
-    if any(s.spec.bits not in (*BITS, DROPPED) for s in streams):
-        return DecodeForm.NONE, "16-bit (or unquantized) streams have no packed decode form yet"
+    if any(s.spec.bits not in STREAM_BITS for s in streams):
+        return DecodeForm.NONE, "an unquantized (32-bit) stream beside quantized ones has no packed form"
     sides = {s.spec.name[0] for s in streams}
     if not (one_stream and len(streams) == 1) and sides != {"k", "v"}:
         return DecodeForm.NONE, "one of K and V is not quantized, so it has no stream to decode from"

@@ -290,14 +290,23 @@ def test_numerics_session_xquant_decoding_equals_teacher_forced_stories260k(late
     assert [t.shape[2] for t in past[::4]] == ([32, 35] if svd else [35])
 
 
-def test_rejects_xquant_16_bits_in_add_kv_cache_naming_quantize_kv():
-    """A 16-bit XQuant stream has no packed decode form: add-kv-cache refuses it in one sentence
-    naming quantize-kv, for the torch Session and the exporter alike (both go through add-kv-cache)."""
-    with pytest.raises(PassError, match=r"quantize-kv's layer 0 \(method xquant, k_bits 16.*has no decode form"):
-        Session.from_model(_stories(), passes="fuse-attention, quantize-kv{method=xquant,bits=16,group=8}")
+@pytest.mark.parametrize("latent", ["x", "svd"])
+def test_numerics_session_xquant_16_bits_equals_teacher_forced_stories260k(latent):
+    """XQuant with 16 bits decodes through a float16 stream (its quantized tokens stored as float16
+    values): prefill + 1-token and 5-token steps equal one forward of the quantize-kv graph."""
+    spec = f"fuse-attention, quantize-kv{{method=xquant,latent={latent},bits=16,group=8,residual=4,sink=1}}"
+    _, teacher, _ = _run("stories260K", spec)
+    _, ids, _ = _captured("stories260K")
+    session = Session.from_model(_stories(), passes=spec)
+    steps = [session.prefill(ids[:, :10])] + [session.step(ids[:, t : t + 1]) for t in range(10, 30)]
+    steps += [session.step(ids[:, 30:35]), session.step(ids[:, 35:40])]
+    assert (torch.cat(steps, 1) - teacher).abs().max().item() < 1e-3
+    past = session.caches[0].past()
+    assert past[0].dtype == torch.float16 and past[1].numel() == 0  # float16 values, no scales
+    assert session.cache_bytes() == sum(layout.nbytes(40, batch=2) for layout in session.backend.layers)
 
 
-@pytest.mark.parametrize("opt", ["rotate=true", "k_bits=4", "k_bits=3,rotate=true"])
+@pytest.mark.parametrize("opt", ["rotate=true", "k_bits=4", "k_bits=3,rotate=true", "k_bits=16"])
 def test_numerics_session_rotated_or_split_bits_kivi_equals_teacher_forced_stories260k(opt):
     """Rotated and split-bit KIVI decode through packed K and V streams (``quantized_stream``, the
     path from each fake-quantize node re-run over the cached tokens): prefill + 1-token and 5-token
@@ -313,7 +322,7 @@ def test_numerics_session_rotated_or_split_bits_kivi_equals_teacher_forced_stori
     layout = session.backend.layers[0]
     assert [(st.name, st.dim) for st in layout.streams] == [("k", -2), ("v", -1)]
     past = session.caches[0].past()
-    assert past[0].dtype == torch.uint8 and [t.shape[2] for t in past[::4]] == [32, 35]
+    assert past[4].dtype == torch.uint8 and [t.shape[2] for t in past[::4]] == [32, 35]
     assert session.cache_bytes() == sum(layout.nbytes(40, batch=2) for layout in session.backend.layers)
 
 
