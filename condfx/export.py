@@ -19,7 +19,8 @@ bundle the runtime loads (``condfx.runtime.onnx_backend``):
     condfx_manifest.json  format and condfx version, model identity (info + weights hash), layer
                           specs, vocab, max_seq_len, passes, opset, IO names, file hashes, check
 
-Dims batch, seq and past_i are dynamic (past_i >= 0; k and v of a layer share it), then ONNX
+Dims batch, seq and the cache lengths are dynamic (named by the cache layouts: ``past_i`` >= 0, shared
+by k and v of a layer; one per packed-stream tensor), then ONNX
 Runtime is compared with PyTorch on a prefill and on a decode step after it.
 """
 
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import re
 import sys
 import tempfile
 import types
@@ -111,28 +111,36 @@ def _as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     raise TypeError(msg)
 
 
-_PAST_NAME = re.compile(r"past_([kvx]\d*)_(\d+)(_codes|_scale|_zero|_fp)?$")
+def cache_length_dims(gm: nn.Module) -> dict[str, str]:
+    """``{past input name: name of its dynamic length (dim 2)}`` from a decode graph's cache layouts
+    (``gm.meta["condfx_kv"]``; ``CacheLayout.length_dims``); empty for other modules."""
+    from condfx.layouts import decode_layouts
+
+    if not isinstance(gm, fx.GraphModule):
+        return {}
+    return {
+        f"past_{name}": dim
+        for layout in decode_layouts(gm)
+        for name, dim in zip(layout.io_names(), layout.length_dims(), strict=True)
+    }
 
 
-def _dynamic_shapes(inputs: tuple[torch.Tensor, ...], names: Sequence[str]) -> tuple:
+def _dynamic_shapes(inputs: tuple[torch.Tensor, ...], names: Sequence[str], lengths: dict[str, str]) -> tuple:
     """Dynamic dims per input: (batch, seq) for ids-like inputs, (batch, past length) for caches.
 
     The first input gets ``batch`` / ``seq``, other inputs ``batch_<name>`` / ``seq_<name>``. A
-    cache input named ``past_k_<i>`` / ``past_v_<i>`` (B, Hkv, P, D) gets dims 0 and 2:
-    ``batch_<name>`` and ``past_<i>`` (k and v of one layer share their length; the heads and head
-    size stay static); a packed-cache tensor ``past_<s>_<i>_<part>`` (``quantize-kv`` layers, s in
-    k / v / x, part in codes / scale / zero / fp) gets its own length ``past_<i>_<s>_<part>``. Names must differ per input otherwise: ONNX Runtime treats equal dim_params
-    as equal sizes. Dimensions that torch.export proves equal are merged under one name by the
-    exporter.
+    cache input (a name in ``lengths``, from the graph's cache layouts) gets dims 0 and 2:
+    ``batch_<name>`` and its layout's length name (k and v of one layer share ``past_<i>``; each
+    packed-stream tensor has its own; the heads and head size stay static). Names must differ per
+    input otherwise: ONNX Runtime treats equal dim_params as equal sizes. Dimensions that
+    torch.export proves equal are merged under one name by the exporter.
     """
     shapes = []
     for i, x in enumerate(inputs):
         name = names[i] if i < len(names) else str(i)
         suffix = "" if i == 0 else f"_{name}"
-        past = _PAST_NAME.match(name)
-        if past and x.dim() == 4:  # a KIVI stream tensor has its own length
-            length = f"past_{past.group(2)}" + (f"_{past.group(1)}{past.group(3)}" if past.group(3) else "")
-            shapes.append({0: "batch" + suffix, 2: length})
+        if name in lengths and x.dim() == 4:
+            shapes.append({0: "batch" + suffix, 2: lengths[name]})
         elif x.dim() >= 2:
             shapes.append({d: n + suffix for d, n in enumerate(_DYNAMIC_DIM_NAMES)})
         else:
@@ -140,10 +148,10 @@ def _dynamic_shapes(inputs: tuple[torch.Tensor, ...], names: Sequence[str]) -> t
     return tuple(shapes)
 
 
-def _resized_inputs(inputs: tuple[torch.Tensor, ...], names: Sequence[str]) -> tuple:
+def _resized_inputs(inputs: tuple[torch.Tensor, ...], names: Sequence[str], lengths: dict[str, str]) -> tuple:
     """Like ``inputs`` with batch + 1 and length + 2 (values in the example's range), seeded.
 
-    The length is dim 1, or dim 2 for a cache input ``past_[kv]_<i>`` (see ``_dynamic_shapes``).
+    The length is dim 1, or dim 2 for a cache input (see ``_dynamic_shapes``).
     """
     gen = torch.Generator().manual_seed(0)
     out = []
@@ -152,7 +160,7 @@ def _resized_inputs(inputs: tuple[torch.Tensor, ...], names: Sequence[str]) -> t
             out.append(x)
             continue
         shape = [x.shape[0] + 1, *x.shape[1:]]
-        past = i < len(names) and _PAST_NAME.match(names[i]) and x.dim() == 4
+        past = i < len(names) and names[i] in lengths and x.dim() == 4
         shape[2 if past else 1] += 2
         if x.dtype.is_floating_point:
             out.append(torch.randn(shape, generator=gen).to(x.dtype))
@@ -175,7 +183,7 @@ def _to_graph_module(gm_or_module: nn.Module, inputs: tuple, dynamic: bool) -> f
 
 
 def _torch_export(
-    gm: fx.GraphModule, inputs: tuple, opset: int, dynamic: bool, names
+    gm: fx.GraphModule, inputs: tuple, opset: int, dynamic: bool, names, lengths: dict[str, str]
 ) -> onnx.ModelProto:
     input_names, output_names = names
     try:
@@ -193,7 +201,7 @@ def _torch_export(
                 gm,
                 inputs,
                 dynamo=True,
-                dynamic_shapes=_dynamic_shapes(inputs, input_names) if dynamic else None,
+                dynamic_shapes=_dynamic_shapes(inputs, input_names, lengths) if dynamic else None,
                 input_names=list(input_names),
                 output_names=list(output_names),
                 opset_version=opset,
@@ -277,8 +285,8 @@ def export_onnx(
         example_inputs: a tensor or a tuple of tensors for one call; use batch != length.
         path: the ``.onnx`` file to write; its folder is created if missing.
         dynamic: make dimensions 0 and 1 (``batch``, ``seq``) of every input of rank >= 2
-            dynamic; for a cache input named ``past_k_<i>`` / ``past_v_<i>`` (B, Hkv, P, D),
-            dimensions 0 and 2 (batch and the layer's past length ``past_<i>``).
+            dynamic; for a cache input of a decode graph (named by its cache layouts,
+            ``gm.meta["condfx_kv"]``), dimensions 0 and 2 (batch and the layout's past length).
         input_names: ONNX names of the inputs, in order.
         output_names: ONNX names of the outputs, in order.
         verify: run ONNX Runtime (CPU) on the example and, when ``dynamic``, on a second input with
@@ -302,8 +310,9 @@ def export_onnx(
     _check_writable(path)
     inputs = _as_inputs(example_inputs)
     gm = _to_graph_module(gm_or_module, inputs, dynamic)
+    lengths = cache_length_dims(gm)
     lowered, _ = lower_custom_ops(gm, LOWERINGS)
-    model = _torch_export(lowered, inputs, opset, dynamic, (input_names, output_names))
+    model = _torch_export(lowered, inputs, opset, dynamic, (input_names, output_names), lengths)
     attach_functions(model, LOWERINGS.values())
     large = (
         _weight_bytes(model) > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
@@ -312,7 +321,7 @@ def export_onnx(
     custom_ops = used_custom_nodes(model)
     if not verify:
         return ExportResult(path, None, custom_ops=custom_ops, opset=opset, external_data=large)
-    input_sets = [inputs, _resized_inputs(inputs, input_names)] if dynamic else [inputs]
+    input_sets = [inputs, _resized_inputs(inputs, input_names, lengths)] if dynamic else [inputs]
     diffs = _verify(path, gm, input_sets)
     shapes = tuple(tuple(tuple(x.shape) for x in s) for s in input_sets)
     return ExportResult(path, max(diffs), diffs, shapes, custom_ops, opset, large)

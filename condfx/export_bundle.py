@@ -26,7 +26,7 @@ from condfx.export import ExportError, ExportResult, _check_opset, _check_writab
 
 MANIFEST_NAME = "condfx_manifest.json"
 MANIFEST_FORMAT = "condfx-onnx"
-MANIFEST_FORMAT_VERSION = 1
+MANIFEST_FORMAT_VERSION = 2  # 2: layers are cache layouts (condfx.layouts), with a kind
 PREFILL_FILE, DECODE_FILE = "prefill.onnx", "decode.onnx"
 _EXAMPLE_PAST = 3  # past length of the decode example: 0 and 1 would be specialised by torch.export
 
@@ -118,19 +118,7 @@ def _manifest(gm, identity, passes, prefill, decode, diffs) -> dict[str, Any]:
         "vocab_size": _vocab(gm),
         "max_seq_len": identity.get("max_seq_len"),
         "passes": passes,
-        "layers": [
-            {
-                "layer": s.layer,
-                "n_kv_heads": s.n_kv_heads,
-                "head_dim": s.head_dim,
-                "window": s.window,
-                "dtype": str(s.dtype).removeprefix("torch."),
-                **({"pseudo": s.pseudo} if s.pseudo > 1 else {}),  # IHA layers only
-                # quantized layers only: four packed-cache tensors per stream
-                **({"streams": [dataclasses.asdict(st) for st in s.streams]} if s.streams else {}),
-            }
-            for s in layers
-        ],
+        "layers": [layout.to_json() for layout in layers],  # condfx.layouts, by kind
         "files": {
             "prefill": _files_entry(prefill, inputs[:1], outputs),
             "decode": _files_entry(decode, inputs, outputs),

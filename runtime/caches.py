@@ -14,11 +14,12 @@ Kinds (TECHNIQUES.md section 8, item 3, "runtime state schema"):
       ``condfx.attention`` has ``window > 0``. The op aligns queries to the end of the keys, so the
       kept keys must stay in position order; trimming by slicing keeps them so (a ring buffer with a
       rotating start would need a gather first). Memory is bounded by the window.
-    * ``GlobalOnlyCache`` (L2A, later): full KV of the routed global tokens only.
     * ``GraphStreamCache`` (``runtime/quant_caches.py``; KIVI and XQuant): the packed codes, float16
       scales and zero points and full-precision tail of each stream, which the decode graph reads
       and updates itself; ``KIVICache`` / ``XQuantCache`` there keep the same policies eagerly.
-  Every cache reports ``nbytes()``: the bytes of every tensor it holds, metadata included.
+  Every cache reports ``nbytes()``: the bytes of every tensor it holds, metadata included, equal to
+  its layout's ``nbytes(length)``. Which cache a layer gets is ``runtime/cache_table.py``'s table
+  ``{layout class: cache class}``; each cache class builds itself with ``from_layout``.
 """
 
 from __future__ import annotations
@@ -132,6 +133,11 @@ class FullKVCache(LayerCache):
         super().__init__(batch, n_kv_heads, head_dim, dtype, device)
         self.k, self.v = self._empty(), self._empty()
 
+    @classmethod
+    def from_layout(cls, layout, batch: int, device: torch.device | str = "cpu") -> FullKVCache:
+        """The empty cache of a ``condfx.layouts`` layout (``cache_table.make_cache`` calls this)."""
+        return cls(batch, layout.n_kv_heads, layout.head_dim, layout.dtype, device)
+
     def past(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k, self.v
 
@@ -165,6 +171,10 @@ class SlidingWindowCache(FullKVCache):
         super().__init__(batch, n_kv_heads, head_dim, dtype, device)
         self.window = window
 
+    @classmethod
+    def from_layout(cls, layout, batch: int, device: torch.device | str = "cpu") -> SlidingWindowCache:
+        return cls(batch, layout.n_kv_heads, layout.head_dim, layout.window, layout.dtype, device)
+
     def update(self, present_k: torch.Tensor, present_v: torch.Tensor) -> None:
         self.length += self._check(present_k, present_v)
         keep = self.window - 1
@@ -193,6 +203,10 @@ class InterleavedKVCache(FullKVCache):
             raise ValueError(msg)
         super().__init__(batch, n_kv_heads, head_dim, dtype, device)
         self.pseudo = pseudo
+
+    @classmethod
+    def from_layout(cls, layout, batch: int, device: torch.device | str = "cpu") -> InterleavedKVCache:
+        return cls(batch, layout.n_kv_heads, layout.head_dim, layout.pseudo, layout.dtype, device)
 
     def update(self, present_k: torch.Tensor, present_v: torch.Tensor) -> None:
         new = self._check(present_k, present_v)

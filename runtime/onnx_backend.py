@@ -2,8 +2,9 @@
 
 A folder written by ``condfx export`` / ``condfx.export.export_model`` holds ``prefill.onnx``
 (input_ids -> logits, presents), ``decode.onnx`` (input_ids, past_k_0, past_v_0, ... -> logits,
-present_k_0, present_v_0, ...) and ``condfx_manifest.json`` (model identity, layer specs, IO names,
-file hashes, format and condfx version). ``OnnxBackend.from_dir`` checks the manifest before it
+present_k_0, present_v_0, ...) and ``condfx_manifest.json`` (model identity, the layers' cache
+layouts (``condfx.layouts``, read back through ``layout_from_json``), IO names, file hashes, format
+and condfx version). ``OnnxBackend.from_dir`` checks the manifest before it
 loads anything; ``OnnxBackend.from_graph`` exports a decode-form graph to a temporary folder first.
 
 ``run(input_ids, past)`` takes and returns torch tensors like ``TorchBackend`` (the session's caches
@@ -27,8 +28,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from condfx.ops.quant_stream import StreamSpec
-from condfx.passes.add_kv_cache import KVLayerSpec
+from condfx.layouts import CacheLayout, layout_from_json
 
 _CPU, _CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 
@@ -67,6 +67,8 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise _fail(folder, f"has a {ex.MANIFEST_NAME} that is not valid JSON ({exc})") from None
     fmt = (manifest.get("format"), manifest.get("format_version"))
+    if fmt == (ex.MANIFEST_FORMAT, 1):
+        raise _fail(folder, "was written by an older condfx (manifest format 1, before cache layouts)")
     if fmt != (ex.MANIFEST_FORMAT, ex.MANIFEST_FORMAT_VERSION):
         want = f"{ex.MANIFEST_FORMAT} {ex.MANIFEST_FORMAT_VERSION}"
         raise _fail(folder, f"has format {fmt[0]} {fmt[1]}, but this condfx reads {want}")
@@ -75,6 +77,10 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     ]
     if missing:
         raise _fail(folder, f"has a {ex.MANIFEST_NAME} without '{missing[0]}'")
+    try:  # a kind this condfx does not know names the kind and the version that wrote it
+        layouts(manifest)
+    except ValueError as exc:
+        raise _fail(folder, f"lists a layer this condfx cannot read: {exc}") from None
     if manifest.get("condfx_version") != condfx.__version__:
         got, want = manifest.get("condfx_version"), condfx.__version__
         raise _fail(folder, f"was written by condfx {got}, but this is condfx {want}")
@@ -115,15 +121,10 @@ def check_model(folder: Path, manifest: dict[str, Any], identity: dict[str, Any]
         raise _fail(folder, what)
 
 
-def _layer_specs(manifest: dict[str, Any]) -> tuple[KVLayerSpec, ...]:
-    return tuple(
-        KVLayerSpec(
-            s["layer"], s["n_kv_heads"], s["head_dim"], s["window"], getattr(torch, s["dtype"]),
-            s.get("pseudo", 1),
-            tuple(StreamSpec(**st) for st in s.get("streams", ())),
-        )
-        for s in manifest["layers"]
-    )
+def layouts(manifest: dict[str, Any]) -> tuple[CacheLayout, ...]:
+    """The cache layouts of a manifest's ``layers`` (``condfx.layouts.layout_from_json``)."""
+    version = manifest.get("condfx_version")
+    return tuple(layout_from_json(entry, written_by=version) for entry in manifest["layers"])
 
 
 class OnnxBackend:
@@ -135,7 +136,7 @@ class OnnxBackend:
         manifest: the folder's manifest (layers, IO names, max_seq_len).
 
     Attributes:
-        layers: one ``KVLayerSpec`` per attention layer.
+        layers: one ``CacheLayout`` per attention layer (the session builds its caches from them).
         max_seq_len: the model's context from the manifest, or None.
         device: where returned tensors live (always CPU).
     """
@@ -143,7 +144,7 @@ class OnnxBackend:
     def __init__(self, prefill: Any, decode: Any, manifest: dict[str, Any]):
         self.prefill_session, self.decode_session = prefill, decode
         self.manifest = manifest
-        self.layers = _layer_specs(manifest)
+        self.layers = layouts(manifest)
         self.max_seq_len: int | None = manifest.get("max_seq_len")
         self.device = torch.device("cpu")
         self._inputs = list(manifest["files"]["decode"]["inputs"])

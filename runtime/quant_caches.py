@@ -221,14 +221,19 @@ class GraphStreamCache(LayerCache):
     tensors between calls, in PyTorch or ONNX Runtime alike. ``nbytes()`` counts all of them.
     """
 
-    def __init__(self, spec, batch: int, device="cpu"):
-        if not spec.streams:
-            msg = f"GraphStreamCache needs a layer spec with quantized streams; layer {spec.layer} has none."
+    def __init__(self, layout, batch: int, device="cpu"):
+        if not layout.streams:
+            msg = f"GraphStreamCache needs a layout with quantized streams; layer {layout.layer} has none."
             raise ValueError(msg)
-        super().__init__(batch, spec.n_kv_heads, spec.head_dim, spec.dtype, device)
-        self.spec = spec
-        self.io_tensors = 4 * len(spec.streams)
-        self.tensors = spec.empty_past(batch, self.device)
+        super().__init__(batch, layout.n_kv_heads, layout.head_dim, layout.dtype, device)
+        self.layout = layout
+        self.io_tensors = 4 * len(layout.streams)
+        self.tensors = layout.empty_past(batch, self.device)
+
+    @classmethod
+    def from_layout(cls, layout, batch: int, device="cpu") -> GraphStreamCache:
+        """The empty cache of a ``condfx.layouts.StreamsLayout``."""
+        return cls(layout, batch, device)
 
     def past(self) -> tuple[torch.Tensor, ...]:
         return tuple(self.tensors)
@@ -257,7 +262,7 @@ class GraphStreamCache(LayerCache):
     def reset(self, batch: int | None = None) -> None:
         self.batch = self.batch if batch is None else batch
         self.length = 0
-        self.tensors = self.spec.empty_past(self.batch, self.device)
+        self.tensors = self.layout.empty_past(self.batch, self.device)
 
     def reorder(self, index: torch.Tensor) -> None:
         index = index.to(self.device)
@@ -285,23 +290,3 @@ class Float16KVCache(FullKVCache):
 
     def _set(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k, self.v = k.half(), v.half()
-
-
-def quantized_layer_cache(spec, quant: dict, batch: int, device) -> LayerCache:
-    """The Session cache of a ``quantize-kv`` layer whose decode form packs nothing (no
-    ``spec.streams``; a packed layer gets ``GraphStreamCache`` from ``session.default_cache``).
-    ``quant`` is the layer's entry of ``gm.meta["condfx_kv_quant"]``.
-
-    Raises:
-        NotImplementedError: a layer that no float cache emulates (rotated or split-bit KIVI,
-            XQuant with bits 16).
-    """
-    if quant["method"] == "kivi" and quant["bits"] == 16 and not quant.get("rotate"):
-        return Float16KVCache(batch, spec.n_kv_heads, spec.head_dim, spec.dtype, device)
-    kb, vb = quant.get("k_bits", quant["bits"]), quant.get("v_bits", quant["bits"])
-    msg = (
-        f"the Session's packed caches do not cover layer {spec.layer} (method {quant['method']!r}, "
-        f"k_bits={kb}, v_bits={vb}, rotate={bool(quant.get('rotate'))}): rotated or split-bit KIVI "
-        "and 16-bit XQuant run teacher-forced only (one forward of the quantize-kv graph)."
-    )
-    raise NotImplementedError(msg)

@@ -3,12 +3,13 @@
 A session owns a *backend* (what runs the decode graph) and a ``CacheSet`` (what is carried between
 calls). Every backend implements one call, the minimal interface the runtime needs::
 
-    backend.layers                      -> tuple[KVLayerSpec, ...]   one per attention layer
+    backend.layers                      -> tuple[CacheLayout, ...]   one per attention layer
     backend.run(input_ids, past)        -> (logits, present)
         input_ids (B, T) int64, past = [past_k_0, past_v_0, ...] each (B, Hkv, P, D);
         logits (B, T, V), present = [present_k_0, present_v_0, ...] each (B, Hkv, P + T, D).
-        A quantized layer has four tensors per stream instead of two (``KVLayerSpec.io_names``):
-        its packed streams, read and updated by the graph itself.
+        A layer has the tensors its layout names (``CacheLayout.io_names``; a quantized layer four
+        per stream, its packed streams, read and updated by the graph itself). The session builds
+        one cache per layout through ``runtime/cache_table.make_cache``.
 
 ``TorchBackend`` runs the ``add-kv-cache`` GraphModule. The ONNX slot (``backend="onnx"``) takes the
 same decode-form graph exported to ONNX and runs it on ONNX Runtime; it lives in
@@ -25,15 +26,9 @@ from typing import Any, Protocol
 import torch
 from torch import fx, nn
 
-from condfx.passes.add_kv_cache import KVLayerSpec, is_decode_form
-from condfx.runtime.caches import (
-    CacheSet,
-    FullKVCache,
-    InterleavedKVCache,
-    LayerCache,
-    SlidingWindowCache,
-)
-from condfx.runtime.quant_caches import GraphStreamCache, quantized_layer_cache
+from condfx.layouts import CacheLayout, decode_layouts, is_decode_form
+from condfx.runtime.cache_table import make_cache
+from condfx.runtime.caches import CacheSet
 
 
 class BackendKind(str, enum.Enum):
@@ -46,7 +41,7 @@ class BackendKind(str, enum.Enum):
 class DecodeBackend(Protocol):
     """What a session needs from an engine (see the module docstring)."""
 
-    layers: tuple[KVLayerSpec, ...]
+    layers: tuple[CacheLayout, ...]
 
     def run(
         self, input_ids: torch.Tensor, past: Sequence[torch.Tensor]
@@ -66,12 +61,11 @@ class TorchBackend:
     """
 
     def __init__(self, gm: fx.GraphModule):
-        if not is_decode_form(gm) or "condfx_kv" not in gm.meta:
+        if not is_decode_form(gm):
             msg = "TorchBackend needs the decode form of a graph; apply 'add-kv-cache' to it first."
             raise ValueError(msg)
         self.gm = gm
-        self.layers: tuple[KVLayerSpec, ...] = tuple(gm.meta["condfx_kv"])
-        self.kv_quant: tuple[dict, ...] = tuple(gm.meta.get("condfx_kv_quant", ()))
+        self.layers: tuple[CacheLayout, ...] = decode_layouts(gm)
         params = list(gm.parameters()) + list(gm.buffers())
         self.device = params[0].device if params else torch.device("cpu")
 
@@ -90,22 +84,6 @@ def _onnx_backend(gm: fx.GraphModule) -> DecodeBackend:
         msg = "backend 'onnx' is not available yet (condfx.runtime.onnx_backend); use 'torch'."
         raise NotImplementedError(msg) from exc
     return OnnxBackend.from_graph(gm)
-
-
-def default_cache(spec: KVLayerSpec, batch: int, device: torch.device) -> LayerCache:
-    """The cache a layer gets by default: a sliding window for windowed attention, else full KV
-    (a quantized layer's graph reads and returns its packed cache: ``GraphStreamCache``)."""
-    if spec.streams:
-        return GraphStreamCache(spec, batch, device)
-    if spec.pseudo > 1:  # IHA: P pseudo-K/V rows per token
-        return InterleavedKVCache(
-            batch, spec.n_kv_heads, spec.head_dim, spec.pseudo, spec.dtype, device
-        )
-    if spec.window > 0:
-        return SlidingWindowCache(
-            batch, spec.n_kv_heads, spec.head_dim, spec.window, spec.dtype, device
-        )
-    return FullKVCache(batch, spec.n_kv_heads, spec.head_dim, spec.dtype, device)
 
 
 def _check_passes(passes: Any) -> Any:
@@ -133,13 +111,7 @@ class Session:
         self.max_seq_len = max_seq_len
         self.reports = tuple(reports)
         self.device = getattr(backend, "device", torch.device("cpu"))
-        quant = {q["layer"]: q for q in getattr(backend, "kv_quant", ())}
-        self.caches = CacheSet([
-            default_cache(s, 1, self.device)
-            if s.streams or s.layer not in quant
-            else quantized_layer_cache(s, quant[s.layer], 1, self.device)
-            for s in backend.layers
-        ])
+        self.caches = CacheSet([make_cache(layout, 1, self.device) for layout in backend.layers])
         self._started = False
 
     @classmethod

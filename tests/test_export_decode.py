@@ -102,7 +102,7 @@ def test_golden_manifest(hf_llama):
     _, bundle = hf_llama
     manifest = json.loads((bundle.out_dir / MANIFEST_NAME).read_text())
     assert manifest == bundle.manifest
-    assert manifest["format"] == "condfx-onnx" and manifest["format_version"] == 1
+    assert manifest["format"] == "condfx-onnx" and manifest["format_version"] == 2
     assert manifest["condfx_version"] == condfx.__version__ and manifest["opset"] == 18
     assert (
         manifest["model"]["name"] == "hf-llama" and len(manifest["model"]["weights_sha256"]) == 64
@@ -110,10 +110,10 @@ def test_golden_manifest(hf_llama):
     assert manifest["vocab_size"] == 256 and manifest["max_seq_len"] == 512
     assert manifest["passes"] == "fuse-attention"
     assert manifest["layers"][1] == {
+        "kind": "full",
         "layer": 1,
         "n_kv_heads": 2,
         "head_dim": 16,
-        "window": 0,
         "dtype": "float32",
     }
     files = manifest["files"]

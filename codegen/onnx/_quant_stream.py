@@ -172,6 +172,28 @@ def dropped_stream(f: Body, parts: list[str], new: str, a: dict, per_channel: bo
     return f("Concat", head, deq, rest, axis=-2), f("Concat", head, deq, rest_hat, axis=-2), updated
 
 
+def half_stream(f: Body, parts: list[str], new: str, a: dict, per_channel: bool) -> tuple[str, str, list[str]]:
+    """``stream`` for a float16 stream (bits 16): codes hold the quantized tokens as float16 values,
+    scale and zero have no columns; quantizing is a cast to float16."""
+    codes, _, _, fp = parts
+    chunk1 = a["group1"] if per_channel else f.ints(1)
+    head, rest, big = _split_step(f, fp, new, a)
+    lead, none = f("Shape", codes, start=0, end=2), f.ints(0)
+    deq = f("Cast", codes, to=TensorProto.FLOAT)
+    whole = _floor_to(f, f.dim(rest, -2), chunk1)
+    rounded = f("Cast", f("Cast", f.slice(rest, f.ints(0), whole, -2), to=TensorProto.FLOAT16), to=TensorProto.FLOAT)
+    rest_hat = f("Concat", rounded, f.slice(rest, whole, big, -2), axis=-2)
+    nq = _packed_after(f, head, codes, rest, a, chunk1)
+    move = f("Sub", nq, f.dim(codes, -2))
+    rows = f("Div", nq, a["group1"]) if per_channel else nq
+    stats = f("ConstantOfShape", f("Concat", lead, rows, none, axis=0),
+              value=helper.make_tensor("", TensorProto.FLOAT16, [1], [0]))
+    packed = f("Cast", f.slice(rest, f.ints(0), move, -2), to=TensorProto.FLOAT16)
+    updated = [f("Concat", codes, packed, axis=-2), stats, f("Identity", stats),
+               f("Concat", head, f.slice(rest, move, big, -2), axis=-2)]
+    return f("Concat", head, deq, rest, axis=-2), f("Concat", head, deq, rest_hat, axis=-2), updated
+
+
 def attributes(f: Body, names) -> dict:
     """Constants of the function attributes ``names`` (scalars, and 1-D as ``<name>1``) plus the
     bit tables derived from ``bits`` when it is one of them."""

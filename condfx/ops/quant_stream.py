@@ -6,7 +6,9 @@ A stream (B, H, N, C) is four tensors: ``codes`` (B, H, Nq, C * bits / 8) uint8 
 ``condfx.ops.kv_quant.pack_codes``), ``scale`` / ``zero`` float16 ((B, H, Nq, C / group) per token,
 dim -1, or (B, H, Nq / group, C) per channel, dim -2) and ``fp`` (B, H, N - Nq, C) in full precision:
 the first ``sink`` tokens followed by the tokens not quantized yet. Bits 0 is a dropped stream: codes,
-scale and zero have no columns and its quantized tokens read 0 (``quantize-kv{latent=klt}``). The stream's tokens, in order, are
+scale and zero have no columns and its quantized tokens read 0 (``quantize-kv{latent=klt}``). Bits 16
+is a float16 stream: ``codes`` holds the quantized tokens as float16 values (B, H, Nq, C), scale and
+zero have no columns (``quantize-kv`` with 16 bits). The stream's tokens, in order, are
 ``fp[:sink]``, dequantize(codes), ``fp[sink:]``; Nq = ``quantized_count(N, residual, chunk, sink)``
 with chunk = group per channel, 1 per token.
 
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from condfx.ops.kv_quant import (
+    BITS,
     DROPPED,
     check_quant_args,
     dequantize_reference,
@@ -36,32 +39,62 @@ from condfx.ops.kv_quant import (
 )
 
 STREAM_PARTS = ("codes", "scale", "zero", "fp")
+HALF = 16  # a float16 stream: its quantized tokens are stored as float16 values, no scale / zero
+STREAM_BITS = (*BITS, DROPPED, HALF)
 
 
 def stream_shapes(lead, channels: int, bits: int, group: int, dim: int, quantized, full) -> list:
     """Shapes of (codes, scale, zero, fp) of a stream with ``quantized`` packed and ``full`` fp tokens."""
     stats = (quantized, channels // group) if dim == -1 else (quantized // group, channels)
-    if bits == DROPPED:  # only its full-precision tokens are stored
+    if bits in (DROPPED, HALF):  # no scales or zero points
         stats = (stats[0], 0)
-    return [(*lead, quantized, channels * bits // 8), (*lead, *stats), (*lead, *stats),
-            (*lead, full, channels)]
+    columns = channels if bits == HALF else channels * bits // 8
+    return [(*lead, quantized, columns), (*lead, *stats), (*lead, *stats), (*lead, full, channels)]
 
 
-def stream_dtypes(dtype: torch.dtype) -> tuple:
+def stream_dtypes(dtype: torch.dtype, bits: int = BITS[0]) -> tuple:
     """dtypes of (codes, scale, zero, fp) for full-precision tokens of ``dtype``."""
-    return (torch.uint8, torch.float16, torch.float16, dtype)
+    return (torch.float16 if bits == HALF else torch.uint8, torch.float16, torch.float16, dtype)
+
+
+def check_stream_args(bits: int, group: int, dim: int, channels: int) -> None:
+    """ValueError when bits/group/dim do not fit a stream of ``channels`` (bits 0 and 16 included)."""
+    if bits != HALF:
+        check_quant_args(bits, group, dim, channels, None, dropped_ok=True)
+        return
+    if dim not in (-1, -2) or group < 1 or (dim == -1 and channels % group):
+        msg = (f"condfx.quantized_stream: a float16 stream needs dim -1 or -2 and a group dividing its "
+               f"{channels} channels; got dim {dim}, group {group}.")
+        raise ValueError(msg)
+
+
+def _pack_tokens(x: torch.Tensor, bits: int, group: int, dim: int):
+    """(codes, scale, zero) of whole chunks of tokens (float16 values for bits 16)."""
+    if bits != HALF:
+        return quantize_reference(x, bits, group, dim)
+    rows = x.shape[-2] if dim == -1 else x.shape[-2] // group
+    empty = x.new_zeros((*x.shape[:-2], rows, 0), dtype=torch.float16)
+    return x.to(torch.float16), empty, empty.clone()
+
+
+def _unpack_tokens(codes, scale, zero, bits: int, group: int, dim: int, channels: int) -> torch.Tensor:
+    """The float32 values of packed tokens (float16 values for bits 16)."""
+    if bits == HALF:
+        return codes.float()
+    return dequantize_reference(codes, scale, zero, bits, group, dim, channels)
 
 
 def empty_stream(lead, channels: int, bits: int, group: int, dim: int, dtype, device="cpu",
                  quantized: int = 0, full: int = 0) -> list:
     """The four tensors of a stream, zero-filled (sizes > 0: examples for tracing)."""
     shapes = stream_shapes(lead, channels, bits, group, dim, quantized, full)
-    return [torch.zeros(s, dtype=t, device=device) for s, t in zip(shapes, stream_dtypes(dtype), strict=True)]
+    dtypes = stream_dtypes(dtype, bits)
+    return [torch.zeros(s, dtype=t, device=device) for s, t in zip(shapes, dtypes, strict=True)]
 
 
 def stream_read(codes, scale, zero, fp, bits: int, group: int, dim: int, sink: int) -> torch.Tensor:
     """The stream's tokens in order, in fp's dtype: fp[:sink], dequantize(codes), fp[sink:]."""
-    deq = dequantize_reference(codes, scale, zero, bits, group, dim, int(fp.shape[-1])).to(fp.dtype)
+    deq = _unpack_tokens(codes, scale, zero, bits, group, dim, int(fp.shape[-1])).to(fp.dtype)
     return torch.cat([fp[..., :sink, :], deq, fp[..., sink:, :]], -2)
 
 
@@ -83,7 +116,7 @@ def stream_append(codes, scale, zero, fp, new, bits: int, group: int, dim: int, 
         msg = (f"condfx.quantized_stream: a stream of {total} tokens holds {nq} packed, more than "
                f"its policy (residual {residual}, sink {sink}, chunk {chunk}) allows.")
         raise ValueError(msg)
-    packed, sc, ze = quantize_reference(rest[..., :move, :], bits, group, dim)
+    packed, sc, ze = _pack_tokens(rest[..., :move, :], bits, group, dim)
     return [torch.cat([codes, packed], -2), torch.cat([scale, sc], -2), torch.cat([zero, ze], -2),
             torch.cat([head, rest[..., move:, :]], -2)]
 
@@ -101,8 +134,8 @@ def stream_step(codes, scale, zero, fp, new, bits: int, group: int, dim: int, re
     stored = min(sink, int(allf.shape[-2])) + int(codes.shape[-2])  # sink + packed tokens
     rest = full[..., stored:, :]
     whole = int(rest.shape[-2]) // chunk * chunk
-    rest_hat = dequantize_reference(*quantize_reference(rest[..., :whole, :], *quant), *quant,
-                                    int(rest.shape[-1])).to(fp.dtype)
+    rest_hat = _unpack_tokens(*_pack_tokens(rest[..., :whole, :], *quant), *quant,
+                              int(rest.shape[-1])).to(fp.dtype)
     hat = torch.cat([full[..., :stored, :], rest_hat, rest[..., whole:, :]], -2)
     return (full, hat, *updated)
 
@@ -139,6 +172,10 @@ class StreamSpec:
         return empty_stream((batch, self.heads), self.channels, self.bits, self.group, self.dim, dtype,
                             device, 2 * self.group * bool(length), length)
 
+    def dtypes(self, dtype: torch.dtype) -> tuple:
+        """dtypes of the stream's four tensors for full-precision tokens of ``dtype``."""
+        return stream_dtypes(dtype, self.bits)
+
 
 @torch.library.custom_op("condfx::quantized_stream", mutates_args=())
 def quantized_stream(
@@ -151,7 +188,7 @@ def quantized_stream(
     its K latent); ``full`` and ``hat`` must then have its length (dim 2), which their traced
     size says too, so graphs reading both streams need no guard relating their input lengths.
     """
-    check_quant_args(bits, group, dim, int(new.shape[-1]), None, dropped_ok=True)
+    check_stream_args(bits, group, dim, int(new.shape[-1]))
     with torch.no_grad():
         outs = stream_step(codes, scale, zero, fp, new, bits, group, dim, residual, sink)
     if align is not None and align.shape[2] != outs[0].shape[2]:
@@ -163,7 +200,7 @@ def quantized_stream(
 
 @quantized_stream.register_fake
 def _quantized_stream_fake(codes, scale, zero, fp, new, bits, group, dim, residual, sink, align=None):
-    check_quant_args(bits, group, dim, int(new.shape[-1]), None, dropped_ok=True)
+    check_stream_args(bits, group, dim, int(new.shape[-1]))
     b, h, t, c = new.shape
     ctx = torch.library.get_ctx()  # new sizes: see kivi_cache's fake for why they are unbacked
     nq, nf = ctx.new_dynamic_size(), ctx.new_dynamic_size()
@@ -172,4 +209,4 @@ def _quantized_stream_fake(codes, scale, zero, fp, new, bits, group, dim, residu
         torch._check(nq % group == 0)
     shapes = stream_shapes((b, h), c, bits, group, dim, nq, nf)
     return (fp.new_empty((b, h, n, c)), fp.new_empty((b, h, n, c)),
-            *(fp.new_empty(s, dtype=d) for s, d in zip(shapes, stream_dtypes(fp.dtype), strict=True)))
+            *(fp.new_empty(s, dtype=d) for s, d in zip(shapes, stream_dtypes(fp.dtype, bits), strict=True)))

@@ -290,22 +290,40 @@ def test_numerics_session_xquant_decoding_equals_teacher_forced_stories260k(late
     assert [t.shape[2] for t in past[::4]] == ([32, 35] if svd else [35])
 
 
-def test_rejects_xquant_16_bits_in_session():
-    with pytest.raises(NotImplementedError, match="method 'xquant', k_bits=16"):
-        Session.from_model(_stories(), passes="fuse-attention, quantize-kv{method=xquant,bits=16,group=8}")
+@pytest.mark.parametrize("latent", ["x", "svd"])
+def test_numerics_session_xquant_16_bits_equals_teacher_forced_stories260k(latent):
+    """XQuant with 16 bits decodes through a float16 stream (its quantized tokens stored as float16
+    values): prefill + 1-token and 5-token steps equal one forward of the quantize-kv graph."""
+    spec = f"fuse-attention, quantize-kv{{method=xquant,latent={latent},bits=16,group=8,residual=4,sink=1}}"
+    _, teacher, _ = _run("stories260K", spec)
+    _, ids, _ = _captured("stories260K")
+    session = Session.from_model(_stories(), passes=spec)
+    steps = [session.prefill(ids[:, :10])] + [session.step(ids[:, t : t + 1]) for t in range(10, 30)]
+    steps += [session.step(ids[:, 30:35]), session.step(ids[:, 35:40])]
+    assert (torch.cat(steps, 1) - teacher).abs().max().item() < 1e-3
+    past = session.caches[0].past()
+    assert past[0].dtype == torch.float16 and past[1].numel() == 0  # float16 values, no scales
+    assert session.cache_bytes() == sum(layout.nbytes(40, batch=2) for layout in session.backend.layers)
 
 
-def test_rejects_rotated_or_split_bits_kivi_in_session():
-    from types import SimpleNamespace
-
-    from condfx.runtime.quant_caches import quantized_layer_cache
-
-    spec = SimpleNamespace(layer=0, n_kv_heads=2, head_dim=16, dtype=torch.float32, streams=())
-    for opt in ("rotate=true", "k_bits=4"):
-        result, _, _ = _run("llama-tiny", f"quantize-kv{{method=kivi,bits=2,group=8,{opt}}}")
-        quant = result.graph_module.meta["condfx_kv_quant"][0]
-        with pytest.raises(NotImplementedError, match="rotated or split-bit KIVI"):
-            quantized_layer_cache(spec, quant, 1, "cpu")
+@pytest.mark.parametrize("opt", ["rotate=true", "k_bits=4", "k_bits=3,rotate=true", "k_bits=16"])
+def test_numerics_session_rotated_or_split_bits_kivi_equals_teacher_forced_stories260k(opt):
+    """Rotated and split-bit KIVI decode through packed K and V streams (``quantized_stream``, the
+    path from each fake-quantize node re-run over the cached tokens): prefill + 1-token and 5-token
+    steps equal one forward of the quantize-kv graph."""
+    spec = f"fuse-attention, quantize-kv{{method=kivi,bits=2,group=8,residual=4,sink=1,{opt}}}"
+    _, teacher, dense = _run("stories260K", spec)
+    _, ids, _ = _captured("stories260K")
+    session = Session.from_model(_stories(), passes=spec)
+    steps = [session.prefill(ids[:, :10])] + [session.step(ids[:, t : t + 1]) for t in range(10, 30)]
+    steps += [session.step(ids[:, 30:35]), session.step(ids[:, 35:40])]
+    assert (torch.cat(steps, 1) - teacher).abs().max().item() < 1e-3
+    assert (teacher - dense).abs().max().item() > 0.1
+    layout = session.backend.layers[0]
+    assert [(st.name, st.dim) for st in layout.streams] == [("k", -2), ("v", -1)]
+    past = session.caches[0].past()
+    assert past[4].dtype == torch.uint8 and [t.shape[2] for t in past[::4]] == [32, 35]
+    assert session.cache_bytes() == sum(layout.nbytes(40, batch=2) for layout in session.backend.layers)
 
 
 def _klt_gm(flat: bool = False):

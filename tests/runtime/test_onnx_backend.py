@@ -94,7 +94,9 @@ def test_rejects_folder_of_other_weights(stories):
     ("changes", "message"),
     [
         ({"condfx_version": "0.0.1"}, r"written by condfx 0\.0\.1, but this is condfx"),
-        ({"format_version": 99}, r"has format condfx-onnx 99, but this condfx reads condfx-onnx 1"),
+        ({"format_version": 99}, r"has format condfx-onnx 99, but this condfx reads condfx-onnx 2"),
+        ({"format_version": 1}, r"written by an older condfx \(manifest format 1.*; write it again"),
+        ({"layers": [{"kind": "hologram", "layer": 0}]}, r"kind 'hologram' \(written by condfx \S+\) is not one"),
         ({"format": "other"}, r"has format other"),
         ({"layers": None}, r"without 'layers'"),
     ],

@@ -88,11 +88,10 @@ def test_rejects_bad_stream_bits():
 
 
 def _kivi_spec():
-    from condfx.ops.quant_stream import StreamSpec
-    from condfx.passes.add_kv_cache import KVLayerSpec
+    from condfx.layouts import StreamsLayout, StreamSpec
 
     streams = (StreamSpec("k", 2, 8, 2, 4, -2, 3, 1), StreamSpec("v", 1, 16, 2, 4, -1, 3, 1))
-    return KVLayerSpec(0, 2, 8, 0, torch.float32, streams=streams)
+    return StreamsLayout(0, 2, 8, torch.float32, streams)
 
 
 def test_graph_stream_cache_carries_what_the_graph_returns():

@@ -1,0 +1,132 @@
+"""Cache layouts through the bundle: the torch Session and ``Session.from_onnx`` build the same caches
+from the same layouts (the manifest's ``layers``), hold the same bytes and agree on the logits."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+
+import condfx
+from condfx.export import export_decode_graph
+from condfx.layouts import LAYOUTS, layout_from_json
+from condfx.runtime.session import Session
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+QUANTIZED = {
+    "kivi": "quantize-kv{method=kivi,bits=2,group=8,residual=4,sink=1}",
+    "kivi-16": "quantize-kv{method=kivi,bits=16,residual=0}",
+    "kivi-rotated": "quantize-kv{method=kivi,bits=2,group=8,residual=4,rotate=true}",
+    "kivi-split": "quantize-kv{method=kivi,bits=2,k_bits=4,group=8,residual=4}",
+    "xquant-x": "quantize-kv{method=xquant,latent=x,bits=2,group=8,residual=4,sink=1}",
+    "xquant-svd": "quantize-kv{method=xquant,latent=svd,bits=3,group=8,residual=4}",
+    "xquant-cl": "quantize-kv{method=xquant-cl,bits=2,group=8,residual=4}",
+    "xquant-16": "quantize-kv{method=xquant,latent=svd,bits=16,group=8,residual=4,sink=1}",
+    "kivi-rotated-16": "quantize-kv{method=kivi,bits=16,group=8,residual=4,rotate=true}",
+    "kivi-split-16": "quantize-kv{method=kivi,bits=2,k_bits=16,group=8,residual=4}",
+}
+
+
+@functools.cache
+def _model():
+    from condfx.models_zoo import build_zoo
+
+    return build_zoo("llama-tiny").eval()
+
+
+def _decode(session, ids):
+    steps = [session.prefill(ids[:, :6])] + [session.step(ids[:, t : t + 1]) for t in range(6, 9)]
+    steps.append(session.step(ids[:, 9:]))
+    return torch.cat(steps, 1)
+
+
+@pytest.mark.parametrize("name", list(QUANTIZED))
+def test_numerics_quantized_bundle_runs_the_torch_sessions_caches(name, tmp_path):
+    """One exported bundle per quantize-kv method: the ONNX Runtime session gets the cache classes of
+    the torch session (float16 for bits=16, packed streams otherwise), the same bytes, and logits
+    within 1e-3 (the same cache contents)."""
+    gm = condfx.capture(_model(), (torch.zeros(2, 8, dtype=torch.long),))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        decode = condfx.apply(gm, f"fuse-attention, {QUANTIZED[name]}, add-kv-cache").graph_module
+        export_decode_graph(decode, tmp_path, verify=False)
+    torch_session, onnx_session = Session.from_graph(decode), Session.from_onnx(tmp_path)
+    ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    want, got = _decode(torch_session, ids), _decode(onnx_session, ids)
+    assert [type(c) for c in onnx_session.caches] == [type(c) for c in torch_session.caches]
+    assert onnx_session.backend.layers == torch_session.backend.layers
+    assert onnx_session.cache_bytes() == torch_session.cache_bytes()
+    assert onnx_session.cache_bytes() == sum(x.nbytes(12, batch=2) for x in torch_session.backend.layers)
+    assert (got - want).abs().max().item() < 1e-3
+
+
+def test_kivi_16_bits_bundle_keeps_a_float16_cache(tmp_path):
+    """The manifest bug of issue 13: a kivi bits=16 bundle ran with a float32 FullKVCache in
+    ``Session.from_onnx``; its layout now says float16."""
+    gm = condfx.capture(_model(), (torch.zeros(2, 8, dtype=torch.long),))
+    decode = condfx.apply(gm, f"fuse-attention, {QUANTIZED['kivi-16']}, add-kv-cache").graph_module
+    bundle = export_decode_graph(decode, tmp_path, verify=False)
+    assert {entry["kind"] for entry in bundle.manifest["layers"]} == {"float16"}
+    session = Session.from_onnx(tmp_path)
+    assert type(session.caches[0]).__name__ == "Float16KVCache"
+
+
+def test_layouts_round_trip_through_json_and_reject_unknown_kinds():
+    from condfx.layouts import (
+        Float16KVLayout,
+        FullKVLayout,
+        InterleavedKVLayout,
+        StreamsLayout,
+        StreamSpec,
+        WindowKVLayout,
+    )
+
+    spec = StreamSpec("k", 2, 8, 2, 4, -2, 3, 1)
+    layouts = [FullKVLayout(0, 2, 8, torch.float32), WindowKVLayout(1, 2, 8, torch.float16, window_size=4),
+               InterleavedKVLayout(2, 2, 8, torch.float32, pseudo_rows=2), Float16KVLayout(3, 2, 8, torch.float32),
+               StreamsLayout(4, 2, 8, torch.float32, (spec,), 0)]
+    assert {x.kind for x in layouts} == set(LAYOUTS)
+    for x in layouts:
+        assert layout_from_json(x.to_json()) == x
+        assert sum(t.nbytes for t in x.empty_past(3)) == x.nbytes(0, batch=3)
+    with pytest.raises(ValueError, match=r"kind 'ring' \(written by condfx 9\.9\) is not one this condfx knows"):
+        layout_from_json({"kind": "ring", "layer": 0}, written_by="9.9")
+
+
+@pytest.mark.parametrize("dim", [-1, -2])
+def test_half_stream_function_matches_op(dim):
+    """The float16 stream (bits 16) in ONNX Runtime equals ``condfx.quantized_stream`` step by step."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from condfx.codegen.onnx import DOMAIN
+    from condfx.codegen.onnx.quantized_stream import quantized_stream_functions
+    from condfx.ops.quant_stream import HALF, empty_stream
+
+    function = quantized_stream_functions()[4 if dim == -1 else 5]
+    f32, f16 = TensorProto.FLOAT, TensorProto.FLOAT16
+    inputs = {"codes": f16, "scale": f16, "zero": f16, "fp": f32, "new": f32}
+    outputs = {"full": f32, "hat": f32, "codes_out": f16, "scale_out": f16, "zero_out": f16, "fp_out": f32}
+    node = helper.make_node(function.name, list(inputs), list(outputs), domain=DOMAIN, group=4, residual=2, sink=1)
+    graph = helper.make_graph(
+        [node], "g",
+        [helper.make_tensor_value_info(n, t, [f"{n}{i}" for i in range(4)]) for n, t in inputs.items()],
+        [helper.make_tensor_value_info(n, t, [f"{n}{i}" for i in range(4)]) for n, t in outputs.items()])
+    model = helper.make_model(graph, functions=[function],
+                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 1, 19, 16, generator=torch.Generator().manual_seed(0))
+    stream, p = empty_stream((2, 1), 16, HALF, 4, dim, torch.float32), 0
+    for n in (6, 1, 5, 1, 6):
+        full, hat, *want = torch.ops.condfx.quantized_stream(*stream, x[:, :, p : p + n], HALF, 4, dim, 2, 1)
+        got = sess.run(None, dict(zip(inputs, [*(t.numpy() for t in stream), x[:, :, p : p + n].numpy()],
+                                      strict=True)))
+        np.testing.assert_allclose(got[0], full.numpy(), atol=1e-6)
+        np.testing.assert_allclose(got[1], hat.numpy(), atol=1e-6)
+        assert [g.shape for g in got[2:]] == [tuple(w.shape) for w in want]
+        stream, p = [torch.from_numpy(g) for g in got[2:]], p + n
+    assert want[0].dtype == torch.float16 and want[0].shape[2] == 16  # (19 - 2 - 1) tokens packed
