@@ -86,7 +86,7 @@ def run(args) -> dict:
                 f"residual={args.residual},sink={args.sink}}}")
         with tempfile.TemporaryDirectory(prefix="condfx-kvq-") as tmp:
             t0 = time.perf_counter()
-            bundle = condfx.export.export_model(model, tmp, passes=spec, kv_calibration=calib)
+            bundle = condfx.export_model(model, tmp, passes=spec, kv_calibration=calib)
             export_s = time.perf_counter() - t0
             torch_session = _torch_session(model, spec, calib)
             onnx_session = Session.from_onnx(tmp, model=model)

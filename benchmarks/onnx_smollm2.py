@@ -28,7 +28,7 @@ import torch
 
 import condfx
 from condfx.data import data_file
-from condfx.export import MANIFEST_NAME, export_decode_graph, model_identity
+from condfx.export_bundle import MANIFEST_NAME, export_decode_graph, model_identity
 from condfx.models_zoo import load
 from condfx.runtime import Session, TorchBackend, generate
 

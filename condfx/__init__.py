@@ -12,7 +12,7 @@ import importlib
 # condfx.passes etc. in a source checkout, and pyproject.toml's package-dir maps them into the
 # wheel. Nothing edits __path__ at run time, so static tools (import-linter) read the same package.
 
-__version__ = "0.1.0"
+from condfx.version import __version__  # noqa: E402
 
 # Functions that share their module's name are imported eagerly: importing the submodule later would
 # otherwise rebind ``condfx.capture`` to the module.
@@ -23,13 +23,12 @@ from condfx.verify import verify  # noqa: E402
 _LAZY = {
     "apply": ("condfx.passes.pipeline", "apply"),
     "export_model": ("condfx.export_bundle", "export_model"),
-    "export_onnx": ("condfx.export", "export_onnx"),
+    "export": ("condfx.export_bundle", "export_model"),  # condfx.export(model, out_dir) = export_model
+    "export_onnx": ("condfx.export_bundle", "export_onnx"),
 }
 
 
 def __getattr__(name: str):
-    if name == "export":  # a callable module: condfx.export(model, out_dir) runs export_model
-        return importlib.import_module("condfx.export")
     if name in _LAZY:
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
@@ -37,6 +36,7 @@ def __getattr__(name: str):
     raise AttributeError(msg)
 
 
-__all__ = [  # apply, export_model, export_onnx and export are resolved lazily by __getattr__
-    "CaptureError", "apply", "capture", "export", "export_model", "export_onnx", "train", "verify",
+__all__ = [  # apply, export, export_model and export_onnx are resolved lazily by __getattr__
+    "CaptureError", "__version__", "apply", "capture", "export", "export_model", "export_onnx", "train",
+    "verify",
 ]

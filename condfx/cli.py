@@ -124,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``condfx`` console script."""
     from condfx.capture import CaptureError
-    from condfx.export import ExportError
+    from condfx.export_bundle import ExportError
     from condfx.passes.base import PassError
 
     user_errors = (

@@ -289,7 +289,7 @@ def _plot_profile(cal, path: Path, model: str) -> Path:
 
 # ------------------------------------------------------------------------------------------ export
 def export_cmd(args: argparse.Namespace) -> dict:
-    from condfx.export import export_model
+    from condfx.export_bundle import export_model
 
     err = Console(stderr=True)
     say = (lambda _msg: None) if args.json else (lambda msg: err.print(f"{msg} ...", highlight=False, soft_wrap=True))

@@ -1,6 +1,6 @@
 """``OnnxBackend``: runs an exported prefill/decode pair on ONNX Runtime behind ``DecodeBackend``.
 
-A folder written by ``condfx export`` / ``condfx.export.export_model`` holds ``prefill.onnx``
+A folder written by ``condfx export`` / ``condfx.export(...)`` (``condfx.codegen.bundle``) holds ``prefill.onnx``
 (input_ids -> logits, presents), ``decode.onnx`` (input_ids, past_k_0, past_v_0, ... -> logits,
 present_k_0, present_v_0, ...) and ``condfx_manifest.json`` (model identity, the layers' cache
 layouts (``condfx.layouts``, read back through ``layout_from_json``), IO names, file hashes, format
@@ -28,7 +28,16 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from condfx.codegen.bundle import (
+    MANIFEST_FORMAT,
+    MANIFEST_FORMAT_VERSION,
+    MANIFEST_NAME,
+    export_decode_graph,
+    model_identity,
+)
+from condfx.data import file_sha256
 from condfx.layouts import CacheLayout, layout_from_json
+from condfx.version import __version__
 
 _CPU, _CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 
@@ -51,46 +60,42 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         FileNotFoundError: the folder or its manifest does not exist.
         ValueError: the manifest is not JSON, or from another format or condfx version.
     """
-    import condfx
-    from condfx import export as ex
 
     folder = Path(folder)
-    path = folder / ex.MANIFEST_NAME
+    path = folder / MANIFEST_NAME
     if not folder.is_dir():
         msg = f"ONNX folder '{folder}' does not exist; write it with 'condfx export MODEL -o {folder}'."
         raise FileNotFoundError(msg)
     if not path.is_file():
-        msg = f"ONNX folder '{folder}' has no {ex.MANIFEST_NAME}; write it with 'condfx export'."
+        msg = f"ONNX folder '{folder}' has no {MANIFEST_NAME}; write it with 'condfx export'."
         raise FileNotFoundError(msg)
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise _fail(folder, f"has a {ex.MANIFEST_NAME} that is not valid JSON ({exc})") from None
+        raise _fail(folder, f"has a {MANIFEST_NAME} that is not valid JSON ({exc})") from None
     fmt = (manifest.get("format"), manifest.get("format_version"))
-    if fmt == (ex.MANIFEST_FORMAT, 1):
+    if fmt == (MANIFEST_FORMAT, 1):
         raise _fail(folder, "was written by an older condfx (manifest format 1, before cache layouts)")
-    if fmt != (ex.MANIFEST_FORMAT, ex.MANIFEST_FORMAT_VERSION):
-        want = f"{ex.MANIFEST_FORMAT} {ex.MANIFEST_FORMAT_VERSION}"
+    if fmt != (MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION):
+        want = f"{MANIFEST_FORMAT} {MANIFEST_FORMAT_VERSION}"
         raise _fail(folder, f"has format {fmt[0]} {fmt[1]}, but this condfx reads {want}")
     missing = [
         k for k in ("files", "layers", "model") if not isinstance(manifest.get(k), (dict, list))
     ]
     if missing:
-        raise _fail(folder, f"has a {ex.MANIFEST_NAME} without '{missing[0]}'")
+        raise _fail(folder, f"has a {MANIFEST_NAME} without '{missing[0]}'")
     try:  # a kind this condfx does not know names the kind and the version that wrote it
         layouts(manifest)
     except ValueError as exc:
         raise _fail(folder, f"lists a layer this condfx cannot read: {exc}") from None
-    if manifest.get("condfx_version") != condfx.__version__:
-        got, want = manifest.get("condfx_version"), condfx.__version__
+    if manifest.get("condfx_version") != __version__:
+        got, want = manifest.get("condfx_version"), __version__
         raise _fail(folder, f"was written by condfx {got}, but this is condfx {want}")
     return manifest
 
 
 def check_files(folder: Path, manifest: dict[str, Any], hashes: bool = True) -> dict[str, Path]:
     """Paths of the prefill and decode files; each (and its external data) must exist and match."""
-    from condfx.export import file_sha256
-
     paths = {}
     for kind in ("prefill", "decode"):
         entry = manifest["files"].get(kind)
@@ -176,8 +181,6 @@ class OnnxBackend:
         """
         import onnxruntime as ort
 
-        from condfx.export import model_identity
-
         folder = Path(folder)
         manifest = read_manifest(folder)
         paths = check_files(folder, manifest, hashes=check_hashes)
@@ -198,8 +201,6 @@ class OnnxBackend:
         ONNX Runtime holds the models in memory once loaded, so the folder is removed afterwards.
         ``kwargs`` go to ``from_dir`` (providers, threads).
         """
-        from condfx.export import export_decode_graph
-
         with tempfile.TemporaryDirectory(prefix="condfx-onnx-") as tmp:
             export_decode_graph(gm, tmp, verify=False)
             return cls.from_dir(tmp, **kwargs)

@@ -138,7 +138,8 @@ class Session:
             ValueError: a bad backend name, spec or example length.
             PassError: a pass failed (e.g. attention was not fused).
         """
-        import condfx
+        from condfx.capture import capture
+        from condfx.passes.pipeline import apply
 
         kind = _backend_kind(backend)
         if not isinstance(example_len, int) or isinstance(example_len, bool) or example_len < 1:
@@ -148,9 +149,9 @@ class Session:
         weights = [*model.parameters(), *model.buffers()]
         device = weights[0].device if weights else torch.device("cpu")
         ids = torch.zeros(batch, example_len, dtype=torch.long, device=device)
-        gm = condfx.capture(model, (ids,))
-        fused = condfx.apply(gm, _check_passes(passes))
-        decode = condfx.apply(fused.graph_module, "add-kv-cache")
+        gm = capture(model, (ids,))
+        fused = apply(gm, _check_passes(passes))
+        decode = apply(fused.graph_module, "add-kv-cache")
         engine = TorchBackend(decode.graph_module) if kind is BackendKind.TORCH else None
         engine = engine or _onnx_backend(decode.graph_module)
         info = getattr(model, "info", None)

@@ -86,7 +86,7 @@ def test_failed_capture_leaves_model_without_hooks():
 
 
 def test_public_functions_stay_callable_after_importing_their_modules():
-    for module in ("condfx.verify", "condfx.train", "condfx.export"):
+    for module in ("condfx.verify", "condfx.train", "condfx.export_bundle"):
         importlib.import_module(module)
     assert inspect.isfunction(condfx.verify) and inspect.isfunction(condfx.train)
     assert callable(condfx.export) and callable(condfx.apply)

@@ -1,4 +1,4 @@
-"""``condfx.export.export_onnx``: a real Hugging Face Llama, rewritten and not, and error paths."""
+"""``condfx.export_onnx``: a real Hugging Face Llama, rewritten and not, and error paths."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import condfx
-from condfx.export import ExportResult, export_onnx
+from condfx.export_bundle import ExportResult, export_onnx
 from condfx.passes.pipeline import apply
 
 _LAYERS = 2

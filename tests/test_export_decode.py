@@ -1,4 +1,4 @@
-"""``condfx.export.export_model``: prefill + decode ONNX graphs of a Hugging Face Llama, and errors."""
+"""``condfx.export`` (``export_model``): prefill + decode ONNX graphs of a Hugging Face Llama, and errors."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import condfx
-import condfx.export as ex
+import condfx.export_bundle as ex
 from condfx import models_zoo
-from condfx.export import (
+from condfx.export_bundle import (
     DECODE_FILE,
     MANIFEST_NAME,
     PREFILL_FILE,
@@ -136,12 +136,12 @@ def test_numerics_export_onnx_verifies_pasts_on_dims_0_and_2(tmp_path):
     assert out.max_abs_diff <= 1e-4
 
 
-def test_export_module_is_callable(monkeypatch):
-    """``condfx.export(...)`` is ``export_model``; the module keeps its names."""
-    calls = []
-    monkeypatch.setattr(ex, "export_model", lambda *a, **k: calls.append((a, k)) or "bundle")
-    assert ex("llama-tiny", "out", verify=False) == "bundle"
-    assert calls == [(("llama-tiny", "out"), {"verify": False})]
+def test_export_is_a_plain_function():
+    """``condfx.export(...)`` is ``export_model``, a plain function; the exporter's names live in
+    ``condfx.export_bundle`` (issue 13 replaced the callable-module swap this test once checked)."""
+    import inspect
+
+    assert condfx.export is export_model and inspect.isfunction(condfx.export)
     assert ex.export_onnx is export_onnx and ex.ExportBundle is ExportBundle
 
 

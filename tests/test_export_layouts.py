@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import condfx
-from condfx.export import export_decode_graph
+from condfx.export_bundle import export_decode_graph
 from condfx.layouts import LAYOUTS, layout_from_json
 from condfx.runtime.session import Session
 

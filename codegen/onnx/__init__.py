@@ -4,7 +4,7 @@ One module per op family (``attention.py``, later routed attention, masked FFN, 
 each holding the same two pieces: the ONNX local function whose body is the op's reference in
 standard ops, and the torch-side emitter that produces the ``condfx``-domain node during
 ``torch.onnx.export``. ``LOWERINGS`` is the one explicit table from op overload to ``Lowering``;
-``condfx.export.export_onnx`` uses it. Importing this package registers nothing anywhere.
+``condfx.codegen.onnx_export.export_onnx`` uses it. Importing this package registers nothing anywhere.
 """
 
 from __future__ import annotations

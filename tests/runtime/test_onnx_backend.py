@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from condfx import models_zoo
-from condfx.export import MANIFEST_NAME, export_decode_graph, model_identity
+from condfx.export_bundle import MANIFEST_NAME, export_decode_graph, model_identity
 from condfx.runtime import Session, TorchBackend, generate
 from condfx.runtime.onnx_backend import OnnxBackend
 from tests._data import STORIES_ZOO_REFERENCE

@@ -13,7 +13,7 @@ from torch import nn
 from condfx.codegen.onnx import DOMAIN, LOWERINGS, attach_functions, lower_custom_ops
 from condfx.codegen.onnx._functions import retarget_function
 from condfx.codegen.onnx.attention import attention_function
-from condfx.export import export_onnx
+from condfx.export_bundle import export_onnx
 from condfx.ops import attention_reference
 
 _DTYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16}

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper
 
 import condfx
 from condfx.codegen.onnx import DOMAIN, LOWERINGS, attach_functions
-from condfx.export import export_onnx
+from condfx.export_bundle import export_onnx
 from condfx.ops import interleaved_attention_reference
 from tests._iha import captured
 

@@ -77,7 +77,7 @@ def test_export_kivi_model_ort_session_matches_pytorch(tmp_path):
 
     model = build_zoo("llama-tiny")
     spec = "fuse-attention, quantize-kv{method=kivi,bits=2,group=4,residual=3,sink=1}"
-    bundle = condfx.export.export_model(model, tmp_path, passes=spec)
+    bundle = condfx.export_model(model, tmp_path, passes=spec)
     assert bundle.max_abs_diff < 1e-3
     decode = onnx.load(str(tmp_path / "decode.onnx"), load_external_data=False)
     types = {i.name: i.type.tensor_type.elem_type for i in decode.graph.input}
@@ -146,7 +146,7 @@ def test_export_xquant_model_ort_session_matches_pytorch(tmp_path, latent):
     model = build_zoo("llama-tiny")
     method = "xquant-cl" if latent == "cl" else f"xquant,latent={latent}"
     spec = f"fuse-attention, quantize-kv{{method={method},bits=3,group=4,residual=3,sink=1}}"
-    bundle = condfx.export.export_model(model, tmp_path, passes=spec)
+    bundle = condfx.export_model(model, tmp_path, passes=spec)
     assert bundle.max_abs_diff < 1e-3
     stream = "k" if latent == "svd" else "x"
     decode = onnx.load(str(tmp_path / "decode.onnx"), load_external_data=False)
@@ -171,7 +171,7 @@ def test_export_klt_model_with_dropped_streams_ort_session_matches_pytorch(tmp_p
     model = build_zoo("llama-tiny")
     calib = [torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))]
     spec = "fuse-attention, quantize-kv{method=xquant,latent=klt,group=4,residual=3,sink=1,k_budget=5,v_budget=8}"
-    bundle = condfx.export.export_model(model, tmp_path, passes=spec, kv_calibration=calib)
+    bundle = condfx.export_model(model, tmp_path, passes=spec, kv_calibration=calib)
     assert bundle.max_abs_diff < 1e-3
     gm = condfx.capture(model, (torch.zeros(2, 8, dtype=torch.long),))
     record_kv_stats(gm, calib)

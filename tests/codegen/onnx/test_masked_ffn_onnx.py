@@ -58,6 +58,6 @@ def test_export_skip_ffn_llama_tiny(tmp_path):
     gm = condfx.capture(build_zoo("llama-tiny"), (ids,))
     spec = "fuse-attention, skip-ffn{threshold=0.3,span=1,cold_start=0,cold_end=1,warmup=2}"
     rewritten = condfx.apply(gm, spec).graph_module
-    result = condfx.export.export_onnx(rewritten, (ids,), tmp_path / "skip.onnx")
+    result = condfx.export_onnx(rewritten, (ids,), tmp_path / "skip.onnx")
     assert result.custom_ops.get("condfx::MaskedFFN") == 1
     assert result.max_abs_diff <= 1e-4

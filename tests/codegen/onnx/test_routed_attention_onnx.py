@@ -54,7 +54,7 @@ def test_export_l2a_model_matches_pytorch(tmp_path):
     with torch.no_grad():  # a router that routes some tokens and not others
         for layer in find_routed_layers(routed):
             layer.state.router_weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(layer.layer))
-    result = condfx.export.export_onnx(routed, (ids,), tmp_path / "l2a.onnx")
+    result = condfx.export_onnx(routed, (ids,), tmp_path / "l2a.onnx")
     assert result.custom_ops.get("condfx::RoutedAttention") == 2
     assert result.custom_ops.get("condfx::Attention") == 2
     assert result.max_abs_diff <= 1e-4

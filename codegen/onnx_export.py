@@ -8,29 +8,15 @@ checker (full check, shape inference), saves it (external data beyond 2 GB of we
 asked, compares ONNX Runtime (CPU) with PyTorch on the example and on a second input of a
 different batch size and length.
 
-``export_model`` (``condfx export MODEL --passes SPEC -o DIR``; also ``condfx.export(...)``, since
-this module is callable) captures a model, applies the passes and ``add-kv-cache``, and writes the
-bundle the runtime loads (``condfx.runtime.onnx_backend``):
-
-    prefill.onnx          input_ids (B, T) -> logits (B, T, V), present_k_i / present_v_i
-                          (B, Hkv, T, D): the decode graph with every past fixed to length 0
-    decode.onnx           input_ids (B, T), past_k_i / past_v_i (B, Hkv, P_i, D)
-                          -> logits, present_k_i / present_v_i (B, Hkv, P_i + T, D)
-    condfx_manifest.json  format and condfx version, model identity (info + weights hash), layer
-                          specs, vocab, max_seq_len, passes, opset, IO names, file hashes, check
-
-Dims batch, seq and the cache lengths are dynamic (named by the cache layouts: ``past_i`` >= 0, shared
-by k and v of a layer; one per packed-stream tensor), then ONNX
-Runtime is compared with PyTorch on a prefill and on a decode step after it.
+The prefill + decode bundle the runtime loads is written by ``condfx.codegen.bundle`` (which calls
+``export_onnx`` twice); ``condfx.export(...)`` / ``condfx export`` (``condfx.export_bundle.export_model``)
+captures a model and applies its passes first.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 import tempfile
-import types
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -78,7 +64,7 @@ class ExportResult:
     external_data: bool = False
 
 
-def _check_opset(opset: int) -> None:
+def check_opset(opset: int) -> None:
     from condfx.codegen.onnx import MIN_OPSET
 
     latest = onnx.defs.onnx_opset_version()
@@ -87,7 +73,7 @@ def _check_opset(opset: int) -> None:
         raise ValueError(msg)
 
 
-def _check_writable(path: Path) -> None:
+def check_writable(path: Path) -> None:
     """Creates ``path``'s folder if needed and proves it writable (os.access lies for root)."""
     folder = path.parent
     try:
@@ -305,9 +291,9 @@ def export_onnx(
     """
     from condfx.codegen.onnx import LOWERINGS, attach_functions, lower_custom_ops, used_custom_nodes
 
-    _check_opset(opset)
+    check_opset(opset)
     path = Path(path)
-    _check_writable(path)
+    check_writable(path)
     inputs = _as_inputs(example_inputs)
     gm = _to_graph_module(gm_or_module, inputs, dynamic)
     lengths = cache_length_dims(gm)
@@ -325,35 +311,3 @@ def export_onnx(
     diffs = _verify(path, gm, input_sets)
     shapes = tuple(tuple(tuple(x.shape) for x in s) for s in input_sets)
     return ExportResult(path, max(diffs), diffs, shapes, custom_ops, opset, large)
-
-
-# ------------------------------------------------------------------------ prefill + decode bundle
-
-
-# The bundle half (export_model, the manifest) lives in export_bundle.py, which imports this module;
-# its names are served from here lazily so that either module can be imported first.
-_BUNDLE_NAMES = frozenset({
-    "DECODE_FILE", "MANIFEST_FORMAT", "MANIFEST_FORMAT_VERSION", "MANIFEST_NAME", "PREFILL_FILE",
-    "ExportBundle", "export_decode_graph", "export_model", "file_sha256", "io_names",
-    "model_identity", "weights_sha256",
-})
-
-
-class _CallableModule(types.ModuleType):
-    """``condfx.export(...)`` calls ``export_model``; ``condfx.export.export_onnx`` stays a name.
-
-    DESIGN.md promises ``condfx.export(...)`` while ``condfx/export.py`` is also a module: importing the
-    module rebinds ``condfx.export`` to it, so the module itself is made callable.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.export_model(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        if name in _BUNDLE_NAMES:
-            return getattr(importlib.import_module("condfx.export_bundle"), name)
-        msg = f"module 'condfx.export' has no attribute {name!r}"
-        raise AttributeError(msg)
-
-
-sys.modules[__name__].__class__ = _CallableModule
