@@ -16,10 +16,12 @@ from condfx.passes.decode.attention import AttentionDecodeRule
 from condfx.passes.decode.interleaved import InterleavedDecodeRule
 from condfx.passes.decode.quantized import QuantizedDecodeRule
 from condfx.passes.decode.routed import RoutedDecodeRule
+from condfx.passes.decode.sink_window import SinkWindowDecodeRule
 
 DECODE_RULES = MappingProxyType({
     torch.ops.condfx.attention.default: AttentionDecodeRule(),
     torch.ops.condfx.interleaved_attention.default: InterleavedDecodeRule(),
     torch.ops.condfx.routed_attention.default: RoutedDecodeRule(),
     torch.ops.condfx.quantized_cache_attention.default: QuantizedDecodeRule(),
+    torch.ops.condfx.sink_window_attention.default: SinkWindowDecodeRule(),
 })

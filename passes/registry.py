@@ -18,6 +18,7 @@ from condfx.passes.interleave_heads import InterleaveHeads
 from condfx.passes.prune_global import PruneGlobal
 from condfx.passes.quantize_kv import QuantizeKV
 from condfx.passes.route_attention import RouteAttention
+from condfx.passes.sink_window import SinkWindow
 from condfx.passes.skip_ffn import SkipFFN
 
 PASSES: Mapping[str, type[Pass]] = MappingProxyType(
@@ -30,6 +31,7 @@ PASSES: Mapping[str, type[Pass]] = MappingProxyType(
         QuantizeKV.name: QuantizeKV,
         RouteAttention.name: RouteAttention,
         PruneGlobal.name: PruneGlobal,
+        SinkWindow.name: SinkWindow,
     }
 )
 

@@ -20,8 +20,10 @@ from condfx.layouts import (
     StreamsLayout,
     WindowKVLayout,
 )
+from condfx.layouts.sink_window import SinkWindowKVLayout
 from condfx.runtime.caches import FullKVCache, InterleavedKVCache, LayerCache, SlidingWindowCache
 from condfx.runtime.quant_caches import Float16KVCache, GraphStreamCache
+from condfx.runtime.sink_window_cache import SinkWindowCache
 
 CACHES = MappingProxyType({
     FullKVLayout: FullKVCache,
@@ -29,6 +31,7 @@ CACHES = MappingProxyType({
     InterleavedKVLayout: InterleavedKVCache,
     Float16KVLayout: Float16KVCache,
     StreamsLayout: GraphStreamCache,
+    SinkWindowKVLayout: SinkWindowCache,
 })
 
 

@@ -19,6 +19,7 @@ from condfx.codegen.onnx import masked_ffn as _masked_ffn
 from condfx.codegen.onnx import quantized_cache_attention as _quantized_cache_attention
 from condfx.codegen.onnx import quantized_stream as _quantized_stream
 from condfx.codegen.onnx import routed_attention as _routed_attention
+from condfx.codegen.onnx import sink_window as _sink_window
 from condfx.codegen.onnx._functions import (
     DOMAIN,
     DOMAIN_VERSION,
@@ -37,6 +38,7 @@ LOWERINGS: dict[torch._ops.OpOverload, Lowering] = {
     torch.ops.condfx.kivi_cache_attention.default: _kivi_cache_attention.LOWERING,
     torch.ops.condfx.quantized_stream.default: _quantized_stream.LOWERING,
     torch.ops.condfx.quantized_cache_attention.default: _quantized_cache_attention.LOWERING,
+    torch.ops.condfx.sink_window_attention.default: _sink_window.LOWERING,
 }
 
 __all__ = [

@@ -17,6 +17,7 @@ from torch import fx
 
 from condfx.layouts.base import CacheLayout, dtype_name, dtype_of
 from condfx.layouts.kv import Float16KVLayout, FullKVLayout, InterleavedKVLayout, WindowKVLayout
+from condfx.layouts.sink_window import SinkWindowKVLayout
 from condfx.layouts.streams import StreamsLayout
 from condfx.ops.quant_stream import StreamSpec
 
@@ -26,6 +27,7 @@ LAYOUTS = MappingProxyType({
     InterleavedKVLayout.kind: InterleavedKVLayout,
     Float16KVLayout.kind: Float16KVLayout,
     StreamsLayout.kind: StreamsLayout,
+    SinkWindowKVLayout.kind: SinkWindowKVLayout,
 })
 
 META_KEY = "condfx_kv"

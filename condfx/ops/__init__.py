@@ -23,6 +23,7 @@ from condfx.ops.kv_quant import (
 from condfx.ops.masked_ffn import masked_ffn_reference
 from condfx.ops.quant_stream import stream_step
 from condfx.ops.routed_attention import routed_attention_reference
+from condfx.ops.sink_window import sink_window_attention_reference
 
 __all__ = [
     "attention_backward_reference",
@@ -36,5 +37,6 @@ __all__ = [
     "quantize_reference",
     "quantized_cache_attention_reference",
     "routed_attention_reference",
+    "sink_window_attention_reference",
     "stream_step",
 ]

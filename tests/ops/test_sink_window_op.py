@@ -1,0 +1,75 @@
+"""``condfx::sink_window_attention``: StreamingLLM's cache positions, blocked = reference, trimmed cache = full."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import condfx.ops  # noqa: F401
+from condfx.ops.sink_window import sink_window_attention_blocked, sink_window_attention_reference
+
+
+def _rope(x, pos, inv_freq):
+    """Half-split RoPE of x (..., T, D) at positions pos (T,)."""
+    ang = pos.double()[:, None] * inv_freq.double()[None, :]
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rot * sin
+
+
+def _streaming_llm(q_raw, k_raw, v, inv_freq, scale, sink, window):
+    """Token by token, as StreamingLLM runs it: the cache holds the sinks and the last window
+    tokens, and RoPE is applied at positions inside the cache (keys and query)."""
+    b, h, t, d = q_raw.shape
+    g = h // k_raw.shape[1]
+    outs = []
+    for p in range(t):
+        keep = list(range(min(sink, p + 1))) + list(range(max(sink, p - window + 1), p + 1))
+        cache_pos = torch.arange(len(keep))
+        k = _rope(k_raw[:, :, keep], cache_pos, inv_freq).repeat_interleave(g, 1)
+        q = _rope(q_raw[:, :, p : p + 1], cache_pos[-1:], inv_freq)
+        probs = torch.softmax((q @ k.transpose(-1, -2)) * scale, -1)
+        outs.append(probs @ v[:, :, keep].repeat_interleave(g, 1))
+    return torch.cat(outs, 2)
+
+
+@pytest.mark.parametrize(("sink", "window"), [(4, 8), (1, 5), (0, 6), (3, 64)])
+def test_numerics_equals_streaming_llm_positions(sink, window):
+    gen = torch.Generator().manual_seed(0)
+    b, h, hkv, t, d = 2, 4, 2, 29, 8
+    q_raw, k_raw, v = (torch.randn(b, n, t, d, generator=gen, dtype=torch.float64) for n in (h, hkv, hkv))
+    inv_freq = 1.0 / (100.0 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    pos = torch.arange(t)
+    q, k = _rope(q_raw, pos, inv_freq), _rope(k_raw, pos, inv_freq)
+    want = _streaming_llm(q_raw, k_raw, v, inv_freq, 0.3, sink, window)
+    got = sink_window_attention_reference(q, k, v, pos, inv_freq.float(), 0.3, sink, window)
+    assert (got - want).abs().max().item() < 1e-5
+    blocked = sink_window_attention_blocked(q, k, v, pos, inv_freq.float(), 0.3, sink, window)
+    assert (blocked - got).abs().max().item() < 1e-12
+
+
+def test_numerics_trimmed_cache_equals_full_sequence():
+    """Decoding over the sinks + the last window - 1 tokens gives the full forward's rows."""
+    gen = torch.Generator().manual_seed(1)
+    b, h, hkv, t, d, sink, window = 1, 2, 1, 40, 8, 3, 7
+    q, k, v = (torch.randn(b, n, t, d, generator=gen) for n in (h, hkv, hkv))
+    inv_freq = 1.0 / (1e4 ** (torch.arange(0, d, 2).float() / d))
+    pos = torch.arange(t)
+    full = torch.ops.condfx.sink_window_attention(q, k, v, pos, inv_freq, 0.5, sink, window)
+    for p in (10, 25, 39):
+        cols = list(range(sink)) + list(range(p - window + 1, p + 1))
+        step = torch.ops.condfx.sink_window_attention(
+            q[:, :, p : p + 1], k[:, :, cols], v[:, :, cols], pos[p : p + 1], inv_freq, 0.5, sink, window)
+        assert (step - full[:, :, p : p + 1]).abs().max().item() < 1e-5
+
+
+def test_rejects_bad_arguments():
+    q = torch.randn(1, 2, 4, 8)
+    pos, inv = torch.arange(4), torch.ones(4)
+    with pytest.raises(ValueError, match="window must be >= 0|window >= 1"):
+        torch.ops.condfx.sink_window_attention(q, q, q, pos, inv, 1.0, 2, 0)
+    with pytest.raises(ValueError, match="positions must be a 1-D int64"):
+        torch.ops.condfx.sink_window_attention(q, q, q, pos.float(), inv, 1.0, 2, 4)
+    with pytest.raises(ValueError, match=r"inv_freq must be \(D / 2,\)"):
+        torch.ops.condfx.sink_window_attention(q, q, q, pos, torch.ones(3), 1.0, 2, 4)
