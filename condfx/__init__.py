@@ -11,14 +11,12 @@ import importlib
 # root; relative symlinks inside this package (condfx/passes -> ../passes, ...) make them
 # condfx.passes etc. in a source checkout, and pyproject.toml's package-dir maps them into the
 # wheel. Nothing edits __path__ at run time, so static tools (import-linter) read the same package.
-
-from condfx.version import __version__  # noqa: E402
-
 # Functions that share their module's name are imported eagerly: importing the submodule later would
 # otherwise rebind ``condfx.capture`` to the module.
 from condfx.capture import CaptureError, capture  # noqa: E402
 from condfx.train import train  # noqa: E402
 from condfx.verify import verify  # noqa: E402
+from condfx.version import __version__
 
 _LAZY = {
     "apply": ("condfx.passes.pipeline", "apply"),
