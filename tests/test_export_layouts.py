@@ -130,3 +130,34 @@ def test_half_stream_function_matches_op(dim):
         assert [g.shape for g in got[2:]] == [tuple(w.shape) for w in want]
         stream, p = [torch.from_numpy(g) for g in got[2:]], p + n
     assert want[0].dtype == torch.float16 and want[0].shape[2] == 16  # (19 - 2 - 1) tokens packed
+
+
+@pytest.mark.parametrize("prune", [False, True])
+def test_numerics_routed_bundle_runs_the_torch_sessions_caches(prune, tmp_path):
+    """route-attention (window cache + global full cache) and route-attention + prune-global (window
+    caches only where pruned): the bundle's session equals the torch session (classes, bytes, 1e-4)."""
+    from condfx.eval.tasks import MQARConfig, build_mqar_model, make_mqar_batch
+    from condfx.l2a import record_route_stats
+    from condfx.patterns.routed import find_routed_layers
+
+    task = MQARConfig(vocab_size=32, num_pairs=2, gap=8, seq_len=16)
+    model = build_mqar_model(task, dim=32).eval()
+    pair, _ = make_mqar_batch(task, 2, torch.Generator().manual_seed(0))
+    routed = condfx.apply(condfx.capture(model, (pair,)), "route-attention{window=4}").graph_module
+    with torch.no_grad():
+        find_routed_layers(routed)[0].state.router_weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    record_route_stats(routed, [pair[:1]])
+    graph = condfx.apply(routed, "prune-global{max_fraction=0.999}").graph_module if prune else routed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        decode = condfx.apply(graph, "add-kv-cache").graph_module
+        export_decode_graph(decode, tmp_path, verify=False)
+    torch_session, onnx_session = Session.from_graph(decode), Session.from_onnx(tmp_path)
+    ids = pair
+    want, got = _decode(torch_session, ids[:, :12]), _decode(onnx_session, ids[:, :12])
+    assert [type(c) for c in onnx_session.caches] == [type(c) for c in torch_session.caches]
+    kinds = [x.kind for x in torch_session.backend.layers]  # pruned: the global branch's full cache is gone
+    assert kinds == (["window", "window", "full"] if prune else ["window", "full", "window", "full"])
+    assert onnx_session.cache_bytes() == torch_session.cache_bytes()
+    assert onnx_session.cache_bytes() == sum(x.nbytes(12, batch=2) for x in torch_session.backend.layers)
+    assert (got - want).abs().max().item() < 1e-4

@@ -27,10 +27,18 @@ from torch import fx
 
 from condfx.layouts import CacheLayout, Float16KVLayout, StreamsLayout
 from condfx.passes.base import PassError
-from condfx.passes.decode.base import DecodeContext, DecodeRule, cat_past, kv_shape, op_arg, set_op_args
+from condfx.passes.decode.base import (
+    DecodeContext,
+    DecodeRule,
+    cat_past,
+    kv_shape,
+    op_arg,
+    set_op_args,
+)
 from condfx.passes.kv_quant.plan import PLAN_KEY, DecodeForm, QuantizedKVPlan
 
 aten = torch.ops.aten
+_LOWERING = "add-kv-cache"  # the pass that runs the decode rules, for errors
 
 
 def _planned(ctx: DecodeContext, plan: QuantizedKVPlan, name: str, node: fx.Node) -> fx.Node:
@@ -40,7 +48,7 @@ def _planned(ctx: DecodeContext, plan: QuantizedKVPlan, name: str, node: fx.Node
         reason = (f"quantize-kv's plan for layer {plan.layer} names node '{name}', which is no longer in "
                   "the graph: a pass after quantize-kv rewrote that layer, and its decode form cannot be "
                   "built; run quantize-kv after the passes that rewrite attention")
-        raise PassError("add-kv-cache", reason, node=node)
+        raise PassError(_LOWERING, reason, node=node)
     return found
 
 
@@ -50,7 +58,7 @@ def plan_of(node: fx.Node) -> QuantizedKVPlan:
     if not isinstance(plan, QuantizedKVPlan):
         reason = ("a condfx.quantized_cache_attention node carries no quantize-kv plan "
                   f"(node.meta['{PLAN_KEY}']); write it with the quantize-kv pass")
-        raise PassError("add-kv-cache", reason, node=node)
+        raise PassError(_LOWERING, reason, node=node)
     return plan
 
 
@@ -65,7 +73,7 @@ class QuantizedDecodeRule(DecodeRule):
         if plan.form is DecodeForm.NONE:
             reason = (f"quantize-kv's layer {plan.layer} (method {plan.method}, k_bits {plan.k_bits}, "
                       f"v_bits {plan.v_bits}, rotate {plan.rotate}) has no decode form: {plan.reason}")
-            raise PassError("add-kv-cache", reason, node=node)
+            raise PassError(_LOWERING, reason, node=node)
         if plan.form is DecodeForm.FLOAT16:
             return Float16KVLayout(layer, heads, dim, dtype)
         specs = tuple(s.spec for s in plan.streams)

@@ -12,7 +12,14 @@ import torch
 from torch import fx
 
 from condfx.passes.graph_builder import GraphBuilder
-from condfx.passes.kv_quant.common import Hats, LayerBits, aten, check_group, rotated_fake_quantize, rotation
+from condfx.passes.kv_quant.common import (
+    Hats,
+    LayerBits,
+    aten,
+    check_group,
+    rotated_fake_quantize,
+    rotation,
+)
 from condfx.patterns.regions import AttentionRegion
 
 

@@ -16,6 +16,7 @@ from torch import fx
 
 from condfx.ops.kv_quant import BITS
 from condfx.ops.quant_stream import STREAM_BITS, StreamSpec
+from condfx.passes.decode.base import op_arg
 from condfx.passes.kv_quant.config import KVQuantMethod, QuantizeKVConfig
 
 PLAN_KEY = "condfx_kv_plan"
@@ -88,7 +89,7 @@ def stream_plans(fqs: list[fx.Node], residual: int, one_stream: bool) -> tuple[S
     """One stream per fake-quantize node the layer got, K streams (per channel, dim -2) first: ``x``
     when the layer caches one stream (X, CL deltas), ``k`` / ``v`` for one node each, else
     ``k0, k1, ..`` / ``v0, ..`` (latent=klt's runs)."""
-    keys = [q for q in fqs if q.args[3] == -2] if not one_stream else []
+    keys = [q for q in fqs if op_arg(q, "dim") == -2] if not one_stream else []
     values = [q for q in fqs if q not in keys]
     if one_stream:
         named = [("x", q) for q in fqs]
@@ -98,10 +99,10 @@ def stream_plans(fqs: list[fx.Node], residual: int, one_stream: bool) -> tuple[S
         named = [(f"{w}{i}", q) for w, side in (("k", keys), ("v", values)) for i, q in enumerate(side)]
     plans = []
     for name, q in named:
-        x = q.args[0].meta["val"]  # (B, T, C), or (B, Hkv, T, D) for KIVI's keys
+        x = op_arg(q, "x").meta["val"]  # (B, T, C), or (B, Hkv, T, D) for KIVI's keys
         heads = int(x.shape[1]) if x.dim() == 4 else 1
-        bits, group, dim, *sink = (int(a) for a in q.args[1:])
-        spec = StreamSpec(name, heads, int(x.shape[-1]), bits, group, dim, residual, sink[0] if sink else 0)
+        bits, group, dim, sink = (int(op_arg(q, a)) for a in ("bits", "group", "dim", "sink"))
+        spec = StreamSpec(name, heads, int(x.shape[-1]), bits, group, dim, residual, sink)
         plans.append(StreamPlan(spec, q.name))
     return tuple(plans)
 

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from torch import fx
 
 from condfx.passes.graph_builder import GraphBuilder
-from condfx.passes.kv_quant.common import Hats, LayerBits, aten, check_group, rotated_fake_quantize, rotation
+from condfx.passes.kv_quant.common import (
+    Hats,
+    LayerBits,
+    aten,
+    check_group,
+    rotated_fake_quantize,
+    rotation,
+)
 from condfx.passes.kv_quant.xquant import projections_unsupported
 from condfx.patterns.regions import AttentionRegion
 
