@@ -76,6 +76,7 @@ def test_layouts_round_trip_through_json_and_reject_unknown_kinds():
     layouts = [FullKVLayout(0, 2, 8, torch.float32), WindowKVLayout(1, 2, 8, torch.float16, window_size=4),
                InterleavedKVLayout(2, 2, 8, torch.float32, pseudo_rows=2), Float16KVLayout(3, 2, 8, torch.float32),
                StreamsLayout(4, 2, 8, torch.float32, (spec,), 0)]
+    layouts += [cls(5, 2, 8, torch.float32) for cls in LAYOUTS.values()]  # every kind, its defaults
     assert {x.kind for x in layouts} == set(LAYOUTS)
     for x in layouts:
         assert layout_from_json(x.to_json()) == x
