@@ -27,46 +27,11 @@ import torch
 from torch import fx
 
 from condfx.layouts import CacheLayout
+from condfx.passes.op_args import op_arg, set_op_args
+
+__all__ = ["DecodeContext", "DecodeRule", "cat_past", "kv_shape", "op_arg", "set_op_args"]
 
 aten = torch.ops.aten
-
-
-def _schema_names(node: fx.Node) -> list[str]:
-    return [a.name for a in node.target._schema.arguments]
-
-
-def op_arg(node: fx.Node, name: str) -> Any:
-    """The argument ``name`` of a custom-op call node, by its schema (its default when omitted).
-
-    Raises:
-        KeyError: the op has no argument of that name.
-    """
-    for i, arg in enumerate(node.target._schema.arguments):
-        if arg.name != name:
-            continue
-        if i < len(node.args):
-            return node.args[i]
-        if name in node.kwargs:
-            return node.kwargs[name]
-        return arg.default_value if arg.has_default_value() else None
-    msg = f"{node.target} has no argument {name!r}; its arguments are {_schema_names(node)}."
-    raise KeyError(msg)
-
-
-def set_op_args(node: fx.Node, **values: Any) -> None:
-    """Replaces arguments of a custom-op call node by their schema names."""
-    names = _schema_names(node)
-    args, kwargs = list(node.args), dict(node.kwargs)
-    for name, value in values.items():
-        if name not in names:
-            msg = f"{node.target} has no argument {name!r}; its arguments are {names}."
-            raise KeyError(msg)
-        i = names.index(name)
-        if i < len(args):
-            args[i] = value
-        else:
-            kwargs[name] = value
-    node.args, node.kwargs = tuple(args), kwargs
 
 
 def kv_shape(node: fx.Node) -> tuple[int, int, torch.dtype]:

@@ -16,8 +16,8 @@ from torch import fx
 
 from condfx.ops.kv_quant import BITS
 from condfx.ops.quant_stream import STREAM_BITS, StreamSpec
-from condfx.passes.decode.base import op_arg
 from condfx.passes.kv_quant.config import KVQuantMethod, QuantizeKVConfig
+from condfx.passes.op_args import op_arg
 
 PLAN_KEY = "condfx_kv_plan"
 
