@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
+from condfx.passes.op_args import op_arg
 from condfx.passes.skip_ffn import measure_skip_fraction
 from condfx.passes.skip_ffn_forecast import FORECAST_PARAMS
 from condfx.passes.skip_ffn_forecast import FORECAST_ROLE as _ROLE
@@ -65,7 +66,7 @@ def _routed(gm: fx.GraphModule) -> dict[int, dict[str, fx.Node]]:
 
 def _params_of(gm: fx.GraphModule, ffn_node: fx.Node) -> dict[str, torch.Tensor]:
     """The learned parameters of the routed FFN whose masked_ffn node is ``ffn_node``."""
-    owner = ffn_node.args[7].target.rsplit(".", 1)[0]
+    owner = op_arg(ffn_node, "w_down").target.rsplit(".", 1)[0]
     parent = owner.rsplit(".", 1)[0] if "." in owner else ""
     module = gm.get_submodule(parent)
     return {p: getattr(module, f"skip_ffn_{p}") for p in FORECAST_PARAMS}

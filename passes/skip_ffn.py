@@ -48,6 +48,7 @@ from condfx.passes._insert import remove_dead_calls
 from condfx.passes.add_kv_cache import find_position_aranges, is_decode_form
 from condfx.passes.base import GraphSnapshot, Pass, PassResult
 from condfx.passes.graph_builder import GraphBuilder
+from condfx.passes.op_args import op_arg
 from condfx.passes.report import estimate_cost
 from condfx.passes.skip_ffn_config import SkipFFNConfig, SkipPolicy
 from condfx.passes.skip_ffn_forecast import ForecastPolicy
@@ -56,7 +57,6 @@ from condfx.passes.skip_ffn_policy import (
     FFNSite,
     FFNSkipPolicy,
     is_masked_ffn,
-    masked_ffn_argument,
 )
 from condfx.passes.skip_ffn_similarity import SimilarityPolicy
 from condfx.patterns import find_regions
@@ -197,7 +197,7 @@ def measure_skip_fraction(gm: fx.GraphModule, *inputs: torch.Tensor) -> dict:
         def run_node(self, node):
             out = super().run_node(node)
             if is_masked_ffn(node):
-                execute = self.env[masked_ffn_argument(node, "execute")]
+                execute = self.env[op_arg(node, "execute")]
                 counts[node.name] += int((~execute).sum())
                 totals[node.name] += execute.numel()
             return out

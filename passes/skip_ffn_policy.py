@@ -31,13 +31,6 @@ def is_masked_ffn(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is MASKED_FFN
 
 
-def masked_ffn_argument(node: fx.Node, name: str):
-    """The argument ``name`` (schema name, e.g. ``"execute"``) of a ``condfx.masked_ffn`` node."""
-    names = [a.name for a in MASKED_FFN._schema.arguments]
-    i = names.index(name)
-    return node.args[i] if i < len(node.args) else node.kwargs.get(name)
-
-
 @dataclass(frozen=True)
 class FFNSite:
     """One FFN region being rewritten.
