@@ -45,6 +45,7 @@ from condfx.passes.base import GraphSnapshot, Pass, PassError, PassReport, PassR
 from condfx.passes.decode.base import DecodeContext
 from condfx.passes.decode_rules import DECODE_RULES
 from condfx.passes.fuse_attention import is_fused_attention
+from condfx.passes.graph_builder import PROVENANCE_KEYS
 from condfx.patterns import find_regions
 
 __all__ = ["AddKVCache", "AddKVCacheConfig", "KVCacheReport", "find_position_aranges", "is_cached_attention",
@@ -55,7 +56,6 @@ _EMBEDDING = torch.ops.aten.embedding.default
 _ROPE_TRIG = (torch.ops.aten.cos.default, torch.ops.aten.sin.default)
 _SEARCH_DEPTH = 12  # nodes walked from an arange to its cos/sin or embedding user
 _EXAMPLE_B, _EXAMPLE_T, _EXAMPLE_P = 2, 5, 3
-_KEPT_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "from_node")
 
 
 @dataclass(frozen=True)
@@ -326,7 +326,7 @@ class AddKVCache(Pass):
         _check_positions(gm, ids, aranges, self.name)
         layouts = [DECODE_RULES[node.target].layout(node, i) for i, node in enumerate(attn)]
         old_meta = {
-            n.name: {k: n.meta[k] for k in _KEPT_META if k in n.meta} for n in gm.graph.nodes
+            n.name: {k: n.meta[k] for k in PROVENANCE_KEYS if k in n.meta} for n in gm.graph.nodes
         }
         positions = tuple(n.name for n in aranges)
         _rewrite(gm, ids, attn, aranges, layouts, self.name)
