@@ -29,16 +29,6 @@ from condfx.models_zoo import load
 from condfx.passes import apply
 
 
-class _Logits(torch.nn.Module):
-    def __init__(self, gm):
-        super().__init__()
-        self.gm = gm
-
-    def forward(self, ids):
-        out = self.gm(ids)
-        return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def _stream(args):
     """(model, one token stream) from --model/--text, or stories260K on its validation text."""
     if args.model:
@@ -65,7 +55,7 @@ def run(args) -> dict:
                       args.sink + w - 1))
     rows = []
     for label, spec, kept in specs:
-        module = model if spec is None else _Logits(apply(gm, spec).graph_module)
+        module = model if spec is None else apply(gm, spec).graph_module  # perplexity reads its logits
         start = time.perf_counter()
         res = perplexity(module, ids, context=args.tokens)
         rows.append({"config": label, "ppl": res.ppl, "nll": res.nll, "tokens": res.tokens,
