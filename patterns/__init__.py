@@ -27,9 +27,10 @@ FFN (``ffn.py``), anchored on the down projection: SwiGLU ``down(silu(gate x) * 
     silu or x*sigmoid(x)), GeGLU (reported as SWIGLU), GELU MLP ``down(gelu(up x))`` with ``aten.gelu``
     or the explicit tanh formula of HF "gelu_new".
 Norms (``norm.py``): RMSNorm ``x * rsqrt(mean(x^2, -1) + eps) * w`` (or ``/ sqrt``), casts anywhere,
-    weight on either side; LayerNorm as ``aten.layer_norm`` / ``native_layer_norm`` or spelled out
+    weight on either side, or ``* (c + w)`` (Gemma: ``weight_offset`` c = 1); LayerNorm as ``aten.layer_norm`` / ``native_layer_norm`` or spelled out
     with mean and var (or mean of squared deviations). eps is read from the graph.
-Blocks (``blocks.py``): residual adds after region outputs; layer index from ``.layers.<i>.`` /
+Blocks (``blocks.py``): residual adds after region outputs, also through a post / sandwich norm
+    (``post_norm``) and a scalar multiplier (``residual_scale``, Granite); layer index from ``.layers.<i>.`` /
     ``.h.<i>.`` / ``.blocks.<i>.`` in ``nn_module_stack`` when consistent, else order of appearance.
 
 Not handled: ALiBi or other additive biases (rejected: "additive mask has finite non-zero values"),
@@ -81,7 +82,7 @@ def find_regions(gm: fx.GraphModule) -> Regions:
     ffn, failed = find_ffn(gm, index)
     failures += failed
     attention, ffn = assign_layers(attention, ffn, order, failures)
-    attention, ffn, residuals = attach_residuals(attention, ffn)
+    attention, ffn, residuals = attach_residuals(attention, ffn, norms)
     residuals.sort(key=lambda r: order[r.node])
     blocks = assemble_blocks(attention, ffn)
     return Regions(attention, ffn, norms, residuals, blocks, failures)

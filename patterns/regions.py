@@ -68,6 +68,12 @@ class LinearRef:
 
 @dataclass(frozen=True)
 class NormRegion:
+    """One RMSNorm / LayerNorm: ``out = normalise(x_in) * (weight_offset + weight) (+ bias)``.
+
+    ``weight_offset`` is 1.0 for Gemma-style norms that store ``w`` and scale by ``1 + w``, else 0.0;
+    a pass that re-applies the norm must add it to the stored weight.
+    """
+
     kind: NormKind
     x_in: fx.Node  # the tensor being normalised
     out: fx.Node  # the normalised (and scaled) tensor
@@ -76,6 +82,7 @@ class NormRegion:
     eps: float
     nodes: tuple[fx.Node, ...] = ()
     module_path: str = ""
+    weight_offset: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,8 @@ class AttentionRegion:
     out: fx.Node | None = None  # output of o_proj, (B, T, d)
     residual: fx.Node | None = None  # the residual add that takes ``out``
     input_norm: NormRegion | None = None
+    post_norm: NormRegion | None = None  # a norm between ``out`` and ``residual`` (sandwich norm)
+    residual_scale: float | None = None  # c in ``residual = stream + c * branch`` (None: no multiplier)
     mask: fx.Node | None = None  # the mask tensor the core consumes (None for is_causal / no mask)
 
 
@@ -140,6 +149,8 @@ class FFNRegion:
     hidden_dim: int
     residual: fx.Node | None = None
     input_norm: NormRegion | None = None
+    post_norm: NormRegion | None = None  # a norm between ``out`` and ``residual`` (sandwich norm)
+    residual_scale: float | None = None  # c in ``residual = stream + c * branch`` (None: no multiplier)
 
     @property
     def out(self) -> fx.Node:
@@ -148,9 +159,13 @@ class FFNRegion:
 
 @dataclass(frozen=True)
 class ResidualAdd:
+    """``node = stream + branch``; ``branch`` is the region output after ``post_norm`` and ``scale``."""
+
     node: fx.Node  # the add
     stream: fx.Node  # the residual stream operand
     branch: fx.Node  # the block output operand
+    post_norm: NormRegion | None = None
+    scale: float | None = None
 
 
 @dataclass(frozen=True)

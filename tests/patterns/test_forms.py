@@ -1,0 +1,61 @@
+"""Region forms of issue 15 on hand-written blocks: offset norms, sandwich norms, scaled residuals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import condfx
+from condfx.patterns import find_regions
+
+from . import _forms as F
+
+
+def _capture(model: torch.nn.Module):
+    return condfx.capture(model.eval(), (torch.randn(2, 12, F.DIM),))
+
+
+def test_matches_offset_rmsnorm_whole() -> None:
+    gm = _capture(F.OffsetRMSNorm())
+    (norm,) = find_regions(gm).norms
+    assert norm.weight_offset == 1.0 and norm.weight is not None
+    # the region covers the scaling: its output feeds only the final cast
+    assert norm.out.target is torch.ops.aten.mul.Tensor
+    assert [u.target for u in norm.out.users] == [torch.ops.aten.type_as.default]
+
+
+def test_matches_offset_norms_as_input_norms() -> None:
+    regions = find_regions(_capture(F.Block()))
+    (attn,), (ffn,) = regions.attention, regions.ffn
+    assert attn.input_norm is not None and attn.input_norm.weight_offset == 1.0
+    assert ffn.input_norm is not None and ffn.input_norm.weight_offset == 1.0
+    assert attn.post_norm is None and attn.residual_scale is None
+
+
+@pytest.mark.parametrize("scale", [None, 0.25])
+def test_matches_sandwich_norm_residuals(scale: float | None) -> None:
+    regions = find_regions(_capture(F.Block(sandwich=True, scale=scale)))
+    (attn,), (ffn,) = regions.attention, regions.ffn
+    assert attn.residual is not None and ffn.residual is not None
+    assert attn.post_norm is not None and attn.post_norm.x_in is attn.out
+    assert ffn.post_norm is not None and ffn.post_norm.x_in is ffn.out
+    assert attn.residual_scale == scale and ffn.residual_scale == scale
+    assert ffn.input_norm.x_in is attn.residual
+    assert [r.post_norm for r in regions.residuals] == [attn.post_norm, ffn.post_norm]
+
+
+def test_matches_scaled_residual_without_post_norm() -> None:
+    regions = find_regions(_capture(F.Block(scale=0.5)))
+    (attn,), (ffn,) = regions.attention, regions.ffn
+    assert attn.residual_scale == 0.5 and ffn.residual_scale == 0.5 and attn.post_norm is None
+    assert len(regions.residuals) == 2
+
+
+def test_numerics_fuse_attention_exact_on_sandwich_block() -> None:
+    model = F.Block(sandwich=True, scale=0.25).eval()
+    gm = _capture(model)
+    result = condfx.apply(gm, "fuse-attention")
+    assert result.reports[0].rewritten == 1
+    x = torch.randn(3, 17, F.DIM)
+    with torch.no_grad():
+        assert (model(x) - result.graph_module(x)).abs().max().item() <= 1e-5
