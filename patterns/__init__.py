@@ -25,7 +25,8 @@ Outwards (``attention.py``): RoPE ``x*cos + rotate(x)*sin`` (half-split ``cat(-x
     reported with ``out_slice``), the projections' input ``x_in`` and its norm, o_proj, residual add.
 FFN (``ffn.py``), anchored on the down projection: SwiGLU ``down(silu(gate x) * up x)`` (either order,
     silu or x*sigmoid(x)), GeGLU (reported as SWIGLU), GELU MLP ``down(gelu(up x))`` with ``aten.gelu``
-    or the explicit tanh formula of HF "gelu_new".
+    or the explicit tanh formula of HF "gelu_new", MLP ``down(act(up x))`` with relu, relu², silu,
+    sigmoid or tanh (FFNKind.MLP); gate/up fused in one projection split by split, chunk or slice.
 Norms (``norm.py``): RMSNorm ``x * rsqrt(mean(x^2, -1) + eps) * w`` (or ``/ sqrt``), casts anywhere,
     weight on either side, or ``* (c + w)`` (Gemma: ``weight_offset`` c = 1); LayerNorm as ``aten.layer_norm`` / ``native_layer_norm`` or spelled out
     with mean and var (or mean of squared deviations). eps is read from the graph.

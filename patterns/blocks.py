@@ -119,7 +119,12 @@ def assign_layers(
 
 
 def assemble_blocks(attention: list[AttentionRegion], ffn: list[FFNRegion]) -> list[DecoderBlock]:
-    """One DecoderBlock per layer index, pairing the attention and FFN regions of that layer."""
+    """One DecoderBlock per layer index, pairing the attention and FFN regions of that layer.
+
+    A graph without any attention region has no decoder blocks (its FFNs stay in ``Regions.ffn``).
+    """
+    if not attention:
+        return []
     by_attn = {r.layer: r for r in attention}
     by_ffn = {r.layer: r for r in ffn}
     layers = sorted(set(by_attn) | set(by_ffn))

@@ -39,6 +39,7 @@ class NormKind(enum.Enum):
 class FFNKind(enum.Enum):
     SWIGLU = "swiglu"  # down(act(gate(x)) * up(x))
     GELU_MLP = "gelu-mlp"  # down(gelu(up(x)))
+    MLP = "mlp"  # down(act(up(x))), act not gelu (relu, relu², silu, ...): see FFNRegion.activation
 
 
 class RoPEStyle(enum.Enum):
@@ -151,6 +152,7 @@ class FFNRegion:
     input_norm: NormRegion | None = None
     post_norm: NormRegion | None = None  # a norm between ``out`` and ``residual`` (sandwich norm)
     residual_scale: float | None = None  # c in ``residual = stream + c * branch`` (None: no multiplier)
+    activation: str = ""  # "silu", "gelu", "gelu_tanh", "relu", "relu2", "sigmoid", "tanh"
 
     @property
     def out(self) -> fx.Node:

@@ -59,3 +59,17 @@ def test_numerics_fuse_attention_exact_on_sandwich_block() -> None:
     x = torch.randn(3, 17, F.DIM)
     with torch.no_grad():
         assert (model(x) - result.graph_module(x)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("form", "kind", "activation"),
+    [("swiglu", "swiglu", "silu"), ("fused", "swiglu", "silu"), ("relu", "mlp", "relu"),
+     ("relu2", "mlp", "relu2"), ("silu", "mlp", "silu")],
+)
+def test_matches_ffn_forms(form: str, kind: str, activation: str) -> None:
+    regions = find_regions(_capture(F.Block(mlp=form)))
+    (ffn,) = regions.ffn
+    assert (ffn.kind.value, ffn.activation) == (kind, activation)
+    assert ffn.residual is not None and ffn.input_norm is not None and ffn.hidden_dim == 64
+    if form == "fused":
+        assert ffn.gate.node is ffn.up.node and (ffn.gate.out_slice, ffn.up.out_slice) == ((0, 64), (64, 128))
