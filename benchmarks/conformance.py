@@ -96,9 +96,12 @@ def build_small(model_type: str, attn: str, seed: int = 0) -> CausalLMLogits:
     """A seeded, float32, eval-mode small model of ``model_type`` wrapped to return logits."""
     from transformers import AutoModelForCausalLM
 
+    from condfx.models_zoo.hf import decoder_refusal
+
     config = small_config(model_type, attn)
-    if getattr(config, "is_encoder_decoder", False):
-        raise ValueError("encoder-decoder model")
+    refusal = decoder_refusal(config)
+    if refusal is not None:
+        raise ValueError(f"not a decoder-only causal LM: {refusal}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         hf = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
@@ -154,14 +157,24 @@ def measure(model: CausalLMLogits, row: Row, passes: bool = True) -> Row:
 
 
 def conformance_row(model_type: str, attn: str, passes: bool = True) -> Row:
-    """Builds ``model_type`` small with ``attn`` and measures it (build failures become the row)."""
+    """Builds ``model_type`` small with ``attn`` and measures it (build failures become the row).
+
+    ``attn="auto"`` tries SDPA and falls back to eager when the class does not offer SDPA.
+    """
     start = time.perf_counter()
-    row = Row(model_type, attn)
+    row = Row(model_type, "sdpa" if attn == "auto" else attn)
     try:
-        model = build_small(model_type, attn)
+        model = build_small(model_type, row.attn)
     except Exception as err:  # noqa: BLE001
         row.build = _first_sentence(err)
-        return row
+        if attn != "auto" or "scaled_dot_product_attention" not in str(err):
+            return row
+        row.attn, row.build = "eager", "ok"
+        try:
+            model = build_small(model_type, "eager")
+        except Exception as err2:  # noqa: BLE001
+            row.build = _first_sentence(err2)
+            return row
     measure(model, row, passes)
     row.seconds = round(time.perf_counter() - start, 2)
     return row
@@ -199,7 +212,9 @@ def summary(rows: list[Row]) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="comma-separated model types (default: all)")
-    parser.add_argument("--attn", default="sdpa,eager", help="attention implementations to try")
+    parser.add_argument("--attn", default="sdpa,eager",
+                        help="attention implementations to try; 'auto': SDPA, eager where SDPA is not offered")
+    parser.add_argument("--jsonl", default="", help="also append each row to this file as it is measured")
     parser.add_argument("--no-passes", action="store_true", help="skip the four lossy passes")
     parser.add_argument("--json", action="store_true", help="print JSON instead of markdown")
     args = parser.parse_args(argv)
@@ -213,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         for kind in types:
             for attn in args.attn.split(","):
                 rows.append(conformance_row(kind, attn, not args.no_passes))
+                if args.jsonl:
+                    with open(args.jsonl, "a") as f:
+                        f.write(json.dumps(asdict(rows[-1])) + "\n")
                 print(f"{kind} {attn}: {'green' if rows[-1].green() else 'not green'}", file=sys.stderr)
     if args.json:
         print(json.dumps({"summary": summary(rows), "rows": [asdict(r) for r in rows]}, indent=1))
