@@ -142,7 +142,9 @@ def measure(model: CausalLMLogits, row: Row, passes: bool = True) -> Row:
     row.capture = "ok"
     regions = find_regions(gm)
     row.attention = _with_reasons(_per_layer(len(regions.attention)), regions.failures, ("attention", "block"))
-    row.ffn = _with_reasons(_per_layer(len(regions.ffn)), regions.failures, ("ffn",))
+    moe = getattr(regions, "moe", [])  # MoE blocks are FFN regions of their own
+    row.ffn = _with_reasons(_per_layer(len(regions.ffn) + len(moe)), regions.failures, ("ffn", "moe"))
+    row.ffn += f" ({len(moe)} MoE)" if moe else ""
     try:
         fused = condfx.apply(gm, "fuse-attention").graph_module
         other = torch.randint(0, 128, (3, 17), generator=torch.Generator().manual_seed(1))

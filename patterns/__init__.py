@@ -30,6 +30,10 @@ FFN (``ffn.py``), anchored on the down projection: SwiGLU ``down(silu(gate x) * 
 Norms (``norm.py``): RMSNorm ``x * rsqrt(mean(x^2, -1) + eps) * w`` (or ``/ sqrt``), casts anywhere,
     weight on either side, or ``* (c + w)`` (Gemma: ``weight_offset`` c = 1); LayerNorm as ``aten.layer_norm`` / ``native_layer_norm`` or spelled out
     with mean and var (or mean of squared deviations). eps is read from the graph.
+MoE (``moe.py``), anchored on the router's top-k: router + experts (stacked 3-D parameters or
+    per-expert FFN regions) + shared expert, up to the residual add; in ``Regions.moe`` and
+    ``DecoderBlock.moe``, not in ``Regions.ffn`` (a "MoE FFN" near miss of kind "ffn" tells dense-FFN
+    passes why).
 Blocks (``blocks.py``): residual adds after region outputs, also through a post / sandwich norm
     (``post_norm``) and a scalar multiplier (``residual_scale``, Granite); layer index from ``.layers.<i>.`` /
     ``.h.<i>.`` / ``.blocks.<i>.`` in ``nn_module_stack`` when consistent, else order of appearance.
@@ -45,9 +49,10 @@ from torch import fx
 
 from condfx.patterns import _graph as g
 from condfx.patterns.attention import find_attention
-from condfx.patterns.blocks import assemble_blocks, assign_layers, attach_residuals
+from condfx.patterns.blocks import assemble_blocks, assign_layers, assign_moe_layers, attach_residuals
 from condfx.patterns.ffn import find_ffn
 from condfx.patterns.mask import MaskAnalyzer, MaskInfo, MaskKind
+from condfx.patterns.moe import find_moe
 from condfx.patterns.norm import find_norms, norm_index
 from condfx.patterns.regions import (
     AttentionRegion,
@@ -56,6 +61,7 @@ from condfx.patterns.regions import (
     FFNRegion,
     LinearRef,
     MatchFailure,
+    MoERegion,
     NormKind,
     NormRegion,
     Regions,
@@ -82,11 +88,14 @@ def find_regions(gm: fx.GraphModule) -> Regions:
     failures += failed
     ffn, failed = find_ffn(gm, index)
     failures += failed
+    moe, ffn, failed = find_moe(gm, index, ffn, order)
+    failures += failed
     attention, ffn = assign_layers(attention, ffn, order, failures)
+    moe = assign_moe_layers(attention, moe, order)
     attention, ffn, residuals = attach_residuals(attention, ffn, norms)
     residuals.sort(key=lambda r: order[r.node])
-    blocks = assemble_blocks(attention, ffn)
-    return Regions(attention, ffn, norms, residuals, blocks, failures)
+    blocks = assemble_blocks(attention, ffn, moe)
+    return Regions(attention, ffn, norms, residuals, blocks, failures, moe)
 
 
 def find_attention_regions(gm: fx.GraphModule, failures: list[MatchFailure] | None = None) -> list[AttentionRegion]:
@@ -122,6 +131,7 @@ __all__ = [
     "MaskInfo",
     "MaskKind",
     "MatchFailure",
+    "MoERegion",
     "NormKind",
     "NormRegion",
     "Regions",

@@ -21,6 +21,7 @@ from condfx.patterns.regions import (
     DecoderBlock,
     FFNRegion,
     MatchFailure,
+    MoERegion,
     NormRegion,
     ResidualAdd,
 )
@@ -118,7 +119,24 @@ def assign_layers(
     return attention, ffn
 
 
-def assemble_blocks(attention: list[AttentionRegion], ffn: list[FFNRegion]) -> list[DecoderBlock]:
+def assign_moe_layers(
+    attention: list[AttentionRegion], moe: list[MoERegion], order: dict[fx.Node, int]
+) -> list[MoERegion]:
+    """Copies of the MoE regions with ``layer``: the block number in the module path, else the layer
+    of the last attention region before the router."""
+    out = []
+    for i, r in enumerate(moe):
+        layer = g.layer_from_path(r.module_path)
+        if layer is None:
+            before = [a.layer for a in attention if order[a.core] < order[r.router.op_node]]
+            layer = before[-1] if before else i
+        out.append(replace(r, layer=layer))
+    return out
+
+
+def assemble_blocks(
+    attention: list[AttentionRegion], ffn: list[FFNRegion], moe: list[MoERegion] = ()
+) -> list[DecoderBlock]:
     """One DecoderBlock per layer index, pairing the attention and FFN regions of that layer.
 
     A graph without any attention region has no decoder blocks (its FFNs stay in ``Regions.ffn``).
@@ -127,8 +145,9 @@ def assemble_blocks(attention: list[AttentionRegion], ffn: list[FFNRegion]) -> l
         return []
     by_attn = {r.layer: r for r in attention}
     by_ffn = {r.layer: r for r in ffn}
-    layers = sorted(set(by_attn) | set(by_ffn))
-    return [DecoderBlock(i, by_attn.get(i), by_ffn.get(i)) for i in layers]
+    by_moe = {r.layer: r for r in moe}
+    layers = sorted(set(by_attn) | set(by_ffn) | set(by_moe))
+    return [DecoderBlock(i, by_attn.get(i), by_ffn.get(i), by_moe.get(i)) for i in layers]
 
 
 def attach_residuals(

@@ -160,6 +160,29 @@ class FFNRegion:
 
 
 @dataclass(frozen=True)
+class MoERegion:
+    """A mixture-of-experts FFN block: router + top-k + experts (+ shared expert) → ``out``.
+
+    ``expert_weights`` are the stacked (E, ., .) parameters of grouped experts (transformers'
+    ``experts.gate_up_proj`` / ``down_proj``); ``experts`` are per-expert FFN regions when the experts
+    are separate modules. ``out`` is the block output added to the residual stream by ``residual``.
+    """
+
+    layer: int
+    module_path: str
+    x_in: fx.Node  # the (normalised) input of the router and the experts, (B, T, d) or (B*T, d)
+    router: LinearRef
+    top_k: int
+    num_experts: int
+    expert_weights: tuple[fx.Node, ...]
+    experts: tuple[FFNRegion, ...]
+    shared: FFNRegion | None
+    out: fx.Node
+    residual: fx.Node | None = None
+    input_norm: NormRegion | None = None
+
+
+@dataclass(frozen=True)
 class ResidualAdd:
     """``node = stream + branch``; ``branch`` is the region output after ``post_norm`` and ``scale``."""
 
@@ -175,6 +198,7 @@ class DecoderBlock:
     layer: int
     attention: AttentionRegion | None
     ffn: FFNRegion | None
+    moe: MoERegion | None = None  # a MoE block in place of the dense FFN
 
 
 @dataclass
@@ -187,3 +211,4 @@ class Regions:
     residuals: list[ResidualAdd] = field(default_factory=list)
     blocks: list[DecoderBlock] = field(default_factory=list)
     failures: list[MatchFailure] = field(default_factory=list)
+    moe: list[MoERegion] = field(default_factory=list)  # MoE blocks (not in ``ffn``)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import condfx
+from condfx.passes.base import PassError
 from condfx.patterns import find_regions
 
 from . import _forms as F
@@ -73,3 +74,19 @@ def test_matches_ffn_forms(form: str, kind: str, activation: str) -> None:
     assert ffn.residual is not None and ffn.input_norm is not None and ffn.hidden_dim == 64
     if form == "fused":
         assert ffn.gate.node is ffn.up.node and (ffn.gate.out_slice, ffn.up.out_slice) == ((0, 64), (64, 128))
+
+
+def test_matches_moe_block_with_shared_expert() -> None:
+    regions = find_regions(_capture(F.Block(mlp="moe")))
+    assert regions.ffn == [] and len(regions.attention) == 1
+    (moe,) = regions.moe
+    assert (moe.top_k, moe.num_experts, len(moe.experts)) == (2, 4, 4)
+    assert moe.shared is not None and "shared" in moe.shared.module_path
+    assert moe.input_norm is not None and moe.residual is not None and moe.router.out_features == 4
+    assert regions.blocks[0].moe is moe and regions.blocks[0].ffn is None
+    assert [f.reason for f in regions.failures if f.kind == "ffn"] == ["MoE FFN"]
+
+
+def test_rejects_moe_in_skip_ffn_with_reason() -> None:
+    with pytest.raises(PassError, match="MoE FFN"):
+        condfx.apply(_capture(F.Block(mlp="moe")), "skip-ffn{cold_start=0,cold_end=0}")
