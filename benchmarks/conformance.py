@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import json
 import re
+import signal
 import sys
 import time
 import warnings
@@ -182,6 +183,23 @@ def conformance_row(model_type: str, attn: str, passes: bool = True) -> Row:
     return row
 
 
+def _timed_row(model_type: str, attn: str, passes: bool, seconds: int) -> Row:
+    """``conformance_row`` cut off after ``seconds`` (SIGALRM; the row then says so)."""
+
+    def _stop(signum, frame):
+        raise TimeoutError(f"row took over {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, _stop)
+    signal.alarm(seconds)
+    try:
+        return conformance_row(model_type, attn, passes)
+    except TimeoutError as err:
+        return Row(model_type, attn, build=str(err))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def model_types() -> list[str]:
     """Every model type with a causal LM class in the installed transformers, sorted."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -216,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated model types (default: all)")
     parser.add_argument("--attn", default="sdpa,eager",
                         help="attention implementations to try; 'auto': SDPA, eager where SDPA is not offered")
+    parser.add_argument("--row-timeout", type=int, default=90, help="seconds per row before it is cut off")
     parser.add_argument("--jsonl", default="", help="also append each row to this file as it is measured")
     parser.add_argument("--no-passes", action="store_true", help="skip the four lossy passes")
     parser.add_argument("--json", action="store_true", help="print JSON instead of markdown")
@@ -229,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.set_verbosity_error()
         for kind in types:
             for attn in args.attn.split(","):
-                rows.append(conformance_row(kind, attn, not args.no_passes))
+                rows.append(_timed_row(kind, attn, not args.no_passes, args.row_timeout))
                 if args.jsonl:
                     with open(args.jsonl, "a") as f:
                         f.write(json.dumps(asdict(rows[-1])) + "\n")

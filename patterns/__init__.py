@@ -38,6 +38,11 @@ Blocks (``blocks.py``): residual adds after region outputs, also through a post 
     (``post_norm``) and a scalar multiplier (``residual_scale``, Granite); layer index from ``.layers.<i>.`` /
     ``.h.<i>.`` / ``.blocks.<i>.`` in ``nn_module_stack`` when consistent, else order of appearance.
 
+Named near misses (not fused; the fused op needs ``softcap`` / ``alibi_slopes`` / ``sinks`` options first):
+    softcapped scores ``c*tanh(s/c)`` (Gemma2), attention sinks concatenated to the scores (GPT-OSS),
+    ALiBi as ``baddbmm`` or a bias table (Bloom; MPT's computed bias is still "mask is not causal"),
+    scores multiplied by a mask (OpenAI-GPT). Eager scores may pass through (B*H, T, S) views and a
+    clamp at the mask value (XGLM).
 Not handled: ALiBi or other additive biases (rejected: "additive mask has finite non-zero values"),
 complex-number RoPE, parallel attention+FFN blocks (regions are found but share one residual add),
 cross-attention, masks combining several partial masks that are only causal together.

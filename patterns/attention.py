@@ -13,6 +13,7 @@ so ``k`` and ``v`` are (B, Hkv, S, D). Outwards: RoPE (half-split or interleaved
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +38,10 @@ SOFTMAX_DIM = "softmax is not over the key dim"
 NOT_QK_T = "scores are not q @ k^T"
 NO_PV = "softmax output does not feed a matmul with v"
 FILL_VALUE = "masked fill value is not very negative"
+SOFTCAP = "scores are softcapped (c * tanh(s / c))"
+SINKS = "softmax includes attention sinks (learned logits concatenated to the scores)"
+ALIBI = "scores carry an additive position bias (ALiBi)"
+MUL_MASK = "scores are multiplied by a mask (s * m + (1 - m) * c)"
 
 _SOFTMAX = (aten.softmax, aten._softmax, aten._safe_softmax)
 _MATMUL = (aten.matmul, aten.bmm)
@@ -143,9 +148,11 @@ def _reaches_matmul(node: object, steps: int = 8) -> bool:
     for _ in range(steps):
         if not isinstance(node, fx.Node):
             return False
-        if g.is_op(node, *_MATMUL):
+        if g.is_op(node, *_MATMUL, aten.baddbmm):
             return True
-        if g.is_identity(node) or g.is_op(node, aten.mul, aten.div, aten.add, aten.masked_fill):
+        if g.is_op(node, aten.view, aten.reshape, aten._unsafe_view):
+            node = node.args[0]
+        elif g.is_identity(node) or g.is_op(node, aten.mul, aten.div, aten.add, aten.masked_fill):
             node = node.args[0] if g.is_op(node, aten.mul, aten.div, aten.masked_fill) or g.is_identity(
                 node) else next((a for a in node.args[:2] if _reaches_matmul(a, 3)), None)
         elif g.is_op(node, aten.where):
@@ -175,18 +182,71 @@ def _scalar_factor(node: fx.Node) -> tuple[fx.Node, float] | None:
     return None
 
 
+def _is_softcap(node: object) -> bool:
+    """Whether ``node`` is ``tanh(...)`` or ``c * tanh(...)`` (logit softcapping)."""
+    if not isinstance(node, fx.Node):
+        return False
+    found = _scalar_factor(node)
+    return g.is_op(found[0] if found else node, aten.tanh)
+
+
+def _is_position_bias(node: object) -> bool:
+    """Whether ``node`` (through slices and views) is a float parameter/buffer with finite values other
+    than 0 (an ALiBi bias table, as MPT stores it)."""
+    for _ in range(8):
+        if not isinstance(node, fx.Node) or not (g.is_identity(node) or g.is_op(
+                node, aten.slice, aten.squeeze, aten.unsqueeze, aten.view, aten.reshape, aten.expand)):
+            break
+        node = node.args[0]
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return False
+    value = g.get_attr_value(node.graph.owning_module, node)
+    return (isinstance(value, torch.Tensor) and value.is_floating_point() and value.device.type != "meta"
+            and bool(torch.isfinite(value).all()) and bool((value != 0).any()))
+
+
+def _named_near_miss(node: fx.Node) -> MatchFailure | None:
+    """A failure naming a known attention variant the finder does not handle, seen at ``node``."""
+    if _is_softcap(node):
+        return _fail(SOFTCAP, node)
+    if g.is_op(node, aten.baddbmm):
+        return _fail(ALIBI, node, "baddbmm")
+    if g.is_op(node, aten.cat) and any(g.as_get_attr(a) is not None or (
+            isinstance(a, fx.Node) and g.is_op(a, aten.expand) and g.as_get_attr(
+                g.skip_views(a.args[0])) is not None) for a in node.args[0]):
+        return _fail(SINKS, node)
+    if g.is_op(node, aten.mul) and len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args):
+        return _fail(MUL_MASK, node) if any(_reaches_matmul(a) for a in node.args) else None
+    return None
+
+
 def _peel_scores(node: fx.Node, core: _Core) -> fx.Node | MatchFailure | None:
     """Walks from the softmax input back to the q @ k^T matmul, collecting scale and masks."""
     for _ in range(24):
         if g.is_op(node, *_MATMUL):
             return node
         core.nodes.append(node)
+        if (named := _named_near_miss(node)) is not None:
+            return named
+        if g.is_op(node, aten.sub) and g.is_op(node.args[1], operator.getitem) and g.is_op(
+                node.args[1].args[0], aten.max, aten.amax):
+            node = node.args[0]  # s - max(s): the stable-softmax shift (GPT-OSS)
+            continue
+        if g.is_op(node, aten.view, aten.reshape, aten._unsafe_view) or (
+                g.is_op(node, aten.maximum, aten.max, aten.clamp_min) and len(node.args) == 2
+                and _very_negative(node.args[1])):
+            node = node.args[0]  # a view of the scores, or a clamp at the mask value (XGLM)
+            continue
         if g.is_identity(node):
             node = node.args[0]
         elif (found := _scalar_factor(node)) is not None:
             node, core.scale = found[0], core.scale * found[1]
         elif g.is_op(node, aten.add) and all(isinstance(a, fx.Node) for a in node.args[:2]):
             a, b = node.args[:2]
+            if _is_softcap(a) or _is_softcap(b):
+                return _fail(SOFTCAP, node)
+            if _is_position_bias(a) or _is_position_bias(b):
+                return _fail(ALIBI, node)
             node, mask = (a, b) if _reaches_matmul(a) else (b, a)
             core.masks.append((mask, MaskKind.ADDITIVE))
         elif g.is_op(node, aten.masked_fill):
@@ -252,10 +312,15 @@ def _parse_eager(softmax: fx.Node) -> _Core | MatchFailure | None:
         return _fail(NOT_QK_T, qk)
     k = _to_4d(_peel_operand(kt.args[0], core))
     core.nodes += [qk, kt]
-    probs = g.forward_identity(softmax)
+    probs, between = g.forward_identity(softmax), []
+    while g.is_op(g.single_user(probs), aten.view, aten.reshape, aten._unsafe_view) or g.is_identity(
+            g.single_user(probs)):  # XGLM: (B*H, T, S) views around the softmax
+        between.append(probs)
+        probs = g.forward_identity(g.single_user(probs))
     pv = g.single_user(probs)
     if not g.is_op(pv, *_MATMUL) or pv.args[0] is not probs:
         return _fail(NO_PV, softmax)
+    core.nodes += between
     out = pv
     if g.ndim(pv) != 4 and g.is_op(g.single_user(pv), aten.view, aten.reshape, aten._unsafe_view):
         out = g.single_user(pv)

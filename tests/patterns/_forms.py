@@ -99,3 +99,39 @@ class Block(nn.Module):
         x = x + (h if self.scale is None else h * self.scale)
         h = self.post_ffn(self.mlp(self.ffn_norm(x)))
         return x + (h if self.scale is None else h * self.scale)  # (B, T, C)
+
+
+class ScoresVariant(Attention):
+    """Eager causal attention whose scores take a form the finder names but does not fuse:
+    "softcap" (Gemma2), "sinks" (GPT-OSS), "alibi" (Bloom's baddbmm), "mul_mask" (OpenAI-GPT)."""
+
+    def __init__(self, variant: str, dim: int = DIM) -> None:
+        super().__init__(dim)
+        torch.manual_seed(0)
+        self.variant = variant
+        self.sinks = nn.Parameter(torch.zeros(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = (p(x).view(b, t, 4, c // 4).transpose(1, 2) for p in (self.q, self.k, self.v))
+        keep = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        if self.variant == "alibi":
+            bias = torch.arange(t, device=x.device, dtype=x.dtype).expand(b * 4, 1, t)  # (B*H, 1, T)
+            s = torch.baddbmm(bias, q.reshape(b * 4, t, -1), k.reshape(b * 4, t, -1).transpose(1, 2))
+            s = s.view(b, 4, t, t) * 0.5
+        else:
+            s = (q @ k.transpose(-2, -1)) * 0.5  # (B, H, T, T)
+        if self.variant == "softcap":
+            s = torch.tanh(s / 30.0) * 30.0
+        if self.variant == "mul_mask":
+            m = keep.to(s.dtype)
+            s = s * m + (1.0 - m) * -10000.0
+        else:
+            s = s.masked_fill(~keep, float("-inf"))
+        if self.variant == "sinks":
+            s = torch.cat([s, self.sinks.reshape(1, -1, 1, 1).expand(b, -1, t, -1)], dim=-1)
+            s = s - s.max(dim=-1, keepdim=True).values
+            p = s.softmax(-1)[..., :-1]
+        else:
+            p = s.softmax(-1)
+        return self.o((p @ v).transpose(1, 2).reshape(b, t, c))  # (B, T, C)

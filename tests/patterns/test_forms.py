@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -90,3 +92,16 @@ def test_matches_moe_block_with_shared_expert() -> None:
 def test_rejects_moe_in_skip_ffn_with_reason() -> None:
     with pytest.raises(PassError, match="MoE FFN"):
         condfx.apply(_capture(F.Block(mlp="moe")), "skip-ffn{cold_start=0,cold_end=0}")
+
+
+@pytest.mark.parametrize(
+    ("variant", "reason"),
+    [("softcap", r"^scores are softcapped"), ("sinks", r"^softmax includes attention sinks"),
+     ("alibi", r"^scores carry an additive position bias \(ALiBi\)"),
+     ("mul_mask", r"^scores are multiplied by a mask")],
+)
+def test_rejects_attention_variants_with_named_reason(variant: str, reason: str) -> None:
+    regions = find_regions(_capture(F.ScoresVariant(variant)))
+    assert regions.attention == []
+    failures = [f for f in regions.failures if f.kind == "attention"]
+    assert len(failures) == 1 and re.match(reason, failures[0].reason), failures
