@@ -422,17 +422,52 @@ def match_rope(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, RoPEStyle] | N
 
 # --- outwards ------------------------------------------------------------------------------------
 
+def _last_dim_slice(node: fx.Node) -> tuple[fx.Node, int, object] | None:
+    """(base, start, end) for ``base[..., start:end]`` (through casts and aliases), else None."""
+    node = g.skip_identity(node)
+    if g.is_op(node, aten.alias):
+        return g.skip_identity(node.args[0]), 0, None
+    rank = g.ndim(node)
+    if not g.is_op(node, aten.slice) or rank is None or node.args[1] % rank != rank - 1:
+        return None
+    return g.skip_identity(node.args[0]), g.arg(node, 2, "start", 0) or 0, g.arg(node, 3, "end", None)
+
+
+def _partial_rope(node: fx.Node):
+    """(x, rope match with x as the pre-rotation input, rotary dim) for ``cat([rope(x[..., :r]),
+    x[..., r:]], -1)`` (partial RoPE: Phi-3, Persimmon, Nemotron, StableLM), else None."""
+    node = g.skip_identity(node)
+    if not g.is_op(node, aten.cat) or len(node.args[0]) != 2 or g.arg(node, 1, "dim", 0) % (g.ndim(node) or 1) != (
+            (g.ndim(node) or 1) - 1):
+        return None
+    rot, rest = node.args[0]
+    found, tail = match_rope(rot), _last_dim_slice(rest)
+    if found is None or tail is None:
+        return None
+    head = _last_dim_slice(found[0])
+    if found[0] is not tail[0] and (head is None or head[0] is not tail[0] or head[1] != 0):
+        return None
+    width = g.static_int(g.shape(rot)[-1])
+    if width is None or tail[1] != width:
+        return None
+    return tail[0], (tail[0], *found[1:]), width
+
+
 def _unrotated(node: fx.Node):
-    """(node before RoPE, rope match or None), trying (B, H, T, D) and then (B, T, H, D)."""
+    """(node before RoPE, rope match or None, rotary dim or None), trying (B, H, T, D) and then
+    (B, T, H, D), full and partial RoPE."""
     found = match_rope(node)
     if found is not None:
-        return found[0], found
+        return found[0], found, None
+    partial = _partial_rope(node)
+    if partial is not None:
+        return partial
     inner = g.skip_identity(node)
     if g.is_op(inner, aten.transpose, aten.permute):
         found = match_rope(inner.args[0])
         if found is not None:
-            return found[0], found
-    return node, None
+            return found[0], found, None
+    return node, None, None
 
 
 def _projection(node: fx.Node, norms):
@@ -443,7 +478,10 @@ def _projection(node: fx.Node, norms):
         n = g.skip_identity(n.args[0])
     if qk_norm is None and (qk_norm := norm_producing(norms, n)) is not None:
         n = qk_norm.x_in
-    return g.trace_linear(n), qk_norm
+    ref = g.trace_linear(n)
+    if ref is None and (found := _scalar_factor(g.skip_views(n))) is not None:
+        ref = g.trace_linear(found[0])  # q_proj(x) * scaling (OPT, BioGPT): the factor stays on the path
+    return ref, qk_norm
 
 
 def find_o_proj(core: fx.Node):
@@ -462,15 +500,15 @@ def find_o_proj(core: fx.Node):
 
 
 def _outer(core: _Core, norms) -> dict:
-    q_pre, q_rope = _unrotated(core.q)
-    k_pre, k_rope = _unrotated(core.k)
+    q_pre, q_rope, rotary_dim = _unrotated(core.q)
+    k_pre, k_rope, _ = _unrotated(core.k)
     q_proj, q_norm = _projection(q_pre, norms)
     k_proj, k_norm = _projection(k_pre, norms)
     v_proj, _ = _projection(core.v, {})
     rope = None
     if q_rope is not None:
         style = q_rope[3]
-        rope = RoPERef(style, q_rope[1], q_rope[2], q_pre, k_pre if k_rope else None)
+        rope = RoPERef(style, q_rope[1], q_rope[2], q_pre, k_pre if k_rope else None, rotary_dim)
     x_in = q_proj.x_in if q_proj is not None else None
     o_proj = find_o_proj(core.core)
     return dict(q_proj=q_proj, k_proj=k_proj, v_proj=v_proj, q_norm=q_norm, k_norm=k_norm, rope=rope,

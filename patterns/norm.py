@@ -164,7 +164,7 @@ def match_layer_norm(node: fx.Node) -> NormRegion | MatchFailure | None:
     x, normalized_shape = node.args[0], node.args[1]
     if len(normalized_shape) != 1:
         return _fail(LN_SHAPE, node)
-    weight = g.as_get_attr(g.arg(node, 2, "weight"))
+    weight, offset = _offset_weight(g.arg(node, 2, "weight")) or (None, 0.0)  # (1 + w): Nemotron
     bias = g.as_get_attr(g.arg(node, 3, "bias"))
     eps = g.arg(node, 4, "eps", 1e-5)
     if g.scalar(eps) is None:
@@ -175,7 +175,7 @@ def match_layer_norm(node: fx.Node) -> NormRegion | MatchFailure | None:
         if out is None:
             return None
     return NormRegion(NormKind.LAYERNORM, g.skip_identity(x), out, weight, bias, float(eps), (node,),
-                      g.module_path(node))
+                      g.module_path(node), offset)
 
 
 def find_norms(gm: fx.GraphModule) -> tuple[list[NormRegion], list[MatchFailure]]:

@@ -93,6 +93,7 @@ class RoPERef:
     sin: fx.Node | None
     q_pre: fx.Node | None = None  # q before rotation, (B, H, T, D)
     k_pre: fx.Node | None = None  # k before rotation, (B, Hkv, S, D)
+    rotary_dim: int | None = None  # partial RoPE: only the first rotary_dim of D rotate (None: all D)
 
 
 @dataclass(frozen=True)

@@ -46,3 +46,13 @@ def test_matches_gemma3_norms_and_residuals() -> None:
         assert r.residual is not None and r.post_norm is not None and r.post_norm.weight_offset == 1.0
         assert r.input_norm is not None and r.input_norm.weight_offset == 1.0
     assert all(r.q_norm is not None and r.k_norm is not None for r in regions.attention)
+
+
+def test_matches_nemotron_partial_rope_and_layernorm1p() -> None:
+    gm = condfx.capture(_build("nemotron"), (torch.randint(0, 128, (2, 9)),))
+    regions = find_regions(gm)
+    for r in regions.attention:
+        assert r.q_proj is not None and r.k_proj is not None and r.v_proj is not None
+        assert r.rope is not None and r.rope.rotary_dim is not None and r.rope.rotary_dim < r.head_dim
+        assert r.input_norm is not None and r.input_norm.weight_offset == 1.0  # LayerNorm1P: (1 + w)
+    assert {f.activation for f in regions.ffn} == {"relu2"}
