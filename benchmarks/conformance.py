@@ -102,7 +102,8 @@ def build_small(model_type: str, attn: str, seed: int = 0) -> CausalLMLogits:
     config = small_config(model_type, attn)
     refusal = decoder_refusal(config)
     if refusal is not None:
-        raise ValueError(f"not a decoder-only causal LM: {refusal}")
+        msg = f"not a decoder-only causal LM: {refusal}"
+        raise ValueError(msg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         hf = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
@@ -187,7 +188,8 @@ def _timed_row(model_type: str, attn: str, passes: bool, seconds: int) -> Row:
     """``conformance_row`` cut off after ``seconds`` (SIGALRM; the row then says so)."""
 
     def _stop(signum, frame):
-        raise TimeoutError(f"row took over {seconds} s")
+        msg = f"row took over {seconds} s"
+        raise TimeoutError(msg)
 
     previous = signal.signal(signal.SIGALRM, _stop)
     signal.alarm(seconds)

@@ -54,7 +54,12 @@ from torch import fx
 
 from condfx.patterns import _graph as g
 from condfx.patterns.attention import find_attention
-from condfx.patterns.blocks import assemble_blocks, assign_layers, assign_moe_layers, attach_residuals
+from condfx.patterns.blocks import (
+    assemble_blocks,
+    assign_layers,
+    assign_moe_layers,
+    attach_residuals,
+)
 from condfx.patterns.ffn import find_ffn
 from condfx.patterns.mask import MaskAnalyzer, MaskInfo, MaskKind
 from condfx.patterns.moe import find_moe
