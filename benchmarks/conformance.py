@@ -81,9 +81,20 @@ def small_config(model_type: str, attn: str):
     """The small config of ``model_type`` with ``attn`` implementation (raises when it cannot build)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.for_model(model_type, **SMALL)
+    sizes = dict(SMALL)
+    for _ in range(8):  # drop the keys a config refuses (read-only properties such as Falcon's head_dim)
+        try:
+            config = AutoConfig.for_model(model_type, **sizes)
+            break
+        except AttributeError as err:
+            refused = re.search(r"property '(\w+)'|set (\w+) with", str(err))
+            if refused is None or (refused.group(1) or refused.group(2)) not in sizes:
+                raise
+            sizes.pop(refused.group(1) or refused.group(2))
+    else:
+        config = AutoConfig.for_model(model_type, **sizes)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for key, value in SMALL.items():
+    for key, value in sizes.items():
         if hasattr(text, key) and key not in ("pad_token_id", "bos_token_id", "eos_token_id"):
             with contextlib.suppress(Exception):
                 setattr(text, key, value)
