@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import re
 import signal
@@ -262,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         for kind in types:
             for attn in args.attn.split(","):
                 rows.append(_timed_row(kind, attn, not args.no_passes, args.row_timeout))
+                gc.collect()  # built models and graphs are garbage now; a full sweep holds ~190 of them
                 if args.jsonl:
                     with open(args.jsonl, "a") as f:
                         f.write(json.dumps(asdict(rows[-1])) + "\n")
