@@ -25,13 +25,24 @@ Outwards (``attention.py``): RoPE ``x*cos + rotate(x)*sin`` (half-split ``cat(-x
     reported with ``out_slice``), the projections' input ``x_in`` and its norm, o_proj, residual add.
 FFN (``ffn.py``), anchored on the down projection: SwiGLU ``down(silu(gate x) * up x)`` (either order,
     silu or x*sigmoid(x)), GeGLU (reported as SWIGLU), GELU MLP ``down(gelu(up x))`` with ``aten.gelu``
-    or the explicit tanh formula of HF "gelu_new".
+    or the explicit tanh formula of HF "gelu_new", MLP ``down(act(up x))`` with relu, relu², silu,
+    sigmoid or tanh (FFNKind.MLP); gate/up fused in one projection split by split, chunk or slice.
 Norms (``norm.py``): RMSNorm ``x * rsqrt(mean(x^2, -1) + eps) * w`` (or ``/ sqrt``), casts anywhere,
-    weight on either side; LayerNorm as ``aten.layer_norm`` / ``native_layer_norm`` or spelled out
+    weight on either side, or ``* (c + w)`` (Gemma: ``weight_offset`` c = 1); LayerNorm as ``aten.layer_norm`` / ``native_layer_norm`` or spelled out
     with mean and var (or mean of squared deviations). eps is read from the graph.
-Blocks (``blocks.py``): residual adds after region outputs; layer index from ``.layers.<i>.`` /
+MoE (``moe.py``), anchored on the router's top-k: router + experts (stacked 3-D parameters or
+    per-expert FFN regions) + shared expert, up to the residual add; in ``Regions.moe`` and
+    ``DecoderBlock.moe``, not in ``Regions.ffn`` (a "MoE FFN" near miss of kind "ffn" tells dense-FFN
+    passes why).
+Blocks (``blocks.py``): residual adds after region outputs, also through a post / sandwich norm
+    (``post_norm``) and a scalar multiplier (``residual_scale``, Granite); layer index from ``.layers.<i>.`` /
     ``.h.<i>.`` / ``.blocks.<i>.`` in ``nn_module_stack`` when consistent, else order of appearance.
 
+Named near misses (not fused; the fused op needs ``softcap`` / ``alibi_slopes`` / ``sinks`` options first):
+    softcapped scores ``c*tanh(s/c)`` (Gemma2), attention sinks concatenated to the scores (GPT-OSS),
+    ALiBi as ``baddbmm`` or a bias table (Bloom; MPT's computed bias is still "mask is not causal"),
+    scores multiplied by a mask (OpenAI-GPT). Eager scores may pass through (B*H, T, S) views and a
+    clamp at the mask value (XGLM).
 Not handled: ALiBi or other additive biases (rejected: "additive mask has finite non-zero values"),
 complex-number RoPE, parallel attention+FFN blocks (regions are found but share one residual add),
 cross-attention, masks combining several partial masks that are only causal together.
@@ -43,9 +54,15 @@ from torch import fx
 
 from condfx.patterns import _graph as g
 from condfx.patterns.attention import find_attention
-from condfx.patterns.blocks import assemble_blocks, assign_layers, attach_residuals
+from condfx.patterns.blocks import (
+    assemble_blocks,
+    assign_layers,
+    assign_moe_layers,
+    attach_residuals,
+)
 from condfx.patterns.ffn import find_ffn
 from condfx.patterns.mask import MaskAnalyzer, MaskInfo, MaskKind
+from condfx.patterns.moe import find_moe
 from condfx.patterns.norm import find_norms, norm_index
 from condfx.patterns.regions import (
     AttentionRegion,
@@ -54,6 +71,7 @@ from condfx.patterns.regions import (
     FFNRegion,
     LinearRef,
     MatchFailure,
+    MoERegion,
     NormKind,
     NormRegion,
     Regions,
@@ -80,11 +98,14 @@ def find_regions(gm: fx.GraphModule) -> Regions:
     failures += failed
     ffn, failed = find_ffn(gm, index)
     failures += failed
+    moe, ffn, failed = find_moe(gm, index, ffn, order)
+    failures += failed
     attention, ffn = assign_layers(attention, ffn, order, failures)
-    attention, ffn, residuals = attach_residuals(attention, ffn)
+    moe = assign_moe_layers(attention, moe, order)
+    attention, ffn, residuals = attach_residuals(attention, ffn, norms)
     residuals.sort(key=lambda r: order[r.node])
-    blocks = assemble_blocks(attention, ffn)
-    return Regions(attention, ffn, norms, residuals, blocks, failures)
+    blocks = assemble_blocks(attention, ffn, moe)
+    return Regions(attention, ffn, norms, residuals, blocks, failures, moe)
 
 
 def find_attention_regions(gm: fx.GraphModule, failures: list[MatchFailure] | None = None) -> list[AttentionRegion]:
@@ -120,6 +141,7 @@ __all__ = [
     "MaskInfo",
     "MaskKind",
     "MatchFailure",
+    "MoERegion",
     "NormKind",
     "NormRegion",
     "Regions",

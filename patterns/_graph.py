@@ -296,18 +296,23 @@ def linear_at(node: object):
 
 
 def _split_slice(node: fx.Node) -> tuple[fx.Node, tuple[int, int]] | None:
-    """(split input, [start, stop)) for ``getitem(split(x, size, -1), i)`` or a last-dim slice."""
+    """(split input, [start, stop)) for ``getitem(split(x, size, -1), i)`` (or chunk) or a last-dim slice."""
     import operator
 
     if node.op == "call_function" and node.target is operator.getitem:
         split, index = node.args
-        if not is_op(split, aten.split, aten.split_with_sizes) or not isinstance(index, int):
+        if not is_op(split, aten.split, aten.split_with_sizes, aten.chunk) or not isinstance(index, int):
             return None
         rank = ndim(split.args[0])
         dim = arg(split, 2, "dim", 0)
         if rank is None or dim % rank != rank - 1:
             return None
         sizes = split.args[1]
+        if is_op(split, aten.chunk):  # chunk(x, n): pieces of ceil(width / n)
+            width = static_int(shape(split.args[0])[-1])
+            if width is None:
+                return None
+            sizes = -(-width // sizes)
         if isinstance(sizes, int):
             return split.args[0], (index * sizes, (index + 1) * sizes)
         start = sum(sizes[:index])

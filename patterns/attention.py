@@ -7,12 +7,16 @@ Core forms:
     softmax(scale * (q @ k^T) [+ mask | masked_fill | where]) @ v       ("eager"; the scale may be
         applied to the scores, to q or to k, by mul or div; casts and p=0 / eval dropout allowed)
 K/V head repetition is walked back (HF repeat_kv: unsqueeze + expand + reshape; repeat_interleave),
-so ``k`` and ``v`` are (B, Hkv, S, D). Outwards: RoPE (half-split or interleaved), QK-norm on
-(B, T, H, D) or (B, H, T, D), q/k/v projections (fused ones through split), x_in, o_proj.
+so ``k`` and ``v`` are (B, Hkv, S, D). Outwards: RoPE (``rope.py``: half-split or interleaved, full or
+partial), QK-norm on (B, T, H, D) or (B, H, T, D), q/k/v projections (fused ones through split or
+slice; a constant factor after the projection, as OPT scales q), x_in, o_proj.
+Eager scores whose form is known but not fused fail with a reason that names it: softcapping,
+attention sinks, ALiBi (baddbmm or a bias table), a multiplied mask.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +26,8 @@ import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
 from condfx.patterns import _graph as g
 from condfx.patterns.mask import MaskAnalyzer, MaskInfo, MaskKind
 from condfx.patterns.norm import norm_producing
-from condfx.patterns.regions import AttentionRegion, MatchFailure, RoPERef, RoPEStyle
+from condfx.patterns.regions import AttentionRegion, MatchFailure, RoPERef
+from condfx.patterns.rope import unrotated
 
 aten = torch.ops.aten
 
@@ -37,6 +42,10 @@ SOFTMAX_DIM = "softmax is not over the key dim"
 NOT_QK_T = "scores are not q @ k^T"
 NO_PV = "softmax output does not feed a matmul with v"
 FILL_VALUE = "masked fill value is not very negative"
+SOFTCAP = "scores are softcapped (c * tanh(s / c))"
+SINKS = "softmax includes attention sinks (learned logits concatenated to the scores)"
+ALIBI = "scores carry an additive position bias (ALiBi)"
+MUL_MASK = "scores are multiplied by a mask (s * m + (1 - m) * c)"
 
 _SOFTMAX = (aten.softmax, aten._softmax, aten._safe_softmax)
 _MATMUL = (aten.matmul, aten.bmm)
@@ -143,9 +152,11 @@ def _reaches_matmul(node: object, steps: int = 8) -> bool:
     for _ in range(steps):
         if not isinstance(node, fx.Node):
             return False
-        if g.is_op(node, *_MATMUL):
+        if g.is_op(node, *_MATMUL, aten.baddbmm):
             return True
-        if g.is_identity(node) or g.is_op(node, aten.mul, aten.div, aten.add, aten.masked_fill):
+        if g.is_op(node, aten.view, aten.reshape, aten._unsafe_view):
+            node = node.args[0]
+        elif g.is_identity(node) or g.is_op(node, aten.mul, aten.div, aten.add, aten.masked_fill):
             node = node.args[0] if g.is_op(node, aten.mul, aten.div, aten.masked_fill) or g.is_identity(
                 node) else next((a for a in node.args[:2] if _reaches_matmul(a, 3)), None)
         elif g.is_op(node, aten.where):
@@ -175,18 +186,71 @@ def _scalar_factor(node: fx.Node) -> tuple[fx.Node, float] | None:
     return None
 
 
+def _is_softcap(node: object) -> bool:
+    """Whether ``node`` is ``tanh(...)`` or ``c * tanh(...)`` (logit softcapping)."""
+    if not isinstance(node, fx.Node):
+        return False
+    found = _scalar_factor(node)
+    return g.is_op(found[0] if found else node, aten.tanh)
+
+
+def _is_position_bias(node: object) -> bool:
+    """Whether ``node`` (through slices and views) is a float parameter/buffer with finite values other
+    than 0 (an ALiBi bias table, as MPT stores it)."""
+    for _ in range(8):
+        if not isinstance(node, fx.Node) or not (g.is_identity(node) or g.is_op(
+                node, aten.slice, aten.squeeze, aten.unsqueeze, aten.view, aten.reshape, aten.expand)):
+            break
+        node = node.args[0]
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return False
+    value = g.get_attr_value(node.graph.owning_module, node)
+    return (isinstance(value, torch.Tensor) and value.is_floating_point() and value.device.type != "meta"
+            and bool(torch.isfinite(value).all()) and bool((value != 0).any()))
+
+
+def _named_near_miss(node: fx.Node) -> MatchFailure | None:
+    """A failure naming a known attention variant the finder does not handle, seen at ``node``."""
+    if _is_softcap(node):
+        return _fail(SOFTCAP, node)
+    if g.is_op(node, aten.baddbmm):
+        return _fail(ALIBI, node, "baddbmm")
+    if g.is_op(node, aten.cat) and any(g.as_get_attr(a) is not None or (
+            isinstance(a, fx.Node) and g.is_op(a, aten.expand) and g.as_get_attr(
+                g.skip_views(a.args[0])) is not None) for a in node.args[0]):
+        return _fail(SINKS, node)
+    if g.is_op(node, aten.mul) and len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args):
+        return _fail(MUL_MASK, node) if any(_reaches_matmul(a) for a in node.args) else None
+    return None
+
+
 def _peel_scores(node: fx.Node, core: _Core) -> fx.Node | MatchFailure | None:
     """Walks from the softmax input back to the q @ k^T matmul, collecting scale and masks."""
     for _ in range(24):
         if g.is_op(node, *_MATMUL):
             return node
         core.nodes.append(node)
+        if (named := _named_near_miss(node)) is not None:
+            return named
+        if g.is_op(node, aten.sub) and g.is_op(node.args[1], operator.getitem) and g.is_op(
+                node.args[1].args[0], aten.max, aten.amax):
+            node = node.args[0]  # s - max(s): the stable-softmax shift (GPT-OSS)
+            continue
+        if g.is_op(node, aten.view, aten.reshape, aten._unsafe_view) or (
+                g.is_op(node, aten.maximum, aten.max, aten.clamp_min) and len(node.args) == 2
+                and _very_negative(node.args[1])):
+            node = node.args[0]  # a view of the scores, or a clamp at the mask value (XGLM)
+            continue
         if g.is_identity(node):
             node = node.args[0]
         elif (found := _scalar_factor(node)) is not None:
             node, core.scale = found[0], core.scale * found[1]
         elif g.is_op(node, aten.add) and all(isinstance(a, fx.Node) for a in node.args[:2]):
             a, b = node.args[:2]
+            if _is_softcap(a) or _is_softcap(b):
+                return _fail(SOFTCAP, node)
+            if _is_position_bias(a) or _is_position_bias(b):
+                return _fail(ALIBI, node)
             node, mask = (a, b) if _reaches_matmul(a) else (b, a)
             core.masks.append((mask, MaskKind.ADDITIVE))
         elif g.is_op(node, aten.masked_fill):
@@ -252,10 +316,15 @@ def _parse_eager(softmax: fx.Node) -> _Core | MatchFailure | None:
         return _fail(NOT_QK_T, qk)
     k = _to_4d(_peel_operand(kt.args[0], core))
     core.nodes += [qk, kt]
-    probs = g.forward_identity(softmax)
+    probs, between = g.forward_identity(softmax), []
+    while g.is_op(g.single_user(probs), aten.view, aten.reshape, aten._unsafe_view) or g.is_identity(
+            g.single_user(probs)):  # XGLM: (B*H, T, S) views around the softmax
+        between.append(probs)
+        probs = g.forward_identity(g.single_user(probs))
     pv = g.single_user(probs)
     if not g.is_op(pv, *_MATMUL) or pv.args[0] is not probs:
         return _fail(NO_PV, softmax)
+    core.nodes += between
     out = pv
     if g.ndim(pv) != 4 and g.is_op(g.single_user(pv), aten.view, aten.reshape, aten._unsafe_view):
         out = g.single_user(pv)
@@ -296,79 +365,7 @@ def _heads(core: _Core) -> tuple[int, int, int] | MatchFailure:
     return h, hkv, d
 
 
-# --- RoPE ----------------------------------------------------------------------------------------
-
-def _last_dim(node: fx.Node, dim) -> bool:
-    rank = g.ndim(node)
-    return rank is not None and isinstance(dim, int) and dim % rank == rank - 1
-
-
-def _slice_of(node: object, base: fx.Node) -> tuple[int, object, int] | None:
-    """(start, end, step) when ``node`` slices the last dim of ``base`` (through casts)."""
-    if not g.is_op(node, aten.slice) or g.skip_identity(node.args[0]) is not base:
-        return None
-    if not _last_dim(node.args[0], g.arg(node, 1, "dim", 0)):
-        return None
-    return g.arg(node, 2, "start", 0) or 0, g.arg(node, 3, "end", None), g.arg(node, 4, "step", 1)
-
-
-def _rotation_style(rot: fx.Node, x: fx.Node) -> RoPEStyle | None:
-    """HALF for cat(-x2, x1); INTERLEAVED for flatten(stack(-x[..., 1::2], x[..., ::2]))."""
-    rot, x = g.skip_identity(rot), g.skip_identity(x)
-    if g.is_op(rot, aten.cat) and _last_dim(rot, g.arg(rot, 1, "dim", 0)) and len(rot.args[0]) == 2:
-        first, second = rot.args[0]
-        if g.is_op(first, aten.neg):
-            hi, lo = _slice_of(first.args[0], x), _slice_of(second, x)
-            if hi and lo and lo[0] == 0 and hi[0] == lo[1] and hi[2] == lo[2] == 1:
-                return RoPEStyle.HALF
-    flat = rot
-    while g.is_op(flat, aten.view, aten.reshape, aten.flatten, aten._unsafe_view):
-        flat = flat.args[0]
-    if g.is_op(flat, aten.stack) and len(flat.args[0]) == 2:
-        first, second = flat.args[0]
-        if g.is_op(first, aten.neg):
-            odd, even = _slice_of(first.args[0], x), _slice_of(second, x)
-            if odd and even and odd[0] == 1 and even[0] == 0 and odd[2] == even[2] == 2:
-                return RoPEStyle.INTERLEAVED
-    return None
-
-
-def _mul_operands(node: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
-    if not g.is_op(node, aten.mul) or not all(isinstance(a, fx.Node) for a in node.args[:2]):
-        return []
-    a, b = node.args[:2]
-    return [(a, b), (b, a)]
-
-
-def match_rope(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, RoPEStyle] | None:
-    """(x before rotation, cos, sin, style) for ``x * cos + rotate(x) * sin`` (any operand order)."""
-    node = g.skip_identity(node)
-    if not g.is_op(node, aten.add) or not all(isinstance(a, fx.Node) for a in node.args[:2]):
-        return None
-    a, b = (g.skip_identity(n) for n in node.args[:2])
-    for m1, m2 in ((a, b), (b, a)):
-        for x, cos in _mul_operands(m1):
-            for rot, sin in _mul_operands(m2):
-                style = _rotation_style(rot, x)
-                if style is not None:
-                    return g.skip_identity(x), cos, sin, style
-    return None
-
-
 # --- outwards ------------------------------------------------------------------------------------
-
-def _unrotated(node: fx.Node):
-    """(node before RoPE, rope match or None), trying (B, H, T, D) and then (B, T, H, D)."""
-    found = match_rope(node)
-    if found is not None:
-        return found[0], found
-    inner = g.skip_identity(node)
-    if g.is_op(inner, aten.transpose, aten.permute):
-        found = match_rope(inner.args[0])
-        if found is not None:
-            return found[0], found
-    return node, None
-
 
 def _projection(node: fx.Node, norms):
     """(LinearRef or None, QK-norm or None) behind a (B, H, T, D) q or k."""
@@ -378,7 +375,10 @@ def _projection(node: fx.Node, norms):
         n = g.skip_identity(n.args[0])
     if qk_norm is None and (qk_norm := norm_producing(norms, n)) is not None:
         n = qk_norm.x_in
-    return g.trace_linear(n), qk_norm
+    ref = g.trace_linear(n)
+    if ref is None and (found := _scalar_factor(g.skip_views(n))) is not None:
+        ref = g.trace_linear(found[0])  # q_proj(x) * scaling (OPT, BioGPT): the factor stays on the path
+    return ref, qk_norm
 
 
 def find_o_proj(core: fx.Node):
@@ -397,15 +397,15 @@ def find_o_proj(core: fx.Node):
 
 
 def _outer(core: _Core, norms) -> dict:
-    q_pre, q_rope = _unrotated(core.q)
-    k_pre, k_rope = _unrotated(core.k)
+    q_pre, q_rope, rotary_dim = unrotated(core.q)
+    k_pre, k_rope, _ = unrotated(core.k)
     q_proj, q_norm = _projection(q_pre, norms)
     k_proj, k_norm = _projection(k_pre, norms)
     v_proj, _ = _projection(core.v, {})
     rope = None
     if q_rope is not None:
         style = q_rope[3]
-        rope = RoPERef(style, q_rope[1], q_rope[2], q_pre, k_pre if k_rope else None)
+        rope = RoPERef(style, q_rope[1], q_rope[2], q_pre, k_pre if k_rope else None, rotary_dim)
     x_in = q_proj.x_in if q_proj is not None else None
     o_proj = find_o_proj(core.core)
     return dict(q_proj=q_proj, k_proj=k_proj, v_proj=v_proj, q_norm=q_norm, k_norm=k_norm, rope=rope,

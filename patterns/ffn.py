@@ -5,6 +5,10 @@ Recognised forms (projections as linear, addmm (GPT-2 Conv1D), mm/matmul, fused 
     down(gelu(gate(x)) * up(x))          GeGLU, reported as FFNKind.SWIGLU with ``act`` the gelu node
     down(gelu(up(x)))                    GELU MLP; gelu as aten.gelu (any approximation) or the explicit
                                          tanh formula 0.5*x*(1+tanh(sqrt(2/pi)*(x+0.044715*x^3)))
+    down(act(up(x)))                     MLP (FFNKind.MLP) with act relu, relu² (OPT, Persimmon, Nemotron,
+                                         Arcee), silu, sigmoid or tanh
+Fused gate_up (Phi-3, GLM): one projection split in halves by split / chunk / slice; gate and up are
+LinearRefs of the same node with ``out_slice`` set. ``FFNRegion.activation`` names the activation.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ NO_UP = "activation input is not a projection"
 NO_GATED_UP = "gated activation is not multiplied by a projection"
 INPUTS_DIFFER = "gate and up read different inputs"
 WIDTH_MISMATCH = "down projection width does not match up"
-UNSUPPORTED_ACT = "activation is not gelu or a gated silu/gelu"
+UNSUPPORTED_ACT = "activation is not gelu/relu/relu2/silu/sigmoid/tanh or a gated silu/gelu"
 
 _ACT_PACKETS = (aten.silu, aten.gelu, aten.relu, aten.sigmoid, aten.tanh)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -102,6 +106,42 @@ def _gelu_input(node: fx.Node) -> fx.Node | None:
     return _tanh_formula_input(node)
 
 
+def _relu_input(node: fx.Node) -> fx.Node | None:
+    node = g.skip_identity(node)
+    return node.args[0] if g.is_op(node, aten.relu) else None
+
+
+def _plain_act(node: fx.Node) -> tuple[fx.Node, str] | None:
+    """(x, name) for an ungated activation other than gelu: relu, relu² (pow 2, square or r * r),
+    silu, sigmoid, tanh."""
+    node = g.skip_identity(node)
+    if g.is_op(node, aten.pow) and node.args[1] == 2 and _relu_input(node.args[0]) is not None:
+        return _relu_input(node.args[0]), "relu2"
+    if g.is_op(node, aten.square) and _relu_input(node.args[0]) is not None:
+        return _relu_input(node.args[0]), "relu2"
+    pair = _mul_tensor_args(node)
+    if pair is not None and pair[0] is pair[1] and _relu_input(pair[0]) is not None:
+        return _relu_input(pair[0]), "relu2"
+    for packet, name in ((aten.relu, "relu"), (aten.silu, "silu"), (aten.sigmoid, "sigmoid"), (aten.tanh, "tanh")):
+        if g.is_op(node, packet):
+            return node.args[0], name
+    return None
+
+
+def activation_name(act: fx.Node) -> str:
+    """The name of the activation node ``act`` of an FFN region ("silu", "gelu", "gelu_tanh", "relu",
+    "relu2", "sigmoid", "tanh")."""
+    act = g.skip_identity(act)
+    if g.is_op(act, aten.gelu):
+        return "gelu_tanh" if g.arg(act, 1, "approximate", "none") == "tanh" else "gelu"
+    if _silu_input(act) is not None:
+        return "silu"
+    if _tanh_formula_input(act) is not None:
+        return "gelu_tanh"
+    plain = _plain_act(act)
+    return plain[1] if plain is not None else "unknown"
+
+
 def _width(ref: LinearRef) -> int:
     return ref.out_slice[1] - ref.out_slice[0] if ref.out_slice else ref.out_features
 
@@ -137,6 +177,10 @@ def match_ffn(down: LinearRef, norms) -> FFNRegion | MatchFailure | None:
         up, gate, act, kind = g.trace_linear(gelu_in), None, h, FFNKind.GELU_MLP
         if up is None:
             return _fail(NO_UP, h)
+    elif (plain := _plain_act(h)) is not None:
+        up, gate, act, kind = g.trace_linear(plain[0]), None, h, FFNKind.MLP
+        if up is None:
+            return _fail(NO_UP, h)
     else:
         found = _gated(h, down)
         if found is None:
@@ -155,6 +199,7 @@ def match_ffn(down: LinearRef, norms) -> FFNRegion | MatchFailure | None:
     return FFNRegion(
         layer=-1, module_path=path, kind=kind, x_in=up.x_in, up=up, down=down, gate=gate, act=act,
         dim=up.in_features, hidden_dim=hidden, input_norm=norm_producing(norms, up.x_in),
+        activation=activation_name(act),
     )
 
 

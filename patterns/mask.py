@@ -230,6 +230,9 @@ def _allowed(value, kind: MaskKind, t: int) -> torch.Tensor | str:
         return NOT_CAUSAL
     value = torch.broadcast_to(value, (*value.shape[:-2], t, t)).reshape(-1, t, t)
     value = value[:, _rows(t)]
+    if kind is MaskKind.ADDITIVE and value.is_floating_point() and bool(
+            ((value > _VERY_NEGATIVE) & (value != 0)).any()):
+        return NOT_PURE  # a position bias (ALiBi: MPT, Falcon), per head or not
     if not bool((value == value[:1]).all()):
         return NOT_CAUSAL  # differs across batch or heads
     plane = value[0]

@@ -89,18 +89,35 @@ def _normalised_user(anchor: fx.Node, operand: fx.Node) -> fx.Node | None:
     return None
 
 
+def _offset_weight(node: object) -> tuple[fx.Node, float] | None:
+    """(w, c) for a 1-D parameter ``w`` (through casts) or ``w + c`` / ``c + w`` with a scalar c."""
+    w = g.as_get_attr(node)
+    if w is not None:
+        return (w, 0.0) if g.ndim(w) == 1 else None
+    if not isinstance(node, fx.Node):
+        return None
+    node = g.skip_identity(node)
+    if not g.is_op(node, aten.add) or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
+        return None
+    for a, c in (node.args, node.args[::-1]):
+        w = g.as_get_attr(a)
+        if w is not None and g.ndim(w) == 1 and g.scalar(c) is not None:
+            return w, float(g.scalar(c))
+    return None
+
+
 def _affine(node: fx.Node, nodes: list[fx.Node], with_bias: bool):
-    """Follow casts and the optional ``* w`` (and ``+ b``) after the normalisation."""
+    """Follow casts and the optional ``* w`` or ``* (c + w)`` (and ``+ b``) after the normalisation."""
     weight = bias = None
+    offset = 0.0
     out = node
-    user = g.single_user(g.forward_identity(node))
+    base = g.forward_identity(node)
+    user = g.single_user(base)
     if g.is_op(user, aten.mul) and len(user.args) == 2:
-        w = g.as_get_attr(user.args[1] if user.args[0] is not g.forward_identity(node) else user.args[0])
-        w = w if w is not None and g.ndim(w) == 1 else None
-        if w is None:
-            w = next((g.as_get_attr(a) for a in user.args if g.as_get_attr(a) is not None), None)
-        if w is not None and g.ndim(w) == 1:
-            weight, out = w, user
+        pair = (user.args[1], user.args[0]) if g.skip_identity(user.args[0]) is g.skip_identity(base) else user.args
+        found = _offset_weight(pair[0]) or _offset_weight(pair[1])
+        if found is not None:
+            (weight, offset), out = found, user
             nodes.append(user)
             user = g.single_user(g.forward_identity(out))
     if with_bias and g.is_op(user, aten.add) and len(user.args) == 2:
@@ -108,7 +125,7 @@ def _affine(node: fx.Node, nodes: list[fx.Node], with_bias: bool):
         if b is not None and g.ndim(b) == 1:
             bias, out = b, user
             nodes.append(user)
-    return out, weight, bias
+    return out, weight, bias, offset
 
 
 def match_norm_at_rsqrt(anchor: fx.Node) -> NormRegion | MatchFailure | None:
@@ -137,9 +154,9 @@ def match_norm_at_rsqrt(anchor: fx.Node) -> NormRegion | MatchFailure | None:
     if user is None:
         return _fail(NO_NORMALISE_MUL, anchor)
     nodes = [red.args[0], red, anchor.args[0], anchor, user]
-    out, weight, bias = _affine(user, nodes, kind is NormKind.LAYERNORM)
+    out, weight, bias, offset = _affine(user, nodes, kind is NormKind.LAYERNORM)
     x_in = g.skip_identity(x_in)
-    return NormRegion(kind, x_in, out, weight, bias, eps, tuple(nodes), g.module_path(anchor))
+    return NormRegion(kind, x_in, out, weight, bias, eps, tuple(nodes), g.module_path(anchor), offset)
 
 
 def match_layer_norm(node: fx.Node) -> NormRegion | MatchFailure | None:
@@ -147,7 +164,7 @@ def match_layer_norm(node: fx.Node) -> NormRegion | MatchFailure | None:
     x, normalized_shape = node.args[0], node.args[1]
     if len(normalized_shape) != 1:
         return _fail(LN_SHAPE, node)
-    weight = g.as_get_attr(g.arg(node, 2, "weight"))
+    weight, offset = _offset_weight(g.arg(node, 2, "weight")) or (None, 0.0)  # (1 + w): Nemotron
     bias = g.as_get_attr(g.arg(node, 3, "bias"))
     eps = g.arg(node, 4, "eps", 1e-5)
     if g.scalar(eps) is None:
@@ -158,7 +175,7 @@ def match_layer_norm(node: fx.Node) -> NormRegion | MatchFailure | None:
         if out is None:
             return None
     return NormRegion(NormKind.LAYERNORM, g.skip_identity(x), out, weight, bias, float(eps), (node,),
-                      g.module_path(node))
+                      g.module_path(node), offset)
 
 
 def find_norms(gm: fx.GraphModule) -> tuple[list[NormRegion], list[MatchFailure]]:

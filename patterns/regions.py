@@ -39,6 +39,7 @@ class NormKind(enum.Enum):
 class FFNKind(enum.Enum):
     SWIGLU = "swiglu"  # down(act(gate(x)) * up(x))
     GELU_MLP = "gelu-mlp"  # down(gelu(up(x)))
+    MLP = "mlp"  # down(act(up(x))), act not gelu (relu, relu², silu, ...): see FFNRegion.activation
 
 
 class RoPEStyle(enum.Enum):
@@ -68,6 +69,12 @@ class LinearRef:
 
 @dataclass(frozen=True)
 class NormRegion:
+    """One RMSNorm / LayerNorm: ``out = normalise(x_in) * (weight_offset + weight) (+ bias)``.
+
+    ``weight_offset`` is 1.0 for Gemma-style norms that store ``w`` and scale by ``1 + w``, else 0.0;
+    a pass that re-applies the norm must add it to the stored weight.
+    """
+
     kind: NormKind
     x_in: fx.Node  # the tensor being normalised
     out: fx.Node  # the normalised (and scaled) tensor
@@ -76,6 +83,7 @@ class NormRegion:
     eps: float
     nodes: tuple[fx.Node, ...] = ()
     module_path: str = ""
+    weight_offset: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,7 @@ class RoPERef:
     sin: fx.Node | None
     q_pre: fx.Node | None = None  # q before rotation, (B, H, T, D)
     k_pre: fx.Node | None = None  # k before rotation, (B, Hkv, S, D)
+    rotary_dim: int | None = None  # partial RoPE: only the first rotary_dim of D rotate (None: all D)
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,8 @@ class AttentionRegion:
     out: fx.Node | None = None  # output of o_proj, (B, T, d)
     residual: fx.Node | None = None  # the residual add that takes ``out``
     input_norm: NormRegion | None = None
+    post_norm: NormRegion | None = None  # a norm between ``out`` and ``residual`` (sandwich norm)
+    residual_scale: float | None = None  # c in ``residual = stream + c * branch`` (None: no multiplier)
     mask: fx.Node | None = None  # the mask tensor the core consumes (None for is_causal / no mask)
 
 
@@ -140,6 +151,9 @@ class FFNRegion:
     hidden_dim: int
     residual: fx.Node | None = None
     input_norm: NormRegion | None = None
+    post_norm: NormRegion | None = None  # a norm between ``out`` and ``residual`` (sandwich norm)
+    residual_scale: float | None = None  # c in ``residual = stream + c * branch`` (None: no multiplier)
+    activation: str = ""  # "silu", "gelu", "gelu_tanh", "relu", "relu2", "sigmoid", "tanh"
 
     @property
     def out(self) -> fx.Node:
@@ -147,10 +161,37 @@ class FFNRegion:
 
 
 @dataclass(frozen=True)
+class MoERegion:
+    """A mixture-of-experts FFN block: router + top-k + experts (+ shared expert) → ``out``.
+
+    ``expert_weights`` are the stacked (E, ., .) parameters of grouped experts (transformers'
+    ``experts.gate_up_proj`` / ``down_proj``); ``experts`` are per-expert FFN regions when the experts
+    are separate modules. ``out`` is the block output added to the residual stream by ``residual``.
+    """
+
+    layer: int
+    module_path: str
+    x_in: fx.Node  # the (normalised) input of the router and the experts, (B, T, d) or (B*T, d)
+    router: LinearRef
+    top_k: int
+    num_experts: int
+    expert_weights: tuple[fx.Node, ...]
+    experts: tuple[FFNRegion, ...]
+    shared: FFNRegion | None
+    out: fx.Node
+    residual: fx.Node | None = None
+    input_norm: NormRegion | None = None
+
+
+@dataclass(frozen=True)
 class ResidualAdd:
+    """``node = stream + branch``; ``branch`` is the region output after ``post_norm`` and ``scale``."""
+
     node: fx.Node  # the add
     stream: fx.Node  # the residual stream operand
     branch: fx.Node  # the block output operand
+    post_norm: NormRegion | None = None
+    scale: float | None = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +199,7 @@ class DecoderBlock:
     layer: int
     attention: AttentionRegion | None
     ffn: FFNRegion | None
+    moe: MoERegion | None = None  # a MoE block in place of the dense FFN
 
 
 @dataclass
@@ -170,3 +212,4 @@ class Regions:
     residuals: list[ResidualAdd] = field(default_factory=list)
     blocks: list[DecoderBlock] = field(default_factory=list)
     failures: list[MatchFailure] = field(default_factory=list)
+    moe: list[MoERegion] = field(default_factory=list)  # MoE blocks (not in ``ffn``)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 from condfx.patterns import FFNKind, find_ffn_regions, find_regions
 
@@ -46,7 +47,26 @@ def test_matches_gpt2_gelu_new_formula_and_conv1d() -> None:
     assert region.up.weight_layout == "in_out" and region.down.bias is not None
 
 
-def test_rejects_relu_mlp() -> None:
+def test_matches_relu_mlp() -> None:
+    # issue 15: a ReLU MLP (OPT) is an FFN region of kind MLP; it was rejected before.
     failures = []
-    assert find_ffn_regions(M.capture_module(M.NoAttention()), failures) == []
+    (region,) = find_ffn_regions(M.capture_module(M.NoAttention()), failures)
+    assert (region.kind.value, region.activation) == ("mlp", "relu") and failures == []
+
+
+def test_rejects_gated_relu_mlp() -> None:
+    failures = []
+    assert find_ffn_regions(M.capture_module(GatedReLU()), failures) == []
     assert len(failures) == 1 and re.match(r"^activation is not gelu", failures[0].reason)
+
+
+class GatedReLU(torch.nn.Module):
+    """down(relu(gate x) * up x): a gated activation other than silu / gelu."""
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.gate, self.up, self.down = (torch.nn.Linear(*s) for s in ((dim, 64), (dim, 64), (64, dim)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.relu(self.gate(x)) * self.up(x))  # (B, T, C)
