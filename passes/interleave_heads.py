@@ -143,6 +143,8 @@ def check_interleavable(gm: fx.GraphModule, region: AttentionRegion):
         return fail("attention already has a sliding window")
     if g.ndim(region.core) != 4:
         return fail("core output is not (B, H, T, D)")
+    if region.rope is not None and region.rope.rotary_dim not in (None, region.head_dim):
+        return fail("partial RoPE", f"({region.rope.rotary_dim} of {region.head_dim} dims rotate)")
     if region.rope is None:
         q, k, inv_freq = region.q, region.k, torch.zeros(region.head_dim // 2)
     else:

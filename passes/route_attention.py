@@ -103,6 +103,8 @@ def check_routable(gm: fx.GraphModule, region: AttentionRegion) -> str | None:
         return "no input norm"
     if region.out is None or region.residual is None:
         return "no output projection or residual add"
+    if region.post_norm is not None or region.residual_scale not in (None, 1.0):
+        return "post-norm or scaled residual"  # the global branch would add its output unnormalised
     prefix = owner_prefix(region)
     if prefix is None:
         return "q projection weight is not a get_attr"

@@ -95,6 +95,8 @@ def check_sink_window(gm: fx.GraphModule, region: AttentionRegion):
         return fail("layer already has a sliding window")
     if region.rope is None or region.rope.cos is None:
         return fail("no RoPE (positions cannot move into the cache)")
+    if region.rope.rotary_dim not in (None, region.head_dim):
+        return fail("partial RoPE")
     inv_freq = rope_inv_freq(gm, region.rope, region.head_dim)
     if isinstance(inv_freq, MatchFailure):
         return fail(inv_freq.reason)

@@ -60,7 +60,7 @@ from condfx.passes.skip_ffn_policy import (
 )
 from condfx.passes.skip_ffn_similarity import SimilarityPolicy
 from condfx.patterns import find_regions
-from condfx.patterns.regions import FFNRegion, ResidualAdd
+from condfx.patterns.regions import FFNKind, FFNRegion, ResidualAdd
 
 __all__ = ["MASKED_FFN", "POLICIES", "SkipFFN", "SkipFFNConfig", "SkipPolicy", "is_masked_ffn",
            "measure_skip_fraction"]
@@ -78,6 +78,10 @@ def _unsupported(region: FFNRegion, residuals: dict[fx.Node, ResidualAdd]) -> st
     """The skip reason for ``region``, or None when it can be rewritten."""
     if region.residual is None or region.residual not in residuals:
         return "no residual add"
+    if region.post_norm is not None or region.residual_scale not in (None, 1.0):
+        return "post-norm or scaled residual"  # the masked FFN would add the update unnormalised
+    if region.kind is FFNKind.MLP:
+        return f"{region.activation} MLP (masked_ffn runs SwiGLU and GELU MLPs)"
     refs = [r for r in (region.up, region.gate, region.down) if r is not None]
     if any(r.out_slice is not None for r in refs):
         return "fused gate/up projection"
