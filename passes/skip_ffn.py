@@ -209,8 +209,9 @@ def measure_skip_fraction(gm: fx.GraphModule, *inputs: torch.Tensor) -> dict:
     with torch.no_grad():
         _Counting(gm).run(*inputs)
     rows, skipped = sum(totals.values()), sum(counts.values())
-    cold = sum(1 for _ in find_regions(gm).ffn)  # the untouched (cold) FFN regions
-    layers = cold + len(totals)
+    recorded = gm.meta.get("condfx_ffn_layers")  # (all FFN layers, masked ones), as the pass saw them
+    # re-finding regions would also count the routers' and forecasters' small MLPs as FFN layers
+    layers = recorded[0] if recorded else sum(1 for _ in find_regions(gm).ffn) + len(totals)
     per_layer_rows = rows / len(totals) if totals else 0
     return {
         "per_node": {k: counts[k] / totals[k] for k in totals},

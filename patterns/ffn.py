@@ -192,6 +192,8 @@ def match_ffn(down: LinearRef, norms) -> FFNRegion | MatchFailure | None:
         (gate, up, act), kind = found, FFNKind.SWIGLU
         if g.skip_identity(gate.x_in) is not g.skip_identity(up.x_in):
             return _fail(INPUTS_DIFFER, h)
+    if down.out_features != up.in_features:
+        return None  # d -> h -> d' with d' != d is no residual-stream FFN (a router, a head)
     hidden = _width(up)
     if down.in_features != hidden or (gate is not None and _width(gate) != hidden):
         return _fail(WIDTH_MISMATCH, down.op_node, f"up {hidden}, down {down.in_features}")
