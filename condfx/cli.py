@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from rich.console import Console
 from rich.text import Text
 
-from condfx import commands
+from condfx import commands, errors
 
 _ERR = Console(stderr=True)
 
@@ -28,6 +29,18 @@ class _Parser(argparse.ArgumentParser):
         raise commands.UserError(msg)
 
 
+def _finite(text: str) -> float:
+    """argparse type of the float options: a finite number (NaN and infinities are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        msg = f"must be a finite number; got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "model",
@@ -37,7 +50,12 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="condfx", description="Graph transformations for transformer language models."
+        prog="condfx", description="Graph transformations for transformer language models.",
+        epilog=(
+            "Errors are one line on stderr: exit status 2 for bad input (the line names the file or "
+            "option and what is allowed), 1 for an internal error. Set CONDFX_DEBUG=1 for the "
+            "Python traceback instead."
+        ),
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -78,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_model(p)
     p.add_argument("--text", required=True, help="a UTF-8 text file whose tokens calibrate")
-    p.add_argument("--target-skip", type=float, required=True, help="fraction of FFN blocks to skip, in (0, 1)")
+    p.add_argument("--target-skip", type=_finite, required=True, help="fraction of FFN blocks to skip, in (0, 1)")
     p.add_argument("-o", "--output", default=None, help="calibration file (default <model stem>.skip-calibration.json)")
     p.add_argument("--plot", default=None, metavar="PNG", help="also plot the similarity profile to this PNG")
     p.add_argument("--max-tokens", type=int, default=1024, help="calibrate on the first N tokens (default 1024)")
@@ -107,9 +125,9 @@ def _parser() -> argparse.ArgumentParser:
         "--onnx", default=None, metavar="DIR",
         help="run the folder written by 'condfx export' on ONNX Runtime (MODEL gives the tokenizer)",
     )
-    p.add_argument("--temperature", type=float, default=None, help="sample at this temperature (0 = greedy)")
+    p.add_argument("--temperature", type=_finite, default=None, help="sample at this temperature (0 = greedy)")
     p.add_argument("--top-k", type=int, default=None, help="sample from the K most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--top-p", type=_finite, default=None, help="nucleus sampling mass in (0, 1]")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler (default 0)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=commands.generate_cmd)
@@ -122,27 +140,32 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``condfx`` console script."""
-    from condfx.capture import CaptureError
-    from condfx.export_bundle import ExportError
-    from condfx.passes.base import PassError
+    """Entry point of the ``condfx`` console script.
 
-    user_errors = (
-        ValueError, TypeError, FileNotFoundError, CaptureError, PassError, ExportError, commands.UserError
-    )
+    Every exception ends as one line on stderr (``condfx.errors.explain``): exit 2 for bad input,
+    1 for an internal error, 130 for Ctrl-C. With ``CONDFX_DEBUG=1`` the traceback is raised instead.
+    """
+    debug = bool(os.environ.get(errors.DEBUG_VARIABLE))  # read at the entry point only
     try:
         args = _parser().parse_args(argv)
         func: Callable[[argparse.Namespace], object] = args.func
         result = func(args)
-    except user_errors as exc:
-        if os.environ.get("CONDFX_DEBUG"):  # read at the entry point only
-            raise
-        _ERR.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
-        return 2
+    except Exception as exc:  # noqa: BLE001 (the CLI's one place that turns every error into a line)
+        return _report(exc, debug)
+    except KeyboardInterrupt as exc:
+        return _report(exc, debug)
     if getattr(args, "json", False) and result is not None:
         print(json.dumps(result, indent=2, default=str))
     return 0
 
+
+def _report(exc: BaseException, debug: bool) -> int:
+    if debug:
+        raise exc
+    line, status = errors.explain(exc)
+    label = ("internal error: ", "bold red") if status == 1 else ("error: ", "bold red")
+    _ERR.print(Text.assemble(label, line), soft_wrap=True)
+    return status
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -10,6 +14,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+
+from condfx.errors import reading
 
 _OUT = Console()
 
@@ -28,7 +34,74 @@ def _progress(disable: bool) -> Progress:
 def _load(spec: str):
     from condfx.models_zoo import load
 
-    return load(spec)
+    with reading(f"model '{spec}'"):
+        return load(spec)
+
+
+def _check_passes(spec: str | None) -> None:
+    """Parses and configures a pass spec before the model loads, so a bad one costs nothing."""
+    if spec is None:
+        return
+    from condfx.passes.spec import build_passes
+
+    with reading(f"pass spec '{spec}'"):
+        build_passes(spec)
+
+
+def _check_output(path: str | os.PathLike, flag: str, *, folder: bool) -> Path:
+    """Refuses an output path that cannot be written, before any work starts.
+
+    Args:
+        path: the output file or folder.
+        flag: the option that named it, for the sentence (e.g. ``"-o"``).
+        folder: whether a folder (created with its parents) or a file (in an existing folder).
+
+    Returns:
+        ``path`` as a Path.
+
+    Raises:
+        UserError: a file where a folder belongs or the reverse, a missing or unwritable folder.
+    """
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        msg = f"{flag} '{path}' is a file; {flag} names the folder to write into."
+        raise UserError(msg)
+    if not folder and path.is_dir():
+        msg = f"{flag} '{path}' is a folder; {flag} names the file to write."
+        raise UserError(msg)
+    parent = path if folder else path.parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        msg = f"{flag} '{path}' cannot be written: '{existing}' is a file, not a folder."
+        raise UserError(msg)
+    if not folder and existing != parent:
+        msg = f"{flag} '{path}' cannot be written: its folder '{parent}' does not exist."
+        raise UserError(msg)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        msg = f"{flag} '{path}' cannot be written: folder '{existing}' is not writable."
+        raise UserError(msg)
+    return path
+
+
+def _check_input_file(path: str | os.PathLike, flag: str, what: str) -> Path:
+    """An existing file for ``flag`` (FileNotFoundError or UserError naming it otherwise)."""
+    path = Path(path)
+    if path.is_dir():
+        msg = f"{what} '{path}' ({flag}) is a folder; {flag} names a file."
+        raise UserError(msg)
+    if not path.is_file():
+        msg = f"{what} '{path}' does not exist."
+        raise FileNotFoundError(msg)
+    return path
+
+
+def _read_text(path: Path) -> str:
+    with reading(f"text file '{path}'"):
+        text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        msg = f"Text file '{path}' is empty; it must hold UTF-8 text to score or calibrate on."
+        raise ValueError(msg)
+    return text
 
 
 def _example_ids(model: torch.nn.Module, batch: int = 2, seq: int = 8) -> torch.Tensor:
@@ -116,18 +189,16 @@ def _print_regions(name: str, result: dict) -> None:
 
 # ---------------------------------------------------------------------------------------- optimize
 def optimize_cmd(args: argparse.Namespace) -> dict:
+    out = _check_output(args.output, "-o", folder=True)
+    _check_passes(args.passes)
     model, _ = _load(args.model)
     gm = _capture(model)
     result = _apply(gm, args.passes)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(str(result.report))
-    (out / "report.json").write_text(result.to_json())
     ids = _example_ids(model)
     from condfx.verify import verify
 
     check = verify(gm, result.graph_module, (ids,))
-    saved = _save_graph(result.graph_module, ids, out)
+    saved = _write_outputs(result, ids, out)
     summary = {"output": str(out), "files": saved, "verify": check.to_dict(), "report": result.report.to_dict()}
     if not args.json:
         _OUT.print(str(result.report))
@@ -135,34 +206,51 @@ def optimize_cmd(args: argparse.Namespace) -> dict:
     return summary
 
 
-def _save_graph(gm, ids: torch.Tensor, out: Path) -> list[str]:
-    """Writes the rewritten program as a torch.export archive (load it after ``import condfx.ops``)."""
+def _write_outputs(result, ids: torch.Tensor, out: Path) -> list[str]:
+    """Writes the reports and the rewritten program (a torch.export archive: load it after
+    ``import condfx.ops``); all files are written to a scratch folder first and moved in at the
+    end, so a failure leaves an existing output folder as it was."""
     import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
 
+    gm = result.graph_module
     auto = torch.export.Dim.AUTO
     ep = torch.export.export(gm, (ids,), dynamic_shapes=({0: auto, 1: auto},), strict=False)
-    torch.export.save(ep, out / "model.pt2")
-    (out / "graph.py").write_text(gm.code)
-    return ["report.md", "report.json", "model.pt2", "graph.py"]
+    out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".condfx-optimize-", dir=out))
+    try:
+        (scratch / "report.md").write_text(str(result.report))
+        (scratch / "report.json").write_text(result.to_json())
+        torch.export.save(ep, scratch / "model.pt2")
+        (scratch / "graph.py").write_text(gm.code)
+        names = ["report.md", "report.json", "model.pt2", "graph.py"]
+        for name in names:
+            os.replace(scratch / name, out / name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return names
 
 
 # -------------------------------------------------------------------------------------------- eval
 def eval_cmd(args: argparse.Namespace) -> dict:
     from condfx.eval import documents_to_ids, perplexity, perplexity_of_text
 
-    text_path = Path(args.text)
-    if not text_path.is_file():
-        msg = f"Text file '{args.text}' does not exist."
-        raise FileNotFoundError(msg)
-    if args.max_tokens is not None and args.max_tokens < 2:
-        msg = f"--max-tokens must be at least 2; got {args.max_tokens}."
-        raise ValueError(msg)
+    text_path = _check_input_file(args.text, "--text", "Text file")
+    for flag, value, least in (("--max-tokens", args.max_tokens, 2), ("--context", args.context, 2),
+                               ("--max-docs", args.max_docs, 1)):
+        if value is not None and value < least:
+            msg = f"{flag} must be at least {least}; got {value}."
+            raise ValueError(msg)
+    _check_passes(args.passes)
     model, tok = _load(args.model)
+    limit = getattr(getattr(model, "info", None), "max_seq_len", None)
+    if args.context is not None and limit is not None and args.context > limit:
+        msg = f"--context must be at most the model's context of {limit} tokens; got {args.context}."
+        raise ValueError(msg)
     if args.passes:
         rewritten = _apply(_capture(model), args.passes).graph_module
         rewritten.info = getattr(model, "info", None)  # context length etc. for the evaluation
         model = rewritten
-    text = text_path.read_text(encoding="utf-8")
+    text = _read_text(text_path)
     t0 = time.perf_counter()
     with _progress(args.json) as bar:
         task = bar.add_task("scoring", total=None)
@@ -199,19 +287,18 @@ def calibrate_cmd(args: argparse.Namespace) -> dict:
     if args.max_tokens < 16:
         msg = f"--max-tokens must be at least 16; got {args.max_tokens}."
         raise ValueError(msg)
-    text_path = Path(args.text)
-    if not text_path.is_file():
-        msg = f"Text file '{args.text}' does not exist."
-        raise FileNotFoundError(msg)
+    text_path = _check_input_file(args.text, "--text", "Text file")
+    out = _check_output(args.output or f"{Path(args.model).stem}.skip-calibration.json", "-o", folder=False)
+    if args.plot:
+        _check_output(args.plot, "--plot", folder=False)
     model, tok = _load(args.model)
-    text = text_path.read_text(encoding="utf-8")[: args.max_tokens * 32]  # enough characters
+    text = _read_text(text_path)[: args.max_tokens * 32]  # enough characters
     ids = tok.encode(text, bos=True, eos=False)[: args.max_tokens]
     if len(ids) < 16:
         msg = f"Text file '{args.text}' gives {len(ids)} tokens; calibration needs at least 16."
         raise ValueError(msg)
     t0 = time.perf_counter()
     cal = calibrate_similarity(_capture(model), torch.tensor([ids]), target_skip=t)
-    out = Path(args.output or f"{Path(args.model).stem}.skip-calibration.json")
     cal.save(out)
     result = {
         "model": args.model, "text": str(text_path), "tokens": len(ids), "output": str(out),
@@ -293,6 +380,10 @@ def export_cmd(args: argparse.Namespace) -> dict:
 
     err = Console(stderr=True)
     say = (lambda _msg: None) if args.json else (lambda msg: err.print(f"{msg} ...", highlight=False, soft_wrap=True))
+    _check_output(args.output, "-o", folder=True)
+    if args.kv_calib is not None:
+        _check_input_file(args.kv_calib, "--kv-calib", "Calibration text")
+    _check_passes(args.passes)
     t0 = time.perf_counter()
     bundle = export_model(
         args.model, args.output, passes=args.passes, verify=not args.no_verify, progress=say,
@@ -351,15 +442,18 @@ def generate_cmd(args: argparse.Namespace) -> dict:
         msg = f"--max-new-tokens must be at least 1; got {args.max_new_tokens}."
         raise ValueError(msg)
     sampling = _sampling(args)
+    _check_passes(args.passes)
     model, tok = _load(args.model)
     prompt = tok.encode(args.prompt, bos=True, eos=False)
     limit = getattr(getattr(model, "info", None), "max_seq_len", None)
     if limit is not None and len(prompt) > limit:
         msg = f"--prompt has {len(prompt)} tokens, more than the model's context of {limit}."
         raise ValueError(msg)
-    session = _session(args, model)
     stop = () if tok.eos_id is None else (tok.eos_id,)
-    new = generate(session, [prompt], max_new_tokens=args.max_new_tokens, stop_ids=stop, **sampling)[0]
+    # A tampered export folder fails inside ONNX Runtime (bad protobuf, unknown input names).
+    with reading(f"ONNX folder '{args.onnx}'") if args.onnx else contextlib.nullcontext():
+        session = _session(args, model)
+        new = generate(session, [prompt], max_new_tokens=args.max_new_tokens, stop_ids=stop, **sampling)[0]
     text = tok.decode(prompt + new)
     if not args.json:
         _OUT.print(text, highlight=False, markup=False, soft_wrap=True)

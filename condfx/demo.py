@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.markdown import Markdown
 from rich.table import Table
 
+from condfx.errors import reading
+
 DEMO_PASSES = "fuse-attention"
 _SEED = 0
 _EVAL_SEQS = 256
@@ -43,8 +45,10 @@ def _demo_model(retrain: bool, console: Console | None):
     cfg, path = tasks.DEMO_MQAR, cache_path()
     if path.is_file() and not retrain:
         model = tasks.build_mqar_model(cfg, seed=_SEED)
-        load_trained(model, path)
+        with reading(f"the cached demo model '{path}' (delete it or run 'condfx demo --retrain')"):
+            load_trained(model, path)
         return model.eval(), cfg, "cached"
+    _check_cache_dir(path.parent)
     if console is not None:
         console.print(
             f"training the demo model on associative recall ({tasks.DEMO_STEPS} steps; "
@@ -54,6 +58,15 @@ def _demo_model(retrain: bool, console: Console | None):
         cfg, tasks.DEMO_STEPS, seed=_SEED, save_to=path, progress=console is not None
     )
     return model.eval(), cfg, "trained"
+
+
+def _check_cache_dir(folder: Path) -> None:
+    """Refuses a cache folder that cannot hold the trained model, before the training starts."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        msg = (f"The demo's cache folder '{folder}' cannot be created: '{existing}' is a file "
+               "(set CONDFX_CACHE to a folder).")
+        raise ValueError(msg)
 
 
 def run_demo(*, retrain: bool = False, quiet: bool = False, console: Console | None = None) -> dict:

@@ -1,0 +1,102 @@
+"""Hostile CLI input: every case ends in one line on stderr naming the problem, exit 2, no traceback.
+
+The cases (``benchmarks/hostile_cli.py``, which also runs them all as subprocesses) build their files
+here at test time. They run in-process through ``condfx.cli.main``; two go through the real entry
+point. Output paths are refused before the model loads, and a failed run leaves an existing output
+as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import condfx
+from benchmarks.hostile_cli import CASES
+from condfx import errors
+from condfx.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _run(capsys, argv: list[str]) -> tuple[int, str, str]:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _assert_one_sentence(code: int, err: str, pattern: str) -> str:
+    lines = err.strip().splitlines()
+    assert code == 2 and "Traceback" not in err and len(lines) == 1, (code, err)
+    assert lines[0].startswith("error: ") and re.search(pattern, lines[0]), lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", sorted(n for n, c in CASES.items() if c.ci))
+def test_rejects_hostile_input_with_one_sentence(capsys, monkeypatch, tmp_path, name):
+    case = CASES[name]
+    monkeypatch.delenv(errors.DEBUG_VARIABLE, raising=False)
+    for key, value in case.env.items():
+        monkeypatch.setenv(key, value.format(root=tmp_path))
+    argv = case.build(tmp_path)
+    code, _, err = _run(capsys, argv)
+    _assert_one_sentence(code, err, case.pattern)
+
+
+def _cli(argv: list[str], **env: str) -> subprocess.CompletedProcess:
+    root = str(Path(condfx.__file__).resolve().parents[1])
+    full = {k: v for k, v in os.environ.items() if k != errors.DEBUG_VARIABLE}
+    full.update(PYTHONPATH=root, **env)
+    return subprocess.run(
+        [sys.executable, "-m", "condfx.cli", *argv], capture_output=True, text=True, env=full,
+        timeout=120,
+    )
+
+
+def test_rejects_hostile_spec_file_through_the_entry_point(tmp_path):
+    argv = CASES["spec-json-deep"].build(tmp_path)
+    run = _cli(argv)
+    line = _assert_one_sentence(run.returncode, run.stderr, r"p\.json.*nested too deeply")
+    assert "out" not in os.listdir(tmp_path), line  # refused before any output was made
+
+
+def test_debug_variable_gives_the_traceback(tmp_path):
+    run = _cli(CASES["spec-json-malformed"].build(tmp_path), CONDFX_DEBUG="1")
+    assert run.returncode == 1 and "Traceback" in run.stderr and "InputError" in run.stderr
+
+
+def test_help_documents_the_debug_variable(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "CONDFX_DEBUG=1" in capsys.readouterr().out.replace("\n", " ")
+
+
+def test_internal_error_is_one_line_with_exit_1(capsys, monkeypatch):
+    def broken(_args):
+        return {}["no such key"]
+
+    monkeypatch.delenv(errors.DEBUG_VARIABLE, raising=False)
+    monkeypatch.setattr(condfx.commands, "inspect_cmd", broken)
+    code, _, err = _run(capsys, ["inspect", "llama-tiny"])
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("internal error: missing key 'no such key'; set CONDFX_DEBUG=1")
+
+
+def test_failed_optimize_leaves_the_existing_output_as_it_was(capsys, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    code, _, _ = _run(capsys, ["optimize", "llama-tiny", "--passes", "fuse-attention", "-o", str(out)])
+    assert code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def failing_save(*_args, **_kwargs):
+        raise OSError(28, "No space left on device", str(out / "model.pt2"))
+
+    monkeypatch.setattr("torch.export.save", failing_save)
+    code, _, err = _run(capsys, ["optimize", "llama-tiny", "--passes", "fuse-attention", "-o", str(out)])
+    _assert_one_sentence(code, err, r"model\.pt2")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
