@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from condfx.errors import reading
+from condfx.errors import check_input_file, check_output, read_text, reading
 
 _OUT = Console()
 
@@ -44,64 +44,11 @@ def _check_passes(spec: str | None) -> None:
         return
     from condfx.passes.spec import build_passes
 
+    if os.path.isdir(spec):  # (os.path: a spec text too long for a file name is no error here)
+        msg = f"--passes '{spec}' is a folder; give a pass spec or a .json/.yaml spec file."
+        raise UserError(msg)
     with reading(f"pass spec '{spec}'"):
         build_passes(spec)
-
-
-def _check_output(path: str | os.PathLike, flag: str, *, folder: bool) -> Path:
-    """Refuses an output path that cannot be written, before any work starts.
-
-    Args:
-        path: the output file or folder.
-        flag: the option that named it, for the sentence (e.g. ``"-o"``).
-        folder: whether a folder (created with its parents) or a file (in an existing folder).
-
-    Returns:
-        ``path`` as a Path.
-
-    Raises:
-        UserError: a file where a folder belongs or the reverse, a missing or unwritable folder.
-    """
-    path = Path(path)
-    if folder and path.exists() and not path.is_dir():
-        msg = f"{flag} '{path}' is a file; {flag} names the folder to write into."
-        raise UserError(msg)
-    if not folder and path.is_dir():
-        msg = f"{flag} '{path}' is a folder; {flag} names the file to write."
-        raise UserError(msg)
-    parent = path if folder else path.parent
-    existing = next(p for p in (parent, *parent.parents) if p.exists())
-    if not existing.is_dir():
-        msg = f"{flag} '{path}' cannot be written: '{existing}' is a file, not a folder."
-        raise UserError(msg)
-    if not folder and existing != parent:
-        msg = f"{flag} '{path}' cannot be written: its folder '{parent}' does not exist."
-        raise UserError(msg)
-    if not os.access(existing, os.W_OK | os.X_OK):
-        msg = f"{flag} '{path}' cannot be written: folder '{existing}' is not writable."
-        raise UserError(msg)
-    return path
-
-
-def _check_input_file(path: str | os.PathLike, flag: str, what: str) -> Path:
-    """An existing file for ``flag`` (FileNotFoundError or UserError naming it otherwise)."""
-    path = Path(path)
-    if path.is_dir():
-        msg = f"{what} '{path}' ({flag}) is a folder; {flag} names a file."
-        raise UserError(msg)
-    if not path.is_file():
-        msg = f"{what} '{path}' does not exist."
-        raise FileNotFoundError(msg)
-    return path
-
-
-def _read_text(path: Path) -> str:
-    with reading(f"text file '{path}'"):
-        text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        msg = f"Text file '{path}' is empty; it must hold UTF-8 text to score or calibrate on."
-        raise ValueError(msg)
-    return text
 
 
 def _example_ids(model: torch.nn.Module, batch: int = 2, seq: int = 8) -> torch.Tensor:
@@ -189,7 +136,7 @@ def _print_regions(name: str, result: dict) -> None:
 
 # ---------------------------------------------------------------------------------------- optimize
 def optimize_cmd(args: argparse.Namespace) -> dict:
-    out = _check_output(args.output, "-o", folder=True)
+    out = check_output(args.output, "-o", folder=True)
     _check_passes(args.passes)
     model, _ = _load(args.model)
     gm = _capture(model)
@@ -234,13 +181,14 @@ def _write_outputs(result, ids: torch.Tensor, out: Path) -> list[str]:
 def eval_cmd(args: argparse.Namespace) -> dict:
     from condfx.eval import documents_to_ids, perplexity, perplexity_of_text
 
-    text_path = _check_input_file(args.text, "--text", "Text file")
+    text_path = check_input_file(args.text, "--text", "Text file")
     for flag, value, least in (("--max-tokens", args.max_tokens, 2), ("--context", args.context, 2),
                                ("--max-docs", args.max_docs, 1)):
         if value is not None and value < least:
             msg = f"{flag} must be at least {least}; got {value}."
             raise ValueError(msg)
     _check_passes(args.passes)
+    text = read_text(text_path)
     model, tok = _load(args.model)
     limit = getattr(getattr(model, "info", None), "max_seq_len", None)
     if args.context is not None and limit is not None and args.context > limit:
@@ -250,7 +198,6 @@ def eval_cmd(args: argparse.Namespace) -> dict:
         rewritten = _apply(_capture(model), args.passes).graph_module
         rewritten.info = getattr(model, "info", None)  # context length etc. for the evaluation
         model = rewritten
-    text = _read_text(text_path)
     t0 = time.perf_counter()
     with _progress(args.json) as bar:
         task = bar.add_task("scoring", total=None)
@@ -287,12 +234,12 @@ def calibrate_cmd(args: argparse.Namespace) -> dict:
     if args.max_tokens < 16:
         msg = f"--max-tokens must be at least 16; got {args.max_tokens}."
         raise ValueError(msg)
-    text_path = _check_input_file(args.text, "--text", "Text file")
-    out = _check_output(args.output or f"{Path(args.model).stem}.skip-calibration.json", "-o", folder=False)
+    text_path = check_input_file(args.text, "--text", "Text file")
+    out = check_output(args.output or f"{Path(args.model).stem}.skip-calibration.json", "-o", folder=False)
     if args.plot:
-        _check_output(args.plot, "--plot", folder=False)
+        check_output(args.plot, "--plot", folder=False)
+    text = read_text(text_path)[: args.max_tokens * 32]  # enough characters
     model, tok = _load(args.model)
-    text = _read_text(text_path)[: args.max_tokens * 32]  # enough characters
     ids = tok.encode(text, bos=True, eos=False)[: args.max_tokens]
     if len(ids) < 16:
         msg = f"Text file '{args.text}' gives {len(ids)} tokens; calibration needs at least 16."
@@ -380,9 +327,9 @@ def export_cmd(args: argparse.Namespace) -> dict:
 
     err = Console(stderr=True)
     say = (lambda _msg: None) if args.json else (lambda msg: err.print(f"{msg} ...", highlight=False, soft_wrap=True))
-    _check_output(args.output, "-o", folder=True)
+    check_output(args.output, "-o", folder=True)
     if args.kv_calib is not None:
-        _check_input_file(args.kv_calib, "--kv-calib", "Calibration text")
+        check_input_file(args.kv_calib, "--kv-calib", "Calibration text")
     _check_passes(args.passes)
     t0 = time.perf_counter()
     bundle = export_model(

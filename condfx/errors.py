@@ -7,15 +7,19 @@ rarely name the file. ``reading(what)`` wraps the code that reads one user file 
 error into an ``InputError`` naming ``what``; ``explain`` gives the CLI's line and exit status for
 anything that still escapes (exit 2 for bad input, 1 with "internal error" for a condfx bug).
 
-This module imports nothing from condfx, so every layer that reads user files may use it.
+``check_output``, ``check_input_file`` and ``read_text`` check the CLI's file arguments before any
+work starts, in the same sentences. This module imports nothing from condfx, so every layer that
+reads user files may use it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 DEBUG_VARIABLE = "CONDFX_DEBUG"
 _MAX_CHARS = 300
@@ -44,10 +48,17 @@ def _is_own(exc: BaseException) -> bool:
     return isinstance(exc, _USER_TYPES) and _raised_in_condfx(exc)
 
 
+def _shorten(line: str) -> str:
+    """At most _MAX_CHARS, cut in the middle: a sentence's subject and its reason both stay."""
+    if len(line) <= _MAX_CHARS:
+        return line
+    half = (_MAX_CHARS - 5) // 2
+    return f"{line[:half]} ... {line[-half:]}"
+
+
 def _first_line(text: str) -> str:
     lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
-    line = re.sub(r"\s+", " ", lines[0]) if lines else ""
-    return line if len(line) <= _MAX_CHARS else line[: _MAX_CHARS - 3] + "..."
+    return _shorten(re.sub(r"\s+", " ", lines[0])) if lines else ""
 
 
 def _os_reason(exc: OSError) -> str:
@@ -113,7 +124,7 @@ def reading(what: str) -> Iterator[None]:
     except Exception as exc:
         if _is_own(exc):
             raise
-        msg = f"Could not read {what}: {describe(exc)}."
+        msg = _shorten(f"Could not read {what}: {describe(exc)}.")
         raise InputError(msg) from exc
 
 
@@ -136,6 +147,68 @@ def explain(exc: BaseException) -> tuple[str, int]:
     if isinstance(exc, (*_USER_TYPES, RecursionError, MemoryError)) or (
         type(exc).__name__ == "OutOfMemoryError"
     ):
-        line = describe(exc)
+        line = _shorten(describe(exc))
         return line[:1].upper() + line[1:] + ("" if line.endswith((".", "?", "!")) else "."), 2
-    return f"{describe(exc)}; set {DEBUG_VARIABLE}=1 for the traceback.", 1
+    return f"{_shorten(describe(exc))}; set {DEBUG_VARIABLE}=1 for the traceback.", 1
+
+
+def check_output(path: str | os.PathLike, flag: str, *, folder: bool) -> Path:
+    """Refuses an output path that cannot be written, before any work starts.
+
+    Args:
+        path: the output file or folder.
+        flag: the option that named it, for the sentence (e.g. ``"-o"``).
+        folder: whether a folder (created later with its parents) or a file (in an existing folder).
+
+    Returns:
+        ``path`` as a Path.
+
+    Raises:
+        InputError: a file where a folder belongs or the reverse, a missing or unwritable folder.
+    """
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        msg = f"{flag} '{path}' is a file; {flag} names the folder to write into."
+        raise InputError(msg)
+    if not folder and path.is_dir():
+        msg = f"{flag} '{path}' is a folder; {flag} names the file to write."
+        raise InputError(msg)
+    parent = path if folder else path.parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        msg = f"{flag} '{path}' cannot be written: '{existing}' is a file, not a folder."
+        raise InputError(msg)
+    if not folder and existing != parent:
+        msg = f"{flag} '{path}' cannot be written: its folder '{parent}' does not exist."
+        raise InputError(msg)
+    if not os.access(existing, os.W_OK | os.X_OK):  # root passes; the write itself then fails
+        msg = f"{flag} '{path}' cannot be written: folder '{existing}' is not writable."
+        raise InputError(msg)
+    return path
+
+
+def check_input_file(path: str | os.PathLike, flag: str, what: str) -> Path:
+    """An existing file named by ``flag`` (``what`` begins the sentence, e.g. "Text file").
+
+    Raises:
+        InputError: the path is a folder.
+        FileNotFoundError: nothing is there.
+    """
+    path = Path(path)
+    if path.is_dir():
+        msg = f"{what} '{path}' ({flag}) is a folder; {flag} names a file."
+        raise InputError(msg)
+    if not path.is_file():
+        msg = f"{what} '{path}' does not exist."
+        raise FileNotFoundError(msg)
+    return path
+
+
+def read_text(path: Path) -> str:
+    """The UTF-8 text of a user's text file, which must not be empty (InputError otherwise)."""
+    with reading(f"text file '{path}'"):
+        text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        msg = f"Text file '{path}' is empty; it must hold UTF-8 text to score or calibrate on."
+        raise InputError(msg)
+    return text

@@ -64,7 +64,7 @@ def read_config_json(folder: Path) -> dict[str, Any]:
         raise LoadError(msg)
     try:
         raw = json.loads(text)
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, RecursionError) as err:  # RecursionError: nested too deeply
         msg = f"{path} is not valid JSON ({err})."
         raise LoadError(msg) from err
     if not isinstance(raw, dict):
@@ -129,7 +129,7 @@ def safetensors_files(folder: Path) -> list[Path]:
 def _shards_of_index(folder: Path, index: Path) -> list[Path]:
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8", errors="replace"))["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (json.JSONDecodeError, RecursionError, KeyError, TypeError) as err:
         msg = f"{index} is not a safetensors index (JSON with a weight_map object): {err}."
         raise LoadError(msg) from err
     if not isinstance(weight_map, dict):
@@ -169,7 +169,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
         blob = f.read(n)
     try:
         header = json.loads(blob.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         msg = f"{path} has a corrupt safetensors header (not JSON: {err})."
         raise LoadError(msg) from err
     if not isinstance(header, dict):

@@ -2,7 +2,7 @@
 
 Each case draws a model config (heads, KV heads, head width, layers, FFN width, vocabulary, RoPE
 base, norm epsilon, QK-norm, q/k/v biases, tied embeddings, SDPA or eager; a GPT-2 now and then)
-and a pipeline of 1 to 3 passes from the registry (``PASSES``) with small options, sometimes ending
+(and, under ``-m slow``, a few transformers classes) and a pipeline of 1 to 3 passes from the registry (``PASSES``) with small options, sometimes ending
 in ``add-kv-cache``. It asserts that
 
 - a pipeline either runs or fails with a ``ValueError`` / ``PassError`` whose first line names one
@@ -32,8 +32,11 @@ from condfx.passes.registry import PASSES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CI_CONFIGS, PIPELINES_PER_CONFIG = 8, 3
-SLOW_CONFIGS = 40
+CI_CONFIGS, SLOW_CONFIGS, PIPELINES_PER_CONFIG = 6, 40, 4
+# Slow only: transformers classes at conformance sizes (benchmarks/conformance.py build_small);
+# config indices from _HF_BASE on name them.
+HF_TYPES = ("qwen2", "gemma", "phi3", "olmo2", "mistral")
+_HF_BASE = 100
 EXACT_TOL = 1e-4
 _IHA_EXACT = "interleave-heads{causal=token,positions=token,init_noise=0}"
 # Small options per pass (windows shorter than the test sequences, so the lossy passes act).
@@ -60,20 +63,21 @@ _SEQ = 12
 class Case:
     """One sweep case: a config index (the model) and a pipeline drawn for it."""
 
-    config: int
+    config: int  # the seed of the model config; configs from CI_CONFIGS on are the slow ones
     pipeline: str
     exact: bool
 
     def __str__(self) -> str:
-        return f"cfg{self.config}-{self.pipeline}"
+        hf = self.config >= _HF_BASE
+        return f"{HF_TYPES[self.config - _HF_BASE] if hf else f'cfg{self.config}'}-{self.pipeline}"
 
 
-def _model_config(index: int) -> LlamaConfig | GPT2Config:
+def _model_config(index: int, slow: bool) -> LlamaConfig | GPT2Config:
     rng = random.Random(1000 + index)
     heads = rng.choice([1, 2, 4, 8])
     head_dim = rng.choice([8, 16])
     common = dict(
-        vocab_size=rng.choice([32, 64, 96]), dim=heads * head_dim, n_layers=rng.choice([1, 2, 3]),
+        vocab_size=rng.choice([32, 64, 96]), dim=heads * head_dim, n_layers=rng.choice([1, 2, 3] if slow else [1, 2]),
         n_heads=heads, hidden_dim=rng.choice([16, 40, 96]), norm_eps=rng.choice([1e-6, 1e-5, 1e-3]),
         attn_impl=rng.choice(["sdpa", "eager"]),
     )
@@ -86,33 +90,49 @@ def _model_config(index: int) -> LlamaConfig | GPT2Config:
     )
 
 
-def _pipelines(index: int, n: int) -> list[Case]:
+def _pipelines(index: int, n: int, slow: bool) -> list[Case]:
+    """``n`` distinct pipelines for config ``index`` (40% drawn from the exact specs only)."""
     rng = random.Random(2000 + index)
-    cases = []
-    for _ in range(n):
+    cases: dict[str, Case] = {}
+    for _ in range(20 * n):
         exact = rng.random() < 0.4
         pool = [s for name in sorted(VARIANTS) for s in VARIANTS[name] if not exact or s in EXACT]
         specs = rng.sample(pool, min(len(pool), rng.choice([1, 1, 2, 3])))
-        if rng.random() < 0.25:
+        if slow and rng.random() < 0.25:  # add-kv-cache re-exports the graph: seconds a case
             specs.append("add-kv-cache")
-        cases.append(Case(index, ",".join(specs), all(s in EXACT for s in specs)))
-    return cases
+        pipeline = ",".join(specs)
+        cases.setdefault(pipeline, Case(index, pipeline, all(s in EXACT for s in specs)))
+        if len(cases) == n:
+            break
+    return list(cases.values())
 
 
-def _cases(configs: range) -> list[Case]:
-    return [case for i in configs for case in _pipelines(i, PIPELINES_PER_CONFIG)]
+def _cases(configs: range, slow: bool) -> list[Case]:
+    return [case for i in configs for case in _pipelines(i, PIPELINES_PER_CONFIG, slow)]
 
 
-CI_CASES = _cases(range(CI_CONFIGS))
-SLOW_CASES = _cases(range(CI_CONFIGS, CI_CONFIGS + SLOW_CONFIGS))
+CI_CASES = _cases(range(CI_CONFIGS), slow=False)
+SLOW_CASES = _cases(range(CI_CONFIGS, CI_CONFIGS + SLOW_CONFIGS), slow=True) + _cases(
+    range(_HF_BASE, _HF_BASE + len(HF_TYPES)), slow=True
+)
+
+
+def _build(index: int) -> tuple[torch.nn.Module, int]:
+    """The model of config ``index`` (eval mode, seeded) and its vocabulary size."""
+    if index >= _HF_BASE:
+        from benchmarks.conformance import SMALL, build_small
+
+        return build_small(HF_TYPES[index - _HF_BASE], "sdpa", seed=index), SMALL["vocab_size"]
+    cfg = _model_config(index, slow=index >= CI_CONFIGS)
+    model = (GPT2Model if isinstance(cfg, GPT2Config) else LlamaModel)(cfg, seed=index)
+    return model.eval(), cfg.vocab_size
 
 
 @functools.lru_cache(maxsize=2)
 def _captured(index: int):
     """(model, its captured graph, example ids, reference logits) of config ``index``."""
-    cfg = _model_config(index)
-    model = (GPT2Model if isinstance(cfg, GPT2Config) else LlamaModel)(cfg, seed=index).eval()
-    ids = torch.randint(0, cfg.vocab_size, (2, _SEQ), generator=torch.Generator().manual_seed(index))
+    model, vocab = _build(index)
+    ids = torch.randint(0, vocab, (2, _SEQ), generator=torch.Generator().manual_seed(index))
     gm = condfx.capture(model, (ids,))
     with torch.no_grad():
         reference = model(ids)
