@@ -189,7 +189,7 @@ CASES: MappingProxyType = MappingProxyType({
     ),
     "eval-context-zero": Case(_eval("--context", "0"), r"--context"),
     "eval-context-negative": Case(_eval("--context", "-5"), r"--context"),
-    "eval-context-huge": Case(_eval("--context", "100000"), r"--context", ci=False),
+    "eval-context-huge": Case(_eval("--context", "100000"), r"--context must be at most"),
     "eval-max-docs-zero": Case(
         lambda r: ["eval", MODEL, "--text", _text(r), "--max-docs", "0"], r"--max-docs"
     ),
@@ -224,11 +224,11 @@ CASES: MappingProxyType = MappingProxyType({
     ),
     # sampling and numbers
     "generate-temperature-nan": Case(_generate("--temperature", "nan"), r"temperature"),
-    "generate-temperature-inf": Case(_generate("--temperature", "inf"), r"temperature", ci=False),
+    "generate-temperature-inf": Case(_generate("--temperature", "inf"), r"temperature"),
     "generate-temperature-negative": Case(_generate("--temperature", "-1"), r"temperature"),
     "generate-top-p-nan": Case(_generate("--top-p", "nan"), r"top.p"),
     "generate-top-k-negative": Case(_generate("--top-k", "-1"), r"top.k"),
-    "generate-seed-huge": Case(_generate("--temperature", "1", "--seed", str(2**64)), r"seed", ci=False),
+    "generate-seed-huge": Case(_generate("--temperature", "1", "--seed", str(2**64)), r"--seed"),
     "generate-max-new-tokens-word": Case(_generate("--max-new-tokens", "lots"), r"max-new-tokens"),
     # ONNX folders
     "onnx-folder-missing": Case(lambda r: _generate("--onnx", str(r / "nope"))(r), r"nope"),

@@ -41,6 +41,18 @@ def _finite(text: str) -> float:
     return value
 
 
+def _seed(text: str) -> int:
+    """argparse type of --seed: an int a torch.Generator takes, 0 <= seed < 2**63."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**63:
+        msg = f"must be an integer from 0 to 2**63 - 1; got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "model",
@@ -128,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=_finite, default=None, help="sample at this temperature (0 = greedy)")
     p.add_argument("--top-k", type=int, default=None, help="sample from the K most likely tokens")
     p.add_argument("--top-p", type=_finite, default=None, help="nucleus sampling mass in (0, 1]")
-    p.add_argument("--seed", type=int, default=None, help="seed of the sampler (default 0)")
+    p.add_argument("--seed", type=_seed, default=None, help="seed of the sampler (default 0)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=commands.generate_cmd)
 

@@ -103,3 +103,57 @@ def test_failed_optimize_leaves_the_existing_output_as_it_was(capsys, tmp_path, 
     code, _, err = _run(capsys, ["optimize", "llama-tiny", "--passes", "fuse-attention", "-o", str(out)])
     _assert_one_sentence(code, err, r"model\.pt2")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def _safetensors_garbage(path: Path) -> None:
+    from safetensors.torch import load_file
+
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage}")
+    load_file(path)
+
+
+def _onnx_garbage(path: Path) -> None:
+    import onnxruntime as ort
+
+    path.write_bytes(b"\x08\x07garbage" * 10)
+    ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _yaml_garbage(path: Path) -> None:
+    import yaml
+
+    yaml.safe_load("- a: {b: [1,\n")
+
+
+@pytest.mark.parametrize(
+    ("library", "pattern"),
+    [
+        (_safetensors_garbage, r"^Could not read f\.bin: [^\n]+\.$"),
+        (_onnx_garbage, r"^Could not read f\.bin: [^\n]*(protobuf|Protobuf)[^\n]*\.$"),
+        (_yaml_garbage, r"^Could not read f\.bin: not valid YAML \(.* at line 2, column 1\)\.$"),
+        (lambda p: p.with_name("nope").read_text(), r"^Could not read f\.bin: '.*nope' does not exist\.$"),
+        (lambda p: p.parent.read_text(), r"^Could not read f\.bin: '.*' is a folder, not a file\.$"),
+    ],
+)
+def test_reading_turns_library_errors_into_one_sentence(tmp_path, library, pattern):
+    with pytest.raises(errors.InputError) as info:
+        with errors.reading("f.bin"):
+            library(tmp_path / "f.bin")
+    assert re.search(pattern, str(info.value)), str(info.value)
+    assert errors.explain(info.value) == (str(info.value), 2)
+
+
+@pytest.mark.parametrize(
+    ("exc", "line", "status"),
+    [
+        (ZeroDivisionError("division by zero"), "ZeroDivisionError: division by zero; set CONDFX_DEBUG=1", 1),
+        (AttributeError("'list' object has no attribute 'get'"), "AttributeError: 'list'", 1),
+        (MemoryError(), "Out of memory (ask for smaller sizes", 2),
+        (RecursionError("maximum recursion depth exceeded"), "Nested too deeply to read", 2),
+        (KeyboardInterrupt(), "interrupted.", 130),
+        (ValueError("a library's\nmulti-line\nmessage"), "A library's.", 2),
+    ],
+)
+def test_explain_gives_one_line_and_the_status(exc, line, status):
+    got, code = errors.explain(exc)
+    assert code == status and got.startswith(line) and "\n" not in got, got
