@@ -188,8 +188,8 @@ def eval_cmd(args: argparse.Namespace) -> dict:
             msg = f"{flag} must be at least {least}; got {value}."
             raise ValueError(msg)
     _check_passes(args.passes)
-    text = read_text(text_path)
     model, tok = _load(args.model)
+    text = read_text(text_path)
     limit = getattr(getattr(model, "info", None), "max_seq_len", None)
     if args.context is not None and limit is not None and args.context > limit:
         msg = f"--context must be at most the model's context of {limit} tokens; got {args.context}."
@@ -238,8 +238,8 @@ def calibrate_cmd(args: argparse.Namespace) -> dict:
     out = check_output(args.output or f"{Path(args.model).stem}.skip-calibration.json", "-o", folder=False)
     if args.plot:
         check_output(args.plot, "--plot", folder=False)
-    text = read_text(text_path)[: args.max_tokens * 32]  # enough characters
     model, tok = _load(args.model)
+    text = read_text(text_path)[: args.max_tokens * 32]  # enough characters
     ids = tok.encode(text, bos=True, eos=False)[: args.max_tokens]
     if len(ids) < 16:
         msg = f"Text file '{args.text}' gives {len(ids)} tokens; calibration needs at least 16."
