@@ -119,8 +119,9 @@ def _quantize(f: Body, x: str, group1: str, levels: str, per_channel: bool):
 
 
 def _split_step(f: Body, fp: str, new: str, a: dict) -> tuple[str, str, str]:
-    """(head, rest, big): the stream's full-precision tokens plus the step's, split at the sink."""
-    allf = f("Concat", fp, f("Cast", new, to=TensorProto.FLOAT), axis=-2)
+    """(head, rest, big): the stream's full-precision tokens plus the step's (as float32, whatever the
+    model's dtype), split at the sink."""
+    allf = f("Concat", f("Cast", fp, to=TensorProto.FLOAT), f("Cast", new, to=TensorProto.FLOAT), axis=-2)
     big = f.ints(1 << 62)
     return f.slice(allf, f.ints(0), a["sink1"], -2), f.slice(allf, a["sink1"], big, -2), big
 
@@ -156,7 +157,7 @@ def stream(f: Body, parts: list[str], new: str, a: dict, per_channel: bool) -> t
         f("Concat", codes, packed, axis=-2),
         f("Concat", scale, f.slice(q_scale, f.ints(0), rows, -2), axis=-2),
         f("Concat", zero, f.slice(q_zero, f.ints(0), rows, -2), axis=-2),
-        f("Concat", head, f.slice(rest, move, big, -2), axis=-2),
+        f("CastLike", f("Concat", head, f.slice(rest, move, big, -2), axis=-2), fp),
     ]
     return f("Concat", head, deq, rest, axis=-2), f("Concat", head, deq, rest_hat, axis=-2), updated
 
@@ -180,7 +181,7 @@ def dropped_stream(f: Body, parts: list[str], new: str, a: dict, per_channel: bo
     rows = f("Div", nq, a["group1"]) if per_channel else nq
     updated = [zeros(nq, none, TensorProto.UINT8), zeros(rows, none, TensorProto.FLOAT16),
                zeros(rows, none, TensorProto.FLOAT16),
-               f("Concat", head, f.slice(rest, f("Sub", nq, f.dim(codes, -2)), big, -2), axis=-2)]
+               f("CastLike", f("Concat", head, f.slice(rest, f("Sub", nq, f.dim(codes, -2)), big, -2), axis=-2), fp)]
     return f("Concat", head, deq, rest, axis=-2), f("Concat", head, deq, rest_hat, axis=-2), updated
 
 
@@ -202,7 +203,7 @@ def half_stream(f: Body, parts: list[str], new: str, a: dict, per_channel: bool)
               value=helper.make_tensor("", TensorProto.FLOAT16, [1], [0]))
     packed = _half(f, f.slice(rest, f.ints(0), move, -2))
     updated = [f("Concat", codes, packed, axis=-2), stats, f("Identity", stats),
-               f("Concat", head, f.slice(rest, move, big, -2), axis=-2)]
+               f("CastLike", f("Concat", head, f.slice(rest, move, big, -2), axis=-2), fp)]
     return f("Concat", head, deq, rest, axis=-2), f("Concat", head, deq, rest_hat, axis=-2), updated
 
 
