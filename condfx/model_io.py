@@ -1,4 +1,5 @@
-"""How condfx calls a user's model: logits from any output convention, its device, eval mode.
+"""How condfx calls a user's model: logits from any output convention, its device, eval mode,
+and the hash of its weights (``weights_sha256``: the identity of bundles and state files).
 
 A leaf module (torch only): ``condfx.train``, ``condfx.verify`` and ``condfx.eval`` all call models
 through it, so none of them has to import another for these four helpers (``condfx.eval.tasks``
@@ -8,12 +9,13 @@ trains through ``condfx.train``, so ``condfx.train`` importing ``condfx.eval`` w
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import hashlib
+from collections.abc import Collection, Iterator
 
 import torch
 from torch import nn
 
-__all__ = ["eval_mode", "logits_of", "model_device", "model_logits"]
+__all__ = ["eval_mode", "logits_of", "model_device", "model_logits", "weights_sha256"]
 
 
 def model_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -72,3 +74,22 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         if was_training:
             model.train()
+
+
+def weights_sha256(model: nn.Module, exclude: Collection[str] = ()) -> str:
+    """Hex SHA256 over a module's state_dict (names and raw bytes, in key order).
+
+    The identity of what a bundle or a state file was made for: the ONNX bundle's manifest, the
+    skip-ffn forecast state, trained-parameter files and calibrations all store it.
+
+    Args:
+        model: any module (a captured GraphModule included).
+        exclude: state_dict names left out (e.g. the trained parameters a state file carries).
+    """
+    digest = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if name in exclude:
+            continue
+        digest.update(name.encode())
+        digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
