@@ -350,12 +350,9 @@ def train_l2a(
 
 
 def save_l2a_state(gm: fx.GraphModule, path: str | Path, names: Iterable[str] | None = None) -> Path:
-    """Writes ``gm``'s trained L2A parameters (default: ``l2a_trainable``) to a safetensors file."""
-    from safetensors.torch import save_file
+    """Writes ``gm``'s trained L2A parameters (default: ``l2a_trainable``) to a safetensors file,
+    with the identity of the other weights (``condfx.train.save_trained``; checked on load)."""
+    from condfx.train import save_trained
 
-    params = dict(gm.named_parameters())
     names = sorted(names) if names is not None else sorted(l2a_trainable(gm))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({n: params[n].detach().cpu().contiguous() for n in names}, str(path))
-    return path
+    return save_trained(gm, names, path)

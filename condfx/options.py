@@ -47,7 +47,7 @@ def _refuse(name: str, allowed: str, value: Any) -> ValueError:
 
 @dataclass(frozen=True)
 class Int:
-    """An int in [low, high]."""
+    """An int in [low, high]; a refusal names the bound the value broke (``an int >= 1`` for 0)."""
 
     low: int = 0
     high: int = BIG_INT
@@ -56,9 +56,9 @@ class Int:
         """Returns ``value``, or raises ValueError naming ``name``."""
         if _is_int(value) and self.low <= value <= self.high:
             return value
-        if self.high == BIG_INT and not (_is_int(value) and value > self.high):
-            raise _refuse(name, f"an int >= {self.low}", value)  # the practical limit goes unsaid
-        raise _refuse(name, f"an int in [{self.low}, {self.high}]", value)
+        if _is_int(value) and value > self.high:
+            raise _refuse(name, f"an int in [{self.low}, {self.high}]", value)
+        raise _refuse(name, f"an int >= {self.low}", value)  # below the range, or not an int
 
 
 SEED = Int(0, 2**63 - 1)
