@@ -11,12 +11,14 @@ import re
 
 import pytest
 
+import condfx
 from condfx.cli import main
 from condfx.options import Float, Int, Optional, check_allocation
 from condfx.passes.base import PassError
 from condfx.passes.spec import build_passes
 from condfx.runtime.sampling import SamplingConfig
 from tests._data import require_data
+from tests.hostile._stories import stories_graph
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -79,22 +81,9 @@ def test_rejects_allocation_above_the_bound():
         check_allocation("opt=9", 2**31, limit=2**30)
 
 
-@pytest.fixture(scope="module")
-def stories_gm():
-    import condfx
-    from condfx.models_zoo import load
-
-    model, _ = load(str(require_data("stories260K.bin")))
-    import torch
-
-    return condfx.capture(model, (torch.zeros(1, 8, dtype=torch.long),))
-
-
-def test_rejects_forecast_rank_above_the_model_width(stories_gm):
-    import condfx
-
+def test_rejects_forecast_rank_above_the_model_width():
     with pytest.raises(PassError, match=r"skip-ffn rank=100 exceeds the model width 64"):
-        condfx.apply(stories_gm, "skip-ffn{policy=forecast,rank=100}")
+        condfx.apply(stories_graph(), "skip-ffn{policy=forecast,rank=100}")
 
 
 # Through the CLI: exit 2, one line on stderr -----------------------------------------------------
