@@ -69,7 +69,10 @@ SEED = Int(0, 2**63 - 1)
 class Float:
     """A finite float between ``low`` and ``high``, each end included unless marked open.
 
-    ``noun`` starts the allowed-values text ("a number in [0, 1]"); "" gives "in [0, 1]".
+    A refusal names the bound the value broke: a finite value below the range gets ``a number >= 0``
+    (``> 0`` for an open end), anything else (above, NaN, infinite, not a number) the whole range
+    ``a number in [0, 1000]``; ``full_range`` names the whole range always. ``noun`` starts the
+    text ("a number"; "" gives "in (0, 1]").
     """
 
     low: float
@@ -77,9 +80,13 @@ class Float:
     low_open: bool = False
     high_open: bool = False
     noun: str = "a number"
+    full_range: bool = False
 
-    def describe(self) -> str:
-        """``a number in (0, 1]``-style text (NaN and infinities are never in it)."""
+    def describe(self, value: Any = None) -> str:
+        """What is allowed, phrased for ``value`` (see the class docstring)."""
+        finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if finite and not self.full_range and (value <= self.low if self.low_open else value < self.low):
+            return f"{self.noun} {'>' if self.low_open else '>='} {self.low:g}".lstrip()
         left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
         return f"{self.noun} in {left}{self.low:g}, {self.high:g}{right}".lstrip()
 
@@ -91,7 +98,7 @@ class Float:
             below = value < self.high if self.high_open else value <= self.high
             ok = above and below
         if not ok:
-            raise _refuse(name, self.describe(), value)
+            raise _refuse(name, self.describe(value), value)
         return float(value)
 
 

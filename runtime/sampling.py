@@ -23,7 +23,7 @@ _BOUNDS = MappingProxyType({
     "greedy": Bool(),
     "temperature": Float(0.0, MAX_TEMPERATURE),
     "top_k": Int(0, BIG_INT),
-    "top_p": Float(0.0, 1.0, low_open=True, noun=""),
+    "top_p": Float(0.0, 1.0, low_open=True, noun="", full_range=True),
 })
 
 

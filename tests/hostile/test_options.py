@@ -55,7 +55,7 @@ def test_rejects_pass_option_at_construction(spec, pattern):
     [
         ({"temperature": float("nan")}, r"sampling option temperature must be a number in \[0, 1000\]; got nan\."),
         ({"temperature": float("inf")}, r"temperature must be a number in \[0, 1000\]; got inf\."),
-        ({"temperature": -1.0}, r"temperature must be a number in \[0, 1000\]; got -1\.0\."),
+        ({"temperature": -1.0}, r"temperature must be a number >= 0; got -1\.0\."),
         ({"top_p": float("nan")}, r"top_p must be in \(0, 1\]; got nan\."),
         ({"top_k": 2**40}, r"top_k must be an int in \[0, 2147483647\]"),
         ({"greedy": 1}, r"greedy must be a bool"),
