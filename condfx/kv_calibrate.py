@@ -20,6 +20,7 @@ and spends the stream's bits where the variance is (``allocate_bits``). Those ma
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 import torch
@@ -98,9 +99,18 @@ def record_kv_stats(gm: fx.GraphModule, batches: Iterable[torch.Tensor], skip: i
 
 
 def text_batches(path, tokenizer, tokens: int = 4096, length: int = 512) -> list[torch.Tensor]:
-    """Calibration batches from a text file: its first ``tokens`` tokens as (1, ``length``) id tensors."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read(tokens * 16)
+    """Calibration batches from a text file: its first ``tokens`` tokens as (1, ``length``) id tensors.
+
+    Raises:
+        ValueError: one sentence: the path is not a readable UTF-8 text file, or too short.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(tokens * 16)
+    except (OSError, UnicodeDecodeError) as exc:
+        why = "a folder" if os.path.isdir(path) else type(exc).__name__
+        msg = f"calibration text {str(path)!r} is not a readable UTF-8 text file ({why})."
+        raise ValueError(msg) from None
     ids = tokenizer.encode(text, bos=True, eos=False)[:tokens]
     if len(ids) < length:
         msg = f"calibration text {path} gives {len(ids)} tokens; at least {length} are needed."

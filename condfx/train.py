@@ -88,10 +88,10 @@ def _check_args(steps: int, lr: float, batch_size: int, warmup: int, schedule) -
     if not isinstance(steps, int) or steps <= 0:
         msg = f"steps must be a positive int; got {steps!r}"
         raise ValueError(msg)
-    if not lr > 0:
-        msg = f"lr must be > 0; got {lr!r}"
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        msg = f"lr must be a finite number > 0; got {lr!r}"
         raise ValueError(msg)
-    if batch_size <= 0:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         msg = f"batch_size must be a positive int; got {batch_size!r}"
         raise ValueError(msg)
     if not 0 <= warmup < steps:
