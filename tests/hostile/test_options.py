@@ -128,3 +128,21 @@ def test_cli_rejects_nan_option_in_optimize(capsys, tmp_path):
     )
     assert "init_noise must be a number in [0, 10]; got nan." in line
     assert not (tmp_path / "model.pt2").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "pattern"),
+    [
+        ("deep.json", "[" * 5000, r"deep\.json is nested too deeply to be a pipeline\.$"),
+        ("deep.yaml", "[" * 1500, r"deep\.yaml (is nested too deeply to be a pipeline|is not valid YAML)"),
+        ("bad.yaml", "a: [1,\n b: {", r"bad\.yaml is not valid YAML \(while parsing"),
+        ("bad.json", '{"fuse-attention": ', r"bad\.json is not valid JSON \("),
+        ("binary.json", b"\xff\xfe\x00", r"binary\.json is not valid JSON \("),
+    ],
+)
+def test_rejects_malformed_spec_files(tmp_path, name, text, pattern):
+    path = tmp_path / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ValueError) as info:
+        build_passes(str(path))
+    assert "\n" not in str(info.value) and re.search(pattern, str(info.value)), info.value
