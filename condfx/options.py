@@ -109,7 +109,7 @@ class Bool:
     def check(self, name: str, value: Any) -> bool:
         """Returns ``value``, or raises ValueError naming ``name``."""
         if not isinstance(value, bool):
-            raise _refuse(name, "a bool (true/false)", value)
+            raise _refuse(name, "a bool", value)
         return value
 
 
