@@ -12,16 +12,17 @@ Verification acts: ``VerifyResult.raise_if_failed`` and ``check_export_diffs`` r
 tolerance. The tolerances and why:
 
 - exact pipelines (``condfx optimize`` with exact passes only, ``apply(verify_inputs=...)`` while
-  only exact passes ran): ``EXACT_TOLERANCES`` (float32: 1e-5 + 1e-5 * max|logit|), the bound the
-  exactness tests use; measured differences are 1e-6 or less.
+  only exact passes ran): ``EXACT_TOLERANCES`` (float32: 1e-5 + 1e-5 * max|logit|, 1.6e-4 on
+  stories260K), the bound the exactness tests use; fuse-attention on stories260K measures 0.0.
 - lossy pipelines: ``apply(verify_inputs=...)`` keeps its SQNR floor (``DEFAULT_SQNR_FLOOR_DB``: the
   caller asked for a check); ``condfx optimize`` measures without a tolerance, because an untrained
   rewrite (interleave-heads, route-attention before training) is legitimately far from the
   original, and refuses only outputs that are not finite.
 - ``condfx export``: ONNX Runtime against PyTorch on the same rewritten graph, which must agree
-  whatever the passes: ``EXPORT_TOLERANCES`` (float32 1e-3 max abs over logits and caches; the
-  measured figures are about 1e-5 for float caches and below 1e-3 for quantized ones, whose
-  rounding can land on the other side of a step).
+  whatever the passes: ``EXPORT_TOLERANCES`` (float32 1e-3 max abs over logits and caches, the
+  bound the quantized-export tests use; stories260K measures 7.6e-6 with fuse-attention and 9.5e-6
+  with KIVI 4-bit, so a lowering bug, a NaN or a swapped cache is far above it while larger models'
+  longer float32 reductions keep a 100x margin).
 """
 
 from __future__ import annotations
