@@ -62,9 +62,24 @@ class SkipFFNConfig:
         if self.state is not None and not isinstance(self.state, str):
             msg = f"SkipFFNConfig.state must be a safetensors file path or None; got {self.state!r}."
             raise ValueError(msg)
+        self._refuse_other_policy_options()
         if self.state is not None and self.policy is not SkipPolicy.FORECAST:
             msg = (
                 f"SkipFFNConfig.state is read by policy=forecast only (trained routers); got "
                 f"policy={self.policy.value} with state={self.state!r}: drop state, or use policy=forecast."
             )
             raise ValueError(msg)
+
+    def _refuse_other_policy_options(self) -> None:
+        """Refuses an option the chosen policy never reads (it would be ignored without a word).
+
+        Only values other than the default are seen: a dataclass cannot tell a default from the
+        same value written out.
+        """
+        unread = {SkipPolicy.SIMILARITY: ("rank", "router_hidden"), SkipPolicy.FORECAST: ("threshold", "span")}
+        defaults = SkipFFNConfig.__dataclass_fields__
+        for name in unread[self.policy]:
+            if getattr(self, name) != defaults[name].default:
+                msg = (f"SkipFFNConfig.{name} is not read by policy={self.policy.value}; got "
+                       f"{name}={getattr(self, name)!r}: drop it, or choose the other policy.")
+                raise ValueError(msg)

@@ -35,6 +35,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
         ("skip-ffn{threshold=nan}", r"SkipFFNConfig\.threshold must be a number in \(0, 1\]; got nan\."),
         ("skip-ffn{warmup=99999999999}", r"SkipFFNConfig\.warmup must be an int in \[0, 2147483647\]"),
         ("skip-ffn{state=s.safetensors}", r"state is read by policy=forecast only.*got policy=similarity"),
+        ("skip-ffn{rank=8}", r"SkipFFNConfig\.rank is not read by policy=similarity; got rank=8"),
+        ("skip-ffn{policy=forecast,span=2}", r"SkipFFNConfig\.span is not read by policy=forecast; got span=2"),
         ("route-attention{temperature=inf}", r"RouteAttentionConfig\.temperature must be a number in \(0, 1000\]; got inf\."),
         ("route-attention{temperature=nan}", r"temperature must be a number in \(0, 1000\]; got nan\."),
         ("prune-global{max_fraction=nan}", r"PruneGlobalConfig\.max_fraction must be a number in \[0, 1\]; got nan\."),
