@@ -287,7 +287,7 @@ def save_trained(model: nn.Module, names: Sequence[str], path: str | Path) -> Pa
     """Writes the parameters ``names`` of ``model`` to safetensors, with what they were trained on.
 
     The metadata holds the tensor list and the identity of the weights that were *not* saved
-    (``passes.model_identity.weights_identity``: their SHA256), which ``load_trained`` checks.
+    (``condfx.model_io.weights_identity``: their SHA256), which ``load_trained`` checks.
 
     Returns:
         The path written.
@@ -296,7 +296,7 @@ def save_trained(model: nn.Module, names: Sequence[str], path: str | Path) -> Pa
 
     from safetensors.torch import save_file
 
-    from condfx.passes.model_identity import weights_identity
+    from condfx.model_io import weights_identity
 
     params = dict(model.named_parameters())
     names = sorted(names)
@@ -324,7 +324,7 @@ def load_trained(model: nn.Module, path: str | Path) -> list[str]:
             a parameter the model lacks, a shape differs, or the model's other weights are not
             the ones it was trained with (or it predates the weights hash: retrain).
     """
-    from condfx.passes.model_identity import check_identity, read_state_file, weights_identity
+    from condfx.model_io import check_identity, read_state_file, weights_identity
 
     path = Path(path)
     if not path.is_file():
