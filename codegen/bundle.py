@@ -22,7 +22,6 @@ PyTorch on a prefill and on a decode step after it.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -36,6 +35,7 @@ from torch import fx, nn
 
 from condfx.codegen.onnx_export import ExportError, ExportResult, export_onnx
 from condfx.data import file_sha256
+from condfx.model_io import weights_sha256
 from condfx.version import __version__
 
 MANIFEST_NAME = "condfx_manifest.json"
@@ -86,16 +86,6 @@ def io_names(layers: Sequence[Any]) -> tuple[list[str], list[str]]:
     past = [f"past_{n}" for s in layers for n in s.io_names()]
     present = [f"present_{n}" for s in layers for n in s.io_names()]
     return ["input_ids", *past], ["logits", *present]
-
-
-def weights_sha256(model: nn.Module) -> str:
-    """Hex SHA256 over a module's state_dict (names and raw bytes, in key order)."""
-
-    digest = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
 
 
 def model_identity(model: nn.Module, spec: str | None = None) -> dict[str, Any]:
