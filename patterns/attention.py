@@ -10,8 +10,13 @@ K/V head repetition is walked back (HF repeat_kv: unsqueeze + expand + reshape; 
 so ``k`` and ``v`` are (B, Hkv, S, D). Outwards: RoPE (``rope.py``: half-split or interleaved, full or
 partial), QK-norm on (B, T, H, D) or (B, H, T, D), q/k/v projections (fused ones through split or
 slice; a constant factor after the projection, as OPT scales q), x_in, o_proj.
-Eager scores whose form is known but not fused fail with a reason that names it: softcapping,
-attention sinks, ALiBi (baddbmm or a bias table), a multiplied mask.
+Score options (the fused op's ``softcap``, ``alibi_slopes``, ``sinks``): logit softcapping
+``c * tanh(s / c)`` before the mask (Gemma2); additive position biases, evaluated with the masks
+(``attention_bias.py``) into per-head ALiBi slopes (Bloom's ``baddbmm``, MPT's bias table, Falcon's bias
+in the mask); learned sink logits concatenated to the scores and sliced off the probabilities (GPT-OSS).
+Eager scores whose form is known but not expressible fail with a reason that names it: a softcap with
+a factor or bias outside/inside it, sinks outside the shape above, a bias not linear in the key
+position, a multiplied mask.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from torch import fx
 
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
 from condfx.patterns import _graph as g
-from condfx.patterns.mask import MaskAnalyzer, MaskInfo, MaskKind
+from condfx.patterns.attention_bias import ALIBI, BiasTerm, score_bias  # noqa: F401  (ALIBI: a reason of this finder)
+from condfx.patterns.mask import NOT_PURE, MaskAnalyzer, MaskInfo, MaskKind
 from condfx.patterns.norm import norm_producing
 from condfx.patterns.regions import AttentionRegion, MatchFailure, RoPERef
 from condfx.patterns.rope import unrotated
@@ -44,12 +50,13 @@ NO_PV = "softmax output does not feed a matmul with v"
 FILL_VALUE = "masked fill value is not very negative"
 SOFTCAP = "scores are softcapped (c * tanh(s / c))"
 SINKS = "softmax includes attention sinks (learned logits concatenated to the scores)"
-ALIBI = "scores carry an additive position bias (ALiBi)"
 MUL_MASK = "scores are multiplied by a mask (s * m + (1 - m) * c)"
 
 _SOFTMAX = (aten.softmax, aten._softmax, aten._safe_softmax)
 _MATMUL = (aten.matmul, aten.bmm)
 _FUSED = torch.ops.condfx.attention.default
+_MUL = (aten.mul, aten.mul_)  # Falcon scales its scores in place
+_DIV = (aten.div, aten.div_)
 
 
 def _fail(reason: str, node: fx.Node, detail: str = "") -> MatchFailure:
@@ -68,6 +75,10 @@ class _Core:
     masks: list[tuple[fx.Node, MaskKind]] = field(default_factory=list)
     is_causal: bool = False
     window: int | None = None
+    softcap: float = 0.0
+    sinks: fx.Node | None = None
+    alibi_slopes: tuple[float, ...] | None = None
+    terms: dict[fx.Node, BiasTerm] = field(default_factory=dict)  # additive score terms (eager)
 
 
 # --- K/V head repetition -------------------------------------------------------------------------
@@ -124,6 +135,8 @@ def _parse_sdpa(node: fx.Node) -> _Core | MatchFailure:
         v_mask = g.val(mask)
         kind = MaskKind.KEEP if getattr(v_mask, "dtype", None) == torch.bool else MaskKind.ADDITIVE
         core.masks.append((mask, kind))
+        if kind is MaskKind.ADDITIVE:  # a float mask may carry ALiBi (Falcon)
+            core.terms[mask] = BiasTerm(mask, 1.0, 4)
     return core
 
 
@@ -142,6 +155,10 @@ def _parse_fused(node: fx.Node) -> _Core | MatchFailure:
         return _fail(SCALE_NOT_CONSTANT, node, "condfx.attention scale or window is not a constant")
     core = _Core(node, q, k, v, g.scalar(scale), "fused", [node], is_causal=True)
     core.window = window or None
+    core.softcap = float(g.arg(node, 5, "softcap", 0.0) or 0.0)
+    slopes = g.arg(node, 6, "alibi_slopes", None)
+    core.alibi_slopes = tuple(float(m) for m in slopes) if slopes is not None else None
+    core.sinks = g.arg(node, 7, "sinks", None)
     return core
 
 
@@ -156,8 +173,8 @@ def _reaches_matmul(node: object, steps: int = 8) -> bool:
             return True
         if g.is_op(node, aten.view, aten.reshape, aten._unsafe_view):
             node = node.args[0]
-        elif g.is_identity(node) or g.is_op(node, aten.mul, aten.div, aten.add, aten.masked_fill):
-            node = node.args[0] if g.is_op(node, aten.mul, aten.div, aten.masked_fill) or g.is_identity(
+        elif g.is_identity(node) or g.is_op(node, *_MUL, *_DIV, aten.add, aten.masked_fill, aten.tanh):
+            node = node.args[0] if g.is_op(node, *_MUL, *_DIV, aten.masked_fill, aten.tanh) or g.is_identity(
                 node) else next((a for a in node.args[:2] if _reaches_matmul(a, 3)), None)
         elif g.is_op(node, aten.where):
             node = next((a for a in node.args[1:3] if _reaches_matmul(a, 3)), None)
@@ -175,99 +192,140 @@ def _very_negative(x) -> bool:
 
 def _scalar_factor(node: fx.Node) -> tuple[fx.Node, float] | None:
     """(tensor operand, factor) for ``x * c``, ``c * x`` or ``x / c`` with a constant c."""
-    if g.is_op(node, aten.mul) and len(node.args) == 2:
+    if g.is_op(node, *_MUL) and len(node.args) == 2:
         a, b = node.args
         if g.scalar(b) is not None and isinstance(a, fx.Node):
             return a, g.scalar(b)
         if g.scalar(a) is not None and isinstance(b, fx.Node):
             return b, g.scalar(a)
-    if g.is_op(node, aten.div) and g.scalar(node.args[1]) is not None:
+    if g.is_op(node, *_DIV) and len(node.args) == 2 and g.scalar(node.args[1]) is not None:
         return node.args[0], 1.0 / g.scalar(node.args[1])
     return None
 
 
-def _is_softcap(node: object) -> bool:
-    """Whether ``node`` is ``tanh(...)`` or ``c * tanh(...)`` (logit softcapping)."""
+def _softcap_of(node: object) -> tuple[fx.Node, float] | None:
+    """(y, c) when ``node`` is ``c * tanh(y)`` or ``tanh(y)`` (c = 1): logit softcapping."""
     if not isinstance(node, fx.Node):
-        return False
+        return None
     found = _scalar_factor(node)
-    return g.is_op(found[0] if found else node, aten.tanh)
+    th, c = found if found is not None else (node, 1.0)
+    th = g.skip_identity(th)
+    return (th.args[0], c) if g.is_op(th, aten.tanh) and c > 0 else None
 
 
-def _is_position_bias(node: object) -> bool:
-    """Whether ``node`` (through slices and views) is a float parameter/buffer with finite values other
-    than 0 (an ALiBi bias table, as MPT stores it)."""
+def _sink_logits(node: object) -> fx.Node | None:
+    """The (H,) sink-logit node behind ``node`` = its views / expand to (B, H, T, 1), or None."""
     for _ in range(8):
-        if not isinstance(node, fx.Node) or not (g.is_identity(node) or g.is_op(
-                node, aten.slice, aten.squeeze, aten.unsqueeze, aten.view, aten.reshape, aten.expand)):
-            break
+        if not isinstance(node, fx.Node):
+            return None
+        if g.ndim(node) == 1:
+            return node
+        if not (g.is_identity(node) or g.is_op(node, aten.view, aten.reshape, aten.expand, aten.unsqueeze)):
+            return None
         node = node.args[0]
-    if not isinstance(node, fx.Node) or node.op != "get_attr":
-        return False
-    value = g.get_attr_value(node.graph.owning_module, node)
-    return (isinstance(value, torch.Tensor) and value.is_floating_point() and value.device.type != "meta"
-            and bool(torch.isfinite(value).all()) and bool((value != 0).any()))
+    return None
+
+
+def _sink_cat(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(scores, sink logits) for ``cat([scores, expand(sinks)], -1)`` (GPT-OSS), else None."""
+    if not g.is_op(node, aten.cat) or len(node.args[0]) != 2:
+        return None
+    rank = g.ndim(node)
+    if rank is None or g.arg(node, 1, "dim", 0) % rank != rank - 1:
+        return None
+    scores, other = node.args[0]
+    sinks = _sink_logits(other)
+    return (scores, sinks) if sinks is not None and _reaches_matmul(scores) else None
 
 
 def _named_near_miss(node: fx.Node) -> MatchFailure | None:
     """A failure naming a known attention variant the finder does not handle, seen at ``node``."""
-    if _is_softcap(node):
-        return _fail(SOFTCAP, node)
-    if g.is_op(node, aten.baddbmm):
-        return _fail(ALIBI, node, "baddbmm")
+    if _softcap_of(node) is not None:
+        return _fail(SOFTCAP, node, "a factor or a bias outside the softcap, or a second softcap")
     if g.is_op(node, aten.cat) and any(g.as_get_attr(a) is not None or (
             isinstance(a, fx.Node) and g.is_op(a, aten.expand) and g.as_get_attr(
                 g.skip_views(a.args[0])) is not None) for a in node.args[0]):
-        return _fail(SINKS, node)
-    if g.is_op(node, aten.mul) and len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args):
+        return _fail(SINKS, node, "not cat([scores, sinks], -1) before any scale or mask")
+    if g.is_op(node, *_MUL) and len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args):
         return _fail(MUL_MASK, node) if any(_reaches_matmul(a) for a in node.args) else None
     return None
 
 
+def _score_option(node: fx.Node, core: _Core) -> fx.Node | MatchFailure | None:
+    """The scores inside a softcap or a sink concatenation at ``node`` (recorded on ``core``), else None."""
+    if core.softcap == 0 and (cap := _softcap_of(node)) is not None and g.close(core.scale, 1.0):
+        if core.sinks is not None:
+            return _fail(SINKS, node, "sinks concatenated after the softcap")
+        core.softcap, core.scale = cap[1], cap[1]  # the factors inside multiply c: scale = c * (1 / c) * s
+        return cap[0]
+    if core.sinks is None and (found := _sink_cat(node)) is not None:
+        if not g.close(core.scale, 1.0) or core.terms:
+            return _fail(SINKS, node, "a scale or mask applied after the sink column")
+        core.sinks = found[1]
+        return found[0]
+    return None
+
+
+def _add_term(core: _Core, term: fx.Node, at: fx.Node, factor: float) -> MatchFailure | None:
+    """Records an additive score term (a mask or a bias) at scores ``at``."""
+    if core.softcap:
+        return _fail(SOFTCAP, at, "a mask or bias added inside the softcap")
+    core.terms[term] = BiasTerm(term, factor, g.ndim(at) or 4)
+    core.masks.append((term, MaskKind.ADDITIVE))
+    return None
+
+
+def _peel_step(node: fx.Node, core: _Core) -> fx.Node | MatchFailure | None:
+    """One step from the scores towards the q @ k^T matmul (None: not a score op)."""
+    if g.is_op(node, aten.sub) and g.is_op(node.args[1], operator.getitem) and g.is_op(
+            node.args[1].args[0], aten.max, aten.amax):
+        return node.args[0]  # s - max(s): the stable-softmax shift (GPT-OSS)
+    if g.is_op(node, aten.view, aten.reshape, aten._unsafe_view) or g.is_identity(node) or (
+            g.is_op(node, aten.maximum, aten.max, aten.clamp_min) and len(node.args) == 2
+            and _very_negative(node.args[1])):
+        return node.args[0]  # a view of the scores, or a clamp at the mask value (XGLM)
+    if (found := _scalar_factor(node)) is not None:
+        core.scale = core.scale * found[1]
+        return found[0]
+    if g.is_op(node, aten.add) and all(isinstance(a, fx.Node) for a in node.args[:2]):
+        a, b = node.args[:2]
+        score, term = (a, b) if _reaches_matmul(a) else (b, a)
+        return _add_term(core, term, node, core.scale) or score
+    if g.is_op(node, aten.masked_fill):
+        if not _very_negative(node.args[2]):
+            return _fail(FILL_VALUE, node)
+        core.masks.append((node.args[1], MaskKind.DROP))
+        return node.args[0]
+    if g.is_op(node, aten.where):
+        cond, a, b = node.args[:3]
+        keep = _reaches_matmul(a)
+        score, fill = (a, b) if keep else (b, a)
+        if not _very_negative(fill):
+            return _fail(FILL_VALUE, node)
+        core.masks.append((cond, MaskKind.KEEP if keep else MaskKind.DROP))
+        return score
+    return None
+
+
 def _peel_scores(node: fx.Node, core: _Core) -> fx.Node | MatchFailure | None:
-    """Walks from the softmax input back to the q @ k^T matmul, collecting scale and masks."""
-    for _ in range(24):
+    """Walks from the softmax input back to the q @ k^T matmul (or Bloom's ``baddbmm(bias, q, k^T)``),
+    collecting scale, masks, additive terms and score options."""
+    for _ in range(32):
         if g.is_op(node, *_MATMUL):
             return node
         core.nodes.append(node)
-        if (named := _named_near_miss(node)) is not None:
+        if g.is_op(node, aten.baddbmm):  # beta * bias + alpha * (q @ k^T)
+            failure = _add_term(core, node.args[0], node, core.scale * g.arg(node, 3, "beta", 1.0))
+            core.scale *= g.arg(node, 4, "alpha", 1.0)
+            return failure or node
+        nxt = _score_option(node, core)
+        if nxt is None and (named := _named_near_miss(node)) is not None:
             return named
-        if g.is_op(node, aten.sub) and g.is_op(node.args[1], operator.getitem) and g.is_op(
-                node.args[1].args[0], aten.max, aten.amax):
-            node = node.args[0]  # s - max(s): the stable-softmax shift (GPT-OSS)
-            continue
-        if g.is_op(node, aten.view, aten.reshape, aten._unsafe_view) or (
-                g.is_op(node, aten.maximum, aten.max, aten.clamp_min) and len(node.args) == 2
-                and _very_negative(node.args[1])):
-            node = node.args[0]  # a view of the scores, or a clamp at the mask value (XGLM)
-            continue
-        if g.is_identity(node):
-            node = node.args[0]
-        elif (found := _scalar_factor(node)) is not None:
-            node, core.scale = found[0], core.scale * found[1]
-        elif g.is_op(node, aten.add) and all(isinstance(a, fx.Node) for a in node.args[:2]):
-            a, b = node.args[:2]
-            if _is_softcap(a) or _is_softcap(b):
-                return _fail(SOFTCAP, node)
-            if _is_position_bias(a) or _is_position_bias(b):
-                return _fail(ALIBI, node)
-            node, mask = (a, b) if _reaches_matmul(a) else (b, a)
-            core.masks.append((mask, MaskKind.ADDITIVE))
-        elif g.is_op(node, aten.masked_fill):
-            if not _very_negative(node.args[2]):
-                return _fail(FILL_VALUE, node)
-            core.masks.append((node.args[1], MaskKind.DROP))
-            node = node.args[0]
-        elif g.is_op(node, aten.where):
-            cond, a, b = node.args[:3]
-            keep = _reaches_matmul(a)
-            score, fill = (a, b) if keep else (b, a)
-            if not _very_negative(fill):
-                return _fail(FILL_VALUE, node)
-            core.masks.append((cond, MaskKind.KEEP if keep else MaskKind.DROP))
-            node = score
-        else:
-            return None
+        if nxt is None:
+            nxt = _peel_step(node, core)
+        if not isinstance(nxt, fx.Node):
+            return nxt
+        node = nxt
     return None
 
 
@@ -302,6 +360,17 @@ def _is_last_two_transpose(node: fx.Node) -> bool:
     return g.is_op(node, aten.t)
 
 
+def _drop_sink_column(probs: fx.Node) -> fx.Node | None:
+    """The ``probs[..., :-1]`` slice after a softmax that had a sink column, or None."""
+    user = g.single_user(probs)
+    rank = g.ndim(probs)
+    if not g.is_op(user, aten.slice) or rank is None or g.arg(user, 1, "dim", 0) % rank != rank - 1:
+        return None
+    start, end = g.arg(user, 2, "start", None), g.arg(user, 3, "end", None)
+    last = g.static_int(g.shape(probs)[-1])
+    return user if start in (None, 0) and (end == -1 or (last is not None and end == last - 1)) else None
+
+
 def _parse_eager(softmax: fx.Node) -> _Core | MatchFailure | None:
     core = _Core(softmax, softmax, softmax, softmax, 1.0, "eager", [softmax])
     qk = _peel_scores(softmax.args[0], core)
@@ -310,13 +379,20 @@ def _parse_eager(softmax: fx.Node) -> _Core | MatchFailure | None:
     rank, dim = g.ndim(softmax), g.arg(softmax, 1, "dim", -1)
     if rank is None or dim % rank != rank - 1:
         return _fail(SOFTMAX_DIM, softmax)
-    q = _to_4d(_peel_operand(qk.args[0], core))
-    kt = _peel_operand(qk.args[1], core)
+    first = 1 if g.is_op(qk, aten.baddbmm) else 0  # baddbmm(bias, q, k^T)
+    q = _to_4d(_peel_operand(qk.args[first], core))
+    kt = _peel_operand(qk.args[first + 1], core)
     if not _is_last_two_transpose(kt):
         return _fail(NOT_QK_T, qk)
     k = _to_4d(_peel_operand(kt.args[0], core))
     core.nodes += [qk, kt]
     probs, between = g.forward_identity(softmax), []
+    if core.sinks is not None:
+        dropped = _drop_sink_column(probs)
+        if dropped is None:
+            return _fail(SINKS, softmax, "the sink column is not sliced off the probabilities")
+        between.append(probs)
+        probs = g.forward_identity(dropped)
     while g.is_op(g.single_user(probs), aten.view, aten.reshape, aten._unsafe_view) or g.is_identity(
             g.single_user(probs)):  # XGLM: (B*H, T, S) views around the softmax
         between.append(probs)
@@ -338,17 +414,28 @@ def _parse_eager(softmax: fx.Node) -> _Core | MatchFailure | None:
 
 # --- causality and heads -------------------------------------------------------------------------
 
-def _causality(core: _Core, masks: MaskAnalyzer) -> MaskInfo | MatchFailure:
+def _causality(core: _Core, masks: MaskAnalyzer, heads: int) -> MaskInfo | MatchFailure:
+    """What the core's masks allow; sets ``core.alibi_slopes`` when its additive terms carry ALiBi."""
     if not core.masks:
         return MaskInfo(True, core.window) if core.is_causal else _fail(NO_MASK, core.core, "no mask and not is_causal")
-    window = None
+    window, pure, biases = None, False, []
     for mask, kind in core.masks:
         info = masks.analyze(mask, kind)
+        if isinstance(info, MatchFailure) and info.reason == NOT_PURE and mask in core.terms:
+            biases.append(core.terms[mask])
+            continue
         if isinstance(info, MatchFailure):
             return MatchFailure(info.reason, core.core, f"mask {mask.name}: {info.detail}", "attention")
+        pure = True
         if info.window is not None:
             window = info.window if window is None else min(window, info.window)
-    return MaskInfo(True, window)
+    if not biases:
+        return MaskInfo(True, window)
+    found = score_bias(biases, masks, heads, MaskInfo(True, window) if pure else None)
+    if isinstance(found, MatchFailure):
+        return MatchFailure(found.reason, core.core, f"{found.node.name}: {found.detail}", "attention")
+    core.alibi_slopes = found[1]
+    return found[0]
 
 
 def _heads(core: _Core) -> tuple[int, int, int] | MatchFailure:
@@ -432,7 +519,7 @@ def match_attention(anchor: fx.Node, masks: MaskAnalyzer, norms) -> AttentionReg
     if isinstance(heads, MatchFailure):
         return heads
     h, hkv, d = heads
-    info = _causality(core, masks)
+    info = _causality(core, masks, h)
     if isinstance(info, MatchFailure):
         return info
     scale = core.scale if core.scale is not None else d**-0.5
@@ -445,7 +532,8 @@ def match_attention(anchor: fx.Node, masks: MaskAnalyzer, norms) -> AttentionReg
         layer=-1, module_path=g.module_path(core.core), core=core.core, core_nodes=tuple(nodes),
         q=core.q, k=core.k, v=core.v, num_heads=h, num_kv_heads=hkv, head_dim=d, scale=float(scale),
         causal=info.causal, window=info.window, core_form=core.form,
-        mask=core.masks[0][0] if core.masks else None, **_outer(core, norms),
+        mask=core.masks[0][0] if core.masks else None, softcap=core.softcap, alibi_slopes=core.alibi_slopes,
+        sinks=core.sinks, **_outer(core, norms),
     )
 
 

@@ -32,10 +32,10 @@ Backend lowerings do not live here; they are in codegen/:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
-
-from collections.abc import Sequence
 
 from condfx.ops import _flash_cpu
 from condfx.ops._masks import causal_window_mask
