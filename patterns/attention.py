@@ -468,6 +468,31 @@ def _projection(node: fx.Node, norms):
     return ref, qk_norm
 
 
+def fused_projection_behind(node: fx.Node, width: int, steps: int = 16):
+    """The projection (a LinearRef, or the matmul node) wider than ``width`` that ``node`` (a (B, Hkv, S, D) k or v) is some heads of, found by
+    walking back through views, head selections (select, index, slice, split / chunk) and RoPE, or None.
+
+    Names the fused qkv layouts split per head after a view (Falcon: index on (B, T, heads, D); Bloom:
+    select on (B, T, H, 3, D); GPT-NeoX: chunk of (B, H, T, 3D)), which the q/k/v tracing does not read.
+    """
+    for _ in range(steps):
+        ref = g.linear_at(node) if isinstance(node, fx.Node) else None
+        if ref is not None:
+            return ref if (ref.out_features or 0) > width else None
+        if not isinstance(node, fx.Node) or node.op != "call_function" or not node.args:
+            return None
+        w = node.args[1] if g.is_op(node, *_MATMUL) else None
+        w = w.args[0] if g.is_op(w, aten.numpy_T, aten.t, aten.transpose, aten.permute) else w
+        if g.as_get_attr(w) is not None:
+            out = g.static_int((g.shape(node) or (0,))[-1])  # x @ W.T spelled with numpy_T (Falcon)
+            return node if out is not None and out > width else None
+        first = node.args[0]
+        if isinstance(first, (list, tuple)):  # cat([k_rot, k_pass]) of partial RoPE
+            first = first[0] if first else None
+        node = first
+    return None
+
+
 def find_o_proj(core: fx.Node):
     """The output projection reading ``core`` through transposes and reshapes, or None."""
     node = core

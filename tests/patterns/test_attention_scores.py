@@ -99,7 +99,7 @@ def test_rejects_score_options_in_passes_building_other_ops(spec: str) -> None:
     assert any("softcapped scores" in r and "has no score options" in r for r in reasons), reasons
 
 
-@pytest.fixture(scope="module", params=["bloom", "gpt_oss"])
+@pytest.fixture(scope="module", params=["bloom", pytest.param("gpt_oss", marks=pytest.mark.slow)])
 def hf_model(request):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -129,3 +129,27 @@ def test_numerics_hf_fuse_attention_exact_more_classes(kind, attn, alibi) -> Non
     gm = condfx.capture(model, (torch.randint(0, 128, (2, 9)),))
     assert len(find_regions(gm).attention) == 2
     assert _fused_diff(model, gm, torch.randint(0, 128, (3, 17))) <= EXACT
+
+
+class _HeadSplitQKV(nn.Module):
+    """Bloom's layout: one qkv projection viewed as (B, T, H, 3, D), q/k/v selected per head."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.o = nn.Linear(F.DIM, 3 * F.DIM), nn.Linear(F.DIM, F.DIM)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        qkv = self.qkv(x).view(b, t, 4, 3, c // 4)
+        q, k, v = (qkv.select(3, i).transpose(1, 2) for i in range(3))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(b, t, c))
+
+
+def test_rejects_head_split_qkv_in_xquant_with_precise_reason() -> None:
+    gm = _capture(_HeadSplitQKV())
+    try:
+        reasons = [r for r, _ in condfx.apply(gm, "quantize-kv{method=xquant,group=8}").reports[0].skipped]
+    except PassError as err:
+        reasons = [str(err)]
+    assert any("fused qkv projection split per head" in r for r in reasons), reasons
