@@ -21,15 +21,22 @@ position, a multiplied mask.
 
 from __future__ import annotations
 
-import operator
-from dataclasses import dataclass, field
-
 import torch
 from torch import fx
 
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
 from condfx.patterns import _graph as g
 from condfx.patterns.attention_bias import ALIBI, BiasTerm, score_bias  # noqa: F401  (ALIBI: a reason of this finder)
+from condfx.patterns.attention_scores import (  # noqa: F401  (FILL_VALUE, MUL_MASK: reasons of this finder)
+    FILL_VALUE,
+    MATMUL,
+    MUL_MASK,
+    SINKS,
+    SOFTCAP,
+    Core,
+    peel_scores,
+    scalar_factor,
+)
 from condfx.patterns.mask import NOT_PURE, MaskAnalyzer, MaskInfo, MaskKind
 from condfx.patterns.norm import norm_producing
 from condfx.patterns.regions import AttentionRegion, MatchFailure, RoPERef
@@ -47,38 +54,13 @@ NO_MASK = "mask is not causal"
 SOFTMAX_DIM = "softmax is not over the key dim"
 NOT_QK_T = "scores are not q @ k^T"
 NO_PV = "softmax output does not feed a matmul with v"
-FILL_VALUE = "masked fill value is not very negative"
-SOFTCAP = "scores are softcapped (c * tanh(s / c))"
-SINKS = "softmax includes attention sinks (learned logits concatenated to the scores)"
-MUL_MASK = "scores are multiplied by a mask (s * m + (1 - m) * c)"
 
 _SOFTMAX = (aten.softmax, aten._softmax, aten._safe_softmax)
-_MATMUL = (aten.matmul, aten.bmm)
 _FUSED = torch.ops.condfx.attention.default
-_MUL = (aten.mul, aten.mul_)  # Falcon scales its scores in place
-_DIV = (aten.div, aten.div_)
 
 
 def _fail(reason: str, node: fx.Node, detail: str = "") -> MatchFailure:
     return MatchFailure(reason, node, detail, "attention")
-
-
-@dataclass
-class _Core:
-    core: fx.Node
-    q: fx.Node
-    k: fx.Node
-    v: fx.Node
-    scale: float | None
-    form: str
-    nodes: list[fx.Node] = field(default_factory=list)
-    masks: list[tuple[fx.Node, MaskKind]] = field(default_factory=list)
-    is_causal: bool = False
-    window: int | None = None
-    softcap: float = 0.0
-    sinks: fx.Node | None = None
-    alibi_slopes: tuple[float, ...] | None = None
-    terms: dict[fx.Node, BiasTerm] = field(default_factory=dict)  # additive score terms (eager)
 
 
 # --- K/V head repetition -------------------------------------------------------------------------
@@ -118,7 +100,7 @@ def strip_head_repeat(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
 
 # --- SDPA core -----------------------------------------------------------------------------------
 
-def _parse_sdpa(node: fx.Node) -> _Core | MatchFailure:
+def _parse_sdpa(node: fx.Node) -> Core | MatchFailure:
     q, k, v = node.args[:3]
     if g.scalar(g.arg(node, 4, "dropout_p", 0.0)) != 0.0:
         return _fail(DROPOUT, node)
@@ -127,7 +109,7 @@ def _parse_sdpa(node: fx.Node) -> _Core | MatchFailure:
         return _fail(SCALE_NOT_CONSTANT, node)
     k0, k_nodes = strip_head_repeat(k)
     v0, v_nodes = strip_head_repeat(v)
-    core = _Core(node, q, k0, v0, g.scalar(scale) if scale is not None else None, "sdpa",
+    core = Core(node, q, k0, v0, g.scalar(scale) if scale is not None else None, "sdpa",
                  [node, *k_nodes, *v_nodes])
     core.is_causal = bool(g.arg(node, 5, "is_causal", False))
     mask = g.arg(node, 3, "attn_mask", None)
@@ -147,13 +129,13 @@ def is_fused_core(node: object) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target is _FUSED
 
 
-def _parse_fused(node: fx.Node) -> _Core | MatchFailure:
+def _parse_fused(node: fx.Node) -> Core | MatchFailure:
     q, k, v = node.args[:3]
     scale = g.arg(node, 3, "scale", None)
     window = g.arg(node, 4, "window", 0)
     if g.scalar(scale) is None or not isinstance(window, int) or isinstance(window, bool):
         return _fail(SCALE_NOT_CONSTANT, node, "condfx.attention scale or window is not a constant")
-    core = _Core(node, q, k, v, g.scalar(scale), "fused", [node], is_causal=True)
+    core = Core(node, q, k, v, g.scalar(scale), "fused", [node], is_causal=True)
     core.window = window or None
     core.softcap = float(g.arg(node, 5, "softcap", 0.0) or 0.0)
     slopes = g.arg(node, 6, "alibi_slopes", None)
@@ -164,171 +146,6 @@ def _parse_fused(node: fx.Node) -> _Core | MatchFailure:
 
 # --- eager core ----------------------------------------------------------------------------------
 
-def _reaches_matmul(node: object, steps: int = 8) -> bool:
-    """True when ``node`` is (a scaled / masked / cast version of) a matmul output."""
-    for _ in range(steps):
-        if not isinstance(node, fx.Node):
-            return False
-        if g.is_op(node, *_MATMUL, aten.baddbmm):
-            return True
-        if g.is_op(node, aten.view, aten.reshape, aten._unsafe_view):
-            node = node.args[0]
-        elif g.is_identity(node) or g.is_op(node, *_MUL, *_DIV, aten.add, aten.masked_fill, aten.tanh):
-            node = node.args[0] if g.is_op(node, *_MUL, *_DIV, aten.masked_fill, aten.tanh) or g.is_identity(
-                node) else next((a for a in node.args[:2] if _reaches_matmul(a, 3)), None)
-        elif g.is_op(node, aten.where):
-            node = next((a for a in node.args[1:3] if _reaches_matmul(a, 3)), None)
-        else:
-            return False
-    return False
-
-
-def _very_negative(x) -> bool:
-    if isinstance(x, fx.Node) and g.is_op(x, aten.full, aten.scalar_tensor):
-        x = x.args[1] if g.is_op(x, aten.full) else x.args[0]
-    s = g.scalar(x)
-    return s is not None and s <= -1e4
-
-
-def _scalar_factor(node: fx.Node) -> tuple[fx.Node, float] | None:
-    """(tensor operand, factor) for ``x * c``, ``c * x`` or ``x / c`` with a constant c."""
-    if g.is_op(node, *_MUL) and len(node.args) == 2:
-        a, b = node.args
-        if g.scalar(b) is not None and isinstance(a, fx.Node):
-            return a, g.scalar(b)
-        if g.scalar(a) is not None and isinstance(b, fx.Node):
-            return b, g.scalar(a)
-    if g.is_op(node, *_DIV) and len(node.args) == 2 and g.scalar(node.args[1]) is not None:
-        return node.args[0], 1.0 / g.scalar(node.args[1])
-    return None
-
-
-def _softcap_of(node: object) -> tuple[fx.Node, float] | None:
-    """(y, c) when ``node`` is ``c * tanh(y)`` or ``tanh(y)`` (c = 1): logit softcapping."""
-    if not isinstance(node, fx.Node):
-        return None
-    found = _scalar_factor(node)
-    th, c = found if found is not None else (node, 1.0)
-    th = g.skip_identity(th)
-    return (th.args[0], c) if g.is_op(th, aten.tanh) and c > 0 else None
-
-
-def _sink_logits(node: object) -> fx.Node | None:
-    """The (H,) sink-logit node behind ``node`` = its views / expand to (B, H, T, 1), or None."""
-    for _ in range(8):
-        if not isinstance(node, fx.Node):
-            return None
-        if g.ndim(node) == 1:
-            return node
-        if not (g.is_identity(node) or g.is_op(node, aten.view, aten.reshape, aten.expand, aten.unsqueeze)):
-            return None
-        node = node.args[0]
-    return None
-
-
-def _sink_cat(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """(scores, sink logits) for ``cat([scores, expand(sinks)], -1)`` (GPT-OSS), else None."""
-    if not g.is_op(node, aten.cat) or len(node.args[0]) != 2:
-        return None
-    rank = g.ndim(node)
-    if rank is None or g.arg(node, 1, "dim", 0) % rank != rank - 1:
-        return None
-    scores, other = node.args[0]
-    sinks = _sink_logits(other)
-    return (scores, sinks) if sinks is not None and _reaches_matmul(scores) else None
-
-
-def _named_near_miss(node: fx.Node) -> MatchFailure | None:
-    """A failure naming a known attention variant the finder does not handle, seen at ``node``."""
-    if _softcap_of(node) is not None:
-        return _fail(SOFTCAP, node, "a factor or a bias outside the softcap, or a second softcap")
-    if g.is_op(node, aten.cat) and any(g.as_get_attr(a) is not None or (
-            isinstance(a, fx.Node) and g.is_op(a, aten.expand) and g.as_get_attr(
-                g.skip_views(a.args[0])) is not None) for a in node.args[0]):
-        return _fail(SINKS, node, "not cat([scores, sinks], -1) before any scale or mask")
-    if g.is_op(node, *_MUL) and len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args):
-        return _fail(MUL_MASK, node) if any(_reaches_matmul(a) for a in node.args) else None
-    return None
-
-
-def _score_option(node: fx.Node, core: _Core) -> fx.Node | MatchFailure | None:
-    """The scores inside a softcap or a sink concatenation at ``node`` (recorded on ``core``), else None."""
-    if core.softcap == 0 and (cap := _softcap_of(node)) is not None and g.close(core.scale, 1.0):
-        if core.sinks is not None:
-            return _fail(SINKS, node, "sinks concatenated after the softcap")
-        core.softcap, core.scale = cap[1], cap[1]  # the factors inside multiply c: scale = c * (1 / c) * s
-        return cap[0]
-    if core.sinks is None and (found := _sink_cat(node)) is not None:
-        if not g.close(core.scale, 1.0) or core.terms:
-            return _fail(SINKS, node, "a scale or mask applied after the sink column")
-        core.sinks = found[1]
-        return found[0]
-    return None
-
-
-def _add_term(core: _Core, term: fx.Node, at: fx.Node, factor: float) -> MatchFailure | None:
-    """Records an additive score term (a mask or a bias) at scores ``at``."""
-    if core.softcap:
-        return _fail(SOFTCAP, at, "a mask or bias added inside the softcap")
-    core.terms[term] = BiasTerm(term, factor, g.ndim(at) or 4)
-    core.masks.append((term, MaskKind.ADDITIVE))
-    return None
-
-
-def _peel_step(node: fx.Node, core: _Core) -> fx.Node | MatchFailure | None:
-    """One step from the scores towards the q @ k^T matmul (None: not a score op)."""
-    if g.is_op(node, aten.sub) and g.is_op(node.args[1], operator.getitem) and g.is_op(
-            node.args[1].args[0], aten.max, aten.amax):
-        return node.args[0]  # s - max(s): the stable-softmax shift (GPT-OSS)
-    if g.is_op(node, aten.view, aten.reshape, aten._unsafe_view) or g.is_identity(node) or (
-            g.is_op(node, aten.maximum, aten.max, aten.clamp_min) and len(node.args) == 2
-            and _very_negative(node.args[1])):
-        return node.args[0]  # a view of the scores, or a clamp at the mask value (XGLM)
-    if (found := _scalar_factor(node)) is not None:
-        core.scale = core.scale * found[1]
-        return found[0]
-    if g.is_op(node, aten.add) and all(isinstance(a, fx.Node) for a in node.args[:2]):
-        a, b = node.args[:2]
-        score, term = (a, b) if _reaches_matmul(a) else (b, a)
-        return _add_term(core, term, node, core.scale) or score
-    if g.is_op(node, aten.masked_fill):
-        if not _very_negative(node.args[2]):
-            return _fail(FILL_VALUE, node)
-        core.masks.append((node.args[1], MaskKind.DROP))
-        return node.args[0]
-    if g.is_op(node, aten.where):
-        cond, a, b = node.args[:3]
-        keep = _reaches_matmul(a)
-        score, fill = (a, b) if keep else (b, a)
-        if not _very_negative(fill):
-            return _fail(FILL_VALUE, node)
-        core.masks.append((cond, MaskKind.KEEP if keep else MaskKind.DROP))
-        return score
-    return None
-
-
-def _peel_scores(node: fx.Node, core: _Core) -> fx.Node | MatchFailure | None:
-    """Walks from the softmax input back to the q @ k^T matmul (or Bloom's ``baddbmm(bias, q, k^T)``),
-    collecting scale, masks, additive terms and score options."""
-    for _ in range(32):
-        if g.is_op(node, *_MATMUL):
-            return node
-        core.nodes.append(node)
-        if g.is_op(node, aten.baddbmm):  # beta * bias + alpha * (q @ k^T)
-            failure = _add_term(core, node.args[0], node, core.scale * g.arg(node, 3, "beta", 1.0))
-            core.scale *= g.arg(node, 4, "alpha", 1.0)
-            return failure or node
-        nxt = _score_option(node, core)
-        if nxt is None and (named := _named_near_miss(node)) is not None:
-            return named
-        if nxt is None:
-            nxt = _peel_step(node, core)
-        if not isinstance(nxt, fx.Node):
-            return nxt
-        node = nxt
-    return None
-
-
 def _to_4d(node: fx.Node) -> fx.Node:
     """A 4-D (B, H, T, D) tensor behind a (B*H, T, D) view used by bmm."""
     n = node
@@ -337,13 +154,13 @@ def _to_4d(node: fx.Node) -> fx.Node:
     return n if g.ndim(n) == 4 else node
 
 
-def _peel_operand(node: fx.Node, core: _Core) -> fx.Node:
+def _peel_operand(node: fx.Node, core: Core) -> fx.Node:
     """Strip casts and constant scale factors from a q or k operand (the scale goes into core)."""
     while True:
         if g.is_identity(node):
             core.nodes.append(node)
             node = node.args[0]
-        elif (found := _scalar_factor(node)) is not None:
+        elif (found := scalar_factor(node)) is not None:
             core.nodes.append(node)
             node, core.scale = found[0], core.scale * found[1]
         else:
@@ -371,9 +188,9 @@ def _drop_sink_column(probs: fx.Node) -> fx.Node | None:
     return user if start in (None, 0) and (end == -1 or (last is not None and end == last - 1)) else None
 
 
-def _parse_eager(softmax: fx.Node) -> _Core | MatchFailure | None:
-    core = _Core(softmax, softmax, softmax, softmax, 1.0, "eager", [softmax])
-    qk = _peel_scores(softmax.args[0], core)
+def _parse_eager(softmax: fx.Node) -> Core | MatchFailure | None:
+    core = Core(softmax, softmax, softmax, softmax, 1.0, "eager", [softmax])
+    qk = peel_scores(softmax.args[0], core)
     if not isinstance(qk, fx.Node):
         return qk
     rank, dim = g.ndim(softmax), g.arg(softmax, 1, "dim", -1)
@@ -398,7 +215,7 @@ def _parse_eager(softmax: fx.Node) -> _Core | MatchFailure | None:
         between.append(probs)
         probs = g.forward_identity(g.single_user(probs))
     pv = g.single_user(probs)
-    if not g.is_op(pv, *_MATMUL) or pv.args[0] is not probs:
+    if not g.is_op(pv, *MATMUL) or pv.args[0] is not probs:
         return _fail(NO_PV, softmax)
     core.nodes += between
     out = pv
@@ -414,7 +231,7 @@ def _parse_eager(softmax: fx.Node) -> _Core | MatchFailure | None:
 
 # --- causality and heads -------------------------------------------------------------------------
 
-def _causality(core: _Core, masks: MaskAnalyzer, heads: int) -> MaskInfo | MatchFailure:
+def _causality(core: Core, masks: MaskAnalyzer, heads: int) -> MaskInfo | MatchFailure:
     """What the core's masks allow; sets ``core.alibi_slopes`` when its additive terms carry ALiBi."""
     if not core.masks:
         return MaskInfo(True, core.window) if core.is_causal else _fail(NO_MASK, core.core, "no mask and not is_causal")
@@ -438,7 +255,7 @@ def _causality(core: _Core, masks: MaskAnalyzer, heads: int) -> MaskInfo | Match
     return found[0]
 
 
-def _heads(core: _Core) -> tuple[int, int, int] | MatchFailure:
+def _heads(core: Core) -> tuple[int, int, int] | MatchFailure:
     qs, ks, vs = g.shape(core.q), g.shape(core.k), g.shape(core.v)
     if any(s is None or len(s) != 4 for s in (qs, ks, vs)):
         return _fail(NOT_4D, core.core)
@@ -463,7 +280,7 @@ def _projection(node: fx.Node, norms):
     if qk_norm is None and (qk_norm := norm_producing(norms, n)) is not None:
         n = qk_norm.x_in
     ref = g.trace_linear(n)
-    if ref is None and (found := _scalar_factor(g.skip_views(n))) is not None:
+    if ref is None and (found := scalar_factor(g.skip_views(n))) is not None:
         ref = g.trace_linear(found[0])  # q_proj(x) * scaling (OPT, BioGPT): the factor stays on the path
     return ref, qk_norm
 
@@ -481,7 +298,7 @@ def fused_projection_behind(node: fx.Node, width: int, steps: int = 16):
             return ref if (ref.out_features or 0) > width else None
         if not isinstance(node, fx.Node) or node.op != "call_function" or not node.args:
             return None
-        w = node.args[1] if g.is_op(node, *_MATMUL) else None
+        w = node.args[1] if g.is_op(node, *MATMUL) else None
         w = w.args[0] if g.is_op(w, aten.numpy_T, aten.t, aten.transpose, aten.permute) else w
         if g.as_get_attr(w) is not None:
             out = g.static_int((g.shape(node) or (0,))[-1])  # x @ W.T spelled with numpy_T (Falcon)
@@ -508,7 +325,7 @@ def find_o_proj(core: fx.Node):
     return None
 
 
-def _outer(core: _Core, norms) -> dict:
+def _outer(core: Core, norms) -> dict:
     q_pre, q_rope, rotary_dim = unrotated(core.q)
     k_pre, k_rope, _ = unrotated(core.k)
     q_proj, q_norm = _projection(q_pre, norms)
@@ -538,7 +355,7 @@ def match_attention(anchor: fx.Node, masks: MaskAnalyzer, norms) -> AttentionReg
         core = _parse_sdpa(anchor)
     else:
         core = _parse_eager(anchor)
-    if not isinstance(core, _Core):
+    if not isinstance(core, Core):
         return core
     heads = _heads(core)
     if isinstance(heads, MatchFailure):
