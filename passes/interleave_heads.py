@@ -146,6 +146,8 @@ def check_interleavable(gm: fx.GraphModule, region: AttentionRegion):
 
     if region.window:
         return fail("attention already has a sliding window")
+    if region.score_options is not None:
+        return fail(f"{region.score_options} (condfx.interleaved_attention has no score options)")
     if g.ndim(region.core) != 4:
         return fail("core output is not (B, H, T, D)")
     if region.rope is not None and region.rope.rotary_dim not in (None, region.head_dim):
@@ -189,7 +191,8 @@ def new_tensor_bytes(cfg: InterleaveHeadsConfig, regions: list[AttentionRegion],
 def interleave_replacement(gm, region, q, k, inv_freq, cfg, gen) -> tuple[fx.Node, int]:
     """Builds the IHA block in front of ``region.core`` and reroutes the core's users to it."""
     path = region.module_path or f"iha_{region.layer}"
-    names = {key: register_tensor(gm, path, f"iha_{key}", t, False)
+    like = region.q.meta["val"]  # new parameters in the model's dtype and on its device
+    names = {key: register_tensor(gm, path, f"iha_{key}", t.to(like.dtype).to(like.device), False)
              for key, t in _init_tensors(cfg, region, gen).items()}
     names["inv_freq"] = register_tensor(gm, path, "iha_inv_freq", inv_freq.to(torch.float32), True)
     core, p = region.core, cfg.P

@@ -96,6 +96,8 @@ def check_routable(gm: fx.GraphModule, region: AttentionRegion) -> str | None:
     """The skip reason for ``region``, or None when it can be converted."""
     if not region.causal:
         return "non-causal attention"
+    if region.score_options is not None:
+        return f"{region.score_options} (condfx.routed_attention has no score options)"
     if region.input_norm is None or region.x_in is None:
         return "no input norm"
     if region.out is None or region.residual is None:

@@ -88,6 +88,8 @@ def check_sink_window(gm: fx.GraphModule, region: AttentionRegion):
         return fail("already sink-window")
     if not region.causal:
         return fail("non-causal attention")
+    if region.score_options is not None:
+        return fail(f"{region.score_options} (condfx.sink_window_attention has no score options)")
     if region.window:
         return fail("layer already has a sliding window")
     if region.rope is None or region.rope.cos is None:
