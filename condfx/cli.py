@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from collections.abc import Callable
@@ -27,18 +26,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         msg = f"{message[:1].upper()}{message[1:]} (see '{self.prog} --help')."
         raise commands.UserError(msg)
-
-
-def _finite(text: str) -> float:
-    """argparse type of the float options: a finite number (NaN and infinities are refused)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        msg = f"must be a finite number; got {text!r}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
 
 
 def _seed(text: str) -> int:
@@ -108,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_model(p)
     p.add_argument("--text", required=True, help="a UTF-8 text file whose tokens calibrate")
-    p.add_argument("--target-skip", type=_finite, required=True, help="fraction of FFN blocks to skip, in (0, 1)")
+    p.add_argument("--target-skip", type=float, required=True, help="fraction of FFN blocks to skip, in (0, 1)")
     p.add_argument("-o", "--output", default=None, help="calibration file (default <model stem>.skip-calibration.json)")
     p.add_argument("--plot", default=None, metavar="PNG", help="also plot the similarity profile to this PNG")
     p.add_argument("--max-tokens", type=int, default=1024, help="calibrate on the first N tokens (default 1024)")
@@ -137,9 +124,9 @@ def _parser() -> argparse.ArgumentParser:
         "--onnx", default=None, metavar="DIR",
         help="run the folder written by 'condfx export' on ONNX Runtime (MODEL gives the tokenizer)",
     )
-    p.add_argument("--temperature", type=_finite, default=None, help="sample at this temperature (0 = greedy)")
+    p.add_argument("--temperature", type=float, default=None, help="sample at this temperature (0 = greedy)")
     p.add_argument("--top-k", type=int, default=None, help="sample from the K most likely tokens")
-    p.add_argument("--top-p", type=_finite, default=None, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
     p.add_argument("--seed", type=_seed, default=None, help="seed of the sampler (default 0)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=commands.generate_cmd)
@@ -167,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         return _report(exc, debug)
     if getattr(args, "json", False) and result is not None:
-        print(json.dumps(result, indent=2, default=str))
+        print(json.dumps(commands.json_safe(result), indent=2, default=str, allow_nan=False))
     return 0
 
 
@@ -178,6 +165,7 @@ def _report(exc: BaseException, debug: bool) -> int:
     label = ("internal error: ", "bold red") if status == 1 else ("error: ", "bold red")
     _ERR.print(Text.assemble(label, line), soft_wrap=True)
     return status
+
 
 if __name__ == "__main__":
     sys.exit(main())
