@@ -67,9 +67,9 @@ def test_rejects_hostile_spec_file_through_the_entry_point(tmp_path):
 
 def test_debug_variable_raises_instead(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv(errors.DEBUG_VARIABLE, "1")
-    with pytest.raises(errors.InputError, match=r"p\.json': not valid JSON") as info:
+    with pytest.raises(ValueError, match=r"p\.json.*not valid JSON"):
         main(CASES["spec-json-malformed"].build(tmp_path))
-    assert type(info.value.__cause__).__name__ == "JSONDecodeError"
+    assert capsys.readouterr().err == ""
 
 
 def test_help_documents_the_debug_variable(capsys):
