@@ -7,25 +7,29 @@ Rewrites (for the i-th cached attention op, in graph order; generic over the dec
     op_i(...) → rule.rewire(op_i, layout_i, past_i): the op reading its past (for condfx.attention:
         cat([past_k_i, k], 2), cat([past_v_i, v], 2)); layout_i = rule.layout(op_i, i)
         (``condfx.layouts``: full, window, interleaved, float16 or packed streams)
-    arange(T) feeding RoPE cos/sin or a position embedding
-        → arange(P, P + T), P = the cache length of the first layer whose rule says it gives the
-          position (its layout's length inputs over its rows per token); rules read P too
+    position sources (``passes/decode/positions.py``): arange(T) feeding RoPE cos/sin, a position
+        embedding or a weight table → arange(P, P + T); cumsum of a ``ones`` fill along T → + P;
+        constant fills and aranges enumerating the call's rows (MoE dispatch) are left alone.
+        P = the cache length of the first layer whose rule says it gives the position (its
+        layout's length inputs over its rows per token); when no layer does (every layer windowed
+        or otherwise bounded) a ``PositionLayout`` is added after the layers: past_position
+        (B, 0, P, 0) → present_position (B, 0, P + T, 0), 0 bytes, its dim 2 the position. Rules
+        read P too
   Exact: the decode form with P = 0 is the original function, and prefill(ids[:n]) followed by
   decode steps over ids[n:] reproduces the full forward (the op aligns queries to the end of the keys).
   The rewritten graph is re-exported (``torch.export``; dims batch, seq and the layouts'
   ``length_dims``: one past length per layer shared by its k and v, one per stream tensor; example P = 3), so every node gets fresh FakeTensor
   metadata. ``gm.meta["condfx_kv"]`` lists the layers' cache layouts for the runtime and the exporter.
-  Position sources are checked: every tensor whose shape depends on T but not on the tokens must
-  come from an offset arange, else the pass fails (e.g. a RoPE table sliced to T).
+  Position sources are checked: every tensor whose shape depends on T but not on the tokens must be
+  one of the forms above, else the pass fails naming the node (e.g. a RoPE table sliced to T).
 
 Requires: every attention core is an op with a decode rule (must run after ``fuse-attention``); the
   graph's only input is ``input_ids`` (B, T) (or embeddings (B, T, C)) with symbolic B and T; its
   first output is the logits. Must run last: passes after it would see two extra inputs per layer
   and a tuple output.
 
-Does not handle: position ids passed as graph inputs (they are not offset), graphs in which every
-  layer keeps a bounded cache (P would be the trimmed cache length, not the position; the pass fails),
-  padded batches (the op has no padding mask).
+Does not handle: position ids passed as graph inputs (they are not offset), padded batches (the op
+  has no padding mask).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from condfx.passes.decode.positions import (
     plan_positions,
     position_roots,
 )
+from condfx.passes.decode.positions import reaches_position_use as _reaches_position_use  # noqa: F401  (skip-ffn)
 from condfx.passes.decode_rules import DECODE_RULES
 from condfx.passes.fuse_attention import is_fused_attention
 from condfx.passes.graph_builder import PROVENANCE_KEYS

@@ -29,7 +29,8 @@ from torch import fx
 
 from condfx.passes.base import PassError
 
-__all__ = ["PositionPlan", "find_position_aranges", "offset_positions", "plan_positions", "position_roots"]
+__all__ = ["PositionPlan", "find_position_aranges", "offset_positions", "plan_positions", "position_roots",
+           "reaches_position_use"]
 
 aten = torch.ops.aten
 _ARANGES = (aten.arange.default, aten.arange.start)
@@ -74,7 +75,7 @@ def _is_position_use(user: fx.Node, n: fx.Node) -> bool:
     return False
 
 
-def _reaches_position_use(node: fx.Node) -> bool:
+def reaches_position_use(node: fx.Node) -> bool:
     """True when ``node`` flows (within a few ops) into RoPE cos/sin or a position table lookup."""
     frontier, seen = [node], {node}
     for _ in range(_SEARCH_DEPTH):
@@ -115,7 +116,7 @@ def _is_local_arange(node: fx.Node, ids: fx.Node) -> bool:
 
 def find_position_aranges(gm: fx.GraphModule, ids: fx.Node) -> list[fx.Node]:
     """The ``arange(T)`` nodes, T = ``input_ids.shape[1]``, that feed RoPE or position tables."""
-    return [n for n in gm.graph.nodes if _is_local_arange(n, ids) and _reaches_position_use(n)]
+    return [n for n in gm.graph.nodes if _is_local_arange(n, ids) and reaches_position_use(n)]
 
 
 def position_roots(gm: fx.GraphModule, ids: fx.Node) -> list[fx.Node]:
@@ -164,11 +165,11 @@ def _classify(root: fx.Node, ids: fx.Node, name: str, plan: dict) -> None:
     """Files ``root`` under plan["aranges"], ["cumsums"] or ["left"]; PassError when unknown."""
     target = root.target if root.op == "call_function" else None
     if target in _ARANGES and _is_local_arange(root, ids):
-        if not _reaches_position_use(root):
+        if not reaches_position_use(root):
             raise _refuse(name, root, "it is an arange(T) that feeds neither")
         plan["aranges"].append(root)
     elif target in _ARANGES:
-        if _reaches_position_use(root):
+        if reaches_position_use(root):
             raise _refuse(name, root, "it is an arange not of length T that feeds one")
         plan["left"].append((root.name, "enumerates the call's rows, not positions"))
     elif target in _FILLS:
@@ -214,4 +215,4 @@ def offset_positions(graph: fx.Graph, plan: PositionPlan, ids: fx.Node, p: fx.No
     for node in plan.cumsums:
         with graph.inserting_after(node):
             shifted = graph.call_function(aten.add.Tensor, (node, p))
-        node.replace_all_uses_with(shifted, delete_user_cb=lambda user: user is not shifted)
+        node.replace_all_uses_with(shifted, delete_user_cb=lambda user, new=shifted: user is not new)
