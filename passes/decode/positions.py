@@ -119,14 +119,11 @@ def find_position_aranges(gm: fx.GraphModule, ids: fx.Node) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if _is_local_arange(n, ids) and reaches_position_use(n)]
 
 
-def position_roots(gm: fx.GraphModule, ids: fx.Node) -> list[fx.Node]:
-    """Tensors whose shape depends on T but whose values do not depend on the tokens.
-
-    These are the position sources of the graph (``arange(T)``, a RoPE table sliced to T, ...),
-    taken at their roots: nodes none of whose inputs is already such a tensor.
-    """
+def _positional(gm: fx.GraphModule, ids: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
+    """(every node whose shape depends on T but whose values do not depend on the tokens, roots)."""
     seq = _symbols(ids.meta["val"]) & _seq_symbols(ids)
-    tokens, positional, roots = {ids}, set(), []
+    tokens, positional, roots = {ids}, [], []
+    seen: set[fx.Node] = set()
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
@@ -135,10 +132,20 @@ def position_roots(gm: fx.GraphModule, ids: fx.Node) -> list[fx.Node]:
         if any(a in tokens for a in inputs):
             tokens.add(node)
         elif seq & _symbols(node.meta.get("val")):
-            positional.add(node)
-            if not any(a in positional for a in inputs):
+            positional.append(node)
+            seen.add(node)
+            if not any(a in seen for a in inputs):
                 roots.append(node)
-    return roots
+    return positional, roots
+
+
+def position_roots(gm: fx.GraphModule, ids: fx.Node) -> list[fx.Node]:
+    """Tensors whose shape depends on T but whose values do not depend on the tokens.
+
+    These are the position sources of the graph (``arange(T)``, a RoPE table sliced to T, ...),
+    taken at their roots: nodes none of whose inputs is already such a tensor.
+    """
+    return _positional(gm, ids)[1]
 
 
 def _ones_cumsums(fill: fx.Node) -> list[fx.Node]:
@@ -196,10 +203,14 @@ def plan_positions(gm: fx.GraphModule, ids: fx.Node, name: str) -> PositionPlan:
         PassError: a source that is none of the understood forms; one sentence naming the node.
     """
     plan: dict = {"aranges": [], "cumsums": [], "left": []}
-    for root in position_roots(gm, ids):
+    positional, roots = _positional(gm, ids)
+    for root in roots:
         _classify(root, ids, name, plan)
     for node in plan["cumsums"]:
         _check_cumsum(node, ids, name)
+    for node in positional:  # a running sum of anything else would count from 0 again at every step
+        if node.target is aten.cumsum.default and node not in plan["cumsums"]:
+            raise _refuse(name, node, "it is a cumsum of something other than a ones fill")
     return PositionPlan(tuple(plan["aranges"]), tuple(plan["cumsums"]), tuple(plan["left"]))
 
 
