@@ -257,7 +257,7 @@ class AddKVCache(Pass):
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         snapshot = GraphSnapshot.take(gm)
         if is_decode_form(gm):
-            n = len(gm.meta[META_KEY])
+            n = sum(not isinstance(s, PositionLayout) for s in gm.meta[META_KEY])
             skipped = (("already in decode form", "graph has past_k_0"),)
             base = snapshot.report(gm, self.name, matched=n, skipped=skipped)
             return PassResult(gm, False, _as_kv_report(base))
