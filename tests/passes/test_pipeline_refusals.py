@@ -72,7 +72,7 @@ def test_rejects_any_pass_after_add_kv_cache_naming_both():
 
 @pytest.mark.parametrize(("spec", "first", "second"), [
     ("quantize-kv, quantize-kv{method=kivi}", r"quantize-kv \(pass 1\)", r"quantize-kv\{method=kivi\} \(pass 2\)"),
-    ("fuse-attention, skip-ffn, skip-ffn{rank=4}", r"skip-ffn \(pass 2\)", r"skip-ffn\{rank=4\} \(pass 3\)"),
+    ("fuse-attention, skip-ffn, skip-ffn{warmup=4}", r"skip-ffn \(pass 2\)", r"skip-ffn\{warmup=4\} \(pass 3\)"),
 ])
 def test_rejects_second_conflicting_pass_before_any_runs(spec, first, second):
     with pytest.raises(PassError, match=rf"{second} conflicts with {first}: both rewrite every layer"):
