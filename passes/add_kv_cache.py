@@ -7,25 +7,29 @@ Rewrites (for the i-th cached attention op, in graph order; generic over the dec
     op_i(...) → rule.rewire(op_i, layout_i, past_i): the op reading its past (for condfx.attention:
         cat([past_k_i, k], 2), cat([past_v_i, v], 2)); layout_i = rule.layout(op_i, i)
         (``condfx.layouts``: full, window, interleaved, float16 or packed streams)
-    arange(T) feeding RoPE cos/sin or a position embedding
-        → arange(P, P + T), P = the cache length of the first layer whose rule says it gives the
-          position (its layout's length inputs over its rows per token); rules read P too
+    position sources (``passes/decode/positions.py``): arange(T) feeding RoPE cos/sin, a position
+        embedding or a weight table → arange(P, P + T); cumsum of a ``ones`` fill along T → + P;
+        constant fills and aranges enumerating the call's rows (MoE dispatch) are left alone.
+        P = the cache length of the first layer whose rule says it gives the position (its
+        layout's length inputs over its rows per token); when no layer does (every layer windowed
+        or otherwise bounded) a ``PositionLayout`` is added after the layers: past_position
+        (B, 0, P, 0) → present_position (B, 0, P + T, 0), 0 bytes, its dim 2 the position. Rules
+        read P too
   Exact: the decode form with P = 0 is the original function, and prefill(ids[:n]) followed by
   decode steps over ids[n:] reproduces the full forward (the op aligns queries to the end of the keys).
   The rewritten graph is re-exported (``torch.export``; dims batch, seq and the layouts'
   ``length_dims``: one past length per layer shared by its k and v, one per stream tensor; example P = 3), so every node gets fresh FakeTensor
   metadata. ``gm.meta["condfx_kv"]`` lists the layers' cache layouts for the runtime and the exporter.
-  Position sources are checked: every tensor whose shape depends on T but not on the tokens must
-  come from an offset arange, else the pass fails (e.g. a RoPE table sliced to T).
+  Position sources are checked: every tensor whose shape depends on T but not on the tokens must be
+  one of the forms above, else the pass fails naming the node (e.g. a RoPE table sliced to T).
 
 Requires: every attention core is an op with a decode rule (must run after ``fuse-attention``); the
   graph's only input is ``input_ids`` (B, T) (or embeddings (B, T, C)) with symbolic B and T; its
   first output is the logits. Must run last: passes after it would see two extra inputs per layer
   and a tuple output.
 
-Does not handle: position ids passed as graph inputs (they are not offset), graphs in which every
-  layer keeps a bounded cache (P would be the trimmed cache length, not the position; the pass fails),
-  padded batches (the op has no padding mask).
+Does not handle: position ids passed as graph inputs (they are not offset), padded batches (the op
+  has no padding mask).
 """
 
 from __future__ import annotations
@@ -39,10 +43,18 @@ import torch
 from torch import fx
 
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
-from condfx.layouts import META_KEY, CacheLayout, is_decode_form
+from condfx.layouts import META_KEY, CacheLayout, PositionLayout, is_decode_form
 from condfx.passes._insert import remove_dead_calls
 from condfx.passes.base import GraphSnapshot, Pass, PassError, PassReport, PassResult
 from condfx.passes.decode.base import DecodeContext
+from condfx.passes.decode.positions import (
+    PositionPlan,
+    find_position_aranges,
+    offset_positions,
+    plan_positions,
+    position_roots,
+)
+from condfx.passes.decode.positions import reaches_position_use as _reaches_position_use  # noqa: F401  (skip-ffn)
 from condfx.passes.decode_rules import DECODE_RULES
 from condfx.passes.fuse_attention import is_fused_attention
 from condfx.passes.graph_builder import PROVENANCE_KEYS
@@ -51,10 +63,6 @@ from condfx.patterns import find_regions
 __all__ = ["AddKVCache", "AddKVCacheConfig", "KVCacheReport", "find_position_aranges", "is_cached_attention",
            "is_decode_form", "position_roots"]
 
-_ARANGES = (torch.ops.aten.arange.default, torch.ops.aten.arange.start)
-_EMBEDDING = torch.ops.aten.embedding.default
-_ROPE_TRIG = (torch.ops.aten.cos.default, torch.ops.aten.sin.default)
-_SEARCH_DEPTH = 12  # nodes walked from an arange to its cos/sin or embedding user
 _EXAMPLE_B, _EXAMPLE_T, _EXAMPLE_P = 2, 5, 3
 
 
@@ -82,81 +90,6 @@ class KVCacheReport(PassReport):
 def is_cached_attention(node: fx.Node) -> bool:
     """Is ``node`` an op with a decode rule (``passes/decode_rules.DECODE_RULES``)?"""
     return node.op == "call_function" and node.target in DECODE_RULES
-
-
-def _reaches_position_use(node: fx.Node) -> bool:
-    """True when ``node`` flows (within a few ops) into RoPE cos/sin or an embedding's indices."""
-    frontier, seen = [node], {node}
-    for _ in range(_SEARCH_DEPTH):
-        nxt = []
-        for n in frontier:
-            for user in n.users:
-                if user.op == "call_function" and user.target in _ROPE_TRIG:
-                    return True
-                if user.op == "call_function" and user.target is _EMBEDDING and user.args[1] is n:
-                    return True
-                if user not in seen:
-                    seen.add(user)
-                    nxt.append(user)
-        frontier = nxt
-    return False
-
-
-def find_position_aranges(gm: fx.GraphModule, ids: fx.Node) -> list[fx.Node]:
-    """The ``arange(T)`` nodes, T = ``input_ids.shape[1]``, that feed RoPE or position embeddings."""
-    seq = ids.meta["val"].shape[1]
-    found = []
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in _ARANGES:
-            continue
-        val = node.meta.get("val")
-        starts_at_zero = node.target is _ARANGES[0] or node.args[0] == 0
-        if val is None or val.dim() != 1 or not starts_at_zero or len(node.args) > 2:
-            continue
-        if str(val.shape[0]) == str(seq) and _reaches_position_use(node):
-            found.append(node)
-    return found
-
-
-def _symbols(value) -> set:
-    if not isinstance(value, torch.Tensor):
-        return set()
-    return {s for d in value.shape if isinstance(d, torch.SymInt) for s in d.node.expr.free_symbols}
-
-
-def position_roots(gm: fx.GraphModule, ids: fx.Node) -> list[fx.Node]:
-    """Tensors whose shape depends on T but whose values do not depend on the tokens.
-
-    These are the position sources of the graph (``arange(T)``, a RoPE table sliced to T, ...),
-    taken at their roots: nodes none of whose inputs is already such a tensor.
-    """
-    seq = _symbols(ids.meta["val"]) & set(ids.meta["val"].shape[1].node.expr.free_symbols)
-    tokens, positional, roots = {ids}, set(), []
-    for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        # shapes (SymInts from sym_size) carry T, not token values
-        inputs = [
-            a for a in node.all_input_nodes if not isinstance(a.meta.get("val"), torch.SymInt)
-        ]
-        if any(a in tokens for a in inputs):
-            tokens.add(node)
-        elif seq & _symbols(node.meta.get("val")):
-            positional.add(node)
-            if not any(a in positional for a in inputs):
-                roots.append(node)
-    return roots
-
-
-def _check_positions(gm: fx.GraphModule, ids: fx.Node, aranges: list[fx.Node], name: str) -> None:
-    """PassError when a position source is not one of the aranges the pass offsets."""
-    for root in position_roots(gm, ids):
-        if root not in aranges:
-            reason = (
-                f"position-dependent value '{root.name}' is not an arange(T) feeding RoPE cos/sin "
-                "or a position embedding, so the pass cannot offset it by the cache length"
-            )
-            raise PassError(name, reason, node=root)
 
 
 def _as_kv_report(base: PassReport, positions: tuple[str, ...] = ()) -> KVCacheReport:
@@ -206,13 +139,21 @@ def _add_past_inputs(graph: fx.Graph, ids: fx.Node, layouts: list[CacheLayout]) 
     return pasts
 
 
+def _gives_position(node: fx.Node | None, layout: CacheLayout) -> bool:
+    if isinstance(layout, PositionLayout):
+        return True
+    return node is not None and DECODE_RULES[node.target].gives_position(layout)
+
+
 def _position(graph: fx.Graph, attn, layouts, pasts) -> fx.Node | None:
     """P, the absolute position of the first new token, from the first layer whose rule says its
-    cache length gives it (the sum of its length inputs' dim 2, over its rows per token); inserted
-    right after the past inputs. None when no layer gives it."""
+    cache length gives it (the sum of its length inputs' dim 2, over its rows per token), or the
+    ``PositionLayout`` added when none does; inserted right after the past inputs. None when no
+    layout gives it."""
     first = pasts[-1][-1].next  # right after the past inputs
-    for node, layout, past in zip(attn, layouts, pasts, strict=True):
-        if not DECODE_RULES[node.target].gives_position(layout):
+    ops = [*attn, *[None] * (len(layouts) - len(attn))]  # a PositionLayout has no op
+    for node, layout, past in zip(ops, layouts, pasts, strict=True):
+        if not _gives_position(node, layout):
             continue
         with graph.inserting_before(first):
             sizes = [graph.call_function(torch.ops.aten.sym_size.int, (past[i], 2))
@@ -226,15 +167,23 @@ def _position(graph: fx.Graph, attn, layouts, pasts) -> fx.Node | None:
     return None
 
 
-def _offset_positions(graph: fx.Graph, aranges, ids: fx.Node, p: fx.Node) -> None:
-    """arange(T) → arange(P, P + T); T is read from the input right before the arange."""
-    for node in aranges:
-        with graph.inserting_before(node):
-            t = graph.call_function(torch.ops.aten.sym_size.int, (ids, 1))
-            end = graph.call_function(operator.add, (p, t))
-            new = graph.call_function(torch.ops.aten.arange.start, (p, end), dict(node.kwargs))
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+def _with_position_layout(attn: list[fx.Node], layouts: list[CacheLayout], plan: PositionPlan) -> list[CacheLayout]:
+    """``layouts`` plus a ``PositionLayout`` when something needs P and no layer's cache gives it."""
+    rules = [DECODE_RULES[node.target] for node in attn]
+    needed = any(r.needs_position for r in rules) or bool(plan.aranges or plan.cumsums)
+    if needed and not any(_gives_position(n, s) for n, s in zip(attn, layouts, strict=True)):
+        return [*layouts, PositionLayout(len(layouts))]
+    return layouts
+
+
+def _position_present(graph: fx.Graph, ids: fx.Node, past: fx.Node) -> fx.Node:
+    """present_position = cat([past_position, zeros(B, 0, T, 0)], 2), right before the output."""
+    output = next(n for n in graph.nodes if n.op == "output")
+    with graph.inserting_before(output):
+        b = graph.call_function(torch.ops.aten.sym_size.int, (ids, 0))
+        t = graph.call_function(torch.ops.aten.sym_size.int, (ids, 1))
+        new = graph.call_function(torch.ops.aten.new_zeros.default, (past, [b, 0, t, 0]))
+        return graph.call_function(torch.ops.aten.cat.default, ([past, new], 2))
 
 
 def _reexport(
@@ -266,7 +215,7 @@ def _reexport(
     return out
 
 
-def _rewrite(gm, ids, attn, aranges, layouts, name) -> None:
+def _rewrite(gm, ids, attn, plan: PositionPlan, layouts) -> None:
     """The fx surgery: past inputs, each op's decode rule, offset positions, (logits, presents...)."""
     graph = gm.graph
     for node in [n for n in graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
@@ -274,23 +223,15 @@ def _rewrite(gm, ids, attn, aranges, layouts, name) -> None:
     nodes = {n.name: n for n in graph.nodes}
     pasts = _add_past_inputs(graph, ids, layouts)
     p = _position(graph, attn, layouts, pasts)
-    rules = [DECODE_RULES[node.target] for node in attn]
-    needs = [r.pass_name for r in rules if r.needs_position] + (["the position aranges"] if aranges else [])
-    if needs and p is None:
-        made = ", ".join(sorted({r.pass_name for r in rules}))
-        reason = (
-            f"{needs[0]} needs the absolute position, but every attention layer keeps a bounded cache "
-            f"(layers made by {made}), so no cache length gives it: keep one full-attention layer"
-        )
-        raise PassError(name, reason)
     ctx = DecodeContext(gm, ids, p, nodes)
     presents = []
-    for node, layout, past in zip(attn, layouts, pasts, strict=True):
+    for node, layout, past in zip(attn, layouts, pasts, strict=False):
         presents += DECODE_RULES[node.target].rewire(node, layout, past, ctx)
     for finish in ctx.deferred:
         finish()
-    if aranges:
-        _offset_positions(graph, aranges, ids, p)
+    if len(layouts) > len(attn):  # the PositionLayout
+        presents.append(_position_present(graph, ids, pasts[-1][0]))
+    offset_positions(graph, plan, ids, p)
     output = next(n for n in graph.nodes if n.op == "output")
     logits = output.args[0]
     logits = logits[0] if isinstance(logits, (tuple, list)) else logits
@@ -316,20 +257,20 @@ class AddKVCache(Pass):
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         snapshot = GraphSnapshot.take(gm)
         if is_decode_form(gm):
-            n = len(gm.meta[META_KEY])
+            n = sum(not isinstance(s, PositionLayout) for s in gm.meta[META_KEY])
             skipped = (("already in decode form", "graph has past_k_0"),)
             base = snapshot.report(gm, self.name, matched=n, skipped=skipped)
             return PassResult(gm, False, _as_kv_report(base))
         attn = _check_fused(gm, self.name)
         ids = _graph_input(gm, self.name)
-        aranges = find_position_aranges(gm, ids)
-        _check_positions(gm, ids, aranges, self.name)
+        plan = plan_positions(gm, ids, self.name)
         layouts = [DECODE_RULES[node.target].layout(node, i) for i, node in enumerate(attn)]
+        layouts = _with_position_layout(attn, layouts, plan)
         old_meta = {
             n.name: {k: n.meta[k] for k in PROVENANCE_KEYS if k in n.meta} for n in gm.graph.nodes
         }
-        positions = tuple(n.name for n in aranges)
-        _rewrite(gm, ids, attn, aranges, layouts, self.name)
+        positions = plan.offset
+        _rewrite(gm, ids, attn, plan, layouts)
         new = _reexport(gm, ids.meta["val"], layouts, old_meta)
         new.meta[META_KEY] = tuple(layouts)
         base = snapshot.report(new, self.name, matched=len(attn), rewritten=len(attn))

@@ -209,6 +209,21 @@ def missing_layers(requested: tuple[int, ...] | None, available) -> list[int]:
     return [i for i in requested or () if i not in have]
 
 
+def check_layer_range(pass_name: str, requested: tuple[int, ...] | None, n_layers: int,
+                      kind: str = "attention") -> None:
+    """PassError when a ``layers=`` option names an index at or beyond ``n_layers``.
+
+    Raises:
+        PassError: one sentence naming the pass, the out-of-range indices and the valid range.
+    """
+    beyond = [i for i in requested or () if i >= n_layers]
+    if beyond:
+        valid = f"0..{n_layers - 1}" if n_layers else "none"
+        reason = (f"{pass_name}: layers {beyond} are out of range; the graph has {n_layers} {kind} "
+                  f"layers (valid indices {valid}).")
+        raise PassError(pass_name, reason)
+
+
 def select_layers(
     pass_name: str, requested: tuple[int, ...] | None, available, kind: str = "attention",
     whose: str = "the model's",
@@ -216,8 +231,9 @@ def select_layers(
     """The layers a pass's ``layers=`` option selects among ``available`` (all of them for None).
 
     Every pass with a ``layers=`` option selects through this function, so a layer that does not
-    exist gets one behaviour and one message everywhere (``fuse-attention`` alone records it as a
-    skip instead, see ``missing_layers``: its tests pin that).
+    exist gets one behaviour and one message everywhere (``fuse-attention`` refuses indices beyond
+    the graph's layers with ``check_layer_range`` and records a layer in range that it did not find
+    as a skip: a layer fused by an earlier run is no region any more).
 
     Args:
         pass_name: the pass, named in the message.
@@ -235,7 +251,8 @@ def select_layers(
     if missing:
         reason = (
             f"{pass_name}: layers {missing} do not exist; the graph has {kind} layers {known} "
-            f"(layers={list(requested)} names layer {missing[0]}, but {whose} {kind} layers are {known})."
+            f"(layers={list(requested)} names layer {missing[0]}, but {whose} {kind} layers are {known}; "
+            f"valid indices: {', '.join(map(str, known)) or 'none'})."
         )
         raise PassError(pass_name, reason)
     return frozenset(known if requested is None else requested)

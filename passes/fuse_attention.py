@@ -33,7 +33,14 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
 from condfx.passes._insert import erase_unused, remove_dead_calls
-from condfx.passes.base import GraphSnapshot, Pass, PassResult, layer_indices, missing_layers
+from condfx.passes.base import (
+    GraphSnapshot,
+    Pass,
+    PassResult,
+    check_layer_range,
+    layer_indices,
+    missing_layers,
+)
 from condfx.passes.graph_builder import GraphBuilder
 from condfx.passes.report import estimate_cost
 from condfx.patterns import find_regions
@@ -128,8 +135,10 @@ class FuseAttention(Pass):
         regions = find_regions(gm)
         wanted = self.config.layers
         selected = [r for r in regions.attention if wanted is None or r.layer in wanted]
-        # A missing layer is a skip here, not select_layers' PassError: tests pin it (route-attention
-        # calls this pass on layers it has already checked).
+        # An index beyond the graph's layers is refused; one in range but not found (fused by an
+        # earlier run, so no region any more) is a skip.
+        n_layers = max([r.layer + 1 for r in regions.attention] + [len(regions.attention)])
+        check_layer_range(self.name, wanted, n_layers + len(_fused_cores_not_in(gm, regions.attention)))
         missing = missing_layers(wanted, (r.layer for r in regions.attention))
         skipped = [("layer not found", f"layer {i}") for i in missing]
         # condfx.attention nodes the finder does not report (fused by an earlier run).

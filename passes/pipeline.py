@@ -3,27 +3,45 @@
 ``apply`` deep-copies the caller's GraphModule, runs the passes in order, checks the graph invariants
 around each, optionally verifies outputs after each pass, and raises ``PassError`` naming the failing
 pass and the passes before it. The caller's module is never modified.
+
+A pass asked for must change the graph: one that matched nothing, or matched regions and rewrote
+none of them (every region skipped, the reasons listed per layer), is a PassError unless
+``allow_partial=True`` (CLI ``--allow-partial``), which accepts a pass that rewrote nothing; a pass
+whose every region is already in its output form (``ALREADY_DONE``) is no error. Refused
+before any pass runs: a pass after ``add-kv-cache`` (the graph is in decode form), and two passes of
+``ONE_PER_LAYER`` (``quantize-kv``, ``skip-ffn``) that would rewrite the same layers.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import fx
 
+from condfx.layouts import is_decode_form
 from condfx.passes.base import Pass, PassError, PassReport, PassResult
 from condfx.passes.spec import PassSpec, build_config, build_passes, load_spec, parse_spec
 
 __all__ = [
-    "PassSpec", "PipelineReport", "PipelineResult", "apply", "build_config", "build_passes",
-    "load_spec", "parse_spec", "run_pass",
+    "ALREADY_DONE", "ONE_PER_LAYER", "PassSpec", "PipelineReport", "PipelineResult", "apply", "build_config", "build_passes",
+    "check_conflicts", "load_spec", "parse_spec", "run_pass",
 ]
+
+
+# Passes of which one per layer can run: a second one over the same layers would find them rewritten.
+ONE_PER_LAYER = frozenset({"quantize-kv", "skip-ffn"})
+_MAX_DETAILS = 6  # per skip reason in a "rewrote nothing" message
+# Skip reasons saying a region is already in the pass's output form: a pass that skipped every region
+# for this reason leaves the graph as asked (fuse-attention run twice), so rewriting nothing is fine.
+ALREADY_DONE = MappingProxyType({"fuse-attention": "already fused"})
 
 
 @dataclass(frozen=True)
@@ -92,12 +110,71 @@ def run_pass(p: Pass, gm: fx.GraphModule, prior: tuple[str, ...] = ()) -> PassRe
     return result
 
 
-def _run_one(p: Pass, gm: fx.GraphModule, prior: tuple[str, ...]) -> PassResult:
+def _skip_summary(report: PassReport) -> str:
+    """``reason (layer 0, layer 1, ...); reason2 (...)``: the skips grouped by reason, compactly."""
+    by_reason: dict[str, list[str]] = {}
+    for reason, detail in report.skipped:
+        by_reason.setdefault(reason, []).append(detail)
+    parts = []
+    for reason, details in by_reason.items():
+        shown = ", ".join(details[:_MAX_DETAILS]) + (", ..." if len(details) > _MAX_DETAILS else "")
+        parts.append(f"{reason} ({shown})")
+    return "; ".join(parts) or "no skip reason recorded"
+
+
+def _run_one(p: Pass, gm: fx.GraphModule, prior: tuple[str, ...], allow_partial: bool) -> PassResult:
+    if is_decode_form(gm):
+        after = "add-kv-cache" + (" (run before it)" if "add-kv-cache" in prior else " (the input graph)")
+        reason = (f"{p.name} cannot run after {after}: the graph is in decode form (cache inputs and a "
+                  "tuple output); put add-kv-cache last in the pipeline")
+        raise PassError(p.name, reason, prior=prior)
     result = run_pass(p, gm, prior)
-    if result.report.matched == 0:
-        misses = "; ".join(result.report.near_misses[:5]) or "none recorded"
+    report = result.report
+    if report.matched == 0:
+        misses = "; ".join(report.near_misses[:5]) or "none recorded"
         raise PassError(p.name, f"{p.name} matched no {p.matches}; near misses: {misses}", prior=prior)
+    done = ALREADY_DONE.get(p.name)
+    already = bool(report.skipped) and all(reason == done for reason, _ in report.skipped)
+    if report.rewritten == 0 and not (allow_partial or already):
+        reason = (f"{p.name} matched {report.matched} but rewrote none: {_skip_summary(report)}; "
+                  "pass allow_partial=True (CLI --allow-partial) to accept a pass that changes nothing")
+        raise PassError(p.name, reason, prior=prior)
     return result
+
+
+def _spec_text(p: Pass) -> str:
+    """``name{option=value,...}`` with the options that differ from their defaults."""
+    cfg, options = p.config, []
+    for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(cfg) else ():
+        value = getattr(cfg, f.name)
+        if f.default is dataclasses.MISSING or value != f.default:
+            options.append(f"{f.name}={getattr(value, 'value', value)}")
+    return p.name + (f"{{{','.join(options)}}}" if options else "")
+
+
+def _layers_of(p: Pass) -> frozenset[int] | None:
+    layers = getattr(p.config, "layers", None)
+    return None if layers is None else frozenset(layers)
+
+
+def check_conflicts(passes: Sequence[Pass]) -> None:
+    """PassError when two passes of ``ONE_PER_LAYER`` with the same name would rewrite one layer.
+
+    Passes without a ``layers`` option rewrite every layer, so two of them always conflict.
+    """
+    for i, later in enumerate(passes):
+        if later.name not in ONE_PER_LAYER:
+            continue
+        for earlier in passes[:i]:
+            if earlier.name != later.name:
+                continue
+            a, b = _layers_of(earlier), _layers_of(later)
+            if a is None or b is None or a & b:
+                shared = "every layer" if a is None or b is None else f"layers {sorted(a & b)}"
+                reason = (f"{_spec_text(later)} (pass {i + 1}) conflicts with {_spec_text(earlier)} (pass "
+                          f"{passes.index(earlier) + 1}): both rewrite {shared}, and one {later.name} "
+                          "per layer can run; keep one of them")
+                raise PassError(later.name, reason, prior=tuple(q.name for q in passes[:i]))
 
 
 def apply(
@@ -106,6 +183,7 @@ def apply(
     *,
     verify_inputs: Sequence[torch.Tensor] | None = None,
     registry: Mapping[str, type[Pass]] | None = None,
+    allow_partial: bool = False,
 ) -> PipelineResult:
     """Applies a pipeline of passes to a private deep copy of ``gm``; ``gm`` itself is never modified.
 
@@ -115,18 +193,26 @@ def apply(
         verify_inputs: when given, the rewritten module is compared with ``gm`` on these inputs after
             every pass (``condfx.verify``: exact while only exact passes ran, lossy afterwards).
         registry: the pass registry to resolve names in; defaults to ``passes.registry.PASSES``.
+        allow_partial: accept a pass that matched regions but rewrote none of them (by default that
+            is a PassError listing the skip reasons per layer).
 
     Returns:
         The PipelineResult.
 
     Raises:
         ValueError, TypeError: the spec is malformed or names unknown passes or bad options.
-        PassError: a pass failed, matched nothing or broke an invariant, or an exact pass changed the
-            outputs beyond tolerance; it names the pass and the passes before it.
+        PassError: a pass failed, matched nothing, rewrote nothing (unless ``allow_partial``), ran
+            after ``add-kv-cache``, conflicts with an earlier pass (``ONE_PER_LAYER``) or broke an
+            invariant, or an exact pass changed the outputs beyond tolerance; it names the pass and
+            the passes before it.
     """
     from condfx.verify import verify  # lazily: verify imports nothing from passes
 
     passes = build_passes(spec, registry)
+    check_conflicts(passes)
+    if not isinstance(allow_partial, bool):
+        msg = f"apply's allow_partial must be True or False; got {allow_partial!r}."
+        raise TypeError(msg)
     with warnings.catch_warnings():
         # deepcopy of an export GraphModule trips a pytree FutureWarning (torch 2.13); harmless.
         warnings.simplefilter("ignore", FutureWarning)
@@ -134,7 +220,7 @@ def apply(
     reports, checks, modified, exact = [], [], False, True
     for i, p in enumerate(passes):
         prior = tuple(q.name for q in passes[:i])
-        result = _run_one(p, work, prior)
+        result = _run_one(p, work, prior, allow_partial)
         work, modified = result.graph_module, modified or result.modified
         reports.append(result.report)
         if verify_inputs is None:

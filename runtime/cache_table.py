@@ -17,11 +17,18 @@ from condfx.layouts import (
     Float16KVLayout,
     FullKVLayout,
     InterleavedKVLayout,
+    PositionLayout,
     StreamsLayout,
     WindowKVLayout,
 )
 from condfx.layouts.sink_window import SinkWindowKVLayout
-from condfx.runtime.caches import FullKVCache, InterleavedKVCache, LayerCache, SlidingWindowCache
+from condfx.runtime.caches import (
+    FullKVCache,
+    InterleavedKVCache,
+    LayerCache,
+    PositionCache,
+    SlidingWindowCache,
+)
 from condfx.runtime.quant_caches import Float16KVCache, GraphStreamCache
 from condfx.runtime.sink_window_cache import SinkWindowCache
 
@@ -32,6 +39,7 @@ CACHES = MappingProxyType({
     Float16KVLayout: Float16KVCache,
     StreamsLayout: GraphStreamCache,
     SinkWindowKVLayout: SinkWindowCache,
+    PositionLayout: PositionCache,
 })
 
 

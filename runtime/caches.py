@@ -14,6 +14,8 @@ Kinds (TECHNIQUES.md section 8, item 3, "runtime state schema"):
       ``condfx.attention`` has ``window > 0``. The op aligns queries to the end of the keys, so the
       kept keys must stay in position order; trimming by slicing keeps them so (a ring buffer with a
       rotating start would need a gather first). Memory is bounded by the window.
+    * ``PositionCache`` (here): no keys or values, only the token count (an empty (B, 0, P, 0)
+      tensor), for graphs whose every layer keeps a bounded cache (``condfx.layouts.PositionLayout``).
     * ``GraphStreamCache`` (``runtime/quant_caches.py``; KIVI and XQuant): the packed codes, float16
       scales and zero points and full-precision tail of each stream, which the decode graph reads
       and updates itself; ``KIVICache`` / ``XQuantCache`` there keep the same policies eagerly.
@@ -215,6 +217,56 @@ class InterleavedKVCache(FullKVCache):
             raise ValueError(msg)
         self.length += new // self.pseudo
         self.k, self.v = present_k, present_v
+
+
+class PositionCache(LayerCache):
+    """The token count of a graph whose every attention layer keeps a bounded cache
+    (``condfx.layouts.PositionLayout``): one empty (B, 0, P, 0) tensor whose dim 2 is the position.
+    It holds no bytes."""
+
+    io_tensors: int = 1
+
+    def __init__(self, batch: int, device: torch.device | str = "cpu"):
+        super().__init__(batch, 0, 0, torch.float32, device)
+        self.position = self._empty()
+
+    @classmethod
+    def from_layout(cls, layout, batch: int, device: torch.device | str = "cpu") -> PositionCache:
+        """The empty position cache (``cache_table.make_cache`` calls this)."""
+        return cls(batch, device)
+
+    def past(self) -> tuple[torch.Tensor]:
+        return (self.position,)
+
+    def update(self, present: torch.Tensor) -> None:
+        new = int(present.shape[2]) - self.stored
+        if tuple(present.shape) != (self.batch, 0, self.stored + new, 0) or new < 0:
+            msg = (f"PositionCache.update: present must be (B={self.batch}, 0, >= {self.stored}, 0); "
+                   f"got {tuple(present.shape)}.")
+            raise ValueError(msg)
+        self.length += new
+        self.position = present
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Not an attention layer: there are no keys or values to append."""
+        msg = "PositionCache holds no keys or values; append them to an attention layer's cache."
+        raise TypeError(msg)
+
+    def reset(self, batch: int | None = None) -> None:
+        self.batch = self.batch if batch is None else batch
+        self.length = 0
+        self.position = self._empty()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        index = index.to(self.position.device)
+        self.batch = int(index.numel())
+        self.position = self.position.index_select(0, index)
+
+    def _set(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.position = k
+
+    def nbytes(self) -> int:
+        return 0
 
 
 class CacheSet:

@@ -17,6 +17,7 @@ from torch import fx
 
 from condfx.layouts.base import CacheLayout, dtype_name, dtype_of
 from condfx.layouts.kv import Float16KVLayout, FullKVLayout, InterleavedKVLayout, WindowKVLayout
+from condfx.layouts.position import PositionLayout
 from condfx.layouts.sink_window import SinkWindowKVLayout
 from condfx.layouts.streams import StreamsLayout
 from condfx.ops.quant_stream import StreamSpec
@@ -28,6 +29,7 @@ LAYOUTS = MappingProxyType({
     Float16KVLayout.kind: Float16KVLayout,
     StreamsLayout.kind: StreamsLayout,
     SinkWindowKVLayout.kind: SinkWindowKVLayout,
+    PositionLayout.kind: PositionLayout,
 })
 
 META_KEY = "condfx_kv"
@@ -73,6 +75,6 @@ def is_decode_form(gm: fx.GraphModule) -> bool:
 
 __all__ = [
     "LAYOUTS", "META_KEY", "CacheLayout", "Float16KVLayout", "FullKVLayout", "InterleavedKVLayout",
-    "StreamSpec", "StreamsLayout", "WindowKVLayout", "decode_layouts", "dtype_name", "dtype_of",
+    "PositionLayout", "StreamSpec", "StreamsLayout", "WindowKVLayout", "decode_layouts", "dtype_name", "dtype_of",
     "is_decode_form", "layout_from_json",
 ]

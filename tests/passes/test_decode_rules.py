@@ -66,13 +66,22 @@ def test_rejects_plan_whose_nodes_a_later_pass_removed():
 class _NeedsPosition(AttentionDecodeRule):
     needs_position = True
 
+    def rewire(self, node, layout, past, ctx):
+        assert ctx.position is not None  # every layer bounded: P comes from the position layout
+        return super().rewire(node, layout, past, ctx)
 
-def test_rejects_rule_that_needs_the_position_when_every_layer_is_bounded(monkeypatch):
+
+def test_matches_position_layout_for_a_rule_that_needs_the_position_when_every_layer_is_bounded(monkeypatch):
+    # Issue 15 item 3 (decode for all-windowed models): this used to be refused ("every attention
+    # layer keeps a bounded cache ... keep one full-attention layer"); P now comes from a
+    # PositionLayout added after the attention layers.
     import condfx.passes.add_kv_cache as add_kv_cache
+    from condfx.layouts import PositionLayout
 
     monkeypatch.setattr(add_kv_cache, "DECODE_RULES", {torch.ops.condfx.attention.default: _NeedsPosition()})
     model = ToyStack(layers=2, form="eager", window=3).eval()
     gm = condfx.capture(model, (torch.randn(2, 5, 16),))
-    with pytest.raises(PassError, match=r"fuse-attention needs the absolute position, but every attention layer "
-                                        r"keeps a bounded cache \(layers made by fuse-attention\)"):
-        condfx.apply(gm, "fuse-attention, add-kv-cache")
+    decode = condfx.apply(gm, "fuse-attention, add-kv-cache").graph_module
+    layouts = decode.meta["condfx_kv"]
+    assert [type(s) for s in layouts][-1] is PositionLayout and len(layouts) == 3
+    assert [n.name for n in decode.graph.nodes if n.op == "placeholder"][-1] == "past_position"

@@ -100,9 +100,11 @@ def test_rejects_region_marked_non_causal():
 
 
 def test_rejects_layer_not_in_graph():
+    # issue 18: an out-of-range layer used to be a silent skip ("layer not found"); it is refused now
     _, gm, _ = _capture_toy()
-    result = FuseAttention(FuseAttentionConfig(layers=(5,)))(gm)
-    assert not result.modified and result.report.skipped == (("layer not found", "layer 5"),)
+    with pytest.raises(PassError, match=r"fuse-attention: layers \[5\] are out of range; the graph has 2 "
+                                        r"attention layers \(valid indices 0\.\.1\)"):
+        FuseAttention(FuseAttentionConfig(layers=(5,)))(gm)
 
 
 @pytest.mark.parametrize("bad", [["x"], [-1], 3, [True]])

@@ -54,8 +54,11 @@ def test_matches_layers_below_max_fraction():
 
 def test_matches_only_selected_layers():
     gm, _ = _routed()
-    result = apply(gm, "prune-global{max_fraction=1.0,layers=[1]}")
+    # issue 15 item 4: a pass that rewrote nothing is an error unless allow_partial=True
+    result = apply(gm, "prune-global{max_fraction=1.0,layers=[1]}", allow_partial=True)
     assert result.reports[0].rewritten == 0 and result.reports[0].matched == 1
+    with pytest.raises(PassError, match=r"prune-global matched 1 but rewrote none: routes too often \(layer 1"):
+        apply(gm, "prune-global{max_fraction=1.0,layers=[1]}")
 
 
 def test_rejects_before_statistics_were_recorded():
