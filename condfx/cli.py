@@ -68,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", required=True, help="pass spec, e.g. 'fuse-attention', or a .json/.yaml file")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--allow-partial", action="store_true",
+        help="accept a pass that matched regions but rewrote none (by default that is an error)",
+    )
     p.set_defaults(func=commands.optimize_cmd)
 
     p = sub.add_parser("eval", help="perplexity of a model on a text file")
@@ -84,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=None, help="window length (default: model context)")
     p.add_argument("--passes", default=None, help="apply this pass spec before evaluating")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--allow-partial", action="store_true",
+        help="accept a pass that matched regions but rewrote none (by default that is an error)",
+    )
     p.set_defaults(func=commands.eval_cmd)
 
     p = sub.add_parser(

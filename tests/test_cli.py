@@ -97,3 +97,13 @@ def test_eval_with_passes_matches_eval_without(capsys):
     code, fused, _ = _run(capsys, *base, "--passes", "fuse-attention")
     assert code == 0
     assert json.loads(fused)["nll"] == pytest.approx(json.loads(plain)["nll"], abs=1e-5)
+
+
+def test_rejects_pass_that_rewrote_nothing_unless_allow_partial(capsys, tmp_path):
+    """sink-window needs RoPE; on GPT-2 it matches both layers and rewrites none: exit 2 with the
+    per-layer reason, and --allow-partial keeps the unchanged model."""
+    code, _, err = _run(capsys, "optimize", "gpt2-tiny", "--passes", "sink-window", "-o", str(tmp_path / "a"))
+    assert code == 2 and "rewrote none: no RoPE" in err and "--allow-partial" in err
+    code, _, _ = _run(capsys, "optimize", "gpt2-tiny", "--passes", "sink-window", "-o", str(tmp_path / "b"),
+                      "--allow-partial")
+    assert code == 0 and (tmp_path / "b" / "report.json").is_file()
