@@ -1,6 +1,7 @@
 """Hostile ONNX bundles: each is refused with one sentence naming the folder and the field.
 
-One tiny bundle (``tests/hostile/_bundle.py``, llama-tiny) is copied and damaged: manifest fields
+The stories260K bundle the runtime tests export once (``tests.runtime.stories_bundle``) is copied and
+damaged: manifest fields
 edited with their hash rewritten (the structural checks must catch them on their own: swapped past or
 present names, reordered or dropped layers, a window added to a full layer, heads, dtype, vocab,
 max_seq_len, a path outside the folder) and without (the hash names the field), then missing,
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -22,17 +24,22 @@ import pytest
 import condfx
 from condfx.cli import main
 from condfx.codegen.bundle import MANIFEST_HASH_KEY, MANIFEST_NAME, manifest_hashes
-from condfx.models_zoo import load
 from condfx.runtime import Session, generate
 from condfx.runtime.onnx_backend import OnnxBackend, read_manifest
-from tests.hostile._bundle import MODEL, copy_bundle, tiny_bundle
+from tests._data import require_data
+from tests.runtime import STORIES, load_model, stories_bundle
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def model():
-    return load(MODEL)[0]
+    return load_model(STORIES)[0]
+
+
+def copy_bundle(dest: Path) -> Path:
+    shutil.copytree(stories_bundle(), dest)
+    return dest
 
 
 def _edited(dest: Path, edit: Callable[[dict], None], rehash: bool) -> Path:
@@ -71,10 +78,11 @@ def _set(path: str, value) -> Callable[[dict], None]:
 
 
 def _drop_layer(m: dict) -> None:
+    """Every layer but the first, from the layers and the names alike (consistent with itself)."""
     m["layers"] = m["layers"][:1]
     for kind in ("prefill", "decode"):
         for key in ("inputs", "outputs"):
-            m["files"][kind][key] = [n for n in m["files"][kind][key] if not n.endswith("_1")]
+            m["files"][kind][key] = [n for n in m["files"][kind][key] if not re.search(r"_[1-9]\d*$", n)]
 
 
 def _seq_len_everywhere(m: dict) -> None:
@@ -100,7 +108,7 @@ _CASES = {
         _field("files.prefill.outputs") + r" lists 'present_v_1' at position 3",
     ),
     "reordered-layers": (
-        lambda m: m.update(layers=m["layers"][::-1]), True,
+        lambda m: m.update(layers=[m["layers"][1], m["layers"][0], *m["layers"][2:]]), True,
         _field("layers[0]") + r" is layer 1, not 0 \(layers must be listed in graph order\)",
     ),
     "window-added": (
@@ -113,15 +121,15 @@ _CASES = {
     ),
     "max-seq-len": (
         _set("max_seq_len", 5), True,
-        _field("max_seq_len") + r" is 5, but its model 'llama-tiny' has a context of 512",
+        _field("max_seq_len") + r" is 5, but its model 'stories260K' has a context of 512",
     ),
     "max-seq-len-zero": (
         _set("max_seq_len", 0), True,
         _field("max_seq_len") + r" is 0, not a positive int",
     ),
     "heads": (
-        _set("layers.1.n_kv_heads", 4), True,
-        r"has prefill\.onnx's present_k_1 of size 2 in dim 1, but its manifest states 4",
+        _set("layers.1.n_kv_heads", 2), True,
+        r"has prefill\.onnx's present_k_1 of size 4 in dim 1, but its manifest states 2",
     ),
     "dtype": (
         _set("layers.0.dtype", "float16"), True,
@@ -129,7 +137,7 @@ _CASES = {
     ),
     "vocab": (
         _set("vocab_size", 300), True,
-        r"has prefill\.onnx's logits of size 256 in dim 2, but its manifest states 300",
+        r"has prefill\.onnx's logits of size 512 in dim 2, but its manifest states 300",
     ),
     "vocab-no-rehash": (_set("vocab_size", 300), False, _field("vocab_size") + r" was edited"),
     "dropped-layer": (
@@ -170,8 +178,8 @@ def test_rejects_max_seq_len_edited_with_the_identity_for_the_model_given(tmp_pa
 
 
 def test_numerics_untouched_bundle_opens_and_generates(model):
-    session = Session.from_onnx(tiny_bundle(), model=model)
-    assert session.max_seq_len == 512 and session.vocab_size == 256
+    session = Session.from_onnx(stories_bundle(), model=model)
+    assert session.max_seq_len == 512 and session.vocab_size == 512
     out = generate(session, [[1, 2, 3], [4, 5, 6]], max_new_tokens=4, greedy=True)
     assert [len(o) for o in out] == [4, 4]
 
@@ -197,11 +205,12 @@ def test_rejects_missing_changed_and_truncated_files(tmp_path):
 # Through the CLI: exit 2, one line naming the folder and the field --------------------------------
 
 
+
 @pytest.mark.parametrize("case", ["reordered-layers", "max-seq-len", "vocab"])
 def test_cli_refuses_tampered_bundle(tmp_path, capsys, case):
     edit, rehash, pattern = _CASES[case]
     folder = _edited(tmp_path / case, edit, rehash)
-    code = main(["generate", MODEL, "--prompt", "hi", "--max-new-tokens", "3", "--onnx", str(folder)])
+    code = main(["generate", str(require_data("stories260K.bin")), "--prompt", "hi", "--max-new-tokens", "3", "--onnx", str(folder)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith("error: ONNX folder") and str(folder) in " ".join(err.split())
@@ -214,7 +223,7 @@ def test_cli_subprocess_refuses_swapped_cache_names_without_traceback(tmp_path):
     root = str(Path(condfx.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     env.pop("CONDFX_DEBUG", None)
-    argv = ["generate", MODEL, "--prompt", "hi", "--onnx", str(folder)]
+    argv = ["generate", str(require_data("stories260K.bin")), "--prompt", "hi", "--onnx", str(folder)]
     result = subprocess.run(
         [sys.executable, "-m", "condfx.cli", *argv], capture_output=True, text=True, env=env, timeout=120
     )
