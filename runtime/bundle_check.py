@@ -86,7 +86,7 @@ def _check_layers(folder: Path, manifest: dict[str, Any], layouts: tuple[CacheLa
 def _check_names(folder: Path, field: str, got: Any, want: list[str]) -> None:
     if not isinstance(got, list) or not all(isinstance(n, str) for n in got):
         raise _fail(folder, f"has a manifest whose field '{field}' is not a list of names")
-    for i, (g, w) in enumerate(zip(got, want)):
+    for i, (g, w) in enumerate(zip(got, want, strict=False)):
         if g != w:
             raise _fail(folder, f"has a manifest whose field '{field}' lists '{g}' at position {i} "
                                 f"where its layers give '{w}'")
@@ -140,7 +140,7 @@ def _check_tensor(folder: Path, graph: str, arg: Any, dims: list, dtype: torch.d
         raise _fail(folder, f"has {where} of type {arg.type}, but its manifest states {dtype}")
     if len(arg.shape) != len(dims):
         raise _fail(folder, f"has {where} of rank {len(arg.shape)}, but its manifest states rank {len(dims)}")
-    for d, (g, w) in enumerate(zip(arg.shape, dims)):
+    for d, (g, w) in enumerate(zip(arg.shape, dims, strict=True)):
         if isinstance(g, int) and w is not None and g != w:
             raise _fail(folder, f"has {where} of size {g} in dim {d}, but its manifest states {w}")
 
@@ -151,7 +151,8 @@ def _check_session(folder, kind, graph, session, names_in, names_out, layouts, v
     got_out = [a.name for a in session.get_outputs()]
     for field, got, want in (("inputs", got_in, names_in), ("outputs", got_out, names_out)):
         if got != want:
-            at = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), min(len(got), len(want)))
+            at = next((i for i, (g, w) in enumerate(zip(got, want, strict=False)) if g != w),
+                      min(len(got), len(want)))
             g, w = (got[at] if at < len(got) else "nothing"), (want[at] if at < len(want) else "nothing")
             raise _fail(folder, f"has a {graph} whose {field} have '{g}' at position {at} where its "
                                 f"manifest's field 'files.{kind}.{field}' has '{w}'")
@@ -163,7 +164,8 @@ def _check_session(folder, kind, graph, session, names_in, names_out, layouts, v
     _check_tensor(folder, graph, logits, [None, None, vocab], _dtype_of_ort(logits.type))
     for arg, (dims, dtype) in zip(session.get_outputs()[1:], stated, strict=True):
         _check_tensor(folder, graph, arg, dims, dtype)
-    for arg, (dims, dtype) in zip(session.get_inputs()[1:], stated):
+    pasts = session.get_inputs()[1:]  # none in prefill.onnx
+    for arg, (dims, dtype) in zip(pasts, stated if pasts else [], strict=True):
         _check_tensor(folder, graph, arg, dims, dtype)
 
 

@@ -40,7 +40,12 @@ from condfx.codegen.bundle import (
 )
 from condfx.data import file_sha256
 from condfx.layouts import CacheLayout, layout_from_json
-from condfx.runtime.bundle_check import check_graphs, check_hashes, check_manifest, check_model_limit
+from condfx.runtime.bundle_check import (
+    check_graphs,
+    check_hashes,
+    check_manifest,
+    check_model_limit,
+)
 from condfx.runtime.sampling import check_token_ids
 from condfx.version import __version__
 

@@ -122,7 +122,7 @@ def make_generator(config: SamplingConfig, device: torch.device | str = "cpu") -
 
 
 def prompt_seed(seed: int, index: int) -> int:
-    """The seed of prompt ``index``: ``seed`` for prompt 0, else 63 bits of SHA256("seed:index")."""
+    """The seed of prompt ``index``: ``seed`` for prompt 0, else 63 bits of a SHA256 of (seed, index)."""
     if index == 0:
         return seed
     digest = hashlib.sha256(f"condfx-sampling:{seed}:{index}".encode()).digest()
@@ -175,5 +175,5 @@ def sample_next(
     if len(generator) != probs.shape[0]:
         msg = f"sample_next needs one generator per row: {probs.shape[0]} rows, {len(generator)} generators."
         raise ValueError(msg)
-    rows = [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator, strict=True)]
-    return torch.cat(rows).to(torch.long)
+    rows = [torch.multinomial(p.to(g.device), 1, generator=g) for p, g in zip(probs, generator, strict=True)]
+    return torch.cat(rows).to(device=logits.device, dtype=torch.long)

@@ -302,17 +302,21 @@ class Session:
 def _row_index(index: Any, batch: int) -> torch.Tensor:
     """``index`` as a (B',) int64 tensor of rows in ``[0, batch)``; ValueError otherwise."""
     if isinstance(index, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in index):
-        index = torch.tensor(index, dtype=torch.long) if index else torch.empty(0, dtype=torch.long)
-    ok = isinstance(index, torch.Tensor) and index.dim() == 1 and index.numel() > 0
-    if not ok or index.dtype not in (torch.int64, torch.int32):
+        rows = list(index)
+    elif isinstance(index, torch.Tensor) and index.dim() == 1 and index.dtype in (torch.int64, torch.int32):
+        rows = index.tolist()
+    else:
         got = f"shape {tuple(index.shape)} {index.dtype}" if isinstance(index, torch.Tensor) else repr(index)
         msg = f"Session.reorder needs a non-empty 1-D integer index of rows; got {got}."
         raise ValueError(msg)
-    bad = index[(index < 0) | (index >= batch)]
-    if bad.numel():
-        msg = f"Session.reorder: row {int(bad[0])} is outside the batch of {batch} rows [0, {batch - 1}]."
+    if not rows:
+        msg = "Session.reorder needs a non-empty 1-D integer index of rows; got no rows."
         raise ValueError(msg)
-    return index.to(torch.long)
+    bad = next((r for r in rows if not 0 <= r < batch), None)
+    if bad is not None:
+        msg = f"Session.reorder: row {bad} is outside the batch of {batch} rows [0, {batch - 1}]."
+        raise ValueError(msg)
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def _backend_kind(value: BackendKind | str) -> BackendKind:

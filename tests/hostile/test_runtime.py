@@ -15,8 +15,8 @@ import torch
 import condfx
 from condfx.cli import main
 from condfx.codegen.bundle import weights_sha256
-from condfx.runtime import SamplingConfig, Session, TorchBackend, generate
 from condfx.passes import PassError
+from condfx.runtime import SamplingConfig, Session, TorchBackend, generate
 from condfx.runtime.onnx_backend import OnnxBackend
 from tests.runtime import STORIES, decode_graph, load_model, stories_bundle
 
