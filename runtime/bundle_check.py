@@ -78,7 +78,11 @@ def _check_layers(folder: Path, manifest: dict[str, Any], layouts: tuple[CacheLa
         if extra:
             raise _fail(folder, f"has a manifest whose field 'layers[{i}]' has '{extra[0]}', which a "
                                 f"'{layout.kind}' cache layout does not have")
-        if layout.to_json() != entry:
+        try:  # sizes that are not positive ints (e.g. "n_kv_heads": "2" or -1) fail here
+            valid = layout.to_json() == entry and len(layout.empty_past(1, None, 1)) > 0
+        except (TypeError, ValueError, RuntimeError):
+            valid = False
+        if not valid:
             raise _fail(folder, f"has a manifest whose field 'layers[{i}]' is not a valid "
                                 f"'{layout.kind}' cache layout ({entry})")
 

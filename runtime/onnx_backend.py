@@ -96,7 +96,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     try:  # a kind this condfx does not know names the kind and the version that wrote it
         found = layouts(manifest)
     except ValueError as exc:
-        raise _fail(folder, f"lists a layer this condfx cannot read: {exc}") from None
+        raise _fail(folder, f"lists a layer this condfx cannot read: {str(exc).rstrip('.')}") from None
     if manifest.get("condfx_version") != __version__:
         got, want = manifest.get("condfx_version"), __version__
         raise _fail(folder, f"was written by condfx {got}, but this is condfx {want}")
@@ -199,7 +199,7 @@ class OnnxBackend:
         self.manifest = manifest
         self.layers = layouts(manifest)
         self.max_seq_len: int | None = manifest.get("max_seq_len")
-        self.vocab_size: int = manifest["vocab_size"]
+        self.vocab_size: int | None = manifest.get("vocab_size")
         self.device = torch.device("cpu")
         self._inputs = list(manifest["files"]["decode"]["inputs"])
         self._outputs = list(manifest["files"]["decode"]["outputs"])

@@ -150,6 +150,16 @@ _CASES = {
         _field("files.decode.path") + r" is '\.\./decode\.onnx', not a file name inside the folder",
     ),
     "files-a-list": (_set("files", []), True, r"field 'files' is a JSON list, not a dict"),
+    "heads-a-string": (
+        _set("layers.0.n_kv_heads", "4"), True, _field("layers[0]") + r" is not a valid 'full' cache layout",
+    ),
+    "inputs-missing": (
+        lambda m: m["files"]["decode"].pop("inputs"), True,
+        _field("files.decode.inputs") + r" is not a list of names",
+    ),
+    "no-layers": (
+        _set("layers", []), True, _field("files.prefill.outputs") + r" lists 11 names where its layers give 1",
+    ),
     "hash-removed": (
         lambda m: m.pop(MANIFEST_HASH_KEY), False,
         r"has a manifest without 'manifest_sha256' \(written before manifests were hashed",
