@@ -25,7 +25,7 @@ from torch import fx, nn
 
 from condfx.capture import capture
 from condfx.ops.masked_ffn import row_cosine
-from condfx.passes.model_identity import model_identity
+from condfx.passes.model_identity import check_identity, model_identity
 from condfx.passes.pipeline import apply
 from condfx.passes.skip_ffn import SkipFFNConfig, measure_skip_fraction
 from condfx.patterns import find_regions
@@ -48,7 +48,7 @@ class SkipCalibration:
         simulated_skip: fraction predicted from the dense cosines.
         measured_skip: fraction measured on the rewritten graph over the calibration tokens.
         profile: mean cos(h_in, h_out) per FFN layer on the calibration tokens.
-        identity: n_layers, dim and a hash of the FFN weights' shapes and a few values.
+        identity: n_layers, dim and the SHA256 of the model's weights (``model_identity``).
         profile_p50, profile_p90: median and 90th percentile of cos(h_in, h_out) per FFN layer
             (empty in files written before they existed).
     """
@@ -95,24 +95,18 @@ class SkipCalibration:
         Raises:
             ValueError: the file is for a different model (or is not a calibration file).
         """
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
         try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
             lists = {k: tuple(data[k]) for k in ("profile", "profile_p50", "profile_p90") if k in data}
             cal = cls(**{**data, **lists})
-        except (TypeError, KeyError) as exc:
-            msg = f"{path} is not a skip-ffn calibration file ({exc})."
+            cal.config()  # the options' own bounds (a NaN threshold is refused here)
+        except (OSError, TypeError, KeyError, ValueError) as exc:
+            msg = f"{path} is not a readable skip-ffn calibration file ({(str(exc) or type(exc).__name__).splitlines()[0]})."
             raise ValueError(msg) from None
         if model_or_gm is not None:
             mine = model_identity(_as_graph(model_or_gm))
-            if mine != cal.identity:
-                msg = (
-                    f"Calibration file {path} was made for a different model (n_layers "
-                    f"{cal.identity.get('n_layers')}, dim {cal.identity.get('dim')}, hash "
-                    f"{cal.identity.get('hash')}) than the one given (n_layers {mine['n_layers']}, "
-                    f"dim {mine['dim']}, hash {mine['hash']}); recalibrate for this model."
-                )
-                raise ValueError(msg)
+            check_identity(cal.identity, mine, f"Calibration file {str(path)!r}", "recalibrate")
         return cal
 
 

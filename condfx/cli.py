@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         _ERR.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
         return 2
     if getattr(args, "json", False) and result is not None:
-        print(json.dumps(result, indent=2, default=str))
+        print(json.dumps(commands.json_safe(result), indent=2, default=str, allow_nan=False))
     return 0
 
 

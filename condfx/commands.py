@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -16,6 +18,21 @@ _OUT = Console()
 
 class UserError(Exception):
     """A mistake in what the user asked for; the CLI prints it as one sentence."""
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, ±inf) replaced by None, recursively.
+
+    The CLI prints ``json.dumps(json_safe(result), ..., allow_nan=False)``: bare ``NaN`` or
+    ``Infinity`` is not JSON, and ``allow_nan=False`` makes any that slips through an error.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def _progress(disable: bool) -> Progress:
@@ -119,20 +136,30 @@ def optimize_cmd(args: argparse.Namespace) -> dict:
     model, _ = _load(args.model)
     gm = _capture(model)
     result = _apply(gm, args.passes)
+    check, ids = _verify_optimized(gm, result.graph_module, args.passes, model)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(str(result.report))
     (out / "report.json").write_text(result.to_json())
-    ids = _example_ids(model)
-    from condfx.verify import verify
-
-    check = verify(gm, result.graph_module, (ids,))
     saved = _save_graph(result.graph_module, ids, out)
     summary = {"output": str(out), "files": saved, "verify": check.to_dict(), "report": result.report.to_dict()}
     if not args.json:
         _OUT.print(str(result.report))
         _OUT.print(f"max |logit diff| vs original: {check.max_abs_diff:.3g}; wrote {', '.join(saved)} to {out}")
     return summary
+
+
+def _verify_optimized(gm, rewritten, spec: str, model):
+    """(VerifyResult, example ids): exact pipelines within ``EXACT_TOLERANCES``, lossy ones measured
+    without a tolerance; either fails (``VerificationError``) on a figure out of bounds or not finite."""
+    from condfx.passes.spec import build_passes
+    from condfx.verify import verify
+
+    ids = _example_ids(model)
+    exact = all(p.exact for p in build_passes(spec))
+    check = verify(gm, rewritten, (ids,), mode="exact" if exact else "lossy", sqnr_floor_db=None)
+    check.raise_if_failed("the optimized model")
+    return check, ids
 
 
 def _save_graph(gm, ids: torch.Tensor, out: Path) -> list[str]:
@@ -158,6 +185,7 @@ def eval_cmd(args: argparse.Namespace) -> dict:
         msg = f"--max-tokens must be at least 2; got {args.max_tokens}."
         raise ValueError(msg)
     model, tok = _load(args.model)
+    _check_context(args.context, model, args.model)
     if args.passes:
         rewritten = _apply(_capture(model), args.passes).graph_module
         rewritten.info = getattr(model, "info", None)  # context length etc. for the evaluation
@@ -186,6 +214,20 @@ def eval_cmd(args: argparse.Namespace) -> dict:
     if not args.json:
         _OUT.print(f"NLL {res.nll:.4f}  perplexity {res.ppl:.3f}  over {res.tokens} tokens")
     return result
+
+
+def _check_context(context: int | None, model: torch.nn.Module, name: str) -> None:
+    """Refuses an ``--context`` the model was not built for (positions past it are extrapolated or
+    out of the position table)."""
+    limit = getattr(getattr(model, "info", None), "max_seq_len", None)
+    if context is None:
+        return
+    if context < 2:
+        msg = f"--context must be at least 2 tokens; got {context}."
+        raise ValueError(msg)
+    if limit is not None and context > limit:
+        msg = f"--context {context} is beyond the maximum context of {name}, {limit} tokens; use --context {limit} or less."
+        raise ValueError(msg)
 
 
 # --------------------------------------------------------------------------------------- calibrate
@@ -293,11 +335,19 @@ def export_cmd(args: argparse.Namespace) -> dict:
 
     err = Console(stderr=True)
     say = (lambda _msg: None) if args.json else (lambda msg: err.print(f"{msg} ...", highlight=False, soft_wrap=True))
+    if args.kv_calib is not None:
+        from condfx.kv_calibrate import check_kv_calibration_used
+
+        check_kv_calibration_used(args.passes)
     t0 = time.perf_counter()
     bundle = export_model(
         args.model, args.output, passes=args.passes, verify=not args.no_verify, progress=say,
         kv_calibration=args.kv_calib,
     )
+    if bundle.diffs:
+        from condfx.verify import check_export_diffs
+
+        check_export_diffs(bundle.diffs, where=f"the export in {str(bundle.out_dir)!r}")
     files = bundle.manifest["files"]
     result = {
         "model": args.model, "output": str(bundle.out_dir), "passes": args.passes,

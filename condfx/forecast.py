@@ -297,8 +297,9 @@ def save_state(gm: fx.GraphModule, path: str | Path, identity: dict | None = Non
     Args:
         gm: a ``policy=forecast`` graph.
         path: the file to write.
-        identity: ``condfx.calibrate.model_identity`` of the graph before ``skip-ffn`` (what the pass
-            checks on load); default ``gm.meta["condfx_identity"]``, which the pass records.
+        identity: ``condfx.calibrate.model_identity`` of the graph before ``skip-ffn`` (shapes and
+            the SHA256 of its weights: what the pass checks on load); default
+            ``gm.meta["condfx_identity"]``, which the pass records.
 
     Returns:
         The tensor names written.
@@ -312,6 +313,7 @@ def save_state(gm: fx.GraphModule, path: str | Path, identity: dict | None = Non
     params = dict(gm.named_parameters())
     names = forecast_param_names(gm)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file({n: params[n].detach().cpu().contiguous() for n in names}, str(path),
-              metadata={"identity": json.dumps(identity), "format": "condfx-skip-ffn-forecast-1"})
+    metadata = {"identity": json.dumps(identity), "tensors": json.dumps(names),
+                "format": "condfx-skip-ffn-forecast-2"}
+    save_file({n: params[n].detach().cpu().contiguous() for n in names}, str(path), metadata=metadata)
     return names

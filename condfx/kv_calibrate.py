@@ -7,6 +7,10 @@ and, per KV head, E[q qᵀ] summed over the query heads that read it (q_proj out
 kept in full precision by ``sink``) are left out: their activations are orders of magnitude larger
 and would dominate the moments.
 
+Each layer's statistics carry the SHA256 of its q/k/v/o projection weights (``projection_sha256``);
+``quantize-kv`` refuses statistics recorded on other weights. ``check_kv_calibration_used`` refuses
+calibration text handed to a pipeline without ``latent=klt`` (it would be recorded and ignored).
+
 ``quantize-kv`` turns them into one basis per stream (``klt_basis``): the Karhunen-Loève transform of
 the keys in a query-weighted space (an error in a key channel costs what the queries put on it) and of
 the values in the space the output projection weighs them by, with coefficients ordered by variance,
@@ -16,6 +20,7 @@ and spends the stream's bits where the variance is (``allocate_bits``). Those ma
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 import torch
@@ -29,14 +34,16 @@ from condfx.passes.kv_quant.klt_math import (  # noqa: F401  (re-exported: the K
     allocate_bits,
     klt_basis,
     output_weights,
+    projection_sha256,
     query_weights,
 )
 from condfx.patterns import find_regions
 from condfx.patterns.regions import AttentionRegion
 
 __all__ = [
-    "DROP_PENALTY", "META_KEY", "LayerKVStats", "allocate_bits", "klt_basis", "output_weights",
-    "query_weights", "record_kv_stats", "text_batches",
+    "DROP_PENALTY", "META_KEY", "LayerKVStats", "allocate_bits", "check_kv_calibration_used",
+    "klt_basis", "output_weights", "projection_sha256", "query_weights", "record_kv_stats",
+    "text_batches",
 ]
 
 
@@ -79,18 +86,52 @@ def record_kv_stats(gm: fx.GraphModule, batches: Iterable[torch.Tensor], skip: i
     if tokens == 0:
         msg = f"record_kv_stats got no tokens after the first {skip} of each row: pass longer batches."
         raise ValueError(msg)
-    stats = {r.layer: LayerKVStats(k=s[1] / tokens, v=s[2] / tokens, q=s[0] / tokens, tokens=tokens)
+    stats = {r.layer: LayerKVStats(k=s[1] / tokens, v=s[2] / tokens, q=s[0] / tokens, tokens=tokens,
+                                   weights_sha256=projection_sha256(gm, r))
              for r, s in zip(regions, sums, strict=True)}
+    bad = [layer for layer, s in stats.items() if not all(bool(torch.isfinite(m).all()) for m in (s.k, s.v, s.q))]
+    if bad:
+        msg = (f"record_kv_stats got NaN or infinite q/k/v moments in layers {bad[:5]}: the model's "
+               "activations overflow on the calibration text; check its weights and dtype.")
+        raise ValueError(msg)
     gm.meta[META_KEY] = stats
     return {layer: s.tokens for layer, s in stats.items()}
 
 
 def text_batches(path, tokenizer, tokens: int = 4096, length: int = 512) -> list[torch.Tensor]:
-    """Calibration batches from a text file: its first ``tokens`` tokens as (1, ``length``) id tensors."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read(tokens * 16)
+    """Calibration batches from a text file: its first ``tokens`` tokens as (1, ``length``) id tensors.
+
+    Raises:
+        ValueError: one sentence: the path is not a readable UTF-8 text file, or too short.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(tokens * 16)
+    except (OSError, UnicodeDecodeError) as exc:
+        why = "a folder" if os.path.isdir(path) else type(exc).__name__
+        msg = f"calibration text {str(path)!r} is not a readable UTF-8 text file ({why})."
+        raise ValueError(msg) from None
     ids = tokenizer.encode(text, bos=True, eos=False)[:tokens]
     if len(ids) < length:
         msg = f"calibration text {path} gives {len(ids)} tokens; at least {length} are needed."
         raise ValueError(msg)
     return [torch.tensor([ids[i : i + length]]) for i in range(0, len(ids) - length + 1, length)]
+
+
+def check_kv_calibration_used(passes: str) -> None:
+    """Refuses KV calibration for a pipeline in which no ``quantize-kv{latent=klt}`` would read it.
+
+    Args:
+        passes: the pipeline spec (text or spec file) the calibration is meant for.
+
+    Raises:
+        ValueError: one sentence: the calibration would be recorded and then ignored.
+    """
+    from condfx.passes.kv_quant.config import LatentKind
+    from condfx.passes.spec import build_passes
+
+    if any(getattr(p.config, "latent", None) is LatentKind.KLT for p in build_passes(passes)):
+        return
+    msg = (f"--kv-calib (KV calibration) is only read by quantize-kv{{latent=klt}}, which the "
+           f"passes {passes!r} do not contain; drop it or add latent=klt.")
+    raise ValueError(msg)

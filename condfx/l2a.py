@@ -22,11 +22,13 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from condfx.options import BIG_INT, SEED, Float, Int, check_options
 from condfx.passes._insert import output_view
 from condfx.patterns import find_regions
 from condfx.patterns.routed import TAG, find_routed_layers
@@ -127,6 +129,14 @@ def l2a_trainable(gm: fx.GraphModule) -> set[str]:
     return {n for n in names if n in params}
 
 
+_RECIPE_BOUNDS = MappingProxyType({
+    "steps": Int(1, BIG_INT), "lr": Float(0.0, 10.0, low_open=True), "warmup": Int(0, BIG_INT),
+    "lam": Float(0.0, 1e6), "dense_fraction": Float(0.0, 1.0), "adapt_rate": Float(0.0, 10.0),
+    "distill": Float(0.0, 1e6), "router_warmup": Int(0, BIG_INT), "seed": SEED,
+})
+"""Bounds of ``L2ARecipe`` (``target_fraction`` and ``warmup < steps`` are checked after them)."""
+
+
 @dataclass(frozen=True)
 class L2ARecipe:
     """Settings of ``train_l2a``.
@@ -157,17 +167,9 @@ class L2ARecipe:
     seed: int = 0
 
     def __post_init__(self):
-        if not isinstance(self.steps, int) or self.steps < 1:
-            msg = f"L2ARecipe.steps must be a positive int; got {self.steps!r}."
-            raise ValueError(msg)
-        if not 0 <= self.warmup < self.steps:
+        check_options(self, _RECIPE_BOUNDS)
+        if not self.warmup < self.steps:
             msg = f"L2ARecipe.warmup must be in [0, steps={self.steps}); got {self.warmup!r}."
-            raise ValueError(msg)
-        if not self.lam >= 0:
-            msg = f"L2ARecipe.lam must be >= 0; got {self.lam!r}."
-            raise ValueError(msg)
-        if not 0 <= self.dense_fraction <= 1:
-            msg = f"L2ARecipe.dense_fraction must be in [0, 1]; got {self.dense_fraction!r}."
             raise ValueError(msg)
         t = self.target_fraction
         if t is not None and not 0 < t < 1:
@@ -350,12 +352,9 @@ def train_l2a(
 
 
 def save_l2a_state(gm: fx.GraphModule, path: str | Path, names: Iterable[str] | None = None) -> Path:
-    """Writes ``gm``'s trained L2A parameters (default: ``l2a_trainable``) to a safetensors file."""
-    from safetensors.torch import save_file
+    """Writes ``gm``'s trained L2A parameters (default: ``l2a_trainable``) to a safetensors file,
+    with the identity of the other weights (``condfx.train.save_trained``; checked on load)."""
+    from condfx.train import save_trained
 
-    params = dict(gm.named_parameters())
     names = sorted(names) if names is not None else sorted(l2a_trainable(gm))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({n: params[n].detach().cpu().contiguous() for n in names}, str(path))
-    return path
+    return save_trained(gm, names, path)

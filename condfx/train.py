@@ -22,7 +22,7 @@ from torch import nn
 
 from condfx.model_io import model_device, model_logits
 
-__all__ = ["Schedule", "TrainResult", "load_trained", "next_token_loss", "train"]
+__all__ = ["Schedule", "TrainResult", "load_trained", "next_token_loss", "save_trained", "train"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -88,10 +88,10 @@ def _check_args(steps: int, lr: float, batch_size: int, warmup: int, schedule) -
     if not isinstance(steps, int) or steps <= 0:
         msg = f"steps must be a positive int; got {steps!r}"
         raise ValueError(msg)
-    if not lr > 0:
-        msg = f"lr must be > 0; got {lr!r}"
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        msg = f"lr must be a finite number > 0; got {lr!r}"
         raise ValueError(msg)
-    if batch_size <= 0:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         msg = f"batch_size must be a positive int; got {batch_size!r}"
         raise ValueError(msg)
     if not 0 <= warmup < steps:
@@ -221,7 +221,7 @@ def train(
             p.requires_grad_(saved_flags[n])
         _set_train(model, was_training)
     if save_to is not None:
-        _save(model, names, Path(save_to))
+        save_trained(model, names, save_to)
     return TrainResult(losses=losses[0], steps=steps, seconds=losses[1], trainable_params=names)
 
 
@@ -279,19 +279,40 @@ def _loop(model, opt, batches, r: _Recipe, device) -> tuple[list[float], float]:
     return losses, time.perf_counter() - start
 
 
-def _save(model: nn.Module, names: list[str], path: Path) -> None:
+TRAINED_FORMAT = "condfx-trained-2"
+"""The ``format`` metadata of files written by ``save_trained`` (with the weights identity)."""
+
+
+def save_trained(model: nn.Module, names: Sequence[str], path: str | Path) -> Path:
+    """Writes the parameters ``names`` of ``model`` to safetensors, with what they were trained on.
+
+    The metadata holds the tensor list and the identity of the weights that were *not* saved
+    (``condfx.model_io.weights_identity``: their SHA256), which ``load_trained`` checks.
+
+    Returns:
+        The path written.
+    """
+    import json
+
     from safetensors.torch import save_file
 
+    from condfx.model_io import weights_identity
+
     params = dict(model.named_parameters())
+    names = sorted(names)
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({n: params[n].detach().cpu().contiguous() for n in names}, str(path))
+    meta = {"format": TRAINED_FORMAT, "tensors": json.dumps(names),
+            "identity": json.dumps(weights_identity(model, exclude=names))}
+    save_file({n: params[n].detach().cpu().contiguous() for n in names}, str(path), metadata=meta)
+    return path
 
 
 def load_trained(model: nn.Module, path: str | Path) -> list[str]:
     """Loads parameters saved by ``train(save_to=...)`` into ``model`` in place.
 
     Args:
-        model: the module the parameters were trained on (or an identical one).
+        model: the module the parameters were trained on (or one with the same other weights).
         path: the safetensors file.
 
     Returns:
@@ -299,15 +320,18 @@ def load_trained(model: nn.Module, path: str | Path) -> list[str]:
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
-        ValueError: if the file names a parameter the model lacks, or a shape differs.
+        ValueError: one sentence naming the file: it is unreadable, partial or holds NaN/inf, names
+            a parameter the model lacks, a shape differs, or the model's other weights are not
+            the ones it was trained with (or it predates the weights hash: retrain).
     """
-    from safetensors.torch import load_file
+    from condfx.model_io import check_identity, read_state_file, weights_identity
 
     path = Path(path)
     if not path.is_file():
         msg = f"trained-parameter file {str(path)!r} does not exist"
         raise FileNotFoundError(msg)
-    state = load_file(str(path))
+    what = "trained-parameter file"
+    state, meta = read_state_file(path, what)
     params = dict(model.named_parameters())
     unknown = sorted(set(state) - set(params))
     if unknown:
@@ -317,6 +341,8 @@ def load_trained(model: nn.Module, path: str | Path) -> list[str]:
         if params[name].shape != value.shape:
             msg = f"parameter {name!r} has shape {tuple(params[name].shape)} in the model but {tuple(value.shape)} in {path.name}"
             raise ValueError(msg)
+    mine = weights_identity(model, exclude=set(state))
+    check_identity(meta.get("identity"), mine, f"{what} {str(path)!r}", "retrain it")
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))

@@ -4,6 +4,9 @@ Rewrites:
     sdpa(q, repeat_kv(k), repeat_kv(v), is_causal=True, scale=s)             → condfx.attention(q, k, v, s, 0)
     softmax(q @ repeat_kv(k)^T * s + causal_mask) @ repeat_kv(v)              → condfx.attention(q, k, v, s, 0)
     ... the same with a sliding-window mask of size W                          → condfx.attention(q, k, v, s, W)
+    ... c * tanh(s / c) before the mask (Gemma2)                              → condfx.attention(..., softcap=c)
+    ... + ALiBi bias (Bloom baddbmm, MPT table, Falcon bias in the mask)     → condfx.attention(..., alibi_slopes=m)
+    ... softmax(cat([s, sinks], -1))[..., :-1] (GPT-OSS)                      → condfx.attention(..., sinks=z)
   K/V head repetition (GQA) is dropped: the op reads the Hkv heads directly. Exact: outputs agree
   within dtype tolerance (float32 logits within 1e-5).
 
@@ -11,8 +14,8 @@ Requires: the canonical IR from ``condfx.capture`` (FakeTensor metadata on every
   attention regions of ``condfx.patterns.find_regions``. Must run before any pass that rewrites
   attention regions into other ``condfx`` ops (it gives them one anchor to look for).
 
-Does not handle: non-causal attention (encoders, prefix-LM masks), attention with an additive bias
-  or padding mask (ALiBi, padded batches), dropout, and cores whose query and key lengths are not
+Does not handle: non-causal attention (encoders, prefix-LM masks), additive biases other than ALiBi
+  and padding masks (padded batches), dropout, and cores whose query and key lengths are not
   provably equal (cross-attention, graphs captured with a KV cache): each is skipped with a reason.
   The op's ONNX and Triton lowerings live in ``codegen/onnx/attention.py`` and
   ``codegen/triton/attention.py``.
@@ -78,7 +81,11 @@ def check_fusable(region: AttentionRegion) -> MatchFailure | None:
 def fuse_attention_replacement(gm: fx.GraphModule, region: AttentionRegion) -> fx.Node:
     """Inserts ``condfx.attention`` after the region's core and reroutes the core's users to it."""
     b = GraphBuilder(gm, region.core.next, like=region.core)  # right after the core
-    fused = b.call(FUSED_TARGET, region.q, region.k, region.v, float(region.scale), int(region.window or 0))
+    args = [region.q, region.k, region.v, float(region.scale), int(region.window or 0)]
+    if region.score_options is not None:
+        slopes = list(region.alibi_slopes) if region.alibi_slopes is not None else None
+        args += [float(region.softcap), slopes, region.sinks]
+    fused = b.call(FUSED_TARGET, *args)
     region.core.replace_all_uses_with(fused)
     return fused
 

@@ -32,18 +32,19 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 from typing import ClassVar
 
 import torch
 from torch import fx
 
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
+from condfx.options import BIG_INT, SEED, Float, Int, OneOf, check_allocation, check_options
 from condfx.passes._insert import erase_unused, register_tensor, remove_dead_calls
 from condfx.passes.base import (
     GraphSnapshot,
     Pass,
     PassResult,
-    coerce_enum,
     layer_indices,
     select_layers,
 )
@@ -75,18 +76,30 @@ class Positions(enum.Enum):
     TOKEN = "token"  # RoPE position t for every pseudo-token of token t
 
 
+MAX_P = 64
+"""Largest ``P``: attention FLOPs grow as P² and the KV cache as P (the paper uses P <= H, and
+models have at most a few dozen heads), so a larger P is a typo, not an experiment."""
+
+_IHA_BOUNDS = MappingProxyType({
+    "P": Int(1, MAX_P), "window": Int(0, BIG_INT), "causal": OneOf(Causality),
+    "collapse": OneOf(Collapse), "positions": OneOf(Positions), "init_noise": Float(0.0, 10.0),
+    "seed": SEED,
+})
+
+
 @dataclass(frozen=True)
 class InterleaveHeadsConfig:
     """Options of ``interleave-heads``.
 
     Attributes:
-        P: pseudo-heads per head (pseudo-tokens per token), >= 1.
+        P: pseudo-heads per head (pseudo-tokens per token), in [1, ``MAX_P``].
         layers: attention layers to rewrite; None rewrites every one.
         window: sliding window in interleaved units (a multiple of P); 0 for full causal.
         causal: "flat" or "token" (see ``Causality``).
         collapse: "per-head" or "global" (see ``Collapse``).
         positions: "interleaved" (t*P + p) or "token" (t) RoPE positions.
-        init_noise: std of the noise added to the identity mixes (0 keeps the copies identical).
+        init_noise: std of the noise added to the identity mixes (0 keeps the copies identical),
+            in [0, 10].
         seed: seeds that noise.
     """
 
@@ -100,19 +113,11 @@ class InterleaveHeadsConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if not isinstance(self.P, int) or isinstance(self.P, bool) or self.P < 1:
-            msg = f"InterleaveHeadsConfig.P must be an int >= 1; got {self.P!r}."
-            raise ValueError(msg)
-        if not isinstance(self.window, int) or self.window < 0 or self.window % self.P:
+        check_options(self, _IHA_BOUNDS)
+        if self.window % self.P:
             msg = f"InterleaveHeadsConfig.window must be 0 or a positive multiple of P={self.P}; got {self.window!r}."
             raise ValueError(msg)
         object.__setattr__(self, "layers", layer_indices(self.layers, "InterleaveHeadsConfig.layers"))
-        if not isinstance(self.init_noise, (int, float)) or self.init_noise < 0:
-            msg = f"InterleaveHeadsConfig.init_noise must be a float >= 0; got {self.init_noise!r}."
-            raise ValueError(msg)
-        object.__setattr__(self, "causal", coerce_enum(Causality, self.causal, "InterleaveHeadsConfig.causal"))
-        object.__setattr__(self, "collapse", coerce_enum(Collapse, self.collapse, "InterleaveHeadsConfig.collapse"))
-        object.__setattr__(self, "positions", coerce_enum(Positions, self.positions, "InterleaveHeadsConfig.positions"))
 
 
 def is_interleaved_attention(node: fx.Node) -> bool:
@@ -141,6 +146,8 @@ def check_interleavable(gm: fx.GraphModule, region: AttentionRegion):
 
     if region.window:
         return fail("attention already has a sliding window")
+    if region.score_options is not None:
+        return fail(f"{region.score_options} (condfx.interleaved_attention has no score options)")
     if g.ndim(region.core) != 4:
         return fail("core output is not (B, H, T, D)")
     if region.rope is not None and region.rope.rotary_dim not in (None, region.head_dim):
@@ -171,10 +178,21 @@ def _init_tensors(cfg: InterleaveHeadsConfig, region: AttentionRegion, gen: torc
     return {"alpha_q": mix(h), "alpha_k": mix(hkv), "alpha_v": mix(hkv), "collapse": collapse}
 
 
+def new_tensor_bytes(cfg: InterleaveHeadsConfig, regions: list[AttentionRegion], itemsize: int = 4) -> int:
+    """Bytes of the mixes and collapses ``_init_tensors`` makes for ``regions`` (before it does)."""
+    total = 0
+    for r in regions:
+        h, hkv = r.num_heads, r.num_kv_heads
+        collapse = h * cfg.P if cfg.collapse is Collapse.PER_HEAD else h * h * cfg.P
+        total += (h * h * cfg.P + 2 * hkv * hkv * cfg.P + collapse) * itemsize
+    return total
+
+
 def interleave_replacement(gm, region, q, k, inv_freq, cfg, gen) -> tuple[fx.Node, int]:
     """Builds the IHA block in front of ``region.core`` and reroutes the core's users to it."""
     path = region.module_path or f"iha_{region.layer}"
-    names = {key: register_tensor(gm, path, f"iha_{key}", t, False)
+    like = region.q.meta["val"]  # new parameters in the model's dtype and on its device
+    names = {key: register_tensor(gm, path, f"iha_{key}", t.to(like.dtype).to(like.device), False)
              for key, t in _init_tensors(cfg, region, gen).items()}
     names["inv_freq"] = register_tensor(gm, path, "iha_inv_freq", inv_freq.to(torch.float32), True)
     core, p = region.core, cfg.P
@@ -241,6 +259,7 @@ class InterleaveHeads(Pass):
         snapshot = GraphSnapshot.take(gm)
         regions = find_regions(gm)
         selected, skipped = _select(self, gm, regions)
+        check_allocation(f"interleave-heads P={self.config.P}", new_tensor_bytes(self.config, selected))
         gen = torch.Generator().manual_seed(self.config.seed)
         replaced, rewritten = [], set()
         for region in selected:

@@ -23,6 +23,7 @@ from typing import ClassVar
 
 from torch import fx
 
+from condfx.options import Float, check_options
 from condfx.passes._insert import remove_dead_calls
 from condfx.passes.base import GraphSnapshot, Pass, PassResult, layer_indices, select_layers
 from condfx.passes.report import estimate_cost
@@ -43,11 +44,7 @@ class PruneGlobalConfig:
     layers: tuple[int, ...] | None = None
 
     def __post_init__(self):
-        f = self.max_fraction
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0:
-            msg = f"PruneGlobalConfig.max_fraction must be a number in [0, 1]; got {f!r}."
-            raise ValueError(msg)
-        object.__setattr__(self, "max_fraction", float(f))
+        check_options(self, {"max_fraction": Float(0.0, 1.0)})
         object.__setattr__(self, "layers", layer_indices(self.layers, "PruneGlobalConfig.layers"))
 
 

@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import ClassVar
 
 import torch
 from torch import fx, nn
 
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
+from condfx.options import BIG_INT, Float, Int, Optional, check_options
 from condfx.passes._insert import remove_dead_calls
 from condfx.passes.base import GraphSnapshot, Pass, PassResult, layer_indices, select_layers
 from condfx.passes.fuse_attention import FuseAttention, FuseAttentionConfig, is_fused_attention
@@ -51,6 +53,12 @@ aten = torch.ops.aten
 ROUTED = torch.ops.condfx.routed_attention.default
 
 
+_BOUNDS = MappingProxyType({
+    "window": Int(1, BIG_INT), "temperature": Float(0.0, 1e3, low_open=True),
+    "context": Optional(Int(1, BIG_INT)),
+})
+
+
 @dataclass(frozen=True)
 class RouteAttentionConfig:
     """Options of ``route-attention``.
@@ -58,7 +66,7 @@ class RouteAttentionConfig:
     Attributes:
         window: sliding-window size of the local branch (keys j with pos - window < j <= pos), >= 1.
         layers: layer indices to convert; None converts every attention region.
-        temperature: router temperature of the sigmoid whose gradient trains the router, > 0.
+        temperature: router temperature of the sigmoid whose gradient trains the router, in (0, 1000].
         context: the model's context length when known; the window must be smaller than it.
     """
 
@@ -68,20 +76,9 @@ class RouteAttentionConfig:
     context: int | None = None
 
     def __post_init__(self):
-        w = self.window
-        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
-            msg = f"RouteAttentionConfig.window must be an int >= 1; got {w!r}."
-            raise ValueError(msg)
+        check_options(self, _BOUNDS)
         object.__setattr__(self, "layers", layer_indices(self.layers, "RouteAttentionConfig.layers"))
-        tau = self.temperature
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
-            msg = f"RouteAttentionConfig.temperature must be a number > 0; got {tau!r}."
-            raise ValueError(msg)
-        object.__setattr__(self, "temperature", float(tau))
-        c = self.context
-        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
-            msg = f"RouteAttentionConfig.context must be a positive int or None; got {c!r}."
-            raise ValueError(msg)
+        w, c = self.window, self.context
         if c is not None and w >= c:
             msg = f"RouteAttentionConfig.window={w} must be smaller than the context length {c}."
             raise ValueError(msg)
@@ -99,6 +96,8 @@ def check_routable(gm: fx.GraphModule, region: AttentionRegion) -> str | None:
     """The skip reason for ``region``, or None when it can be converted."""
     if not region.causal:
         return "non-causal attention"
+    if region.score_options is not None:
+        return f"{region.score_options} (condfx.routed_attention has no score options)"
     if region.input_norm is None or region.x_in is None:
         return "no input norm"
     if region.out is None or region.residual is None:

@@ -28,6 +28,7 @@ import torch
 from torch import fx
 
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
+from condfx.options import BIG_INT, Int, check_options
 from condfx.passes._insert import erase_unused, remove_dead_calls
 from condfx.passes.base import GraphSnapshot, Pass, PassResult, layer_indices, select_layers
 from condfx.passes.graph_builder import GraphBuilder
@@ -54,11 +55,7 @@ class SinkWindowConfig:
     layers: tuple[int, ...] | None = None
 
     def __post_init__(self):
-        for name, low in (("sink", 0), ("window", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                msg = f"SinkWindowConfig.{name} must be an int >= {low}; got {value!r}."
-                raise ValueError(msg)
+        check_options(self, {"sink": Int(0, BIG_INT), "window": Int(1, BIG_INT)})
         object.__setattr__(self, "layers", layer_indices(self.layers, "SinkWindowConfig.layers"))
 
 
@@ -91,6 +88,8 @@ def check_sink_window(gm: fx.GraphModule, region: AttentionRegion):
         return fail("already sink-window")
     if not region.causal:
         return fail("non-causal attention")
+    if region.score_options is not None:
+        return fail(f"{region.score_options} (condfx.sink_window_attention has no score options)")
     if region.window:
         return fail("layer already has a sliding window")
     if region.rope is None or region.rope.cos is None:

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from types import MappingProxyType
+
+from condfx.options import BIG_INT, Float, Int, OneOf, check_options
 
 
 class SkipPolicy(Enum):
@@ -13,6 +16,17 @@ class SkipPolicy(Enum):
 
     SIMILARITY = "similarity"
     FORECAST = "forecast"
+
+
+MAX_RANK = 65536
+"""Largest ``rank`` and ``router_hidden`` accepted at construction; when the pass runs, ``rank`` must
+also be at most the model width and the new tensors must fit in memory (``check_allocation``)."""
+
+_SKIP_FFN_BOUNDS = MappingProxyType({
+    "policy": OneOf(SkipPolicy), "threshold": Float(0.0, 1.0, low_open=True), "span": Int(1, BIG_INT),
+    "cold_start": Int(0, BIG_INT), "cold_end": Int(0, BIG_INT), "warmup": Int(0, BIG_INT),
+    "rank": Int(1, MAX_RANK), "router_hidden": Int(1, MAX_RANK),
+})
 
 
 @dataclass(frozen=True)
@@ -28,7 +42,7 @@ class SkipFFNConfig:
         warmup: tokens at positions < warmup always run every FFN, >= 0.
         rank: forecast policy: rank of each FFN's low-rank forecaster, >= 1.
         router_hidden: forecast policy: hidden width of each FFN's router MLP, >= 1.
-        state: forecast policy: safetensors file of trained routers and forecasters
+        state: forecast policy only (refused with ``similarity``): safetensors file of trained routers and forecasters
             (``condfx.forecast.save_state``); None gives the untrained state, under which every
             row executes and the rewritten graph reproduces the original outputs.
     """
@@ -44,25 +58,28 @@ class SkipFFNConfig:
     state: str | None = None
 
     def __post_init__(self):
-        bad = f"SkipFFNConfig.policy must be 'similarity' or 'forecast'; got {self.policy!r}."
-        if isinstance(self.policy, str):
-            try:
-                object.__setattr__(self, "policy", SkipPolicy(self.policy))
-            except ValueError:
-                raise ValueError(bad) from None
-        if not isinstance(self.policy, SkipPolicy):
-            raise ValueError(bad)
+        check_options(self, _SKIP_FFN_BOUNDS)
         if self.state is not None and not isinstance(self.state, str):
             msg = f"SkipFFNConfig.state must be a safetensors file path or None; got {self.state!r}."
             raise ValueError(msg)
-        t = self.threshold
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t <= 1.0:
-            msg = f"SkipFFNConfig.threshold must be a number in (0, 1]; got {t!r}."
+        self._refuse_other_policy_options()
+        if self.state is not None and self.policy is not SkipPolicy.FORECAST:
+            msg = (
+                f"SkipFFNConfig.state is read by policy=forecast only (trained routers); got "
+                f"policy={self.policy.value} with state={self.state!r}: drop state, or use policy=forecast."
+            )
             raise ValueError(msg)
-        object.__setattr__(self, "threshold", float(t))
-        for name, low in (("span", 1), ("cold_start", 0), ("cold_end", 0), ("warmup", 0), ("rank", 1),
-                          ("router_hidden", 1)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                msg = f"SkipFFNConfig.{name} must be an int >= {low}; got {v!r}."
+
+    def _refuse_other_policy_options(self) -> None:
+        """Refuses an option the chosen policy never reads (it would be ignored without a word).
+
+        Only values other than the default are seen: a dataclass cannot tell a default from the
+        same value written out.
+        """
+        unread = {SkipPolicy.SIMILARITY: ("rank", "router_hidden"), SkipPolicy.FORECAST: ("threshold", "span")}
+        defaults = SkipFFNConfig.__dataclass_fields__
+        for name in unread[self.policy]:
+            if getattr(self, name) != defaults[name].default:
+                msg = (f"SkipFFNConfig.{name} is not read by policy={self.policy.value}; got "
+                       f"{name}={getattr(self, name)!r}: drop it, or choose the other policy.")
                 raise ValueError(msg)

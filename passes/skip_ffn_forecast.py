@@ -9,24 +9,25 @@ Rewrites (per rewritten FFN i):
     h_out = h_in + g * update_i + (1 - g) * forecast_i(x)   (x A^T B^T + c, rank r; skip_ffn_forecast_*)
   The parameters sit next to the FFN module (``layers.3.feed_forward.skip_ffn_router_w1``);
   untrained (no ``state``) every row executes. ``condfx.forecast`` trains them and writes the state
-  file (safetensors with the model identity, checked here). The logit/execute/gate/FFN nodes are
+  file (safetensors with the model identity: shapes and the SHA256 of the weights, checked here,
+  with the list of its tensors; partial, non-finite or corrupt files are refused). The logit/execute/gate/FFN nodes are
   tagged ``node.meta[FORECAST_ROLE] = (role, index)`` for its training view.
 """
 
 from __future__ import annotations
 
-import json
 import operator
-import os
 from typing import TYPE_CHECKING
 
 import torch
 from torch import fx, nn
 
+from condfx.options import check_allocation
 from condfx.passes.graph_builder import GraphBuilder
-from condfx.passes.model_identity import model_identity
+from condfx.passes.model_identity import check_identity, model_identity, read_state_file
 from condfx.passes.skip_ffn_policy import FFNSite, call_masked_ffn
 from condfx.patterns import _graph as g
+from condfx.patterns import find_regions
 from condfx.patterns.regions import FFNRegion
 
 if TYPE_CHECKING:
@@ -76,29 +77,28 @@ def _register_params(gm: fx.GraphModule, cfg: SkipFFNConfig, site: FFNSite) -> d
 
 
 def load_state(gm: fx.GraphModule, path: str) -> dict[str, torch.Tensor]:
-    """Reads a forecast-policy state file and checks it was made for this model.
+    """Reads a forecast-policy state file and checks it was made for this model's weights.
 
     Raises:
-        ValueError: the file does not exist or was made for another model.
+        ValueError: the file does not exist, is unreadable, partial or non-finite, or was made for
+            other weights (``model_identity``: shapes and the SHA256 of every weight).
     """
-    from safetensors import safe_open
-
-    if not os.path.isfile(path):
-        msg = f"skip-ffn state file {path!r} does not exist."
-        raise ValueError(msg)
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-    theirs = json.loads(meta.get("identity", "{}"))
-    mine = model_identity(gm)
-    if theirs != mine:
-        msg = (
-            f"skip-ffn state file {path} was made for a different model (n_layers {theirs.get('n_layers')}, "
-            f"dim {theirs.get('dim')}, hash {theirs.get('hash')}) than this one (n_layers "
-            f"{mine['n_layers']}, dim {mine['dim']}, hash {mine['hash']}); retrain for this model."
-        )
-        raise ValueError(msg)
+    what = "skip-ffn state file"
+    tensors, meta = read_state_file(path, what)
+    check_identity(meta.get("identity"), model_identity(gm), f"{what} {path!r}", "retrain it")
     return tensors
+
+
+def new_tensor_bytes(gm: fx.GraphModule, cfg: SkipFFNConfig) -> tuple[int, int]:
+    """(bytes of the routers and forecasters the pass would add, the model width d)."""
+    ffn = find_regions(gm).ffn
+    if not ffn:
+        return 0, 0
+    d, h, r = ffn[0].dim, cfg.router_hidden, cfg.rank
+    ref = g.get_attr_value(gm, ffn[0].down.weight) if ffn[0].down.weight is not None else None
+    itemsize = ref.element_size() if isinstance(ref, torch.Tensor) else 4
+    per_layer = h * d + 2 * h + 1 + 2 * r * d + d
+    return len(ffn) * per_layer * itemsize, d
 
 
 def _copy_state(gm: fx.GraphModule, state: dict[str, torch.Tensor], added: list[str], path) -> None:
@@ -124,6 +124,12 @@ class ForecastPolicy:
     def prepare(self, gm: fx.GraphModule, cfg: SkipFFNConfig) -> dict[str, torch.Tensor] | None:
         """Loads and checks the ``state`` file (None without one) and records the model identity
         in ``gm.meta["condfx_identity"]`` (what ``condfx.forecast.save_state`` writes)."""
+        nbytes, d = new_tensor_bytes(gm, cfg)
+        if d and cfg.rank > d:
+            msg = (f"skip-ffn rank={cfg.rank} exceeds the model width {d}: a low-rank forecaster "
+                   f"of a {d}-wide update has rank at most {d}.")
+            raise ValueError(msg)
+        check_allocation(f"skip-ffn rank={cfg.rank}, router_hidden={cfg.router_hidden}", nbytes)
         state = load_state(gm, cfg.state) if cfg.state else None
         gm.meta["condfx_identity"] = model_identity(gm)
         return state

@@ -167,6 +167,22 @@ def _file_item(item: Any, where: str) -> PassSpec:
     raise ValueError(msg)
 
 
+def _read_document(path: Path) -> Any:
+    """The parsed JSON or YAML document, or one ValueError sentence naming the file and the problem."""
+    import yaml  # lazily: only spec files need it
+
+    kind = "JSON" if path.suffix == ".json" else "YAML"
+    try:
+        text = path.read_text(encoding="utf-8")
+        return json.loads(text) if kind == "JSON" else yaml.safe_load(text)
+    except RecursionError:
+        msg = f"Pass spec file {path} is nested too deeply to be a pipeline."
+    except (ValueError, yaml.YAMLError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        msg = f"Pass spec file {path} is not valid {kind} ({first})."
+    raise ValueError(msg)
+
+
 def load_spec(path: str | os.PathLike) -> list[PassSpec]:
     """Reads a pipeline from a ``.json``, ``.yaml`` or ``.yml`` file.
 
@@ -184,16 +200,10 @@ def load_spec(path: str | os.PathLike) -> list[PassSpec]:
     if not path.is_file():
         msg = f"Pass spec file '{path}' does not exist."
         raise FileNotFoundError(msg)
-    text = path.read_text()
-    if path.suffix == ".json":
-        doc = json.loads(text)
-    elif path.suffix in (".yaml", ".yml"):
-        import yaml  # lazily: only spec files need it
-
-        doc = yaml.safe_load(text)
-    else:
+    if path.suffix not in (".json", ".yaml", ".yml"):
         msg = f"Pass spec file {path} must end in .json, .yaml or .yml; got '{path.suffix}'."
         raise ValueError(msg)
+    doc = _read_document(path)
     if isinstance(doc, Mapping) and set(doc) == {"passes"}:
         doc = doc["passes"]
     if isinstance(doc, Mapping):

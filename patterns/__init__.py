@@ -38,13 +38,14 @@ Blocks (``blocks.py``): residual adds after region outputs, also through a post 
     (``post_norm``) and a scalar multiplier (``residual_scale``, Granite); layer index from ``.layers.<i>.`` /
     ``.h.<i>.`` / ``.blocks.<i>.`` in ``nn_module_stack`` when consistent, else order of appearance.
 
-Named near misses (not fused; the fused op needs ``softcap`` / ``alibi_slopes`` / ``sinks`` options first):
-    softcapped scores ``c*tanh(s/c)`` (Gemma2), attention sinks concatenated to the scores (GPT-OSS),
-    ALiBi as ``baddbmm`` or a bias table (Bloom; MPT's computed bias is still "mask is not causal"),
-    scores multiplied by a mask (OpenAI-GPT). Eager scores may pass through (B*H, T, S) views and a
-    clamp at the mask value (XGLM).
-Not handled: ALiBi or other additive biases (rejected: "additive mask has finite non-zero values"),
-complex-number RoPE, parallel attention+FFN blocks (regions are found but share one residual add),
+Score options (``AttentionRegion.softcap`` / ``alibi_slopes`` / ``sinks``, the fused op's arguments):
+    softcapped scores ``c*tanh(s/c)`` before the mask (Gemma2), learned sinks concatenated to the scores
+    and sliced off the probabilities (GPT-OSS), additive position biases that reduce to per-head ALiBi
+    slopes (``attention_bias.py``: Bloom's ``baddbmm``, MPT's table, Falcon's bias in the mask, eager
+    and SDPA). Eager scores may pass through (B*H, T, S) views and a clamp at the mask value (XGLM).
+Named near misses: a softcap with a factor or bias outside / inside it, sinks after a scale or mask, a
+bias not linear in the key position, scores multiplied by a mask (OpenAI-GPT).
+Not handled: additive biases other than ALiBi, complex-number RoPE, parallel attention+FFN blocks (regions are found but share one residual add),
 cross-attention, masks combining several partial masks that are only causal together.
 """
 

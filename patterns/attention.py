@@ -10,21 +10,34 @@ K/V head repetition is walked back (HF repeat_kv: unsqueeze + expand + reshape; 
 so ``k`` and ``v`` are (B, Hkv, S, D). Outwards: RoPE (``rope.py``: half-split or interleaved, full or
 partial), QK-norm on (B, T, H, D) or (B, H, T, D), q/k/v projections (fused ones through split or
 slice; a constant factor after the projection, as OPT scales q), x_in, o_proj.
-Eager scores whose form is known but not fused fail with a reason that names it: softcapping,
-attention sinks, ALiBi (baddbmm or a bias table), a multiplied mask.
+Score options (the fused op's ``softcap``, ``alibi_slopes``, ``sinks``): logit softcapping
+``c * tanh(s / c)`` before the mask (Gemma2); additive position biases, evaluated with the masks
+(``attention_bias.py``) into per-head ALiBi slopes (Bloom's ``baddbmm``, MPT's bias table, Falcon's bias
+in the mask); learned sink logits concatenated to the scores and sliced off the probabilities (GPT-OSS).
+Eager scores whose form is known but not expressible fail with a reason that names it: a softcap with
+a factor or bias outside/inside it, sinks outside the shape above, a bias not linear in the key
+position, a multiplied mask.
 """
 
 from __future__ import annotations
-
-import operator
-from dataclasses import dataclass, field
 
 import torch
 from torch import fx
 
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
 from condfx.patterns import _graph as g
-from condfx.patterns.mask import MaskAnalyzer, MaskInfo, MaskKind
+from condfx.patterns.attention_bias import ALIBI, BiasTerm, score_bias  # noqa: F401  (ALIBI: a reason of this finder)
+from condfx.patterns.attention_scores import (  # noqa: F401  (FILL_VALUE, MUL_MASK: reasons of this finder)
+    FILL_VALUE,
+    MATMUL,
+    MUL_MASK,
+    SINKS,
+    SOFTCAP,
+    Core,
+    peel_scores,
+    scalar_factor,
+)
+from condfx.patterns.mask import NOT_PURE, MaskAnalyzer, MaskInfo, MaskKind
 from condfx.patterns.norm import norm_producing
 from condfx.patterns.regions import AttentionRegion, MatchFailure, RoPERef
 from condfx.patterns.rope import unrotated
@@ -41,33 +54,13 @@ NO_MASK = "mask is not causal"
 SOFTMAX_DIM = "softmax is not over the key dim"
 NOT_QK_T = "scores are not q @ k^T"
 NO_PV = "softmax output does not feed a matmul with v"
-FILL_VALUE = "masked fill value is not very negative"
-SOFTCAP = "scores are softcapped (c * tanh(s / c))"
-SINKS = "softmax includes attention sinks (learned logits concatenated to the scores)"
-ALIBI = "scores carry an additive position bias (ALiBi)"
-MUL_MASK = "scores are multiplied by a mask (s * m + (1 - m) * c)"
 
 _SOFTMAX = (aten.softmax, aten._softmax, aten._safe_softmax)
-_MATMUL = (aten.matmul, aten.bmm)
 _FUSED = torch.ops.condfx.attention.default
 
 
 def _fail(reason: str, node: fx.Node, detail: str = "") -> MatchFailure:
     return MatchFailure(reason, node, detail, "attention")
-
-
-@dataclass
-class _Core:
-    core: fx.Node
-    q: fx.Node
-    k: fx.Node
-    v: fx.Node
-    scale: float | None
-    form: str
-    nodes: list[fx.Node] = field(default_factory=list)
-    masks: list[tuple[fx.Node, MaskKind]] = field(default_factory=list)
-    is_causal: bool = False
-    window: int | None = None
 
 
 # --- K/V head repetition -------------------------------------------------------------------------
@@ -107,7 +100,7 @@ def strip_head_repeat(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
 
 # --- SDPA core -----------------------------------------------------------------------------------
 
-def _parse_sdpa(node: fx.Node) -> _Core | MatchFailure:
+def _parse_sdpa(node: fx.Node) -> Core | MatchFailure:
     q, k, v = node.args[:3]
     if g.scalar(g.arg(node, 4, "dropout_p", 0.0)) != 0.0:
         return _fail(DROPOUT, node)
@@ -116,7 +109,7 @@ def _parse_sdpa(node: fx.Node) -> _Core | MatchFailure:
         return _fail(SCALE_NOT_CONSTANT, node)
     k0, k_nodes = strip_head_repeat(k)
     v0, v_nodes = strip_head_repeat(v)
-    core = _Core(node, q, k0, v0, g.scalar(scale) if scale is not None else None, "sdpa",
+    core = Core(node, q, k0, v0, g.scalar(scale) if scale is not None else None, "sdpa",
                  [node, *k_nodes, *v_nodes])
     core.is_causal = bool(g.arg(node, 5, "is_causal", False))
     mask = g.arg(node, 3, "attn_mask", None)
@@ -124,6 +117,8 @@ def _parse_sdpa(node: fx.Node) -> _Core | MatchFailure:
         v_mask = g.val(mask)
         kind = MaskKind.KEEP if getattr(v_mask, "dtype", None) == torch.bool else MaskKind.ADDITIVE
         core.masks.append((mask, kind))
+        if kind is MaskKind.ADDITIVE:  # a float mask may carry ALiBi (Falcon)
+            core.terms[mask] = BiasTerm(mask, 1.0, 4)
     return core
 
 
@@ -134,142 +129,22 @@ def is_fused_core(node: object) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target is _FUSED
 
 
-def _parse_fused(node: fx.Node) -> _Core | MatchFailure:
+def _parse_fused(node: fx.Node) -> Core | MatchFailure:
     q, k, v = node.args[:3]
     scale = g.arg(node, 3, "scale", None)
     window = g.arg(node, 4, "window", 0)
     if g.scalar(scale) is None or not isinstance(window, int) or isinstance(window, bool):
         return _fail(SCALE_NOT_CONSTANT, node, "condfx.attention scale or window is not a constant")
-    core = _Core(node, q, k, v, g.scalar(scale), "fused", [node], is_causal=True)
+    core = Core(node, q, k, v, g.scalar(scale), "fused", [node], is_causal=True)
     core.window = window or None
+    core.softcap = float(g.arg(node, 5, "softcap", 0.0) or 0.0)
+    slopes = g.arg(node, 6, "alibi_slopes", None)
+    core.alibi_slopes = tuple(float(m) for m in slopes) if slopes is not None else None
+    core.sinks = g.arg(node, 7, "sinks", None)
     return core
 
 
 # --- eager core ----------------------------------------------------------------------------------
-
-def _reaches_matmul(node: object, steps: int = 8) -> bool:
-    """True when ``node`` is (a scaled / masked / cast version of) a matmul output."""
-    for _ in range(steps):
-        if not isinstance(node, fx.Node):
-            return False
-        if g.is_op(node, *_MATMUL, aten.baddbmm):
-            return True
-        if g.is_op(node, aten.view, aten.reshape, aten._unsafe_view):
-            node = node.args[0]
-        elif g.is_identity(node) or g.is_op(node, aten.mul, aten.div, aten.add, aten.masked_fill):
-            node = node.args[0] if g.is_op(node, aten.mul, aten.div, aten.masked_fill) or g.is_identity(
-                node) else next((a for a in node.args[:2] if _reaches_matmul(a, 3)), None)
-        elif g.is_op(node, aten.where):
-            node = next((a for a in node.args[1:3] if _reaches_matmul(a, 3)), None)
-        else:
-            return False
-    return False
-
-
-def _very_negative(x) -> bool:
-    if isinstance(x, fx.Node) and g.is_op(x, aten.full, aten.scalar_tensor):
-        x = x.args[1] if g.is_op(x, aten.full) else x.args[0]
-    s = g.scalar(x)
-    return s is not None and s <= -1e4
-
-
-def _scalar_factor(node: fx.Node) -> tuple[fx.Node, float] | None:
-    """(tensor operand, factor) for ``x * c``, ``c * x`` or ``x / c`` with a constant c."""
-    if g.is_op(node, aten.mul) and len(node.args) == 2:
-        a, b = node.args
-        if g.scalar(b) is not None and isinstance(a, fx.Node):
-            return a, g.scalar(b)
-        if g.scalar(a) is not None and isinstance(b, fx.Node):
-            return b, g.scalar(a)
-    if g.is_op(node, aten.div) and g.scalar(node.args[1]) is not None:
-        return node.args[0], 1.0 / g.scalar(node.args[1])
-    return None
-
-
-def _is_softcap(node: object) -> bool:
-    """Whether ``node`` is ``tanh(...)`` or ``c * tanh(...)`` (logit softcapping)."""
-    if not isinstance(node, fx.Node):
-        return False
-    found = _scalar_factor(node)
-    return g.is_op(found[0] if found else node, aten.tanh)
-
-
-def _is_position_bias(node: object) -> bool:
-    """Whether ``node`` (through slices and views) is a float parameter/buffer with finite values other
-    than 0 (an ALiBi bias table, as MPT stores it)."""
-    for _ in range(8):
-        if not isinstance(node, fx.Node) or not (g.is_identity(node) or g.is_op(
-                node, aten.slice, aten.squeeze, aten.unsqueeze, aten.view, aten.reshape, aten.expand)):
-            break
-        node = node.args[0]
-    if not isinstance(node, fx.Node) or node.op != "get_attr":
-        return False
-    value = g.get_attr_value(node.graph.owning_module, node)
-    return (isinstance(value, torch.Tensor) and value.is_floating_point() and value.device.type != "meta"
-            and bool(torch.isfinite(value).all()) and bool((value != 0).any()))
-
-
-def _named_near_miss(node: fx.Node) -> MatchFailure | None:
-    """A failure naming a known attention variant the finder does not handle, seen at ``node``."""
-    if _is_softcap(node):
-        return _fail(SOFTCAP, node)
-    if g.is_op(node, aten.baddbmm):
-        return _fail(ALIBI, node, "baddbmm")
-    if g.is_op(node, aten.cat) and any(g.as_get_attr(a) is not None or (
-            isinstance(a, fx.Node) and g.is_op(a, aten.expand) and g.as_get_attr(
-                g.skip_views(a.args[0])) is not None) for a in node.args[0]):
-        return _fail(SINKS, node)
-    if g.is_op(node, aten.mul) and len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args):
-        return _fail(MUL_MASK, node) if any(_reaches_matmul(a) for a in node.args) else None
-    return None
-
-
-def _peel_scores(node: fx.Node, core: _Core) -> fx.Node | MatchFailure | None:
-    """Walks from the softmax input back to the q @ k^T matmul, collecting scale and masks."""
-    for _ in range(24):
-        if g.is_op(node, *_MATMUL):
-            return node
-        core.nodes.append(node)
-        if (named := _named_near_miss(node)) is not None:
-            return named
-        if g.is_op(node, aten.sub) and g.is_op(node.args[1], operator.getitem) and g.is_op(
-                node.args[1].args[0], aten.max, aten.amax):
-            node = node.args[0]  # s - max(s): the stable-softmax shift (GPT-OSS)
-            continue
-        if g.is_op(node, aten.view, aten.reshape, aten._unsafe_view) or (
-                g.is_op(node, aten.maximum, aten.max, aten.clamp_min) and len(node.args) == 2
-                and _very_negative(node.args[1])):
-            node = node.args[0]  # a view of the scores, or a clamp at the mask value (XGLM)
-            continue
-        if g.is_identity(node):
-            node = node.args[0]
-        elif (found := _scalar_factor(node)) is not None:
-            node, core.scale = found[0], core.scale * found[1]
-        elif g.is_op(node, aten.add) and all(isinstance(a, fx.Node) for a in node.args[:2]):
-            a, b = node.args[:2]
-            if _is_softcap(a) or _is_softcap(b):
-                return _fail(SOFTCAP, node)
-            if _is_position_bias(a) or _is_position_bias(b):
-                return _fail(ALIBI, node)
-            node, mask = (a, b) if _reaches_matmul(a) else (b, a)
-            core.masks.append((mask, MaskKind.ADDITIVE))
-        elif g.is_op(node, aten.masked_fill):
-            if not _very_negative(node.args[2]):
-                return _fail(FILL_VALUE, node)
-            core.masks.append((node.args[1], MaskKind.DROP))
-            node = node.args[0]
-        elif g.is_op(node, aten.where):
-            cond, a, b = node.args[:3]
-            keep = _reaches_matmul(a)
-            score, fill = (a, b) if keep else (b, a)
-            if not _very_negative(fill):
-                return _fail(FILL_VALUE, node)
-            core.masks.append((cond, MaskKind.KEEP if keep else MaskKind.DROP))
-            node = score
-        else:
-            return None
-    return None
-
 
 def _to_4d(node: fx.Node) -> fx.Node:
     """A 4-D (B, H, T, D) tensor behind a (B*H, T, D) view used by bmm."""
@@ -279,13 +154,13 @@ def _to_4d(node: fx.Node) -> fx.Node:
     return n if g.ndim(n) == 4 else node
 
 
-def _peel_operand(node: fx.Node, core: _Core) -> fx.Node:
+def _peel_operand(node: fx.Node, core: Core) -> fx.Node:
     """Strip casts and constant scale factors from a q or k operand (the scale goes into core)."""
     while True:
         if g.is_identity(node):
             core.nodes.append(node)
             node = node.args[0]
-        elif (found := _scalar_factor(node)) is not None:
+        elif (found := scalar_factor(node)) is not None:
             core.nodes.append(node)
             node, core.scale = found[0], core.scale * found[1]
         else:
@@ -302,27 +177,45 @@ def _is_last_two_transpose(node: fx.Node) -> bool:
     return g.is_op(node, aten.t)
 
 
-def _parse_eager(softmax: fx.Node) -> _Core | MatchFailure | None:
-    core = _Core(softmax, softmax, softmax, softmax, 1.0, "eager", [softmax])
-    qk = _peel_scores(softmax.args[0], core)
+def _drop_sink_column(probs: fx.Node) -> fx.Node | None:
+    """The ``probs[..., :-1]`` slice after a softmax that had a sink column, or None."""
+    user = g.single_user(probs)
+    rank = g.ndim(probs)
+    if not g.is_op(user, aten.slice) or rank is None or g.arg(user, 1, "dim", 0) % rank != rank - 1:
+        return None
+    start, end = g.arg(user, 2, "start", None), g.arg(user, 3, "end", None)
+    last = g.static_int(g.shape(probs)[-1])
+    return user if start in (None, 0) and (end == -1 or (last is not None and end == last - 1)) else None
+
+
+def _parse_eager(softmax: fx.Node) -> Core | MatchFailure | None:
+    core = Core(softmax, softmax, softmax, softmax, 1.0, "eager", [softmax])
+    qk = peel_scores(softmax.args[0], core)
     if not isinstance(qk, fx.Node):
         return qk
     rank, dim = g.ndim(softmax), g.arg(softmax, 1, "dim", -1)
     if rank is None or dim % rank != rank - 1:
         return _fail(SOFTMAX_DIM, softmax)
-    q = _to_4d(_peel_operand(qk.args[0], core))
-    kt = _peel_operand(qk.args[1], core)
+    first = 1 if g.is_op(qk, aten.baddbmm) else 0  # baddbmm(bias, q, k^T)
+    q = _to_4d(_peel_operand(qk.args[first], core))
+    kt = _peel_operand(qk.args[first + 1], core)
     if not _is_last_two_transpose(kt):
         return _fail(NOT_QK_T, qk)
     k = _to_4d(_peel_operand(kt.args[0], core))
     core.nodes += [qk, kt]
     probs, between = g.forward_identity(softmax), []
+    if core.sinks is not None:
+        dropped = _drop_sink_column(probs)
+        if dropped is None:
+            return _fail(SINKS, softmax, "the sink column is not sliced off the probabilities")
+        between.append(probs)
+        probs = g.forward_identity(dropped)
     while g.is_op(g.single_user(probs), aten.view, aten.reshape, aten._unsafe_view) or g.is_identity(
             g.single_user(probs)):  # XGLM: (B*H, T, S) views around the softmax
         between.append(probs)
         probs = g.forward_identity(g.single_user(probs))
     pv = g.single_user(probs)
-    if not g.is_op(pv, *_MATMUL) or pv.args[0] is not probs:
+    if not g.is_op(pv, *MATMUL) or pv.args[0] is not probs:
         return _fail(NO_PV, softmax)
     core.nodes += between
     out = pv
@@ -338,20 +231,31 @@ def _parse_eager(softmax: fx.Node) -> _Core | MatchFailure | None:
 
 # --- causality and heads -------------------------------------------------------------------------
 
-def _causality(core: _Core, masks: MaskAnalyzer) -> MaskInfo | MatchFailure:
+def _causality(core: Core, masks: MaskAnalyzer, heads: int) -> MaskInfo | MatchFailure:
+    """What the core's masks allow; sets ``core.alibi_slopes`` when its additive terms carry ALiBi."""
     if not core.masks:
         return MaskInfo(True, core.window) if core.is_causal else _fail(NO_MASK, core.core, "no mask and not is_causal")
-    window = None
+    window, pure, biases = None, False, []
     for mask, kind in core.masks:
         info = masks.analyze(mask, kind)
+        if isinstance(info, MatchFailure) and info.reason == NOT_PURE and mask in core.terms:
+            biases.append(core.terms[mask])
+            continue
         if isinstance(info, MatchFailure):
             return MatchFailure(info.reason, core.core, f"mask {mask.name}: {info.detail}", "attention")
+        pure = True
         if info.window is not None:
             window = info.window if window is None else min(window, info.window)
-    return MaskInfo(True, window)
+    if not biases:
+        return MaskInfo(True, window)
+    found = score_bias(biases, masks, heads, MaskInfo(True, window) if pure else None)
+    if isinstance(found, MatchFailure):
+        return MatchFailure(found.reason, core.core, f"{found.node.name}: {found.detail}", "attention")
+    core.alibi_slopes = found[1]
+    return found[0]
 
 
-def _heads(core: _Core) -> tuple[int, int, int] | MatchFailure:
+def _heads(core: Core) -> tuple[int, int, int] | MatchFailure:
     qs, ks, vs = g.shape(core.q), g.shape(core.k), g.shape(core.v)
     if any(s is None or len(s) != 4 for s in (qs, ks, vs)):
         return _fail(NOT_4D, core.core)
@@ -376,9 +280,34 @@ def _projection(node: fx.Node, norms):
     if qk_norm is None and (qk_norm := norm_producing(norms, n)) is not None:
         n = qk_norm.x_in
     ref = g.trace_linear(n)
-    if ref is None and (found := _scalar_factor(g.skip_views(n))) is not None:
+    if ref is None and (found := scalar_factor(g.skip_views(n))) is not None:
         ref = g.trace_linear(found[0])  # q_proj(x) * scaling (OPT, BioGPT): the factor stays on the path
     return ref, qk_norm
+
+
+def fused_projection_behind(node: fx.Node, width: int, steps: int = 16):
+    """The projection (a LinearRef, or the matmul node) wider than ``width`` that ``node`` (a (B, Hkv, S, D) k or v) is some heads of, found by
+    walking back through views, head selections (select, index, slice, split / chunk) and RoPE, or None.
+
+    Names the fused qkv layouts split per head after a view (Falcon: index on (B, T, heads, D); Bloom:
+    select on (B, T, H, 3, D); GPT-NeoX: chunk of (B, H, T, 3D)), which the q/k/v tracing does not read.
+    """
+    for _ in range(steps):
+        ref = g.linear_at(node) if isinstance(node, fx.Node) else None
+        if ref is not None:
+            return ref if (ref.out_features or 0) > width else None
+        if not isinstance(node, fx.Node) or node.op != "call_function" or not node.args:
+            return None
+        w = node.args[1] if g.is_op(node, *MATMUL) else None
+        w = w.args[0] if g.is_op(w, aten.numpy_T, aten.t, aten.transpose, aten.permute) else w
+        if g.as_get_attr(w) is not None:
+            out = g.static_int((g.shape(node) or (0,))[-1])  # x @ W.T spelled with numpy_T (Falcon)
+            return node if out is not None and out > width else None
+        first = node.args[0]
+        if isinstance(first, (list, tuple)):  # cat([k_rot, k_pass]) of partial RoPE
+            first = first[0] if first else None
+        node = first
+    return None
 
 
 def find_o_proj(core: fx.Node):
@@ -396,7 +325,7 @@ def find_o_proj(core: fx.Node):
     return None
 
 
-def _outer(core: _Core, norms) -> dict:
+def _outer(core: Core, norms) -> dict:
     q_pre, q_rope, rotary_dim = unrotated(core.q)
     k_pre, k_rope, _ = unrotated(core.k)
     q_proj, q_norm = _projection(q_pre, norms)
@@ -426,13 +355,13 @@ def match_attention(anchor: fx.Node, masks: MaskAnalyzer, norms) -> AttentionReg
         core = _parse_sdpa(anchor)
     else:
         core = _parse_eager(anchor)
-    if not isinstance(core, _Core):
+    if not isinstance(core, Core):
         return core
     heads = _heads(core)
     if isinstance(heads, MatchFailure):
         return heads
     h, hkv, d = heads
-    info = _causality(core, masks)
+    info = _causality(core, masks, h)
     if isinstance(info, MatchFailure):
         return info
     scale = core.scale if core.scale is not None else d**-0.5
@@ -445,7 +374,8 @@ def match_attention(anchor: fx.Node, masks: MaskAnalyzer, norms) -> AttentionReg
         layer=-1, module_path=g.module_path(core.core), core=core.core, core_nodes=tuple(nodes),
         q=core.q, k=core.k, v=core.v, num_heads=h, num_kv_heads=hkv, head_dim=d, scale=float(scale),
         causal=info.causal, window=info.window, core_form=core.form,
-        mask=core.masks[0][0] if core.masks else None, **_outer(core, norms),
+        mask=core.masks[0][0] if core.masks else None, softcap=core.softcap, alibi_slopes=core.alibi_slopes,
+        sinks=core.sinks, **_outer(core, norms),
     )
 
 

@@ -83,6 +83,30 @@ class MaskAnalyzer:
             self._by_node[key] = self._analyze(node, kind)
         return self._by_node[key]
 
+    def probe_sizes(self, node: fx.Node) -> tuple[tuple[int, int], ...]:
+        """The (B, T) sizes ``node`` is evaluated at: its traced size when static, else ``PROBE_SIZES``."""
+        shape = g.val(node).shape if isinstance(g.val(node), torch.Tensor) else ()
+        if len(shape) >= 2 and all(isinstance(d, int) for d in shape):
+            return ((1, int(shape[-1])),)  # a static graph: the mask exists at its traced size only
+        return PROBE_SIZES
+
+    def evaluate(self, node: fx.Node, b: int, t: int) -> torch.Tensor | MatchFailure:
+        """The value of the shape-only subgraph ending at ``node`` at batch ``b`` and length ``t``.
+
+        Returns:
+            The tensor, or a MatchFailure when ``node`` reads input data or a parameter, or fails to run.
+        """
+        ancestors = self._ancestors(node)
+        if isinstance(ancestors, MatchFailure):
+            return ancestors
+        sub = _extract(self.gm, ancestors, node)
+        roles = self._roles()
+        try:
+            with torch.no_grad():
+                return sub(*[_probe_input(p, b, t, roles) for p in ancestors if p.op == "placeholder"])
+        except Exception as exc:  # evaluation of arbitrary user code: any error means "unknown"
+            return _fail(NOT_EVALUABLE, node, f"{type(exc).__name__}: {exc}"[:200])
+
     def _analyze(self, node: fx.Node, kind: MaskKind) -> MaskInfo | MatchFailure:
         ancestors = self._ancestors(node)
         if isinstance(ancestors, MatchFailure):
@@ -163,7 +187,7 @@ class MaskAnalyzer:
                 return _fail(NOT_EVALUABLE, node, f"{type(exc).__name__}: {exc}"[:200])
             if isinstance(allowed, str):
                 return _fail(allowed, node, f"at (B, T) = ({b}, {t})")
-            window = _window_of(allowed)
+            window = window_of(allowed)
             if window is None:
                 return _fail(NOT_CAUSAL, node, f"at (B, T) = ({b}, {t})")
             windows.append(window)
@@ -247,7 +271,7 @@ def _allowed(value, kind: MaskKind, t: int) -> torch.Tensor | str:
     return plane if kind is MaskKind.KEEP else ~plane
 
 
-def _window_of(allowed: torch.Tensor) -> int | None:
+def window_of(allowed: torch.Tensor) -> int | None:
     """The window ``w`` of a banded causal pattern (``T`` for plain causal), or None if neither."""
     t = allowed.shape[-1]
     w = int(allowed[-1].sum())

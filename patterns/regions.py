@@ -135,6 +135,22 @@ class AttentionRegion:
     post_norm: NormRegion | None = None  # a norm between ``out`` and ``residual`` (sandwich norm)
     residual_scale: float | None = None  # c in ``residual = stream + c * branch`` (None: no multiplier)
     mask: fx.Node | None = None  # the mask tensor the core consumes (None for is_causal / no mask)
+    # Score options of the core (``condfx/ops/_scores.py``): c in c * tanh(s / c) (0 = none), one ALiBi
+    # slope per query head (scores + m_h * (j - i)), the (H,) sink-logit node (GPT-OSS).
+    softcap: float = 0.0
+    alibi_slopes: tuple[float, ...] | None = None
+    sinks: fx.Node | None = None
+
+    @property
+    def score_options(self) -> str | None:
+        """A short name of the score options this core has ("softcapped scores", ...), None for none.
+
+        Passes that build another attention op from the region without these options skip it with this.
+        """
+        names = [name for name, on in (("softcapped scores", bool(self.softcap)),
+                                       ("ALiBi", self.alibi_slopes is not None),
+                                       ("attention sinks", self.sinks is not None)) if on]
+        return " + ".join(names) or None
 
 
 @dataclass(frozen=True)

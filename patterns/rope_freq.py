@@ -4,8 +4,9 @@ A rewrite that moves RoPE to other positions (IHA's virtual positions) needs the
 graph's (T, D) tables. They are recovered by evaluating the cos and sin nodes of the region at a probe
 length (they depend on positions only, never on token values) and checking that
 ``cos[t] = cos(t * f)``, ``sin[t] = sin(t * f)`` for every probed t, half-split layout
-(``cat(f, f)`` over D). When a 1-D tensor of the graph equals the recovered f to float precision
-(the model's ``inv_freq`` buffer) it is returned instead, so the result is bit-exact.
+(``cat(f, f)`` over D), to 1e-4 or the tables' dtype precision (float16 / bfloat16 models). A 1-D
+tensor of the graph that fits (the model's ``inv_freq`` buffer) is preferred, so the result is
+bit-exact; else f is the angle at position 1.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ def _ancestors(node: fx.Node, order: dict[fx.Node, int]) -> list[fx.Node]:
     return sorted(seen, key=order.__getitem__)
 
 
-def _table(gm: fx.GraphModule, node: fx.Node, order, d: int) -> torch.Tensor | str:
-    """The (T, D) values of a cos or sin node at probe length T, or an error text."""
+def _table(gm: fx.GraphModule, node: fx.Node, order, d: int) -> tuple[torch.Tensor, torch.dtype] | str:
+    """(the (T, D) float64 values of a cos or sin node at probe length T, their dtype), or an error text."""
     nodes = _ancestors(node, order)
     if any(n.op == "get_attr" and isinstance(g.get_attr_value(gm, n), torch.nn.Parameter) for n in nodes):
         return "depends on a parameter"
@@ -50,7 +51,13 @@ def _table(gm: fx.GraphModule, node: fx.Node, order, d: int) -> torch.Tensor | s
         return f"{type(exc).__name__}: {exc}"[:200]
     if not isinstance(value, torch.Tensor) or value.numel() != _PROBE_T * d or value.shape[-1] != d:
         return f"shape {tuple(getattr(value, 'shape', ()))} is not (T={_PROBE_T}, D={d}) up to size-1 dims"
-    return value.reshape(_PROBE_T, d).double()
+    return value.reshape(_PROBE_T, d).double(), value.dtype
+
+
+def _deviation(cos: torch.Tensor, sin: torch.Tensor, freq: torch.Tensor) -> float:
+    t = torch.arange(_PROBE_T, dtype=torch.float64).unsqueeze(1)
+    angles = torch.cat([t * freq, t * freq], dim=1)
+    return max((cos - angles.cos()).abs().max().item(), (sin - angles.sin()).abs().max().item())
 
 
 def rope_inv_freq(gm: fx.GraphModule, rope: RoPERef, head_dim: int) -> torch.Tensor | MatchFailure:
@@ -67,20 +74,19 @@ def rope_inv_freq(gm: fx.GraphModule, rope: RoPERef, head_dim: int) -> torch.Ten
     if rope.style is not RoPEStyle.HALF or rope.cos is None or rope.sin is None:
         return _fail(NOT_HALF, rope.cos)
     order = g.node_order(gm)
-    cos, sin = _table(gm, rope.cos, order, head_dim), _table(gm, rope.sin, order, head_dim)
-    for value in (cos, sin):
+    tables = _table(gm, rope.cos, order, head_dim), _table(gm, rope.sin, order, head_dim)
+    for value in tables:
         if isinstance(value, str):
             return _fail(NOT_EVALUABLE, rope.cos, value)
+    (cos, dtype), (sin, _) = tables
+    tol = max(1e-4, torch.finfo(dtype).eps if dtype.is_floating_point else 0.0)
     half = head_dim // 2
-    freq = torch.atan2(sin[1, :half], cos[1, :half])  # angle at position 1
-    t = torch.arange(_PROBE_T, dtype=torch.float64).unsqueeze(1)
-    angles = torch.cat([t * freq, t * freq], dim=1)
-    err = max((cos - angles.cos()).abs().max().item(), (sin - angles.sin()).abs().max().item())
-    if err > 1e-4:
-        return _fail(NOT_TABLE, rope.cos, f"max deviation {err:.2e}")
-    for n in _ancestors(rope.cos, order):
-        value = g.get_attr_value(gm, n) if n.op == "get_attr" else None
-        if isinstance(value, torch.Tensor) and value.numel() == half and value.is_floating_point():
-            if torch.allclose(value.double().reshape(-1), freq, atol=1e-6, rtol=1e-5):
-                return value.detach().reshape(-1).to(torch.float32).clone()
-    return freq.to(torch.float32)
+    candidates = [value.detach().reshape(-1).double() for n in _ancestors(rope.cos, order)
+                  if isinstance(value := g.get_attr_value(gm, n) if n.op == "get_attr" else None, torch.Tensor)
+                  and value.numel() == half and value.is_floating_point()]
+    candidates.append(torch.atan2(sin[1, :half], cos[1, :half]))  # the angle at position 1
+    errors = [_deviation(cos, sin, freq) for freq in candidates]
+    for freq, err in zip(candidates, errors, strict=True):
+        if err <= tol:
+            return freq.to(torch.float32).clone()
+    return _fail(NOT_TABLE, rope.cos, f"max deviation {min(errors):.2e}")

@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import torch
 
-from condfx.ops.kv_quant import BITS, check_quant_args
+from condfx.ops.kv_quant import BITS, check_quant_args, to_float16
 from condfx.ops.quant_stream import empty_stream, stream_append, stream_read
 from condfx.runtime.caches import FullKVCache, LayerCache
 
@@ -286,7 +286,7 @@ class Float16KVCache(FullKVCache):
 
     def update(self, present_k: torch.Tensor, present_v: torch.Tensor) -> None:
         self.length += self._check(present_k, present_v)
-        self.k, self.v = present_k.half(), present_v.half()
+        self.k, self.v = to_float16(present_k), to_float16(present_v)
 
     def _set(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k, self.v = k.half(), v.half()
+        self.k, self.v = to_float16(k), to_float16(v)

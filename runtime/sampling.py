@@ -15,10 +15,23 @@ import dataclasses
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import torch
 
+from condfx.options import BIG_INT, Bool, Float, Int, check_options
+
+MAX_TEMPERATURE = 1000.0
+"""Above this the distribution is uniform to float precision: a larger value is a typo."""
+
+
+_BOUNDS = MappingProxyType({
+    "greedy": Bool(),
+    "temperature": Float(0.0, MAX_TEMPERATURE),
+    "top_k": Int(0, BIG_INT),
+    "top_p": Float(0.0, 1.0, low_open=True, noun="", full_range=True),
+})
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes [-2**63, 2**64); condfx keeps it non-negative
 
 
@@ -29,7 +42,7 @@ class SamplingConfig:
     Attributes:
         greedy: take the argmax; the other options are then ignored. Also implied by
             ``temperature == 0``.
-        temperature: logits are divided by it before softmax; must be >= 0.
+        temperature: logits are divided by it before softmax; a finite number in [0, 1000].
         top_k: keep the k most likely tokens; 0 keeps all. Must be >= 0.
         top_p: keep the smallest set of most likely tokens whose probability reaches top_p
             (nucleus sampling); must be in (0, 1], 1 keeps all.
@@ -43,18 +56,7 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if not isinstance(self.greedy, bool):
-            msg = f"sampling option greedy must be a bool; got {self.greedy!r}."
-            raise ValueError(msg)
-        if not _is_number(self.temperature) or self.temperature < 0:
-            msg = f"sampling option temperature must be a number >= 0; got {self.temperature!r}."
-            raise ValueError(msg)
-        if not _is_int(self.top_k) or self.top_k < 0:
-            msg = f"sampling option top_k must be an int >= 0 (0 = no limit); got {self.top_k!r}."
-            raise ValueError(msg)
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
-            msg = f"sampling option top_p must be in (0, 1]; got {self.top_p!r}."
-            raise ValueError(msg)
+        check_options(self, _BOUNDS, owner="sampling option ")
         if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
             msg = f"sampling option seed must be an int in [0, 2**63 - 1]; got {self.seed!r}."
             raise ValueError(msg)
@@ -86,10 +88,6 @@ class SamplingConfig:
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
+from condfx.ops.kv_quant import FLOAT16_MAX
+
 FLOAT_ATTRS, INT_ATTRS = ("scale",), ("window", "bits", "group", "residual", "sink")
 
 
@@ -93,13 +95,23 @@ def _dequantize(f: Body, codes: str, scale: str, zero: str, group1: str, per_cha
     return f("Reshape", f("Add", f("Mul", g, s), z), f("Shape", codes))
 
 
+def _saturate(f: Body, x: str) -> str:
+    """float32 x clamped to float16's finite range (``condfx.ops.kv_quant.saturate``)."""
+    return f("Clip", x, f.scalar(-FLOAT16_MAX), f.scalar(FLOAT16_MAX))
+
+
+def _half(f: Body, x: str) -> str:
+    """float32 x as float16, saturating instead of overflowing (``condfx.ops.kv_quant.to_float16``)."""
+    return f("Cast", _saturate(f, x), to=TensorProto.FLOAT16)
+
+
 def _quantize(f: Body, x: str, group1: str, levels: str, per_channel: bool):
     """float32 x (..., N, C), N whole chunks → (float32 codes, scale fp16, zero fp16)."""
-    g = f("Reshape", x, _grouped_shape(f, x, group1, per_channel))
+    g = f("Reshape", _saturate(f, x), _grouped_shape(f, x, group1, per_channel))
     axis = f.ints(-2 if per_channel else -1)
     lo, hi = f("ReduceMin", g, axis, keepdims=1), f("ReduceMax", g, axis, keepdims=1)
     zero16 = f("Cast", lo, to=TensorProto.FLOAT16)
-    scale16 = f("Cast", f("Div", f("Sub", hi, lo), levels), to=TensorProto.FLOAT16)
+    scale16 = f("Cast", _saturate(f, f("Div", f("Sub", hi, lo), levels)), to=TensorProto.FLOAT16)
     s, z = f("Cast", scale16, to=TensorProto.FLOAT), f("Cast", zero16, to=TensorProto.FLOAT)
     denom = f("Where", f("Greater", s, f.scalar(0.0)), s, f.scalar(1.0))
     codes = f("Clip", f("Round", f("Div", f("Sub", g, z), denom)), f.scalar(0.0), levels)
@@ -107,8 +119,9 @@ def _quantize(f: Body, x: str, group1: str, levels: str, per_channel: bool):
 
 
 def _split_step(f: Body, fp: str, new: str, a: dict) -> tuple[str, str, str]:
-    """(head, rest, big): the stream's full-precision tokens plus the step's, split at the sink."""
-    allf = f("Concat", fp, f("Cast", new, to=TensorProto.FLOAT), axis=-2)
+    """(head, rest, big): the stream's full-precision tokens plus the step's (as float32, whatever the
+    model's dtype), split at the sink."""
+    allf = f("Concat", f("Cast", fp, to=TensorProto.FLOAT), f("Cast", new, to=TensorProto.FLOAT), axis=-2)
     big = f.ints(1 << 62)
     return f.slice(allf, f.ints(0), a["sink1"], -2), f.slice(allf, a["sink1"], big, -2), big
 
@@ -144,7 +157,7 @@ def stream(f: Body, parts: list[str], new: str, a: dict, per_channel: bool) -> t
         f("Concat", codes, packed, axis=-2),
         f("Concat", scale, f.slice(q_scale, f.ints(0), rows, -2), axis=-2),
         f("Concat", zero, f.slice(q_zero, f.ints(0), rows, -2), axis=-2),
-        f("Concat", head, f.slice(rest, move, big, -2), axis=-2),
+        f("CastLike", f("Concat", head, f.slice(rest, move, big, -2), axis=-2), fp),
     ]
     return f("Concat", head, deq, rest, axis=-2), f("Concat", head, deq, rest_hat, axis=-2), updated
 
@@ -168,7 +181,7 @@ def dropped_stream(f: Body, parts: list[str], new: str, a: dict, per_channel: bo
     rows = f("Div", nq, a["group1"]) if per_channel else nq
     updated = [zeros(nq, none, TensorProto.UINT8), zeros(rows, none, TensorProto.FLOAT16),
                zeros(rows, none, TensorProto.FLOAT16),
-               f("Concat", head, f.slice(rest, f("Sub", nq, f.dim(codes, -2)), big, -2), axis=-2)]
+               f("CastLike", f("Concat", head, f.slice(rest, f("Sub", nq, f.dim(codes, -2)), big, -2), axis=-2), fp)]
     return f("Concat", head, deq, rest, axis=-2), f("Concat", head, deq, rest_hat, axis=-2), updated
 
 
@@ -181,16 +194,16 @@ def half_stream(f: Body, parts: list[str], new: str, a: dict, per_channel: bool)
     lead, none = f("Shape", codes, start=0, end=2), f.ints(0)
     deq = f("Cast", codes, to=TensorProto.FLOAT)
     whole = _floor_to(f, f.dim(rest, -2), chunk1)
-    rounded = f("Cast", f("Cast", f.slice(rest, f.ints(0), whole, -2), to=TensorProto.FLOAT16), to=TensorProto.FLOAT)
+    rounded = f("Cast", _half(f, f.slice(rest, f.ints(0), whole, -2)), to=TensorProto.FLOAT)
     rest_hat = f("Concat", rounded, f.slice(rest, whole, big, -2), axis=-2)
     nq = _packed_after(f, head, codes, rest, a, chunk1)
     move = f("Sub", nq, f.dim(codes, -2))
     rows = f("Div", nq, a["group1"]) if per_channel else nq
     stats = f("ConstantOfShape", f("Concat", lead, rows, none, axis=0),
               value=helper.make_tensor("", TensorProto.FLOAT16, [1], [0]))
-    packed = f("Cast", f.slice(rest, f.ints(0), move, -2), to=TensorProto.FLOAT16)
+    packed = _half(f, f.slice(rest, f.ints(0), move, -2))
     updated = [f("Concat", codes, packed, axis=-2), stats, f("Identity", stats),
-               f("Concat", head, f.slice(rest, move, big, -2), axis=-2)]
+               f("CastLike", f("Concat", head, f.slice(rest, move, big, -2), axis=-2), fp)]
     return f("Concat", head, deq, rest, axis=-2), f("Concat", head, deq, rest_hat, axis=-2), updated
 
 

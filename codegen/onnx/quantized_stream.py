@@ -48,7 +48,7 @@ def _function(dim: int, bits: int = 2) -> onnx.FunctionProto:
     a = attributes(f, _attrs(bits))
     build = _KINDS.get(bits, ("", stream))[1]
     full, hat, updated = build(f, list(STREAM_PARTS), "new", a, per_channel=dim == -2)
-    results = [full, hat, *updated]
+    results = [f("CastLike", full, "fp"), f("CastLike", hat, "fp"), *updated]  # float32 inside
     f.nodes += [helper.make_node("Identity", [r], [o]) for r, o in zip(results, _OUTPUTS, strict=True)]
     return helper.make_function(DOMAIN, _op_type(dim, bits), list(_INPUTS), list(_OUTPUTS), f.nodes,
                                 [helper.make_opsetid("", MIN_OPSET)], attributes=list(_attrs(bits)))

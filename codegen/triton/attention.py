@@ -326,14 +326,17 @@ def attention_reference(
 
 
 def _attention_cuda(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int = 0
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int = 0,
+    softcap: float = 0.0, alibi_slopes: list[float] | None = None, sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """CUDA kernel of ``condfx::attention``: Triton when supported, else the eager reference."""
-    if is_supported(q, k, v)[0] and window >= 0:
+    """CUDA kernel of ``condfx::attention``: Triton when supported, else the eager reference (always for
+    the score options softcap / alibi_slopes / sinks, which the kernel does not implement)."""
+    plain = not softcap and alibi_slopes is None and sinks is None
+    if plain and is_supported(q, k, v)[0] and window >= 0:
         return attention_fwd(q, k, v, scale, window)
     from condfx.ops import attention_reference as ops_reference
 
-    return ops_reference(q, k, v, scale, window)
+    return ops_reference(q, k, v, scale, window, softcap, alibi_slopes, sinks)
 
 
 def register():
@@ -343,7 +346,7 @@ def register():
     Calling it again re-registers the same function. Not called at import time.
 
     Returns:
-        The registered function, ``(q, k, v, scale, window=0) -> out``.
+        The registered function, ``(q, k, v, scale, window=0, softcap=0.0, alibi_slopes=None, sinks=None) -> out``.
     """
     import condfx.ops  # noqa: F401  (defines condfx::attention)
 

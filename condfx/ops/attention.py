@@ -7,6 +7,9 @@ Semantics (the contract every lowering must match):
     T == S is ordinary causal prefill; T == 1 is one decode step over a cache of S keys.
     Query head h reads key/value head ``h // (H // Hkv)`` (GQA); repeated heads are never materialised.
     out (B, H, T, D) = softmax(q @ k^T * scale + mask) @ v.
+    Optional score options (``_scores.py``; defaults off, so older calls keep their meaning):
+    ``softcap`` (c * tanh(s / c) before masking, Gemma2), ``alibi_slopes`` (H slopes: + m_h * (j - pos),
+    Bloom / MPT / Falcon), ``sinks`` ((H,) learned logits: an extra softmax column with no value, GPT-OSS).
 
 This module holds the three parts that live in ``condfx/ops`` (DESIGN.md "Custom ops are the contract"):
     * ``attention_reference``: the eager reference in plain PyTorch (CPU; chunked over queries so
@@ -29,11 +32,14 @@ Backend lowerings do not live here; they are in codegen/:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
 from condfx.ops import _flash_cpu
 from condfx.ops._masks import causal_window_mask
+from condfx.ops._scores import check_options, has_options, scores_block, softmax_with_sinks
 
 # Upper bound on the elements of one (B, H, chunk, S) score block in the reference: 2**24 floats = 64 MiB.
 _SCORE_BLOCK_ELEMENTS = 1 << 24
@@ -43,8 +49,9 @@ def _is_static(*dims) -> bool:
     return all(isinstance(d, int) for d in dims)
 
 
-def check_attention_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> None:
-    """Raises ValueError when q, k, v or window do not form a valid ``condfx::attention`` call.
+def check_attention_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, softcap: float = 0.0,
+                           alibi_slopes: Sequence[float] | None = None, sinks: torch.Tensor | None = None) -> None:
+    """Raises ValueError when q, k, v, window or the score options do not form a valid ``condfx::attention`` call.
 
     Symbolic dimensions (under export) are only checked where the check cannot add a guard.
 
@@ -53,9 +60,11 @@ def check_attention_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wi
         k: (B, Hkv, S, D) keys.
         v: (B, Hkv, S, D) values.
         window: sliding-window size; 0 means no window.
+        softcap, alibi_slopes, sinks: the score options (``_scores.check_options``).
 
     Raises:
-        ValueError: a rank, head count, head dim, length or dtype mismatch, or a negative window.
+        ValueError: a rank, head count, head dim, length or dtype mismatch, a negative window, or an
+            option that does not fit the head count.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
@@ -84,22 +93,36 @@ def check_attention_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wi
     if _is_static(t, s) and t > s:
         msg = f"condfx.attention: query length T={t} must be <= key length S={s} (queries align to the end)."
         raise ValueError(msg)
+    check_options(h, softcap, alibi_slopes, sinks)
 
 
 def _chunk_len(b: int, h: int, t: int, s: int) -> int:
     return max(1, min(t, _SCORE_BLOCK_ELEMENTS // max(1, b * h * s)))
 
 
-def _probs(qg, kg, t0, t1, t, s, scale, window):
-    """Softmax probabilities for query rows [t0, t1): (B, Hkv, G, c, S) in float32 or float64."""
+def _probs(qg, kg, t0, t1, t, s, scale, window, softcap=0.0, alibi_slopes=None, sinks=None):
+    """(probabilities, sink probabilities or None, d scores / d u or None) for query rows [t0, t1):
+    (B, Hkv, G, c, S) in float32 or float64 (see ``_scores`` for the options)."""
     acc = torch.float64 if qg.dtype == torch.float64 else torch.float32
-    scores = (qg[..., t0:t1, :].to(acc) @ kg.to(acc).transpose(-1, -2)) * scale  # (B, Hkv, G, c, S)
+    u = (qg[..., t0:t1, :].to(acc) @ kg.to(acc).transpose(-1, -2)) * scale  # (B, Hkv, G, c, S)
     keep = causal_window_mask(t, s, window, qg.device, rows=(t0, t1))  # (c, S)
-    return torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
+    if not has_options(softcap, alibi_slopes, sinks):
+        return torch.softmax(u.masked_fill(~keep, float("-inf")), dim=-1), None, None
+    pos = torch.arange(t0, t1, device=qg.device) + (s - t)  # (c,) absolute query positions
+    scores, dsdu = scores_block(u, keep, pos, softcap, alibi_slopes)
+    p, p_sink = softmax_with_sinks(scores, sinks)
+    return p, p_sink, dsdu
 
 
 def attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int = 0
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    window: int = 0,
+    softcap: float = 0.0,
+    alibi_slopes: Sequence[float] | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Eager reference for ``condfx::attention`` (see the module docstring for the semantics).
 
@@ -112,14 +135,17 @@ def attention_reference(
         v: (B, Hkv, S, D) values.
         scale: multiplier of q @ k^T, usually D ** -0.5.
         window: 0 for full causal attention, else keys within the last ``window`` positions.
+        softcap: 0 for none, else c in ``c * tanh(scores / c)``.
+        alibi_slopes: None, or one ALiBi slope per query head.
+        sinks: None, or (H,) sink logits.
 
     Returns:
         (B, H, T, D) attention output.
 
     Raises:
-        ValueError: the shapes are inconsistent (see ``check_attention_shapes``).
+        ValueError: the shapes or options are inconsistent (see ``check_attention_shapes``).
     """
-    check_attention_shapes(q, k, v, window)
+    check_attention_shapes(q, k, v, window, softcap, alibi_slopes, sinks)
     b, h, t, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
     qg = q.reshape(b, hkv, h // hkv, t, d)  # (B, Hkv, G, T, D)
@@ -128,7 +154,7 @@ def attention_reference(
     outs = []
     for t0 in range(0, t, step):
         t1 = min(t, t0 + step)
-        p = _probs(qg, kg, t0, t1, t, s, scale, window)  # (B, Hkv, G, c, S)
+        p = _probs(qg, kg, t0, t1, t, s, scale, window, softcap, alibi_slopes, sinks)[0]  # (B, Hkv, G, c, S)
         outs.append((p @ vg.to(p.dtype)).to(q.dtype))  # (B, Hkv, G, c, D)
     return torch.cat(outs, dim=3).reshape(b, h, t, d)
 
@@ -140,18 +166,22 @@ def attention_backward_reference(
     v: torch.Tensor,
     scale: float,
     window: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``attention_reference`` w.r.t. q, k, v, recomputing the probabilities per chunk.
+    softcap: float = 0.0,
+    alibi_slopes: Sequence[float] | None = None,
+    sinks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients of ``attention_reference`` w.r.t. q, k, v (and sinks), recomputing the probabilities per chunk.
 
     dV = P^T dO; dP = dO V^T; dS = P * (dP - rowsum(dP * P)); dQ = scale dS K; dK = scale dS^T Q,
-    with dK and dV summed over the G query heads that share a key/value head.
+    with dK and dV summed over the G query heads that share a key/value head. A softcap multiplies dS
+    by 1 - tanh^2; a sink column has dP = 0, so d sink = -sum over rows of P_sink * rowsum(dP * P).
 
     Args:
         grad: (B, H, T, D) gradient of the output.
-        q, k, v, scale, window: the forward arguments.
+        q, k, v, scale, window, softcap, alibi_slopes, sinks: the forward arguments.
 
     Returns:
-        (dq, dk, dv) with the shapes and dtypes of q, k, v.
+        (dq, dk, dv, dsinks) with the shapes and dtypes of q, k, v and sinks (dsinks None without sinks).
     """
     b, h, t, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
@@ -163,17 +193,25 @@ def attention_backward_reference(
     dq_parts = []
     dk = torch.zeros(b, hkv, s, d, dtype=acc, device=q.device)
     dv = torch.zeros_like(dk)
+    dsink = torch.zeros(hkv, g, dtype=acc, device=q.device)
     for t0 in range(0, t, _chunk_len(b, h, t, s)):
         t1 = min(t, t0 + _chunk_len(b, h, t, s))
-        p = _probs(qg, kg, t0, t1, t, s, scale, window)  # (B, Hkv, G, c, S)
+        p, p_sink, dsdu = _probs(qg, kg, t0, t1, t, s, scale, window, softcap, alibi_slopes, sinks)
         go = gg[..., t0:t1, :].to(acc)  # (B, Hkv, G, c, D)
         dv += (p.transpose(-1, -2) @ go).sum(dim=2)
         dp = go @ vg.to(acc).transpose(-1, -2)  # (B, Hkv, G, c, S)
-        ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True)) * scale
+        row = (dp * p).sum(dim=-1, keepdim=True)  # (B, Hkv, G, c, 1)
+        ds = p * (dp - row)
+        if p_sink is not None:
+            dsink -= (p_sink * row).sum(dim=(0, 3, 4))
+        if dsdu is not None:
+            ds = ds * dsdu
+        ds = ds * scale
         dq_parts.append(ds @ kg.to(acc))  # (B, Hkv, G, c, D)
         dk += (ds.transpose(-1, -2) @ qg[..., t0:t1, :].to(acc)).sum(dim=2)
     dq = torch.cat(dq_parts, dim=3).reshape(b, h, t, d)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    dsinks = dsink.reshape(h).to(sinks.dtype) if sinks is not None else None
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks
 
 
 def attention_sdpa(
@@ -218,16 +256,26 @@ def _windowed_blocks(q, k, v, scale: float, window: int) -> torch.Tensor:
 
 @torch.library.custom_op("condfx::attention", mutates_args=())
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int = 0
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    window: int = 0,
+    softcap: float = 0.0,
+    alibi_slopes: list[float] | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``torch.ops.condfx.attention``: see the module docstring. Runs ``attention_sdpa``."""
+    """``torch.ops.condfx.attention``: see the module docstring. Runs ``attention_sdpa``, or the
+    reference when a score option is set."""
     with torch.no_grad():
+        if has_options(softcap, alibi_slopes, sinks):
+            return attention_reference(q, k, v, scale, window, softcap, alibi_slopes, sinks).contiguous()
         return attention_sdpa(q, k, v, scale, window).contiguous()
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, scale, window=0):
-    check_attention_shapes(q, k, v, window)
+def _attention_fake(q, k, v, scale, window=0, softcap=0.0, alibi_slopes=None, sinks=None):
+    check_attention_shapes(q, k, v, window, softcap, alibi_slopes, sinks)
     return q.new_empty(q.shape)
 
 
@@ -239,26 +287,54 @@ def attention_backward(
     v: torch.Tensor,
     scale: float,
     window: int = 0,
+    softcap: float = 0.0,
+    alibi_slopes: list[float] | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``torch.ops.condfx.attention_backward``: (dq, dk, dv) of ``condfx::attention``."""
-    return attention_backward_reference(grad.contiguous(), q, k, v, scale, window)
+    return attention_backward_reference(grad.contiguous(), q, k, v, scale, window, softcap, alibi_slopes, sinks)[:3]
 
 
 @attention_backward.register_fake
-def _attention_backward_fake(grad, q, k, v, scale, window=0):
+def _attention_backward_fake(grad, q, k, v, scale, window=0, softcap=0.0, alibi_slopes=None, sinks=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+@torch.library.custom_op("condfx::attention_sinks_backward", mutates_args=())
+def attention_sinks_backward(
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    window: int,
+    softcap: float,
+    alibi_slopes: list[float] | None,
+    sinks: torch.Tensor,
+) -> torch.Tensor:
+    """``torch.ops.condfx.attention_sinks_backward``: d sinks of ``condfx::attention`` ((H,), sinks' dtype)."""
+    return attention_backward_reference(grad.contiguous(), q, k, v, scale, window, softcap, alibi_slopes, sinks)[3]
+
+
+@attention_sinks_backward.register_fake
+def _attention_sinks_backward_fake(grad, q, k, v, scale, window, softcap, alibi_slopes, sinks):
+    return sinks.new_empty(sinks.shape)
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale, window = inputs
-    ctx.save_for_backward(q, k, v)
-    ctx.scale, ctx.window = scale, window
+    q, k, v, scale, window, softcap, alibi_slopes, sinks = inputs
+    ctx.save_for_backward(q, k, v, sinks)
+    ctx.options = (scale, window, softcap, alibi_slopes)
 
 
 def _backward(ctx, grad):
-    q, k, v = ctx.saved_tensors
-    dq, dk, dv = torch.ops.condfx.attention_backward(grad, q, k, v, ctx.scale, ctx.window)
-    return dq, dk, dv, None, None
+    q, k, v, sinks = ctx.saved_tensors
+    scale, window, softcap, slopes = ctx.options
+    dq, dk, dv = torch.ops.condfx.attention_backward(grad, q, k, v, scale, window, softcap, slopes, sinks)
+    dsinks = None
+    if sinks is not None and ctx.needs_input_grad[7]:
+        dsinks = torch.ops.condfx.attention_sinks_backward(grad, q, k, v, scale, window, softcap, slopes, sinks)
+    return dq, dk, dv, None, None, None, None, dsinks
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

@@ -6,6 +6,9 @@ Semantics (the contract every lowering must match):
     Groups run along one axis, ``dim``:
         dim = -1: per token, groups of ``group`` consecutive channels (KIVI values, XQuant);
         dim = -2: per channel, groups of ``group`` consecutive tokens (KIVI keys).
+    Values are first saturated to float16's finite range, x ← clamp(x, -65504, 65504), so every
+    stored code, scale and zero is finite at any magnitude (the stated error: a value beyond the range
+    reads back as ±65504, off by |x| - 65504; within it the error is the quantization step's).
     Asymmetric min/max quantization with ``L = 2**bits - 1`` levels per group:
         zero = min(x_g), scale = (max(x_g) - min(x_g)) / L, both stored as float16;
         code = clamp(round((x - zero) / scale), 0, L);   x̂ = code * scale + zero
@@ -18,8 +21,8 @@ Semantics (the contract every lowering must match):
         scale, zero (..., N, C/group) for dim -1 or (..., N/group, C) for dim -2, float16
     group_dequantize(packed, scale, zero, bits, group, dim, channels) -> (..., N, C) float32
     fake_group_quantize(x, bits, group, dim, sink) -> x̂ in x's dtype, the first ``sink`` tokens
-        passed through and groups along tokens counted from there; bits 16 rounds to float16,
-        bits 32 returns x unchanged (quantization off), bits 0 returns zeros (a channel dropped from
+        passed through and groups along tokens counted from there; bits 16 rounds to float16
+        (saturated as above), bits 32 returns x unchanged (quantization off), bits 0 returns zeros (a channel dropped from
         the quantized tokens: ``quantize-kv{latent=klt}``'s low-variance coefficients); for dim -2 a trailing partial token group
         is quantized as if padded with its last token (cache policies never read it, see below).
 
@@ -50,6 +53,7 @@ BITS = (2, 3, 4)
 PASSTHROUGH_BITS = (16, 32)  # 16: stored as float16; 32: quantization off
 DROPPED = 0  # fake_group_quantize / quantized_stream only: quantized tokens store nothing, read 0
 DIMS = (-1, -2)
+FLOAT16_MAX = 65504.0  # float16's largest finite value: stored values saturate there
 _SCORE_BLOCK_ELEMENTS = 1 << 24
 
 
@@ -140,6 +144,16 @@ def _expand(stat: torch.Tensor, group: int, dim: int) -> torch.Tensor:
     return stat.repeat_interleave(group, dim=-2)
 
 
+def saturate(x: torch.Tensor) -> torch.Tensor:
+    """``x`` clamped to float16's finite range (same dtype): what the cache can store, never ±inf."""
+    return x.clamp(-FLOAT16_MAX, FLOAT16_MAX)
+
+
+def to_float16(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to float16, saturating at ±65504 instead of overflowing to ±inf."""
+    return saturate(x).to(torch.float16)
+
+
 def _dropped(x: torch.Tensor, group: int, dim: int):
     """bits 0: nothing stored, (codes, scale, zero) with no columns."""
     *lead, n, _ = x.shape
@@ -155,13 +169,14 @@ def quantize_reference(x: torch.Tensor, bits: int, group: int, dim: int):
         return _dropped(x, group, dim)
     check_quant_args(bits, group, dim, int(x.shape[-1]), int(x.shape[-2]))
     levels = (1 << bits) - 1
-    g = _grouped(x.float(), group, dim)
+    xf = saturate(x.float())
+    g = _grouped(xf, group, dim)
     red = -1 if dim == -1 else -2
     lo, hi = g.amin(red), g.amax(red)
     zero = lo.to(torch.float16)
-    scale = ((hi - lo) / levels).to(torch.float16)
+    scale = to_float16((hi - lo) / levels)
     s, z = _expand(scale.float(), group, dim), _expand(zero.float(), group, dim)
-    codes = torch.round((x.float() - z) / torch.where(s > 0, s, torch.ones_like(s)))
+    codes = torch.round((xf - z) / torch.where(s > 0, s, torch.ones_like(s)))
     codes = codes.clamp(0, levels)
     return pack_codes(codes, bits), scale, zero
 
@@ -187,7 +202,7 @@ def fake_quantize_reference(
     if bits == DROPPED:  # the coefficient is not cached for quantized tokens: they read 0
         return torch.zeros_like(x)
     if bits == 16:
-        return x.to(torch.float16).to(x.dtype)
+        return to_float16(x).to(x.dtype)
     n = int(x.shape[-2])
     pad = (-n) % group if dim == -2 else 0
     xp = torch.cat([x, x[..., -1:, :].expand(*x.shape[:-2], pad, x.shape[-1])], -2) if pad else x

@@ -36,6 +36,7 @@ from condfx.ops.kv_quant import (
     dequantize_reference,
     quantize_reference,
     quantized_count,
+    to_float16,
 )
 
 STREAM_PARTS = ("codes", "scale", "zero", "fp")
@@ -74,7 +75,7 @@ def _pack_tokens(x: torch.Tensor, bits: int, group: int, dim: int):
         return quantize_reference(x, bits, group, dim)
     rows = x.shape[-2] if dim == -1 else x.shape[-2] // group
     empty = x.new_zeros((*x.shape[:-2], rows, 0), dtype=torch.float16)
-    return x.to(torch.float16), empty, empty.clone()
+    return to_float16(x), empty, empty.clone()
 
 
 def _unpack_tokens(codes, scale, zero, bits: int, group: int, dim: int, channels: int) -> torch.Tensor:

@@ -26,6 +26,7 @@ import torch
 from torch import fx
 
 from condfx.layouts import CacheLayout, Float16KVLayout, StreamsLayout
+from condfx.ops.kv_quant import FLOAT16_MAX
 from condfx.passes.base import PassError
 from condfx.passes.decode.base import (
     DecodeContext,
@@ -94,10 +95,12 @@ class QuantizedDecodeRule(DecodeRule):
 
 
 def _round_to_float16(graph: fx.Graph, fq: fx.Node) -> None:
-    """fake_group_quantize(x, 16, ...) → x cast to float16 and back (what 16 bits means)."""
+    """fake_group_quantize(x, 16, ...) → x saturated to float16's range, cast to float16 and back
+    (what 16 bits means)."""
     x = op_arg(fq, "x")
     with graph.inserting_before(fq):
-        half = graph.call_function(aten._to_copy.default, (x,), {"dtype": torch.float16})
+        held = graph.call_function(aten.clamp.default, (x, -FLOAT16_MAX, FLOAT16_MAX))
+        half = graph.call_function(aten._to_copy.default, (held,), {"dtype": torch.float16})
         back = graph.call_function(aten._to_copy.default, (half,), {"dtype": x.meta["val"].dtype})
     fq.replace_all_uses_with(back)
 

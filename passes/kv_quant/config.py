@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from types import MappingProxyType
 
-from condfx.passes.base import coerce_enum
+from condfx.options import BIG_INT, Bool, Int, OneOf, check_options
 
 ALLOWED_BITS = (2, 3, 4, 16, 32)
 PASSTHROUGH_BITS = (16, 32)
@@ -26,6 +27,14 @@ class LatentKind(Enum):
     X = "x"
     SVD = "svd"
     KLT = "klt"
+
+
+_BOUNDS = MappingProxyType({
+    "method": OneOf(KVQuantMethod), "latent": OneOf(LatentKind), "rotate": Bool(),
+    "group": Int(1, BIG_INT), "residual": Int(0, BIG_INT), "first_layers": Int(0, BIG_INT),
+    "context": Int(1, BIG_INT), "sink": Int(0, BIG_INT),
+})
+"""The plain bounds; bits, budgets and the combinations are checked in ``__post_init__``."""
 
 
 @dataclass(frozen=True)
@@ -67,8 +76,7 @@ class QuantizeKVConfig:
     v_budget: float = 0.0
 
     def __post_init__(self):
-        object.__setattr__(self, "method", coerce_enum(KVQuantMethod, self.method, "QuantizeKVConfig.method"))
-        object.__setattr__(self, "latent", coerce_enum(LatentKind, self.latent, "QuantizeKVConfig.latent"))
+        check_options(self, _BOUNDS)
         for name in ("bits", "first_bits"):
             v = getattr(self, name)
             if isinstance(v, bool) or v not in ALLOWED_BITS:
@@ -90,21 +98,12 @@ class QuantizeKVConfig:
             if v and self.latent is not LatentKind.KLT:
                 msg = f"QuantizeKVConfig.{name} applies to latent=klt only; got latent={self.latent.value}."
                 raise ValueError(msg)
-        if not isinstance(self.rotate, bool):
-            msg = f"QuantizeKVConfig.rotate must be a bool; got {self.rotate!r}."
-            raise ValueError(msg)
         one_stream = self.method is KVQuantMethod.XQUANT_CL or (
             self.method is KVQuantMethod.XQUANT and self.latent is LatentKind.X)
         if (self.k_bits or self.v_bits) and one_stream:
             what = "xquant-cl" if self.method is KVQuantMethod.XQUANT_CL else "xquant with latent=x"
             msg = f"QuantizeKVConfig.k_bits and v_bits need separate K and V streams; {what} caches one."
             raise ValueError(msg)
-        for name, low in (("group", 1), ("residual", 0), ("first_layers", 0), ("context", 1),
-                          ("sink", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                msg = f"QuantizeKVConfig.{name} must be an int >= {low}; got {v!r}."
-                raise ValueError(msg)
         if self.residual > self.context:
             msg = (
                 f"QuantizeKVConfig.residual {self.residual} is longer than the context "

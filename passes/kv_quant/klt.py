@@ -33,6 +33,7 @@ from condfx.passes.kv_quant.klt_math import (
     DROP_PENALTY,
     META_KEY,
     allocate_bits,
+    check_stats_weights,
     klt_basis,
     output_weights,
     query_weights,
@@ -54,6 +55,7 @@ def klt_stream(g: GraphBuilder, region, proj, which: str, budget: float, group: 
         msg = (f"quantize-kv latent=klt needs calibration statistics for layer {region.layer}: run "
                "condfx.kv_calibrate.record_kv_stats(gm, batches) on calibration text first.")
         raise ValueError(msg)
+    check_stats_weights(g.gm, region, stats)
     w = weight(g.gm, proj.weight).double()  # (d_kv, d)
     c = int(w.shape[0])
     check_group(group, c, f"{which} width", region.layer)

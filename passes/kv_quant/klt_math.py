@@ -11,10 +11,13 @@ variance; ``allocate_bits`` spends the stream's bits where the variance is.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
+from torch import fx
 
+from condfx.patterns import _graph as g
 from condfx.patterns.regions import AttentionRegion, RoPEStyle
 
 META_KEY = "condfx_kv_stats"
@@ -31,12 +34,43 @@ DROP_PENALTY = {"k": 3.0, "v": 30.0}
 
 @dataclass(frozen=True)
 class LayerKVStats:
-    """Second moments of one attention layer over ``tokens`` calibration tokens (float64)."""
+    """Second moments of one attention layer over ``tokens`` calibration tokens (float64).
+
+    ``weights_sha256`` is ``projection_sha256`` of the layer they were recorded on (None for
+    statistics built by hand, which are taken as they are); ``quantize-kv`` refuses statistics
+    recorded on other weights.
+    """
 
     k: torch.Tensor  # (d_kv, d_kv): E[k kᵀ] of the k_proj output
     v: torch.Tensor  # (d_kv, d_kv): E[v vᵀ] of the v_proj output
     q: torch.Tensor  # (Hkv, D, D): E[q qᵀ] of the query heads of each KV head, summed
     tokens: int
+    weights_sha256: str | None = None
+
+
+def projection_sha256(gm: fx.GraphModule, region: AttentionRegion) -> str:
+    """SHA256 of the q/k/v/o projection weights and biases of ``region`` (shapes and bytes)."""
+    digest = hashlib.sha256()
+    for proj in (region.q_proj, region.k_proj, region.v_proj, region.o_proj):
+        for node in (proj.weight, proj.bias) if proj is not None else ():
+            if node is None or node.op != "get_attr":
+                continue
+            t = g.get_attr_value(gm, node).detach().cpu().contiguous()
+            digest.update(f"{tuple(t.shape)}{t.dtype};".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def check_stats_weights(gm: fx.GraphModule, region: AttentionRegion, stats: LayerKVStats) -> None:
+    """Refuses statistics recorded on other weights than ``region``'s (one sentence)."""
+    if stats.weights_sha256 is None or stats.weights_sha256 == projection_sha256(gm, region):
+        return
+    msg = (
+        f"quantize-kv latent=klt: the calibration statistics of layer {region.layer} were recorded on "
+        "other q/k/v/o projection weights than this model's; record them on this model with "
+        "condfx.kv_calibrate.record_kv_stats."
+    )
+    raise ValueError(msg)
 
 
 def query_weights(region: AttentionRegion, stats: LayerKVStats) -> torch.Tensor:

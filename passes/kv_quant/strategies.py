@@ -54,5 +54,7 @@ def variant_of(cfg: QuantizeKVConfig, region: AttentionRegion) -> Variant:
 
 def unsupported(cfg: QuantizeKVConfig, region: AttentionRegion) -> str | None:
     """Why ``region`` cannot be quantized with ``cfg`` (a skip reason), or None."""
+    if region.score_options is not None:
+        return f"{region.score_options} (condfx.quantized_cache_attention has no score options)"
     probe = STRATEGIES[Variant.KLT if cfg.latent is LatentKind.KLT else _BY_METHOD.get(cfg.method, Variant.X)]
     return probe.unsupported(region, cfg)

@@ -26,12 +26,16 @@ from condfx.passes.kv_quant.common import (
     weight,
 )
 from condfx.passes.kv_quant.config import KVQuantMethod, LatentKind
+from condfx.patterns.attention import fused_projection_behind
 from condfx.patterns.regions import AttentionRegion
 
 
 def projections_unsupported(region: AttentionRegion, cfg) -> str | None:
     """Why XQuant (any latent, CL) cannot rewrite ``region``, or None."""
     projs = (region.k_proj, region.v_proj)
+    width = region.num_kv_heads * region.head_dim
+    if any(p is None for p in projs) and fused_projection_behind(region.k, width) is not None:
+        return "fused qkv projection split per head after a view (k/v are heads of one wider projection)"
     if region.x_in is None or any(p is None for p in projs):
         return "k/v projections not found"
     if any(p.out_slice is not None for p in projs):
