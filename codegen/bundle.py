@@ -24,6 +24,7 @@ PyTorch on a prefill and on a decode step after it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Sequence
