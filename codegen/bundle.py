@@ -12,7 +12,9 @@ and applies its passes first. The runtime reads it back (``condfx.runtime.onnx_b
                           past_k_i / past_v_i (B, Hkv, P_i, D) for plain K/V caches)
     condfx_manifest.json  format and condfx version, model identity (info + weights hash), the cache
                           layouts (``layout.to_json()``), vocab, max_seq_len, passes, opset, IO
-                          names, file hashes, the ORT vs PyTorch check
+                          names, file hashes, the ORT vs PyTorch check, and ``manifest_sha256``:
+                          one SHA256 per other top-level field (``manifest_hashes``), so an edit
+                          is refused naming the field it changed
 
 Dims batch, seq and the layouts' past lengths are dynamic, then ONNX Runtime is compared with
 PyTorch on a prefill and on a decode step after it.
@@ -22,6 +24,7 @@ PyTorch on a prefill and on a decode step after it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -42,6 +45,7 @@ MANIFEST_NAME = "condfx_manifest.json"
 MANIFEST_FORMAT = "condfx-onnx"
 MANIFEST_FORMAT_VERSION = 2  # 2: layers are cache layouts (condfx.layouts), with a kind
 PREFILL_FILE, DECODE_FILE = "prefill.onnx", "decode.onnx"
+MANIFEST_HASH_KEY = "manifest_sha256"  # {field: sha256 of its canonical JSON} for every other field
 _EXAMPLE_PAST = 3  # past length of the decode example: 0 and 1 would be specialised by torch.export
 
 
@@ -129,6 +133,21 @@ def _manifest(gm, identity, passes, prefill, decode, diffs) -> dict[str, Any]:
     }
 
 
+def manifest_hashes(manifest: dict[str, Any]) -> dict[str, str]:
+    """SHA256 of each top-level field's canonical JSON (sorted keys, no spaces), the hash field aside.
+
+    Per field, so that the reader names the field that was edited. It guards against careless or
+    accidental edits, not against someone who rewrites the hashes too: the runtime also checks the
+    manifest against the graphs themselves (``condfx.runtime.bundle_check``).
+    """
+    out = {}
+    for key in sorted(manifest):
+        if key != MANIFEST_HASH_KEY:
+            text = json.dumps(manifest[key], sort_keys=True, separators=(",", ":"))
+            out[key] = hashlib.sha256(text.encode()).hexdigest()
+    return out
+
+
 def _device(gm: fx.GraphModule) -> torch.device:
     weights = [*gm.parameters(), *gm.buffers()]
     return weights[0].device if weights else torch.device("cpu")
@@ -138,6 +157,14 @@ def _vocab(gm: fx.GraphModule) -> int:
     """Dim -1 of the decode graph's first output, the logits."""
     output = next(n for n in gm.graph.nodes if n.op == "output")
     return int(output.args[0][0].meta["val"].shape[-1])
+
+
+def graph_vocab_size(gm: fx.GraphModule) -> int | None:
+    """The vocabulary of a decode-form graph (its logits' last dim), None when not recorded."""
+    try:
+        return _vocab(gm)
+    except (StopIteration, KeyError, IndexError, TypeError, AttributeError):
+        return None
 
 
 def _max_diff(got: list[np.ndarray], want: Sequence[torch.Tensor]) -> float:
@@ -233,6 +260,7 @@ def export_decode_graph(
     diffs = _verify_bundle(gm, out) if verify else {}
     identity = identity or {"name": "graph", "spec": None, "weights_sha256": weights_sha256(gm)}
     manifest = _manifest(gm, identity, passes, prefill, decode, diffs)
+    manifest[MANIFEST_HASH_KEY] = manifest_hashes(manifest)
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     worst = max(diffs.values()) if diffs else None
     return ExportBundle(out, prefill, decode, manifest, diffs, worst)

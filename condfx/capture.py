@@ -5,6 +5,13 @@ every node carries FakeTensor metadata in ``node.meta["val"]`` and its module pr
 ``node.meta["nn_module_stack"]``; parameters are ``get_attr`` nodes with their original dotted names;
 batch and sequence dimensions are symbolic. Models whose forward returns a Hugging Face ``ModelOutput``
 are wrapped so that the graph returns the logits tensor.
+
+Parameters are shared, not copied: the GraphModule's parameters and buffers are the caller's model's
+own tensors (``gm.get_parameter(name) is`` the model's), so a capture costs no weight memory.
+``condfx.apply`` never writes to them: it runs the passes on a private deep copy of the graph
+(passes/README.md, rule 8; tests/hostile/test_runtime.py checks the model's weights hash across a
+pipeline of every kind of pass). Code that edits a captured graph's weights in place edits the model
+too: ``copy.deepcopy(model)`` first.
 """
 
 from __future__ import annotations
@@ -130,7 +137,8 @@ def capture(
         dynamic: make dimensions 0 and 1 of every input of rank >= 2 dynamic (batch and sequence).
 
     Returns:
-        The GraphModule. ``gm.meta["condfx"]`` records how it was captured.
+        The GraphModule. ``gm.meta["condfx"]`` records how it was captured. It shares its parameters
+        and buffers with ``model`` (no copy): editing them in place edits ``model``.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or the inputs are not tensors.

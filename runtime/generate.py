@@ -4,7 +4,10 @@ Prompts of different lengths: ``condfx.attention`` has no padding mask, so a pad
 attend to pad tokens. ``generate`` therefore groups prompts by length: prompts of equal length run
 as one batch, and the groups run one after another (correct first; a padded, masked batch is a later
 optimisation). Rows that stop early (a stop id) are dropped from the batch and from the caches
-(``CacheSet.reorder``), so finished rows cost nothing.
+(``Session.reorder``), so finished rows cost nothing.
+
+Sampling: each prompt has its own generator (``sampling.prompt_generator``, seeded from the seed and
+the prompt's index), so a prompt's sampled tokens are the same alone or in any batch.
 
 The no-cache baseline the cached loop must match token for token is ``condfx.eval.greedy``.
 """
@@ -16,7 +19,7 @@ from typing import Any
 
 import torch
 
-from condfx.runtime.sampling import SamplingConfig, make_generator, sample_next
+from condfx.runtime.sampling import SamplingConfig, prompt_generator, sample_next
 from condfx.runtime.session import Session
 
 StreamCallback = Callable[[int, int], None]
@@ -55,6 +58,16 @@ def _check_lengths(ids: list[list[int]], limit: int | None, max_new_tokens: Any)
             raise ValueError(msg)
 
 
+def _check_vocab(ids: list[list[int]], vocab: int | None) -> None:
+    """Every prompt before any runs, so a bad id in the last prompt wastes no work."""
+    for i, p in enumerate(ids):
+        bad = next((t for t in p if t < 0 or (vocab is not None and t >= vocab)), None)
+        if bad is not None:
+            allowed = f"[0, {vocab - 1}]" if vocab is not None else "[0, vocab_size)"
+            msg = f"generate(): prompt {i}: token id {bad} is outside the vocabulary {allowed}."
+            raise ValueError(msg)
+
+
 def _group_by_length(ids: list[list[int]]) -> list[list[int]]:
     """Indices of equal-length prompts, groups in order of first appearance."""
     groups: dict[int, list[int]] = {}
@@ -63,15 +76,17 @@ def _group_by_length(ids: list[list[int]]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _run_group(session, rows, prompts, out, max_new_tokens, config, gen, stop, stream) -> None:
-    """Decodes one group of equal-length prompts; appends new tokens to ``out[row]``."""
+def _run_group(session, rows, prompts, out, max_new_tokens, config, gens, stop, stream) -> None:
+    """Decodes one group of equal-length prompts; appends new tokens to ``out[row]``.
+
+    ``gens[row]`` is prompt ``row``'s generator (None when greedy)."""
     batch = torch.tensor([prompts[r] for r in rows], dtype=torch.long)  # (B, T)
     logits = session.prefill(batch)[:, -1]  # (B, V)
     limit = session.max_seq_len
     for n in range(max_new_tokens):
         if limit is not None and session.position >= limit:
             return  # prompt + new tokens never exceed the model's context
-        tokens = sample_next(logits, config, gen)  # (B,)
+        tokens = sample_next(logits, config, None if config.is_greedy else [gens[r] for r in rows])
         keep = []
         for j, (row, tok) in enumerate(zip(rows, tokens.tolist(), strict=True)):
             out[row].append(tok)
@@ -84,7 +99,7 @@ def _run_group(session, rows, prompts, out, max_new_tokens, config, gen, stop, s
             return
         if len(keep) < len(rows):
             index = torch.tensor(keep, dtype=torch.long)
-            session.caches.reorder(index)
+            session.reorder(index)
             rows, tokens = [rows[j] for j in keep], tokens[index]
         logits = session.step(tokens.unsqueeze(1).to(torch.long))[:, -1]  # (B, V)
 
@@ -115,8 +130,8 @@ def generate(
         One list of new token ids per prompt, in the prompts' order.
 
     Raises:
-        ValueError: an unknown sampling option or bad value, an empty or too long prompt, a string
-            prompt without tokenizer, or a bad ``max_new_tokens``.
+        ValueError: an unknown sampling option or bad value, an empty or too long prompt, a token
+            id outside the vocabulary, a string prompt without tokenizer, or a bad ``max_new_tokens``.
     """
     config = SamplingConfig.from_options(**sampling)
     ids = _encode(prompts, tokenizer)
@@ -124,8 +139,9 @@ def generate(
     out: list[list[int]] = [[] for _ in ids]
     if max_new_tokens == 0:
         return out
-    gen = make_generator(config)
+    _check_vocab(ids, getattr(session, "vocab_size", None))
+    gens = [None if config.is_greedy else prompt_generator(config, i) for i in range(len(ids))]
     stop = frozenset(int(s) for s in stop_ids)
     for rows in _group_by_length(ids):
-        _run_group(session, rows, ids, out, max_new_tokens, config, gen, stop, stream)
+        _run_group(session, rows, ids, out, max_new_tokens, config, gens, stop, stream)
     return out

@@ -4,12 +4,15 @@ A folder written by ``condfx export`` / ``condfx.export(...)`` (``condfx.codegen
 (input_ids -> logits, presents), ``decode.onnx`` (input_ids, past_k_0, past_v_0, ... -> logits,
 present_k_0, present_v_0, ...) and ``condfx_manifest.json`` (model identity, the layers' cache
 layouts (``condfx.layouts``, read back through ``layout_from_json``), IO names, file hashes, format
-and condfx version). ``OnnxBackend.from_dir`` checks the manifest before it
-loads anything; ``OnnxBackend.from_graph`` exports a decode-form graph to a temporary folder first.
+and condfx version, ``manifest_sha256``). ``OnnxBackend.from_dir`` checks the manifest against its
+hashes and itself before it loads anything, and the graphs' inputs and outputs against the manifest
+after (``condfx.runtime.bundle_check``); ``OnnxBackend.from_graph`` exports a decode-form graph to a
+temporary folder first.
 
 ``run(input_ids, past)`` takes and returns torch tensors like ``TorchBackend`` (the session's caches
 are torch); they cross to ONNX Runtime as numpy arrays without copies on CPU. A call whose pasts
-are all empty runs ``prefill.onnx``, any other call ``decode.onnx``.
+are all empty runs ``prefill.onnx``, any other call ``decode.onnx``. Token ids outside
+``[0, vocab_size)`` are refused (ONNX Runtime's Gather would wrap -1 to the last row).
 
 Providers: CPU by default; CUDA first (CPU as fallback) when ONNX Runtime has the CUDA provider.
 
@@ -37,6 +40,13 @@ from condfx.codegen.bundle import (
 )
 from condfx.data import file_sha256
 from condfx.layouts import CacheLayout, layout_from_json
+from condfx.runtime.bundle_check import (
+    check_graphs,
+    check_hashes,
+    check_manifest,
+    check_model_limit,
+)
+from condfx.runtime.sampling import check_token_ids
 from condfx.version import __version__
 
 _CPU, _CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
@@ -58,7 +68,8 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: the folder or its manifest does not exist.
-        ValueError: the manifest is not JSON, or from another format or condfx version.
+        ValueError: the manifest is not JSON, from another format or condfx version, edited after
+            export (``manifest_sha256``), or disagrees with itself (``bundle_check.check_manifest``).
     """
 
     folder = Path(folder)
@@ -71,27 +82,51 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(msg)
     try:
         manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise _fail(folder, f"has a {MANIFEST_NAME} that is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise _fail(folder, f"has a {MANIFEST_NAME} that is not a JSON object")
     fmt = (manifest.get("format"), manifest.get("format_version"))
     if fmt == (MANIFEST_FORMAT, 1):
         raise _fail(folder, "was written by an older condfx (manifest format 1, before cache layouts)")
     if fmt != (MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION):
         want = f"{MANIFEST_FORMAT} {MANIFEST_FORMAT_VERSION}"
         raise _fail(folder, f"has format {fmt[0]} {fmt[1]}, but this condfx reads {want}")
-    missing = [
-        k for k in ("files", "layers", "model") if not isinstance(manifest.get(k), (dict, list))
-    ]
-    if missing:
-        raise _fail(folder, f"has a {MANIFEST_NAME} without '{missing[0]}'")
+    _check_types(folder, manifest)
     try:  # a kind this condfx does not know names the kind and the version that wrote it
-        layouts(manifest)
+        found = layouts(manifest)
     except ValueError as exc:
-        raise _fail(folder, f"lists a layer this condfx cannot read: {exc}") from None
+        raise _fail(folder, f"lists a layer this condfx cannot read: {str(exc).rstrip('.')}") from None
     if manifest.get("condfx_version") != __version__:
         got, want = manifest.get("condfx_version"), __version__
         raise _fail(folder, f"was written by condfx {got}, but this is condfx {want}")
+    check_hashes(folder, manifest)
+    check_manifest(folder, manifest, found)
     return manifest
+
+
+_FIELD_TYPES = {"files": dict, "layers": list, "model": dict}
+
+
+def _check_types(folder: Path, manifest: Any) -> None:
+    """The fields the reader indexes have the JSON types it indexes them as."""
+    for key, kind in _FIELD_TYPES.items():
+        value = manifest.get(key)
+        if value is None:
+            raise _fail(folder, f"has a {MANIFEST_NAME} without '{key}'")
+        if not isinstance(value, kind):
+            raise _fail(folder, f"has a {MANIFEST_NAME} whose field '{key}' is a JSON "
+                                f"{type(value).__name__}, not a {kind.__name__}")
+    for i, entry in enumerate(manifest["layers"]):
+        if not isinstance(entry, dict):
+            raise _fail(folder, f"has a {MANIFEST_NAME} whose field 'layers[{i}]' is not an object")
+    for kind in ("prefill", "decode"):
+        entry = manifest["files"].get(kind)
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
+            raise _fail(folder, f"has a manifest that lists no {kind} file")
+        if Path(entry["path"]).name != entry["path"]:
+            raise _fail(folder, f"has a manifest whose field 'files.{kind}.path' is "
+                                f"'{entry['path']}', not a file name inside the folder")
 
 
 def check_files(folder: Path, manifest: dict[str, Any], hashes: bool = True) -> dict[str, Path]:
@@ -105,6 +140,8 @@ def check_files(folder: Path, manifest: dict[str, Any], hashes: bool = True) -> 
             name = entry.get(key)
             if name is None:
                 continue
+            if not isinstance(name, str) or Path(name).name != name:
+                raise _fail(folder, f"has a manifest whose field 'files.{kind}.{key}' is not a file name")
             path = folder / name
             if not path.is_file():
                 msg = f"ONNX folder '{folder}' is missing {name}; write it again with 'condfx export'."
@@ -132,6 +169,17 @@ def layouts(manifest: dict[str, Any]) -> tuple[CacheLayout, ...]:
     return tuple(layout_from_json(entry, written_by=version) for entry in manifest["layers"])
 
 
+def _open(folder: Path, path: Path, options: Any, providers: list[str]) -> Any:
+    """An ONNX Runtime session of ``path``; one ValueError when ONNX Runtime cannot load it."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as exc:  # ORT raises its own hierarchy (InvalidProtobuf, Fail, ...)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise _fail(folder, f"has a {path.name} that ONNX Runtime cannot load ({first})") from None
+
+
 class OnnxBackend:
     """Runs ``prefill.onnx`` / ``decode.onnx`` on ONNX Runtime (see the module docstring).
 
@@ -151,6 +199,7 @@ class OnnxBackend:
         self.manifest = manifest
         self.layers = layouts(manifest)
         self.max_seq_len: int | None = manifest.get("max_seq_len")
+        self.vocab_size: int | None = manifest.get("vocab_size")
         self.device = torch.device("cpu")
         self._inputs = list(manifest["files"]["decode"]["inputs"])
         self._outputs = list(manifest["files"]["decode"]["outputs"])
@@ -177,7 +226,9 @@ class OnnxBackend:
 
         Raises:
             FileNotFoundError: the folder, its manifest or one of its files is missing.
-            ValueError: another model, format or condfx version, or a file that changed.
+            ValueError: another model, format or condfx version, a file or manifest field that
+                changed, a graph ONNX Runtime cannot load, or graphs whose inputs and outputs
+                disagree with the manifest (``condfx.runtime.bundle_check``).
         """
         import onnxruntime as ort
 
@@ -186,12 +237,13 @@ class OnnxBackend:
         paths = check_files(folder, manifest, hashes=check_hashes)
         if model is not None:
             check_model(folder, manifest, model_identity(model))
+            check_model_limit(folder, manifest, model)
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
         chosen = list(providers or default_providers())
-        prefill = ort.InferenceSession(str(paths["prefill"]), options, providers=chosen)
-        decode = ort.InferenceSession(str(paths["decode"]), options, providers=chosen)
+        prefill, decode = (_open(folder, paths[k], options, chosen) for k in ("prefill", "decode"))
+        check_graphs(folder, manifest, layouts(manifest), prefill, decode)
         return cls(prefill, decode, manifest)
 
     @classmethod
@@ -217,6 +269,7 @@ class OnnxBackend:
         Returns:
             logits (B, T, V) and ``[present_k_0, present_v_0, ...]``, each (B, Hkv, P_i + T, D).
         """
+        check_token_ids(input_ids, self.vocab_size, "OnnxBackend.run")
         ids = input_ids.detach().cpu().numpy()
         if all(p.shape[2] == 0 for p in past):
             outs = self.prefill_session.run(self._outputs, {self._inputs[0]: ids})

@@ -2,11 +2,18 @@
 
 ``SamplingConfig.from_options(**options)`` is the one place user options are checked: an unknown
 option or a bad value raises ``ValueError`` naming it and what is allowed.
+
+Each prompt samples from its own generator (``prompt_generator(config, i)``: prompt 0 from ``seed``
+itself, prompt i > 0 from a SHA256 of (seed, i)), so a prompt's tokens do not depend on which other
+prompts share its batch. Seeds are ints in [0, 2**63 - 1]; others are refused rather than reduced,
+so two different seeds never silently give the same stream.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -25,6 +32,7 @@ _BOUNDS = MappingProxyType({
     "top_k": Int(0, BIG_INT),
     "top_p": Float(0.0, 1.0, low_open=True, noun="", full_range=True),
 })
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes [-2**63, 2**64); condfx keeps it non-negative
 
 
 @dataclass(frozen=True)
@@ -38,7 +46,7 @@ class SamplingConfig:
         top_k: keep the k most likely tokens; 0 keeps all. Must be >= 0.
         top_p: keep the smallest set of most likely tokens whose probability reaches top_p
             (nucleus sampling); must be in (0, 1], 1 keeps all.
-        seed: seed of the generator, so a run is reproducible.
+        seed: seed of the generators, so a run is reproducible; an int in [0, 2**63 - 1].
     """
 
     greedy: bool = False
@@ -49,8 +57,8 @@ class SamplingConfig:
 
     def __post_init__(self):
         check_options(self, _BOUNDS, owner="sampling option ")
-        if not _is_int(self.seed):
-            msg = f"sampling option seed must be an int; got {self.seed!r}."
+        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            msg = f"sampling option seed must be an int in [0, 2**63 - 1]; got {self.seed!r}."
             raise ValueError(msg)
 
     @classmethod
@@ -107,21 +115,51 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 
 def make_generator(config: SamplingConfig, device: torch.device | str = "cpu") -> torch.Generator:
-    """A torch.Generator seeded from ``config.seed``."""
+    """A torch.Generator seeded from ``config.seed`` (the generator of prompt 0)."""
+    return prompt_generator(config, 0, device)
+
+
+def prompt_seed(seed: int, index: int) -> int:
+    """The seed of prompt ``index``: ``seed`` for prompt 0, else 63 bits of a SHA256 of (seed, index)."""
+    if index == 0:
+        return seed
+    digest = hashlib.sha256(f"condfx-sampling:{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def prompt_generator(
+    config: SamplingConfig, index: int, device: torch.device | str = "cpu"
+) -> torch.Generator:
+    """The generator prompt ``index`` samples from, seeded by ``prompt_seed(config.seed, index)``."""
     gen = torch.Generator(device=device)
-    gen.manual_seed(config.seed)
+    gen.manual_seed(prompt_seed(config.seed, index))
     return gen
 
 
+def check_token_ids(ids: torch.Tensor, vocab_size: int | None, where: str) -> None:
+    """ValueError naming the first id outside ``[0, vocab_size)``; nothing when the vocab is unknown."""
+    if vocab_size is None or ids.numel() == 0:
+        return
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bool(bad.any()):
+        first = int(ids[bad][0])
+        msg = f"{where}: token id {first} is outside the vocabulary [0, {vocab_size - 1}]."
+        raise ValueError(msg)
+
+
 def sample_next(
-    logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None = None
+    logits: torch.Tensor,
+    config: SamplingConfig,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """Chooses one token per row.
 
     Args:
         logits: (B, V) scores of the next position.
         config: the sampling options.
-        generator: the seeded generator (``make_generator``); ignored when greedy.
+        generator: one seeded generator for every row (``make_generator``), or one per row
+            (``prompt_generator``: each row's tokens then depend on that row only); ignored when
+            greedy.
 
     Returns:
         (B,) int64 token ids.
@@ -130,4 +168,10 @@ def sample_next(
         return logits.argmax(dim=-1)
     scaled = logits.float() / config.temperature
     probs = torch.softmax(filter_logits(scaled, config.top_k, config.top_p), dim=-1)  # (B, V)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if len(generator) != probs.shape[0]:
+        msg = f"sample_next needs one generator per row: {probs.shape[0]} rows, {len(generator)} generators."
+        raise ValueError(msg)
+    rows = [torch.multinomial(p.to(g.device), 1, generator=g) for p, g in zip(probs, generator, strict=True)]
+    return torch.cat(rows).to(device=logits.device, dtype=torch.long)

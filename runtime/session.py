@@ -26,9 +26,11 @@ from typing import Any, Protocol
 import torch
 from torch import fx, nn
 
+from condfx.codegen.bundle import graph_vocab_size
 from condfx.layouts import CacheLayout, decode_layouts, is_decode_form
 from condfx.runtime.cache_table import make_cache
 from condfx.runtime.caches import CacheSet
+from condfx.runtime.sampling import check_token_ids
 
 
 class BackendKind(str, enum.Enum):
@@ -66,23 +68,27 @@ class TorchBackend:
             raise ValueError(msg)
         self.gm = gm
         self.layers: tuple[CacheLayout, ...] = decode_layouts(gm)
+        self.vocab_size: int | None = graph_vocab_size(gm)
         params = list(gm.parameters()) + list(gm.buffers())
         self.device = params[0].device if params else torch.device("cpu")
 
     def run(
         self, input_ids: torch.Tensor, past: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        check_token_ids(input_ids, self.vocab_size, "TorchBackend.run")
         with torch.no_grad():
             out = self.gm(input_ids, *past)
         return out[0], list(out[1:])
 
 
 def _onnx_backend(gm: fx.GraphModule) -> DecodeBackend:
+    from condfx.runtime.onnx_backend import OnnxBackend
+
     try:
-        from condfx.runtime.onnx_backend import OnnxBackend
-    except ImportError as exc:
-        msg = "backend 'onnx' is not available yet (condfx.runtime.onnx_backend); use 'torch'."
-        raise NotImplementedError(msg) from exc
+        import onnxruntime  # noqa: F401  (the one optional import of this backend)
+    except ImportError:
+        msg = "Session backend 'onnx' needs the onnxruntime package (pip install onnxruntime); use 'torch'."
+        raise ValueError(msg) from None
     return OnnxBackend.from_graph(gm)
 
 
@@ -185,6 +191,11 @@ class Session:
         return cls(backend, max_seq_len=backend.max_seq_len)
 
     @property
+    def vocab_size(self) -> int | None:
+        """The backend's vocabulary (token ids are in ``[0, vocab_size)``), None when unknown."""
+        return getattr(self.backend, "vocab_size", None)
+
+    @property
     def position(self) -> int:
         """Tokens processed since the last prefill (the position of the next token)."""
         return self.caches.length
@@ -204,6 +215,7 @@ class Session:
                 f"context of {self.max_seq_len}."
             )
             raise ValueError(msg)
+        check_token_ids(ids, self.vocab_size, f"Session.{where}")
         return ids.to(self.device)
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
@@ -244,6 +256,24 @@ class Session:
             raise ValueError(msg)
         return self._run(ids)
 
+    def reorder(self, index: Any) -> None:
+        """Keeps batch rows ``index`` of every cache, in that order (beam reordering, dropping rows).
+
+        The index is checked before any cache changes, so a bad one leaves the session as it was.
+
+        Args:
+            index: (B',) int64 row indices into the current batch, or a list of ints; B' >= 1.
+
+        Raises:
+            ValueError: no prefill yet, or an index that is not a non-empty 1-D integer tensor or
+                list with every value in ``[0, batch)``.
+        """
+        if not self._started:
+            msg = "Session.reorder called before Session.prefill; there are no rows to reorder."
+            raise ValueError(msg)
+        index = _row_index(index, self.caches[0].batch if len(self.caches) else 0)
+        self.caches.reorder(index)
+
     def _run(self, ids: torch.Tensor) -> torch.Tensor:
         logits, present = self.backend.run(ids, self.caches.past())
         self.caches.update(present)
@@ -267,6 +297,26 @@ class Session:
             msg = "Session.count_ffn_skips needs the PyTorch backend running a graph rewritten by skip-ffn."
             raise ValueError(msg)
         return FFNSkipCounter(ffn_layers=layers[0], masked_layers=layers[1])
+
+
+def _row_index(index: Any, batch: int) -> torch.Tensor:
+    """``index`` as a (B',) int64 tensor of rows in ``[0, batch)``; ValueError otherwise."""
+    if isinstance(index, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in index):
+        rows = list(index)
+    elif isinstance(index, torch.Tensor) and index.dim() == 1 and index.dtype in (torch.int64, torch.int32):
+        rows = index.tolist()
+    else:
+        got = f"shape {tuple(index.shape)} {index.dtype}" if isinstance(index, torch.Tensor) else repr(index)
+        msg = f"Session.reorder needs a non-empty 1-D integer index of rows; got {got}."
+        raise ValueError(msg)
+    if not rows:
+        msg = "Session.reorder needs a non-empty 1-D integer index of rows; got no rows."
+        raise ValueError(msg)
+    bad = next((r for r in rows if not 0 <= r < batch), None)
+    if bad is not None:
+        msg = f"Session.reorder: row {bad} is outside the batch of {batch} rows [0, {batch - 1}]."
+        raise ValueError(msg)
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def _backend_kind(value: BackendKind | str) -> BackendKind:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -28,6 +32,22 @@ def decode_graph(name: str):
     model, _ = load_model(name)
     gm = condfx.capture(model, (torch.zeros(2, 8, dtype=torch.long),))
     return model, condfx.apply(gm, "fuse-attention, add-kv-cache")
+
+
+@functools.cache
+def stories_bundle() -> Path:
+    """The ONNX bundle of stories260K ('fuse-attention'), exported and checked against PyTorch once
+    per run; shared by the runtime and hostile tests, which copy it before changing anything."""
+    from condfx.export_bundle import export_decode_graph, model_identity
+
+    model, result = decode_graph(STORIES)
+    root = Path(tempfile.mkdtemp(prefix="condfx-stories-onnx-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    bundle = export_decode_graph(
+        result.graph_module, root, identity=model_identity(model, STORIES), passes="fuse-attention"
+    )
+    assert bundle.max_abs_diff <= 1e-4
+    return root
 
 
 def empty_past(gm, batch: int) -> list[torch.Tensor]:
