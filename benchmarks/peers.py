@@ -56,7 +56,8 @@ def _prompts(tok, batch: int, length: int) -> list[list[int]]:
     text = data_file("paul_graham_essays.txt").read_text(encoding="utf-8")
     ids = tok.encode(text[: 6 * length * (batch + 1) + 10_000], bos=False)
     if len(ids) < length * batch:
-        raise Unavailable(f"the essays gave {len(ids)} tokens, fewer than {batch} x {length}")
+        msg = f"the essays gave {len(ids)} tokens, fewer than {batch} x {length}"
+        raise Unavailable(msg)
     return [ids[i * length : (i + 1) * length] for i in range(batch)]
 
 
@@ -130,7 +131,8 @@ def _llama_cpp(args):
     try:
         import llama_cpp
     except ImportError as err:
-        raise Unavailable("llama-cpp-python is not installed (pip install '.[peers]')") from err
+        msg = "llama-cpp-python is not installed (pip install '.[peers]')"
+        raise Unavailable(msg) from err
     import numpy as np
 
     n_ctx = max([args.prompt + args.new, *(c + args.context_new for c in args.contexts)]) + 8
@@ -140,7 +142,8 @@ def _llama_cpp(args):
 
     def run(prompts, n):
         if len(prompts) > 1:
-            raise Unavailable("llama-cpp-python's Llama decodes one sequence")
+            msg = "llama-cpp-python's Llama decodes one sequence"
+            raise Unavailable(msg)
         llm.reset()
         llm.eval(prompts[0])
         for _ in range(n - 1):
@@ -153,7 +156,8 @@ def _ort_genai(args):
     try:
         import onnxruntime_genai as og
     except ImportError as err:
-        raise Unavailable("onnxruntime-genai is not installed (pip install '.[peers]')") from err
+        msg = "onnxruntime-genai is not installed (pip install '.[peers]')"
+        raise Unavailable(msg) from err
     config = og.Config(str(_artifact(args, "ort-genai")))
     config.clear_providers()  # the CPU provider
     model = og.Model(config)
@@ -226,7 +230,8 @@ def _build_genai(model, args, out: Path) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise Unavailable(f"its model builder failed: {last[:160]}")
+        msg = f"its model builder failed: {last[:160]}"
+        raise Unavailable(msg)
 
 
 def _prepare_one(engine: str, model, args) -> None:
