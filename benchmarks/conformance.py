@@ -11,7 +11,8 @@ one-sentence reason. Classes left out (encoder-decoder, encoder-only, multimodal
 small config that does not build) are listed with their reason.
 
     python benchmarks/conformance.py [--classes llama,gemma3_text] [--attn sdpa,eager|auto] [--onnx]
-        [--no-decode] [--no-passes] [--row-timeout 90] [--json] [--jsonl rows.jsonl] [--out table.md]
+        [--no-decode] [--no-passes] [--row-timeout 120] [--jobs 8] [--jsonl rows.jsonl [--resume]]
+        [--json] [--out table.md]
 
 It is not a test; ``tests/models/`` runs a representative third of the classes in CI and the full sweep
 under ``-m slow``.
@@ -127,22 +128,56 @@ def _progress(i: int, n: int, row: Row, start: float) -> None:
           f"~{eta / 60:.0f} min left)", file=sys.stderr, flush=True)
 
 
-def sweep(types: list[str], attns: list[str], row_timeout: int, jsonl: str = "", **checks: bool) -> list[Row]:
-    """Measures every (type, attn) pair, with a progress line per row on stderr."""
+def _row_job(job: tuple[str, str, int, dict[str, bool]]) -> Row:
+    """One row in a worker process (quiet transformers, warnings off)."""
+    import torch
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    rows, pairs, start = [], [(t, a) for t in types for a in attns], time.perf_counter()
-    for i, (kind, attn) in enumerate(pairs, 1):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            rows.append(_timed_row(kind, attn, row_timeout, **checks))
-        gc.collect()  # built models and graphs are garbage now; a full sweep holds hundreds of them
-        if jsonl:
-            with open(jsonl, "a") as f:
-                f.write(json.dumps(asdict(rows[-1])) + "\n")
-        _progress(i, len(pairs), rows[-1], start)
+    kind, attn, seconds, checks = job
+    torch.set_num_threads(1)  # rows run side by side; one thread each is fastest for tiny models
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        row = _timed_row(kind, attn, seconds, **checks)
+    gc.collect()  # built models and graphs are garbage now; a full sweep holds hundreds of them
+    return row
+
+
+def _done(jsonl: str) -> dict[tuple[str, str], Row]:
+    """Rows already in ``jsonl`` (for ``--resume``), by (model type, requested attn)."""
+    rows = {}
+    if jsonl and Path(jsonl).is_file():
+        for line in Path(jsonl).read_text().splitlines():
+            data = json.loads(line)
+            requested = data.pop("requested")
+            rows[(data["model_type"], requested)] = Row(**data)
     return rows
+
+
+def sweep(types: list[str], attns: list[str], row_timeout: int, jsonl: str = "", jobs: int = 1,
+          resume: bool = False, **checks: bool) -> list[Row]:
+    """Measures every (type, attn) pair, ``jobs`` rows at a time, with a progress line per row."""
+    import concurrent.futures as cf
+    import multiprocessing
+
+    done = _done(jsonl) if resume else {}
+    rows = {pair: row for pair, row in done.items() if pair[0] in types}
+    todo = [(t, a) for t in types for a in attns if (t, a) not in rows]
+    start, n = time.perf_counter(), len(todo)
+    with cf.ProcessPoolExecutor(max(1, jobs), mp_context=multiprocessing.get_context("spawn"),
+                                max_tasks_per_child=4) as pool:
+        futures = {pool.submit(_row_job, (t, a, row_timeout, checks)): (t, a) for t, a in todo}
+        for i, future in enumerate(cf.as_completed(futures), 1):
+            pair = futures[future]
+            try:
+                rows[pair] = future.result()
+            except Exception as err:  # noqa: BLE001  (a worker killed, e.g. out of memory)
+                rows[pair] = Row(pair[0], pair[1], build=f"worker failed: {first_sentence(err)}")
+            if jsonl:
+                with open(jsonl, "a") as f:
+                    f.write(json.dumps({"requested": pair[1], **asdict(rows[pair])}) + "\n")
+            _progress(i, n, rows[pair], start)
+    return [rows[(t, a)] for t in types for a in attns if (t, a) in rows]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,13 +189,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--onnx", action="store_true", help="also export each row to ONNX (slow)")
     parser.add_argument("--no-decode", action="store_true", help="skip the Session column")
     parser.add_argument("--no-passes", action="store_true", help="skip the four lossy passes")
+    parser.add_argument("--jobs", type=int, default=1, help="rows measured at once (worker processes)")
     parser.add_argument("--jsonl", default="", help="also append each row to this file as it is measured")
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in --jsonl")
     parser.add_argument("--json", action="store_true", help="print JSON instead of markdown")
     parser.add_argument("--out", default="", help="also write the output to this file")
     args = parser.parse_args(argv)
     types = args.classes.split(",") if args.classes else model_types()
-    rows = sweep(types, args.attn.split(","), args.row_timeout, args.jsonl, passes=not args.no_passes,
-                 decode=not args.no_decode, onnx=args.onnx)
+    rows = sweep(types, args.attn.split(","), args.row_timeout, args.jsonl, args.jobs, args.resume,
+                 passes=not args.no_passes, decode=not args.no_decode, onnx=args.onnx)
     if args.json:
         text = json.dumps({"summary": summary(rows), "rows": [asdict(r) for r in rows]}, indent=1)
     else:
