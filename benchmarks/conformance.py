@@ -33,7 +33,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.conformance_build import N_LAYERS, Excluded, build_small, first_sentence, small_config
+from benchmarks.conformance_build import (
+    N_LAYERS,
+    Excluded,
+    build_small,
+    first_sentence,
+    small_config,
+)
 from benchmarks.conformance_checks import COLUMNS, PASS_SPECS, Row, is_green, measure
 
 __all__ = ["N_LAYERS", "PASS_SPECS", "Row", "build_small", "conformance_row", "measure", "small_config"]
@@ -46,7 +52,9 @@ def _build_row(model_type: str, attn: str):
     for impl in ("sdpa", "eager") if attn == "auto" else (attn,):
         row.attn = impl
         try:
-            return build_small(model_type, impl), row
+            model = build_small(model_type, impl)
+            row.build = "ok"
+            return model, row
         except Excluded as err:
             row.build, row.excluded = str(err), err.kind.value
             return None, row
@@ -164,8 +172,8 @@ def sweep(types: list[str], attns: list[str], row_timeout: int, jsonl: str = "",
     rows = {pair: row for pair, row in done.items() if pair[0] in types}
     todo = [(t, a) for t in types for a in attns if (t, a) not in rows]
     start, n = time.perf_counter(), len(todo)
-    with cf.ProcessPoolExecutor(max(1, jobs), mp_context=multiprocessing.get_context("spawn"),
-                                max_tasks_per_child=4) as pool:
+    # (max_tasks_per_child would recycle workers, but Python 3.11's pool hangs once they retire.)
+    with cf.ProcessPoolExecutor(max(1, jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(_row_job, (t, a, row_timeout, checks)): (t, a) for t, a in todo}
         for i, future in enumerate(cf.as_completed(futures), 1):
             pair = futures[future]

@@ -14,10 +14,9 @@ from types import MappingProxyType
 import torch
 
 import condfx
+from benchmarks.conformance_build import N_LAYERS, first_sentence
 from condfx.models_zoo.hf import CausalLMLogits
 from condfx.patterns import find_regions
-
-from benchmarks.conformance_build import N_LAYERS, first_sentence
 
 EXACT_TOL = 1e-5  # fuse-attention: max |logit diff| against the captured model, float32
 ONNX_TOL = 1e-4  # ONNX Runtime against the torch decode graph (prefill and a decode step)
@@ -25,8 +24,8 @@ NEW_TOKENS = 8  # greedy tokens compared between the Session and HF generate
 PROMPT = (1, 17, 42, 99, 5, 63)
 PASS_SPECS = MappingProxyType({
     "route-attention": "route-attention",
-    "kivi": "quantize-kv{method=kivi}",
-    "xquant": "quantize-kv{method=xquant}",
+    "kivi": "quantize-kv{method=kivi,group=16}",  # group 16: the small heads are 16 wide (MQA: 16 in all)
+    "xquant": "quantize-kv{method=xquant,group=16}",
     "skip-ffn": "skip-ffn{cold_start=0,cold_end=0}",
 })
 # Skip reasons that mean "the technique is not defined for this form" (not "not yet"): a layer a
