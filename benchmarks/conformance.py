@@ -11,7 +11,7 @@ one-sentence reason. Classes left out (encoder-decoder, encoder-only, multimodal
 small config that does not build) are listed with their reason.
 
     python benchmarks/conformance.py [--classes llama,gemma3_text] [--attn sdpa,eager|auto] [--onnx]
-        [--no-decode] [--no-passes] [--row-timeout 120] [--jobs 8] [--jsonl rows.jsonl [--resume]]
+        [--no-decode] [--no-passes] [--build-only] [--row-timeout 120] [--jobs 8] [--jsonl rows.jsonl [--resume]]
         [--json] [--out table.md]
 
 It is not a test; ``tests/models/`` runs a representative third of the classes in CI and the full sweep
@@ -64,11 +64,11 @@ def _build_row(model_type: str, attn: str):
 
 
 def conformance_row(model_type: str, attn: str, passes: bool = True, decode: bool = True,
-                    onnx: bool = False) -> Row:
+                    onnx: bool = False, build_only: bool = False) -> Row:
     """Builds ``model_type`` small with ``attn`` and measures it (build failures become the row)."""
     start = time.perf_counter()
     model, row = _build_row(model_type, attn)
-    if model is not None:
+    if model is not None and not build_only:
         measure(model, row, passes=passes, decode=decode, onnx=onnx)
     row.seconds = round(time.perf_counter() - start, 2)
     return row
@@ -106,7 +106,12 @@ def markdown(rows: list[Row]) -> str:
     for r in (r for r in rows if r.build == "ok"):
         cells = [r.model_type, r.attn, *r.cells().values()]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
-    left_out = sorted({(r.model_type, r.build) for r in rows if r.build != "ok"})
+    built = {r.model_type for r in rows if r.build == "ok"}
+    left_out = sorted({(r.model_type, r.build) for r in rows if r.build != "ok" and r.model_type not in built
+                       and "not offered" not in r.build})
+    no_sdpa = sorted({r.model_type for r in rows if "sdpa not offered" in r.build})
+    if no_sdpa:
+        lines += ["", f"SDPA not offered (eager rows only): {', '.join(no_sdpa)}."]
     if left_out:
         lines += ["", "| class left out | reason |", "|---|---|"]
         lines += [f"| {kind} | {why.replace('|', '/')} |" for kind, why in left_out]
@@ -197,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--onnx", action="store_true", help="also export each row to ONNX (slow)")
     parser.add_argument("--no-decode", action="store_true", help="skip the Session column")
     parser.add_argument("--no-passes", action="store_true", help="skip the four lossy passes")
+    parser.add_argument("--build-only", action="store_true", help="only build: which classes are covered")
     parser.add_argument("--jobs", type=int, default=1, help="rows measured at once (worker processes)")
     parser.add_argument("--jsonl", default="", help="also append each row to this file as it is measured")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --jsonl")
@@ -205,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     types = args.classes.split(",") if args.classes else model_types()
     rows = sweep(types, args.attn.split(","), args.row_timeout, args.jsonl, args.jobs, args.resume,
-                 passes=not args.no_passes, decode=not args.no_decode, onnx=args.onnx)
+                 passes=not args.no_passes, decode=not args.no_decode, onnx=args.onnx,
+                 build_only=args.build_only)
     if args.json:
         text = json.dumps({"summary": summary(rows), "rows": [asdict(r) for r in rows]}, indent=1)
     else:
