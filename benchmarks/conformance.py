@@ -1,202 +1,80 @@
 """Conformance table: every decoder-only class of the installed transformers, built small, through condfx.
 
-For every model type in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` whose config builds with small sizes
-(2 layers, hidden 64, 4 heads, 2 KV heads, vocab 128, random weights), in SDPA and eager where the class
-offers them, this reports: capture ok, attention and FFN regions found (of 2 layers), fuse-attention
-exactness (max logit difference, float32) and, for route-attention, quantize-kv{method=kivi},
-quantize-kv{method=xquant} and skip-ffn, "ok N/M" or the reason the pass gave. Encoder-decoders,
-encoder-only models and classes that fail to build are listed with the reason.
+For every model type in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` (small configs: 2 layers, hidden 64, 4 heads,
+2 KV heads, vocab 128, random weights; ``benchmarks/conformance_build.py``), in SDPA and eager where the class
+offers them, it reports per row (``benchmarks/conformance_checks.py``): capture; attention and FFN regions
+found in every layer; fuse-attention exact (max logit difference <= 1e-5, float32); route-attention,
+quantize-kv{method=kivi}, quantize-kv{method=xquant} and skip-ffn rewriting every layer; greedy decode
+through add-kv-cache and the torch Session equal to the HF model's own ``generate`` (8 new tokens); with
+``--onnx``, the decode graph exported to ONNX and ONNX Runtime within 1e-4. Each cell is green or the
+one-sentence reason. Classes left out (encoder-decoder, encoder-only, multimodal, a missing package, a
+small config that does not build) are listed with their reason.
 
-    python benchmarks/conformance.py [--only llama,gemma3] [--attn sdpa,eager] [--json]
+    python benchmarks/conformance.py [--classes llama,gemma3_text] [--attn sdpa,eager|auto] [--onnx]
+        [--no-decode] [--no-passes] [--build-only] [--row-timeout 120] [--jobs 8] [--jsonl rows.jsonl [--resume]]
+        [--json] [--out table.md]
 
-It is not a test; ``tests/patterns/test_conformance.py`` runs a handful of rows in CI.
+It is not a test; ``tests/models/`` runs a representative third of the classes in CI and the full sweep
+under ``-m slow``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
-import re
 import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
-from types import MappingProxyType
+from dataclasses import asdict
+from pathlib import Path
 
-import torch
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import condfx
-from condfx.models_zoo.hf import CausalLMLogits
-from condfx.patterns import find_regions
+from benchmarks.conformance_build import (
+    N_LAYERS,
+    Excluded,
+    build_small,
+    first_sentence,
+    small_config,
+)
+from benchmarks.conformance_checks import COLUMNS, PASS_SPECS, Row, is_green, measure
 
-N_LAYERS = 2
-EXACT_TOL = 1e-5
-# Small sizes under every spelling transformers configs use; unknown keys are harmless attributes.
-SMALL = MappingProxyType(dict(
-    vocab_size=128, hidden_size=64, num_hidden_layers=N_LAYERS, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, intermediate_size=128, max_position_embeddings=128,
-    n_embd=64, n_layer=N_LAYERS, n_head=4, n_positions=128, n_inner=128, ffn_dim=128, d_model=64,
-    num_layers=N_LAYERS, num_heads=4, num_kv_heads=2, kv_channels=16, ffn_hidden_size=128,
-    moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4, num_local_experts=4,
-    n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=0,
-    tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=64,
-))
-PASS_SPECS = MappingProxyType({
-    "route-attention": "route-attention",
-    "kivi": "quantize-kv{method=kivi}",
-    "xquant": "quantize-kv{method=xquant}",
-    "skip-ffn": "skip-ffn{cold_start=0,cold_end=0}",
-})
+__all__ = ["N_LAYERS", "PASS_SPECS", "Row", "build_small", "conformance_row", "measure", "small_config"]
 
 
-@dataclass
-class Row:
-    """One (model type, attention implementation) of the table; cells are "ok ..." or a reason."""
-
-    model_type: str
-    attn: str
-    build: str = "ok"
-    capture: str = ""
-    attention: str = ""
-    ffn: str = ""
-    fuse_attention: str = ""
-    passes: dict[str, str] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def green(self) -> bool:
-        """Whether every cell that ran is green."""
-        cells = [self.build, self.capture, self.attention, self.ffn, self.fuse_attention, *self.passes.values()]
-        return all(c.startswith("ok") for c in cells)
-
-
-def _first_sentence(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    text = re.sub(r"^pass '[^']*' failed \(passes run before it: [^)]*\): ", "", text)
-    return text[:160]
-
-
-def small_config(model_type: str, attn: str):
-    """The small config of ``model_type`` with ``attn`` implementation (raises when it cannot build)."""
-    from transformers import AutoConfig
-
-    sizes = dict(SMALL)
-    for _ in range(8):  # drop the keys a config refuses (read-only properties such as Falcon's head_dim)
-        try:
-            config = AutoConfig.for_model(model_type, **sizes)
-            break
-        except AttributeError as err:
-            refused = re.search(r"property '(\w+)'|set (\w+) with", str(err))
-            if refused is None or (refused.group(1) or refused.group(2)) not in sizes:
-                raise
-            sizes.pop(refused.group(1) or refused.group(2))
-    else:
-        config = AutoConfig.for_model(model_type, **sizes)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for key, value in sizes.items():
-        if hasattr(text, key) and key not in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            with contextlib.suppress(Exception):
-                setattr(text, key, value)
-    if getattr(text, "layer_types", None) is not None:
-        text.layer_types = list(text.layer_types)[:N_LAYERS]
-    config._attn_implementation = attn
-    return config
-
-
-def build_small(model_type: str, attn: str, seed: int = 0) -> CausalLMLogits:
-    """A seeded, float32, eval-mode small model of ``model_type`` wrapped to return logits."""
-    from transformers import AutoModelForCausalLM
-
-    from condfx.models_zoo.hf import decoder_refusal
-
-    config = small_config(model_type, attn)
-    refusal = decoder_refusal(config)
-    if refusal is not None:
-        msg = f"not a decoder-only causal LM: {refusal}"
-        raise ValueError(msg)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        hf = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
-    return CausalLMLogits(hf.float().eval(), model_type)
-
-
-def _per_layer(found: int) -> str:
-    return f"ok {found}/{N_LAYERS}" if found == N_LAYERS else f"{found}/{N_LAYERS}"
-
-
-def _with_reasons(cell: str, failures, kind: str) -> str:
-    if cell.startswith("ok"):
-        return cell
-    reasons = sorted({f.reason for f in failures if f.kind in kind})
-    return f"{cell}: {'; '.join(reasons) or 'no candidate'}"
-
-
-def _pass_cell(gm, spec: str) -> str:
-    try:
-        result = condfx.apply(gm, spec)
-    except Exception as err:  # noqa: BLE001  (a table cell, whatever failed)
-        return _first_sentence(err)
-    report = result.reports[0]
-    if report.rewritten == N_LAYERS:
-        return f"ok {report.rewritten}/{N_LAYERS}"
-    reasons = "; ".join(sorted(report.skip_counts()))
-    return f"{report.rewritten}/{N_LAYERS}: {reasons or 'no reason'}"
-
-
-def measure(model: CausalLMLogits, row: Row, passes: bool = True) -> Row:
-    """Fills ``row`` from ``model``: capture, regions, fuse-attention exactness, the other passes."""
-    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
-    try:
-        gm = condfx.capture(model, (ids,))
-    except Exception as err:  # noqa: BLE001
-        row.capture = _first_sentence(err)
-        return row
-    row.capture = "ok"
-    regions = find_regions(gm)
-    row.attention = _with_reasons(_per_layer(len(regions.attention)), regions.failures, ("attention", "block"))
-    moe = getattr(regions, "moe", [])  # MoE blocks are FFN regions of their own
-    row.ffn = _with_reasons(_per_layer(len(regions.ffn) + len(moe)), regions.failures, ("ffn", "moe"))
-    row.ffn += f" ({len(moe)} MoE)" if moe else ""
-    try:
-        fused = condfx.apply(gm, "fuse-attention").graph_module
-        other = torch.randint(0, 128, (3, 17), generator=torch.Generator().manual_seed(1))
-        with torch.no_grad():
-            diff = (model(other) - fused(other)).abs().max().item()
-        row.fuse_attention = f"ok {diff:.1e}" if diff <= EXACT_TOL else f"max diff {diff:.1e}"
-    except Exception as err:  # noqa: BLE001
-        row.fuse_attention = _first_sentence(err)
-    if passes:
-        row.passes = {name: _pass_cell(gm, spec) for name, spec in PASS_SPECS.items()}
-    return row
-
-
-def conformance_row(model_type: str, attn: str, passes: bool = True) -> Row:
-    """Builds ``model_type`` small with ``attn`` and measures it (build failures become the row).
-
-    ``attn="auto"`` tries SDPA and falls back to eager when the class does not offer SDPA.
-    """
-    start = time.perf_counter()
+def _build_row(model_type: str, attn: str):
+    """``(model, row)``; ``attn="auto"`` is SDPA, or eager when the class does not offer SDPA.
+    The model is None when the class is excluded or fails to build (the row says why)."""
     row = Row(model_type, "sdpa" if attn == "auto" else attn)
-    try:
-        model = build_small(model_type, row.attn)
-    except Exception as err:  # noqa: BLE001
-        row.build = _first_sentence(err)
-        if attn != "auto" or "scaled_dot_product_attention" not in str(err):
-            return row
-        row.attn, row.build = "eager", "ok"
+    for impl in ("sdpa", "eager") if attn == "auto" else (attn,):
+        row.attn = impl
         try:
-            model = build_small(model_type, "eager")
-        except Exception as err2:  # noqa: BLE001
-            row.build = _first_sentence(err2)
-            return row
-    measure(model, row, passes)
+            model = build_small(model_type, impl)
+            row.build = "ok"
+            return model, row
+        except Excluded as err:
+            row.build, row.excluded = str(err), err.kind.value
+            return None, row
+        except Exception as err:  # noqa: BLE001  (SDPA not offered: the class refuses it)
+            row.build = f"{impl} not offered: {first_sentence(err)}"
+    return None, row
+
+
+def conformance_row(model_type: str, attn: str, passes: bool = True, decode: bool = True,
+                    onnx: bool = False, build_only: bool = False) -> Row:
+    """Builds ``model_type`` small with ``attn`` and measures it (build failures become the row)."""
+    start = time.perf_counter()
+    model, row = _build_row(model_type, attn)
+    if model is not None and not build_only:
+        measure(model, row, passes=passes, decode=decode, onnx=onnx)
     row.seconds = round(time.perf_counter() - start, 2)
     return row
 
 
-def _timed_row(model_type: str, attn: str, passes: bool, seconds: int) -> Row:
+def _timed_row(model_type: str, attn: str, seconds: int, **checks: bool) -> Row:
     """``conformance_row`` cut off after ``seconds`` (SIGALRM; the row then says so)."""
 
     def _stop(signum, frame):
@@ -206,7 +84,7 @@ def _timed_row(model_type: str, attn: str, passes: bool, seconds: int) -> Row:
     previous = signal.signal(signal.SIGALRM, _stop)
     signal.alarm(seconds)
     try:
-        return conformance_row(model_type, attn, passes)
+        return conformance_row(model_type, attn, **checks)
     except TimeoutError as err:
         return Row(model_type, attn, build=str(err))
     finally:
@@ -222,58 +100,126 @@ def model_types() -> list[str]:
 
 
 def markdown(rows: list[Row]) -> str:
-    """The table: one line per row, green cells as "ok ...", others with the reason."""
-    head = ["model", "attn", "build", "capture", "attention", "ffn", "fuse-attention", *PASS_SPECS]
+    """The measured rows as a table (green cells "ok ..."/"n/a ..."), then the excluded classes."""
+    head = ["model", "attn", *(c.replace("_", "-") for c in COLUMNS)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r.model_type, r.attn, r.build, r.capture, r.attention, r.ffn, r.fuse_attention,
-                 *(r.passes.get(p, "") for p in PASS_SPECS)]
+    for r in (r for r in rows if r.build == "ok"):
+        cells = [r.model_type, r.attn, *r.cells().values()]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    built = {r.model_type for r in rows if r.build == "ok"}
+    left_out = sorted({(r.model_type, r.build) for r in rows if r.build != "ok" and r.model_type not in built
+                       and "not offered" not in r.build})
+    no_sdpa = sorted({r.model_type for r in rows if "sdpa not offered" in r.build})
+    if no_sdpa:
+        lines += ["", f"SDPA not offered (eager rows only): {', '.join(no_sdpa)}."]
+    if left_out:
+        lines += ["", "| class left out | reason |", "|---|---|"]
+        lines += [f"| {kind} | {why.replace('|', '/')} |" for kind, why in left_out]
     return "\n".join(lines)
 
 
 def summary(rows: list[Row]) -> dict[str, int]:
-    """Counts over the built rows: green per column, all-green rows."""
+    """Counts: classes and rows built, all-green classes (every row green) and rows, green per column."""
     built = [r for r in rows if r.build == "ok"]
-    out = {"rows": len(rows), "built": len(built), "all_green": sum(r.green() for r in built)}
-    for col in ("capture", "attention", "ffn", "fuse_attention"):
-        out[col] = sum(getattr(r, col).startswith("ok") for r in built)
-    for name in PASS_SPECS:
-        out[name] = sum(r.passes.get(name, "").startswith("ok") for r in built)
+    classes = {r.model_type for r in built}
+    red = {r.model_type for r in built if not r.green()}
+    out = {"classes": len({r.model_type for r in rows}), "classes_covered": len(classes),
+           "classes_all_green": len(classes - red), "rows": len(rows), "rows_built": len(built),
+           "rows_all_green": sum(r.green() for r in built)}
+    for col in COLUMNS:
+        ran = [r.cells()[col] for r in built if r.cells()[col]]
+        if ran:
+            out[col] = sum(is_green(c) for c in ran)
     return out
+
+
+def _progress(i: int, n: int, row: Row, start: float) -> None:
+    state = "green" if row.green() else ("left out" if row.build != "ok" else "not green")
+    eta = (time.perf_counter() - start) / i * (n - i)
+    bar = "#" * (20 * i // n)
+    print(f"[{bar:<20}] {i}/{n} {row.model_type} {row.attn}: {state} ({row.seconds:.1f} s, "
+          f"~{eta / 60:.0f} min left)", file=sys.stderr, flush=True)
+
+
+def _row_job(job: tuple[str, str, int, dict[str, bool]]) -> Row:
+    """One row in a worker process (quiet transformers, warnings off)."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    kind, attn, seconds, checks = job
+    torch.set_num_threads(1)  # rows run side by side; one thread each is fastest for tiny models
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        row = _timed_row(kind, attn, seconds, **checks)
+    gc.collect()  # built models and graphs are garbage now; a full sweep holds hundreds of them
+    return row
+
+
+def _done(jsonl: str) -> dict[tuple[str, str], Row]:
+    """Rows already in ``jsonl`` (for ``--resume``), by (model type, requested attn)."""
+    rows = {}
+    if jsonl and Path(jsonl).is_file():
+        for line in Path(jsonl).read_text().splitlines():
+            data = json.loads(line)
+            requested = data.pop("requested")
+            rows[(data["model_type"], requested)] = Row(**data)
+    return rows
+
+
+def sweep(types: list[str], attns: list[str], row_timeout: int, jsonl: str = "", jobs: int = 1,
+          resume: bool = False, **checks: bool) -> list[Row]:
+    """Measures every (type, attn) pair, ``jobs`` rows at a time, with a progress line per row."""
+    import concurrent.futures as cf
+    import multiprocessing
+
+    done = _done(jsonl) if resume else {}
+    rows = {pair: row for pair, row in done.items() if pair[0] in types}
+    todo = [(t, a) for t in types for a in attns if (t, a) not in rows]
+    start, n = time.perf_counter(), len(todo)
+    # (max_tasks_per_child would recycle workers, but Python 3.11's pool hangs once they retire.)
+    with cf.ProcessPoolExecutor(max(1, jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_row_job, (t, a, row_timeout, checks)): (t, a) for t, a in todo}
+        for i, future in enumerate(cf.as_completed(futures), 1):
+            pair = futures[future]
+            try:
+                rows[pair] = future.result()
+            except Exception as err:  # noqa: BLE001  (a worker killed, e.g. out of memory)
+                rows[pair] = Row(pair[0], pair[1], build=f"worker failed: {first_sentence(err)}")
+            if jsonl:
+                with open(jsonl, "a") as f:
+                    f.write(json.dumps({"requested": pair[1], **asdict(rows[pair])}) + "\n")
+            _progress(i, n, rows[pair], start)
+    return [rows[(t, a)] for t in types for a in attns if (t, a) in rows]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="", help="comma-separated model types (default: all)")
+    parser.add_argument("--classes", "--only", default="", help="comma-separated model types (default: all)")
     parser.add_argument("--attn", default="sdpa,eager",
-                        help="attention implementations to try; 'auto': SDPA, eager where SDPA is not offered")
-    parser.add_argument("--row-timeout", type=int, default=90, help="seconds per row before it is cut off")
-    parser.add_argument("--jsonl", default="", help="also append each row to this file as it is measured")
+                        help="attention implementations; 'auto': SDPA, eager where SDPA is not offered")
+    parser.add_argument("--row-timeout", type=int, default=120, help="seconds per row before it is cut off")
+    parser.add_argument("--onnx", action="store_true", help="also export each row to ONNX (slow)")
+    parser.add_argument("--no-decode", action="store_true", help="skip the Session column")
     parser.add_argument("--no-passes", action="store_true", help="skip the four lossy passes")
+    parser.add_argument("--build-only", action="store_true", help="only build: which classes are covered")
+    parser.add_argument("--jobs", type=int, default=1, help="rows measured at once (worker processes)")
+    parser.add_argument("--jsonl", default="", help="also append each row to this file as it is measured")
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in --jsonl")
     parser.add_argument("--json", action="store_true", help="print JSON instead of markdown")
+    parser.add_argument("--out", default="", help="also write the output to this file")
     args = parser.parse_args(argv)
-    types = args.only.split(",") if args.only else model_types()
-    rows = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        for kind in types:
-            for attn in args.attn.split(","):
-                rows.append(_timed_row(kind, attn, not args.no_passes, args.row_timeout))
-                gc.collect()  # built models and graphs are garbage now; a full sweep holds ~190 of them
-                if args.jsonl:
-                    with open(args.jsonl, "a") as f:
-                        f.write(json.dumps(asdict(rows[-1])) + "\n")
-                print(f"{kind} {attn}: {'green' if rows[-1].green() else 'not green'}", file=sys.stderr)
+    types = args.classes.split(",") if args.classes else model_types()
+    rows = sweep(types, args.attn.split(","), args.row_timeout, args.jsonl, args.jobs, args.resume,
+                 passes=not args.no_passes, decode=not args.no_decode, onnx=args.onnx,
+                 build_only=args.build_only)
     if args.json:
-        print(json.dumps({"summary": summary(rows), "rows": [asdict(r) for r in rows]}, indent=1))
+        text = json.dumps({"summary": summary(rows), "rows": [asdict(r) for r in rows]}, indent=1)
     else:
-        print(markdown(rows))
-        print()
-        print(summary(rows))
+        text = f"{markdown(rows)}\n\n{summary(rows)}"
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
     return 0
 
 

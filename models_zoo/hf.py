@@ -65,22 +65,32 @@ def info_from_hf_config(config: Any, name: str) -> ModelInfo:
     text = _text_config(config)
     n_heads = text.num_attention_heads
     dim = text.hidden_size
-    head_dim = getattr(text, "head_dim", None) or dim // n_heads
-    hidden = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None)
+    head_dim = _field(text, "head_dim") or dim // n_heads
+    hidden = _field(text, "intermediate_size") or _field(text, "n_inner")
     # Models without learned positions (ALiBi: Bloom, MPT) may have no maximum in their config.
-    max_seq = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    max_seq = _field(text, "max_position_embeddings") or _field(text, "n_positions")
     return ModelInfo(
         name=name,
         family=config.model_type,
         n_layers=text.num_hidden_layers,
         n_heads=n_heads,
-        n_kv_heads=getattr(text, "num_key_value_heads", None) or n_heads,
+        n_kv_heads=_field(text, "num_key_value_heads") or n_heads,
         head_dim=head_dim,
         dim=dim,
         hidden_dim=hidden or 4 * dim,
         vocab_size=text.vocab_size,
         max_seq_len=max_seq or _DEFAULT_MAX_SEQ,
     )
+
+
+def _field(config: Any, name: str) -> Any:
+    """``config.name``, or None when the config lacks it or refuses one global value (per-layer
+    attributes of heterogeneous configs such as Gemma-4's head_dim raise their own error)."""
+    try:
+        value = getattr(config, name, None)
+    except Exception:  # noqa: BLE001 (transformers' AmbiguousGlobalPerLayerAttributeError and kin)
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _text_config(config: Any) -> Any:

@@ -83,7 +83,7 @@ def test_largest_seed_samples_and_cli_refuses_a_huge_seed(llama, capsys):
     assert SamplingConfig(seed=0).seed == 0
     code = main(["generate", MODEL, "--prompt", "hi", "--temperature", "1", "--seed", str(2**63)])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "seed must be an int in [0, 2**63 - 1]" in err
+    assert code == 2 and len(err.splitlines()) == 1 and "seed" in err and "2**63 - 1" in err
 
 
 def _state(session: Session) -> list[torch.Tensor]:
