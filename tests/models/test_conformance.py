@@ -66,18 +66,7 @@ GAPS: dict[str, dict[str, str]] = {
     "nemotron": {"skip-ffn": "relu2 MLP"},
 }
 # Cells other issue-15 work is fixing now (decode, attention cores): red means xfail, not failure.
-PENDING: dict[str, dict[str, str]] = {
-    "gemma3_text": {"session": _ALL_WINDOWED, "onnx": _ALL_WINDOWED},
-    "mistral": {"session": _ALL_WINDOWED, "onnx": _ALL_WINDOWED},
-    "phi3": {"session": _ALL_WINDOWED, "onnx": _ALL_WINDOWED},
-    "starcoder2": {"session": _ALL_WINDOWED, "onnx": _ALL_WINDOWED},
-    "qwen2_moe": {"session": _POSITIONS, "onnx": _POSITIONS},
-    "mixtral": {"session": _POSITIONS, "onnx": _POSITIONS},
-    "gptj": {"session": _POSITIONS, "onnx": _POSITIONS},
-    "opt": {"session": _POSITIONS, "onnx": _POSITIONS},
-    "xglm": {"session": _POSITIONS, "onnx": _POSITIONS},  # sinusoidal positions
-    "bloom": {"*": "ALiBi as an attention core (issue 15 attention-cores work)"},
-}
+PENDING: dict[str, dict[str, str]] = {}  # all-windowed decode, positions, ALiBi cores: green now
 
 
 @functools.lru_cache(maxsize=4)

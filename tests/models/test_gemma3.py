@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import condfx
+from condfx.passes.base import PassError
 from condfx.cli import main
 from condfx.models_zoo import load
 
@@ -27,10 +28,6 @@ LOSSY = {
 }
 # Rewrites that still skip Gemma-3's post-norm layers (passes/route_attention.py, passes/skip_ffn.py).
 POST_NORM_GAP = {"route-attention", "skip-ffn"}
-# Decoding a model whose every layer is windowed (the GGUF's pattern) is issue 15's decode work.
-ALL_WINDOWED = pytest.mark.xfail(
-    reason="add-kv-cache: every layer windowed (decode helper's fix)", strict=False
-)
 
 
 def _cli(capsys, *argv: str) -> dict:
@@ -70,7 +67,7 @@ def test_numerics_gemma3_eval_loads_and_scores(capsys, request, source, text_fil
 
 
 @pytest.mark.parametrize(
-    "source", ["gemma3_folder", pytest.param("gemma3_gguf", marks=ALL_WINDOWED)]
+    "source", ["gemma3_folder", "gemma3_gguf"]
 )
 def test_numerics_gemma3_generate_through_the_session(capsys, request, source):
     path = request.getfixturevalue(source)
@@ -87,7 +84,7 @@ def test_golden_gemma3_optimize_writes_a_quantized_program(capsys, gemma3_folder
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "source", ["gemma3_folder", pytest.param("gemma3_gguf", marks=ALL_WINDOWED)]
+    "source", ["gemma3_folder", "gemma3_gguf"]
 )
 def test_numerics_gemma3_export_within_tolerance(capsys, request, source, tmp_path):
     path = request.getfixturevalue(source)
@@ -109,8 +106,8 @@ def test_matches_gemma3_lossy_passes_say_per_layer_why(gemma3_graph, name):
     _, gm = gemma3_graph
     try:
         report = condfx.apply(gm, LOSSY[name]).reports[0]
-    except ValueError as err:  # a pass that rewrote nothing
-        assert name in POST_NORM_GAP and "post-norm" in str(err), err
+    except PassError as err:  # a pass that rewrote nothing is an error listing the reasons
+        assert name in POST_NORM_GAP and "rewrote none: post-norm" in str(err), err
         return
     details = sorted(detail for _, detail in report.skipped)
     assert report.rewritten + len(details) == 3
@@ -120,7 +117,7 @@ def test_matches_gemma3_lossy_passes_say_per_layer_why(gemma3_graph, name):
 
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(n, marks=pytest.mark.xfail(reason="post-norm layers are skipped", strict=False))
+    [pytest.param(n, marks=pytest.mark.xfail(reason="post-norm layers are skipped", strict=True))
      if n in POST_NORM_GAP else n for n in sorted(LOSSY)],
 )
 def test_numerics_gemma3_lossy_passes_rewrite_every_layer(gemma3_graph, name):
