@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import condfx
-from condfx.passes.base import PassError
 from condfx.cli import main
 from condfx.models_zoo import load
+from condfx.passes.base import PassError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
