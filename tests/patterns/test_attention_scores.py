@@ -121,7 +121,6 @@ def test_numerics_hf_fuse_attention_exact(hf_model) -> None:
     ("gemma2", "eager", None), ("mpt", "eager", None), ("falcon", "eager", True), ("falcon", "sdpa", True),
 ])
 @SLOW[0]
-@SLOW[1]
 def test_numerics_hf_fuse_attention_exact_more_classes(kind, attn, alibi) -> None:
     from transformers import AutoModelForCausalLM
 
