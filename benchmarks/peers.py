@@ -139,6 +139,7 @@ def _llama_cpp(args):
     threads = args.threads[0]
     llm = llama_cpp.Llama(model_path=str(_artifact(args, "llama.cpp")), n_ctx=n_ctx, n_threads=threads,
                           n_threads_batch=threads, n_batch=512, verbose=False)
+    vocab = llm.n_vocab()
 
     def run(prompts, n):
         if len(prompts) > 1:
@@ -146,8 +147,9 @@ def _llama_cpp(args):
             raise Unavailable(msg)
         llm.reset()
         llm.eval(prompts[0])
-        for _ in range(n - 1):
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        for _ in range(n - 1):  # greedy on the last row's logits (scores are kept only with logits_all)
+            last = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(vocab,))
+            llm.eval([int(np.argmax(last))])
 
     return run
 
