@@ -157,7 +157,7 @@ def optimize_cmd(args: argparse.Namespace) -> dict:
     _check_passes(args.passes)
     model, _ = _load(args.model)
     gm = _capture(model)
-    result = _apply(gm, args.passes, getattr(args, "allow_partial", False))
+    result = _apply(gm, args.passes, args.allow_partial)
     check, ids = _verify_optimized(gm, result.graph_module, args.passes, model)
     saved = _write_outputs(result, ids, out)
     summary = {"output": str(out), "files": saved, "verify": check.to_dict(), "report": result.report.to_dict()}
@@ -218,7 +218,7 @@ def eval_cmd(args: argparse.Namespace) -> dict:
     text = read_text(text_path)
     _check_context(args.context, model, args.model)
     if args.passes:
-        rewritten = _apply(_capture(model), args.passes, getattr(args, "allow_partial", False)).graph_module
+        rewritten = _apply(_capture(model), args.passes, args.allow_partial).graph_module
         rewritten.info = getattr(model, "info", None)  # context length etc. for the evaluation
         model = rewritten
     t0 = time.perf_counter()
