@@ -5,6 +5,7 @@ both graphs with ``condfx.codegen.onnx_export.export_onnx``; ``condfx.export(...
 ``condfx export MODEL --passes SPEC -o DIR`` (``condfx.export_bundle.export_model``) captures a model
 and applies its passes first. The runtime reads it back (``condfx.runtime.onnx_backend``).
 
+    weights.data          the initializers of both graphs, each tensor once (``share_initializers``)
     prefill.onnx          input_ids (B, T) -> logits (B, T, V), the presents of every layer: the
                           decode graph with every past fixed to length 0
     decode.onnx           input_ids (B, T), the pasts of every layer -> logits, the presents
@@ -37,6 +38,7 @@ import torch
 from torch import fx, nn
 
 from condfx.codegen.onnx_export import ExportError, ExportResult, export_onnx
+from condfx.codegen.shared_weights import share_initializers
 from condfx.data import file_sha256
 from condfx.model_io import weights_sha256
 from condfx.version import __version__
@@ -100,19 +102,18 @@ def model_identity(model: nn.Module, spec: str | None = None) -> dict[str, Any]:
     return {**ident, "spec": spec, "weights_sha256": weights_sha256(model)}
 
 
-def _files_entry(result: ExportResult, inputs: list[str], outputs: list[str]) -> dict:
-    data = result.path.with_name(result.path.name + ".data")
+def _files_entry(result: ExportResult, inputs: list[str], outputs: list[str], data: Path | None) -> dict:
     return {
         "path": result.path.name,
         "sha256": file_sha256(result.path),
-        "external_data": data.name if result.external_data else None,
-        "external_data_sha256": file_sha256(data) if result.external_data else None,
+        "external_data": data.name if data else None,
+        "external_data_sha256": file_sha256(data) if data else None,
         "inputs": inputs,
         "outputs": outputs,
     }
 
 
-def _manifest(gm, identity, passes, prefill, decode, diffs) -> dict[str, Any]:
+def _manifest(gm, identity, passes, prefill, decode, diffs, data: Path | None) -> dict[str, Any]:
     layers = gm.meta["condfx_kv"]
     inputs, outputs = io_names(layers)
     return {
@@ -126,8 +127,8 @@ def _manifest(gm, identity, passes, prefill, decode, diffs) -> dict[str, Any]:
         "passes": passes,
         "layers": [layout.to_json() for layout in layers],  # condfx.layouts, by kind
         "files": {
-            "prefill": _files_entry(prefill, inputs[:1], outputs),
-            "decode": _files_entry(decode, inputs, outputs),
+            "prefill": _files_entry(prefill, inputs[:1], outputs, data),
+            "decode": _files_entry(decode, inputs, outputs, data),
         },
         "max_abs_diff": diffs,
     }
@@ -257,9 +258,11 @@ def export_decode_graph(
     common = dict(output_names=outputs, verify=False, opset=opset)
     prefill = export_onnx(_Prefill(gm), ids, out / PREFILL_FILE, input_names=inputs[:1], **common)
     decode = export_onnx(gm, (ids, *past), out / DECODE_FILE, input_names=inputs, **common)
+    shared = share_initializers([prefill.path, decode.path])  # one copy of the weights for both
+    prefill, decode = (dataclasses.replace(r, external_data=True) for r in (prefill, decode))
     diffs = _verify_bundle(gm, out) if verify else {}
     identity = identity or {"name": "graph", "spec": None, "weights_sha256": weights_sha256(gm)}
-    manifest = _manifest(gm, identity, passes, prefill, decode, diffs)
+    manifest = _manifest(gm, identity, passes, prefill, decode, diffs, shared.data_file)
     manifest[MANIFEST_HASH_KEY] = manifest_hashes(manifest)
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     worst = max(diffs.values()) if diffs else None

@@ -121,7 +121,7 @@ def test_golden_manifest(hf_llama):
     assert files["decode"]["inputs"][1:3] == ["past_k_0", "past_v_0"]
     for entry in files.values():
         assert entry["sha256"] == file_sha256(bundle.out_dir / entry["path"])
-        assert entry["external_data"] is None
+        assert entry["external_data"] == "weights.data"
     assert set(manifest["max_abs_diff"]) == {"prefill", "decode"}
 
 
