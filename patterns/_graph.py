@@ -323,6 +323,8 @@ def _split_slice(node: fx.Node) -> tuple[fx.Node, tuple[int, int]] | None:
         width = static_int(shape(node.args[0])[-1]) if rank else None
         if rank is None or dim % rank != rank - 1 or width is None or not isinstance(start, int):
             return None
+        if end is not None and not isinstance(end, int):  # a symbolic end (Mamba's conv padding cut)
+            return None
         end = width if end is None or end > width else end
         return node.args[0], (start, end)
     return None
