@@ -47,6 +47,9 @@ SPECIAL = MappingProxyType({
     "mamba2": dict(num_heads=8),  # hidden * expand must equal heads * head_dim
     "gemma4_text": dict(vocab_size_per_layer_input=128, hidden_size_per_layer_input=16),
     "lfm2_moe": dict(layer_types=["conv", "full_attention"]),  # no default layer pattern
+    # MLA: keys are expanded to every query head (no K/V groups), RoPE on qk_rope_head_dim (head_dim).
+    **{t: dict(num_key_value_heads=4, head_dim=None) for t in (
+        "deepseek_v2", "deepseek_v3", "deepseek_v32", "axk1", "axk2", "glm4_moe_lite", "glm_moe_dsa")},
     # Hybrids: one layer of each kind (their first layers are all Mamba / linear attention / conv).
     "bamba": dict(attn_layer_indices=[1]),
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1),
