@@ -221,7 +221,7 @@ def _weight(node: object) -> tuple[fx.Node, bool] | None:
         return None
     node = skip_identity(node)
     transposed = False
-    if is_op(node, aten.t, aten.numpy_T) or (is_op(node, aten.transpose, aten.permute) and ndim(node) == 2):
+    if is_op(node, aten.t, aten.numpy_T, aten.mT) or (is_op(node, aten.transpose, aten.permute) and ndim(node) == 2):
         transposed, node = True, skip_identity(node.args[0])
     if node.op != "get_attr" or ndim(node) != 2:
         return None
