@@ -55,8 +55,9 @@ SPECIAL = MappingProxyType({
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1),
     "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"]),
     "qwen3_next": dict(layer_types=["linear_attention", "full_attention"]),
-    "kimi_linear": dict(layer_types=["linear_attention", "full_attention"]),
-    "bailing_hybrid": dict(layer_types=["linear_attention", "full_attention"]),
+    "kimi_linear": dict(layer_types=["linear_attention", "full_attention"], num_key_value_heads=4, head_dim=None),
+    "bailing_hybrid": dict(layer_types=["linear_attention", "full_attention"], num_key_value_heads=4,
+                           head_dim=None),  # its attention layers are MLA too
     "lfm3": dict(layer_types=["conv", "full_attention"]),
     "recurrent_gemma": dict(block_types=["recurrent", "attention"]),
 })
