@@ -60,6 +60,7 @@ SPECIAL = MappingProxyType({
                            head_dim=None),  # its attention layers are MLA too
     "lfm3": dict(layer_types=["conv", "full_attention"]),
     "recurrent_gemma": dict(block_types=["recurrent", "attention"]),
+    "nemotron_h": dict(hybrid_override_pattern="*-"),  # one mixer per layer: an attention and an MLP layer
 })
 _IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
 # Sub-configs that make a class multimodal (a vision, audio or image-token tower).
