@@ -17,7 +17,7 @@ import condfx
 from benchmarks.conformance_build import N_LAYERS, first_sentence
 from condfx.models_zoo.hf import CausalLMLogits
 from condfx.patterns import find_regions
-from condfx.patterns._graph import layer_from_path, module_path
+from condfx.patterns._graph import layer_from_path, module_path, static_int
 
 EXACT_TOL = 1e-5  # fuse-attention: max |logit diff| against the captured model, float32
 ONNX_TOL = 1e-4  # ONNX Runtime against the torch decode graph (prefill and a decode step)
@@ -258,8 +258,18 @@ def _fuse(model: CausalLMLogits, gm, row: Row, layers: Layers = Layers()):
         row.fuse_attention = f"ok {diff:.1e}" if diff <= EXACT_TOL else f"max diff {diff:.1e}"
         return fused
     except Exception as err:  # noqa: BLE001
-        row.fuse_attention = first_sentence(err)
+        row.fuse_attention = _static_length(gm) or first_sentence(err)
         return None
+
+
+def _static_length(gm) -> str:
+    """The reason when the captured graph only runs at its example length (the model's code fixed it)."""
+    ids = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
+    shape = getattr(ids.meta.get("val"), "shape", ()) if ids is not None else ()
+    length = static_int(shape[1]) if len(shape) >= 2 else None
+    if length is not None:
+        return f"the captured graph runs at sequence length {length} only (the model's code fixed it)"
+    return ""
 
 
 def _decode(model: CausalLMLogits, fused, row: Row, onnx: bool) -> None:
