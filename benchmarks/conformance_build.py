@@ -49,7 +49,8 @@ SPECIAL = MappingProxyType({
     "lfm2_moe": dict(layer_types=["conv", "full_attention"]),  # no default layer pattern
     # MLA: keys are expanded to every query head (no K/V groups), RoPE on qk_rope_head_dim (head_dim).
     **{t: dict(num_key_value_heads=4, head_dim=None) for t in (
-        "deepseek_v2", "deepseek_v3", "deepseek_v32", "axk1", "axk2", "glm4_moe_lite", "glm_moe_dsa")},
+        "deepseek_v2", "deepseek_v3", "deepseek_v32", "axk1", "axk2", "glm4_moe_lite", "glm_moe_dsa",
+        "longcat_flash", "sarvam_mla", "minicpm3", "hy_v4")},
     # Hybrids: one layer of each kind (their first layers are all Mamba / linear attention / conv).
     "bamba": dict(attn_layer_indices=[1]),
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1),
