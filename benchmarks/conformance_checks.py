@@ -63,9 +63,11 @@ class Row:
         return {c: fixed.get(c, self.passes.get(c, "")) for c in COLUMNS}
 
     def green(self) -> bool:
-        """Built, and every cell that ran is ``ok`` or ``n/a``."""
+        """Built, every cell that ran is ``ok`` or ``n/a``, and attention or FFN was found somewhere
+        (a model whose every layer is ``n/a``, such as Mamba, measured nothing and is not green)."""
         ran = [c for c in self.cells().values() if c]
-        return self.build == "ok" and bool(ran) and all(is_green(c) for c in ran)
+        measured = not self.attention or not (self.attention.startswith("n/a") and self.ffn.startswith("n/a"))
+        return self.build == "ok" and bool(ran) and all(is_green(c) for c in ran) and measured
 
 
 def is_green(cell: str) -> bool:
@@ -149,9 +151,10 @@ def layers_of(model: CausalLMLogits, gm, regions) -> Layers:
     if not kinds and attn - {None} == set():  # no kinds, no cores: keep every layer (the cell says why)
         attn = set(range(N_LAYERS))
     ffn = {r.layer for r in regions.ffn} | {m.layer for m in getattr(regions, "moe", [])}
-    ffn |= {_layer_of(f.node) for f in regions.failures if f.kind in ("ffn", "moe")}
+    near = {_layer_of(f.node) for f in regions.failures if f.kind in ("ffn", "moe")}
+    ffn |= {i for i in near if i is None or i >= len(kinds) or _is_attention_kind(kinds[i])}  # not a mixer's gate
     ffn |= _ffn_layers(model)
-    if not ffn - {None}:
+    if not ffn - {None} and not (kinds and not attn - {None}):  # an SSM's layers are mixers only
         ffn = set(range(N_LAYERS))
     pick = lambda found: tuple(i for i in range(N_LAYERS) if i in found)  # noqa: E731
     return Layers(pick(attn), pick(ffn), kinds)
@@ -164,7 +167,7 @@ def _per_layer(found: int, expected: int = N_LAYERS, note: str = "") -> str:
 
 
 def _with_reasons(cell: str, failures, kind: tuple[str, ...]) -> str:
-    if cell.startswith("ok"):
+    if is_green(cell):
         return cell
     reasons = sorted({f.reason for f in failures if f.kind in kind})
     return f"{cell}: {'; '.join(reasons) or 'no candidate'}"

@@ -183,3 +183,14 @@ def test_golden_hybrid_row() -> None:
     row = measure(_built("lfm3", "sdpa"), Row("lfm3", "sdpa"), passes=False)
     assert row.attention == "ok 1/1; n/a: layer 0 is a conv layer, not attention"
     assert row.fuse_attention.startswith("ok"), row.fuse_attention
+
+
+def test_row_with_every_layer_not_applicable_is_not_green() -> None:
+    """A Mamba-like row (no attention, no FFN layer) measured nothing: its cells are n/a, the row is
+    not all-green."""
+    na = "n/a: layer 0 is a linear_attention layer, layer 1 is a linear_attention layer, not attention"
+    row = Row("mamba", "eager", capture="ok", attention=na, ffn=na.replace("attention", "ffn"),
+              fuse_attention=na)
+    assert not row.green()
+    row.ffn = "ok 2/2"
+    assert row.green()
