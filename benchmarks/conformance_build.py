@@ -30,6 +30,7 @@ SMALL = MappingProxyType(dict(
     moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4, num_local_experts=4,
     n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=0,
     q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+    n_group=1, topk_group=1,  # MoE expert groups: 4 experts cannot form the default 8 groups
     tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=64,
 ))
 # Fields a class needs beyond SMALL for its small config to be valid (each line: why).
@@ -46,6 +47,21 @@ SPECIAL = MappingProxyType({
     "mamba2": dict(num_heads=8),  # hidden * expand must equal heads * head_dim
     "gemma4_text": dict(vocab_size_per_layer_input=128, hidden_size_per_layer_input=16),
     "lfm2_moe": dict(layer_types=["conv", "full_attention"]),  # no default layer pattern
+    # MLA: keys are expanded to every query head (no K/V groups), RoPE on qk_rope_head_dim (head_dim).
+    **{t: dict(num_key_value_heads=4, head_dim=None) for t in (
+        "deepseek_v2", "deepseek_v3", "deepseek_v32", "axk1", "axk2", "glm4_moe_lite", "glm_moe_dsa",
+        "longcat_flash", "sarvam_mla", "minicpm3", "hy_v4")},
+    # Hybrids: one layer of each kind (their first layers are all Mamba / linear attention / conv).
+    "bamba": dict(attn_layer_indices=[1]),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1),
+    "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"]),
+    "qwen3_next": dict(layer_types=["linear_attention", "full_attention"]),
+    "kimi_linear": dict(layer_types=["linear_attention", "full_attention"], num_key_value_heads=4, head_dim=None),
+    "bailing_hybrid": dict(layer_types=["linear_attention", "full_attention"], num_key_value_heads=4,
+                           head_dim=None),  # its attention layers are MLA too
+    "lfm3": dict(layer_types=["conv", "full_attention"]),
+    "recurrent_gemma": dict(block_types=["recurrent", "attention"]),
+    "nemotron_h": dict(hybrid_override_pattern="*-"),  # one mixer per layer: an attention and an MLP layer
 })
 _IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
 # Sub-configs that make a class multimodal (a vision, audio or image-token tower).

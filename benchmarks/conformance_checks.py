@@ -17,6 +17,7 @@ import condfx
 from benchmarks.conformance_build import N_LAYERS, first_sentence
 from condfx.models_zoo.hf import CausalLMLogits
 from condfx.patterns import find_regions
+from condfx.patterns._graph import layer_from_path, module_path, static_int
 
 EXACT_TOL = 1e-5  # fuse-attention: max |logit diff| against the captured model, float32
 ONNX_TOL = 1e-4  # ONNX Runtime against the torch decode graph (prefill and a decode step)
@@ -62,9 +63,11 @@ class Row:
         return {c: fixed.get(c, self.passes.get(c, "")) for c in COLUMNS}
 
     def green(self) -> bool:
-        """Built, and every cell that ran is ``ok`` or ``n/a``."""
+        """Built, every cell that ran is ``ok`` or ``n/a``, and attention or FFN was found somewhere
+        (a model whose every layer is ``n/a``, such as Mamba, measured nothing and is not green)."""
         ran = [c for c in self.cells().values() if c]
-        return self.build == "ok" and bool(ran) and all(is_green(c) for c in ran)
+        measured = not self.attention or not (self.attention.startswith("n/a") and self.ffn.startswith("n/a"))
+        return self.build == "ok" and bool(ran) and all(is_green(c) for c in ran) and measured
 
 
 def is_green(cell: str) -> bool:
@@ -72,33 +75,127 @@ def is_green(cell: str) -> bool:
     return cell.startswith(("ok", "n/a"))
 
 
-def _per_layer(found: int) -> str:
-    return f"ok {found}/{N_LAYERS}" if found == N_LAYERS else f"{found}/{N_LAYERS}"
+@dataclass(frozen=True)
+class Layers:
+    """Which of the ``N_LAYERS`` layers hold softmax attention and an FFN, and what the others are.
+
+    ``other`` maps each layer without one of them to its kind ("linear_attention", "conv", ...); the
+    cells count only the layers that have the part and mark the rest ``n/a`` with that kind.
+    """
+
+    attention: tuple[int, ...] = tuple(range(N_LAYERS))
+    ffn: tuple[int, ...] = tuple(range(N_LAYERS))
+    kinds: tuple[str, ...] = ()
+
+    def note(self, part: str) -> str:
+        """``"; n/a: layer 0 is a conv layer, not attention"`` for the layers without ``part``."""
+        have = self.attention if part == "attention" else self.ffn
+        missing = [i for i in range(N_LAYERS) if i not in have]
+        if not missing:
+            return ""
+        what = ", ".join(f"layer {i} is a {self.kind(i)} layer" for i in missing)
+        return f"; n/a: {what}, not {part}"
+
+    def kind(self, i: int) -> str:
+        return self.kinds[i] if i < len(self.kinds) else "non-attention"
+
+
+# Config fields that name each layer's kind, and the kinds that are softmax attention.
+_KIND_FIELDS = ("layer_types", "layers_block_type", "block_types")
+_FFN_MODULES = ("mlp", "ffn", "feed_forward", "moe", "expert", "block_sparse_moe")
+
+
+def _is_attention_kind(kind: str) -> bool:
+    kind = kind.lower()
+    return ("attention" in kind and not kind.startswith("linear")) or kind in ("hybrid", "hybrid_sliding")
+
+
+def _layer_kinds(model: CausalLMLogits) -> tuple[str, ...]:
+    config = model.hf.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in _KIND_FIELDS:
+        kinds = getattr(text, key, None)
+        if isinstance(kinds, (list, tuple)) and len(kinds) >= N_LAYERS and all(isinstance(k, str) for k in kinds):
+            return tuple(kinds[:N_LAYERS])
+    return ()
+
+
+def _layer_of(node) -> int | None:
+    return layer_from_path(module_path(node)) if node is not None else None
+
+
+def _ffn_layers(model: CausalLMLogits) -> set[int]:
+    """Layers with an FFN-like submodule (mlp, feed_forward, moe, experts, ...) in the HF model."""
+    found = set()
+    for name, _ in model.hf.named_modules():
+        layer = layer_from_path(name)
+        tail = name.rsplit(".", 1)[-1].lower()
+        if layer is not None and any(m in tail for m in _FFN_MODULES):
+            found.add(layer)
+    return found
+
+
+def layers_of(model: CausalLMLogits, gm, regions) -> Layers:
+    """The attention and FFN layers of the captured ``gm``.
+
+    A layer is an attention layer when the graph has an attention core there (a region, a rejected
+    attention candidate or an SDPA call) or the config calls it attention; only a layer with neither
+    (Mamba, linear attention, conv, recurrent) is left out, named by the config's kind. A layer is an
+    FFN layer when it has an FFN region, a rejected FFN candidate or an FFN-like submodule.
+    """
+    kinds = _layer_kinds(model)
+    attn = {r.layer for r in regions.attention}
+    attn |= {_layer_of(f.node) for f in regions.failures if f.kind in ("attention", "block")}
+    attn |= {_layer_of(n) for n in gm.graph.nodes if n.op == "call_function" and "scaled_dot_product" in str(n.target)}
+    attn |= {i for i, k in enumerate(kinds) if _is_attention_kind(k)}
+    if not kinds and attn - {None} == set():  # no kinds, no cores: keep every layer (the cell says why)
+        attn = set(range(N_LAYERS))
+    ffn = {r.layer for r in regions.ffn} | {m.layer for m in getattr(regions, "moe", [])}
+    near = {_layer_of(f.node) for f in regions.failures if f.kind in ("ffn", "moe")}
+    ffn |= {i for i in near if i is None or i >= len(kinds) or _is_attention_kind(kinds[i])}  # not a mixer's gate
+    ffn |= _ffn_layers(model)
+    if not ffn - {None} and not (kinds and not attn - {None}):  # an SSM's layers are mixers only
+        ffn = set(range(N_LAYERS))
+    pick = lambda found: tuple(i for i in range(N_LAYERS) if i in found)  # noqa: E731
+    return Layers(pick(attn), pick(ffn), kinds)
+
+
+def _per_layer(found: int, expected: int = N_LAYERS, note: str = "") -> str:
+    if expected == 0:
+        return f"n/a{note[len('; n/a'):]}"
+    return f"ok {found}/{expected}{note}" if found == expected else f"{found}/{expected}"
 
 
 def _with_reasons(cell: str, failures, kind: tuple[str, ...]) -> str:
-    if cell.startswith("ok"):
+    if is_green(cell):
         return cell
     reasons = sorted({f.reason for f in failures if f.kind in kind})
     return f"{cell}: {'; '.join(reasons) or 'no candidate'}"
 
 
-def pass_cell(gm, name: str) -> str:
-    """``ok N/N``, ``n/a: ...`` when every layer not rewritten has a not-applicable reason, or why."""
+def pass_cell(gm, name: str, layers: Layers = Layers()) -> str:
+    """``ok N/N``, ``n/a: ...`` when every layer not rewritten has a not-applicable reason, or why.
+
+    N counts the layers the pass is for (attention layers; FFN layers for skip-ffn), see ``Layers``.
+    """
+    part = "ffn" if name == "skip-ffn" else "attention"
+    n, note = len(layers.ffn if part == "ffn" else layers.attention), layers.note(part)
+    if n == 0:
+        return _per_layer(0, 0, note)
     try:
         result = condfx.apply(gm, PASS_SPECS[name], allow_partial=True)  # the cell lists the skips
     except Exception as err:  # noqa: BLE001  (a table cell, whatever failed)
         return first_sentence(err)
     report = result.reports[0]
-    if report.rewritten == N_LAYERS:
-        return f"ok {report.rewritten}/{N_LAYERS}"
+    if report.rewritten == n:
+        return f"ok {report.rewritten}/{n}{note}"
     counts = report.skip_counts()
     reasons = "; ".join(sorted(counts)) or "no reason"
     legit = NOT_APPLICABLE[name]
     skipped = sum(counts.values())
-    if report.rewritten + skipped == N_LAYERS and all(r.startswith(legit) for r in counts) and legit:
-        return f"n/a: {report.rewritten}/{N_LAYERS}, {reasons}"
-    return f"{report.rewritten}/{N_LAYERS}: {reasons}"
+    if report.rewritten + skipped == n and all(r.startswith(legit) for r in counts) and legit:
+        return f"n/a: {report.rewritten}/{n}, {reasons}"
+    return f"{report.rewritten}/{n}: {reasons}"
 
 
 def hf_greedy(model: CausalLMLogits, prompt: tuple[int, ...], n: int) -> tuple[list[int], str]:
@@ -151,8 +248,11 @@ def onnx_cell(decode_gm) -> str:
     return f"ok {diff:.1e}" if diff <= ONNX_TOL else f"ONNX Runtime differs by {diff:.1e}"
 
 
-def _fuse(model: CausalLMLogits, gm, row: Row):
+def _fuse(model: CausalLMLogits, gm, row: Row, layers: Layers = Layers()):
     """Fills ``row.fuse_attention``; returns the fused graph (None when fusing failed)."""
+    if not layers.attention:  # nothing to fuse: the graph as captured decodes
+        row.fuse_attention = _per_layer(0, 0, layers.note("attention"))
+        return gm
     try:
         fused = condfx.apply(gm, "fuse-attention").graph_module
         other = torch.randint(0, 128, (3, 17), generator=torch.Generator().manual_seed(1))
@@ -161,8 +261,18 @@ def _fuse(model: CausalLMLogits, gm, row: Row):
         row.fuse_attention = f"ok {diff:.1e}" if diff <= EXACT_TOL else f"max diff {diff:.1e}"
         return fused
     except Exception as err:  # noqa: BLE001
-        row.fuse_attention = first_sentence(err)
+        row.fuse_attention = _static_length(gm) or first_sentence(err)
         return None
+
+
+def _static_length(gm) -> str:
+    """The reason when the captured graph only runs at its example length (the model's code fixed it)."""
+    ids = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
+    shape = getattr(ids.meta.get("val"), "shape", ()) if ids is not None else ()
+    length = static_int(shape[1]) if len(shape) >= 2 else None
+    if length is not None:
+        return f"the captured graph runs at sequence length {length} only (the model's code fixed it)"
+    return ""
 
 
 def _decode(model: CausalLMLogits, fused, row: Row, onnx: bool) -> None:
@@ -191,13 +301,16 @@ def measure(model: CausalLMLogits, row: Row, passes: bool = True, decode: bool =
         return row
     row.capture = "ok"
     regions = find_regions(gm)
-    row.attention = _with_reasons(_per_layer(len(regions.attention)), regions.failures, ("attention", "block"))
+    layers = layers_of(model, gm, regions)
+    found = _per_layer(len(regions.attention), len(layers.attention), layers.note("attention"))
+    row.attention = _with_reasons(found, regions.failures, ("attention", "block"))
     moe = getattr(regions, "moe", [])  # MoE blocks are FFN regions of their own
-    row.ffn = _with_reasons(_per_layer(len(regions.ffn) + len(moe)), regions.failures, ("ffn", "moe"))
+    found = _per_layer(len(regions.ffn) + len(moe), len(layers.ffn), layers.note("ffn"))
+    row.ffn = _with_reasons(found, regions.failures, ("ffn", "moe"))
     row.ffn += f" ({len(moe)} MoE)" if moe else ""
-    fused = _fuse(model, gm, row)
+    fused = _fuse(model, gm, row, layers)
     if passes:
-        row.passes = {name: pass_cell(gm, name) for name in PASS_SPECS}
+        row.passes = {name: pass_cell(gm, name, layers) for name in PASS_SPECS}
     if decode or onnx:
         _decode(model, fused, row, onnx)
     return row

@@ -22,14 +22,20 @@ Masks (``mask.py``): judged by evaluation, not template. The mask's ancestors ma
 Outwards (``attention.py``): RoPE ``x*cos + rotate(x)*sin`` (half-split ``cat(-x2, x1)`` or interleaved
     ``stack(-x[1::2], x[::2])``), QK-norm on (B, T, H, D) or (B, H, T, D), q/k/v projections
     (linear, addmm / GPT-2 Conv1D with (in, out) weights, mm/matmul, fused qkv through split or slice,
-    reported with ``out_slice``), the projections' input ``x_in`` and its norm, o_proj, residual add.
+    reported with ``out_slice``), the projections' input ``x_in`` and its norm (for a qkv projection split
+    per head after a view, GPT-NeoX / Falcon, ``x_in`` without q/k/v LinearRefs), o_proj, residual add.
+    Partial RoPE may sit on (B, T, H, D) before the head permute (GPT-J, CodeGen). A mask built partly at
+    the captured length (Jamba, RecurrentGemma) is judged at that length.
 FFN (``ffn.py``), anchored on the down projection: SwiGLU ``down(silu(gate x) * up x)`` (either order,
     silu or x*sigmoid(x)), GeGLU (reported as SWIGLU), GELU MLP ``down(gelu(up x))`` with ``aten.gelu``
     or the explicit tanh formula of HF "gelu_new", MLP ``down(act(up x))`` with relu, relu², silu,
-    sigmoid or tanh (FFNKind.MLP); gate/up fused in one projection split by split, chunk or slice.
+    sigmoid or tanh (FFNKind.MLP); gate/up fused in one projection split by split, chunk or slice; any other
+    activation written out elementwise on one projection with 1-element parameters (xIELU, Bloom's GELU:
+    ``activation`` "elementwise"). Projections also as ``x @ W.T`` (``numpy_T`` / ``mT``, Falcon).
 Norms (``norm.py``): RMSNorm ``x * rsqrt(mean(x^2, -1) + eps) * w`` (or ``/ sqrt``), casts anywhere,
     weight on either side, or ``* (c + w)`` (Gemma: ``weight_offset`` c = 1); LayerNorm as ``aten.layer_norm`` / ``native_layer_norm`` or spelled out
-    with mean and var (or mean of squared deviations). eps is read from the graph.
+    with mean and var (or mean of squared deviations; ``x - mean`` may be computed twice, Cohere). eps is
+    read from the graph.
 MoE (``moe.py``), anchored on the router's top-k: router + experts (stacked 3-D parameters or
     per-expert FFN regions) + shared expert, up to the residual add; in ``Regions.moe`` and
     ``DecoderBlock.moe``, not in ``Regions.ffn`` (a "MoE FFN" near miss of kind "ffn" tells dense-FFN

@@ -221,7 +221,7 @@ def _weight(node: object) -> tuple[fx.Node, bool] | None:
         return None
     node = skip_identity(node)
     transposed = False
-    if is_op(node, aten.t) or (is_op(node, aten.transpose, aten.permute) and ndim(node) == 2):
+    if is_op(node, aten.t, aten.numpy_T, aten.mT) or (is_op(node, aten.transpose, aten.permute) and ndim(node) == 2):
         transposed, node = True, skip_identity(node.args[0])
     if node.op != "get_attr" or ndim(node) != 2:
         return None
@@ -322,6 +322,8 @@ def _split_slice(node: fx.Node) -> tuple[fx.Node, tuple[int, int]] | None:
         start, end = arg(node, 2, "start", 0) or 0, arg(node, 3, "end", None)
         width = static_int(shape(node.args[0])[-1]) if rank else None
         if rank is None or dim % rank != rank - 1 or width is None or not isinstance(start, int):
+            return None
+        if end is not None and not isinstance(end, int):  # a symbolic end (Mamba's conv padding cut)
             return None
         end = width if end is None or end > width else end
         return node.args[0], (start, end)

@@ -39,7 +39,7 @@ from condfx.patterns.attention_scores import (  # noqa: F401  (FILL_VALUE, MUL_M
 )
 from condfx.patterns.mask import NOT_PURE, MaskAnalyzer, MaskInfo, MaskKind
 from condfx.patterns.norm import norm_producing
-from condfx.patterns.regions import AttentionRegion, MatchFailure, RoPERef
+from condfx.patterns.regions import AttentionRegion, LinearRef, MatchFailure, RoPERef
 from condfx.patterns.rope import unrotated
 
 aten = torch.ops.aten
@@ -310,6 +310,21 @@ def fused_projection_behind(node: fx.Node, width: int, steps: int = 16):
     return None
 
 
+def _fused_input(q: fx.Node, k: fx.Node) -> fx.Node | None:
+    """The input of the one fused qkv projection that q and k are heads of (GPT-NeoX, Falcon), or None.
+
+    The q/k/v projections stay None (they are not slices of it); ``x_in`` and the input norm are set.
+    """
+    width = 0  # any projection wider than q's own heads
+    shape = g.shape(q)
+    if shape is not None and len(shape) == 4:
+        width = (g.static_int(shape[1]) or 0) * (g.static_int(shape[3]) or 0)
+    q_ref, k_ref = fused_projection_behind(q, width), fused_projection_behind(k, width)
+    if not isinstance(q_ref, LinearRef) or not isinstance(k_ref, LinearRef) or q_ref.op_node is not k_ref.op_node:
+        return None
+    return q_ref.x_in
+
+
 def find_o_proj(core: fx.Node):
     """The output projection reading ``core`` through transposes and reshapes, or None."""
     node = core
@@ -335,7 +350,7 @@ def _outer(core: Core, norms) -> dict:
     if q_rope is not None:
         style = q_rope[3]
         rope = RoPERef(style, q_rope[1], q_rope[2], q_pre, k_pre if k_rope else None, rotary_dim)
-    x_in = q_proj.x_in if q_proj is not None else None
+    x_in = q_proj.x_in if q_proj is not None else _fused_input(q_pre, k_pre)
     o_proj = find_o_proj(core.core)
     return dict(q_proj=q_proj, k_proj=k_proj, v_proj=v_proj, q_norm=q_norm, k_norm=k_norm, rope=rope,
                 x_in=x_in, input_norm=norm_producing(norms, x_in), o_proj=o_proj,

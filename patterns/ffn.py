@@ -128,6 +128,77 @@ def _plain_act(node: fx.Node) -> tuple[fx.Node, str] | None:
     return None
 
 
+# Elementwise ops an activation written out by hand may use (xIELU, Bloom's GELU, ...).
+_ELEMENTWISE = (aten.add, aten.sub, aten.mul, aten.div, aten.neg, aten.pow, aten.exp, aten.expm1, aten.log,
+                aten.log1p, aten.tanh, aten.sigmoid, aten.softplus, aten.erf, aten.where, aten.gt, aten.ge,
+                aten.lt, aten.le, aten.minimum, aten.maximum, aten.clamp, aten.clamp_min, aten.clamp_max,
+                aten.abs, aten.sqrt, aten.rsqrt, aten.relu, aten.gelu, aten.silu, aten.square, aten.sign)
+_MAX_ACT_NODES = 48
+
+
+def _numel(node: fx.Node) -> int | None:
+    s = g.shape(node)
+    if s is None:
+        return None
+    n = 1
+    for d in s:
+        d = g.static_int(d)
+        if d is None:
+            return None
+        n *= d
+    return n
+
+
+def _elementwise_leaves(node: object, seen: dict, budget: list) -> set | None:
+    """The projection outputs ``node`` is an elementwise function of (scalars and 1-element parameters
+    aside), or None when a non-elementwise op, a larger parameter or an input is on the way."""
+    if not isinstance(node, fx.Node):
+        return set()
+    if node in seen:
+        return seen[node]
+    budget[0] -= 1
+    if budget[0] < 0:
+        return None
+    small = _numel(node) is not None and _numel(node) <= 1
+    if node.op == "get_attr":
+        found = set() if small else None
+    elif node.op != "call_function":
+        found = None
+    elif not small and g.trace_linear(node) is not None:
+        found = {node}
+    elif g.is_identity(node) or g.is_op(node, *_ELEMENTWISE, aten.min, aten.max):
+        if g.is_op(node, aten.min, aten.max) and not (len(node.args) == 2 and isinstance(node.args[1], fx.Node)):
+            return None  # a reduction, not the elementwise min / max of two tensors
+        found = set()
+        for a in node.args:
+            leaves = _elementwise_leaves(a, seen, budget)
+            if leaves is None:
+                return None
+            found |= leaves
+        found = None if small and found else found  # a 1-element value computed from the activation input
+    else:
+        found = None
+    seen[node] = found
+    return found
+
+
+def elementwise_input(node: fx.Node) -> fx.Node | None:
+    """x when ``node`` is an elementwise function of the one projection output x and of constants
+    (an activation written out by hand: xIELU's two branches, Bloom's tanh GELU), else None."""
+    if not g.is_op(node, *_ELEMENTWISE) or g.is_op(node, aten.mul) and _mul_tensor_args(node) and len(
+            {g.skip_identity(a) for a in _mul_tensor_args(node)}) == 2 and all(
+            g.trace_linear(a) is not None for a in _mul_tensor_args(node)):
+        return None  # up(x) * gate(x) without an activation is no activation
+    seen: dict = {}
+    leaves = _elementwise_leaves(node, seen, [_MAX_ACT_NODES])
+    linear = (aten.add, aten.sub, aten.mul, aten.div, aten.neg)
+    if not leaves or len(leaves) != 1 or not any(
+            g.is_op(n, *_ELEMENTWISE, aten.min, aten.max) and not g.is_op(n, *linear) for n in seen):
+        return None  # no projection, several, or only a scale and shift (no nonlinearity)
+    (x,) = leaves
+    return x if g.shape(x) == g.shape(node) else None
+
+
 def activation_name(act: fx.Node) -> str:
     """The name of the activation node ``act`` of an FFN region ("silu", "gelu", "gelu_tanh", "relu",
     "relu2", "sigmoid", "tanh")."""
@@ -139,7 +210,9 @@ def activation_name(act: fx.Node) -> str:
     if _tanh_formula_input(act) is not None:
         return "gelu_tanh"
     plain = _plain_act(act)
-    return plain[1] if plain is not None else "unknown"
+    if plain is not None:
+        return plain[1]
+    return "elementwise" if elementwise_input(act) is not None else "unknown"
 
 
 def _width(ref: LinearRef) -> int:
@@ -183,15 +256,20 @@ def match_ffn(down: LinearRef, norms) -> FFNRegion | MatchFailure | None:
             return _fail(NO_UP, h)
     else:
         found = _gated(h, down)
-        if found is None:
+        if (found is None or isinstance(found, MatchFailure) and found.reason == UNSUPPORTED_ACT) and (
+                x := elementwise_input(h)) is not None:
+            found = None
+            up, gate, act, kind = g.trace_linear(x), None, h, FFNKind.MLP
+        elif found is None:
             if g.is_op(h, *_ACT_PACKETS):
                 return _fail(UNSUPPORTED_ACT, h)
             return None
-        if isinstance(found, MatchFailure):
+        elif isinstance(found, MatchFailure):
             return found
-        (gate, up, act), kind = found, FFNKind.SWIGLU
-        if g.skip_identity(gate.x_in) is not g.skip_identity(up.x_in):
-            return _fail(INPUTS_DIFFER, h)
+        else:
+            (gate, up, act), kind = found, FFNKind.SWIGLU
+            if g.skip_identity(gate.x_in) is not g.skip_identity(up.x_in):
+                return _fail(INPUTS_DIFFER, h)
     if down.out_features != up.in_features:
         return None  # d -> h -> d' with d' != d is no residual-stream FFN (a router, a head)
     hidden = _width(up)

@@ -184,6 +184,9 @@ class MaskAnalyzer:
             except Exception as exc:  # evaluation of arbitrary user code: any error means "unknown"
                 if i == len(probes) - 1 and len(probes) > 1:
                     continue
+                traced = self._traced_size()
+                if i == 0 and traced is not None and len(probes) > 1:
+                    return self._at_traced_size(node, sub, placeholders, kind, traced, exc)
                 return _fail(NOT_EVALUABLE, node, f"{type(exc).__name__}: {exc}"[:200])
             if isinstance(allowed, str):
                 return _fail(allowed, node, f"at (B, T) = ({b}, {t})")
@@ -195,6 +198,27 @@ class MaskAnalyzer:
         if len(finite) > 1:
             return _fail(NOT_CAUSAL, node, "window changes with length")
         return MaskInfo(True, finite.pop() if finite else None)
+
+
+    def _traced_size(self) -> tuple[int, int] | None:
+        """(B, T) of the example the graph was captured with, or None."""
+        shapes = (self.gm.meta.get("condfx") or {}).get("example_shapes") or []
+        return tuple(int(d) for d in shapes[0][:2]) if shapes and len(shapes[0]) >= 2 else None
+
+    def _at_traced_size(self, node, sub, placeholders, kind, traced, exc) -> MaskInfo | MatchFailure:
+        """A mask built partly at the captured length (Jamba, RecurrentGemma: a buffer or shape fixed
+        at trace time) exists at that length only: it is judged there, and named when it fails."""
+        b, t = traced
+        why = f"part of the mask is fixed at the captured length {t} ({type(exc).__name__}: {exc})"[:200]
+        try:
+            with torch.no_grad():
+                allowed = _allowed(sub(*[_probe_input(p, b, t, self._roles()) for p in placeholders]), kind, t)
+        except Exception:  # noqa: BLE001 (arbitrary user code)
+            return _fail(NOT_EVALUABLE, node, why)
+        window = window_of(allowed) if not isinstance(allowed, str) else None
+        if window is None:
+            return _fail(NOT_EVALUABLE, node, why)
+        return MaskInfo(True, window if window < t else None)
 
 
 def _extract(gm: fx.GraphModule, nodes: list[fx.Node], out: fx.Node) -> fx.GraphModule:

@@ -84,9 +84,15 @@ def _normalised_user(anchor: fx.Node, operand: fx.Node) -> fx.Node | None:
             other = user.args[0]
         else:
             continue
-        if isinstance(other, fx.Node) and g.skip_identity(other) is base:
+        if isinstance(other, fx.Node) and (g.skip_identity(other) is base or _same_sub(g.skip_identity(other), base)):
             return user
     return None
+
+
+def _same_sub(a: fx.Node, b: fx.Node) -> bool:
+    """Whether ``a`` and ``b`` are two nodes computing the same ``x - mean`` (Cohere writes it twice)."""
+    return g.is_op(a, aten.sub) and g.is_op(b, aten.sub) and [g.skip_identity(x) for x in a.args[:2]] == [
+        g.skip_identity(x) for x in b.args[:2]] and a.kwargs == b.kwargs
 
 
 def _offset_weight(node: object) -> tuple[fx.Node, float] | None:

@@ -120,4 +120,7 @@ def unrotated(node: fx.Node):
         found = match_rope(inner.args[0])
         if found is not None:
             return found[0], found, None
+        partial = _partial_rope(inner.args[0])  # GPT-J, CodeGen: partial RoPE on (B, T, H, D), then permute
+        if partial is not None:
+            return partial
     return node, None, None

@@ -54,12 +54,9 @@ GAPS: dict[str, dict[str, str]] = {
     "gemma3_text": {"route-attention": _POST_NORM, "skip-ffn": _POST_NORM},
     "olmo2": {"route-attention": "no input norm", "xquant": "k/v projections not found",
               "skip-ffn": _POST_NORM},
-    "cohere": {"route-attention": "no input norm"},  # parallel attention + MLP block
-    "falcon": {"ffn": "no candidate", "route-attention": "no input norm",
-               "xquant": "k/v projections not found", "skip-ffn": "matched no FFN region"},
+    "falcon": {"xquant": "fused qkv projection split per head", "skip-ffn": "no residual add"},
     "gpt2": {"xquant": "fused qkv projection"},
     "phi3": {"xquant": "fused qkv projection", "skip-ffn": "fused gate/up projection"},
-    "gptj": {"route-attention": "no input norm", "xquant": "k/v projections not found"},
     "opt": {"skip-ffn": "relu MLP"},
     "qwen2_moe": {"skip-ffn": "MoE FFN"},  # skip-ffn matches no MoE block
     "mixtral": {"skip-ffn": "MoE FFN"},
@@ -163,3 +160,37 @@ def _capture(kind: str):
 
 def test_golden_layers_are_the_small_size() -> None:
     assert _built("llama", "sdpa").info.n_layers == N_LAYERS
+
+
+def test_hybrid_layers_are_not_applicable() -> None:
+    """A Mamba / conv layer is ``n/a`` in the attention and attention-pass columns; a missed
+    attention layer is still red."""
+    from benchmarks.conformance_checks import Layers, _is_attention_kind, _per_layer
+
+    layers = Layers(attention=(1,), ffn=(0, 1), kinds=("conv", "full_attention"))
+    note = layers.note("attention")
+    assert note == "; n/a: layer 0 is a conv layer, not attention" and layers.note("ffn") == ""
+    assert _per_layer(1, len(layers.attention), note) == f"ok 1/1{note}"
+    assert _per_layer(0, len(layers.attention), note) == "0/1"  # the attention layer itself is missed
+    assert _per_layer(0, 0, "; n/a: layer 0 is a mamba layer, not attention").startswith("n/a: layer 0")
+    assert [_is_attention_kind(k) for k in ("linear_attention", "full_attention", "hybrid", "mamba")] == [
+        False, True, True, False]
+
+
+@pytest.mark.slow
+def test_golden_hybrid_row() -> None:
+    """LFM3 small: a conv layer and an attention layer; only the attention layer is counted."""
+    row = measure(_built("lfm3", "sdpa"), Row("lfm3", "sdpa"), passes=False)
+    assert row.attention == "ok 1/1; n/a: layer 0 is a conv layer, not attention"
+    assert row.fuse_attention.startswith("ok"), row.fuse_attention
+
+
+def test_row_with_every_layer_not_applicable_is_not_green() -> None:
+    """A Mamba-like row (no attention, no FFN layer) measured nothing: its cells are n/a, the row is
+    not all-green."""
+    na = "n/a: layer 0 is a linear_attention layer, layer 1 is a linear_attention layer, not attention"
+    row = Row("mamba", "eager", capture="ok", attention=na, ffn=na.replace("attention", "ffn"),
+              fuse_attention=na)
+    assert not row.green()
+    row.ffn = "ok 2/2"
+    assert row.green()
