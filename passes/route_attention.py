@@ -15,23 +15,28 @@ Rewrites (per selected attention region; x = the block's input stream, n = its i
   sinks), given to both attention ops. A layer without an input norm (OLMo2) has s = h, and the router
   reads r(s) = s * rsqrt(mean(s²) + 1e-6); with one, r is the identity. A natively sliding layer keeps
   the smaller of its window and ``window`` in the window branch.
+  Parallel blocks (GPT-J, GPT-NeoX: x + attn(n(x)) + mlp(n2(x)), whose attention residual add takes
+  the MLP output): h = x + attn branch is built beside the block, and the gated global output joins
+  the attention branch, so the MLP still reads x:  x + (attn + gate * global'(n'(h))) + mlp.
   q'/k'/v'/o' (with their QK-norms and biases), post', sinks' and n' are copies of the base weights, so
   the global branch starts as the base attention. ``gate`` is the hard 0/1 decision in the forward pass
   and carries the tempered sigmoid's gradient backward (straight-through). ``dense`` is a bool buffer
   the trainer sets on the dense-global steps. Not exact: at initialisation every logit is 0, every
   token is routed, and the layer computes attention twice; pair it with ``condfx.l2a.train_l2a``.
 
-New state per layer, under ``<prefix>.l2a`` (prefix = the module owning the q projection): the
+New state per layer, under ``<prefix>.l2a`` (prefix = the module owning the q projection, else the
+  o projection): the
   copied weights, ``router_weight``, buffers ``layer``, ``dense``, ``route_stats``; nodes are tagged
   for ``condfx.patterns.routed.find_routed_layers``.
 
-Requires: the canonical IR; attention regions with q/k/v/o projections read from ``get_attr``
-  weights and a residual add. Fuses the selected regions first (``fuse-attention``).
-  Must run before ``add-kv-cache``.
+Requires: the canonical IR; attention regions with an output projection read from a ``get_attr``
+  weight, a residual add, and q/k/v projected from one tensor. Fuses the selected regions first
+  (``fuse-attention``). Must run before ``add-kv-cache``.
 
-Does not handle: regions without an output projection or residual add, and regions whose output
-  feeds the residual add together with the FFN output (parallel attention + MLP blocks): skipped
-  with a reason; non-causal attention. Paper: Choudhary et al., "Learning When to Attend", 2026.
+Does not handle: regions without an output projection or residual add (Falcon's matmul projections:
+  the region finder leaves ``out`` unset), a residual stream that is not an ancestor of the q/k/v
+  input: skipped with a reason; non-causal attention. Sinks that are not a parameter read directly
+  are shared with the window branch, not copied. Paper: Choudhary et al., "Learning When to Attend", 2026.
 """
 
 from __future__ import annotations

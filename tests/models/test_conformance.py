@@ -51,15 +51,13 @@ _POSITIONS = "positions that are not arange(T) (issue 15 decode work)"
 _POST_NORM = "post-norm or scaled residual"
 # Known gaps: column -> the reason the cell gives (a substring). Passes/regions, not this wave.
 GAPS: dict[str, dict[str, str]] = {
-    "gemma3_text": {"route-attention": _POST_NORM, "skip-ffn": _POST_NORM},
-    "olmo2": {"route-attention": "no input norm", "xquant": "k/v projections not found",
-              "skip-ffn": _POST_NORM},
-    "cohere": {"route-attention": "no input norm"},  # parallel attention + MLP block
-    "falcon": {"ffn": "no candidate", "route-attention": "no input norm",
+    "gemma3_text": {"skip-ffn": _POST_NORM},
+    "olmo2": {"xquant": "k/v projections not found", "skip-ffn": _POST_NORM},
+    "falcon": {"ffn": "no candidate", "route-attention": "no output projection",
                "xquant": "k/v projections not found", "skip-ffn": "matched no FFN region"},
     "gpt2": {"xquant": "fused qkv projection"},
     "phi3": {"xquant": "fused qkv projection", "skip-ffn": "fused gate/up projection"},
-    "gptj": {"route-attention": "no input norm", "xquant": "k/v projections not found"},
+    "gptj": {"xquant": "k/v projections not found"},
     "opt": {"skip-ffn": "relu MLP"},
     "qwen2_moe": {"skip-ffn": "MoE FFN"},  # skip-ffn matches no MoE block
     "mixtral": {"skip-ffn": "MoE FFN"},
