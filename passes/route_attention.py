@@ -57,8 +57,8 @@ from condfx.passes.fuse_attention import FuseAttention, FuseAttentionConfig, is_
 from condfx.passes.graph_builder import GraphBuilder
 from condfx.passes.op_args import op_arg, set_op_args
 from condfx.passes.report import estimate_cost
-from condfx.patterns import find_regions
 from condfx.patterns import _graph as g
+from condfx.patterns import find_regions
 from condfx.patterns._graph import get_attr_value
 from condfx.patterns.regions import AttentionRegion, ResidualAdd
 from condfx.patterns.routed import TAG

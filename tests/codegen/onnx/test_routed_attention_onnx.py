@@ -11,7 +11,10 @@ from onnx import helper
 
 import condfx
 from condfx.codegen.onnx import DOMAIN
-from condfx.codegen.onnx.routed_attention import routed_attention_function, routed_attention_functions
+from condfx.codegen.onnx.routed_attention import (
+    routed_attention_function,
+    routed_attention_functions,
+)
 from condfx.patterns.routed import find_routed_layers
 
 
