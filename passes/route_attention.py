@@ -57,6 +57,7 @@ from condfx.passes.fuse_attention import FuseAttention, FuseAttentionConfig, is_
 from condfx.passes.graph_builder import GraphBuilder
 from condfx.passes.op_args import op_arg, set_op_args
 from condfx.passes.report import estimate_cost
+from condfx.passes.route_attention_stream import attention_add, block_stream, qkv_input
 from condfx.patterns import _graph as g
 from condfx.patterns import find_regions
 from condfx.patterns._graph import get_attr_value
@@ -108,33 +109,6 @@ def owner_prefix(region: AttentionRegion) -> str | None:
     return str(w.target).rsplit(".", 2)[0]
 
 
-def _linear_above(node: fx.Node, width) -> fx.Node | None:
-    """The nearest ``aten.linear`` above ``node`` whose input is ``width``-shaped, or None."""
-    seen, frontier = set(), [node]
-    for _ in range(24):  # q/k/v sit a few views, norms and rotations below their projection
-        nxt = []
-        for n in frontier:
-            if g.is_op(n, aten.linear) and g.shape(n.args[0]) == width:
-                return n
-            nxt += [i for i in n.all_input_nodes if i.op == "call_function" and i not in seen]
-            seen.update(nxt)
-        frontier = nxt
-    return None
-
-
-def qkv_input(region: AttentionRegion) -> fx.Node | None:
-    """The tensor q, k and v are projected from: ``region.x_in``, else (projections the region
-    finder did not resolve: a fused qkv split per head, a QK-norm over the whole projection) the one
-    input of the linears nearest above q, k and v."""
-    if region.x_in is not None:
-        return region.x_in
-    if region.out is None:
-        return None
-    lins = [_linear_above(t, g.shape(region.out)) for t in (region.q, region.k, region.v)]
-    inputs = {g.skip_identity(lin.args[0]) for lin in lins if lin is not None}
-    return inputs.pop() if None not in lins and len(inputs) == 1 else None
-
-
 def check_routable(gm: fx.GraphModule, region: AttentionRegion, add: ResidualAdd | None = None) -> str | None:
     """The skip reason for ``region``, or None when it can be converted.
 
@@ -154,38 +128,6 @@ def check_routable(gm: fx.GraphModule, region: AttentionRegion, add: ResidualAdd
     if hasattr(gm.get_submodule(prefix), "l2a"):
         return "already routed"
     return None
-
-
-def attention_add(region: AttentionRegion, adds: list[ResidualAdd]) -> ResidualAdd | None:
-    """The record of ``region``'s residual add whose branch is the attention output (a parallel
-    block's add is recorded twice: once from the attention, once from the MLP)."""
-    return next((a for a in adds if a.node is region.residual and region.out in _ancestors(a.branch)), None)
-
-
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return seen
-
-
-def block_stream(region: AttentionRegion, add: ResidualAdd) -> tuple[fx.Node, bool] | None:
-    """(x, parallel): the residual stream x the attention reads (an ancestor of its q/k/v input), and
-    whether the block is parallel (GPT-J, GPT-NeoX, Falcon: ``x + (attn + mlp)``, so the attention's
-    residual add takes the MLP output, and x is added by the add after it). None when neither fits."""
-    upstream = _ancestors(qkv_input(region))
-    if add.stream in upstream:
-        return add.stream, False
-    user = g.single_user(g.forward_identity(add.node))
-    if user is None or not g.is_op(user, aten.add) or len(user.args) < 2:
-        return None
-    others = [a for a in user.args[:2] if isinstance(a, fx.Node) and a is not g.forward_identity(add.node)]
-    if len(others) != 1 or others[0] not in upstream or g.shape(others[0]) != g.shape(add.node):
-        return None
-    return others[0], True
 
 
 def _tag(node: fx.Node, prefix: str, role: str) -> fx.Node:
@@ -268,11 +210,12 @@ def route_attention_replacement(gm: fx.GraphModule, region: AttentionRegion, add
                                 cfg: RouteAttentionConfig) -> None:
     """Inserts the router and the global branch at ``region``'s residual add (module docstring)."""
     prefix = owner_prefix(region)
-    state = _state(gm, prefix, region, cfg.window)
+    window = min(cfg.window, region.window or cfg.window)  # a natively sliding layer keeps its own
+    state = _state(gm, prefix, region, window)
     x, parallel = block_stream(region, add)
     x_in = qkv_input(region)
     res = region.residual
-    set_op_args(region.core, window=min(cfg.window, region.window or cfg.window))  # the window branch
+    set_op_args(region.core, window=window)  # the window branch
     # sequential: h = res, the global output is added after it; parallel: h = x + branch is built
     # beside res, and the gated global output joins the branch operand of res.
     b = GraphBuilder(gm, res if parallel else res.next, like=res)
