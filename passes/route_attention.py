@@ -1,30 +1,42 @@
 """Turn attention layers into L2A layers: sliding-window attention for every token plus a learned
 router that sends only some tokens to global attention (TECHNIQUES.md section 1).
 
-Rewrites (per selected attention region; x = the block's input stream):
-    x + o(attn(q(n(x)), k(n(x)), v(n(x))))
-        → h = x + o(condfx.attention(q, k, v, scale, window))        # window branch, base weights
+Rewrites (per selected attention region; x = the block's input stream, n = its input norm):
+    x + c * post(o(attn(q(n(x)), k(n(x)), v(n(x)))))
+        → h = x + c * post(o(condfx.attention(q, k, v, scale, window, opts)))   # window branch, base weights
           s = n'(h)                                                  # new norm, init from n
-          logit = s @ w_r^T                                          # w_r (1, d) zero-initialised
+          logit = r(s) @ w_r^T                                       # w_r (1, d) zero-initialised
           route = logit >= 0                                         # (B, T) bool, inference rule
           gate = p + detach(float(route) - p),  p = sigmoid(logit / temperature)
-          h + gate * o'(condfx.routed_attention(q'(s), k'(s), v'(s), route | dense, scale))
-  q'/k'/v'/o' (with their QK-norms and biases) and n' are copies of the base weights, so the global
-  branch starts as the base attention. ``gate`` is the hard 0/1 decision in the forward pass and
-  carries the tempered sigmoid's gradient backward (straight-through). ``dense`` is a bool buffer
+          h + gate * c * post'(o'(condfx.routed_attention(q'(s), k'(s), v'(s), route | dense, scale, opts)))
+  ``post`` (a post / sandwich norm: Gemma2/3, OLMo2/3, Exaone4) and ``c`` (a residual multiplier:
+  Granite) are absent in most models; the global branch copies whatever the layer applies between its
+  output projection and the residual add. ``opts`` are the core's score options (softcap, ALiBi slopes,
+  sinks), given to both attention ops. A layer without an input norm (OLMo2) has s = h, and the router
+  reads r(s) = s * rsqrt(mean(s²) + 1e-6); with one, r is the identity. A natively sliding layer keeps
+  the smaller of its window and ``window`` in the window branch.
+  Parallel blocks (GPT-J, GPT-NeoX: x + attn(n(x)) + mlp(n2(x)), whose attention residual add takes
+  the MLP output): h = x + attn branch is built beside the block, and the gated global output joins
+  the attention branch, so the MLP still reads x:  x + (attn + gate * global'(n'(h))) + mlp.
+  q'/k'/v'/o' (with their QK-norms and biases), post', sinks' and n' are copies of the base weights, so
+  the global branch starts as the base attention. ``gate`` is the hard 0/1 decision in the forward pass
+  and carries the tempered sigmoid's gradient backward (straight-through). ``dense`` is a bool buffer
   the trainer sets on the dense-global steps. Not exact: at initialisation every logit is 0, every
   token is routed, and the layer computes attention twice; pair it with ``condfx.l2a.train_l2a``.
 
-New state per layer, under ``<prefix>.l2a`` (prefix = the module owning the q projection): the
+New state per layer, under ``<prefix>.l2a`` (prefix = the module owning the q projection, else the
+  o projection): the
   copied weights, ``router_weight``, buffers ``layer``, ``dense``, ``route_stats``; nodes are tagged
   for ``condfx.patterns.routed.find_routed_layers``.
 
-Requires: the canonical IR; attention regions with their input norm, q/k/v/o projections read
-  from ``get_attr`` weights and a residual add. Fuses the selected regions first (``fuse-attention``).
-  Must run before ``add-kv-cache``.
+Requires: the canonical IR; attention regions with an output projection read from a ``get_attr``
+  weight, a residual add, and q/k/v projected from one tensor. Fuses the selected regions first
+  (``fuse-attention``). Must run before ``add-kv-cache``.
 
-Does not handle: regions without an input norm, output projection or residual add (skipped with a
-  reason); non-causal attention. Paper: Choudhary et al., "Learning When to Attend", 2026.
+Does not handle: regions without an output projection or residual add (Falcon's matmul projections:
+  the region finder leaves ``out`` unset), a residual stream that is not an ancestor of the q/k/v
+  input: skipped with a reason; non-causal attention. Sinks that are not a parameter read directly
+  are shared with the window branch, not copied. Paper: Choudhary et al., "Learning When to Attend", 2026.
 """
 
 from __future__ import annotations
@@ -43,10 +55,13 @@ from condfx.passes._insert import remove_dead_calls
 from condfx.passes.base import GraphSnapshot, Pass, PassResult, layer_indices, select_layers
 from condfx.passes.fuse_attention import FuseAttention, FuseAttentionConfig, is_fused_attention
 from condfx.passes.graph_builder import GraphBuilder
+from condfx.passes.op_args import op_arg, set_op_args
 from condfx.passes.report import estimate_cost
+from condfx.passes.route_attention_stream import attention_add, block_stream, qkv_input
+from condfx.patterns import _graph as g
 from condfx.patterns import find_regions
 from condfx.patterns._graph import get_attr_value
-from condfx.patterns.regions import AttentionRegion
+from condfx.patterns.regions import AttentionRegion, ResidualAdd
 from condfx.patterns.routed import TAG
 
 aten = torch.ops.aten
@@ -85,25 +100,28 @@ class RouteAttentionConfig:
 
 
 def owner_prefix(region: AttentionRegion) -> str | None:
-    """Dotted path of the module owning the q projection weight (``layers.0.attention``)."""
-    w = region.q_proj.weight if region.q_proj is not None else None
+    """Dotted path of the module owning the q projection weight (``layers.0.attention``), or the
+    output projection's when the q projection was not found (fused or QK-normed projections)."""
+    proj = region.q_proj or region.o_proj
+    w = proj.weight if proj is not None else None
     if w is None or w.op != "get_attr" or str(w.target).count(".") < 2:
         return None
     return str(w.target).rsplit(".", 2)[0]
 
 
-def check_routable(gm: fx.GraphModule, region: AttentionRegion) -> str | None:
-    """The skip reason for ``region``, or None when it can be converted."""
+def check_routable(gm: fx.GraphModule, region: AttentionRegion, add: ResidualAdd | None = None) -> str | None:
+    """The skip reason for ``region``, or None when it can be converted.
+
+    ``add`` is the region's residual add as ``find_regions`` records it (stream and branch operands).
+    """
     if not region.causal:
         return "non-causal attention"
-    if region.score_options is not None:
-        return f"{region.score_options} (condfx.routed_attention has no score options)"
-    if region.input_norm is None or region.x_in is None:
-        return "no input norm"
-    if region.out is None or region.residual is None:
+    if region.out is None or region.residual is None or add is None:
         return "no output projection or residual add"
-    if region.post_norm is not None or region.residual_scale not in (None, 1.0):
-        return "post-norm or scaled residual"  # the global branch would add its output unnormalised
+    if qkv_input(region) is None:
+        return "no q/k/v input"
+    if block_stream(region, add) is None:
+        return "the residual stream the attention reads was not found"
     prefix = owner_prefix(region)
     if prefix is None:
         return "q projection weight is not a get_attr"
@@ -159,8 +177,8 @@ def _between(sources: list[fx.Node], outputs: list[fx.Node]) -> set[fx.Node]:
 
 def _state(gm: fx.GraphModule, prefix: str, region: AttentionRegion, window: int) -> nn.Module:
     state = nn.Module()
-    d = region.x_in.meta["val"].shape[-1]
-    dtype = region.x_in.meta["val"].dtype
+    d = region.out.meta["val"].shape[-1]
+    dtype = region.out.meta["val"].dtype
     state.register_parameter("router_weight", nn.Parameter(torch.zeros(1, int(d), dtype=dtype)))
     state.register_buffer("layer", torch.tensor(region.layer, dtype=torch.int64))
     state.register_buffer("window", torch.tensor(window, dtype=torch.int64))
@@ -170,25 +188,56 @@ def _state(gm: fx.GraphModule, prefix: str, region: AttentionRegion, window: int
     return state
 
 
-def route_attention_replacement(gm: fx.GraphModule, region: AttentionRegion, cfg: RouteAttentionConfig) -> None:
-    """Inserts the router and the global branch after ``region``'s residual add (see module docstring)."""
+def _rms(b: GraphBuilder, x: fx.Node, eps: float = 1e-6) -> fx.Node:
+    """x * rsqrt(mean(x², -1) + eps): the router's input where the layer has no input norm."""
+    ms = b.call(aten.mean.dim, b.call(aten.mul.Tensor, x, x), [-1], True)
+    return b.call(aten.mul.Tensor, x, b.call(aten.rsqrt.default, b.call(aten.add.Tensor, ms, eps)))
+
+
+def _global_options(b: GraphBuilder, core: fx.Node, state: nn.Module, prefix: str) -> dict:
+    """The window core's score options for the routed op; a sinks parameter is copied as ``global_sinks``."""
+    opts = {name: op_arg(core, name) for name in ("softcap", "alibi_slopes", "sinks")}
+    sinks = opts["sinks"]
+    if isinstance(sinks, fx.Node) and sinks.op == "get_attr":
+        tensor = get_attr_value(b.gm, sinks)
+        if isinstance(tensor, nn.Parameter):
+            state.register_parameter("global_sinks", nn.Parameter(tensor.detach().clone()))
+            opts["sinks"] = b.get_attr(f"{prefix}.l2a.global_sinks")
+    return {k: v for k, v in opts.items() if v not in (None, 0.0)}
+
+
+def route_attention_replacement(gm: fx.GraphModule, region: AttentionRegion, add: ResidualAdd,
+                                cfg: RouteAttentionConfig) -> None:
+    """Inserts the router and the global branch at ``region``'s residual add (module docstring)."""
     prefix = owner_prefix(region)
-    state = _state(gm, prefix, region, cfg.window)
+    window = min(cfg.window, region.window or cfg.window)  # a natively sliding layer keeps its own
+    state = _state(gm, prefix, region, window)
+    x, parallel = block_stream(region, add)
+    x_in = qkv_input(region)
     res = region.residual
-    region.core.args = (*region.core.args[:4], cfg.window)  # the window branch
-    b = GraphBuilder(gm, res.next, like=res)
-    norm = region.input_norm
-    (s,) = _copy_between(b, {norm.x_in: res}, [norm.out], state, prefix, "norm")
-    logit = b.call(aten.squeeze.dim, b.call(aten.linear.default, s, b.get_attr(f"{prefix}.l2a.router_weight")), -1)
+    set_op_args(region.core, window=window)  # the window branch
+    # sequential: h = res, the global output is added after it; parallel: h = x + branch is built
+    # beside res, and the gated global output joins the branch operand of res.
+    b = GraphBuilder(gm, res if parallel else res.next, like=res)
+    h = b.call(aten.add.Tensor, x, add.branch) if parallel else res
+    (s,) = _copy_between(b, {x: h}, [x_in], state, prefix, "norm")
+    reads_stream = g.skip_identity(x_in) is g.skip_identity(x)
+    logit = b.call(aten.linear.default, _rms(b, s) if reads_stream else s, b.get_attr(f"{prefix}.l2a.router_weight"))
+    logit = b.call(aten.squeeze.dim, logit, -1)
     prob = _tag(b.call(aten.sigmoid.default, b.call(aten.div.Tensor, logit, cfg.temperature)), prefix, "prob")
     route = _tag(b.call(aten.ge.Scalar, logit, 0.0), prefix, "route")
     hard = b.call(aten.to.dtype, route, logit.meta["val"].dtype)
     gate = b.call(aten.add.Tensor, prob, b.call(aten.detach.default, b.call(aten.sub.Tensor, hard, prob)))
     attend = b.call(aten.logical_or.default, route, b.get_attr(f"{prefix}.l2a.dense"))
-    q, k, v = _copy_between(b, {region.x_in: s}, [region.q, region.k, region.v], state, prefix, "global")
-    core = _tag(b.call(ROUTED, q, k, v, attend, float(region.scale)), prefix, "routed")
-    (o,) = _copy_between(b, {region.core: core}, [region.out], state, prefix, "global")
+    q, k, v = _copy_between(b, {x_in: s}, [region.q, region.k, region.v], state, prefix, "global")
+    opts = _global_options(b, region.core, state, prefix)
+    core = _tag(b.call(ROUTED, q, k, v, attend, float(region.scale), **opts), prefix, "routed")
+    (o,) = _copy_between(b, {region.core: core}, [add.branch], state, prefix, "global")  # o', post', c
     gated = b.call(aten.mul.Tensor, o, b.call(aten.unsqueeze.default, b.call(aten.to.dtype, gate, o.meta["val"].dtype), -1))
+    if parallel:
+        out = _tag(b.call(aten.add.Tensor, add.branch, gated), prefix, "out")
+        res.replace_input_with(add.branch, out)
+        return
     out = _tag(b.call(aten.add.Tensor, res, gated), prefix, "out")
     created = set(b.created)
     res.replace_all_uses_with(out, delete_user_cb=lambda user: user not in created)
@@ -210,13 +259,14 @@ class RouteAttention(Pass):
         wanted = [r for r in before.attention if r.layer in chosen]
         skipped, todo = [], []
         for region in wanted:
-            reason = check_routable(gm, region)
+            reason = check_routable(gm, region, attention_add(region, before.residuals))
             (skipped.append((reason, f"layer {region.layer}")) if reason else todo.append(region.layer))
         if todo:
             FuseAttention(FuseAttentionConfig(layers=tuple(todo)))(gm)
-            for region in find_regions(gm).attention:
+            fused = find_regions(gm)
+            for region in fused.attention:
                 if region.layer in todo and is_fused_attention(region.core):
-                    route_attention_replacement(gm, region, cfg)
+                    route_attention_replacement(gm, region, attention_add(region, fused.residuals), cfg)
             remove_dead_calls(gm.graph)
             gm.graph.lint()
             gm.recompile()

@@ -51,10 +51,10 @@ _POSITIONS = "positions that are not arange(T) (issue 15 decode work)"
 _POST_NORM = "post-norm or scaled residual"
 # Known gaps: column -> the reason the cell gives (a substring). Passes/regions, not this wave.
 GAPS: dict[str, dict[str, str]] = {
-    "gemma3_text": {"route-attention": _POST_NORM, "skip-ffn": _POST_NORM},
-    "olmo2": {"route-attention": "no input norm", "xquant": "k/v projections not found",
-              "skip-ffn": _POST_NORM},
-    "falcon": {"xquant": "fused qkv projection split per head", "skip-ffn": "no residual add"},
+    "gemma3_text": {"skip-ffn": _POST_NORM},
+    "olmo2": {"xquant": "k/v projections not found", "skip-ffn": _POST_NORM},
+    "falcon": {"route-attention": "no output projection",
+               "xquant": "fused qkv projection split per head", "skip-ffn": "no residual add"},
     "gpt2": {"xquant": "fused qkv projection"},
     "phi3": {"xquant": "fused qkv projection", "skip-ffn": "fused gate/up projection"},
     "opt": {"skip-ffn": "relu MLP"},

@@ -26,8 +26,8 @@ LOSSY = {
     "xquant-cl": "quantize-kv{method=xquant-cl,group=16}",
     "skip-ffn": "skip-ffn{cold_start=0,cold_end=0}",
 }
-# Rewrites that still skip Gemma-3's post-norm layers (passes/route_attention.py, passes/skip_ffn.py).
-POST_NORM_GAP = {"route-attention", "skip-ffn"}
+# Rewrites that still skip Gemma-3's post-norm layers (passes/skip_ffn.py).
+POST_NORM_GAP = {"skip-ffn"}
 
 
 def _cli(capsys, *argv: str) -> dict:

@@ -123,3 +123,29 @@ def test_numerics_windowed_attention_blocks_match_dense(t, s, window):
     out = torch.ops.condfx.attention(q, k, v, 0.3, window)
     atol, rtol = TOLERANCES[torch.float32]
     torch.testing.assert_close(out, dense_attention(q, k, v, 0.3, window), atol=atol, rtol=rtol)
+
+
+_SLOPES = [0.5, 0.25, 0.125, 0.0625]
+
+
+@pytest.mark.parametrize("options", [{"softcap": 2.0}, {"alibi_slopes": _SLOPES}, {"sinks": True},
+                                     {"softcap": 3.0, "alibi_slopes": _SLOPES, "sinks": True}])
+@pytest.mark.parametrize(("t", "s"), [(9, 9), (4, 11)])
+def test_numerics_score_options_match_masked_attention_op(options, t, s):
+    """Routed rows equal ``condfx::attention`` with the same score options; the others are zero."""
+    q, k, v, route = _qkv(2, 4, 2, t, s, 8, dtype=torch.float64)
+    opts = {**options, "sinks": torch.randn(4, dtype=torch.float64)} if options.get("sinks") else options
+    out = torch.ops.condfx.routed_attention(q, k, v, route, 0.3, **opts)
+    dense = torch.ops.condfx.attention(q, k, v, 0.3, 0, **opts)
+    torch.testing.assert_close(out, dense * route[:, None, :, None], atol=1e-12, rtol=1e-12)
+
+
+def test_numerics_score_option_gradients_match_reference_autograd():
+    q, k, v, route = _qkv(1, 4, 2, 6, 6, 4, dtype=torch.float64)
+    sinks = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    q.requires_grad_(True)
+
+    def f(q, sinks):
+        return torch.ops.condfx.routed_attention(q, k, v, route, 0.5, 2.0, _SLOPES, sinks)
+
+    assert torch.autograd.gradcheck(f, (q, sinks))
