@@ -219,12 +219,11 @@ def masked_branch(b: GraphBuilder, branch: Branch, execute: fx.Node) -> tuple[fx
     zeros = b.call(aten.zeros_like.default, branch.stream, dtype=val.dtype)
     s_flat = branch.stream.meta["val"].dim() == 2
     update = b.call(aten.index_put.default, zeros, [flat if s_flat else execute], rows)
-    h_in = branch.stream
-    if s_flat:  # cos per (B, T) row
-        sizes = [b.call(aten.sym_size.int, execute, 0), b.call(aten.sym_size.int, execute, 1), val.shape[-1]]
-        h_in, update_bt = (b.call(aten.reshape.default, t, sizes) for t in (h_in, update))
-        return update, row_cosine_nodes(b, h_in, update_bt, execute)
-    return update, row_cosine_nodes(b, h_in, update, execute)
+    if s_flat:  # cos per flattened row (B*T,), then (B, T)
+        cos = row_cosine_nodes(b, branch.stream, update, flat)
+        sizes = [b.call(aten.sym_size.int, execute, 0), b.call(aten.sym_size.int, execute, 1)]
+        return update, b.call(aten.reshape.default, cos, sizes)
+    return update, row_cosine_nodes(b, branch.stream, update, execute)
 
 
 def probe_branch(gm: fx.GraphModule, branch: Branch, row: fx.Node) -> str | None:
