@@ -28,11 +28,18 @@ Prefill and decoding: the policy is applied to every token at position >= warmup
 Cost: which FFNs run is decided at run time, so the report's FFN FLOPs/token estimate is the dense
   one (an upper bound); measure the skipped fraction with ``measure_skip_fraction``.
 
-Requires: the canonical IR and FFN regions whose residual add was found; runs before or after
-  ``fuse-attention`` and before ``add-kv-cache``.
+Forms: SwiGLU/GeGLU and GELU MLPs with plain weights run as ``condfx.masked_ffn``; every other FFN
+  block (other activations, fused gate/up, post-norm or a scaled residual, MoE blocks with router,
+  experts and shared expert, the MLP of a parallel attention + MLP block, blocks flattened to
+  (B*T, d)) keeps its own nodes, moved between a gather of the executed rows and a scatter
+  (``skip_ffn_branch.py``): its contribution to the residual stream is 0 on skipped rows.
 
-Does not handle: fused gate/up projections (one weight split in two), projections whose weight is
-  not a plain ``get_attr``, FFNs without a residual add; each is skipped with a reason.
+Requires: the canonical IR and FFN regions (or MoE blocks) whose residual add was found; runs before
+  or after ``fuse-attention`` and before ``add-kv-cache``.
+
+Does not handle: FFNs without a residual add; blocks whose sizes are not products of the input's
+  (B, T) or that read another (B, T) tensor (skipped with the reason); ``policy=forecast`` on the
+  general form (its router and forecaster sit next to a ``condfx.masked_ffn``; skipped with a reason).
 """
 
 from __future__ import annotations

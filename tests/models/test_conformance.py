@@ -51,19 +51,14 @@ _POSITIONS = "positions that are not arange(T) (issue 15 decode work)"
 _POST_NORM = "post-norm or scaled residual"
 # Known gaps: column -> the reason the cell gives (a substring). Passes/regions, not this wave.
 GAPS: dict[str, dict[str, str]] = {
-    "gemma3_text": {"route-attention": _POST_NORM, "skip-ffn": _POST_NORM},
-    "olmo2": {"route-attention": "no input norm", "xquant": "k/v projections not found",
-              "skip-ffn": _POST_NORM},
+    "gemma3_text": {"route-attention": _POST_NORM},
+    "olmo2": {"route-attention": "no input norm", "xquant": "k/v projections not found"},
     "cohere": {"route-attention": "no input norm"},  # parallel attention + MLP block
     "falcon": {"ffn": "no candidate", "route-attention": "no input norm",
                "xquant": "k/v projections not found", "skip-ffn": "matched no FFN region"},
     "gpt2": {"xquant": "fused qkv projection"},
-    "phi3": {"xquant": "fused qkv projection", "skip-ffn": "fused gate/up projection"},
+    "phi3": {"xquant": "fused qkv projection"},
     "gptj": {"route-attention": "no input norm", "xquant": "k/v projections not found"},
-    "opt": {"skip-ffn": "relu MLP"},
-    "qwen2_moe": {"skip-ffn": "MoE FFN"},  # skip-ffn matches no MoE block
-    "mixtral": {"skip-ffn": "MoE FFN"},
-    "nemotron": {"skip-ffn": "relu2 MLP"},
 }
 # Cells other issue-15 work is fixing now (decode, attention cores): red means xfail, not failure.
 PENDING: dict[str, dict[str, str]] = {}  # all-windowed decode, positions, ALiBi cores: green now
