@@ -57,7 +57,12 @@ from condfx.passes.base import GraphSnapshot, Pass, PassResult
 from condfx.passes.graph_builder import GraphBuilder
 from condfx.passes.op_args import op_arg
 from condfx.passes.report import estimate_cost
-from condfx.passes.skip_ffn_branch import branch_execute, is_masked_branch, make_branch, probe_branch
+from condfx.passes.skip_ffn_branch import (
+    branch_execute,
+    is_masked_branch,
+    make_branch,
+    probe_branch,
+)
 from condfx.passes.skip_ffn_config import SkipFFNConfig, SkipPolicy
 from condfx.passes.skip_ffn_forecast import ForecastPolicy
 from condfx.passes.skip_ffn_policy import (
@@ -84,9 +89,12 @@ POLICIES: MappingProxyType[SkipPolicy, FFNSkipPolicy] = MappingProxyType({
 """The strategy of each ``SkipPolicy``: one line per policy."""
 
 
-def _op_form(region: FFNRegion) -> bool:
-    """Whether ``condfx.masked_ffn`` carries ``region`` (else the general masked FFN does)."""
+def _op_form(region: FFNRegion, residual: ResidualAdd) -> bool:
+    """Whether ``condfx.masked_ffn`` carries ``region`` (else the general masked FFN does): plain
+    weights, and nothing but casts, no-op dropout or a scale of 1 between its output and the add."""
     if region.post_norm is not None or region.residual_scale not in (None, 1.0) or region.kind is FFNKind.MLP:
+        return False
+    if g.skip_identity(residual.branch) is not region.out and region.residual_scale != 1.0:
         return False
     refs = [r for r in (region.up, region.gate, region.down) if r is not None]
     return (all(r.out_slice is None and r.weight is not None and r.weight.op == "get_attr" for r in refs)
@@ -110,7 +118,7 @@ def _site_form(gm: fx.GraphModule, region, residual: ResidualAdd | None, cfg: Sk
     """(the general-form Branch or None for ``condfx.masked_ffn``, the skip reason or None)."""
     if residual is None:
         return None, "no residual add"
-    if isinstance(region, FFNRegion) and _op_form(region):
+    if isinstance(region, FFNRegion) and _op_form(region, residual):
         return None, None
     if cfg.policy is SkipPolicy.FORECAST:
         return None, "policy=forecast runs on condfx.masked_ffn forms only (SwiGLU/GeGLU/GELU MLPs)"
