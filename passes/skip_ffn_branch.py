@@ -66,8 +66,8 @@ def branch_execute(node: fx.Node) -> fx.Node:
     return node.args[1][0]
 
 
-def _between(x: fx.Node, out: fx.Node) -> list[fx.Node]:
-    """The nodes on a path x → out (x excluded), in graph order."""
+def _between(x: fx.Node, out: fx.Node) -> list[fx.Node] | str:
+    """The nodes on a path x → out (x excluded), in graph order, or why they cannot be moved."""
     order = {n: i for i, n in enumerate(x.graph.nodes)}
     below, stack = set(), [x]
     while stack:
@@ -83,7 +83,7 @@ def _between(x: fx.Node, out: fx.Node) -> list[fx.Node]:
             stack.extend(a for a in n.all_input_nodes if a in below)
     for n in below - inside:  # an in-place op off the data path that writes into the block
         if _mutates(n) and any(a in inside for a in n.all_input_nodes):
-            return []
+            return f"in-place {n.name} off the FFN's data path writes into it"
     return sorted(inside, key=order.__getitem__)
 
 
@@ -98,6 +98,8 @@ def make_branch(x: fx.Node, out: fx.Node, stream: fx.Node, residual: fx.Node) ->
     if not isinstance(val, torch.Tensor) or val.dim() not in (2, 3):
         return "FFN input is not (B, T, d) or (B*T, d)"
     nodes = _between(x, out)
+    if isinstance(nodes, str):
+        return nodes
     if not nodes:
         return "FFN output does not follow from its input"
     for n in nodes:
