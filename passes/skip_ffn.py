@@ -59,6 +59,7 @@ from condfx.passes.op_args import op_arg
 from condfx.passes.report import estimate_cost
 from condfx.passes.skip_ffn_branch import (
     branch_execute,
+    bt_row,
     is_masked_branch,
     make_branch,
     probe_branch,
@@ -122,16 +123,18 @@ def _site_form(gm: fx.GraphModule, region, residual: ResidualAdd | None, cfg: Sk
         return None, None
     if cfg.policy is SkipPolicy.FORECAST:
         return None, "policy=forecast runs on condfx.masked_ffn forms only (SwiGLU/GeGLU/GELU MLPs)"
-    x = region.x_in if isinstance(region, FFNRegion) else region.input_norm.out
-    branch = make_branch(x, residual.branch, residual.stream, residual.node)
-    if isinstance(branch, str):
-        return None, branch
-    reason = probe_branch(gm, branch, _ids(gm))
-    return (None, reason) if reason else (branch, None)
+    inputs = [region.x_in] if isinstance(region, FFNRegion) else [region.input_norm.out, region.x_in]
+    reason = None
+    for x in inputs:  # a MoE block: its norm's output, else the router's input (a cast of it)
+        branch = make_branch(x, residual.branch, residual.stream, residual.node)
+        reason = branch if isinstance(branch, str) else probe_branch(gm, branch, _ids(gm))
+        if reason is None:
+            return branch, None
+    return None, reason
 
 
 def _ids(gm: fx.GraphModule) -> fx.Node:
-    """The token ids placeholder (B, T)."""
+    """The model's first input: token ids (B, T), or embeddings (B, T, d) for a bare block."""
     return next(n for n in gm.graph.nodes if n.op == "placeholder")
 
 
@@ -215,7 +218,7 @@ class SkipFFN(Pass):
         region, first = todo[0][:2]
         x_in = region.x_in if isinstance(region, FFNRegion) else first.stream  # (B, T, d)
         b = GraphBuilder(gm, first.node)
-        row = b.call(aten.select.int, x_in, -1, 0) if x_in.meta["val"].dim() == 3 else _ids(gm)  # (B, T)
+        row = bt_row(b, x_in if x_in.meta["val"].dim() == 3 else _ids(gm))  # (B, T)
         carry = policy.start(b, row, cfg)
         warm = _warm(b, row, x_in, pos, cfg.warmup)
         sites = [FFNSite(r, res, i, warm, branch) for i, (r, res, branch) in enumerate(todo)]

@@ -228,12 +228,17 @@ def masked_branch(b: GraphBuilder, branch: Branch, execute: fx.Node) -> tuple[fx
     return update, row_cosine_nodes(b, branch.stream, update, execute)
 
 
-def probe_branch(gm: fx.GraphModule, branch: Branch, row: fx.Node) -> str | None:
-    """Builds the general masked FFN for ``branch`` (``row``: any (B, T) node) and removes it again;
-    the reason it cannot be built, or None."""
+def bt_row(b: GraphBuilder, template: fx.Node) -> fx.Node:
+    """A (B, T) node from ``template``: itself when it is (B, T), else its slice [..., 0]."""
+    return template if template.meta["val"].dim() == 2 else b.call(aten.select.int, template, -1, 0)
+
+
+def probe_branch(gm: fx.GraphModule, branch: Branch, template: fx.Node) -> str | None:
+    """Builds the general masked FFN for ``branch`` and removes it again (``template``: a (B, T) or
+    (B, T, d) node, e.g. the model input); the reason it cannot be built, or None."""
     b = GraphBuilder(gm, branch.residual)
     try:
-        execute = b.call(aten.ones_like.default, row, dtype=torch.bool)
+        execute = b.call(aten.ones_like.default, bt_row(b, template), dtype=torch.bool)
         masked_branch(b, branch, execute)
     except Exception as err:  # noqa: BLE001  (any failure of the rebuilt block is the skip reason)
         return f"FFN subgraph does not run on the kept rows ({' '.join(str(err).split())[:120]})"
