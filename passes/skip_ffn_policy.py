@@ -9,6 +9,7 @@ back to ``finish``; what flows from one FFN to the next (the similarity countdow
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -17,7 +18,8 @@ from torch import fx
 
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
 from condfx.passes.graph_builder import GraphBuilder
-from condfx.patterns.regions import FFNKind, FFNRegion, ResidualAdd
+from condfx.passes.skip_ffn_branch import Branch, masked_branch
+from condfx.patterns.regions import FFNKind, FFNRegion, MoERegion, ResidualAdd
 
 if TYPE_CHECKING:
     from condfx.passes.skip_ffn_config import SkipFFNConfig
@@ -36,16 +38,19 @@ class FFNSite:
     """One FFN region being rewritten.
 
     Attributes:
-        region: the FFN region.
+        region: the FFN region (or the MoE block).
         residual: its residual add (``residual.node`` is the builder's anchor).
         index: position among the rewritten regions (0 for the first non-cold one).
         warm: (B, T) bool, True for tokens at positions < warmup, or None without warm-up.
+        branch: the block as the general masked FFN carries it (``skip_ffn_branch``), or None when
+            ``condfx.masked_ffn`` carries it.
     """
 
-    region: FFNRegion
+    region: FFNRegion | MoERegion
     residual: ResidualAdd
     index: int
     warm: fx.Node | None
+    branch: Branch | None = None
 
 
 class FFNSkipPolicy(Protocol):
@@ -74,6 +79,15 @@ def act_name(region: FFNRegion) -> str:
     if region.kind is FFNKind.SWIGLU and act.target is aten.mul.Tensor:
         return "silu"  # x * sigmoid(x)
     return "gelu_tanh"  # the explicit tanh formula (HF "gelu_new")
+
+
+def masked_update(b: GraphBuilder, site: FFNSite, execute: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """Inserts the masked FFN of ``site`` (``condfx.masked_ffn``, or the general form when
+    ``site.branch`` is set) with the (B, T) bool ``execute``; returns (update (B, T, d), cos (B, T))."""
+    if site.branch is not None:
+        return masked_branch(b, site.branch, execute)
+    fused = call_masked_ffn(b, site, execute)
+    return b.call(operator.getitem, fused, 0), b.call(operator.getitem, fused, 1)
 
 
 def call_masked_ffn(b: GraphBuilder, site: FFNSite, execute: fx.Node) -> fx.Node:

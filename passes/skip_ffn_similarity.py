@@ -4,20 +4,20 @@ executed FFN barely changed its hidden state.
 Rewrites (per rewritten FFN i, in graph order; countdown (B, T) int64 starts at 0):
     execute_i = (countdown == 0) | warm
     update_i, cos_i = condfx.masked_ffn(x, h_in, execute_i, ...);  h_out = h_in + update_i
+      (or the general masked FFN of ``skip_ffn_branch`` for blocks the op does not carry)
     countdown = where(execute_i & ~warm & (cos_i >= threshold), span, max(countdown - 1, 0))
   The countdown flows from layer to layer as tensor data. Paper: Jaiswal et al., "FFN-SkipLLM".
 """
 
 from __future__ import annotations
 
-import operator
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx
 
 from condfx.passes.graph_builder import GraphBuilder
-from condfx.passes.skip_ffn_policy import FFNSite, call_masked_ffn
+from condfx.passes.skip_ffn_policy import FFNSite, masked_update
 
 if TYPE_CHECKING:
     from condfx.passes.skip_ffn_config import SkipFFNConfig
@@ -42,9 +42,7 @@ class SimilarityPolicy:
         execute = b.call(aten.eq.Scalar, countdown, 0)  # (B, T)
         if warm is not None:
             execute = b.call(aten.bitwise_or.Tensor, execute, warm)
-        fused = call_masked_ffn(b, site, execute)
-        update = b.call(operator.getitem, fused, 0)  # (B, T, d)
-        cos = b.call(operator.getitem, fused, 1)  # (B, T)
+        update, cos = masked_update(b, site, execute)  # (B, T, d), (B, T)
         site.residual.node.replace_input_with(site.residual.branch, update)
         trigger = b.call(aten.logical_and.default, execute, b.call(aten.ge.Scalar, cos, cfg.threshold))
         if warm is not None:

@@ -51,16 +51,10 @@ _POSITIONS = "positions that are not arange(T) (issue 15 decode work)"
 _POST_NORM = "post-norm or scaled residual"
 # Known gaps: column -> the reason the cell gives (a substring). Passes/regions, not this wave.
 GAPS: dict[str, dict[str, str]] = {
-    "gemma3_text": {"skip-ffn": _POST_NORM},
-    "olmo2": {"xquant": "k/v projections not found", "skip-ffn": _POST_NORM},
-    "falcon": {"route-attention": "no output projection",
-               "xquant": "fused qkv projection split per head", "skip-ffn": "no residual add"},
+    "olmo2": {"xquant": "k/v projections not found"},
+    "falcon": {"route-attention": "no output projection", "xquant": "fused qkv projection split per head"},
     "gpt2": {"xquant": "fused qkv projection"},
-    "phi3": {"xquant": "fused qkv projection", "skip-ffn": "fused gate/up projection"},
-    "opt": {"skip-ffn": "relu MLP"},
-    "qwen2_moe": {"skip-ffn": "MoE FFN"},  # skip-ffn matches no MoE block
-    "mixtral": {"skip-ffn": "MoE FFN"},
-    "nemotron": {"skip-ffn": "relu2 MLP"},
+    "phi3": {"xquant": "fused qkv projection"},
 }
 # Cells other issue-15 work is fixing now (decode, attention cores): red means xfail, not failure.
 PENDING: dict[str, dict[str, str]] = {}  # all-windowed decode, positions, ALiBi cores: green now

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import condfx
-from condfx.passes.base import PassError
 from condfx.patterns import find_regions
 
 from . import _forms as F
@@ -89,9 +88,15 @@ def test_matches_moe_block_with_shared_expert() -> None:
     assert [f.reason for f in regions.failures if f.kind == "ffn"] == ["MoE FFN"]
 
 
-def test_rejects_moe_in_skip_ffn_with_reason() -> None:
-    with pytest.raises(PassError, match="MoE FFN"):
-        condfx.apply(_capture(F.Block(mlp="moe")), "skip-ffn{cold_start=0,cold_end=0}")
+def test_matches_moe_in_skip_ffn() -> None:
+    """skip-ffn carries the hand-written MoE block (router, expert loop, shared expert) whole; with
+    no row skipped it reproduces the block (passes/skip_ffn_branch.py)."""
+    gm = _capture(F.Block(mlp="moe"))
+    result = condfx.apply(gm, "skip-ffn{threshold=1.0,cold_start=0,cold_end=0}")
+    assert result.reports[0].rewritten == 1
+    x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (result.graph_module(x) - gm(x)).abs().max().item() <= 1e-5
 
 
 # softcap, sinks and ALiBi are attention cores with score options now (issue 15; tests/patterns/
