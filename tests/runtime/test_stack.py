@@ -12,7 +12,7 @@ import torch
 
 import condfx
 from condfx.l2a import record_route_stats
-from condfx.layouts import StreamsLayout, WindowKVLayout
+from condfx.layouts import StreamsLayout
 from condfx.passes.base import PassError
 from condfx.patterns.routed import find_routed_layers
 from condfx.runtime.session import Session, TorchBackend
