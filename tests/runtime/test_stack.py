@@ -97,3 +97,21 @@ def test_order_rules_are_a_table_of_known_passes():
     from condfx.passes.registry import PASSES
 
     assert ORDER_RULES and all(a in PASSES and b in PASSES for a, b in ORDER_RULES)
+
+
+@pytest.mark.slow  # about 30 s of CPU: capture, two passes, 29 decode calls
+def test_numerics_kivi_window_ring_stays_bounded_and_exact(one_thread):
+    gm, _ = captured("stories260K")
+    spec = f"route-attention{{window={WINDOW}}}, quantize-kv{{method=kivi,bits=4,group=4,residual=4}}"
+    routed = condfx.apply(gm, spec).graph_module
+    decode = condfx.apply(routed, "add-kv-cache").graph_module
+    rings = [x for x in decode.meta["condfx_kv"] if getattr(x, "ring", False)]
+    assert len(rings) == 5 and all(x.window == WINDOW for x in rings)
+    session = Session(TorchBackend(decode))
+    x = torch.randint(3, 500, (1, 48), generator=torch.Generator().manual_seed(1))
+    full = routed(x)
+    logits = [session.prefill(x[:, :20])[:, -1]] + [session.step(x[:, i : i + 1])[:, -1] for i in range(20, 48)]
+    torch.testing.assert_close(torch.stack(logits[:-1], 1), full[:, 19:47], atol=5e-3, rtol=0)
+    ring_caches = [c for c, lay in zip(session.caches.caches, decode.meta["condfx_kv"], strict=True) if lay in rings]
+    assert all(c.stored < WINDOW + 4 for c in ring_caches) and session.position == 48
+    assert session.cache_bytes() == sum(lay.nbytes(48) for lay in decode.meta["condfx_kv"])
