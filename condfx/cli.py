@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import logging
 import sys
 from collections.abc import Callable
 
@@ -18,6 +19,10 @@ from rich.text import Text
 from condfx import commands, commands_passes, errors, recipes
 
 _ERR = Console(stderr=True)
+# torch.onnx's exporter logs one warning per torchvision op it cannot register when torchvision is
+# absent ("torchvision is not installed. Skipping torchvision::nms", eight of them per export); none
+# concerns a language model, so the command line keeps that logger to errors.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
 class _Parser(argparse.ArgumentParser):
