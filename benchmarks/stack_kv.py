@@ -7,6 +7,7 @@ carrying its own cache. Printed: bytes per token measured from the PyTorch Sessi
 (``Session.cache_bytes()`` / position) against a dense float16 cache (640 B/token), whether the two
 greedy sequences are equal, the free-running max |logit| difference (a float rounding difference on a
 quantization boundary flips a code, and the two caches then differ for good; see kv_quant_onnx.py),
+the max |logit| difference of one more step with both fed the PyTorch Session's cache,
 and quantize-kv's report at its context (from the cache layouts). The routers are untrained (they
 route every query); layers 1 and 3 are given routing statistics below 5% so that prune-global drops
 their global branch, as calibration on a trained router would.
@@ -61,13 +62,15 @@ def main() -> None:
         torch_s, onnx_s = Session(TorchBackend(decode)), Session(OnnxBackend.from_graph(decode))
         t_tokens, t_logits = _greedy(torch_s, ids)
         o_tokens, o_logits = _greedy(onnx_s, ids)
+        nxt, past = torch.tensor([[t_tokens[-1]]]), torch_s.caches.past()  # one step, same cache contents
+        same = (torch_s.backend.run(nxt, past)[0] - onnx_s.backend.run(nxt, past)[0]).abs().max().item()
         per_token = torch_s.cache_bytes() / torch_s.position
         reports = [r for r in result.reports if hasattr(r, "kv_bytes_per_token")]
         extra = (f"; report at {reports[0].context}: {reports[0].kv_bytes_per_token:.1f} B/token"
                  if reports else "")
         print(f"{name}: {per_token:.1f} B/token at {torch_s.position} tokens ({DENSE_FP16 / per_token:.2f}x "
               f"below fp16 {DENSE_FP16}); greedy equal {t_tokens == o_tokens}; free-running max|logit diff| "
-              f"{(t_logits - o_logits).abs().max().item():.2e}{extra}")
+              f"{(t_logits - o_logits).abs().max().item():.2e}; same cache contents {same:.1e}{extra}")
 
 
 if __name__ == "__main__":
