@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -15,9 +16,13 @@ from collections.abc import Callable
 from rich.console import Console
 from rich.text import Text
 
-from condfx import commands, errors
+from condfx import commands, commands_passes, errors, recipes
 
 _ERR = Console(stderr=True)
+# torch.onnx's exporter logs one warning per torchvision op it cannot register when torchvision is
+# absent ("torchvision is not installed. Skipping torchvision::nms", eight of them per export); none
+# concerns a language model, so the command line keeps that logger to errors.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,13 +52,30 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_recipe(p) -> None:
+    p.add_argument(
+        "--recipe", default=None, metavar="NAME",
+        help=f"a named pipeline instead of --passes: {', '.join(recipes.names())}, or a recipe .yaml file",
+    )
+
+
+def _resolve_passes(args: argparse.Namespace) -> None:
+    """``--recipe NAME`` becomes the recipe's spec in ``args.passes`` (export's default stays its own)."""
+    if hasattr(args, "recipe"):
+        args.passes = recipes.passes_of(args)
+        if args.passes is None and args.command == "export":
+            args.passes = "fuse-attention"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="condfx", description="Graph transformations for transformer language models.",
         epilog=(
             "Errors are one line on stderr: exit status 2 for bad input (the line names the file or "
             "option and what is allowed), 1 for an internal error. Set CONDFX_DEBUG=1 for the "
-            "Python traceback instead."
+            "Python traceback instead. 'condfx passes' lists every pass with its options, bounds and "
+            "defaults ('condfx passes NAME' shows one); --recipe NAME (optimize, generate, export) runs "
+            f"a named pipeline: {', '.join(recipes.names())}."
         ),
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -65,7 +87,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("optimize", help="apply a pass pipeline and write the result and its report")
     _add_model(p)
-    p.add_argument("--passes", required=True, help="pass spec, e.g. 'fuse-attention', or a .json/.yaml file")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--passes", help="pass spec, e.g. 'fuse-attention', or a .json/.yaml file")
+    _add_recipe(which)
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument(
@@ -112,10 +136,12 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write prefill and decode ONNX graphs with condfx custom ops")
     _add_model(p)
-    p.add_argument(
-        "--passes", default="fuse-attention",
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--passes", default=None,
         help="pass spec run before add-kv-cache; it must fuse attention (default fuse-attention)",
     )
+    _add_recipe(which)
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--kv-calib", default=None, metavar="TEXT",
                    help="calibration text for quantize-kv{latent=klt} (its first 4,096 tokens)")
@@ -127,7 +153,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=60)
-    p.add_argument("--passes", default=None, help="pass spec before add-kv-cache (default fuse-attention)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--passes", default=None, help="pass spec before add-kv-cache (default fuse-attention)")
+    _add_recipe(which)
     p.add_argument(
         "--onnx", default=None, metavar="DIR",
         help="run the folder written by 'condfx export' on ONNX Runtime (MODEL gives the tokenizer)",
@@ -138,6 +166,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=None, help="seed of the sampler (default 0)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=commands.generate_cmd)
+
+    p = sub.add_parser(
+        "passes", help="list the passes with their options, bounds and defaults (or show one: NAME)")
+    p.add_argument("name", nargs="?", default=None, metavar="NAME", help="show this pass only")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=commands_passes.passes_cmd)
 
     p = sub.add_parser("demo", help="train a tiny recall model, apply the passes, report quality")
     p.add_argument("--retrain", action="store_true", help="ignore the cached demo model")
@@ -155,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = bool(os.environ.get(errors.DEBUG_VARIABLE))  # read at the entry point only
     try:
         args = _parser().parse_args(argv)
+        _resolve_passes(args)
         func: Callable[[argparse.Namespace], object] = args.func
         result = func(args)
     except Exception as exc:  # noqa: BLE001 (the CLI's one place that turns every error into a line)

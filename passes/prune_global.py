@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import ClassVar
 
 from torch import fx
@@ -29,6 +30,9 @@ from condfx.passes.base import GraphSnapshot, Pass, PassResult, layer_indices, s
 from condfx.passes.report import estimate_cost
 from condfx.patterns import find_regions
 from condfx.patterns.routed import RoutedLayer, find_routed_layers
+
+
+_BOUNDS = MappingProxyType({"max_fraction": Float(0.0, 1.0)})
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,7 @@ class PruneGlobalConfig:
     layers: tuple[int, ...] | None = None
 
     def __post_init__(self):
-        check_options(self, {"max_fraction": Float(0.0, 1.0)})
+        check_options(self, _BOUNDS)
         object.__setattr__(self, "layers", layer_indices(self.layers, "PruneGlobalConfig.layers"))
 
 
@@ -91,6 +95,13 @@ class PruneGlobal(Pass):
     config_class: ClassVar[type] = PruneGlobalConfig
     matches: ClassVar[str] = "L2A layer"
     exact: ClassVar[bool] = False
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        """The shared invariants and the order rules (``passes/decode_rules.ORDER_RULES``)."""
+        from condfx.passes.decode_rules import check_order
+
+        super().requires(gm)
+        check_order(gm, self.name)
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         snapshot = GraphSnapshot.take(gm)

@@ -38,6 +38,17 @@ Each variant is a strategy (``passes/kv_quant/{kivi,xquant,xquant_cl,klt}.py``) 
   fake-quantize nodes, CL accumulations, decode form), which ``add-kv-cache``'s decode rule reads;
   ``gm.meta["condfx_kv_quant"]`` keeps one summary dict per layer for reports.
 
+Stacked on route-attention (``passes/decode_rules.ORDER_RULES`` states the order rules): the
+  window branch is an attention region like any other, and each routed layer's global branch
+    condfx.routed_attention(q, k, v, route, scale)
+        → quantized_cache_attention(q, k, v, k̂, v̂, scale, 0, R, G, 1) · route   (method=kivi)
+  so its full-length cache is quantized too (the decode form computes the branch for every query
+  and keeps the routed rows; the report says so). Other methods cache the layer input X, which the
+  global branch does not read: they refuse a routed graph in one sentence naming both passes.
+  The report's bytes per token come from the cache layouts ``add-kv-cache`` will build (every
+  cached-attention op of the graph, window rings and unquantized branches included) at ``context``
+  tokens, against a float16 cache of every attention layer of the original model.
+
 Requires: attention regions (fused or not) with their projections found; ``xquant`` needs
   ``k_proj``/``v_proj`` on a 3-D input, ``xquant-cl`` the layer's input norm. Must run before
   ``add-kv-cache``, whose decode form reads and updates the packed caches in the graph for every
@@ -54,11 +65,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import fx
 
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
-from condfx.ops.kv_quant import stream_bytes_per_token
+from condfx.layouts import FullKVLayout
 from condfx.passes._insert import erase_unused, remove_dead_calls
+from condfx.passes.decode.base import kv_shape
 from condfx.passes.base import GraphSnapshot, Pass, PassError, PassReport, PassResult
 from condfx.passes.graph_builder import GraphBuilder
 from condfx.passes.kv_quant.common import ATTENTION, FQ, QCA, LayerBits, hadamard, rotation
@@ -71,8 +84,13 @@ from condfx.passes.kv_quant.config import (
 )
 from condfx.passes.kv_quant.plan import PLAN_KEY, make_plan
 from condfx.passes.kv_quant.strategies import STRATEGIES, Variant, unsupported, variant_of
+from condfx.passes.op_args import op_arg
 from condfx.patterns import find_regions
 from condfx.patterns.regions import AttentionRegion
+from condfx.patterns.routed import TAG, RoutedLayer, find_routed_layers
+
+ROUTED = torch.ops.condfx.routed_attention.default
+aten = torch.ops.aten
 
 __all__ = [
     "ALLOWED_BITS", "ATTENTION", "FQ", "PASSTHROUGH_BITS", "QCA", "KVQuantMethod", "LatentKind", "QuantizeKV",
@@ -116,11 +134,10 @@ def _layer_bits(cfg: QuantizeKVConfig, index: int) -> LayerBits:
 
 @dataclass(frozen=True)
 class _Layer:
-    """What quantizing one region gave: its report entry and its stream bytes per token."""
+    """What quantizing one region gave: the accumulator for the next layer and its report entry."""
 
     acc: fx.Node | None
     summary: dict
-    bytes_per_token: float
 
 
 def _quantize_region(gm: fx.GraphModule, region: AttentionRegion, cfg: QuantizeKVConfig, bits: LayerBits,
@@ -142,12 +159,74 @@ def _quantize_region(gm: fx.GraphModule, region: AttentionRegion, cfg: QuantizeK
         node.meta[PLAN_KEY] = make_plan(cfg, region.layer, (bits.k, bits.v), fqs, (acc, hats.acc), one_stream)
     region.core.replace_all_uses_with(node)
     erase_unused(gm.graph, [region.core, *region.core_nodes])
-    per_token = sum(stream_bytes_per_token(c, b, cfg.group, cfg.residual, chunk, cfg.context, sink=cfg.sink)
-                    for c, chunk, b in hats.streams)
     summary = {"layer": region.layer, "method": cfg.method.value, "bits": bits.k, "k_bits": bits.k,
                "v_bits": bits.v, "rotate": cfg.rotate, "group": cfg.group, "residual": cfg.residual,
                "sink": cfg.sink, "dropped": sum(c for c, _, b in hats.streams if b == 0)}
-    return _Layer(hats.acc, summary, per_token)
+    return _Layer(hats.acc, summary)
+
+
+@dataclass(frozen=True)
+class _GlobalBranch:
+    """What a strategy reads of a routed layer's global branch (the fields of an AttentionRegion it uses)."""
+
+    k: fx.Node
+    v: fx.Node
+    num_kv_heads: int
+    head_dim: int
+    layer: int
+    module_path: str
+
+
+def _quantize_global(gm: fx.GraphModule, routed: RoutedLayer, cfg: QuantizeKVConfig, bits: LayerBits) -> dict:
+    """routed_attention(q, k, v, route, s) → quantized_cache_attention(q, k, v, k̂, v̂, s, 0, ...) · route."""
+    node = routed.nodes["routed"]
+    q, k, v, route = (op_arg(node, n) for n in ("q", "k", "v", "route"))
+    shape = k.meta["val"].shape
+    branch = _GlobalBranch(k, v, int(shape[1]), int(shape[3]), routed.layer, routed.prefix)
+    g = GraphBuilder(gm, node)
+    before = set(gm.graph.nodes)
+    hats = STRATEGIES[Variant.KIVI].hats(g, branch, cfg, bits, None)
+    fqs = [n for n in gm.graph.nodes if n not in before and n.target is FQ]
+    args = (q, k, v, hats.k_hat, hats.v_hat, float(op_arg(node, "scale")), 0, cfg.residual,
+            hats.k_chunk, hats.v_chunk, cfg.sink)
+    core = g.call(QCA, *args)
+    core.meta[PLAN_KEY] = make_plan(cfg, routed.layer, (bits.k, bits.v), fqs, (None, None), False)
+    keep = g.call(aten.unsqueeze.default, g.call(aten.unsqueeze.default, route, 1), -1)  # (B, 1, T, 1)
+    out = g.call(aten.mul.Tensor, core, g.call(aten.to.dtype, keep, core.meta["val"].dtype))
+    out.meta[TAG] = node.meta[TAG]  # still the layer's "routed" node for find_routed_layers
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
+    return {"layer": routed.layer, "branch": "global", "method": cfg.method.value, "bits": bits.k,
+            "k_bits": bits.k, "v_bits": bits.v, "rotate": cfg.rotate, "group": cfg.group,
+            "residual": cfg.residual, "sink": cfg.sink, "dropped": 0}
+
+
+def _routed_globals(gm: fx.GraphModule, cfg: QuantizeKVConfig) -> list[RoutedLayer]:
+    """The routed layers whose global branch is still a ``condfx.routed_attention``; PassError when
+    the method cannot quantize it."""
+    layers = [r for r in find_routed_layers(gm) if getattr(r.nodes.get("routed"), "target", None) is ROUTED]
+    if layers and cfg.method is not KVQuantMethod.KIVI:
+        reason = (f"quantize-kv{{method={cfg.method.value}}} cannot follow route-attention: it caches the "
+                  "layer input X, which route-attention's global branch does not read, so the full-length "
+                  "global cache would stay unquantized; use method=kivi")
+        raise PassError(QuantizeKV.name, reason)
+    return layers
+
+
+def layout_bytes_per_token(gm: fx.GraphModule, context: int) -> float:
+    """Bytes per token at ``context`` tokens of the caches ``add-kv-cache`` would build for ``gm``:
+    every cached-attention op's layout (``passes/decode_rules.DECODE_RULES``), batch 1."""
+    from condfx.passes.decode_rules import DECODE_RULES  # lazily: the rules import this package's plans
+
+    ops = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in DECODE_RULES]
+    total = 0
+    for i, node in enumerate(ops):
+        try:
+            layout = DECODE_RULES[node.target].layout(node, i)
+        except PassError:  # a layer with no decode form (one side at 32 bits): counted as a dense cache
+            layout = FullKVLayout(i, *kv_shape(node))
+        total += layout.nbytes(context)
+    return total / context
 
 
 class QuantizeKV(Pass):
@@ -157,6 +236,13 @@ class QuantizeKV(Pass):
     config_class: ClassVar[type] = QuantizeKVConfig
     matches: ClassVar[str] = "attention region"
     exact: ClassVar[bool] = False
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        """The shared invariants and the order rules (``passes/decode_rules.ORDER_RULES``)."""
+        from condfx.passes.decode_rules import check_order
+
+        super().requires(gm)
+        check_order(gm, self.name)
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         snapshot, cfg = GraphSnapshot.take(gm), self.config
@@ -168,23 +254,30 @@ class QuantizeKV(Pass):
         if not regions:
             reason = "found no attention region: quantize-kv needs a model with attention layers"
             raise PassError(self.name, reason)
-        acc, skipped, bytes_q, bytes_fp, summaries = None, [], 0.0, 0.0, []
+        routed = _routed_globals(gm, cfg)
+        acc, skipped, bytes_fp, summaries = None, [], 0.0, []
+        bits_of = {}
         for i, region in enumerate(regions):
-            fp16 = 2 * 2 * region.num_kv_heads * region.head_dim  # K and V at 2 bytes per value
-            bytes_fp += fp16
+            bytes_fp += 2 * 2 * region.num_kv_heads * region.head_dim  # dense K and V at 2 bytes per value
+            bits_of[region.layer] = _layer_bits(cfg, i)
             reason = unsupported(cfg, region)
             if reason:
                 skipped.append((reason, f"layer {region.layer}"))
-                bytes_q += fp16
                 continue
-            layer = _quantize_region(gm, region, cfg, _layer_bits(cfg, i), acc)
-            acc, bytes_q = layer.acc, bytes_q + layer.bytes_per_token
+            layer = _quantize_region(gm, region, cfg, bits_of[region.layer], acc)
+            acc = layer.acc
             summaries.append(layer.summary)
+        for r in routed:
+            bits = bits_of.get(r.layer, _layer_bits(cfg, len(bits_of)))
+            if bits.k == bits.v == 32:
+                continue  # quantization off: the global branch keeps its exact cache
+            summaries.append(_quantize_global(gm, r, cfg, bits))
         remove_dead_calls(gm.graph)
         gm.graph.lint()
         gm.recompile()
         gm.meta["condfx_kv_quant"] = tuple(summaries)
-        base = snapshot.report(gm, self.name, matched=len(regions), rewritten=len(summaries),
+        bytes_q = layout_bytes_per_token(gm, cfg.context)
+        base = snapshot.report(gm, self.name, matched=len(regions) + len(routed), rewritten=len(summaries),
                                skipped=tuple(skipped))
         fields = {f: getattr(base, f) for f in base.__dataclass_fields__}
         report = QuantizeKVReport(**fields, kv_bytes_per_token=bytes_q,

@@ -251,6 +251,13 @@ class RouteAttention(Pass):
     matches: ClassVar[str] = "attention region"
     exact: ClassVar[bool] = False
 
+    def requires(self, gm: fx.GraphModule) -> None:
+        """The shared invariants and the order rules (``passes/decode_rules.ORDER_RULES``)."""
+        from condfx.passes.decode_rules import check_order
+
+        super().requires(gm)
+        check_order(gm, self.name)
+
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         snapshot = GraphSnapshot.take(gm)
         cfg = self.config

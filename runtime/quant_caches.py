@@ -212,6 +212,24 @@ class XQuantCache:
         return sum(s.nbytes() for s in self.streams.values())
 
 
+def _drop_ring(layout, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A ring's tensors without the leading packed groups its window no longer sees
+    (``StreamsLayout.ring``; the same count as ``StreamsLayout.dropped_tokens``); others as they are."""
+    if not getattr(layout, "ring", False):
+        return tensors
+    first = layout.streams[0]
+    held = int(tensors[0].shape[2]) + int(tensors[3].shape[2])
+    drop = min(int(tensors[0].shape[2]), max(0, held - (layout.window - 1))) // first.group * first.group
+    if drop == 0:
+        return tensors
+    out = []
+    for i, st in enumerate(layout.streams):
+        codes, scale, zero, fp = tensors[4 * i : 4 * i + 4]
+        rows = drop if st.dim == -1 else drop // st.group
+        out += [codes[:, :, drop:].clone(), scale[:, :, rows:].clone(), zero[:, :, rows:].clone(), fp]
+    return out
+
+
 class GraphStreamCache(LayerCache):
     """The cache of a quantized layer in decode form: the stream tensors its graph reads and returns
     (per stream: packed uint8 codes, float16 scale and zero point, full-precision sink + recent
@@ -253,7 +271,7 @@ class GraphStreamCache(LayerCache):
                    f"{self.stored} tokens; got batch {int(codes.shape[0])} with {total}.")
             raise ValueError(msg)
         self.length += total - self.stored
-        self.tensors = list(present)
+        self.tensors = _drop_ring(self.layout, list(present))
 
     def append(self, k: torch.Tensor, v: torch.Tensor):
         msg = "GraphStreamCache is read and written by the decode graph; use the Session, not append()."

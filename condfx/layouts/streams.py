@@ -22,12 +22,17 @@ class StreamsLayout(CacheLayout):
 
     Attributes:
         stream_specs: the streams, in graph order; the first one's codes + fp give the length.
-        window_size: the attention's sliding window (0: full); the streams keep every token.
+        window_size: the attention's sliding window (0: full); the streams keep every token unless
+            ``ring``.
+        ring: a KIVI ring (a windowed ``kivi_cache_attention`` layer without sink): the runtime drops
+            whole leading groups of packed tokens the window can no longer see (``stored_tokens``),
+            so the cache stays bounded; its length is then not the position.
     """
 
     kind: ClassVar[str] = "streams"
     stream_specs: tuple[StreamSpec, ...] = ()
     window_size: int = 0
+    ring: bool = False
 
     @property
     def window(self) -> int:
@@ -36,6 +41,22 @@ class StreamsLayout(CacheLayout):
     @property
     def streams(self) -> tuple[StreamSpec, ...]:
         return self.stream_specs
+
+    @property
+    def keeps_every_token(self) -> bool:
+        return not self.ring
+
+    def dropped_tokens(self, tokens: int) -> int:
+        """Leading tokens a ring has dropped after ``tokens`` tokens: whole groups of the first
+        stream's packed tokens, while window - 1 tokens stay (0 for a stream that is not a ring)."""
+        if not self.ring:
+            return 0
+        first = self.stream_specs[0]
+        packed = quantized_count(tokens, first.residual, first.group, first.sink)
+        return min(packed, max(0, tokens - (self.window_size - 1))) // first.group * first.group
+
+    def stored_tokens(self, tokens: int) -> int:
+        return tokens - self.dropped_tokens(tokens)
 
     def io_names(self) -> list[str]:
         return [f"{st.name}_{self.layer}_{p}" for st in self.stream_specs for p in STREAM_PARTS]
@@ -50,7 +71,7 @@ class StreamsLayout(CacheLayout):
         return [t for st in self.stream_specs for t in st.empty(batch, self.dtype, device, length)]
 
     def nbytes(self, tokens: int, batch: int = 1) -> int:
-        total = 0
+        tokens, total = self.stored_tokens(tokens), 0
         for st in self.stream_specs:
             chunk = st.group if st.dim == -2 else 1
             nq = quantized_count(tokens, st.residual, chunk, st.sink)

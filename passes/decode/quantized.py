@@ -6,6 +6,9 @@ The rule reads the layer's ``QuantizedKVPlan`` (``passes/kv_quant/plan.py``, ``n
 ["condfx_kv_plan"]``), never the shape of the graph:
     DecodeForm.KIVI:    quantized_cache_attention(q, k, v, k̂, v̂, ...)
                         → kivi_cache_attention(q, k, v, <K stream>, <V stream>, ...)[0]
+                        A windowed layer without sink is a ring (``StreamsLayout.ring``): the
+                        runtime drops whole packed groups the window no longer sees, the op reads
+                        no position, so any split into steps still equals the teacher-forced form.
     DecodeForm.STREAMS: each planned fq(X) → condfx.quantized_stream(<stream>, X); the path from fq to
                         k̂ / v̂ is copied twice over the N cached tokens, fed the stream's ``full`` and
                         ``hat`` outputs (RoPE positions re-derived as arange(N)), and attention reads
@@ -78,7 +81,9 @@ class QuantizedDecodeRule(DecodeRule):
         if plan.form is DecodeForm.FLOAT16:
             return Float16KVLayout(layer, heads, dim, dtype)
         specs = tuple(s.spec for s in plan.streams)
-        return StreamsLayout(layer, heads, dim, dtype, specs, int(op_arg(node, "window") or 0))
+        window = int(op_arg(node, "window") or 0)
+        ring = plan.form is DecodeForm.KIVI and window > 0 and plan.sink == 0  # positions never read
+        return StreamsLayout(layer, heads, dim, dtype, specs, window, ring)
 
     def rewire(self, node: fx.Node, layout: CacheLayout, past: list[fx.Node],
                ctx: DecodeContext) -> list[fx.Node]:

@@ -36,6 +36,13 @@ _BOUNDS = MappingProxyType({
 })
 """The plain bounds; bits, budgets and the combinations are checked in ``__post_init__``."""
 
+_CHECKED_RULES = MappingProxyType({
+    "bits": f"one of {ALLOWED_BITS}", "first_bits": f"one of {ALLOWED_BITS}",
+    "k_bits": f"0 or one of {ALLOWED_BITS}", "v_bits": f"0 or one of {ALLOWED_BITS}",
+    "k_budget": "[0, 32], latent=klt only", "v_budget": "[0, 32], latent=klt only",
+})
+"""What ``__post_init__`` checks beyond ``_BOUNDS``, in words (``condfx passes`` shows it)."""
+
 
 @dataclass(frozen=True)
 class QuantizeKVConfig:
