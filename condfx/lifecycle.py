@@ -72,7 +72,12 @@ def _skip_before(gm: fx.GraphModule, p: Pass, batches, budget: Budget, progress:
 
 
 def _skip_after(gm: fx.GraphModule, p: Pass, batches, budget: Budget, progress: Progress):
-    from condfx.forecast import fit_forecasters, forecast_param_names, set_skip_fraction, train_routers
+    from condfx.forecast import (
+        fit_forecasters,
+        forecast_param_names,
+        set_skip_fraction,
+        train_routers,
+    )
 
     if p.config.policy.value != "forecast":
         return {}, ""

@@ -243,7 +243,6 @@ def _fmt(value: Any, spec: str) -> str:
 def markdown(summary: dict[str, Any]) -> str:
     """The report's markdown: the figures table, the ratios, calibration lines and the notes."""
     pts = summary["points"]
-    base = pts[0]
     lines = [f"# condfx optimize: {summary['model']}", "", f"passes: `{summary['spec']}`", "",
              f"evaluation: {summary['eval']['tokens']} tokens of `{summary['eval']['text']}`, windows of "
              f"{summary['eval']['context']}; KV bytes at {summary['measure']['kv_context']} tokens; "
