@@ -7,6 +7,7 @@ import contextlib
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -166,7 +167,7 @@ def optimize_cmd(args: argparse.Namespace) -> dict:
     plan = _measure_plan(args, texts, tok, limit, notes) if texts.get("eval") else None
     points = []
     err = Console(stderr=True)
-    with _progress(args.json) as bar:
+    with _progress(args.json or not sys.stderr.isatty()) as bar:
         stage_tasks: dict[str, Any] = {}
 
         def progress(stage: str, done: int, total: int) -> None:
@@ -279,7 +280,7 @@ def _apply_calibrated(gm, args, calib, progress, on_pass):
         have = sum(int(b.numel()) for b in calib)
         if have < need:
             msg = (f"Calibration text '{args.calib}' gives {have} tokens in whole batches of {budget.seq_len}; "
-                   f"{who} needs at least {need} (give a longer text, or a smaller --calib-seq-len).")
+                   f"{who} needs at least {need}; give a longer text.")
             raise UserError(msg)
     return apply(gm, args.passes, allow_partial=args.allow_partial, calib=calib, budget=budget,
                  progress=progress, on_pass=on_pass)

@@ -261,10 +261,11 @@ def markdown(summary: dict[str, Any]) -> str:
               f"x{_fmt(r['decode_tps'], '.2f')} (timed in the same run); greedy agreement "
               f"{summary['greedy']['agreement']:.3f} over {summary['greedy']['tokens']} tokens "
               f"(first difference at {summary['greedy']['first_difference']})."]
-    lines += ["", "## calibration", ""] + [f"- {c['pass']}: {c['need']}, "
+    cals = [c for c in summary["calibration"] if c["need"] != "none"]
+    lines += ["", "## calibration", ""] * bool(cals) + [f"- {c['pass']}: {c['need']}, "
                                            f"{'calibrated' if c['calibrated'] else 'not calibrated'}"
                                            f"{': ' + c['summary'] if c['summary'] else ''}"
-                                           for c in summary["calibration"]]
+                                           for c in cals]
     if summary.get("export"):
         e = summary["export"]
         lines += ["", f"ONNX bundle in `{e['folder']}`: max |ORT - PyTorch| {_fmt(e['max_abs_diff'], '.3g')}."]
@@ -301,6 +302,7 @@ def plot(points: Sequence[Point], path: Path, title: str) -> Path | None:
         for x, y, label in shown:
             ax.annotate(label.split(", ")[-1], (x, y), fontsize="small", xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel(xlabel)
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
         ax.set_ylabel("perplexity")
     fig.suptitle(title)
     fig.tight_layout()
@@ -324,7 +326,7 @@ def write_report(summary: dict[str, Any], points: Sequence[Point], out: Path) ->
     (out / "report.md").write_text(markdown(summary))
     (out / "report.json").write_text(json.dumps(_finite(summary), indent=2, allow_nan=False))
     names = ["report.md", "report.json"]
-    if plot(points, out / "quality.png", f"{summary['model']}: quality against speed and memory"):
+    if plot(points, out / "quality.png", f"{Path(summary['model']).name}: quality against speed and memory"):
         names.append("quality.png")
     return names
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -223,8 +224,6 @@ def _life_cycle(p: Pass, work: fx.GraphModule, i: int, prior: tuple[str, ...], a
                 cal: Calibrator | None, calib: Sequence[torch.Tensor] | None, budget: Budget,
                 progress: Progress) -> tuple[PassResult, CalibrationRecord]:
     """Runs one pass between its calibrator's stages; the record says what was learned or not."""
-    import time
-
     need = cal.need(p.config) if cal is not None else type(p).needs
     if need is Need.NONE or cal is None or calib is None:
         result = _run_one(p, work, prior, allow_partial)
