@@ -20,7 +20,7 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-@pytest.mark.slow  # about 6 minutes on 2 loaded cores: four measured points, each with Session timings
+@pytest.mark.slow  # 28 s (6 min on 2 loaded cores): four measured points, each with Session timings
 def test_optimize_measures_each_pass_and_writes_report_state_and_plot(capsys, tmp_path):
     model = str(require_data("stories260K.bin"))
     text = str(require_data("tinystories_valid_head.txt"))
@@ -35,11 +35,11 @@ def test_optimize_measures_each_pass_and_writes_report_state_and_plot(capsys, tm
                                             "fuse-attention, quantize-kv, skip-ffn"]
     assert points[1]["ppl"] == points[0]["ppl"] or abs(points[1]["ppl"] / points[0]["ppl"] - 1) < 1e-4
     assert abs(points[2]["ppl"] - points[1]["ppl"]) > 1e-3  # windows of 64 > 16 full-precision tokens see KIVI
-    assert points[2]["kv_bytes_per_token"] < points[1]["kv_bytes_per_token"] / 4  # from the Session's caches
+    assert points[2]["kv_bytes_per_token"] < points[1]["kv_bytes_per_token"] / 2  # the Session caches at 64 tokens
     assert points[3]["skip_fraction"] > 0 and points[2]["skip_fraction"] is None
     assert all(p["decode_tps"] > 0 and p["prefill_tps"] > 0 for p in points)
     assert 0 <= summary["greedy"]["agreement"] <= 1 and summary["greedy"]["tokens"] == 4
-    assert summary["ratios"]["kv_bytes_per_token"] < 0.25
+    assert summary["ratios"]["kv_bytes_per_token"] < 0.5
     skip = summary["calibration"][2]
     assert skip["calibrated"] and "threshold=" in skip["spec"] and summary["spec"].endswith(skip["spec"])
     assert any("full-precision span of 16 tokens" in n for n in summary["notes"])
