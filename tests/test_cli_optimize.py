@@ -85,3 +85,14 @@ def test_optimize_warns_when_the_evaluation_text_shares_lines_with_the_calibrati
     assert note.startswith("--eval shares 1 lines with --calib (first: 'This line of text")
     evaluation.write_text("Nothing in common with the calibration text at all, not one line.\n")
     assert _overlap_note({"calib": calib, "eval": evaluation}, Args()) is None
+
+
+@pytest.mark.slow  # about 90 s: the ONNX export of prefill and decode graphs
+def test_optimize_export_onnx_writes_the_bundle_checked_against_pytorch(capsys, tmp_path):
+    model = str(require_data("stories260K.bin"))
+    code, out, err = _run(capsys, "optimize", model, "--passes", "fuse-attention, quantize-kv{method=kivi,bits=2}",
+                          "--export", "onnx", "-o", str(tmp_path), "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["export"]["max_abs_diff"] < 1e-3
+    assert {"prefill.onnx", "decode.onnx", "condfx_manifest.json"} <= {p.name for p in (tmp_path / "onnx").iterdir()}
