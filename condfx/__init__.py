@@ -19,7 +19,7 @@ from condfx.verify import verify  # noqa: E402
 from condfx.version import __version__
 
 _LAZY = {
-    "apply": ("condfx.passes.pipeline", "apply"),
+    "apply": ("condfx.lifecycle", "apply"),  # the pipeline with the life-cycle table
     "export_model": ("condfx.export_bundle", "export_model"),
     "export": ("condfx.export_bundle", "export_model"),  # condfx.export(model, out_dir) = export_model
     "export_onnx": ("condfx.export_bundle", "export_onnx"),

@@ -96,6 +96,27 @@ def _parser() -> argparse.ArgumentParser:
         "--allow-partial", action="store_true",
         help="accept a pass that matched regions but rewrote none (by default that is an error)",
     )
+    p.add_argument("--calib", default=None,
+                   help="calibration text: passes that need statistics or training get them from it")
+    p.add_argument("--eval", default=None,
+                   help="evaluation text: measure perplexity, greedy agreement, skip/route fractions, KV "
+                        "bytes, speed and memory of the original and after each pass")
+    p.add_argument("--eval-tokens", type=int, default=2048, help="evaluation tokens scored (default 2048)")
+    p.add_argument("--eval-context", type=int, default=None,
+                   help="perplexity window in tokens (default min(512, model context))")
+    p.add_argument("--kv-context", type=int, default=None,
+                   help="tokens prefilled before the KV cache bytes are read (default min(2048, model context))")
+    p.add_argument("--greedy-tokens", type=int, default=32, help="greedy tokens compared (default 32)")
+    p.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens read (default 4096)")
+    p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration batch (default 256)")
+    p.add_argument("--steps", type=int, default=100, help="training steps of passes that train (default 100)")
+    p.add_argument("--train-seconds", type=float, default=None, help="time budget of each training stage")
+    p.add_argument("--skip-target", type=float, default=0.2,
+                   help="fraction of FFN blocks a calibrated skip-ffn aims to skip (default 0.2)")
+    p.add_argument("--route-target", type=float, default=0.1,
+                   help="fraction of queries a trained route-attention aims to route globally (default 0.1)")
+    p.add_argument("--export", choices=["onnx"], default=None,
+                   help="also write the ONNX bundle (prefill + decode) to OUTPUT/onnx, checked against PyTorch")
     p.set_defaults(func=commands.optimize_cmd)
 
     p = sub.add_parser("eval", help="perplexity of a model on a text file")

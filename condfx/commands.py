@@ -7,6 +7,7 @@ import contextlib
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -153,36 +154,236 @@ def _print_regions(name: str, result: dict) -> None:
 
 # ---------------------------------------------------------------------------------------- optimize
 def optimize_cmd(args: argparse.Namespace) -> dict:
+    """Applies the passes (calibrating those that need it on ``--calib``), measures the original and
+    the stack after each pass on ``--eval`` (``condfx.measure``), writes the result, its learned state
+    and the report, and with ``--export onnx`` the bundle checked against PyTorch."""
     out = check_output(args.output, "-o", folder=True)
     _check_passes(args.passes)
-    model, _ = _load(args.model)
+    texts = _optimize_texts(args)
+    model, tok = _load(args.model)
     gm = _capture(model)
-    result = _apply(gm, args.passes, args.allow_partial)
-    check, ids = _verify_optimized(gm, result.graph_module, args.passes, model)
-    saved = _write_outputs(result, ids, out)
-    summary = {"output": str(out), "files": saved, "verify": check.to_dict(), "report": result.report.to_dict()}
+    limit = getattr(getattr(model, "info", None), "max_seq_len", None)
+    calib, notes = _calibration(args, texts, tok)
+    plan = _measure_plan(args, texts, tok, limit, notes) if texts.get("eval") else None
+    points = []
+    err = Console(stderr=True)
+    with _progress(args.json or not sys.stderr.isatty()) as bar:
+        stage_tasks: dict[str, Any] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in stage_tasks:
+                stage_tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(stage_tasks[stage], completed=done, total=total)
+
+        def say(msg: str) -> None:
+            if not args.json:
+                err.print(f"{msg} ...", highlight=False, soft_wrap=True)
+
+        if plan is not None:
+            from condfx.measure import measure_point
+
+            points.append(measure_point("original", gm, plan["scored"], plan["cfg"], limit, say, plan["ids"]))
+        labels: list[str] = []
+
+        def on_pass(i: int, p, work) -> None:
+            labels.append(p.name)
+            if plan is not None:
+                points.append(measure_point(", ".join(labels), work, plan["scored"], plan["cfg"], limit, say,
+                                            plan["ids"]))
+
+        result = _apply_calibrated(gm, args, calib, progress, on_pass)
+    check, ids = _verify_optimized(gm, result.graph_module, args.passes, model,
+                                   plan["scored"][:, : plan["cfg"].context] if plan else None)
+    summary = {"output": str(out), "verify": check.to_dict(), "report": result.report.to_dict(),
+               "spec": result.spec, "model": args.model}
+    if plan is not None:
+        summary.update(_measured_summary(args, gm, result, points, plan, limit, notes))
+    if args.export == "onnx":
+        summary["export"] = _export_result(result, model, args, out)
+    saved = _write_outputs(result, ids, out, gm, summary if plan is not None else None, points)
+    summary["files"] = saved
     if not args.json:
-        _OUT.print(str(result.report))
-        _OUT.print(f"max |logit diff| vs original: {check.max_abs_diff:.3g}; wrote {', '.join(saved)} to {out}")
+        _print_optimized(result, check, summary, saved, out)
     return summary
 
 
-def _verify_optimized(gm, rewritten, spec: str, model):
+def _optimize_texts(args: argparse.Namespace) -> dict[str, Path]:
+    """Checks --calib / --eval / the measurement options before the model loads."""
+    texts = {}
+    for flag, value in (("--calib", args.calib), ("--eval", args.eval)):
+        if value is not None:
+            texts[flag[2:]] = check_input_file(value, flag, "Text file")
+    for flag, value, least in (("--eval-tokens", args.eval_tokens, 16), ("--calib-tokens", args.calib_tokens, 16),
+                               ("--steps", args.steps, 1), ("--greedy-tokens", args.greedy_tokens, 1)):
+        if value < least:
+            msg = f"{flag} must be at least {least}; got {value}."
+            raise UserError(msg)
+    return texts
+
+
+def _read_ids(path: Path, tok, tokens: int) -> list[int]:
+    return tok.encode(read_text(path)[: tokens * 24], bos=True, eos=False)[:tokens]
+
+
+def _overlap_note(texts: dict[str, Path], args: argparse.Namespace) -> str | None:
+    """One sentence when the evaluation text shares lines with the calibration text (or is it)."""
+    if "calib" not in texts or "eval" not in texts:
+        return None
+    if texts["calib"].resolve() == texts["eval"].resolve():
+        return (f"--eval and --calib are the same file ({texts['eval']}): the perplexity is measured on "
+                "the text the passes were calibrated on, so it flatters them.")
+    calib_lines = {ln.strip() for ln in read_text(texts["calib"]).splitlines() if len(ln.strip()) >= 40}
+    shared = [ln.strip() for ln in read_text(texts["eval"])[: args.eval_tokens * 24].splitlines()
+              if len(ln.strip()) >= 40 and ln.strip() in calib_lines]
+    if not shared:
+        return None
+    return (f"--eval shares {len(shared)} lines with --calib (first: {shared[0][:60]!r}): the perplexity is "
+            "partly measured on calibration text, so it flatters the calibrated passes.")
+
+
+def _calibration(args, texts: dict[str, Path], tok) -> tuple[list | None, list[str]]:
+    """(calibration batches or None, notes); warns about an evaluation text overlapping it."""
+    from condfx.passes.base import calibration_batches
+
+    notes: list[str] = []
+    overlap = _overlap_note(texts, args)
+    if overlap is not None:
+        notes.append(overlap)
+        Console(stderr=True).print(f"warning: {overlap}", highlight=False, soft_wrap=True)
+    if "calib" not in texts:
+        return None, notes
+    budget = _budget(args)
+    ids = _read_ids(texts["calib"], tok, budget.tokens)
+    batches = calibration_batches(ids, budget)
+    if not batches:
+        msg = (f"Calibration text '{args.calib}' gives {len(ids)} tokens; calibration reads batches of "
+               f"{budget.seq_len}, so it needs at least {budget.seq_len}.")
+        raise UserError(msg)
+    return batches, notes
+
+
+def _budget(args):
+    from condfx.passes.base import Budget
+
+    return Budget(tokens=args.calib_tokens, seq_len=min(args.calib_seq_len, args.calib_tokens),
+                  steps=args.steps, seconds=args.train_seconds, skip_target=args.skip_target,
+                  route_target=args.route_target)
+
+
+def _apply_calibrated(gm, args, calib, progress, on_pass):
+    from condfx.lifecycle import apply, min_calibration_tokens
+    from condfx.passes.spec import build_passes
+
+    budget = _budget(args)
+    if calib is not None:
+        need, who = min_calibration_tokens(build_passes(args.passes), budget)
+        have = sum(int(b.numel()) for b in calib)
+        if have < need:
+            msg = (f"Calibration text '{args.calib}' gives {have} tokens in whole batches of {budget.seq_len}; "
+                   f"{who} needs at least {need}; give a longer text.")
+            raise UserError(msg)
+    return apply(gm, args.passes, allow_partial=args.allow_partial, calib=calib, budget=budget,
+                 progress=progress, on_pass=on_pass)
+
+
+def _measure_plan(args, texts, tok, limit: int | None, notes: list[str]) -> dict:
+    """The evaluation ids and MeasureConfig; refuses an evaluation text too short to measure with."""
+    from condfx.measure import MeasureConfig, full_precision_window
+    from condfx.passes.spec import build_passes
+
+    cap = limit or 2048
+    context = min(args.eval_context or 512, cap, args.eval_tokens)
+    kv_context = min(args.kv_context or 2048, cap)
+    cfg = MeasureConfig(context=context, kv_context=kv_context, prefill_tokens=min(128, kv_context),
+                        decode_tokens=args.greedy_tokens)
+    fp = full_precision_window(build_passes(args.passes))
+    need = max(kv_context, context, fp + 2, 16)
+    ids = _read_ids(texts["eval"], tok, max(args.eval_tokens, kv_context))
+    if len(ids) < need:
+        why = (f"the KV figure prefills {kv_context} tokens" if need == kv_context else
+               f"perplexity needs windows longer than the passes' full-precision span of {fp} tokens"
+               if need == fp + 2 else f"perplexity windows are {context} tokens")
+        msg = (f"Evaluation text '{args.eval}' gives {len(ids)} tokens; the measurement needs at least {need} "
+               f"({why}); give a longer text or a smaller --kv-context / --eval-context.")
+        raise UserError(msg)
+    if fp and context <= fp:
+        notes.append(f"Perplexity windows of {context} tokens lie within the passes' full-precision span of "
+                     f"{fp} tokens, so perplexity cannot see their loss; raise --eval-context.")
+    elif fp:
+        notes.append(f"Perplexity windows of {context} tokens exceed the passes' full-precision span of {fp} "
+                     "tokens, so the loss of the quantized or routed positions is in the figure.")
+    eval_ids = torch.tensor([ids[: max(args.eval_tokens, kv_context)]])
+    scored = eval_ids[:, : args.eval_tokens]
+    return {"ids": eval_ids, "scored": scored, "cfg": cfg}
+
+
+def _measured_summary(args, gm, result, points, plan, limit, notes) -> dict:
+    from condfx.measure import greedy_agreement, point_dict, ratios
+
+    prompt = plan["ids"][:, : min(32, plan["ids"].shape[1])]
+    greedy = greedy_agreement(gm, result.graph_module, prompt, args.greedy_tokens, limit)
+    uncalibrated = [c.summary for c in result.calibrations if c.summary and not c.calibrated]
+    return {
+        "eval": {"text": str(args.eval), "tokens": points[0].tokens, "context": plan["cfg"].context},
+        "measure": {"kv_context": plan["cfg"].kv_context, "prefill_tokens": plan["cfg"].prefill_tokens,
+                    "decode_tokens": plan["cfg"].decode_tokens},
+        "points": [point_dict(p) for p in points], "ratios": ratios(points[0], points[-1]),
+        "greedy": greedy, "calibration": [c.to_dict() for c in result.calibrations],
+        "notes": notes + uncalibrated,
+    }
+
+
+def _export_result(result, model, args, out: Path) -> dict:
+    """Writes the ONNX bundle of the calibrated result into ``out/onnx`` and checks it against PyTorch."""
+    from condfx.export_bundle import export_decode_graph, model_identity
+    from condfx.passes.pipeline import apply
+
+    try:
+        decode = apply(result.graph_module, "add-kv-cache").graph_module
+    except Exception as exc:  # noqa: BLE001  (say which stack cannot be exported, in one sentence)
+        first = str(exc).splitlines()[0]
+        msg = f"--export onnx: the stack '{result.spec}' cannot be put in decode form: {first}"
+        raise UserError(msg) from None
+    bundle = export_decode_graph(decode, out / "onnx", identity=model_identity(model, args.model),
+                                 passes=result.spec, verify=True)
+    if bundle.diffs:
+        from condfx.verify import check_export_diffs
+
+        check_export_diffs(bundle.diffs, where=f"the export in {str(out / 'onnx')!r}")
+    return {"folder": str(out / "onnx"), "max_abs_diff": bundle.max_abs_diff}
+
+
+def _print_optimized(result, check, summary: dict, saved: list[str], out: Path) -> None:
+    if "points" in summary:
+        from condfx.measure import markdown
+
+        _OUT.print(markdown(summary), highlight=False, markup=False, soft_wrap=True)
+    else:
+        _OUT.print(str(result.report))
+    _OUT.print(f"max |logit diff| vs original: {check.max_abs_diff:.3g}; wrote {', '.join(saved)} to {out}",
+               highlight=False, soft_wrap=True)
+
+
+def _verify_optimized(gm, rewritten, spec: str, model, real_ids: torch.Tensor | None = None):
     """(VerifyResult, example ids): exact pipelines within ``EXACT_TOLERANCES``, lossy ones measured
-    without a tolerance; either fails (``VerificationError``) on a figure out of bounds or not finite."""
+    without a tolerance; either fails (``VerificationError``) on a figure out of bounds or not finite.
+    With ``real_ids`` (evaluation tokens, longer than any full-precision span) the check runs on them;
+    otherwise on 2 x 8 random tokens, which cannot see a pass whose full-precision span is longer."""
     from condfx.passes.spec import build_passes
     from condfx.verify import verify
 
-    ids = _example_ids(model)
+    ids = _example_ids(model) if real_ids is None else real_ids
     exact = all(p.exact for p in build_passes(spec))
     check = verify(gm, rewritten, (ids,), mode="exact" if exact else "lossy", sqnr_floor_db=None)
     check.raise_if_failed("the optimized model")
     return check, ids
 
 
-def _write_outputs(result, ids: torch.Tensor, out: Path) -> list[str]:
-    """Writes the reports and the rewritten program (a torch.export archive: load it after
-    ``import condfx.ops``); all files are written to a scratch folder first and moved in at the
+def _write_outputs(result, ids: torch.Tensor, out: Path, original=None, summary: dict | None = None,
+                   points=()) -> list[str]:
+    """Writes the reports, the learned state (``calibration.safetensors``, checked against the model
+    by ``condfx.lifecycle.load_state``) and the rewritten program (a torch.export archive: load it
+    after ``import condfx.ops``); all files are written to a scratch folder first and moved in at the
     end, so a failure leaves an existing output folder as it was."""
     import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
 
@@ -192,11 +393,25 @@ def _write_outputs(result, ids: torch.Tensor, out: Path) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".condfx-optimize-", dir=out))
     try:
-        (scratch / "report.md").write_text(str(result.report))
-        (scratch / "report.json").write_text(result.to_json())
+        if summary is not None:
+            from condfx.measure import write_report
+
+            summary = {**summary, "passes_report": result.report.to_dict()}
+            names = write_report(summary, points, scratch)
+            (scratch / "passes.md").write_text(str(result.report))
+            names.append("passes.md")
+        else:
+            (scratch / "report.md").write_text(str(result.report))
+            (scratch / "report.json").write_text(result.to_json())
+            names = ["report.md", "report.json"]
+        if result.state or any(c.calibrated for c in result.calibrations):
+            from condfx.lifecycle import save_state
+
+            save_state(result, original, scratch / "calibration.safetensors")
+            names.append("calibration.safetensors")
         torch.export.save(ep, scratch / "model.pt2")
         (scratch / "graph.py").write_text(gm.code)
-        names = ["report.md", "report.json", "model.pt2", "graph.py"]
+        names += ["model.pt2", "graph.py"]
         for name in names:
             os.replace(scratch / name, out / name)
     finally:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,14 +229,22 @@ def _check_lengths(input_ids: torch.Tensor, layers) -> None:
         raise ValueError(msg)
 
 
+class _OutOfTime(Exception):
+    """Raised after a step once ``train_l2a``'s time budget is spent; ends training there."""
+
+
 class _Controller:
     """Per-step state of the recipe: dense coin, lambda, fractions, progress display."""
 
-    def __init__(self, gm, layers, recipe: L2ARecipe, progress: bool):
+    def __init__(self, gm, layers, recipe: L2ARecipe, progress: bool, seconds: float | None = None,
+                 on_step: Callable[[int, int], None] | None = None):
         self.gm, self.layers, self.r = gm, layers, recipe
         self.coin = torch.Generator().manual_seed(recipe.seed + 1)
         self.lam = recipe.lam if recipe.target_fraction is not None else 0.0
         self.fractions: list[list[float]] = []
+        self.losses: list[float] = []
+        self.deadline = None if seconds is None else time.perf_counter() + seconds
+        self.on_step = on_step
         self.show = progress and sys.stderr.isatty()
         self.bar = None
 
@@ -257,11 +266,16 @@ class _Controller:
     def after_step(self, step: int, loss: float, model: _TrainView) -> None:
         fr = [float(r.float().mean()) for r in model.routes]
         self.fractions.append(fr)
+        self.losses.append(loss)
         r = self.r
         if r.target_fraction is not None and step >= r.warmup:
             mean = sum(fr) / len(fr)
             self.lam = min(1e4, max(1e-6, self.lam * math.exp(r.adapt_rate * (mean - r.target_fraction) * 10)))
         self._display(step, loss, fr)
+        if self.on_step is not None:
+            self.on_step(step + 1, r.steps)
+        if self.deadline is not None and time.perf_counter() > self.deadline and step + 1 < r.steps:
+            raise _OutOfTime
 
     def _display(self, step: int, loss: float, fr: list[float]) -> None:
         if not self.show:
@@ -291,6 +305,8 @@ def train_l2a(
     teacher: nn.Module | None = None,
     progress: bool = True,
     save_to: str | Path | None = None,
+    seconds: float | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> L2ATrainResult:
     """Trains an L2A model (``route-attention`` output) in place with the recipe above.
 
@@ -303,6 +319,9 @@ def train_l2a(
         progress: show a progress bar with the routed fraction per layer (on a terminal).
         save_to: write the trained parameters to this safetensors file (load them back with
             ``condfx.train.load_trained``).
+        seconds: stop after the first step that ends past this many seconds (the time budget);
+            the result then holds fewer than ``recipe.steps`` losses.
+        on_step: called as ``on_step(steps done, recipe.steps)`` after every step (progress).
 
     Returns:
         An :class:`L2ATrainResult`.
@@ -318,7 +337,8 @@ def train_l2a(
         msg = "L2ARecipe.distill > 0 needs a teacher model (the original)."
         raise ValueError(msg)
     model = _TrainView(gm)
-    ctl = _Controller(gm, layers, recipe, progress)
+    ctl = _Controller(gm, layers, recipe, progress, seconds, on_step)
+    started = time.perf_counter()
     names = sorted(l2a_trainable(gm))
 
     def batches(step, generator):
@@ -339,16 +359,19 @@ def train_l2a(
         return loss
 
     try:
-        result = train(
+        train(
             model, batches, steps=recipe.steps, lr=recipe.lr, warmup=recipe.warmup,
             trainable=lambda n: n in names, extra_loss=penalty, seed=recipe.seed, progress=False,
             callback=ctl.after_step,
         )
+    except _OutOfTime:
+        pass  # the time budget ended training after a whole step; the parameters are consistent
     finally:
         ctl.close()
     if save_to is not None:
         save_l2a_state(gm, save_to, names)
-    return L2ATrainResult(result.losses, ctl.fractions, ctl.lam_at(recipe.steps - 1), result.seconds, names)
+    lam = ctl.lam_at(len(ctl.losses) - 1)
+    return L2ATrainResult(ctl.losses, ctl.fractions, lam, time.perf_counter() - started, names)
 
 
 def save_l2a_state(gm: fx.GraphModule, path: str | Path, names: Iterable[str] | None = None) -> Path:

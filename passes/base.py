@@ -12,11 +12,15 @@ import abc
 import dataclasses
 import enum
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
+
 from torch import fx
 
+from condfx.options import Float, Int, check_options
 from condfx.passes.report import CostEstimate
 
 
@@ -277,18 +281,129 @@ def check_graph_invariants(gm: fx.GraphModule, pass_name: str) -> None:
             raise PassError(pass_name, "node has no FakeTensor metadata (meta['val'])", node=node)
 
 
+class Need(enum.Enum):
+    """What a pass needs to be faithful: nothing (exact or calibration-free), statistics recorded
+    on calibration text, or training on it."""
+
+    NONE = "none"
+    CALIBRATION = "calibration"
+    TRAINING = "training"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much calibration a pipeline may spend (``apply(..., calib=...)``).
+
+    Attributes:
+        tokens: calibration tokens read (batches of ``seq_len``).
+        seq_len: tokens per calibration batch.
+        steps: optimizer steps of a pass that trains (route-attention, skip-ffn{policy=forecast}).
+        seconds: wall-clock limit of one training stage; None for no limit.
+        skip_target: fraction of all FFN blocks a calibrated ``skip-ffn`` aims to skip.
+        route_target: fraction of queries a trained ``route-attention`` aims to route globally.
+    """
+
+    tokens: int = 4096
+    seq_len: int = 256
+    steps: int = 100
+    seconds: float | None = None
+    skip_target: float = 0.2
+    route_target: float = 0.1
+
+    def __post_init__(self):
+        check_options(self, {"tokens": Int(2, 1 << 40), "seq_len": Int(2, 1 << 30), "steps": Int(1, 1 << 30),
+                             "skip_target": Float(0.0, 1.0, low_open=True, high_open=True),
+                             "route_target": Float(0.0, 1.0, low_open=True, high_open=True)})
+        if self.seconds is not None and not self.seconds > 0:
+            msg = f"Budget.seconds must be a positive number of seconds or None; got {self.seconds!r}."
+            raise ValueError(msg)
+
+
+Progress = Callable[[str, int, int], None]
+"""``progress(stage, done, total)``: called as a calibration stage advances."""
+
+StageFn = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class Calibrator:
+    """How one pass is made faithful: the stages the pipeline runs around it (one table row).
+
+    The life cycle, for a pass with ``need(config) != Need.NONE`` and calibration text:
+    ``before(gm, pass, batches, budget, progress) -> (pass, state, summary)`` runs on the pass's input
+    graph (it records statistics the rewrite reads, or chooses the config: the returned pass runs);
+    the pass rewrites; ``after(gm, pass, batches, budget, progress) -> (state, summary)`` trains what
+    the rewrite added. ``state`` maps names of ``gm``'s parameters and buffers (or other named
+    tensors) to the learned values, saved with the result and checked against the model on load.
+
+    Attributes:
+        need: the need of a pass of this name, from its config.
+        without: one sentence: what running the pass without calibration text costs.
+        min_tokens: calibration tokens the stages need, from the config and the budget.
+        before: the stage run before the rewrite, or None.
+        after: the stage run after the rewrite, or None.
+    """
+
+    need: Callable[[Any], Need]
+    without: str
+    min_tokens: Callable[[Any, Budget], int] = lambda _cfg, budget: budget.seq_len
+    before: StageFn | None = None
+    after: StageFn | None = None
+
+
+@dataclass(frozen=True)
+class CalibrationRecord:
+    """What the life cycle did for one pass of a pipeline.
+
+    Attributes:
+        index: the pass's position in the pipeline.
+        pass_name: its name.
+        need: what it needs.
+        calibrated: True when its stages ran on calibration text.
+        summary: one line: what the stages found, or (not calibrated) what that costs.
+        spec: the pass as it ran (a calibrated config differs from the one asked for).
+        state: learned tensors (name -> tensor), saved beside the result.
+        seconds: time the stages took.
+    """
+
+    index: int
+    pass_name: str
+    need: Need
+    calibrated: bool
+    summary: str
+    spec: str
+    state: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (tensor names only)."""
+        return {"index": self.index, "pass": self.pass_name, "need": self.need.value,
+                "calibrated": self.calibrated, "summary": self.summary, "spec": self.spec,
+                "state": sorted(self.state), "seconds": round(self.seconds, 3)}
+
+
+def calibration_batches(ids: Sequence[int] | torch.Tensor, budget: Budget) -> list[torch.Tensor]:
+    """The first ``budget.tokens`` of ``ids`` as (1, ``budget.seq_len``) batches (a short tail dropped)."""
+    flat = torch.as_tensor(ids, dtype=torch.long).reshape(-1)[: budget.tokens]
+    n = budget.seq_len
+    return [flat[i : i + n][None] for i in range(0, flat.numel() - n + 1, n)]
+
+
 class Pass(abc.ABC):
     """Base class of every pass.
 
     Subclasses set ``name`` (kebab-case, verb + object), ``config_class`` (a frozen dataclass) and
     ``matches`` (what the finder looks for, used in "matched nothing" errors), and implement
     ``__call__``. ``exact`` says whether the rewrite preserves outputs within dtype tolerance.
+    ``needs`` says what a lossy pass needs to be faithful (the pipeline's ``calibrators`` table,
+    ``condfx.lifecycle.CALIBRATORS``, refines it per config and runs the stages).
     """
 
     name: ClassVar[str]
     config_class: ClassVar[type]
     matches: ClassVar[str] = "region"
     exact: ClassVar[bool] = True
+    needs: ClassVar[Need] = Need.NONE
 
     def __init__(self, config: Any = None):
         if config is None:

@@ -10,6 +10,12 @@ none of them (every region skipped, the reasons listed per layer), is a PassErro
 whose every region is already in its output form (``ALREADY_DONE``) is no error. Refused
 before any pass runs: a pass after ``add-kv-cache`` (the graph is in decode form), and two passes of
 ``ONE_PER_LAYER`` (``quantize-kv``, ``skip-ffn``) that would rewrite the same layers.
+
+The life cycle: given calibration batches (``calib``) and a table of ``Calibrator``s (one row per
+pass name, ``condfx.lifecycle.CALIBRATORS``; ``condfx.apply`` passes it), every pass whose ``need``
+is not ``Need.NONE`` gets its ``before`` stage on its input graph (statistics, a chosen config), then
+its rewrite, then its ``after`` stage (training) under the ``Budget``; the result carries one
+``CalibrationRecord`` per pass (what was learned, or what going without cost).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,7 +34,17 @@ import torch
 from torch import fx
 
 from condfx.layouts import is_decode_form
-from condfx.passes.base import Pass, PassError, PassReport, PassResult
+from condfx.passes.base import (
+    Budget,
+    CalibrationRecord,
+    Calibrator,
+    Need,
+    Pass,
+    PassError,
+    PassReport,
+    PassResult,
+    Progress,
+)
 from condfx.passes.spec import PassSpec, build_config, build_passes, load_spec, parse_spec
 
 __all__ = [
@@ -50,11 +67,15 @@ class PipelineReport:
 
     reports: tuple[PassReport, ...]
     verifications: tuple[Any, ...] = ()
+    calibrations: tuple[CalibrationRecord, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict."""
         checks = [v.to_dict() if v is not None else None for v in self.verifications]
-        return {"passes": [r.to_dict() for r in self.reports], "verification": checks}
+        out = {"passes": [r.to_dict() for r in self.reports], "verification": checks}
+        if self.calibrations:
+            out["calibration"] = [c.to_dict() for c in self.calibrations]
+        return out
 
     def to_markdown(self) -> str:
         """All pass reports as markdown sections, each followed by its verification line."""
@@ -63,6 +84,9 @@ class PipelineReport:
             parts.append(report.to_markdown())
             if i < len(self.verifications) and self.verifications[i] is not None:
                 parts.append(f"- verification: {self.verifications[i].summary()}")
+            cal = next((c for c in self.calibrations if c.index == i and c.need is not Need.NONE), None)
+            if cal is not None:
+                parts.append(f"- {cal.need.value}: {cal.summary}")
         return "\n\n".join(parts)
 
     def __str__(self) -> str:
@@ -77,11 +101,22 @@ class PipelineResult:
     reports: tuple[PassReport, ...]
     modified: bool
     verifications: tuple[Any, ...] = ()
+    calibrations: tuple[CalibrationRecord, ...] = ()
 
     @property
     def report(self) -> PipelineReport:
         """The combined report (``str()`` gives markdown, ``.to_dict()`` a dict)."""
-        return PipelineReport(self.reports, self.verifications)
+        return PipelineReport(self.reports, self.verifications, self.calibrations)
+
+    @property
+    def state(self) -> dict[str, torch.Tensor]:
+        """Every learned tensor, named ``"{pass index}.{stage}.{name}"`` (what ``save_state`` writes)."""
+        return {k: v for c in self.calibrations for k, v in c.state.items()}
+
+    @property
+    def spec(self) -> str:
+        """The pipeline as it ran, calibrated configs included."""
+        return ", ".join(c.spec for c in self.calibrations)
 
     def to_json(self) -> str:
         """The combined report as a JSON string."""
@@ -177,6 +212,44 @@ def check_conflicts(passes: Sequence[Pass]) -> None:
                 raise PassError(later.name, reason, prior=tuple(q.name for q in passes[:i]))
 
 
+def _no_progress(_stage: str, _done: int, _total: int) -> None:
+    return None
+
+
+def _prefixed(state: Mapping[str, torch.Tensor], index: int, stage: str) -> dict[str, torch.Tensor]:
+    return {f"{index}.{stage}.{k}": v.detach().cpu().contiguous() for k, v in (state or {}).items()}
+
+
+def _life_cycle(p: Pass, work: fx.GraphModule, i: int, prior: tuple[str, ...], allow_partial: bool,
+                cal: Calibrator | None, calib: Sequence[torch.Tensor] | None, budget: Budget,
+                progress: Progress) -> tuple[PassResult, CalibrationRecord]:
+    """Runs one pass between its calibrator's stages; the record says what was learned or not."""
+    need = cal.need(p.config) if cal is not None else type(p).needs
+    if need is Need.NONE or cal is None or calib is None:
+        result = _run_one(p, work, prior, allow_partial)
+        summary = "" if need is Need.NONE else (cal.without if cal is not None else
+                                                 f"{p.name} was not {need.value}-tuned: no calibrator runs it")
+        return result, CalibrationRecord(i, p.name, need, False, summary, _spec_text(p))
+    t0, state, notes = time.perf_counter(), {}, []
+    try:
+        if cal.before is not None:
+            p, learned, note = cal.before(work, p, calib, budget, progress)
+            state.update(_prefixed(learned, i, "before"))
+            notes.append(note)
+        result = _run_one(p, work, prior, allow_partial)
+        if cal.after is not None:
+            learned, note = cal.after(result.graph_module, p, calib, budget, progress)
+            state.update(_prefixed(learned, i, "after"))
+            notes.append(note)
+    except PassError:
+        raise
+    except Exception as exc:  # a stage failing is the pass failing: name it
+        raise PassError(p.name, f"{need.value} failed: {type(exc).__name__}: {exc}", prior=prior) from exc
+    record = CalibrationRecord(i, p.name, need, True, "; ".join(n for n in notes if n), _spec_text(p),
+                               state, time.perf_counter() - t0)
+    return result, record
+
+
 def apply(
     gm: fx.GraphModule,
     spec: Any,
@@ -184,6 +257,11 @@ def apply(
     verify_inputs: Sequence[torch.Tensor] | None = None,
     registry: Mapping[str, type[Pass]] | None = None,
     allow_partial: bool = False,
+    calib: Sequence[torch.Tensor] | None = None,
+    budget: Budget | None = None,
+    calibrators: Mapping[str, Calibrator] | None = None,
+    progress: Progress | None = None,
+    on_pass: Any = None,
 ) -> PipelineResult:
     """Applies a pipeline of passes to a private deep copy of ``gm``; ``gm`` itself is never modified.
 
@@ -195,6 +273,13 @@ def apply(
         registry: the pass registry to resolve names in; defaults to ``passes.registry.PASSES``.
         allow_partial: accept a pass that matched regions but rewrote none of them (by default that
             is a PassError listing the skip reasons per layer).
+        calib: calibration token batches ((1, T) int64 each; ``base.calibration_batches``); passes
+            that need calibration or training run their ``calibrators`` stages on them.
+        budget: what the stages may spend (default ``Budget()``).
+        calibrators: pass name -> ``Calibrator`` (``condfx.lifecycle.CALIBRATORS`` via ``condfx.apply``).
+        progress: ``progress(stage, done, total)`` as a stage advances.
+        on_pass: called as ``on_pass(index, pass, graph_module)`` after each pass (and its stages),
+            e.g. to measure the stack as it accumulates; it must not modify the graph.
 
     Returns:
         The PipelineResult.
@@ -217,12 +302,18 @@ def apply(
         # deepcopy of an export GraphModule trips a pytree FutureWarning (torch 2.13); harmless.
         warnings.simplefilter("ignore", FutureWarning)
         work = copy.deepcopy(gm)  # FakeTensor meta survives: values are copied under their fake mode
-    reports, checks, modified, exact = [], [], False, True
+    budget = Budget() if budget is None else budget
+    table = calibrators or {}
+    reports, checks, records, modified, exact = [], [], [], False, True
     for i, p in enumerate(passes):
         prior = tuple(q.name for q in passes[:i])
-        result = _run_one(p, work, prior, allow_partial)
+        result, record = _life_cycle(p, work, i, prior, allow_partial, table.get(p.name), calib, budget,
+                                     progress or _no_progress)
         work, modified = result.graph_module, modified or result.modified
         reports.append(result.report)
+        records.append(record)
+        if on_pass is not None:
+            on_pass(i, p, work)
         if verify_inputs is None:
             continue
         exact = exact and p.exact
@@ -230,4 +321,4 @@ def apply(
         checks.append(check)
         if not check.ok:
             raise PassError(p.name, f"outputs changed beyond tolerance: {check.summary()}", prior=prior)
-    return PipelineResult(work, tuple(reports), modified, tuple(checks))
+    return PipelineResult(work, tuple(reports), modified, tuple(checks), tuple(records))

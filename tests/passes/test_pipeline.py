@@ -267,4 +267,6 @@ def test_matches_pipeline_report_and_json(captured):
     doc = json.loads(result.to_json())
     assert [p["pass_name"] for p in doc["passes"]] == ["scale-params", "scale-params"]
     assert str(result.report).count("### scale-params") == 2
-    assert condfx.apply is apply
+    from condfx.lifecycle import apply as with_life_cycle
+
+    assert condfx.apply is with_life_cycle  # the pipeline with the life-cycle table (condfx/lifecycle.py)

@@ -1,0 +1,336 @@
+"""What a pipeline bought and what it cost, measured (not estimated): ``condfx optimize``'s report.
+
+``measure_point`` measures one graph (the original, or the stack after each pass) on real text:
+perplexity with windows of ``MeasureConfig.context`` tokens, the measured fraction of FFN blocks
+skipped (``skip-ffn``'s ``condfx.masked_ffn`` rows) and of queries routed to global attention
+(``route-attention``), the KV-cache bytes per token held by a ``Session``'s actual cache tensors after
+a prefill of ``kv_context`` tokens, prefill and decode tokens/s through the ``Session`` and peak
+memory. ``greedy_agreement`` compares N greedy tokens of two sessions. ``full_precision_window`` is
+the longest span a pass keeps exact (quantize-kv's residual and sink, a route window): perplexity on
+windows no longer than it cannot see the pass, and the report says so.
+
+``write_report`` writes ``report.md``, ``report.json`` and, when matplotlib imports, ``quality.png``
+(perplexity against decode speed and KV bytes per token, one point per pass as the stack grows).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import resource
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx
+
+from condfx.eval.perplexity import perplexity
+from condfx.passes.pipeline import apply as pipeline_apply
+
+__all__ = ["MeasureConfig", "Point", "full_precision_window", "greedy_agreement", "measure_point",
+           "write_report"]
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    """How ``measure_point`` measures.
+
+    Attributes:
+        context: perplexity window (tokens per forward); windows advance by half of it.
+        kv_context: tokens prefilled before the cache bytes are read (the stated context).
+        prefill_tokens: prompt length of the prefill timing.
+        decode_tokens: steps of the decode timing (and of the greedy agreement).
+        repeats: timings taken per figure (the fastest is kept).
+    """
+
+    context: int = 512
+    kv_context: int = 512
+    prefill_tokens: int = 128
+    decode_tokens: int = 32
+    repeats: int = 2
+
+
+@dataclass(frozen=True)
+class Point:
+    """One measured graph: the original (``label`` "original") or the stack after a pass.
+
+    Attributes:
+        label: what was applied ("original", or the passes so far).
+        ppl, nll, tokens: perplexity on the evaluation text and the tokens scored.
+        skip_fraction: measured fraction of all FFN blocks skipped on the evaluation text (None: no skip-ffn).
+        route_fraction: measured mean fraction of queries routed to global attention (None: no L2A layer).
+        kv_bytes_per_token: ``Session.cache_bytes()`` / ``kv_context`` after a prefill of that many tokens.
+        prefill_tps, decode_tps: tokens/s of ``Session.prefill`` and ``Session.step`` (batch 1).
+        weights_bytes: bytes of the graph's parameters and buffers.
+        peak_bytes: peak accelerator memory of the timings (CUDA), or the process's peak resident
+            set (CPU, monotonic over the run: an upper bound).
+        session_error: why no session could run the graph (then the session figures are None).
+    """
+
+    label: str
+    ppl: float
+    nll: float
+    tokens: int
+    skip_fraction: float | None = None
+    route_fraction: float | None = None
+    kv_bytes_per_token: float | None = None
+    prefill_tps: float | None = None
+    decode_tps: float | None = None
+    weights_bytes: int = 0
+    peak_bytes: int | None = None
+    session_error: str | None = None
+
+
+def full_precision_window(spec_passes: Sequence[Any]) -> int:
+    """The longest token span a pass of the pipeline keeps in full precision (0 when none does)."""
+    span = 0
+    for p in spec_passes:
+        cfg = p.config
+        if p.name == "quantize-kv":
+            span = max(span, int(getattr(cfg, "residual", 0)) + int(getattr(cfg, "sink", 0)))
+        elif p.name in ("route-attention", "sink-window"):
+            span = max(span, int(getattr(cfg, "window", 0) or 0) + int(getattr(cfg, "sink", 0) or 0))
+    return span
+
+
+def _has(gm: fx.GraphModule, fragment: str) -> bool:
+    return any(fragment in str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+
+
+def _skip_fraction(gm: fx.GraphModule, ids: torch.Tensor) -> float | None:
+    from condfx.passes.skip_ffn import measure_skip_fraction
+
+    if not _has(gm, "masked_ffn"):
+        return None
+    return float(measure_skip_fraction(gm, ids)["fraction_of_all_ffn"])
+
+
+def _route_fraction(gm: fx.GraphModule, ids: torch.Tensor) -> float | None:
+    from condfx.l2a import route_fractions
+    from condfx.patterns.routed import find_routed_layers
+
+    if not find_routed_layers(gm):
+        return None
+    fr = route_fractions(gm, ids)
+    return sum(fr) / len(fr)
+
+
+def session_of(gm: fx.GraphModule, max_seq_len: int | None):
+    """A torch ``Session`` on ``gm`` + ``add-kv-cache`` (attention fused first when it is not)."""
+    from condfx.passes.base import PassError
+    from condfx.runtime import Session
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            decode = pipeline_apply(gm, "add-kv-cache").graph_module
+        except PassError:
+            decode = pipeline_apply(gm, "fuse-attention, add-kv-cache", allow_partial=True).graph_module
+    return Session.from_graph(decode, max_seq_len=max_seq_len)
+
+
+def _peak_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _session_figures(session, ids: torch.Tensor, cfg: MeasureConfig) -> dict[str, float]:
+    """KV bytes per token at ``kv_context`` and the best-of-``repeats`` prefill and decode tokens/s."""
+    device = session.device
+    kv = ids[:, : cfg.kv_context]
+    with torch.no_grad():
+        session.prefill(kv)
+        kv_bytes = session.cache_bytes() / kv.shape[1]
+        prompt = ids[:, : cfg.prefill_tokens]
+        best_p, best_d = math.inf, math.inf
+        for _ in range(cfg.repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            logits = session.prefill(prompt)
+            _sync(device)
+            best_p = min(best_p, time.perf_counter() - t0)
+            nxt = logits[:, -1:].argmax(-1)
+            t0 = time.perf_counter()
+            for _ in range(cfg.decode_tokens):
+                nxt = session.step(nxt)[:, -1:].argmax(-1)
+            _sync(device)
+            best_d = min(best_d, time.perf_counter() - t0)
+    return {"kv_bytes_per_token": kv_bytes, "prefill_tps": prompt.shape[1] / best_p,
+            "decode_tps": cfg.decode_tokens / best_d}
+
+
+def _weights_bytes(gm: fx.GraphModule) -> int:
+    tensors = {id(t): t for t in (*gm.parameters(), *gm.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def measure_point(label: str, gm: fx.GraphModule, eval_ids: torch.Tensor, cfg: MeasureConfig,
+                  max_seq_len: int | None, progress: Callable[[str], None] | None = None,
+                  session_ids: torch.Tensor | None = None) -> Point:
+    """Measures ``gm``: perplexity on ``eval_ids`` (1, N), the session figures on ``session_ids``
+    (1, at least ``cfg.kv_context`` tokens; default ``eval_ids``); see the module docstring."""
+    say = progress or (lambda _m: None)
+    say(f"{label}: perplexity over {eval_ids.shape[1]} tokens")
+    res = perplexity(gm, eval_ids[0], context=min(cfg.context, eval_ids.shape[1]))
+    head = eval_ids[:, : min(eval_ids.shape[1], cfg.context)]
+    with torch.no_grad():
+        skip, route = _skip_fraction(gm, head), _route_fraction(gm, head)
+    figures: dict[str, Any] = {}
+    device = next(iter(gm.parameters()), torch.empty(0)).device
+    _peak_reset(device)
+    say(f"{label}: session timings")
+    try:
+        session = session_of(gm, max_seq_len)
+        figures = _session_figures(session, eval_ids if session_ids is None else session_ids, cfg)
+    except Exception as exc:  # noqa: BLE001  (a graph no session runs: report why, keep measuring)
+        figures = {"session_error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+    return Point(label, res.ppl, res.nll, res.tokens, skip, route, weights_bytes=_weights_bytes(gm),
+                 peak_bytes=_peak(device), **figures)
+
+
+def greedy_agreement(original: fx.GraphModule, result: fx.GraphModule, prompt: torch.Tensor, n: int,
+                     max_seq_len: int | None) -> dict[str, Any]:
+    """Greedy decoding of ``n`` tokens after ``prompt`` (1, T) by both graphs' sessions.
+
+    Returns:
+        {"tokens": n, "agreement": fraction of the n positions where both chose the same token,
+        "first_difference": index of the first differing token (None when all agree)}.
+    """
+    outs = []
+    for gm in (original, result):
+        session = session_of(gm, max_seq_len)
+        with torch.no_grad():
+            nxt = session.prefill(prompt)[:, -1:].argmax(-1)
+            toks = [int(nxt)]
+            for _ in range(n - 1):
+                nxt = session.step(nxt)[:, -1:].argmax(-1)
+                toks.append(int(nxt))
+        outs.append(toks)
+    same = [a == b for a, b in zip(*outs, strict=True)]
+    first = next((i for i, s in enumerate(same) if not s), None)
+    return {"tokens": n, "agreement": sum(same) / n, "first_difference": first}
+
+
+def snapshot(gm: fx.GraphModule) -> fx.GraphModule:
+    """A private copy of ``gm`` to measure later (the pipeline keeps rewriting its own)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return copy.deepcopy(gm)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The report's markdown: the figures table, the ratios, calibration lines and the notes."""
+    pts = summary["points"]
+    lines = [f"# condfx optimize: {summary['model']}", "", f"passes: `{summary['spec']}`", "",
+             f"evaluation: {summary['eval']['tokens']} tokens of `{summary['eval']['text']}`, windows of "
+             f"{summary['eval']['context']}; KV bytes at {summary['measure']['kv_context']} tokens; "
+             f"prefill {summary['measure']['prefill_tokens']} tokens, decode {summary['measure']['decode_tokens']} "
+             "steps, batch 1, torch Session.", "",
+             "| stack | perplexity | skip | global route | KV B/token | prefill tok/s | decode tok/s | peak MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for p in pts:
+        peak = None if p["peak_bytes"] is None else p["peak_bytes"] / 2**20
+        lines.append(f"| {p['label']} | {p['ppl']:.3f} | {_fmt(p['skip_fraction'], '.3f')} | "
+                     f"{_fmt(p['route_fraction'], '.3f')} | {_fmt(p['kv_bytes_per_token'], '.1f')} | "
+                     f"{_fmt(p['prefill_tps'], '.0f')} | {_fmt(p['decode_tps'], '.1f')} | {_fmt(peak, '.0f')} |")
+    r = summary["ratios"]
+    lines += ["", f"Result vs original: perplexity x{_fmt(r['ppl'], '.3f')}, KV bytes/token x"
+              f"{_fmt(r['kv_bytes_per_token'], '.3f')}, prefill x{_fmt(r['prefill_tps'], '.2f')}, decode "
+              f"x{_fmt(r['decode_tps'], '.2f')} (timed in the same run); greedy agreement "
+              f"{summary['greedy']['agreement']:.3f} over {summary['greedy']['tokens']} tokens "
+              f"(first difference at {summary['greedy']['first_difference']})."]
+    cals = [c for c in summary["calibration"] if c["need"] != "none"]
+    lines += ["", "## calibration", ""] * bool(cals) + [f"- {c['pass']}: {c['need']}, "
+                                           f"{'calibrated' if c['calibrated'] else 'not calibrated'}"
+                                           f"{': ' + c['summary'] if c['summary'] else ''}"
+                                           for c in cals]
+    if summary.get("export"):
+        e = summary["export"]
+        lines += ["", f"ONNX bundle in `{e['folder']}`: max |ORT - PyTorch| {_fmt(e['max_abs_diff'], '.3g')}."]
+    if summary["notes"]:
+        lines += ["", "## notes", ""] + [f"- {n}" for n in summary["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def ratios(base: Point, last: Point) -> dict[str, float | None]:
+    """last / base for each measured figure (None when either is missing)."""
+    out = {}
+    for key in ("ppl", "kv_bytes_per_token", "prefill_tps", "decode_tps"):
+        a, b = getattr(base, key), getattr(last, key)
+        out[key] = None if a in (None, 0) or b is None else b / a
+    return out
+
+
+def plot(points: Sequence[Point], path: Path, title: str) -> Path | None:
+    """Perplexity against decode tokens/s and KV bytes per token, one labelled point per stack."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, xlabel in ((axes[0], "decode_tps", "decode tokens/s (Session, batch 1)"),
+                            (axes[1], "kv_bytes_per_token", "KV-cache bytes per token")):
+        xs = [getattr(p, key) for p in points]
+        ys = [p.ppl for p in points]
+        shown = [(x, y, p.label) for x, y, p in zip(xs, ys, points, strict=True) if x is not None]
+        ax.plot([s[0] for s in shown], [s[1] for s in shown], marker="o")
+        for x, y, label in shown:
+            ax.annotate(label.split(", ")[-1], (x, y), fontsize="small", xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(xlabel)
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
+        ax.set_ylabel("perplexity")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def write_report(summary: dict[str, Any], points: Sequence[Point], out: Path) -> list[str]:
+    """Writes report.md, report.json and quality.png (when matplotlib imports) into ``out``."""
+    (out / "report.md").write_text(markdown(summary))
+    (out / "report.json").write_text(json.dumps(_finite(summary), indent=2, allow_nan=False))
+    names = ["report.md", "report.json"]
+    if plot(points, out / "quality.png", f"{Path(summary['model']).name}: quality against speed and memory"):
+        names.append("quality.png")
+    return names
+
+
+def point_dict(p: Point) -> dict[str, Any]:
+    """The point as a JSON-able dict."""
+    return asdict(p)

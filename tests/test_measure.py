@@ -1,0 +1,52 @@
+"""``condfx.measure``: the figures ``condfx optimize`` reports, measured on a tiny model."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+import condfx
+from condfx.eval.tasks import MQARConfig, build_mqar_model, make_mqar_batch
+from condfx.measure import (
+    MeasureConfig,
+    full_precision_window,
+    greedy_agreement,
+    measure_point,
+    ratios,
+)
+from condfx.passes.spec import build_passes
+
+TASK = MQARConfig(vocab_size=32, num_pairs=2, gap=8, seq_len=16)
+CFG = MeasureConfig(context=16, kv_context=16, prefill_tokens=8, decode_tokens=2, repeats=1)
+
+
+def _gm():
+    torch.manual_seed(0)
+    model = build_mqar_model(TASK, dim=32).eval()
+    ids, _ = make_mqar_batch(TASK, 2, torch.Generator().manual_seed(0))  # batch 2: the batch stays dynamic
+    return condfx.capture(model, (ids,)), torch.cat([ids[:1], ids[1:]], dim=1)
+
+
+def test_points_read_the_session_caches_and_see_kv_quantization():
+    gm, ids = _gm()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        kivi = condfx.apply(gm, "fuse-attention, quantize-kv{method=kivi,bits=2,group=8,residual=4}").graph_module
+    dense, small = (measure_point(label, g, ids, CFG, None) for label, g in (("original", gm), ("kivi", kivi)))
+    assert dense.session_error is None and small.session_error is None
+    assert dense.kv_bytes_per_token == 2 * 2 * 32 * 4  # k and v, 2 layers, 32 channels, float32
+    assert small.kv_bytes_per_token < dense.kv_bytes_per_token / 2
+    assert small.ppl != dense.ppl and dense.tokens == ids.shape[1] - 1
+    assert dense.skip_fraction is None and dense.route_fraction is None
+    assert dense.prefill_tps > 0 and dense.decode_tps > 0 and dense.peak_bytes > 0
+    assert ratios(dense, small)["kv_bytes_per_token"] == small.kv_bytes_per_token / dense.kv_bytes_per_token
+
+
+def test_greedy_agreement_and_full_precision_window():
+    gm, ids = _gm()
+    same = greedy_agreement(gm, gm, ids[:, :8], 4, None)
+    assert same == {"tokens": 4, "agreement": 1.0, "first_difference": None}
+    spec = "route-attention{window=24}, quantize-kv{method=kivi,bits=2,residual=32,sink=4}"
+    assert full_precision_window(build_passes(spec)) == 36
+    assert full_precision_window(build_passes("fuse-attention")) == 0
