@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-
 from torch import fx
 
 from condfx.options import Float, Int, check_options

@@ -31,7 +31,6 @@ from condfx.passes.report import estimate_cost
 from condfx.patterns import find_regions
 from condfx.patterns.routed import RoutedLayer, find_routed_layers
 
-
 _BOUNDS = MappingProxyType({"max_fraction": Float(0.0, 1.0)})
 
 

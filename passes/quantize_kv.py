@@ -71,8 +71,8 @@ from torch import fx
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
 from condfx.layouts import FullKVLayout
 from condfx.passes._insert import erase_unused, remove_dead_calls
-from condfx.passes.decode.base import kv_shape
 from condfx.passes.base import GraphSnapshot, Pass, PassError, PassReport, PassResult
+from condfx.passes.decode.base import kv_shape
 from condfx.passes.graph_builder import GraphBuilder
 from condfx.passes.kv_quant.common import ATTENTION, FQ, QCA, LayerBits, hadamard, rotation
 from condfx.passes.kv_quant.config import (
@@ -216,7 +216,9 @@ def _routed_globals(gm: fx.GraphModule, cfg: QuantizeKVConfig) -> list[RoutedLay
 def layout_bytes_per_token(gm: fx.GraphModule, context: int) -> float:
     """Bytes per token at ``context`` tokens of the caches ``add-kv-cache`` would build for ``gm``:
     every cached-attention op's layout (``passes/decode_rules.DECODE_RULES``), batch 1."""
-    from condfx.passes.decode_rules import DECODE_RULES  # lazily: the rules import this package's plans
+    from condfx.passes.decode_rules import (
+        DECODE_RULES,  # lazily: the rules import this package's plans
+    )
 
     ops = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in DECODE_RULES]
     total = 0
