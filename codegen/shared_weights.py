@@ -53,10 +53,11 @@ def _align(offset: int, nbytes: int) -> int:
 
 def _move_out(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
     """Points ``tensor`` at ``length`` bytes at ``offset`` of ``location``, dropping its inline data."""
-    for name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
-                 "uint64_data", "string_data"):
-        tensor.ClearField(name)
+    for name in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+        tensor.ClearField(name)  # float16 / bfloat16 tensors may hold their values in int32_data
+    tensor.raw_data = b"\0"  # onnx's helper wants a raw_data field to replace
     external_data_helper.set_external_data(tensor, location, offset=offset, length=length)
+    tensor.ClearField("raw_data")
     tensor.data_location = onnx.TensorProto.EXTERNAL
 
 
