@@ -598,7 +598,8 @@ def export_cmd(args: argparse.Namespace) -> dict:
     files = bundle.manifest["files"]
     result = {
         "model": args.model, "output": str(bundle.out_dir), "passes": args.passes,
-        "files": sorted([f["path"] for f in files.values()] + ["condfx_manifest.json"]),
+        "files": sorted({f[k] for f in files.values() for k in ("path", "external_data") if f.get(k)}
+                        | {"condfx_manifest.json"}),
         "custom_ops": bundle.decode.custom_ops, "layers": len(bundle.manifest["layers"]),
         "max_abs_diff": bundle.max_abs_diff, "diffs": bundle.diffs,
         "seconds": round(time.perf_counter() - t0, 2),

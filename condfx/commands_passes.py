@@ -110,7 +110,9 @@ def describe_pass(name: str, cls: type) -> dict[str, Any]:
                for f in (dataclasses.fields(config) if config else ())]
     exact = bool(getattr(cls, "exact", False))
     needs = getattr(cls, "needs", None)
-    needs = getattr(needs, "value", needs) or ("nothing" if exact else NEEDS.get(name, "nothing"))
+    needs = getattr(needs, "value", needs)
+    if needs in (None, "", "none"):  # the pass class does not say: the fallback table
+        needs = "nothing" if exact else NEEDS.get(name, "nothing")
     about = _first_line(cls.__doc__).replace("``", "")
     about = about[len(name) + 2:] if about.startswith(f"{name}: ") else about
     return {"name": name, "description": about, "exact": exact, "needs": str(needs),

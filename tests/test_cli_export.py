@@ -35,7 +35,7 @@ def exported(tmp_path_factory):
 def test_export_writes_files_and_manifest(exported):
     model, folder, out, _ = exported
     names = sorted(p.name for p in folder.iterdir())
-    assert names == ["condfx_manifest.json", "decode.onnx", "prefill.onnx"]
+    assert names == ["condfx_manifest.json", "decode.onnx", "prefill.onnx", "weights.data"]
     manifest = json.loads((folder / "condfx_manifest.json").read_text())
     assert manifest["model"]["name"] == "stories260K" and manifest["model"]["spec"] == model
     assert manifest["vocab_size"] == 512 and manifest["max_seq_len"] == 512

@@ -46,6 +46,7 @@ def _quiet(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+@pytest.mark.slow  # about 50 s on the loaded 2-core machine
 def test_skip_ffn_is_calibrated_for_the_target_inside_apply():
     gm, ids = _stories()
     budget = Budget(tokens=512, seq_len=128, skip_target=0.25)
@@ -84,6 +85,7 @@ def test_klt_statistics_are_recorded_by_the_pipeline_and_kivi_needs_none():
     assert kivi.calibrations[1].need is Need.NONE and not kivi.calibrations[1].state
 
 
+@pytest.mark.slow  # about 30 s
 def test_route_attention_trains_prune_global_calibrates_and_the_state_round_trips(tmp_path):
     gm, ids = _mqar()
     budget = Budget(tokens=256, seq_len=16, steps=3, route_target=0.3)

@@ -102,14 +102,14 @@ def _one_line_error(capsys, *argv: str) -> str:
 
 
 def test_cli_optimize_fails_when_the_rewrite_is_not_finite(capsys, tmp_path, monkeypatch):
-    real = commands._apply
+    real = commands._apply_calibrated
 
-    def poisoned(gm, spec, allow_partial=False):
-        result = real(gm, spec, allow_partial)
+    def poisoned(gm, args, calib, progress, on_pass):
+        result = real(gm, args, calib, progress, on_pass)
         _nan_weights(result.graph_module)
         return result
 
-    monkeypatch.setattr(commands, "_apply", poisoned)
+    monkeypatch.setattr(commands, "_apply_calibrated", poisoned)
     line = _one_line_error(capsys, "optimize", "llama-tiny", "--passes", "fuse-attention", "-o", str(tmp_path), "--json")
     assert "Verification of the optimized model failed: max |logit diff| against the original is nan" in line
     assert not (tmp_path / "model.pt2").exists()

@@ -92,7 +92,7 @@ def _logits(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-@pytest.mark.parametrize("kind", ["gemma3", "olmo2", "granite"])
+@pytest.mark.parametrize("kind", [pytest.param("gemma3", marks=pytest.mark.slow), "olmo2", "granite"])
 def test_numerics_initial_model_runs_attention_twice(kind):
     """Post-norm (applied to the global output too), no input norm and the residual multiplier."""
     model, report, routed = _route(kind)
@@ -126,7 +126,8 @@ def test_matches_parallel_block_adds_the_global_output_to_the_attention_branch()
         torch.testing.assert_close(_logits(routed(_ids())), model(_ids()), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["gemma3", "gemma2", "gpt_neox"])
+@pytest.mark.parametrize("kind", [pytest.param("gemma3", marks=pytest.mark.slow),
+                                  pytest.param("gemma2", marks=pytest.mark.slow), "gpt_neox"])
 def test_numerics_decode_matches_full_forward(kind):
     """add-kv-cache + the torch Session give the routed model's own logits, token by token."""
     _, _, routed = _route(kind)

@@ -86,7 +86,7 @@ def _check_form(model_type: str, path: str) -> None:
     assert (got - want).abs().max().item() > 1e-3  # the skipped layer mattered
 
 
-@pytest.mark.parametrize("form", sorted(FORMS))
+@pytest.mark.parametrize("form", [pytest.param(f, marks=pytest.mark.slow) if f != "opt" else f for f in sorted(FORMS)])
 def test_numerics_general_masked_ffn_matches_dense_and_zeroed(form):
     _check_form(*FORMS[form])
 

@@ -86,6 +86,7 @@ def test_bad_input_xquant_after_route_names_both_passes():
         condfx.apply(gm, "route-attention{window=8}, quantize-kv{method=xquant,bits=4,group=8}")
 
 
+@pytest.mark.slow  # builds the whole stack
 def test_bad_input_prune_after_quantize_names_both_passes():
     result, _, _ = _stacked()
     with pytest.raises(PassError, match="prune-global cannot follow quantize-kv"):
