@@ -1,4 +1,5 @@
-"""Triton forward kernel for ``condfx::attention``: causal / sliding-window attention with GQA.
+"""Triton forward kernels for ``condfx::attention`` (causal / sliding-window attention with GQA) and
+``condfx::routed_attention`` (the same kernel reading compact routed queries' positions).
 
 Provenance:
     FlashAttention-2 forward (Dao, 2023, https://arxiv.org/abs/2307.08691) as laid out in Triton's
@@ -17,6 +18,9 @@ Supported:
       indexed, never repeated in memory.
     * Arbitrary strides (all four strides of every tensor are passed), so transposed or sliced
       inputs need no copy.
+    * Routed queries (``routed_attention_fwd``, constexpr ``HAS_POS``): the query rows are a compact,
+      position-sorted subset, and each row's absolute position is loaded from ``Pos`` instead of
+      derived from its index; a block streams keys up to its last row's position only.
 
 Caveats:
     * Forward only; ``condfx::attention``'s backward stays on the eager reference.
@@ -107,9 +111,10 @@ def _attention_fwd_kernel(
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
+    Pos, stride_pb, stride_pt,
     n_heads, q_len, kv_len, group_size, window, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, HAS_POS: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -118,10 +123,15 @@ def _attention_fwd_kernel(
     off_hkv = off_h // group_size  # GQA: index the shared K/V head, never repeat it
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query rows
     offs_d = tl.arange(0, HEAD_DIM)
-    pos_m = offs_m + (kv_len - q_len)  # absolute positions: queries align to the end of the keys
+    row_ok = offs_m < q_len
+    if HAS_POS:
+        # compact routed queries: each row's absolute position is read, sorted, -1 on padding rows
+        # (which then see no key and are stored as 0)
+        pos_m = tl.load(Pos + off_b * stride_pb + offs_m * stride_pt, mask=row_ok, other=-1)
+    else:
+        pos_m = offs_m + (kv_len - q_len)  # absolute positions: queries align to the end of the keys
     # first visible key per row (pos - window + 1, or 0 without a window), hoisted out of the loop
     first_m = tl.where(window > 0, pos_m - window + 1, 0)  # (BLOCK_M,)
-    row_ok = offs_m < q_len
 
     q_ptrs = Q + off_b * stride_qb + off_h * stride_qh
     q_ptrs = q_ptrs + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
@@ -132,8 +142,12 @@ def _attention_fwd_kernel(
     v_base = V + off_b * stride_vb + off_hkv * stride_vh
 
     # keys this block can see: [first row's window start, last valid row's position]
-    first_pos = start_m * BLOCK_M + (kv_len - q_len)
-    hi = tl.minimum(start_m * BLOCK_M + BLOCK_M, q_len) + (kv_len - q_len)
+    if HAS_POS:
+        first_pos = tl.min(tl.where(row_ok & (pos_m >= 0), pos_m, kv_len), 0)
+        hi = tl.max(pos_m, 0) + 1
+    else:
+        first_pos = start_m * BLOCK_M + (kv_len - q_len)
+        hi = tl.minimum(start_m * BLOCK_M + BLOCK_M, q_len) + (kv_len - q_len)
     lo = tl.where(window > 0, tl.maximum(first_pos - window + 1, 0), 0)
     lo = (lo // BLOCK_N) * BLOCK_N
 
@@ -282,22 +296,84 @@ def attention_fwd(
     if window < 0:
         msg = f"attention_fwd: window must be >= 0 (0 = no window); got {window}."
         raise ValueError(msg)
+    return _launch(q, k, v, scale, window, None, _launch_config(q.dtype, q.shape[3], block_m, block_n))
+
+
+def _launch(q, k, v, scale, window, pos, cfg: _LaunchConfig) -> torch.Tensor:
+    """Launches ``_attention_fwd_kernel`` on checked inputs; ``pos`` (B, T) int32 or None."""
     b, h, t, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
-    cfg = _launch_config(q.dtype, d, block_m, block_n)
     out = torch.empty((b, h, t, d), dtype=q.dtype, device=q.device)  # (B, H, T, D)
     if out.numel() == 0:
         return out
+    if pos is None:  # the dummy pointer must live on the kernel's device
+        pos_args = (torch.empty(1, dtype=torch.int32, device=q.device), 0, 0)
+    else:
+        pos_args = (pos, *pos.stride())
     grid = (triton.cdiv(t, cfg.block_m), b * h)
     _attention_fwd_kernel[grid](
         q, k, v, out,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *pos_args,
         h, t, s, h // hkv, int(window), float(scale) * _LOG2E,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=d, INPUT_PRECISION=cfg.input_precision,
-        DOT_FP32=cfg.dot_fp32,
+        DOT_FP32=cfg.dot_fp32, HAS_POS=pos is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
+
+
+def routed_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    route: torch.Tensor,
+    scale: float,
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:
+    """The ``condfx::routed_attention`` forward: full causal attention for routed queries only.
+
+    The routed rows of each batch row are compacted (``nonzero``, position order) and padded to the
+    longest batch row with position -1; the kernel reads each compact row's absolute position, so a
+    block of compact queries streams keys only up to its last routed position (work about N x S / 2
+    for N routed queries, never T x S). Padding rows see no key. The result is scattered into zeros.
+
+    Args:
+        q: (B, H, T, D) queries; k, v: (B, Hkv, S, D), T <= S, queries end-aligned to the keys.
+        route: (B, T) bool, True where the query attends.
+        scale: multiplier of q @ k^T.
+        block_m / block_n: as in ``attention_fwd``.
+
+    Returns:
+        (B, H, T, D) in q's dtype: attention on routed rows, exactly 0 elsewhere.
+
+    Raises:
+        ValueError: unsupported inputs (see ``is_supported``) or a route that is not (B, T) bool.
+    """
+    ok, reason = is_supported(q, k, v)
+    if not ok:
+        raise ValueError(reason)
+    b, h, t, d = q.shape
+    if route.dtype != torch.bool or tuple(route.shape) != (b, t):
+        msg = f"routed_attention_fwd: route must be a ({b}, {t}) bool tensor; got {route.dtype} {tuple(route.shape)}."
+        raise ValueError(msg)
+    counts = route.sum(dim=1)  # (B,)
+    n = int(counts.max()) if b else 0
+    out = torch.zeros_like(q)  # (B, H, T, D)
+    if n == 0:
+        return out
+    # stable sort puts routed rows first, in position order: (B, T) row indices
+    order = torch.sort((~route).to(torch.int8), dim=1, stable=True).indices[:, :n]  # (B, N)
+    valid = torch.arange(n, device=q.device)[None, :] < counts[:, None]  # (B, N)
+    pos = torch.where(valid, order + (k.shape[2] - t), -1).to(torch.int32)  # (B, N) absolute
+    gather = order[:, None, :, None].expand(b, h, n, d)  # (B, H, N, D)
+    qc = torch.gather(q, 2, gather)  # (B, H, N, D) compact queries
+    cfg = _launch_config(q.dtype, d, block_m, block_n)
+    oc = _launch(qc, k, v, scale, 0, pos, cfg)  # (B, H, N, D), exactly 0 on padding rows
+    # padding rows point at distinct unrouted rows (order is a permutation) and carry 0 there
+    return out.scatter_(2, gather, oc)
 
 
 def attention_reference(
@@ -339,16 +415,32 @@ def _attention_cuda(
     return ops_reference(q, k, v, scale, window, softcap, alibi_slopes, sinks)
 
 
-def register():
-    """Registers ``attention_fwd`` as the CUDA kernel of ``torch.ops.condfx.attention``.
+def _routed_attention_cuda(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, route: torch.Tensor, scale: float,
+    softcap: float = 0.0, alibi_slopes: list[float] | None = None, sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """CUDA kernel of ``condfx::routed_attention``: Triton when supported, else the eager reference."""
+    plain = not softcap and alibi_slopes is None and sinks is None
+    if plain and is_supported(q, k, v)[0]:
+        return routed_attention_fwd(q, k, v, route, scale)
+    from condfx.ops.routed_attention import routed_attention_reference
 
-    Unsupported inputs (e.g. head dim 80 or float64) fall back to the op's eager reference.
-    Calling it again re-registers the same function. Not called at import time.
+    return routed_attention_reference(q, k, v, route, scale, softcap, alibi_slopes, sinks)
+
+
+def register():
+    """Registers the CUDA kernels of ``torch.ops.condfx.attention`` (``attention_fwd``) and
+    ``torch.ops.condfx.routed_attention`` (``routed_attention_fwd``).
+
+    Unsupported inputs (e.g. head dim 80, float64 or a score option) fall back to the op's eager
+    reference. Calling it again re-registers the same functions. Not called at import time.
 
     Returns:
-        The registered function, ``(q, k, v, scale, window=0, softcap=0.0, alibi_slopes=None, sinks=None) -> out``.
+        The registered ``condfx::attention`` function,
+        ``(q, k, v, scale, window=0, softcap=0.0, alibi_slopes=None, sinks=None) -> out``.
     """
-    import condfx.ops  # noqa: F401  (defines condfx::attention)
+    import condfx.ops  # noqa: F401  (defines condfx::attention and condfx::routed_attention)
 
     torch.library.register_kernel("condfx::attention", "cuda", _attention_cuda)
+    torch.library.register_kernel("condfx::routed_attention", "cuda", _routed_attention_cuda)
     return _attention_cuda

@@ -295,6 +295,7 @@ def test_matches_register_cuda_kernel():
     fn = shared.register()
     assert shared.register() is fn  # idempotent
     assert torch._C._dispatch_has_kernel_for_dispatch_key("condfx::attention", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("condfx::routed_attention", "CUDA")
     # the registered function (here the copy under test): Triton when supported, else the reference
     q, k, v = _inputs(1, 4, 2, 5, 9, 16, torch.float32)
     ref = tri.attention_reference(q, k, v, 0.25, 4)
@@ -302,6 +303,46 @@ def test_matches_register_cuda_kernel():
     q8, k8, v8 = (x[..., :8] for x in (q, k, v))  # head dim 8 is unsupported
     ref8 = tri.attention_reference(q8, k8, v8, 0.25)
     torch.testing.assert_close(tri._attention_cuda(q8, k8, v8, 0.25), ref8, atol=1e-5, rtol=1e-5)
+
+
+def _routed_inputs(b, h, hkv, t, s, d, dtype, density, seed=0):
+    q, k, v = _inputs(b, h, hkv, t, s, d, dtype, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    route = (torch.rand(b, t, generator=gen) < density).to(DEVICE)  # (B, T)
+    return q, k, v, route
+
+
+ROUTED_CASES = [  # (B, H, Hkv, T, S, D, density)
+    (2, 4, 2, 37, 37, 16, 0.4),  # prefill, GQA, batch rows with different routed counts
+    (1, 2, 1, 5, 40, 32, 0.6),  # chunked decode: queries end-aligned to longer keys
+    (2, 3, 3, 20, 33, 16, 0.0),  # nothing routed: all zeros, no launch
+    (1, 2, 2, 33, 33, 16, 1.0),  # everything routed: equals causal attention
+]
+
+
+@pytest.mark.parametrize("case", ROUTED_CASES, ids=lambda c: "B{}H{}Hkv{}T{}S{}D{}p{}".format(*c))
+def test_numerics_routed_matches_ops_reference(case):
+    from condfx.ops.routed_attention import routed_attention_reference
+
+    *shape, density = case
+    q, k, v, route = _routed_inputs(*shape, torch.float32, density)
+    route[-1, 0] = density > 0  # a batch row whose first query routes (position 0 sees one key)
+    out = tri.routed_attention_fwd(q, k, v, route, 0.25)
+    ref = routed_attention_reference(q.cpu(), k.cpu(), v.cpu(), route.cpu(), 0.25)
+    torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
+    assert not out.transpose(1, 2)[~route].any()  # unrouted rows are exactly 0
+    if density == 1.0:
+        torch.testing.assert_close(out, tri.attention_reference(q, k, v, 0.25), atol=1e-4, rtol=1e-4)
+
+
+def test_routed_cuda_kernel_falls_back_for_score_options():
+    from condfx.ops.routed_attention import routed_attention_reference
+
+    q, k, v, route = _routed_inputs(1, 4, 2, 9, 9, 16, torch.float32, 0.5)
+    with pytest.raises(ValueError, match=r"route must be a \(1, 9\) bool tensor"):
+        tri.routed_attention_fwd(q, k, v, route.float(), 0.25)
+    ref = routed_attention_reference(q, k, v, route, 0.25, softcap=5.0)
+    torch.testing.assert_close(tri._routed_attention_cuda(q, k, v, route, 0.25, softcap=5.0), ref)
 
 
 # Compiles the kernel for sm_90 (ptxas ships with Triton, so no GPU is needed) in a fresh process,
@@ -312,29 +353,34 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 from condfx.codegen.triton.attention import _attention_fwd_kernel as kernel
 
-constexprs = {"BLOCK_M": 128, "BLOCK_N": 64, "HEAD_DIM": 64, "INPUT_PRECISION": "tf32",
-              "DOT_FP32": False}
-signature = {name: "*fp16" for name in ("Q", "K", "V", "Out")}
-signature.update({name: "i32" for name in kernel.arg_names if name not in signature})
-signature.update({name: "constexpr" for name in constexprs}, qk_scale="fp32")
-src = ASTSource(kernel, signature, constexprs=constexprs)
-out = compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
-ttir, ptx = out.asm["ttir"], out.asm["ptx"]
-print(json.dumps({"dots": ttir.count("tt.dot"), "loops": ttir.count("scf.for"),
-                  "exp2": "math.exp2" in ttir, "mma": "mma" in ptx, "shared": out.metadata.shared}))
+facts = []
+for has_pos in HAS_POS:  # False: condfx::attention; True: condfx::routed_attention's compact queries
+    constexprs = {"BLOCK_M": 128, "BLOCK_N": 64, "HEAD_DIM": 64, "INPUT_PRECISION": "tf32",
+                  "DOT_FP32": False, "HAS_POS": has_pos}
+    signature = {name: "*fp16" for name in ("Q", "K", "V", "Out")}
+    signature["Pos"] = "*i32"
+    signature.update({name: "i32" for name in kernel.arg_names if name not in signature})
+    signature.update({name: "constexpr" for name in constexprs}, qk_scale="fp32")
+    src = ASTSource(kernel, signature, constexprs=constexprs)
+    out = compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+    ttir, ptx = out.asm["ttir"], out.asm["ptx"]
+    facts.append({"dots": ttir.count("tt.dot"), "loops": ttir.count("scf.for"),
+                  "exp2": "math.exp2" in ttir, "mma": "mma" in ptx, "shared": out.metadata.shared})
+print(json.dumps(facts))
 """
 
 
-def test_golden_compiles_for_sm90_without_gpu(tmp_path):
+@pytest.mark.parametrize("has_pos", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_golden_compiles_for_sm90_without_gpu(tmp_path, has_pos):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
     proc = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=ROOT,
+        [sys.executable, "-c", f"HAS_POS = ({has_pos},)\n" + _COMPILE_SCRIPT], env=env, cwd=ROOT,
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    facts = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert facts["dots"] == 2 and facts["loops"] == 1, facts  # QK^T and PV inside one key loop
-    assert facts["exp2"], facts
-    assert facts["mma"], facts  # fp16 dots reach the tensor cores
-    assert facts["shared"] <= 227 * 1024, facts  # fits an H100's shared memory per block
+    for facts in json.loads(proc.stdout.strip().splitlines()[-1]):
+        assert facts["dots"] == 2 and facts["loops"] == 1, facts  # QK^T and PV inside one key loop
+        assert facts["exp2"], facts
+        assert facts["mma"], facts  # fp16 dots reach the tensor cores
+        assert facts["shared"] <= 227 * 1024, facts  # fits an H100's shared memory per block
