@@ -1,10 +1,11 @@
-"""Triton ``condfx::attention`` forward vs torch SDPA (causal, GQA) on SmolLM2 head shapes.
+"""Triton ``condfx::attention`` and ``condfx::routed_attention`` forwards vs torch SDPA (causal, GQA;
+SDPA picks its FlashAttention-2 kernel on a GPU for these shapes) on SmolLM2 head shapes.
 
 SmolLM2 heads: 9 query heads, 3 key/value heads, head dim 64; batch 1, float16, prefill (T == S).
 Both sides get the same un-repeated K/V (SDPA through ``enable_gqa=True``). Needs a CUDA GPU; on a
 machine without one it prints one line saying so and exits 0. Run:
 
-    python benchmarks/attention_triton.py                       # 1K..32K tokens, markdown table
+    python benchmarks/attention_triton.py                       # 1K..128K tokens, markdown table
     python benchmarks/attention_triton.py --json
     python benchmarks/attention_triton.py --interpret           # CPU interpreter, tiny sizes:
                                                                 # the code path, not the speed
@@ -22,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-SEQ_LENS = (1024, 2048, 4096, 8192, 16384, 32768)
+SEQ_LENS = (1024, 4096, 16384, 32768, 65536, 131072)
 INTERPRET_SEQ_LENS = (16, 33)
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -43,8 +44,10 @@ def _time_ms(fn, device: str, warmup: int, reps: int) -> float:
     return statistics.median(times)
 
 
-def measure(kernel_module, seq_len: int, dtype: torch.dtype, device: str, warmup: int, reps: int):
-    """Times one prefill of ``seq_len`` tokens with both implementations.
+def measure(kernel_module, seq_len: int, dtype: torch.dtype, device: str, warmup: int, reps: int,
+            routed: float = 0.2):
+    """Times one prefill of ``seq_len`` tokens: the Triton kernel, SDPA, and the Triton routed kernel
+    with a random ``routed`` fraction of the queries going global (L2A's global branch).
 
     Returns:
         A dict with the sizes, milliseconds per implementation, their ratio and max abs difference.
@@ -62,13 +65,22 @@ def measure(kernel_module, seq_len: int, dtype: torch.dtype, device: str, warmup
     def sdpa_fn():
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
 
+    route = torch.rand(1, n, generator=gen) < routed  # (B, T): L2A's routed queries
+    route = route.to(device)
+
+    def routed_fn():
+        return kernel_module.routed_attention_fwd(q, k, v, route, scale)
+
     diff = (triton_fn().float() - sdpa_fn().float()).abs().max().item()
+    routed_diff = (routed_fn().float() - sdpa_fn().float()).transpose(1, 2)[route].abs().max().item()
     triton_ms = _time_ms(triton_fn, device, warmup, reps)
     sdpa_ms = _time_ms(sdpa_fn, device, warmup, reps)
+    routed_ms = _time_ms(routed_fn, device, warmup, reps)
     return {
         "tokens": seq_len, "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
         "dtype": str(dtype).removeprefix("torch."), "triton_ms": triton_ms, "sdpa_ms": sdpa_ms,
-        "triton_over_sdpa": triton_ms / sdpa_ms, "max_abs_diff": diff,
+        "triton_over_sdpa": triton_ms / sdpa_ms, "max_abs_diff": diff, "routed": routed,
+        "routed_ms": routed_ms, "sdpa_over_routed": sdpa_ms / routed_ms, "routed_max_abs_diff": routed_diff,
     }
 
 
@@ -77,13 +89,15 @@ def _table(rows: list[dict], device_name: str) -> str:
         f"condfx Triton attention vs torch SDPA on {device_name} "
         f"(B=1, H={HEADS}, Hkv={KV_HEADS}, D={HEAD_DIM}, causal prefill)",
         "",
-        "| tokens | dtype | triton ms | SDPA ms | triton / SDPA | max abs diff |",
-        "|---:|:---|---:|---:|---:|---:|",
+        "| tokens | dtype | triton ms | SDPA ms | triton / SDPA | max abs diff | routed | routed ms "
+        "| SDPA / routed | routed max abs diff |",
+        "|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['tokens']} | {r['dtype']} | {r['triton_ms']:.3f} | {r['sdpa_ms']:.3f} | "
-            f"{r['triton_over_sdpa']:.2f} | {r['max_abs_diff']:.1e} |"
+            f"{r['triton_over_sdpa']:.2f} | {r['max_abs_diff']:.1e} | {r['routed']:.0%} | "
+            f"{r['routed_ms']:.3f} | {r['sdpa_over_routed']:.2f} | {r['routed_max_abs_diff']:.1e} |"
         )
     return "\n".join(lines)
 
@@ -96,6 +110,7 @@ def _parse(argv):
     p.add_argument("--seq-lens", type=int, nargs="+", default=None,
                    help=f"token counts (default {SEQ_LENS}; {INTERPRET_SEQ_LENS} with --interpret)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
+    p.add_argument("--routed", type=float, default=0.2, help="fraction of queries the routed kernel runs")
     p.add_argument("--warmup", type=int, default=25, help="warm-up milliseconds (GPU)")
     p.add_argument("--reps", type=int, default=100, help="timed milliseconds (GPU)")
     return p.parse_args(argv)
@@ -119,7 +134,7 @@ def main(argv=None) -> int:
 
     seq_lens = args.seq_lens or (INTERPRET_SEQ_LENS if args.interpret else SEQ_LENS)
     dtype = DTYPES[args.dtype]
-    rows = [measure(kernel_module, n, dtype, device, args.warmup, args.reps) for n in seq_lens]
+    rows = [measure(kernel_module, n, dtype, device, args.warmup, args.reps, args.routed) for n in seq_lens]
     if args.json:
         print(json.dumps({"device": device_name, "rows": rows}, indent=2))
     else:
