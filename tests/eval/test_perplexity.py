@@ -109,6 +109,7 @@ def test_greedy_truncates_from_the_left_and_stops():
     assert greedy(model, None, [3], 9, stop_ids=(6,)) == [4, 5, 6]
 
 
+@pytest.mark.slow  # 200 stories at context 512; about a minute even on a quiet machine
 def test_golden_stories260k_nll_over_first_200_stories():
     from condfx.models_zoo import load
 

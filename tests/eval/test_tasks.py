@@ -111,6 +111,7 @@ def test_train_mqar_model_runs_and_is_scored():
     assert 0.0 <= mqar_accuracy(model, cfg, n=8, seed=0) <= 1.0
 
 
+@pytest.mark.slow  # 250 training steps; test_build_mqar_model_loads_trained_parameters covers the code path
 def test_train_mqar_model_learns_recall():
     # the Zoology layout (query values only as targets) is learnt in ~200 steps; with the value as an
     # input after its query key, training sat at ~50 % (eliminating values already answered)
