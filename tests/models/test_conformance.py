@@ -23,19 +23,19 @@ from condfx.patterns import find_regions
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # model type -> attention implementation; the form each one covers is in the comment.
-REPRESENTATIVE = {
+REPRESENTATIVE = {  # CI: four rows, about 30 s each on a 2-core machine
     "llama": "sdpa",  # the reference form: RMSNorm, SwiGLU, RoPE, GQA
     "gemma3_text": "sdpa",  # offset RMSNorm (1 + w), sandwich norms, QK-norm, all layers windowed
-    "mistral": "sdpa",  # every layer windowed
     "qwen2_moe": "sdpa",  # MoE with a shared expert
     "gptj": "sdpa",  # parallel attention + MLP, partial interleaved RoPE
+}
+SLOW_FORMS = {
+    "mistral": "sdpa",  # every layer windowed
     "opt": "sdpa",  # learned positions from a cumsum of ones, ReLU MLP
     "gpt2": "eager",  # fused qkv (Conv1D), eager attention
     "granite": "sdpa",  # residual_multiplier: x + out * s
     "olmo2": "sdpa",  # post-norms only, QK-norm over all heads
     "cohere": "sdpa",  # LayerNorm without bias, parallel block, interleaved RoPE
-}
-SLOW_FORMS = {
     "mixtral": "sdpa",  # MoE without a shared expert
     "phi3": "sdpa",  # fused qkv and gate_up
     "bloom": "eager",  # ALiBi
