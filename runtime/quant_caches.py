@@ -398,19 +398,19 @@ def kivi_attend(q, k_codes, k_scale, k_zero, k_fp, v_codes, v_scale, v_zero, v_f
     qks = (qs * ks).reshape(b, hkv, ng, rep, d // slots, slots).permute(5, 0, 1, 2, 4, 3)  # (S, .., D/S, R)
     s_quant = (kc @ qks).sum(0) + (qs * kz).sum(-1).unsqueeze(3)  # (B, Hkv, ng, g, R)
     s_fp = k_fp.float() @ qs[:, :, 0].transpose(-1, -2)  # (B, Hkv, Nf, R)
-    p = torch.softmax(torch.cat([s_quant.reshape(b, hkv, nk, rep), s_fp], 2), 2)  # (B, Hkv, N, R)
+    scores = torch.cat([s_quant.reshape(b, hkv, nk, rep), s_fp], 2).transpose(2, 3)  # (B, Hkv, R, N)
+    p = torch.softmax(scores, -1)
     nv, gv, w = v_codes.shape[1], c // group, group // slots  # V quantizes per token: its own count
-    head = torch.arange(gv, device=q.device) * group // d  # the head of each value group
-    pv = p[:, head, :nv].permute(0, 1, 3, 2)  # (B, Gv, R, Nv)
-    vs, vz = v_scale.float().transpose(1, 2).unsqueeze(2), v_zero.float().transpose(1, 2).unsqueeze(2)
-    # every value group's weighted probabilities against every column of each slot (one GEMM per
-    # slot, Gv times the needed work but contiguous), then each group keeps its own columns
     vc = unpack_planes(v_codes, bits, "v")  # (S, B, Nv, C / S)
-    full = (pv * vs).reshape(1, b, gv * rep, nv) @ vc  # (S, B, Gv * R, C / S)
-    full = full.reshape(slots, b, gv, rep, gv, w).diagonal(dim1=2, dim2=4)  # (S, B, R, w, Gv)
-    out_q = full.permute(1, 4, 2, 3, 0).reshape(b, gv, rep, group)  # channel slots * jj + i of the group
-    out_q = out_q + (pv * vz).sum(-1, keepdim=True)  # (B, Gv, R, g)
+    vs, vz = v_scale.float().transpose(1, 2).unsqueeze(2), v_zero.float().transpose(1, 2).unsqueeze(2)
+    outs = []
+    for gi in range(gv):  # value group gi: its head's probabilities, its own columns of each slot
+        pv = p[:, gi * group // d, :, :nv]  # (B, R, Nv)
+        cols = vc[:, :, :, gi * w : (gi + 1) * w]  # (S, B, Nv, w), a strided view: no copy
+        part = (pv * vs[:, gi]).unsqueeze(0) @ cols + (pv * vz[:, gi]).sum(-1, keepdim=True)  # (S, B, R, w)
+        outs.append(part.permute(1, 2, 3, 0).reshape(b, rep, group))  # channel slots * jj + i
+    out_q = torch.stack(outs, 1)  # (B, Gv, R, g)
     out_q = out_q.reshape(b, hkv, d // group, rep, group).transpose(2, 3).reshape(b, hkv, rep, d)
     vf = v_fp.float().reshape(b, -1, hkv, d).transpose(1, 2)  # (B, Hkv, Nf, D)
-    out = out_q + p[:, :, nv:].transpose(-1, -2) @ vf  # (B, Hkv, R, D)
+    out = out_q + p[..., nv:] @ vf  # (B, Hkv, R, D)
     return out.reshape(b, h, 1, d)
