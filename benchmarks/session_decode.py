@@ -37,7 +37,7 @@ def _engines(args):
 
         def __init__(self, gm):
             super().__init__(gm)
-            self.runner = gm
+            self.runner, self.in_place = gm, 0  # its caches keep each present as it is
 
     graph = Session(GraphAsWritten(session.backend.gm), max_seq_len=session.max_seq_len)
     ids = torch.randint(0, 49000, (1, args.prompt), generator=torch.Generator().manual_seed(0))

@@ -19,7 +19,8 @@ Kinds (TECHNIQUES.md section 8, item 3, "runtime state schema"):
     * ``GraphStreamCache`` (``runtime/quant_caches.py``; KIVI and XQuant): the packed codes, float16
       scales and zero points and full-precision tail of each stream, which the decode graph reads
       and updates itself; ``KIVICache`` / ``XQuantCache`` there keep the same policies eagerly.
-  Growth in place: ``FullKVCache`` (and ``InterleavedKVCache``) keep K and V in *arenas*, buffers
+  Growth in place (``grow_in_place``, which the torch Session sets): ``FullKVCache`` (and
+  ``InterleavedKVCache``) keep K and V in *arenas*, buffers
   (B, Hkv, capacity, D) of which ``past()`` is the valid prefix (a view, no copy). The torch
   Session's decode graph appends through ``append_kv`` instead of ``cat``: when the past is the
   prefix of an arena with room it writes the new positions into the arena and returns the longer
@@ -178,9 +179,14 @@ class LayerCache(abc.ABC):
 
 
 class FullKVCache(LayerCache):
-    """Every position's K and V, in arenas (see the module docstring): ``update`` keeps a present
-    that is already an arena prefix (``append_kv`` grew it) without copying, and copies any other
-    present (a prefill through ``cat``, an arena that was full) into a new arena."""
+    """Every position's K and V. With ``grow_in_place`` (the torch Session sets it when its decode
+    graph appends through ``append_kv``) they live in arenas (see the module docstring): ``update``
+    keeps a present that is already an arena prefix without copying and copies any other present
+    (a prefill through ``cat``, an arena that was full) into a new arena. Without it (the default,
+    and the ONNX Runtime backend, whose presents are fresh contiguous arrays) ``update`` keeps the
+    present as it is."""
+
+    grow_in_place: bool = False
 
     def __init__(
         self,
@@ -206,7 +212,11 @@ class FullKVCache(LayerCache):
         self._keep(present_k, present_v)
 
     def _keep(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Stores k and v as arena prefixes (no copy when they already are)."""
+        """Stores k and v: as they are, or as arena prefixes when the cache grows in place (no copy
+        when they already are)."""
+        if not self.grow_in_place:
+            self.k, self.v = k, v
+            return
         self.k = k if is_arena_prefix(k) else to_arena(k)
         self.v = v if is_arena_prefix(v) else to_arena(v)
 

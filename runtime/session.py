@@ -34,7 +34,7 @@ import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
 from condfx.codegen.bundle import graph_vocab_size
 from condfx.layouts import CacheLayout, decode_layouts, is_decode_form
 from condfx.runtime.cache_table import make_cache
-from condfx.runtime.caches import CacheSet, append_kv
+from condfx.runtime.caches import CacheSet, FullKVCache, InterleavedKVCache, append_kv
 from condfx.runtime.sampling import check_token_ids
 
 
@@ -173,6 +173,10 @@ class Session:
         self.reports = tuple(reports)
         self.device = getattr(backend, "device", torch.device("cpu"))
         self.caches = CacheSet([make_cache(layout, 1, self.device) for layout in backend.layers])
+        if getattr(backend, "in_place", 0):  # the graph appends through append_kv: caches keep arenas
+            for cache in self.caches:
+                if type(cache) in (FullKVCache, InterleavedKVCache):
+                    cache.grow_in_place = True
         self._started = False
 
     @classmethod

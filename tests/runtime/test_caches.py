@@ -41,6 +41,7 @@ def test_full_cache_append_grows_and_counts_bytes():
 
 def test_full_cache_grows_in_place_and_keeps_arena_presents_without_copy():
     cache = FullKVCache(B, HKV, D)
+    cache.grow_in_place = True
     k, v = _kv(5)
     cache.update(k, v)  # a present from cat: copied once into an arena
     past_k, past_v = cache.past()
@@ -52,6 +53,13 @@ def test_full_cache_grows_in_place_and_keeps_arena_presents_without_copy():
     cache.update(grown_k, grown_v)
     assert cache.past()[0] is grown_k and cache.length == 6
     assert cache.nbytes() == 2 * B * HKV * 6 * D * 4 < cache.reserved_nbytes()
+
+
+def test_full_cache_keeps_presents_as_they_are_unless_it_grows_in_place():
+    cache = FullKVCache(B, HKV, D)  # the default, and what the ONNX Runtime backend gets
+    k, v = _kv(5)
+    cache.update(k, v)
+    assert cache.past()[0] is k and not is_arena_prefix(cache.past()[0])
 
 
 def test_append_kv_concatenates_a_past_that_is_not_an_arena():
