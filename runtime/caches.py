@@ -25,8 +25,8 @@ Kinds (TECHNIQUES.md section 8, item 3, "runtime state schema"):
   Session's decode graph appends through ``append_kv`` instead of ``cat``: when the past is the
   prefix of an arena with room it writes the new positions into the arena and returns the longer
   prefix, so a decode step copies T positions, not P + T. Capacity grows by doubling (at least
-  ``MIN_CAPACITY``), so the copies of a whole generation are O(length) and at most half an arena is
-  spare. Any other past (a reordered cache, an ONNX tensor, a caller's own) is concatenated as before.
+  ``MIN_CAPACITY``, at most ``capacity_limit``: the Session's ``max_seq_len``), so the copies of a
+  whole generation are O(length) and at most half an arena is spare. Any other past (a reordered cache, an ONNX tensor, a caller's own) is concatenated as before.
   Every cache reports ``nbytes()``: the bytes of every tensor it holds, metadata included, equal to
   its layout's ``nbytes(length)``. Which cache a layer gets is ``runtime/cache_table.py``'s table
   ``{layout class: cache class}``; each cache class builds itself with ``from_layout``.
@@ -57,10 +57,12 @@ def _arena_of(past: torch.Tensor) -> torch.Tensor | None:
     return base if same else None
 
 
-def to_arena(x: torch.Tensor) -> torch.Tensor:
-    """``x`` (B, H, N, D) copied into a fresh arena with room to grow; returns its valid prefix."""
+def to_arena(x: torch.Tensor, limit: int | None = None) -> torch.Tensor:
+    """``x`` (B, H, N, D) copied into a fresh arena with room to grow (up to ``limit`` positions when
+    given, e.g. the model's context); returns its valid prefix."""
     n = int(x.shape[2])
     capacity = max(MIN_CAPACITY, 1 << max(n - 1, 0).bit_length())  # the power of two >= n
+    capacity = capacity if limit is None else max(n, min(capacity, limit))
     arena = x.new_empty((*x.shape[:2], capacity, *x.shape[3:]))
     setattr(arena, _ARENA_FLAG, True)
     arena[:, :, :n].copy_(x)
@@ -187,6 +189,7 @@ class FullKVCache(LayerCache):
     present as it is."""
 
     grow_in_place: bool = False
+    capacity_limit: int | None = None  # the most positions an arena reserves (the Session's max_seq_len)
 
     def __init__(
         self,
@@ -217,8 +220,8 @@ class FullKVCache(LayerCache):
         if not self.grow_in_place:
             self.k, self.v = k, v
             return
-        self.k = k if is_arena_prefix(k) else to_arena(k)
-        self.v = v if is_arena_prefix(v) else to_arena(v)
+        self.k = k if is_arena_prefix(k) else to_arena(k, self.capacity_limit)
+        self.v = v if is_arena_prefix(v) else to_arena(v, self.capacity_limit)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k_all, v_all = append_kv(self.k, k), append_kv(self.v, v)  # (B, Hkv, P + T, D)

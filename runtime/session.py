@@ -176,7 +176,7 @@ class Session:
         if getattr(backend, "in_place", 0):  # the graph appends through append_kv: caches keep arenas
             for cache in self.caches:
                 if type(cache) in (FullKVCache, InterleavedKVCache):
-                    cache.grow_in_place = True
+                    cache.grow_in_place, cache.capacity_limit = True, max_seq_len
         self._started = False
 
     @classmethod

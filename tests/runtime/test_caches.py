@@ -53,6 +53,10 @@ def test_full_cache_grows_in_place_and_keeps_arena_presents_without_copy():
     cache.update(grown_k, grown_v)
     assert cache.past()[0] is grown_k and cache.length == 6
     assert cache.nbytes() == 2 * B * HKV * 6 * D * 4 < cache.reserved_nbytes()
+    limited = FullKVCache(B, HKV, D)
+    limited.grow_in_place, limited.capacity_limit = True, 10  # a 10-token context reserves 10 positions
+    limited.update(k, v)
+    assert limited.reserved_nbytes() == 2 * B * HKV * 10 * D * 4
 
 
 def test_full_cache_keeps_presents_as_they_are_unless_it_grows_in_place():
