@@ -67,7 +67,8 @@ from torch import fx, nn
 import condfx.ops.kivi_cache as kivi_ops
 from condfx.data import data_file
 from condfx.models_zoo import load
-from condfx.runtime.session import Session
+from condfx.runtime.caches import append_kv
+from condfx.runtime.session import Session, decode_attention
 
 CACHES = ("fp32", "fp16", "kivi", "xquant")
 PARTS = ("model", "cache io", "stream", "remat", "attention")
@@ -115,7 +116,8 @@ def _node_parts(gm: fx.GraphModule) -> dict[fx.Node, str]:
     k/v path over the N cached tokens, including the RoPE tables of those N positions.
     """
     ops = torch.ops.condfx
-    attn = {ops.attention.default, ops.quantized_cache_attention.default, ops.kivi_cache_attention.default}
+    attn = {ops.attention.default, ops.quantized_cache_attention.default, ops.kivi_cache_attention.default,
+            decode_attention}
     placeholders = {n for n in gm.graph.nodes if n.op == "placeholder"}
     parts: dict[fx.Node, str] = {}
     for node in gm.graph.nodes:
@@ -123,7 +125,7 @@ def _node_parts(gm: fx.GraphModule) -> dict[fx.Node, str]:
             parts[node] = "stream"
         elif node.target in attn:
             parts[node] = "attention"
-        elif node.target is torch.ops.aten.cat.default and placeholders & set(node.all_input_nodes):
+        elif node.target in (torch.ops.aten.cat.default, append_kv) and placeholders & set(node.all_input_nodes):
             parts[node] = "cache io"
     streams = {n for n, p in parts.items() if p == "stream"}
     if not streams:
@@ -175,7 +177,7 @@ def _time_kivi_streams(timer: _TimedGraph):
 
 def _split_ms(session: Session, ids: torch.Tensor, steps: int) -> dict[str, float]:
     """ms per step by part, over ``steps`` real decode steps run node by node."""
-    timer = _TimedGraph(session.backend.gm)
+    timer = _TimedGraph(session.backend.runner)  # what the Session runs (K/V grown in place)
     io = 0.0
     with _time_kivi_streams(timer), torch.no_grad():
         for i in range(steps):

@@ -4,7 +4,10 @@ attending over it, at 4K and 8K context, SmolLM2 shapes (random weights), all me
 Per decoded token and layer, each cache is read the way its runtime does it and one query token
 (9 heads, GQA over 3 KV heads, head dim 64) attends over the result with SDPA:
     fp16       K/V stored float16, cast to float32 (``FullKVCache``)
-    kivi       packed K (per channel) and V (per token) dequantized (``KIVICache.past``)
+    kivi       packed K (per channel) and V (per token) dequantized (``KIVICache.past``), then SDPA
+    kivi fused the same cache read from the packed codes, scale and zero point folded into the query
+               and the probabilities (``KIVICache.attend`` → ``quant_caches.kivi_attend``): the
+               codes are unpacked once into reused float32 buffers, no dequantize pass
     xquant     packed SVD latents dequantized, rematerialised with the 192x192 factors and K
                re-rotated (RoPE) at every position (``XQuantCache.keys/values``)
 Columns: ms per token for 30 layers and the tokens/s that gives for this part of decoding (the weight
@@ -48,7 +51,7 @@ def _caches(method: str, n: int, bits: int, group: int, residual: int):
         c = FullKVCache(1, KV_HEADS, HEAD_DIM, torch.float16)
         c.update(torch.randn(1, KV_HEADS, n, HEAD_DIM).half(), torch.randn(1, KV_HEADS, n, HEAD_DIM).half())
         return c
-    if method == "kivi":
+    if method in ("kivi", "kivi fused"):
         c = KIVICache(1, KV_HEADS, HEAD_DIM, bits, group, residual)
         c.update(torch.randn(1, KV_HEADS, n, HEAD_DIM), torch.randn(1, KV_HEADS, n, HEAD_DIM))
         return c
@@ -59,17 +62,24 @@ def _caches(method: str, n: int, bits: int, group: int, residual: int):
     return c
 
 
+def _step(method: str, cache, q):
+    """One query token's attention over the cache, as the runtime reads it."""
+    if method == "kivi fused":
+        return cache.attend(q, HEAD_DIM**-0.5)
+    return _attend(q, *_read(method, cache))
+
+
 def _read(method: str, cache):
     if method == "fp16":
         k, v = cache.past()
         return k.float(), v.float()
-    if method == "kivi":
+    if method in ("kivi", "kivi fused"):
         return cache.past()
     return cache.keys(), cache.values()
 
 
 def _attend(q, k, v):
-    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, scale=HEAD_DIM**-0.5, enable_gqa=True)
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -100,13 +110,14 @@ def run(args) -> dict:
     rows = []
     for n in (int(c) for c in args.contexts.split(",")):
         base = None
-        for method in ("fp16", "kivi", "xquant"):
+        for method in args.methods.split(","):
             cache = _caches(method, n, args.bits, args.group, args.residual)
-            ms = _median_ms(lambda c=cache, m=method: _attend(q, *_read(m, c)), args.repeats)
+            ms = _median_ms(lambda c=cache, m=method: _step(m, c, q), args.repeats)
             k, v = _read(method, cache)
+            buffer = k.nbytes + v.nbytes  # kivi fused: its unpacked codes take the same float32 bytes
             row = {"context": n, "method": method if method == "fp16" else f"{method} {args.bits}-bit",
                    "ms_per_token": LAYERS * ms, "cache_bytes": LAYERS * cache.nbytes(),
-                   "read_buffer_bytes": k.nbytes + v.nbytes}
+                   "read_buffer_bytes": buffer}
             if method == "xquant":
                 row["remat_ms_per_token"] = LAYERS * _remat_ms(cache, args.repeats)
             base = base or row
@@ -122,6 +133,8 @@ def run(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", default="4096,8192")
+    parser.add_argument("--methods", default="fp16,kivi,kivi fused,xquant",
+                        help="comma-separated, fp16 first (the baseline): fp16, kivi, kivi fused, xquant")
     parser.add_argument("--bits", type=int, default=2)
     parser.add_argument("--group", type=int, default=64)
     parser.add_argument("--residual", type=int, default=32)

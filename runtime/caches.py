@@ -19,6 +19,14 @@ Kinds (TECHNIQUES.md section 8, item 3, "runtime state schema"):
     * ``GraphStreamCache`` (``runtime/quant_caches.py``; KIVI and XQuant): the packed codes, float16
       scales and zero points and full-precision tail of each stream, which the decode graph reads
       and updates itself; ``KIVICache`` / ``XQuantCache`` there keep the same policies eagerly.
+  Growth in place (``grow_in_place``, which the torch Session sets): ``FullKVCache`` (and
+  ``InterleavedKVCache``) keep K and V in *arenas*, buffers
+  (B, Hkv, capacity, D) of which ``past()`` is the valid prefix (a view, no copy). The torch
+  Session's decode graph appends through ``append_kv`` instead of ``cat``: when the past is the
+  prefix of an arena with room it writes the new positions into the arena and returns the longer
+  prefix, so a decode step copies T positions, not P + T. Capacity grows by doubling (at least
+  ``MIN_CAPACITY``, at most ``capacity_limit``: the Session's ``max_seq_len``), so the copies of a
+  whole generation are O(length) and at most half an arena is spare. Any other past (a reordered cache, an ONNX tensor, a caller's own) is concatenated as before.
   Every cache reports ``nbytes()``: the bytes of every tensor it holds, metadata included, equal to
   its layout's ``nbytes(length)``. Which cache a layer gets is ``runtime/cache_table.py``'s table
   ``{layout class: cache class}``; each cache class builds itself with ``from_layout``.
@@ -30,6 +38,58 @@ import abc
 from collections.abc import Sequence
 
 import torch
+
+MIN_CAPACITY = 256
+_ARENA_FLAG = "_condfx_kv_arena"
+
+
+def _arena_of(past: torch.Tensor) -> torch.Tensor | None:
+    """The arena whose valid prefix ``past`` is, or None when ``past`` is any other tensor."""
+    base = past._base
+    if base is None or not getattr(base, _ARENA_FLAG, False):
+        return None
+    same = (
+        past.data_ptr() == base.data_ptr()
+        and past.stride() == base.stride()
+        and past.shape[:2] == base.shape[:2]
+        and past.shape[3:] == base.shape[3:]
+    )
+    return base if same else None
+
+
+def to_arena(x: torch.Tensor, limit: int | None = None) -> torch.Tensor:
+    """``x`` (B, H, N, D) copied into a fresh arena with room to grow (up to ``limit`` positions when
+    given, e.g. the model's context); returns its valid prefix."""
+    n = int(x.shape[2])
+    capacity = max(MIN_CAPACITY, 1 << max(n - 1, 0).bit_length())  # the power of two >= n
+    capacity = capacity if limit is None else max(n, min(capacity, limit))
+    arena = x.new_empty((*x.shape[:2], capacity, *x.shape[3:]))
+    setattr(arena, _ARENA_FLAG, True)
+    arena[:, :, :n].copy_(x)
+    return arena[:, :, :n]
+
+
+def is_arena_prefix(x: torch.Tensor) -> bool:
+    """Whether ``x`` is the valid prefix of an arena (``append_kv`` can grow it in place)."""
+    return _arena_of(x) is not None
+
+
+def append_kv(past: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``cat([past, new], 2)``, written in place when ``past`` is the valid prefix of an arena with
+    room for ``new``; then the result is the arena's longer prefix and ``past`` is left unchanged."""
+    arena = _arena_of(past)
+    p, t = int(past.shape[2]), int(new.shape[2])
+    fits = (
+        arena is not None
+        and p + t <= arena.shape[2]
+        and new.dtype == arena.dtype
+        and new.shape[:2] == past.shape[:2]
+        and new.shape[3:] == past.shape[3:]
+    )
+    if not fits:
+        return torch.cat([past, new], 2)
+    arena[:, :, p : p + t].copy_(new)
+    return arena[:, :, : p + t]
 
 
 class LayerCache(abc.ABC):
@@ -121,8 +181,15 @@ class LayerCache(abc.ABC):
 
 
 class FullKVCache(LayerCache):
-    """Every position's K and V. The decode graph's ``cat`` is the growth, so ``update`` keeps
-    ``present`` without copying it."""
+    """Every position's K and V. With ``grow_in_place`` (the torch Session sets it when its decode
+    graph appends through ``append_kv``) they live in arenas (see the module docstring): ``update``
+    keeps a present that is already an arena prefix without copying and copies any other present
+    (a prefill through ``cat``, an arena that was full) into a new arena. Without it (the default,
+    and the ONNX Runtime backend, whose presents are fresh contiguous arrays) ``update`` keeps the
+    present as it is."""
+
+    grow_in_place: bool = False
+    capacity_limit: int | None = None  # the most positions an arena reserves (the Session's max_seq_len)
 
     def __init__(
         self,
@@ -145,7 +212,25 @@ class FullKVCache(LayerCache):
 
     def update(self, present_k: torch.Tensor, present_v: torch.Tensor) -> None:
         self.length += self._check(present_k, present_v)
-        self.k, self.v = present_k, present_v
+        self._keep(present_k, present_v)
+
+    def _keep(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Stores k and v: as they are, or as arena prefixes when the cache grows in place (no copy
+        when they already are)."""
+        if not self.grow_in_place:
+            self.k, self.v = k, v
+            return
+        self.k = k if is_arena_prefix(k) else to_arena(k, self.capacity_limit)
+        self.v = v if is_arena_prefix(v) else to_arena(v, self.capacity_limit)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k_all, v_all = append_kv(self.k, k), append_kv(self.v, v)  # (B, Hkv, P + T, D)
+        self.update(k_all, v_all)
+        return k_all, v_all
+
+    def reserved_nbytes(self) -> int:
+        """Bytes of the arenas (stored positions plus the room to grow)."""
+        return sum(t._base.nbytes if is_arena_prefix(t) else t.nbytes for t in (self.k, self.v))
 
     def _set(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k, self.v = k, v
@@ -216,7 +301,7 @@ class InterleavedKVCache(FullKVCache):
             msg = f"InterleavedKVCache.update: {new} new rows are not a multiple of pseudo={self.pseudo}."
             raise ValueError(msg)
         self.length += new // self.pseudo
-        self.k, self.v = present_k, present_v
+        self._keep(present_k, present_v)
 
 
 class PositionCache(LayerCache):

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from condfx.ops.attention import attention_reference
-from condfx.runtime.caches import CacheSet, FullKVCache, LayerCache, SlidingWindowCache
+from condfx.runtime.caches import (
+    CacheSet,
+    FullKVCache,
+    LayerCache,
+    SlidingWindowCache,
+    append_kv,
+    is_arena_prefix,
+)
 from tests._helpers import assert_close_exact
 
 B, HKV, D = 2, 2, 4
@@ -32,11 +39,39 @@ def test_full_cache_append_grows_and_counts_bytes():
     assert cache.nbytes() == past_k.nbytes + past_v.nbytes == 2 * B * HKV * 4 * D * 4
 
 
-def test_full_cache_update_keeps_present_without_copy():
+def test_full_cache_grows_in_place_and_keeps_arena_presents_without_copy():
     cache = FullKVCache(B, HKV, D)
+    cache.grow_in_place = True
+    k, v = _kv(5)
+    cache.update(k, v)  # a present from cat: copied once into an arena
+    past_k, past_v = cache.past()
+    assert is_arena_prefix(past_k) and torch.equal(past_k, k) and cache.length == 5
+    k1, v1 = _kv(1)
+    grown_k, grown_v = append_kv(past_k, k1), append_kv(past_v, v1)
+    assert grown_k.data_ptr() == past_k.data_ptr() and past_k.shape[2] == 5  # written in place
+    torch.testing.assert_close(grown_k, torch.cat([k, k1], 2), rtol=0, atol=0)
+    cache.update(grown_k, grown_v)
+    assert cache.past()[0] is grown_k and cache.length == 6
+    assert cache.nbytes() == 2 * B * HKV * 6 * D * 4 < cache.reserved_nbytes()
+    limited = FullKVCache(B, HKV, D)
+    limited.grow_in_place, limited.capacity_limit = True, 10  # a 10-token context reserves 10 positions
+    limited.update(k, v)
+    assert limited.reserved_nbytes() == 2 * B * HKV * 10 * D * 4
+
+
+def test_full_cache_keeps_presents_as_they_are_unless_it_grows_in_place():
+    cache = FullKVCache(B, HKV, D)  # the default, and what the ONNX Runtime backend gets
     k, v = _kv(5)
     cache.update(k, v)
-    assert cache.past()[0] is k and cache.length == 5
+    assert cache.past()[0] is k and not is_arena_prefix(cache.past()[0])
+
+
+def test_append_kv_concatenates_a_past_that_is_not_an_arena():
+    k, k1 = _kv(3)[0], _kv(2)[0]
+    view = torch.cat([k, k], 2)[:, :, :3]  # a prefix view, but of a caller's tensor
+    out = append_kv(view, k1)
+    assert out.data_ptr() != view.data_ptr()
+    torch.testing.assert_close(out, torch.cat([k, k1], 2), rtol=0, atol=0)
 
 
 def test_rejects_present_shorter_than_past_or_wrong_heads():

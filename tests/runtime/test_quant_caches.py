@@ -138,3 +138,17 @@ def test_numerics_float16_cache_for_kivi_16_bits():
     assert type(half.caches[0]).__name__ == "Float16KVCache" and half.caches[0].k.dtype == torch.float16
     assert half.cache_bytes() * 2 == dense.cache_bytes()
     assert 0 < (outs["half"] - outs["dense"]).abs().max().item() < 1e-2
+
+
+@pytest.mark.parametrize(("bits", "group", "length"), [(2, 16, 100), (4, 8, 37), (2, 32, 20)])
+def test_numerics_kivi_attend_on_codes_matches_dequantized_attention(bits, group, length):
+    # batch 2, GQA 6 query heads over 2 KV heads, head dim 32; the K stream has whole groups
+    # quantized plus a tail, the V stream per-token codes plus the residual window (20: no codes)
+    torch.manual_seed(0)
+    cache = KIVICache(2, 2, 32, bits, group, residual=8)
+    cache.update(torch.randn(2, 2, length, 32), torch.randn(2, 2, length, 32))
+    q = torch.randn(2, 6, 1, 32)
+    k, v = cache.past()
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.2, enable_gqa=True)
+    torch.testing.assert_close(cache.attend(q, 0.2), expected, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(cache.attend(q, 0.2), expected, atol=2e-5, rtol=1e-5)  # buffers reused

@@ -45,6 +45,22 @@ def test_numerics_step_with_several_tokens(llama):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_decode_steps_grow_the_caches_in_place_and_leave_the_graph_as_written(llama):
+    model, session = llama
+    n_layers = model.info.n_layers
+    assert session.backend.in_place == 2 * n_layers  # every layer's K and V cat became append_kv
+    cats = [n for n in session.backend.gm.graph.nodes if n.target is torch.ops.aten.cat.default]
+    assert len(cats) >= 2 * n_layers  # the caller's graph (export, ONNX) keeps its concatenations
+    ids = _ids(2, 8, seed=5)
+    with torch.no_grad():
+        expected = logits_of(model(ids))
+    logits = [session.prefill(ids[:, :5])]
+    where = session.caches[0].k.data_ptr()
+    logits += [session.step(ids[:, i : i + 1]) for i in range(5, 8)]
+    assert session.caches[0].k.data_ptr() == where and session.caches[0].k.shape[2] == 8
+    torch.testing.assert_close(torch.cat(logits, 1), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_cache_bytes_equal_sum_of_tensor_bytes(llama):
     model, session = llama
     session.prefill(_ids(2, 5))
