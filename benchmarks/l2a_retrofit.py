@@ -136,11 +136,11 @@ def run(args) -> dict:
     sel = condfx.apply(gm, f"route-attention{{form=select,window={args.window}}}").graph_module
     rows = []
     base = {"original": _ppl(gm, chunks)}
-    print(f"original ppl {base['original']:.3f}", flush=True)
+    print(f"original ppl {base['original']:.3f} ({time.perf_counter() - t_start:.0f} s)", flush=True)
     base["window-only"] = _ppl(window_only(gm, args.window), chunks)
-    print(f"window-only ppl {base['window-only']:.3f}", flush=True)
+    print(f"window-only ppl {base['window-only']:.3f} ({time.perf_counter() - t_start:.0f} s)", flush=True)
     c0, w0 = time.process_time(), time.perf_counter()
-    labels = oracle_labels(sel, calib, progress=lambda d, t: print(f"  labels {d}/{t}", flush=True))
+    labels = oracle_labels(sel, calib, progress=lambda d, t: print(f"  labels {d}/{t} ({time.perf_counter() - t_start:.0f} s)", flush=True))
     label_cpu, label_wall = time.process_time() - c0, time.perf_counter() - w0
     eval_labels = [oracle_labels(sel, [c]) for c in chunks]
     eval_costs = [lab.costs for lab in eval_labels]
