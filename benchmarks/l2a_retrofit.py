@@ -137,7 +137,7 @@ def run(args) -> dict:
     rows = []
     base = {"original": _ppl(gm, chunks)}
     print(f"original ppl {base['original']:.3f} ({time.perf_counter() - t_start:.0f} s)", flush=True)
-    base["window-only"] = _ppl(window_only(gm, args.window), chunks)
+    base["window-only"] = _ppl(window_only(gm, args.window), chunks) if args.window_only else float("nan")
     print(f"window-only ppl {base['window-only']:.3f} ({time.perf_counter() - t_start:.0f} s)", flush=True)
     c0, w0 = time.process_time(), time.perf_counter()
     labels = oracle_labels(sel, calib, progress=lambda d, t: print(f"  labels {d}/{t} ({time.perf_counter() - t_start:.0f} s)", flush=True))
@@ -226,6 +226,8 @@ def main() -> None:
     parser.add_argument("--passkey", type=int, default=0, help="passkey prompts (0: none)")
     parser.add_argument("--passkey-tokens", type=int, default=2048)
     parser.add_argument("--passkey-target", type=float, default=0.6)
+    parser.add_argument("--no-window-only", dest="window_only", action="store_false",
+                        help="skip the window-only baseline (two forwards per scored window)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", default=None, help="folder for table.md, result.json and plot.png")
     args = parser.parse_args()

@@ -38,10 +38,11 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from condfx.l2a import l2a_view
 from condfx.patterns.routed import TAG, RoutedLayer, find_routed_layers
 
 __all__ = ["OracleLabels", "SelectCalibration", "allocate", "calibrate_select", "forced_routes",
-           "oracle_labels", "set_forced_routes"]
+           "oracle_labels", "oracle_routes", "select_layers", "set_forced_routes"]
 
 _EPS = 1e-4  # floor of the cost inside the log: relative changes below it are all "free"
 
@@ -72,13 +73,6 @@ class OracleLabels:
     positions: torch.Tensor
 
 
-def _view(gm: fx.GraphModule, layers: list[RoutedLayer], roles: Sequence[str]) -> fx.GraphModule:
-    from condfx.l2a import l2a_view
-
-    del layers
-    return l2a_view(gm, *roles)
-
-
 def _thresholds(layers: list[RoutedLayer]) -> list[torch.Tensor]:
     return [r.state.threshold.detach().clone() for r in layers]
 
@@ -105,7 +99,7 @@ def oracle_labels(gm: fx.GraphModule, batches: Sequence[torch.Tensor],
     saved = _thresholds(layers)
     _route_all(layers)
     n = len(layers)
-    view = _view(gm, layers, ("input", "routed", "window"))
+    view = l2a_view(gm, "input", "routed", "window")
     costs, feats, pos = [[] for _ in layers], [[] for _ in layers], []
     try:
         with torch.no_grad():
@@ -169,7 +163,7 @@ class SelectCalibration:
         oracle_thresholds: per layer, the threshold on the true log cost the oracle router uses.
         skip: per layer, the fraction of calibration tokens the learned router skips.
         oracle_skip: per layer, the same for the oracle router.
-        correlation: per layer, Spearman-free Pearson correlation of predicted and true log cost
+        correlation: per layer, the Pearson correlation of predicted and true log cost
             (tokens past the window).
         tokens: calibration tokens per layer.
     """

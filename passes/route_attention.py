@@ -286,7 +286,8 @@ def route_attention_replacement(gm: fx.GraphModule, region: AttentionRegion, add
 
 
 class RouteAttention(Pass):
-    """``route-attention``: attention regions → window branch + router + routed global branch."""
+    """``route-attention``: attention regions → window branch + router + routed global branch (form=select:
+    each token takes the full or the window attention of the same q/k/v)."""
 
     name: ClassVar[str] = "route-attention"
     config_class: ClassVar[type] = RouteAttentionConfig
