@@ -205,7 +205,10 @@ def plot(out: dict, path: Path) -> None:
     ax.axhline(out["window-only_ppl"], color="r", lw=1, ls=":", label="window-only")
     ax.set_xlabel("fraction of tokens skipping global attention (mean over layers)")
     ax.set_ylabel("perplexity")
-    ax.set_yscale("log")
+    values = [out["original_ppl"], out["window-only_ppl"]] + [r[k] for r in rows for k in ("learned_ppl", "oracle_ppl")]
+    values = [v for v in values if v == v]  # the window-only baseline may be skipped (nan)
+    if max(values) > 3 * min(values):
+        ax.set_yscale("log")
     ax.set_title(f"L2A retrofit, window {out['window']}")
     ax.legend()
     fig.tight_layout()
