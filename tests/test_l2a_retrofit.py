@@ -62,7 +62,6 @@ def _calibrated():
     return result, seen
 
 
-@pytest.mark.slow  # about 65 s on the loaded 2-core machine, most of it the stories260K capture
 def test_calibration_inside_apply_skips_the_target_in_every_layer():
     _, ids = _stories()
     result, seen = _calibrated()
@@ -77,7 +76,6 @@ def test_calibration_inside_apply_skips_the_target_in_every_layer():
     assert all(0.4 < 1 - f < 0.8 for f in route_fractions(result.graph_module, held_out))
 
 
-@pytest.mark.slow  # shares the calibration above
 def test_state_round_trips_and_is_refused_for_another_model(tmp_path):
     gm, ids = _stories()
     result, _ = _calibrated()
