@@ -24,7 +24,8 @@ _OUT = Console()
 _BOUND_TYPES = (Int, Float, Bool, OneOf, Optional)
 
 NEEDS = MappingProxyType({
-    "route-attention": "training (the L2A router: condfx.l2a.train_l2a)",
+    "route-attention": ("training (the L2A router: condfx.l2a.train_l2a); form=select: calibration "
+                        "(oracle-taught routers: condfx.l2a_retrofit.calibrate_select)"),
     "prune-global": "calibration (routing statistics: condfx.l2a.record_route_stats)",
     "skip-ffn": "calibration (similarity threshold: condfx calibrate); policy=forecast: training",
     "quantize-kv": "nothing (latent=klt: calibration, condfx.kv_calibrate.record_kv_stats)",

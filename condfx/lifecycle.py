@@ -11,6 +11,7 @@ stages are the existing calibrations, which live in the API layer and stay the i
 | ``quantize-kv{latent=klt}`` | calibration | before: q/k/v second moments | ``kv_calibrate.record_kv_stats`` |
 | ``prune-global`` | calibration | before: routed fraction per L2A layer | ``l2a.record_route_stats`` |
 | ``route-attention`` | training | after: routers and attention (L2A recipe) | ``l2a.train_l2a`` |
+| ``route-attention{form=select}`` | calibration | after: oracle-taught routers, thresholds | ``l2a_retrofit.calibrate_select`` |
 | ``interleave-heads`` | training | none here (``eval.tasks`` trains it) | |
 
 ``apply`` is ``condfx.apply``: the pipeline with this table. ``save_state`` writes a result's learned
@@ -125,13 +126,42 @@ def _prune_before(gm: fx.GraphModule, p: Pass, batches, budget: Budget, progress
 
 
 # ------------------------------------------------------------------------------ route-attention
+def _is_select(cfg) -> bool:
+    return getattr(cfg.form, "value", cfg.form) == "select"
+
+
 def _route_tokens(cfg, budget: Budget) -> int:
+    if _is_select(cfg):
+        return cfg.window + 1
     return max(budget.seq_len, cfg.window + 2) * 2
+
+
+def _select_after(gm: fx.GraphModule, p: Pass, batches, budget: Budget, progress: Progress):
+    """Oracle labels on the calibration text in rows of the model's context (``context``, else at
+    least 4 windows), then the routers' fit and thresholds (``l2a_retrofit.calibrate_select``)."""
+    from condfx.l2a_retrofit import calibrate_select, check_calibration_rows, select_layers
+
+    cfg = p.config
+    stream = _stream(batches).reshape(-1)
+    length = min(stream.numel(), cfg.context or max(budget.seq_len, 4 * cfg.window))
+    rows = [stream[i : i + length][None] for i in range(0, stream.numel() - length + 1, length)]
+    check_calibration_rows(rows, cfg.window)
+    skip = cfg.skip if cfg.skip is not None else 1.0 - budget.route_target
+    stage = "route-attention: oracle labels"
+    progress(stage, 0, len(rows))
+    cal = calibrate_select(gm, rows, skip=skip, floor=cfg.floor,
+                           progress=lambda done, total: progress(stage, done, total))
+    named = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
+    state = {f"{r.prefix}.l2a.{n}": named[f"{r.prefix}.l2a.{n}"]
+             for r in select_layers(gm) for n in ("router_weight", "router_bias", "threshold")}
+    return state, cal.summary()
 
 
 def _route_after(gm: fx.GraphModule, p: Pass, batches, budget: Budget, progress: Progress):
     from condfx.l2a import L2ARecipe, l2a_trainable, route_fractions, train_l2a
 
+    if _is_select(p.config):
+        return _select_after(gm, p, batches, budget, progress)
     stream = _stream(batches).reshape(-1)
     seq = min(stream.numel() - 2, max(budget.seq_len, p.config.window + 1))
     if seq <= p.config.window:
@@ -180,10 +210,10 @@ CALIBRATORS: Mapping[str, Calibrator] = MappingProxyType({
         min_tokens=lambda cfg, budget: budget.seq_len,
     ),
     "route-attention": Calibrator(
-        need=lambda cfg: Need.TRAINING, after=_route_after,
-        without=("route-attention ran with untrained routers (every query routed to global attention "
-                 "after the window), so it saves no compute and its quality is the untrained one's: "
-                 "give --calib to train the routers."),
+        need=lambda cfg: Need.CALIBRATION if _is_select(cfg) else Need.TRAINING, after=_route_after,
+        without=("route-attention ran with untrained routers (every query routed to global attention), "
+                 "so it saves no compute (form=add: and its quality is the untrained one's): give --calib "
+                 "to train (form=add) or calibrate (form=select) the routers."),
         min_tokens=_route_tokens,
     ),
     "interleave-heads": Calibrator(

@@ -2,6 +2,7 @@
 
 Rewrites (per L2A layer of ``route-attention`` whose recorded routed fraction < ``max_fraction``):
     h + gate * o'(condfx.routed_attention(q'(s), k'(s), v'(s), route, scale))    → h
+    form=select: where(route, condfx.routed_attention(q, k, v, route, ...), window)  → window
   and drops the layer's ``l2a`` state (router, norm and q/k/v/o copies, buffers), so the layer
   keeps only its sliding-window attention and its bounded cache; the full-length global KV cache
   of that layer disappears (the source of L2A's KV-memory savings).
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import ClassVar
 
+import torch
 from torch import fx
 
 from condfx.options import Float, check_options
@@ -29,7 +31,7 @@ from condfx.passes._insert import remove_dead_calls
 from condfx.passes.base import GraphSnapshot, Pass, PassResult, layer_indices, select_layers
 from condfx.passes.report import estimate_cost
 from condfx.patterns import find_regions
-from condfx.patterns.routed import RoutedLayer, find_routed_layers
+from condfx.patterns.routed import TAG, RoutedLayer, find_routed_layers
 
 _BOUNDS = MappingProxyType({"max_fraction": Float(0.0, 1.0)})
 
@@ -71,9 +73,13 @@ def _selected(gm: fx.GraphModule, cfg: PruneGlobalConfig) -> list[RoutedLayer]:
 def prune_global_replacement(gm: fx.GraphModule, layer: RoutedLayer) -> None:
     """Reroutes the layer's output to its window-branch stream and deletes its global branch."""
     out = layer.nodes["out"]
-    out.replace_all_uses_with(out.args[0])
+    select = out.target is torch.ops.aten.where.self  # form=select: where(route, global, window)
+    out.replace_all_uses_with(out.args[2] if select else out.args[0])
     gm.graph.erase_node(out)
     remove_dead_calls(gm.graph)
+    for node in gm.graph.nodes:  # form=select tags its window op and router input, which stay
+        if node.meta.get(TAG, (None,))[0] == layer.prefix:
+            del node.meta[TAG]
     stale = f"{layer.prefix}.l2a."
     for node in list(gm.graph.nodes):
         if node.op == "get_attr" and str(node.target).startswith(stale) and not node.users:

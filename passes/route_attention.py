@@ -1,7 +1,15 @@
 """Turn attention layers into L2A layers: sliding-window attention for every token plus a learned
 router that sends only some tokens to global attention (TECHNIQUES.md section 1).
 
-Rewrites (per selected attention region; x = the block's input stream, n = its input norm):
+Two forms (option ``form``):
+  ``add`` (default): the paper's additive form below, the recipe for training from scratch
+    (``condfx.l2a.train_l2a``); not exact at insertion.
+  ``select``: the retrofit form (``passes/route_attention_select.py``): each token's attention output
+    is the full-causal or the window attention of the layer's own q/k/v, chosen by a router on the
+    attention input; exact at insertion (every token routes), calibrated by an oracle without
+    backpropagation (``condfx.l2a_retrofit``; ``skip`` and ``floor`` are its targets).
+
+The add form rewrites (per selected attention region; x = the block's input stream, n = its input norm):
     x + c * post(o(attn(q(n(x)), k(n(x)), v(n(x)))))
         → h = x + c * post(o(condfx.attention(q, k, v, scale, window, opts)))   # window branch, base weights
           s = n'(h)                                                  # new norm, init from n
@@ -50,13 +58,16 @@ import torch
 from torch import fx, nn
 
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
-from condfx.options import BIG_INT, Float, Int, Optional, check_options
+from enum import Enum
+
+from condfx.options import BIG_INT, Float, Int, OneOf, Optional, check_options
 from condfx.passes._insert import remove_dead_calls
 from condfx.passes.base import GraphSnapshot, Pass, PassResult, layer_indices, select_layers
 from condfx.passes.fuse_attention import FuseAttention, FuseAttentionConfig, is_fused_attention
 from condfx.passes.graph_builder import GraphBuilder
 from condfx.passes.op_args import op_arg, set_op_args
 from condfx.passes.report import estimate_cost
+from condfx.passes.route_attention_select import select_replacement
 from condfx.passes.route_attention_stream import attention_add, block_stream, qkv_input
 from condfx.patterns import _graph as g
 from condfx.patterns import find_regions
@@ -68,9 +79,19 @@ aten = torch.ops.aten
 ROUTED = torch.ops.condfx.routed_attention.default
 
 
+class RouteForm(Enum):
+    """``add``: the paper's window + copied global branch (train it); ``select``: full or window
+    attention of the same weights per token (exact at insertion, calibrated)."""
+
+    ADD = "add"
+    SELECT = "select"
+
+
+_FRACTION = Float(0.0, 1.0, low_open=True, high_open=True)
 _BOUNDS = MappingProxyType({
     "window": Int(1, BIG_INT), "temperature": Float(0.0, 1e3, low_open=True),
-    "context": Optional(Int(1, BIG_INT)),
+    "context": Optional(Int(1, BIG_INT)), "form": OneOf(RouteForm),
+    "skip": Optional(_FRACTION), "floor": Optional(_FRACTION),
 })
 
 
@@ -83,12 +104,20 @@ class RouteAttentionConfig:
         layers: layer indices to convert; None converts every attention region.
         temperature: router temperature of the sigmoid whose gradient trains the router, in (0, 1000].
         context: the model's context length when known; the window must be smaller than it.
+        form: "add" (the paper's additive form, trained) or "select" (the retrofit form, calibrated).
+        skip: form=select: the mean fraction of tokens that skip global attention after calibration,
+            in (0, 1); None leaves every token routed.
+        floor: form=select: the least fraction every converted layer skips, in (0, 1), at most
+            ``skip``; None means ``skip`` (every layer skips the target).
     """
 
     window: int = 512
     layers: tuple[int, ...] | None = None
     temperature: float = 0.1
     context: int | None = None
+    form: RouteForm = RouteForm.ADD
+    skip: float | None = None
+    floor: float | None = None
 
     def __post_init__(self):
         check_options(self, _BOUNDS)
@@ -96,6 +125,13 @@ class RouteAttentionConfig:
         w, c = self.window, self.context
         if c is not None and w >= c:
             msg = f"RouteAttentionConfig.window={w} must be smaller than the context length {c}."
+            raise ValueError(msg)
+        if self.form is RouteForm.ADD and (self.skip, self.floor) != (None, None):
+            msg = ("RouteAttentionConfig.skip and .floor are targets of form=select's calibration; got "
+                   f"form=add with skip={self.skip}, floor={self.floor}: drop them, or use form=select.")
+            raise ValueError(msg)
+        if self.skip is not None and self.floor is not None and self.floor > self.skip:
+            msg = f"RouteAttentionConfig.floor={self.floor} must be at most skip={self.skip}."
             raise ValueError(msg)
 
 
@@ -127,6 +163,12 @@ def check_routable(gm: fx.GraphModule, region: AttentionRegion, add: ResidualAdd
         return "q projection weight is not a get_attr"
     if hasattr(gm.get_submodule(prefix), "l2a"):
         return "already routed"
+    return None
+
+
+def _select_skip_reason(region: AttentionRegion) -> str | None:
+    if region.window:
+        return f"natively sliding layer (window {region.window}): its attention is already local"
     return None
 
 
@@ -244,7 +286,8 @@ def route_attention_replacement(gm: fx.GraphModule, region: AttentionRegion, add
 
 
 class RouteAttention(Pass):
-    """``route-attention``: attention regions → window branch + router + routed global branch."""
+    """``route-attention``: attention regions → window branch + router + routed global branch (form=select:
+    each token takes the full or the window attention of the same q/k/v)."""
 
     name: ClassVar[str] = "route-attention"
     config_class: ClassVar[type] = RouteAttentionConfig
@@ -267,12 +310,18 @@ class RouteAttention(Pass):
         skipped, todo = [], []
         for region in wanted:
             reason = check_routable(gm, region, attention_add(region, before.residuals))
+            if reason is None and cfg.form is RouteForm.SELECT:
+                reason = _select_skip_reason(region)
             (skipped.append((reason, f"layer {region.layer}")) if reason else todo.append(region.layer))
         if todo:
             FuseAttention(FuseAttentionConfig(layers=tuple(todo)))(gm)
             fused = find_regions(gm)
             for region in fused.attention:
-                if region.layer in todo and is_fused_attention(region.core):
+                if not (region.layer in todo and is_fused_attention(region.core)):
+                    continue
+                if cfg.form is RouteForm.SELECT:
+                    select_replacement(gm, region, owner_prefix(region), qkv_input(region), cfg.window)
+                else:
                     route_attention_replacement(gm, region, attention_add(region, fused.residuals), cfg)
             remove_dead_calls(gm.graph)
             gm.graph.lint()

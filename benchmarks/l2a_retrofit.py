@@ -1,0 +1,252 @@
+"""L2A retrofit (``route-attention{form=select}``): perplexity against the fraction of tokens that skip
+global attention, for the oracle-taught router and the oracle itself, with calibration time.
+
+    python benchmarks/l2a_retrofit.py --model M --text T --calib C --window W --context N
+        --targets 0.5,0.6,0.7,0.8 [--floor F] [--passkey 20] [--json] [--out DIR]
+
+Per target skip fraction: perplexity of the original, the window-only model (every token reads only
+its window), the learned router (``condfx.l2a_retrofit.calibrate_select``) and the oracle router (the
+labels as decisions, thresholds allocated the same way; open loop: costs from the all-routed model on
+the scored text itself); the measured skip fraction on the scored text (min over layers, mean); the
+calibration's CPU time (``time.process_time``, labels + fit) and wall time. Perplexity: the first
+``--eval-tokens`` tokens of ``--text`` (BOS first) in non-overlapping windows of ``--context`` tokens,
+each window scored from its second token. Calibration: ``--calib-tokens`` tokens of ``--calib`` in rows
+of ``--context`` (taken after the evaluation tokens when ``--calib`` is ``--text``). Passkey (``--passkey
+N``, N prompts of ``--passkey-tokens`` tokens from the essays, needle depths spread over [0, 1]): the
+5-digit key is retrieved when every key token is the argmax after the question (teacher-forced greedy),
+for the original and the learned router at ``--passkey-target``. Writes a markdown table and a PNG
+(matplotlib) of perplexity against skip to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import condfx
+from condfx.data import data_file
+from condfx.l2a import l2a_view, window_only
+from condfx.l2a_retrofit import (
+    calibrate_select,
+    forced_routes,
+    oracle_labels,
+    select_layers,
+    set_forced_routes,
+)
+from condfx.models_zoo import load
+
+
+def _read(path: str) -> str:
+    p = Path(path)
+    if not p.exists():
+        p = data_file(path)
+    return p.read_text(encoding="utf-8")
+
+
+def _chunks(ids: list[int], context: int, n_tokens: int) -> list[torch.Tensor]:
+    ids = ids[:n_tokens]
+    return [torch.tensor(ids[i : i + context])[None] for i in range(0, len(ids) - 1, context) if len(ids[i : i + context]) > 1]
+
+
+def _nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+    lp = F.cross_entropy(logits[0, :-1].double(), ids[0, 1:], reduction="sum")
+    return float(lp), ids.shape[1] - 1
+
+
+def _ppl(model, chunks) -> float:
+    total = n = 0
+    with torch.no_grad():
+        for c in chunks:
+            out = model(c)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            s, k = _nll(out, c)
+            total, n = total + s, n + k
+    return math.exp(total / n)
+
+
+def _ppl_routed(sel, chunks) -> tuple[float, list[float]]:
+    """Perplexity of the select graph and its skip fraction per layer on ``chunks``."""
+    view = l2a_view(sel, "route")
+    total = n = 0
+    skipped = None
+    with torch.no_grad():
+        for c in chunks:
+            logits, *routes = view(c)
+            s, k = _nll(logits, c)
+            total, n = total + s, n + k
+            now = torch.tensor([float((~r).sum()) for r in routes])
+            skipped = now if skipped is None else skipped + now
+    count = sum(c.numel() for c in chunks)
+    return math.exp(total / n), (skipped / count).tolist()
+
+
+def _ppl_oracle(forced, chunks, eval_costs, thresholds) -> tuple[float, list[float]]:
+    total = n = 0
+    skipped = torch.zeros(len(thresholds))
+    with torch.no_grad():
+        for c, costs in zip(chunks, eval_costs, strict=True):
+            routes = [(torch.log(x.double() + 1e-4) >= t).reshape(1, -1) for x, t in zip(costs, thresholds, strict=True)]
+            set_forced_routes(forced, routes)
+            s, k = _nll(forced(c), c)
+            total, n = total + s, n + k
+            skipped += torch.tensor([float((~r).sum()) for r in routes])
+    count = sum(c.numel() for c in chunks)
+    return math.exp(total / n), (skipped / count).tolist()
+
+
+def _passkey(model, tok, essays: str, trials: int, n_tokens: int, seed: int = 0) -> float:
+    from condfx.eval.tasks import make_passkey_prompt
+
+    rng = random.Random(seed)
+    hits = 0
+    with torch.no_grad():
+        for i in range(trials):
+            key = rng.randrange(10000, 100000)
+            depth = i / max(1, trials - 1)
+            prompt = make_passkey_prompt(tok, essays, key, n_tokens, depth)
+            answer = tok.encode(f" {key:05d}", bos=False, eos=False)
+            ids = torch.tensor(prompt + answer)[None]
+            out = model(ids)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            pred = out[0, len(prompt) - 1 : len(prompt) - 1 + len(answer)].argmax(-1)
+            hits += bool((pred == torch.tensor(answer)).all())
+    return hits / trials
+
+
+def run(args) -> dict:
+    t_start = time.perf_counter()
+    model, tok = load(args.model if Path(args.model).exists() else data_file(args.model))
+    model.eval()
+    text_ids = tok.encode(_read(args.text), bos=True, eos=False)
+    chunks = _chunks(text_ids, args.context, args.eval_tokens)
+    if args.calib == args.text:
+        calib_ids = text_ids[args.eval_tokens :]
+    else:
+        calib_ids = tok.encode(_read(args.calib), bos=True, eos=False)
+    n_rows = max(1, min(args.calib_tokens, len(calib_ids)) // args.context)
+    calib = [torch.tensor(calib_ids[i * args.context : (i + 1) * args.context])[None] for i in range(n_rows)]
+    gm = condfx.capture(model, (torch.zeros(2, 16, dtype=torch.long),))
+    sel = condfx.apply(gm, f"route-attention{{form=select,window={args.window}}}").graph_module
+    rows = []
+    base = {"original": _ppl(gm, chunks)}
+    print(f"original ppl {base['original']:.3f} ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    base["window-only"] = _ppl(window_only(gm, args.window), chunks) if args.window_only else float("nan")
+    print(f"window-only ppl {base['window-only']:.3f} ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    c0, w0 = time.process_time(), time.perf_counter()
+    labels = oracle_labels(sel, calib, progress=lambda d, t: print(f"  labels {d}/{t} ({time.perf_counter() - t_start:.0f} s)", flush=True))
+    label_cpu, label_wall = time.process_time() - c0, time.perf_counter() - w0
+    eval_labels = [oracle_labels(sel, [c]) for c in chunks]
+    eval_costs = [lab.costs for lab in eval_labels]
+    forced = forced_routes(sel)
+    passkey = {}
+    for target in args.targets:
+        floor = min(target, args.floor) if args.floor else None
+        c1, w1 = time.process_time(), time.perf_counter()
+        cal = calibrate_select(sel, calib, skip=target, floor=floor, labels=labels)
+        fit_cpu, fit_wall = time.process_time() - c1, time.perf_counter() - w1
+        learned, skip = _ppl_routed(sel, chunks)
+        oracle, oskip = _ppl_oracle(forced, chunks, eval_costs, cal.oracle_thresholds)
+        row = {"target": target, "floor": floor or target, "learned_ppl": learned, "learned_skip_min": min(skip),
+               "learned_skip_mean": sum(skip) / len(skip), "learned_skip": skip,
+               "oracle_ppl": oracle, "oracle_skip_min": min(oskip), "oracle_skip_mean": sum(oskip) / len(oskip),
+               "calib_cpu_s": label_cpu + fit_cpu, "calib_wall_s": label_wall + fit_wall,
+               "correlation_mean": sum(cal.correlation) / len(cal.correlation), "calib_skip_min": min(cal.skip)}
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "learned_skip"}), flush=True)
+        if args.passkey and abs(target - args.passkey_target) < 1e-9:
+            essays = data_file("paul_graham_essays.txt").read_text(encoding="utf-8")
+            passkey = {"target": target, "trials": args.passkey, "tokens": args.passkey_tokens,
+                       "original": _passkey(gm, tok, essays, args.passkey, args.passkey_tokens),
+                       "learned": _passkey(sel, tok, essays, args.passkey, args.passkey_tokens)}
+            print(json.dumps(passkey), flush=True)
+    return {"model": args.model, "text": args.text, "calib": args.calib, "window": args.window,
+            "context": args.context, "eval_tokens": sum(c.numel() for c in chunks),
+            "calib_tokens": sum(c.numel() for c in calib), "layers": len(select_layers(sel)),
+            **{f"{k}_ppl": v for k, v in base.items()}, "rows": rows, "passkey": passkey,
+            "seconds": time.perf_counter() - t_start, "process_cpu_s": time.process_time()}
+
+
+def table(out: dict) -> str:
+    lines = [f"{out['model']}, window {out['window']}, context {out['context']}: perplexity on the first "
+             f"{out['eval_tokens']} tokens of {out['text']} (original {out['original_ppl']:.3f}, window-only "
+             f"{out['window-only_ppl']:.3f}); calibration on {out['calib_tokens']} tokens of {out['calib']}", "",
+             "| target skip | learned ppl | Δ vs original | skip min / mean (learned) | oracle ppl | skip min / mean (oracle) | calibration CPU s / wall s |",
+             "|---:|---:|---:|---|---:|---|---|"]
+    for r in out["rows"]:
+        delta = r["learned_ppl"] / out["original_ppl"] - 1
+        lines.append(f"| {r['target']:.2f} | {r['learned_ppl']:.3f} | {delta:+.1%} | {r['learned_skip_min']:.3f} / "
+                     f"{r['learned_skip_mean']:.3f} | {r['oracle_ppl']:.3f} | {r['oracle_skip_min']:.3f} / "
+                     f"{r['oracle_skip_mean']:.3f} | {r['calib_cpu_s']:.0f} / {r['calib_wall_s']:.0f} |")
+    pk = out.get("passkey")
+    if pk:
+        lines += ["", f"Passkey ({pk['trials']} prompts of {pk['tokens']} tokens): original {pk['original']:.2f}, "
+                  f"learned router at target {pk['target']:.2f}: {pk['learned']:.2f}"]
+    return "\n".join(lines)
+
+
+def plot(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rows = out["rows"]
+    ax.plot([r["learned_skip_mean"] for r in rows], [r["learned_ppl"] for r in rows], "o-", label="learned router")
+    ax.plot([r["oracle_skip_mean"] for r in rows], [r["oracle_ppl"] for r in rows], "s--", label="oracle router")
+    ax.axhline(out["original_ppl"], color="k", lw=1, label="original")
+    ax.axhline(out["window-only_ppl"], color="r", lw=1, ls=":", label="window-only")
+    ax.set_xlabel("fraction of tokens skipping global attention (mean over layers)")
+    ax.set_ylabel("perplexity")
+    values = [out["original_ppl"], out["window-only_ppl"]] + [r[k] for r in rows for k in ("learned_ppl", "oracle_ppl")]
+    values = [v for v in values if v == v]  # the window-only baseline may be skipped (nan)
+    if max(values) > 3 * min(values):
+        ax.set_yscale("log")
+    ax.set_title(f"L2A retrofit, window {out['window']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="stories260K.bin", help="model file (GGUF, llama2.c) or data file name")
+    parser.add_argument("--text", default="tinystories_valid_head.txt", help="scored text (path or data file name)")
+    parser.add_argument("--calib", default=None, help="calibration text; default --text after the scored tokens")
+    parser.add_argument("--window", type=int, default=64)
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--targets", default="0.5,0.6,0.7,0.8")
+    parser.add_argument("--floor", type=float, default=None, help="per-layer least skip (default: the target)")
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--calib-tokens", type=int, default=8192)
+    parser.add_argument("--passkey", type=int, default=0, help="passkey prompts (0: none)")
+    parser.add_argument("--passkey-tokens", type=int, default=2048)
+    parser.add_argument("--passkey-target", type=float, default=0.6)
+    parser.add_argument("--no-window-only", dest="window_only", action="store_false",
+                        help="skip the window-only baseline (two forwards per scored window)")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--out", default=None, help="folder for table.md, result.json and plot.png")
+    args = parser.parse_args()
+    args.calib = args.calib or args.text
+    args.targets = [float(x) for x in args.targets.split(",")]
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    out = run(args)
+    text = table(out)
+    if args.out:
+        folder = Path(args.out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "table.md").write_text(text + "\n")
+        (folder / "result.json").write_text(json.dumps(out, indent=2))
+        plot(out, folder / "plot.png")
+    print(json.dumps(out, indent=2) if args.json else text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""Oracle-supervised calibration of ``route-attention{form=select}`` (the L2A retrofit), no backprop.
+
+Labels (the oracle). On calibration text, with every token routed (the original model), each
+converted layer l computes both attention outputs of the same q/k/v for every token t: ``full``
+(causal) and ``window``. The cost of letting t skip global attention in layer l is the relative
+change of that layer's attention output (before the output projection):
+    cost[l, t] = || full[l, t] - window[l, t] || / || full[l, t] ||   (norm over heads x head dim)
+Layer-local, not the change of the final logits: the layer-local cost of every (layer, token) pair
+comes out of ONE forward pass per calibration sequence (both branches run anyway at insertion),
+whereas the logit change of skipping one token in one layer needs a forward per (layer, token) pair,
+or backprop through the model; neither fits a CPU budget of minutes. Tokens within the first
+``window`` positions cost exactly 0 (their window is their whole history).
+
+Router fit. Each layer's router head (``router_weight``, ``router_bias``) is fitted by ridge least
+squares to y = log(cost + 1e-4) on its inference features (the attention input x_in), over the
+tokens past the window (the others carry no information: their cost is 0 by position, which the
+router does not see). The head then predicts a token's log cost.
+
+Thresholds (budget allocation). For a mean skip fraction ``skip`` and a per-layer floor ``floor``
+(<= skip): every layer first skips its ``floor`` cheapest tokens by predicted cost; the remaining
+(skip - floor) x layers x tokens skips go to the (layer, token) pairs with the lowest predicted cost
+among the rest, across layers (the relative cost is the common currency). Each layer's threshold is
+then the predicted cost of its first routed token; a token routes (runs global attention) when its
+predicted log cost >= the threshold. With floor = skip every layer skips exactly ``skip``.
+
+The oracle router (``OracleRouter``) uses the labels themselves as decisions, with thresholds
+allocated the same way on the true costs: the best any router of the same decision rule can do,
+reported beside the learned one so that a miss says whether the method or the router is the limit.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from condfx.l2a import l2a_view
+from condfx.patterns.routed import TAG, RoutedLayer, find_routed_layers
+
+__all__ = ["OracleLabels", "SelectCalibration", "allocate", "calibrate_select", "forced_routes",
+           "oracle_labels", "oracle_routes", "select_layers", "set_forced_routes"]
+
+_EPS = 1e-4  # floor of the cost inside the log: relative changes below it are all "free"
+
+
+def select_layers(gm: fx.GraphModule) -> list[RoutedLayer]:
+    """The select-form L2A layers of ``gm``; ValueError when there is none."""
+    layers = [r for r in find_routed_layers(gm) if "window" in r.nodes and "input" in r.nodes]
+    if not layers:
+        msg = "the model has no route-attention{form=select} layer: apply it before calibrating."
+        raise ValueError(msg)
+    return layers
+
+
+@dataclass
+class OracleLabels:
+    """Per converted layer: the oracle costs and the router features of the calibration tokens.
+
+    Attributes:
+        layers: the layer indices, in order.
+        costs: per layer, (N,) float32 relative change of the attention output when skipping.
+        features: per layer, (N, d) float32 router inputs.
+        positions: (N,) int64 position of each token in its sequence.
+    """
+
+    layers: list[int]
+    costs: list[torch.Tensor]
+    features: list[torch.Tensor]
+    positions: torch.Tensor
+
+
+def _thresholds(layers: list[RoutedLayer]) -> list[torch.Tensor]:
+    return [r.state.threshold.detach().clone() for r in layers]
+
+
+def _route_all(layers: list[RoutedLayer]) -> None:
+    with torch.no_grad():
+        for r in layers:
+            r.state.threshold.fill_(float("-inf"))
+
+
+def layer_costs(full: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """(B, T) relative change ||full - window|| / ||full|| of (B, H, T, D) attention outputs."""
+    diff = (full.float() - window.float()).pow(2).sum((1, 3)).sqrt()
+    return diff / full.float().pow(2).sum((1, 3)).sqrt().clamp_min(1e-12)
+
+
+def oracle_labels(gm: fx.GraphModule, batches: Sequence[torch.Tensor],
+                  progress: Callable[[int, int], None] | None = None) -> OracleLabels:
+    """Runs ``gm`` with every token routed on ``batches`` (B, T) and returns the oracle labels.
+
+    The graph's thresholds are restored afterwards.
+    """
+    layers = select_layers(gm)
+    saved = _thresholds(layers)
+    _route_all(layers)
+    n = len(layers)
+    view = l2a_view(gm, "input", "routed", "window")
+    costs, feats, pos = [[] for _ in layers], [[] for _ in layers], []
+    try:
+        with torch.no_grad():
+            for i, ids in enumerate(batches):
+                for row in ids:
+                    out = view(row[None])
+                    for j in range(n):
+                        x, full, win = out[1 + j], out[1 + n + j], out[1 + 2 * n + j]
+                        costs[j].append(layer_costs(full, win)[0])
+                        feats[j].append(x[0].float().reshape(x.shape[1], -1))
+                    pos.append(torch.arange(row.numel()))
+                if progress is not None:
+                    progress(i + 1, len(batches))
+    finally:
+        with torch.no_grad():
+            for r, t in zip(layers, saved, strict=True):
+                r.state.threshold.copy_(t)
+    return OracleLabels([r.layer for r in layers], [torch.cat(c) for c in costs],
+                        [torch.cat(f) for f in feats], torch.cat(pos))
+
+
+def fit_head(features: torch.Tensor, target: torch.Tensor, ridge: float = 1e-3) -> tuple[torch.Tensor, float]:
+    """(w (d,), b): ridge least squares of ``target`` (N,) on ``features`` (N, d) with a bias."""
+    x = features.double()
+    mean, ymean = x.mean(0), target.double().mean()
+    xc, yc = x - mean, target.double() - ymean
+    gram = xc.T @ xc
+    lam = ridge * float(gram.diagonal().mean()) + 1e-12
+    w = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), xc.T @ yc)
+    return w, float(ymean - mean @ w)
+
+
+def allocate(scores: list[torch.Tensor], skip: float, floor: float) -> list[float]:
+    """Per-layer thresholds: skip a layer's token when its score < the layer's threshold.
+
+    Every layer skips at least ``floor`` of its tokens (its lowest scores); the rest of the budget
+    ``skip`` x all tokens goes to the lowest remaining scores across layers.
+    """
+    if not 0.0 < floor <= skip < 1.0:
+        msg = f"the skip targets must satisfy 0 < floor <= skip < 1; got floor={floor}, skip={skip}."
+        raise ValueError(msg)
+    ordered = [s.double().sort().values for s in scores]
+    counts = [int(math.floor(floor * len(s))) for s in ordered]
+    extra = int(round(skip * sum(len(s) for s in ordered))) - sum(counts)
+    if extra > 0:
+        rest = torch.cat([s[c:] for s, c in zip(ordered, counts, strict=True)])
+        owner = torch.cat([torch.full((len(s) - c,), j) for j, (s, c) in enumerate(zip(ordered, counts, strict=True))])
+        chosen = owner[rest.argsort()[:extra]]
+        for j in range(len(ordered)):
+            counts[j] += int((chosen == j).sum())
+    return [float(s[c]) if c < len(s) else math.inf for s, c in zip(ordered, counts, strict=True)]
+
+
+@dataclass(frozen=True)
+class SelectCalibration:
+    """What ``calibrate_select`` did.
+
+    Attributes:
+        layers: converted layer indices.
+        thresholds: per layer, the router threshold (predicted log cost) set in the graph.
+        oracle_thresholds: per layer, the threshold on the true log cost the oracle router uses.
+        skip: per layer, the fraction of calibration tokens the learned router skips.
+        oracle_skip: per layer, the same for the oracle router.
+        correlation: per layer, the Pearson correlation of predicted and true log cost
+            (tokens past the window).
+        tokens: calibration tokens per layer.
+    """
+
+    layers: tuple[int, ...]
+    thresholds: tuple[float, ...]
+    oracle_thresholds: tuple[float, ...]
+    skip: tuple[float, ...]
+    oracle_skip: tuple[float, ...]
+    correlation: tuple[float, ...]
+    tokens: int
+
+    def summary(self) -> str:
+        """One line: the skip fractions and the fit quality."""
+        lo, mean = min(self.skip), sum(self.skip) / len(self.skip)
+        corr = sum(self.correlation) / len(self.correlation)
+        return (f"oracle-taught routers on {self.tokens} tokens: calibration skip min {lo:.3f} mean {mean:.3f} "
+                f"over {len(self.layers)} layers; mean correlation of predicted and true log cost {corr:.2f}")
+
+
+def check_calibration_rows(batches: Sequence[torch.Tensor], window: int) -> None:
+    """ValueError when the calibration sequences are not longer than the window."""
+    length = max((int(b.shape[-1]) for b in batches), default=0)
+    if length <= window:
+        msg = (f"route-attention{{form=select}} calibrates on sequences longer than its window {window}; "
+               f"the calibration batches hold {length} tokens per sequence: give longer ones.")
+        raise ValueError(msg)
+
+
+def calibrate_select(gm: fx.GraphModule, batches: Sequence[torch.Tensor], skip: float, floor: float | None = None,
+                     progress: Callable[[int, int], None] | None = None,
+                     labels: OracleLabels | None = None) -> SelectCalibration:
+    """Fits every select-form router of ``gm`` to the oracle and sets its threshold (module docstring).
+
+    Args:
+        gm: a graph rewritten by ``route-attention{form=select}`` (changed in place: router heads,
+            thresholds, ``oracle_threshold`` buffers).
+        batches: calibration token ids, (B, T) each, T > window.
+        skip: the mean fraction of tokens that skip global attention, in (0, 1).
+        floor: the least fraction every layer skips; None means ``skip``.
+        progress: ``progress(done, total)`` over the batches.
+        labels: labels already computed on ``batches`` (``oracle_labels``), to share them.
+
+    Raises:
+        ValueError: a target outside (0, 1), sequences not longer than the window, no select layer.
+    """
+    if not 0.0 < skip < 1.0 or (floor is not None and not 0.0 < floor <= skip):
+        msg = f"the skip target must be in (0, 1) and the floor in (0, skip]; got skip={skip}, floor={floor}."
+        raise ValueError(msg)
+    layers = select_layers(gm)
+    window = int(layers[0].state.window)
+    check_calibration_rows(batches, window)
+    labels = labels or oracle_labels(gm, batches, progress)
+    past = labels.positions >= window
+    preds, logs, corr = [], [], []
+    for r, x, cost in zip(layers, labels.features, labels.costs, strict=True):
+        y = torch.log(cost.double() + _EPS)
+        w, b = fit_head(x[past], y[past])
+        with torch.no_grad():
+            r.state.router_weight.copy_(w[None].to(r.state.router_weight.dtype))
+            r.state.router_bias.fill_(b)
+        pred = x.double() @ w + b
+        preds.append(pred)
+        logs.append(y)
+        corr.append(float(torch.corrcoef(torch.stack([pred[past], y[past]]))[0, 1]))
+    fl = skip if floor is None else floor
+    thr = allocate(preds, skip, fl)
+    othr = allocate(logs, skip, fl)
+    with torch.no_grad():
+        for r, t, o in zip(layers, thr, othr, strict=True):
+            r.state.threshold.fill_(t)
+            _set_oracle_threshold(r, o)
+    return SelectCalibration(
+        tuple(labels.layers), tuple(thr), tuple(othr),
+        tuple(float((p < t).double().mean()) for p, t in zip(preds, thr, strict=True)),
+        tuple(float((y < t).double().mean()) for y, t in zip(logs, othr, strict=True)),
+        tuple(corr), int(labels.positions.numel()))
+
+
+def _set_oracle_threshold(layer: RoutedLayer, value: float) -> None:
+    state = layer.state
+    if not hasattr(state, "oracle_threshold"):
+        state.register_buffer("oracle_threshold", torch.tensor(0.0, dtype=torch.float64))
+    state.oracle_threshold.fill_(value)
+
+
+# ---------------------------------------------------------------------------------- oracle router
+def forced_routes(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` whose select layers read their route mask from a ``forced_route`` buffer
+    ((B, T) bool, set by ``set_forced_routes`` before each call) instead of their router."""
+    out = copy.deepcopy(gm)
+    for r in select_layers(out):
+        node = r.nodes["route"]
+        r.state.register_buffer("forced_route", torch.ones(1, 1, dtype=torch.bool))
+        with out.graph.inserting_before(node):
+            forced = out.graph.get_attr(f"{r.prefix}.l2a.forced_route")
+        forced.meta[TAG] = node.meta[TAG]
+        node.replace_all_uses_with(forced)
+        out.graph.erase_node(node)
+    out.graph.eliminate_dead_code()
+    out.recompile()
+    return out
+
+
+def set_forced_routes(gm: fx.GraphModule, routes: Sequence[torch.Tensor]) -> None:
+    """Sets the ``forced_route`` buffers of a ``forced_routes`` graph (one (B, T) bool per layer)."""
+    for r, route in zip(select_layers(gm), routes, strict=True):
+        r.state.forced_route = route.bool()
+
+
+def oracle_routes(gm: fx.GraphModule, ids: torch.Tensor) -> list[torch.Tensor]:
+    """The oracle router's decisions on ``ids`` (B, T): route where the true log cost (the all-routed
+    model's, open loop) >= the layer's ``oracle_threshold`` set by ``calibrate_select``."""
+    layers = select_layers(gm)
+    labels = oracle_labels(gm, [ids])
+    t = ids.shape[-1]
+    routes = []
+    for r, cost in zip(layers, labels.costs, strict=True):
+        y = torch.log(cost.double() + _EPS).reshape(-1, t)
+        routes.append(y >= float(r.state.oracle_threshold))
+    return routes

@@ -1,0 +1,87 @@
+"""``route-attention{form=select}``: the retrofit form of L2A, which starts as the original model.
+
+Rewrites (per selected attention region; x_in = the tensor q/k/v are projected from, i.e. the
+normed stream the attention reads):
+    condfx.attention(q, k, v, scale, 0, opts)
+        → logit  = x_in @ w_r^T + b_r                        # (B, T); w_r (1, d) and b_r (1,) zero
+          route  = logit >= threshold                        # threshold buffer, -inf at insertion
+          glob   = condfx.routed_attention(q, k, v, route, scale, opts)   # full causal, routed rows only
+          win    = condfx.attention(q, k, v, scale, window, opts)         # the same q/k/v, windowed
+          where(route[:, None, :, None], glob, win)          # before the output projection
+  Nothing is copied: both branches read the layer's own q/k/v, and only the attention core changes,
+  so post / sandwich norms, residual multipliers, parallel blocks and the score options (softcap,
+  ALiBi, sinks: given to both ops) stay as the layer had them. At insertion every token routes
+  (logit 0 >= -inf), so the rewritten model is the original up to float rounding. The router
+  predicts a token's log cost of skipping global attention; ``condfx.l2a_retrofit.calibrate_select``
+  fits it to an oracle and sets ``threshold`` per layer for a target skip fraction.
+
+State per layer under ``<prefix>.l2a``: ``router_weight`` (1, d), ``router_bias`` (1,), buffers
+``threshold`` (0-d), ``layer``, ``window``, ``route_stats`` (as the add form); the nodes are tagged
+for ``condfx.patterns.routed.find_routed_layers`` with roles "route", "routed" (the global op),
+"window" (the window op), "input" (x_in, the router's features) and "out" (the ``where``).
+
+Decode (``add-kv-cache``): the global op keeps the layer's full K/V cache and the window op a ring of
+its last ``window - 1`` tokens (their own decode rules), so a layer caches ``window - 1`` tokens more
+than the original; ``condfx.routed_attention`` computes nothing for a batch row that does not route.
+
+Does not handle: natively sliding layers (their attention is already local: skipped with a reason),
+and what the add form does not (``route_attention.check_routable``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
+from condfx.passes.graph_builder import GraphBuilder
+from condfx.passes.op_args import op_arg, set_op_args
+from condfx.patterns.regions import AttentionRegion
+from condfx.patterns.routed import TAG
+
+aten = torch.ops.aten
+ROUTED = torch.ops.condfx.routed_attention.default
+
+
+def _tag(node: fx.Node, prefix: str, role: str) -> fx.Node:
+    node.meta[TAG] = (prefix, role)
+    return node
+
+
+def select_state(gm: fx.GraphModule, prefix: str, region: AttentionRegion, x_in: fx.Node, window: int) -> nn.Module:
+    """Registers ``<prefix>.l2a``: a zero router on x_in's width and a -inf threshold (every token routes)."""
+    val = x_in.meta["val"]
+    d, dtype = int(val.shape[-1]), val.dtype
+    state = nn.Module()
+    state.register_parameter("router_weight", nn.Parameter(torch.zeros(1, d, dtype=dtype)))
+    state.register_parameter("router_bias", nn.Parameter(torch.zeros(1, dtype=dtype)))
+    state.register_buffer("threshold", torch.tensor(float("-inf"), dtype=dtype))
+    state.register_buffer("layer", torch.tensor(region.layer, dtype=torch.int64))
+    state.register_buffer("window", torch.tensor(window, dtype=torch.int64))
+    state.register_buffer("route_stats", torch.zeros(2, dtype=torch.float64))
+    gm.get_submodule(prefix).add_module("l2a", state)
+    return state
+
+
+def select_replacement(gm: fx.GraphModule, region: AttentionRegion, prefix: str, x_in: fx.Node, window: int) -> None:
+    """Replaces the fused core of ``region`` by where(route, global, window) (module docstring)."""
+    core = region.core
+    select_state(gm, prefix, region, x_in, window)
+    users = list(core.users)
+    b = GraphBuilder(gm, core.next, like=core)
+    at = f"{prefix}.l2a"
+    logit = b.call(aten.linear.default, x_in, b.get_attr(f"{at}.router_weight"), b.get_attr(f"{at}.router_bias"))
+    logit = b.call(aten.squeeze.dim, logit, -1)  # (B, T)
+    route = _tag(b.call(aten.ge.Tensor, logit, b.get_attr(f"{at}.threshold")), prefix, "route")
+    opts = {name: op_arg(core, name) for name in ("softcap", "alibi_slopes", "sinks")}
+    opts = {k: v for k, v in opts.items() if v not in (None, 0.0)}
+    q, k, v = (op_arg(core, n) for n in ("q", "k", "v"))
+    glob = _tag(b.call(ROUTED, q, k, v, route, float(op_arg(core, "scale")), **opts), prefix, "routed")
+    cond = b.call(aten.unsqueeze.default, b.call(aten.unsqueeze.default, route, 1), -1)  # (B, 1, T, 1)
+    out = _tag(b.call(aten.where.self, cond, glob, core), prefix, "out")
+    for user in users:
+        user.replace_input_with(core, out)
+    set_op_args(core, window=window)
+    _tag(core, prefix, "window")
+    if x_in.meta.get(TAG) is None:  # a tensor two layers share keeps its first tag
+        _tag(x_in, prefix, "input")

@@ -1,0 +1,139 @@
+"""The L2A retrofit's calibration (``condfx.l2a_retrofit`` behind ``condfx.apply``): oracle labels, the
+routers' fit and threshold allocation on stories260K, the oracle router, prune-global on the select
+form, the saved state, and bad input (targets, text shorter than the window, another model's state)."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import warnings
+
+import pytest
+import torch
+
+import condfx
+from condfx.l2a import record_route_stats, route_fractions, window_only
+from condfx.l2a_retrofit import (
+    allocate,
+    calibrate_select,
+    forced_routes,
+    oracle_labels,
+    oracle_routes,
+    set_forced_routes,
+)
+from condfx.lifecycle import load_state, save_state
+from condfx.passes.base import Budget, Need, calibration_batches
+from condfx.patterns.routed import find_routed_layers
+from tests._data import require_data
+from tests._iha import captured
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+WINDOW = 16
+SPEC = f"route-attention{{form=select,window={WINDOW},skip=0.6}}"
+
+
+@functools.cache
+def _ids() -> list[int]:
+    from condfx.models_zoo import Llama2cTokenizer
+
+    tok = Llama2cTokenizer.from_file(require_data("tok512.bin"))
+    return tok.encode(require_data("tinystories_valid_head.txt").read_text()[:20000], bos=True, eos=False)[:1024]
+
+
+def _stories():
+    """(the shared stories260K capture, a private copy: tests/_iha.py), 1,024 TinyStories ids."""
+    return captured("stories260K")[0], _ids()
+
+
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return fn(*args, **kwargs)
+
+
+@functools.cache
+def _calibrated():
+    gm, ids = _stories()
+    budget = Budget(tokens=512, seq_len=128)
+    seen = []
+    result = _quiet(condfx.apply, gm, SPEC, calib=calibration_batches(ids, budget), budget=budget,
+                    progress=lambda stage, done, total: seen.append((stage, done, total)))
+    return result, seen
+
+
+def test_calibration_inside_apply_skips_the_target_in_every_layer():
+    _, ids = _stories()
+    result, seen = _calibrated()
+    record = result.calibrations[0]
+    assert record.need is Need.CALIBRATION and record.calibrated and "oracle-taught routers" in record.summary
+    assert seen[-1] == ("route-attention: oracle labels", 4, 4)
+    assert sorted({k.rsplit(".", 1)[-1] for k in result.state}) == ["router_bias", "router_weight", "threshold"]
+    calib = torch.tensor(ids[:512]).reshape(4, 128)
+    skipped = [1 - f for f in route_fractions(result.graph_module, calib)]
+    assert all(abs(s - 0.6) < 0.02 for s in skipped), skipped  # the calibration text itself
+    held_out = torch.tensor(ids[512:1024]).reshape(4, 128)
+    assert all(0.4 < 1 - f < 0.8 for f in route_fractions(result.graph_module, held_out))
+
+
+def test_state_round_trips_and_is_refused_for_another_model(tmp_path):
+    gm, ids = _stories()
+    result, _ = _calibrated()
+    path = tmp_path / "calibration.safetensors"
+    save_state(result, gm, path)
+    x = torch.tensor(ids[:64])[None]
+    again = _quiet(load_state, path, gm)
+    torch.testing.assert_close(again.graph_module(x), result.graph_module(x), atol=0, rtol=0)
+    other = copy.deepcopy(gm)
+    with torch.no_grad():
+        next(other.parameters()).add_(0.5)  # other weights, same shapes
+    with pytest.raises(ValueError, match="was made for a different model .* recalibrate for this model"):
+        load_state(path, other)
+
+
+def test_oracle_router_forced_routes_and_prune_global():
+    gm, ids = _stories()
+    result, _ = _calibrated()
+    sel = result.graph_module
+    x = torch.tensor(ids[512:640])[None]
+    forced = forced_routes(sel)
+    with torch.no_grad():
+        set_forced_routes(forced, [torch.ones(1, 128, dtype=torch.bool)] * 5)
+        torch.testing.assert_close(forced(x), gm(x), atol=1e-5, rtol=1e-5)  # all routed: the original
+        routes = oracle_routes(sel, x)
+        assert all(0.3 < 1 - float(r.float().mean()) < 0.9 for r in routes)
+        assert not routes[0][0, :WINDOW].any()  # a token inside the window costs nothing
+        record_route_stats(sel, [x])
+        pruned = condfx.apply(sel, "prune-global{max_fraction=1.0}").graph_module
+        assert not find_routed_layers(pruned)
+        torch.testing.assert_close(pruned(x), window_only(gm, WINDOW)(x), atol=1e-5, rtol=1e-5)
+
+
+def test_oracle_cost_is_zero_inside_the_window_and_labels_leave_thresholds():
+    gm, ids = _stories()
+    sel = condfx.apply(gm, f"route-attention{{form=select,window={WINDOW}}}").graph_module
+    labels = oracle_labels(sel, [torch.tensor(ids[:64])[None]])
+    assert all(float(c[:WINDOW].max()) < 1e-5 and float(c[WINDOW:].mean()) > 1e-2 for c in labels.costs)
+    assert all(torch.isinf(r.state.threshold) for r in find_routed_layers(sel))
+
+
+def test_allocate_spends_extra_skips_where_cheap_above_the_floor():
+    cheap, dear = torch.arange(100.0), torch.arange(100.0) + 1000.0
+    thr = allocate([cheap, dear], skip=0.7, floor=0.5)
+    skips = [int((s < t).sum()) for s, t in zip((cheap, dear), thr, strict=True)]
+    assert skips == [90, 50]
+    assert allocate([cheap, dear], skip=0.6, floor=0.6) == [60.0, 1060.0]
+
+
+def test_bad_input_targets_short_text_and_rows():
+    gm, ids = _stories()
+    sel = condfx.apply(gm, f"route-attention{{form=select,window={WINDOW}}}").graph_module
+    rows = [torch.tensor(ids[:64])[None]]
+    with pytest.raises(ValueError, match=r"skip target must be in \(0, 1\)"):
+        calibrate_select(sel, rows, skip=1.5)
+    with pytest.raises(ValueError, match="sequences longer than its window 16; the calibration batches hold 16"):
+        calibrate_select(sel, [torch.tensor(ids[:16])[None]], skip=0.5)
+    with pytest.raises(ValueError, match="the calibration text gives 16 tokens; route-attention needs at least 17"):
+        condfx.apply(gm, SPEC, calib=[torch.tensor(ids[:16])[None]], budget=Budget(tokens=16, seq_len=16))
+    with pytest.raises(ValueError, match=r"no route-attention\{form=select\} layer"):
+        calibrate_select(gm, rows, skip=0.5)
