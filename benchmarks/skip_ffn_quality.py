@@ -150,31 +150,24 @@ def run(args) -> dict:
     prompt = docs[0][: args.prompt_tokens] if args.model else tok.encode(_PROMPT, bos=True, eos=False)
     dense_tokens = _greedy(model, "fuse-attention", prompt, args.greedy) if args.greedy else []
     dense = perplexity(_Counted(gm, n_ffn), docs, context=context, stride=context).ppl
-    rows = [{"target": 0.0, "spec": "dense", "ppl": dense, "rel_ppl": 0.0, "skip_fraction": 0.0,
-             "greedy_agreement": 1.0, "greedy_prefix": len(dense_tokens)}]
+    rows = [_logged({"target": 0.0, "spec": "dense", "ppl": dense, "rel_ppl": 0.0, "skip_fraction": 0.0,
+                     "greedy_agreement": 1.0, "greedy_prefix": len(dense_tokens)})]
     policies = args.policies.split(",")
     targets = [float(t) for t in args.targets.split(",")]
     unknown = set(policies) - {"similarity", "forecast", "oracle", "oracle-taught"}
     if unknown:
         msg = f"--policies: unknown {sorted(unknown)}; allowed: similarity, forecast, oracle-taught, oracle."
         raise ValueError(msg)
-    if "similarity" in policies:
-        clock = _Clock()
-        cos = layer_cosines(gm, cal_ids)
-        shared = clock.split()
-        for target in targets:
-            cal = calibrate_similarity(gm, cal_ids, target_skip=target, cosines=cos)
-            own = clock.split()
-            rows.append(_evaluate(args, model, gm, cal.spec(), "similarity", target, docs, context, n_ffn, dense,
-                                  prompt, dense_tokens, calibration_skip=cal.measured_skip, warmup=cal.warmup,
-                                  **_calib_time(shared, own)))
-            clock.split()
-    if "forecast" in policies:
-        rows += _forecast_rows(args, model, gm, cal_ids, train_ids, targets, docs, context, n_ffn, dense,
-                               prompt, dense_tokens)
-    if "oracle" in policies or "oracle-taught" in policies:
-        rows += _oracle_rows(args, model, gm, cal_ids, train_ids, targets, docs, context, n_ffn, dense,
-                             prompt, dense_tokens, policies)
+    for policy in dict.fromkeys(policies):  # in the order given, so a cut-short run has the first ones
+        if policy == "similarity":
+            rows += _similarity_rows(args, model, gm, cal_ids, targets, docs, context, n_ffn, dense, prompt,
+                                     dense_tokens)
+        elif policy == "forecast":
+            rows += _forecast_rows(args, model, gm, cal_ids, train_ids, targets, docs, context, n_ffn, dense,
+                                   prompt, dense_tokens)
+        elif not any(r.get("policy", "").startswith("oracle") for r in rows):  # both oracle rows at once
+            rows += _oracle_rows(args, model, gm, cal_ids, train_ids, targets, docs, context, n_ffn, dense,
+                                 prompt, dense_tokens, policies)
     return {"model": args.model or "stories260K.bin", "text": args.text or "tinystories_valid_head.txt",
             "eval_tokens": sum(len(d) for d in docs), "calibration_tokens": list(cal_ids.shape),
             "train_tokens": list(train_ids.shape), "greedy_tokens": args.greedy,
@@ -192,7 +185,30 @@ def _evaluate(args, model, gm, spec, policy, target, docs, context, n_ffn, dense
         new = _greedy(model, f"fuse-attention, {spec}", prompt, args.greedy)
         row["greedy_agreement"], row["greedy_prefix"] = _agreement(dense_tokens, new)
         row["greedy_prompt_len"] = len(prompt)
+    return _logged(row)
+
+
+def _logged(row: dict) -> dict:
+    """Prints ``row`` to stderr as one JSON line as soon as it is measured (a cut-short run keeps it)."""
+    import sys
+
+    print("ROW " + json.dumps(row), file=sys.stderr, flush=True)
     return row
+
+
+def _similarity_rows(args, model, gm, cal_ids, targets, docs, context, n_ffn, dense, prompt, dense_tokens):
+    """FFN-SkipLLM calibrated per target (the cosine profile shared by all targets)."""
+    clock, rows = _Clock(), []
+    cos = layer_cosines(gm, cal_ids)
+    shared = clock.split()
+    for target in targets:
+        cal = calibrate_similarity(gm, cal_ids, target_skip=target, cosines=cos)
+        own = clock.split()
+        rows.append(_evaluate(args, model, gm, cal.spec(), "similarity", target, docs, context, n_ffn, dense,
+                              prompt, dense_tokens, calibration_skip=cal.measured_skip, warmup=cal.warmup,
+                              **_calib_time(shared, own)))
+        clock.split()
+    return rows
 
 
 class _Clock:
@@ -248,9 +264,10 @@ def _oracle_rows(args, model, gm, cal_ids, train_ids, targets, docs, context, n_
         if "oracle" in policies:
             oracle = forecast.OraclePolicy(graph, alloc)
             ppl = perplexity(oracle, docs, context=context, stride=context).ppl
-            rows.append({"policy": "oracle", "target": target, "spec": "OraclePolicy (benchmark only)", "ppl": ppl,
-                         "rel_ppl": ppl / dense - 1, "skip_fraction": oracle.skipped / (oracle.rows * n_ffn),
-                         **_calib_time(shared, own), **extra})
+            rows.append(_logged({"policy": "oracle", "target": target, "spec": "OraclePolicy (benchmark only)",
+                                 "ppl": ppl, "rel_ppl": ppl / dense - 1,
+                                 "skip_fraction": oracle.skipped / (oracle.rows * n_ffn),
+                                 **_calib_time(shared, own), **extra}))
         if taught is not None:
             clock.split()
             work = copy.deepcopy(taught)
@@ -340,7 +357,15 @@ def main() -> None:
     parser.add_argument("--oracle-steps", type=int, default=300, help="oracle-taught: Adam steps per router")
     parser.add_argument("--png", default=None, help="write the frontier plot (ppl vs measured skip) here")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--from-json", default=None,
+                        help="render the table (and --png) from saved --json outputs of one model, comma-separated")
     args = parser.parse_args()
+    if args.from_json:
+        result = merge([json.loads(open(f, encoding="utf-8").read()) for f in args.from_json.split(",")])  # noqa: SIM115
+        if args.png:
+            _plot(result, args.png)
+        print(json.dumps(result, indent=2) if args.json else markdown(result))
+        return
     if bool(args.model) != bool(args.text):
         parser.error("--model and --text go together.")
     if (args.calib_text or args.context or args.cal_tokens) and not args.model:
@@ -352,6 +377,21 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     print(markdown(result))
+
+
+def merge(results: list[dict]) -> dict:
+    """One result from runs of the same model and text with other policies (one dense row kept)."""
+    first = results[0]
+    for other in results[1:]:
+        same = all(other[k] == first[k] for k in ("model", "text", "eval_tokens"))
+        dense = [next(r for r in res["rows"] if r["spec"] == "dense")["ppl"] for res in (first, other)]
+        if not same or abs(dense[0] - dense[1]) > 1e-6 * dense[0]:
+            msg = "--from-json: the runs scored different models, texts or tokens; merge runs of one setting only."
+            raise ValueError(msg)
+    rows = [r for r in first["rows"] if r["spec"] == "dense"]
+    rows += [r for res in results for r in res["rows"] if r["spec"] != "dense"]
+    return {**first, "seconds": round(sum(res["seconds"] for res in results), 1), "rows": rows,
+            "runs": [{k: v for k, v in res.items() if k != "rows"} for res in results]}
 
 
 def markdown(result: dict) -> str:
