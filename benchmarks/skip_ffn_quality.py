@@ -402,7 +402,8 @@ def markdown(result: dict) -> str:
              "| calibration s (wall / CPU) |", "|---|---:|---:|---:|---:|---:|---:|"]
     order = {"dense": 0, "similarity": 1, "forecast": 2, "oracle-taught": 3, "oracle": 4}
     for r in sorted(result["rows"], key=lambda r: (order[r.get("policy", "dense")], r["skip_fraction"])):
-        agree = (f"{r['greedy_agreement']:.2f} / {r['greedy_prefix']}" if "greedy_agreement" in r else "-")
+        shown = "greedy_agreement" in r and result.get("greedy_tokens")
+        agree = f"{r['greedy_agreement']:.2f} / {r['greedy_prefix']}" if shown else "-"
         calib = f"{r['calib_s']} / {r['calib_cpu_s']}" if "calib_s" in r else "-"
         lines.append(f"| {r.get('policy', 'dense')} | {r['target']:.2f} | {100 * r['skip_fraction']:.1f}% "
                      f"| {r['ppl']:.3f} | {100 * r['rel_ppl']:+.1f}% | {agree} | {calib} |")

@@ -20,6 +20,15 @@ gets the forecast instead of the FFN's update. Training is two stages:
 ``set_skip_fraction`` then shifts every router's output bias by one common amount so that the
 measured fraction of all FFN blocks skipped on calibration tokens hits a target (bisection), and
 ``save_state`` / the pass option ``state=FILE`` carry the learned tensors with the model's identity.
+
+The oracle (issue 16: is the method or the router the limit?), without backprop through the model:
+``oracle_labels`` measures per routed FFN and token what taking the forecast costs (``OracleLabels``:
+a layer-local squared error, scaled per layer by a measured NLL sensitivity); ``allocate`` spends a
+target skip fraction where that is cheapest, one budget across layers; ``OraclePolicy`` uses the costs
+directly as decisions (benchmark only: it computes every FFN to decide). ``teach_routers``
+(``skip-ffn{policy=forecast,teacher=oracle}`` in the life cycle) fits each router to the labels
+(``fit_routers_to_oracle``), cuts each layer at the allocation's share (``set_layer_biases``) and
+finishes with ``set_skip_fraction``; its state is an ordinary forecast state file.
 """
 
 from __future__ import annotations

@@ -91,7 +91,9 @@ class SkipFFNConfig:
         unread = {SkipPolicy.SIMILARITY: ("rank", "router_hidden", "teacher"), SkipPolicy.FORECAST: ("threshold", "span")}
         defaults = SkipFFNConfig.__dataclass_fields__
         for name in unread[self.policy]:
-            if getattr(self, name) != defaults[name].default:
+            value = getattr(self, name)
+            if value != defaults[name].default:
+                shown = value.value if isinstance(value, Enum) else repr(value)
                 msg = (f"SkipFFNConfig.{name} is not read by policy={self.policy.value}; got "
-                       f"{name}={getattr(self, name)!r}: drop it, or choose the other policy.")
+                       f"{name}={shown}: drop it, or choose the other policy.")
                 raise ValueError(msg)

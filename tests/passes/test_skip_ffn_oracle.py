@@ -136,6 +136,6 @@ def test_rejects_too_short_calibration_text():
 def test_rejects_teacher_with_the_similarity_policy():
     from condfx.passes.skip_ffn import SkipFFNConfig
 
-    with pytest.raises(ValueError, match=r"SkipFFNConfig.teacher is not read by policy=similarity"):
+    with pytest.raises(ValueError, match=r"SkipFFNConfig.teacher is not read by policy=similarity; got teacher=oracle:"):
         SkipFFNConfig(teacher="oracle")
     assert copy.copy(SkipFFNConfig(policy="forecast", teacher="oracle")).teacher.value == "oracle"
