@@ -41,6 +41,7 @@ def _nll(logits, ids):
     return float(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]))
 
 
+@pytest.mark.slow  # about 48 s on the loaded 2-core machine (fixture capture, 4 label and 2 policy forwards)
 def test_numerics_oracle_labels_spend_the_budget_where_skipping_is_cheap():
     gm, cal, labels = _labelled()
     assert labels.cost.shape == labels.drop.shape == (3, 512) and labels.features.shape == (3, 512, 64)
@@ -99,6 +100,7 @@ def test_numerics_oracle_taught_state_exports_and_decodes_like_the_forecast_one(
         assert max_abs_diff(steps, ref) <= 1e-4 + 1e-4 * ref.abs().max().item(), backend
 
 
+@pytest.mark.slow  # about 37 s on the loaded 2-core machine
 def test_teacher_oracle_runs_in_the_life_cycle_with_progress():
     model, ids = _stories()
     gm = condfx.capture(model, (torch.zeros(2, 8, dtype=torch.long),))
