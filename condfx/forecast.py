@@ -20,11 +20,21 @@ gets the forecast instead of the FFN's update. Training is two stages:
 ``set_skip_fraction`` then shifts every router's output bias by one common amount so that the
 measured fraction of all FFN blocks skipped on calibration tokens hits a target (bisection), and
 ``save_state`` / the pass option ``state=FILE`` carry the learned tensors with the model's identity.
+
+The oracle (issue 16: is the method or the router the limit?), without backprop through the model:
+``oracle_labels`` measures per routed FFN and token what taking the forecast costs (``OracleLabels``:
+a layer-local squared error, scaled per layer by a measured NLL sensitivity); ``allocate`` spends a
+target skip fraction where that is cheapest, one budget across layers; ``OraclePolicy`` uses the costs
+directly as decisions (benchmark only: it computes every FFN to decide). ``teach_routers``
+(``skip-ffn{policy=forecast,teacher=oracle}`` in the life cycle) fits each router to the labels
+(``fit_routers_to_oracle``), cuts each layer at the allocation's share (``set_layer_biases``) and
+finishes with ``set_skip_fraction``; its state is an ordinary forecast state file.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,8 +46,9 @@ from condfx.passes.skip_ffn_forecast import FORECAST_PARAMS
 from condfx.passes.skip_ffn_forecast import FORECAST_ROLE as _ROLE
 
 __all__ = [
-    "ForecastTraining", "fit_forecasters", "forecast_param_names", "save_state", "set_skip_fraction",
-    "train_routers",
+    "Allocation", "ForecastTraining", "OracleLabels", "OraclePolicy", "allocate", "fit_forecasters",
+    "fit_routers_to_oracle", "forecast_param_names", "oracle_labels", "save_state", "set_layer_biases",
+    "set_skip_fraction", "teach_routers", "train_routers",
 ]
 
 
@@ -317,3 +328,342 @@ def save_state(gm: fx.GraphModule, path: str | Path, identity: dict | None = Non
                 "format": "condfx-skip-ffn-forecast-2"}
     save_file({n: params[n].detach().cpu().contiguous() for n in names}, str(path), metadata=metadata)
     return names
+
+
+# ------------------------------------------------------------------------ the oracle and its pupil
+# Issue 16: is the method or the router the limit? The oracle knows each FFN's true update before
+# deciding; its labels give (1) the oracle policy, the best any router of that information can do,
+# and (2) the targets the routers are fitted to ("teacher=oracle"), without backprop through the model.
+
+ORACLE_MIN_TOKENS = 64
+"""Fewest calibration tokens (at positions >= warm-up) the oracle's labels and fits accept."""
+
+
+@dataclass(frozen=True)
+class OracleLabels:
+    """What skipping each (routed FFN, token) costs on calibration text, and what its router sees.
+
+    The label is layer-local: ``cost[l, n] = ||f - g||^2 / ||h + f||^2``, the squared error the
+    forecast g leaves in the residual stream after the FFN (h: stream before it, f: the FFN's update),
+    relative to the stream's size; ``drop`` is the same with nothing in place of f (``||f||^2 / ...``).
+    Why local and squared: a per-token logit-level label would need one forward per (layer, token),
+    or backprop through the model; the local one costs one dense forward. A layer-local error is not
+    comparable across layers (later layers pass less of it to the logits), so each layer also gets a
+    logit-level ``sensitivity``: the rise of the mean next-token NLL when *all* its scored rows take
+    the forecast, per unit of their summed cost (one forward per layer). Squared, because that rise
+    is, to second order, the sum of the rows' squared perturbations (first-order terms of random
+    sign cancel over many tokens), so ``sensitivity[l] * cost[l, n]`` is one token's share of it and
+    rows of all layers can be ranked on one scale (``allocate``).
+
+    Attributes:
+        cost: (L, N) float64 over the L routed FFNs and N = B*T calibration rows.
+        drop: (L, N) float64.
+        features: (L, N, d) float32: each router's input (the normalised FFN input) on the dense stream.
+        scored: (N,) bool: rows the policy may route out (positions >= warm-up).
+        sensitivity: (L,) float64, > 0.
+        dense_nll: mean next-token NLL of the graph with every FFN executed.
+    """
+
+    cost: torch.Tensor
+    drop: torch.Tensor
+    features: torch.Tensor
+    scored: torch.Tensor
+    sensitivity: torch.Tensor
+    dense_nll: float
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """Where a target skip fraction is spent: per routed FFN, the share of scored rows routed out and
+    the largest local cost routed out (``OracleLabels.cost``'s scale)."""
+
+    target: float
+    fractions: torch.Tensor  # (L,) float64 in [0, 1]
+    thresholds: torch.Tensor  # (L,) float64
+
+
+def _forecast_of(gm: fx.GraphModule, ffn_node: fx.Node, x: torch.Tensor) -> torch.Tensor:
+    p = _params_of(gm, ffn_node)
+    return nn.functional.linear(nn.functional.linear(x, p["forecast_a"]), p["forecast_b"], p["forecast_c"])
+
+
+def _local_cost(h: torch.Tensor, f: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+    """||f - g||^2 / ||h + f||^2 per row (g None: the update dropped), float64."""
+    h, f = h.double(), f.double()
+    err = f if g is None else f - g.double()
+    return (err * err).sum(-1) / ((h + f) ** 2).sum(-1).clamp_min(1e-30)
+
+
+class _Routed(fx.Interpreter):
+    """Runs a ``policy=forecast`` graph with the execute decisions of ``decide`` instead of its routers.
+
+    ``decide(i, x, h, f, warm) -> execute (B, T) bool`` sees the routed FFN's input x, the stream h,
+    the FFN's update f computed on every row, and the graph's warm-up mask; ``seen(i, x, h, f, warm)``,
+    when given, is called first. Records the rows each routed FFN skipped in ``skipped``.
+    """
+
+    def __init__(self, gm: fx.GraphModule, decide, seen=None):
+        super().__init__(gm)
+        self.decide, self.seen = decide, seen
+        self.by_node = {n: (role, i) for i, d in _routed(gm).items() for role, n in d.items()}
+        self.warm: dict[int, torch.Tensor] = {}
+        self.decided: dict[int, torch.Tensor] = {}
+        self.skipped = 0
+
+    def run_node(self, node):
+        tag = self.by_node.get(node)
+        if tag is None:
+            return super().run_node(node)
+        role, i = tag
+        if role == "execute":
+            val = super().run_node(node)
+            warm = node.args[1] if node.target is torch.ops.aten.bitwise_or.Tensor else None
+            self.warm[i] = self.env[warm] if warm is not None else torch.zeros_like(val)
+            return torch.ones_like(val)
+        if role == "ffn":
+            out = super().run_node(node)  # every row executed
+            x, h, f = self.env[node.args[0]], self.env[node.args[1]], out[0]
+            if self.seen is not None:
+                self.seen(i, x, h, f, self.warm[i])
+            execute = self.decide(i, x, h, f, self.warm[i]) | self.warm[i]
+            self.decided[i] = execute
+            self.skipped += int((~execute).sum())
+            return (f * execute.unsqueeze(-1).to(f.dtype), out[1])
+        if role == "gate":
+            return self.decided[i].to(self.env[node.args[0]].dtype).unsqueeze(-1)
+        return super().run_node(node)
+
+
+def _nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    return float(nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).double(), ids[:, 1:].flatten()))
+
+
+def _logits(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _check_target(name: str, target) -> float:
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target < 1:
+        msg = f"{name} target_skip must be a number in (0, 1); got {target!r}."
+        raise ValueError(msg)
+    return float(target)
+
+
+def _check_ids(name: str, ids) -> torch.Tensor:
+    if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.dim() not in (1, 2):
+        msg = f"{name} needs calibration tokens as an int64 tensor of shape (B, T) or (T,)."
+        raise ValueError(msg)
+    ids = ids if ids.dim() == 2 else ids[None]
+    if ids.numel() < ORACLE_MIN_TOKENS or ids.shape[1] < 2:
+        msg = (f"{name} needs at least {ORACLE_MIN_TOKENS} calibration tokens in rows of 2 or more; "
+               f"got {ids.shape[0]} x {ids.shape[1]}.")
+        raise ValueError(msg)
+    return ids
+
+
+def oracle_labels(gm: fx.GraphModule, ids: torch.Tensor, progress=None) -> OracleLabels:
+    """Measures ``OracleLabels`` on ``ids`` (B, T): one dense forward, then one per routed FFN.
+
+    Args:
+        gm: a ``policy=forecast`` graph whose forecasters are fitted (``fit_forecasters``).
+        ids: (B, T) int64 calibration tokens (at least ``ORACLE_MIN_TOKENS``).
+        progress: optional ``progress(stage, done, total)``.
+
+    Raises:
+        ValueError: too few tokens, or no scored row (warm-up covers every position).
+    """
+    ids = _check_ids("oracle_labels", ids)
+    n_routed = len(_routed(gm))
+    progress = progress or (lambda *_: None)
+    cost, drop, feats, warm = [None] * n_routed, [None] * n_routed, [None] * n_routed, [None] * n_routed
+
+    def seen(i, x, h, f, w):
+        g = _forecast_of(gm, _routed(gm)[i]["ffn"], x)
+        cost[i], drop[i] = _local_cost(h, f, g).reshape(-1), _local_cost(h, f, None).reshape(-1)
+        feats[i], warm[i] = x.detach().reshape(-1, x.shape[-1]).float(), w.reshape(-1)
+
+    with torch.no_grad():
+        dense = _nll(_logits(_Routed(gm, lambda i, x, h, f, w: torch.ones_like(w), seen).run(ids)), ids)
+        progress("skip-ffn: oracle labels", 1, n_routed + 1)
+        scored = ~warm[0]
+        if not bool(scored.any()):
+            msg = "oracle_labels found no token past the warm-up; give longer calibration rows or a shorter warmup."
+            raise ValueError(msg)
+        cost_t = torch.stack(cost)
+        sens = []
+        for layer in range(n_routed):
+            out = _Routed(gm, lambda i, x, h, f, w, layer=layer: torch.ones_like(w) if i != layer else w).run(ids)
+            rise = _nll(_logits(out), ids) - dense
+            sens.append(max(rise, 1e-6 * max(dense, 1e-3)) / float(cost_t[layer][scored].sum().clamp_min(1e-30)))
+            progress("skip-ffn: oracle labels", layer + 2, n_routed + 1)
+    return OracleLabels(cost_t, torch.stack(drop), torch.stack(feats), scored,
+                        torch.tensor(sens, dtype=torch.float64), dense)
+
+
+def allocate(gm: fx.GraphModule, labels: OracleLabels, target_skip: float) -> Allocation:
+    """Spends ``target_skip`` (a fraction of *all* FFN blocks, cold layers and warm rows counted)
+    where the oracle says it is cheapest: the scored (layer, row) pairs of smallest
+    ``sensitivity[l] * cost[l, n]``, one budget across layers.
+
+    Raises:
+        ValueError: a target outside (0, 1), or more than the routed layers' scored rows hold.
+    """
+    target = _check_target("allocate", target_skip)
+    n_routed, n_rows = labels.cost.shape
+    skip_routed = _routed_target(gm, target)  # fraction of the routed layers' rows
+    want = round(skip_routed * n_routed * n_rows)
+    scaled = (labels.cost * labels.sensitivity[:, None])[:, labels.scored]  # (L, S)
+    if want > scaled.numel():
+        msg = (f"target_skip {target} needs {want} routed-out rows but only {scaled.numel()} rows are past "
+               "the warm-up in the routed layers; lower it or shorten the warm-up.")
+        raise ValueError(msg)
+    if want == 0:
+        return Allocation(target, torch.zeros(n_routed, dtype=torch.float64),
+                          torch.full((n_routed,), -1.0, dtype=torch.float64))
+    cut = float(scaled.flatten().kthvalue(want).values)
+    chosen = scaled <= cut
+    fractions = chosen.double().mean(1)
+    thresholds = torch.where(chosen.any(1), cut / labels.sensitivity, torch.full_like(labels.sensitivity, -1.0))
+    return Allocation(target, fractions, thresholds)
+
+
+class OraclePolicy(nn.Module):
+    """The oracle as a policy (benchmark only; it computes every FFN to decide): ``forward(ids)`` →
+    logits of ``gm`` where routed FFN l's row takes the forecast when its local cost on the *current*
+    stream is at most ``allocation.thresholds[l]``; ``skipped`` and ``rows`` count its decisions."""
+
+    def __init__(self, gm: fx.GraphModule, allocation: Allocation):
+        super().__init__()
+        self.gm, self.allocation = gm, allocation
+        self.skipped = self.rows = 0
+
+    def _decide(self, i, x, h, f, warm):
+        cost = _local_cost(h, f, _forecast_of(self.gm, _routed(self.gm)[i]["ffn"], x))
+        return cost > float(self.allocation.thresholds[i])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        run = _Routed(self.gm, self._decide)
+        with torch.no_grad():
+            out = _logits(run.run(ids))
+        self.skipped += run.skipped
+        self.rows += ids.numel()
+        return out
+
+
+def fit_routers_to_oracle(gm: fx.GraphModule, labels: OracleLabels, *, steps: int = 300, lr: float = 3e-3,
+                          holdout: float = 0.2, seed: int = 0, progress=None) -> dict[int, float]:
+    """Fits each router (its own d → H → ReLU → 1 MLP on its inference-time input) to the oracle.
+
+    The router regresses the standardised log local cost of its scored rows (squared loss, Adam,
+    full batch): a ranking surrogate that serves every target at once, since ``set_layer_biases``
+    then only moves the cut. The first (1 - holdout) of the rows train; the rest measure the fit.
+
+    Returns:
+        {routed index: Spearman rank correlation of the router's output with the cost on the held-out rows}.
+    """
+    progress = progress or (lambda *_: None)
+    scored = labels.scored.nonzero().squeeze(1)
+    n_fit = max(2, int(len(scored) * (1 - holdout)))
+    fit_rows, held = scored[:n_fit], scored[n_fit:]
+    roles, quality = _routed(gm), {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: extra threads only spin on a shared machine
+    try:
+        for i in range(len(roles)):
+            quality.update(_fit_one_router(gm, labels, i, roles[i]["ffn"], fit_rows, held, steps, lr, seed))
+            progress("skip-ffn: routers fitted to the oracle", i + 1, len(roles))
+    finally:
+        torch.set_num_threads(threads)
+    return quality
+
+
+def _fit_one_router(gm, labels, i, ffn_node, fit_rows, held, steps, lr, seed) -> dict[int, float]:
+    """Fits routed FFN ``i``'s router (``fit_routers_to_oracle``); returns {i: held-out Spearman}."""
+    p = _params_of(gm, ffn_node)
+    y = labels.cost[i].clamp_min(1e-12).log()
+    mu, sd = y[fit_rows].mean(), y[fit_rows].std().clamp_min(1e-6)
+    target = ((y[fit_rows] - mu) / sd).float()
+    gen = torch.Generator().manual_seed(seed + i)
+    w1 = p["router_w1"].detach().float().clone().requires_grad_(True)
+    b1 = torch.zeros(p["router_b1"].shape).requires_grad_(True)
+    w2 = (torch.randn(p["router_w2"].shape, generator=gen) * 0.01).requires_grad_(True)
+    b2 = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.Adam([w1, b1, w2, b2], lr=lr)
+    x_fit = labels.features[i][fit_rows]
+
+    def head(x):
+        return nn.functional.linear(torch.relu(nn.functional.linear(x, w1, b1)), w2, b2).squeeze(-1)
+
+    for _ in range(steps):
+        loss = ((head(x_fit) - target) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        for name, value in (("router_w1", w1), ("router_b1", b1), ("router_w2", w2), ("router_b2", b2)):
+            p[name].copy_(value.to(p[name].dtype))
+        if len(held) < 2:
+            return {}
+        return {i: _spearman(head(labels.features[i][held]).double(), y[held])}
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / ((ra * ra).sum() * (rb * rb).sum()).sqrt().clamp_min(1e-30))
+
+
+def _router_outputs(gm: fx.GraphModule, labels: OracleLabels, i: int) -> torch.Tensor:
+    p = _params_of(gm, _routed(gm)[i]["ffn"])
+    x = labels.features[i][labels.scored].to(p["router_w1"].dtype)
+    hidden = torch.relu(nn.functional.linear(x, p["router_w1"], p["router_b1"]))
+    return nn.functional.linear(hidden, p["router_w2"], p["router_b2"]).squeeze(-1).double()
+
+
+def set_layer_biases(gm: fx.GraphModule, labels: OracleLabels, allocation: Allocation) -> None:
+    """Per routed FFN, shifts the router's output bias so that the share ``allocation.fractions[l]``
+    of the calibration rows (dense stream) has logit <= 0, i.e. is routed out."""
+    with torch.no_grad():
+        for i, d in _routed(gm).items():
+            logits = _router_outputs(gm, labels, i)
+            k = round(float(allocation.fractions[i]) * logits.numel())
+            if k == 0:
+                cut = float(logits.min()) - 1.0
+            else:
+                ordered = logits.sort().values
+                above = float(ordered[k]) if k < logits.numel() else float(ordered[-1]) + 1.0
+                cut = 0.5 * (float(ordered[k - 1]) + above)
+            _params_of(gm, d["ffn"])["router_b2"].sub_(cut)
+
+
+def teach_routers(gm: fx.GraphModule, ids: torch.Tensor, target_skip: float, *, steps: int = 300,
+                  progress=None) -> dict:
+    """``teacher=oracle``: fits the forecasters, measures the oracle's labels, fits the routers to them,
+    sets each layer's cut by the oracle's budget allocation, then one common shift so that ``ids``
+    skip ``target_skip`` of all FFN blocks under the routers themselves (``set_skip_fraction``).
+
+    Args:
+        gm: a ``policy=forecast`` graph (changed in place).
+        ids: (B, T) int64 calibration tokens, at least ``ORACLE_MIN_TOKENS``.
+        target_skip: fraction of all FFN blocks to skip, in (0, 1).
+        steps: Adam steps of each router's fit.
+        progress: optional ``progress(stage, done, total)``.
+
+    Returns:
+        {"measured": skip fraction on ``ids``, "explained": the forecasters' R^2 per layer,
+        "spearman": held-out rank correlation per layer, "fractions": the allocation per layer}.
+
+    Raises:
+        ValueError: one sentence: a target outside (0, 1), too few tokens, or an unreachable target.
+    """
+    target = _check_target("teach_routers", target_skip)
+    ids = _check_ids("teach_routers", ids)
+    _routed_target(gm, target)
+    explained = fit_forecasters(gm, ids)
+    labels = oracle_labels(gm, ids, progress)
+    allocation = allocate(gm, labels, target)
+    spearman = fit_routers_to_oracle(gm, labels, steps=steps, progress=progress)
+    set_layer_biases(gm, labels, allocation)
+    measured = set_skip_fraction(gm, ids, target)
+    return {"measured": measured, "explained": explained, "spearman": spearman,
+            "fractions": allocation.fractions.tolist()}

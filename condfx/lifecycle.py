@@ -8,6 +8,7 @@ stages are the existing calibrations, which live in the API layer and stay the i
 |---|---|---|---|
 | ``skip-ffn`` (similarity) | calibration | before: threshold, span, cold regions, warm-up | ``calibrate.calibrate_similarity`` |
 | ``skip-ffn{policy=forecast}`` | training | after: forecasters, routers, bias shift | ``forecast`` |
+| ``skip-ffn{policy=forecast,teacher=oracle}`` | training | after: forecasters, oracle labels, router fit, per-layer cuts | ``forecast.teach_routers`` |
 | ``quantize-kv{latent=klt}`` | calibration | before: q/k/v second moments | ``kv_calibrate.record_kv_stats`` |
 | ``prune-global`` | calibration | before: routed fraction per L2A layer | ``l2a.record_route_stats`` |
 | ``route-attention`` | training | after: routers and attention (L2A recipe) | ``l2a.train_l2a`` |
@@ -82,6 +83,8 @@ def _skip_after(gm: fx.GraphModule, p: Pass, batches, budget: Budget, progress: 
 
     if p.config.policy.value != "forecast":
         return {}, ""
+    if p.config.teacher.value == "oracle":
+        return _skip_oracle(gm, batches, budget, progress)
     ids = _stream(batches)
     progress("skip-ffn: forecasters", 0, budget.steps)
     fit_forecasters(gm, ids)
@@ -92,6 +95,28 @@ def _skip_after(gm: fx.GraphModule, p: Pass, batches, budget: Budget, progress: 
     params = dict(gm.named_parameters())
     state = {n: params[n] for n in forecast_param_names(gm)}
     return state, f"routers trained {budget.steps} steps; measured skip {measured:.3f} on the calibration text"
+
+
+def _skip_oracle(gm: fx.GraphModule, batches, budget: Budget, progress: Progress):
+    """``skip-ffn{policy=forecast,teacher=oracle}``: routers fitted to the oracle's skip costs."""
+    from condfx.forecast import forecast_param_names, teach_routers
+
+    out = teach_routers(gm, _rows(batches), budget.skip_target, progress=progress)
+    params = dict(gm.named_parameters())
+    state = {n: params[n] for n in forecast_param_names(gm)}
+    rho = sum(out["spearman"].values()) / max(len(out["spearman"]), 1)
+    return state, (f"routers fitted to the oracle (held-out rank correlation {rho:.2f}); measured skip "
+                   f"{out['measured']:.3f} on the calibration text")
+
+
+def _skip_tokens(cfg, budget: Budget) -> int:
+    if cfg.policy.value != "forecast":
+        return 16
+    if cfg.teacher.value == "oracle":
+        from condfx.forecast import ORACLE_MIN_TOKENS
+
+        return max(ORACLE_MIN_TOKENS, 2 * cfg.rank)
+    return 2 * budget.seq_len
 
 
 # ---------------------------------------------------------------------------------- quantize-kv
@@ -194,7 +219,7 @@ CALIBRATORS: Mapping[str, Calibrator] = MappingProxyType({
     "skip-ffn": Calibrator(
         need=_skip_need, before=_skip_before, after=_skip_after,
         without=_UNCALIBRATED_SKIP,
-        min_tokens=lambda cfg, budget: 2 * budget.seq_len if cfg.policy.value == "forecast" else 16,
+        min_tokens=_skip_tokens,
     ),
     "quantize-kv": Calibrator(
         need=_kv_need, before=_kv_before,

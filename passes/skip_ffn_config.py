@@ -18,6 +18,14 @@ class SkipPolicy(Enum):
     FORECAST = "forecast"
 
 
+class SkipTeacher(Enum):
+    """What teaches the forecast policy's routers when the life cycle calibrates it (``condfx.lifecycle``):
+    the paper's LM-loss training, or fits to the oracle's per-token skip costs (``condfx.forecast.teach_routers``)."""
+
+    LM = "lm"
+    ORACLE = "oracle"
+
+
 MAX_RANK = 65536
 """Largest ``rank`` and ``router_hidden`` accepted at construction; when the pass runs, ``rank`` must
 also be at most the model width and the new tensors must fit in memory (``check_allocation``)."""
@@ -25,7 +33,7 @@ also be at most the model width and the new tensors must fit in memory (``check_
 _SKIP_FFN_BOUNDS = MappingProxyType({
     "policy": OneOf(SkipPolicy), "threshold": Float(0.0, 1.0, low_open=True), "span": Int(1, BIG_INT),
     "cold_start": Int(0, BIG_INT), "cold_end": Int(0, BIG_INT), "warmup": Int(0, BIG_INT),
-    "rank": Int(1, MAX_RANK), "router_hidden": Int(1, MAX_RANK),
+    "rank": Int(1, MAX_RANK), "router_hidden": Int(1, MAX_RANK), "teacher": OneOf(SkipTeacher),
 })
 
 
@@ -42,6 +50,9 @@ class SkipFFNConfig:
         warmup: tokens at positions < warmup always run every FFN, >= 0.
         rank: forecast policy: rank of each FFN's low-rank forecaster, >= 1.
         router_hidden: forecast policy: hidden width of each FFN's router MLP, >= 1.
+        teacher: forecast policy: what trains the routers under ``--calib`` ("lm": LM loss and
+            Gumbel gates; "oracle": fits to the oracle's skip costs, per-layer cuts from its budget).
+            The rewrite itself does not read it.
         state: forecast policy only (refused with ``similarity``): safetensors file of trained routers and forecasters
             (``condfx.forecast.save_state``); None gives the untrained state, under which every
             row executes and the rewritten graph reproduces the original outputs.
@@ -55,6 +66,7 @@ class SkipFFNConfig:
     warmup: int = 0
     rank: int = 32
     router_hidden: int = 64
+    teacher: SkipTeacher = SkipTeacher.LM
     state: str | None = None
 
     def __post_init__(self):
@@ -76,10 +88,12 @@ class SkipFFNConfig:
         Only values other than the default are seen: a dataclass cannot tell a default from the
         same value written out.
         """
-        unread = {SkipPolicy.SIMILARITY: ("rank", "router_hidden"), SkipPolicy.FORECAST: ("threshold", "span")}
+        unread = {SkipPolicy.SIMILARITY: ("rank", "router_hidden", "teacher"), SkipPolicy.FORECAST: ("threshold", "span")}
         defaults = SkipFFNConfig.__dataclass_fields__
         for name in unread[self.policy]:
-            if getattr(self, name) != defaults[name].default:
+            value = getattr(self, name)
+            if value != defaults[name].default:
+                shown = value.value if isinstance(value, Enum) else repr(value)
                 msg = (f"SkipFFNConfig.{name} is not read by policy={self.policy.value}; got "
-                       f"{name}={getattr(self, name)!r}: drop it, or choose the other policy.")
+                       f"{name}={shown}: drop it, or choose the other policy.")
                 raise ValueError(msg)
