@@ -6,7 +6,10 @@ normed stream the attention reads):
         → logit  = x_in @ w_r^T + b_r                        # (B, T); w_r (1, d) and b_r (1,) zero
           route  = logit >= threshold                        # threshold buffer, -inf at insertion
           glob   = condfx.routed_attention(q, k, v, route, scale, opts)   # full causal, routed rows only
-          win    = condfx.attention(q, k, v, scale, window, opts)         # the same q/k/v, windowed
+          win    = condfx.sink_window_attention(q, k, v, pos, 0, scale, sink, window)  # the same q/k/v:
+                   the first ``sink`` tokens and the last ``window`` (itself included), zero RoPE
+                   frequencies so nothing is re-rotated; with sink=0 or a score option (which the sink
+                   op lacks): condfx.attention(q, k, v, scale, window, opts)
           where(route[:, None, :, None], glob, win)          # before the output projection
   Nothing is copied: both branches read the layer's own q/k/v, and only the attention core changes,
   so post / sandwich norms, residual multipliers, parallel blocks and the score options (softcap,
@@ -41,6 +44,7 @@ from condfx.patterns.routed import TAG
 
 aten = torch.ops.aten
 ROUTED = torch.ops.condfx.routed_attention.default
+SINK_WINDOW = torch.ops.condfx.sink_window_attention.default
 
 
 def _tag(node: fx.Node, prefix: str, role: str) -> fx.Node:
@@ -63,7 +67,22 @@ def select_state(gm: fx.GraphModule, prefix: str, region: AttentionRegion, x_in:
     return state
 
 
-def select_replacement(gm: fx.GraphModule, region: AttentionRegion, prefix: str, x_in: fx.Node, window: int) -> None:
+def _sink_window(b: GraphBuilder, core: fx.Node, prefix: str, window: int, sink: int) -> fx.Node:
+    """The window branch that also reads the first ``sink`` tokens at their own positions:
+    ``condfx.sink_window_attention`` with zero RoPE frequencies (its StreamingLLM re-rotation of the
+    sink scores becomes the identity), so q and k keep the positions the layer gave them."""
+    q, k, v = (op_arg(core, n) for n in ("q", "k", "v"))
+    val = q.meta["val"]
+    freq = b.constant(prefix, "l2a_sink_inv_freq", torch.zeros(int(val.shape[-1]) // 2, dtype=torch.float32))
+    t = b.call(aten.sym_size.int, q, 2)
+    # (T,): the op's positions only turn the zero frequencies, so their values are never read; a
+    # constant fill (not an arange) is what add-kv-cache leaves alone
+    positions = b.call(aten.zeros.default, [t], dtype=torch.long, device=val.device)
+    return b.call(SINK_WINDOW, q, k, v, positions, freq, float(op_arg(core, "scale")), sink, window)
+
+
+def select_replacement(gm: fx.GraphModule, region: AttentionRegion, prefix: str, x_in: fx.Node, window: int,
+                       sink: int = 0) -> None:
     """Replaces the fused core of ``region`` by where(route, global, window) (module docstring)."""
     core = region.core
     select_state(gm, prefix, region, x_in, window)
@@ -77,11 +96,14 @@ def select_replacement(gm: fx.GraphModule, region: AttentionRegion, prefix: str,
     opts = {k: v for k, v in opts.items() if v not in (None, 0.0)}
     q, k, v = (op_arg(core, n) for n in ("q", "k", "v"))
     glob = _tag(b.call(ROUTED, q, k, v, route, float(op_arg(core, "scale")), **opts), prefix, "routed")
+    # the sink op has no score options: a softcap / ALiBi / sinks-logit layer keeps the plain window
+    win = _sink_window(b, core, prefix, window, sink) if sink and not opts else core
     cond = b.call(aten.unsqueeze.default, b.call(aten.unsqueeze.default, route, 1), -1)  # (B, 1, T, 1)
-    out = _tag(b.call(aten.where.self, cond, glob, core), prefix, "out")
+    out = _tag(b.call(aten.where.self, cond, glob, win), prefix, "out")
     for user in users:
         user.replace_input_with(core, out)
-    set_op_args(core, window=window)
-    _tag(core, prefix, "window")
+    if win is core:
+        set_op_args(core, window=window)
+    _tag(win, prefix, "window")
     if x_in.meta.get(TAG) is None:  # a tensor two layers share keeps its first tag
         _tag(x_in, prefix, "input")

@@ -106,7 +106,11 @@ def test_oracle_router_forced_routes_and_prune_global():
         record_route_stats(sel, [x])
         pruned = condfx.apply(sel, "prune-global{max_fraction=1.0}").graph_module
         assert not find_routed_layers(pruned)
-        torch.testing.assert_close(pruned(x), window_only(gm, WINDOW)(x), atol=1e-5, rtol=1e-5)
+        never = copy.deepcopy(sel)  # no token routes: the window branch (with its sink tokens) alone
+        for r in find_routed_layers(never):
+            r.state.threshold.fill_(float("inf"))
+        torch.testing.assert_close(pruned(x), never(x), atol=1e-5, rtol=1e-5)
+        assert (pruned(x) - window_only(gm, WINDOW)(x)).abs().max() > 1e-3  # the sinks are read
 
 
 def test_oracle_cost_is_zero_inside_the_window_and_labels_leave_thresholds():

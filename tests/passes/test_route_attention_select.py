@@ -25,9 +25,10 @@ def _ids(t: int = 24, b: int = 2) -> torch.Tensor:
 
 
 @functools.cache
-def _select():
+def _select(sink: int | None = 0):
     gm, _ = captured("stories260K")
-    return gm, condfx.apply(gm, f"route-attention{{form=select,window={WINDOW}}}").graph_module
+    extra = "" if sink is None else f",sink={sink}"
+    return gm, condfx.apply(gm, f"route-attention{{form=select,window={WINDOW}{extra}}}").graph_module
 
 
 def _routed_half(gm):
@@ -54,6 +55,26 @@ def test_numerics_exact_at_insertion():
     assert all(int(op.args[4]) == WINDOW for op in (r.nodes["window"] for r in layers))
 
 
+def test_numerics_sink_tokens_in_the_window_branch():
+    """sink=N: unrouted rows read the first N tokens too (default 4); with N >= T the window
+    branch sees everything, so a model where no token routes is the original again."""
+    from condfx.passes.op_args import op_arg
+
+    gm, _ = _select()
+    ids = _ids(30)
+    every = condfx.apply(gm, f"route-attention{{form=select,window={WINDOW},sink=30}}").graph_module
+    _, default = _select(None)
+    layers = find_routed_layers(default)
+    assert all(op_arg(r.nodes["window"], "sink") == 4 for r in layers)
+    with torch.no_grad():
+        for model in (every, default):
+            for r in find_routed_layers(model):
+                r.state.threshold.fill_(float("inf"))  # no token routes
+        torch.testing.assert_close(every(ids), gm(ids), atol=1e-5, rtol=1e-5)
+        sinks, window = default(ids), window_only(gm, WINDOW)(ids)
+    assert (sinks - gm(ids)).abs().max() > 1e-3 and (sinks - window).abs().max() > 1e-3
+
+
 def test_numerics_unrouted_rows_are_window_attention_and_routed_rows_full():
     gm, sel = _select()
     half = _routed_half(sel)
@@ -76,7 +97,7 @@ def test_decode_torch_and_onnx_sessions_match_full_forward():
     pytest.importorskip("onnxruntime")
     from condfx.runtime.onnx_backend import OnnxBackend
 
-    _, sel = _select()
+    _, sel = _select(None)  # the default: the window branch keeps 4 sink tokens
     half = _routed_half(sel)
     decode = condfx.apply(half, "add-kv-cache").graph_module
     ids = _ids(16, 1)
@@ -95,7 +116,9 @@ def test_decode_torch_and_onnx_sessions_match_full_forward():
     [
         ({"form": "select", "skip": 1.0}, r"skip must be None or a number in \(0, 1\)"),
         ({"form": "select", "skip": 0.0}, r"skip must be None or a number > 0"),
-        ({"form": "add", "skip": 0.5}, "targets of form=select's calibration"),
+        ({"form": "add", "skip": 0.5}, "read by form=select only"),
+        ({"form": "add", "sink": 4}, "read by form=select only"),
+        ({"form": "select", "sink": -1}, "sink must be None or an int >= 0"),
         ({"form": "select", "skip": 0.5, "floor": 0.6}, "floor=0.6 must be at most skip=0.5"),
         ({"form": "other"}, "form must be one of {add, select}"),
     ],
