@@ -1,11 +1,11 @@
 """L2A retrofit (``route-attention{form=select}``): perplexity against the fraction of tokens that skip
 global attention, for the oracle-taught router and the oracle itself, with calibration time.
 
-    python benchmarks/l2a_retrofit.py --model M --text T --calib C --window W --context N
+    python benchmarks/l2a_retrofit.py --model M --text T --calib C --window W --context N [--sink 4]
         --targets 0.5,0.6,0.7,0.8 [--floor F] [--passkey 20] [--json] [--out DIR]
 
-Per target skip fraction: perplexity of the original, the window-only model (every token reads only
-its window), the learned router (``condfx.l2a_retrofit.calibrate_select``) and the oracle router (the
+Per target skip fraction: perplexity of the original, the window-only model (no token routes: every
+token reads its window and the first ``--sink`` tokens), the learned router (``condfx.l2a_retrofit.calibrate_select``) and the oracle router (the
 labels as decisions, thresholds allocated the same way; open loop: costs from the all-routed model on
 the scored text itself); the measured skip fraction on the scored text (min over layers, mean); the
 calibration's CPU time (``time.process_time``, labels + fit) and wall time. Perplexity: the first
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 import condfx
 from condfx.data import data_file
-from condfx.l2a import l2a_view, window_only
+from condfx.l2a import l2a_view
 from condfx.l2a_retrofit import (
     calibrate_select,
     forced_routes,
@@ -133,11 +133,11 @@ def run(args) -> dict:
     n_rows = max(1, min(args.calib_tokens, len(calib_ids)) // args.context)
     calib = [torch.tensor(calib_ids[i * args.context : (i + 1) * args.context])[None] for i in range(n_rows)]
     gm = condfx.capture(model, (torch.zeros(2, 16, dtype=torch.long),))
-    sel = condfx.apply(gm, f"route-attention{{form=select,window={args.window}}}").graph_module
+    sel = condfx.apply(gm, f"route-attention{{form=select,window={args.window},sink={args.sink}}}").graph_module
     rows = []
     base = {"original": _ppl(gm, chunks)}
     print(f"original ppl {base['original']:.3f} ({time.perf_counter() - t_start:.0f} s)", flush=True)
-    base["window-only"] = _ppl(window_only(gm, args.window), chunks) if args.window_only else float("nan")
+    base["window-only"] = _ppl(_never_routed(sel), chunks) if args.window_only else float("nan")
     print(f"window-only ppl {base['window-only']:.3f} ({time.perf_counter() - t_start:.0f} s)", flush=True)
     c0, w0 = time.process_time(), time.perf_counter()
     labels = oracle_labels(sel, calib, progress=lambda d, t: print(f"  labels {d}/{t} ({time.perf_counter() - t_start:.0f} s)", flush=True))
@@ -166,16 +166,29 @@ def run(args) -> dict:
                        "original": _passkey(gm, tok, essays, args.passkey, args.passkey_tokens),
                        "learned": _passkey(sel, tok, essays, args.passkey, args.passkey_tokens)}
             print(json.dumps(passkey), flush=True)
-    return {"model": args.model, "text": args.text, "calib": args.calib, "window": args.window,
+    return {"model": args.model, "text": args.text, "calib": args.calib, "window": args.window, "sink": args.sink,
             "context": args.context, "eval_tokens": sum(c.numel() for c in chunks),
             "calib_tokens": sum(c.numel() for c in calib), "layers": len(select_layers(sel)),
             **{f"{k}_ppl": v for k, v in base.items()}, "rows": rows, "passkey": passkey,
             "seconds": time.perf_counter() - t_start, "process_cpu_s": time.process_time()}
 
 
+def _never_routed(sel):
+    """A copy of the select model where no token routes: the window branch (and its sinks) alone."""
+    import copy
+
+    from condfx.patterns.routed import find_routed_layers
+
+    never = copy.deepcopy(sel)
+    with torch.no_grad():
+        for r in find_routed_layers(never):
+            r.state.threshold.fill_(float("inf"))
+    return never
+
+
 def table(out: dict) -> str:
     lines = [f"{out['model']}, window {out['window']}, context {out['context']}: perplexity on the first "
-             f"{out['eval_tokens']} tokens of {out['text']} (original {out['original_ppl']:.3f}, window-only "
+             f"{out['eval_tokens']} tokens of {out['text']} (original {out['original_ppl']:.3f}, window+{out.get('sink', 0)} sinks only "
              f"{out['window-only_ppl']:.3f}); calibration on {out['calib_tokens']} tokens of {out['calib']}", "",
              "| target skip | learned ppl | Δ vs original | skip min / mean (learned) | oracle ppl | skip min / mean (oracle) | calibration CPU s / wall s |",
              "|---:|---:|---:|---|---:|---|---|"]
@@ -202,7 +215,7 @@ def plot(out: dict, path: Path) -> None:
     ax.plot([r["learned_skip_mean"] for r in rows], [r["learned_ppl"] for r in rows], "o-", label="learned router")
     ax.plot([r["oracle_skip_mean"] for r in rows], [r["oracle_ppl"] for r in rows], "s--", label="oracle router")
     ax.axhline(out["original_ppl"], color="k", lw=1, label="original")
-    ax.axhline(out["window-only_ppl"], color="r", lw=1, ls=":", label="window-only")
+    ax.axhline(out["window-only_ppl"], color="r", lw=1, ls=":", label=f"window + {out.get('sink', 0)} sinks only")
     ax.set_xlabel("fraction of tokens skipping global attention (mean over layers)")
     ax.set_ylabel("perplexity")
     values = [out["original_ppl"], out["window-only_ppl"]] + [r[k] for r in rows for k in ("learned_ppl", "oracle_ppl")]
@@ -222,6 +235,7 @@ def main() -> None:
     parser.add_argument("--calib", default=None, help="calibration text; default --text after the scored tokens")
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--sink", type=int, default=4, help="first tokens the window branch keeps reading")
     parser.add_argument("--targets", default="0.5,0.6,0.7,0.8")
     parser.add_argument("--floor", type=float, default=None, help="per-layer least skip (default: the target)")
     parser.add_argument("--eval-tokens", type=int, default=4096)
