@@ -15,7 +15,8 @@ from torch import nn
 import condfx
 from condfx.graph_text import graph_text
 from condfx.passes import PassError, apply
-from condfx.passes.skip_ffn import MASKED_FFN, SkipFFN, SkipFFNConfig, measure_skip_fraction
+from condfx.passes.op_args import op_arg
+from condfx.passes.skip_ffn import COUNTDOWN_FFN, MASKED_FFN, SkipFFN, SkipFFNConfig, measure_skip_fraction
 from tests._data import require_data
 
 NOTHING_SKIPS = "skip-ffn{threshold=1.0,span=1,cold_start=0,cold_end=1,warmup=0}"
@@ -52,7 +53,7 @@ def _gm(name: str):
 
 
 def _masked(gm):
-    return [n for n in gm.graph.nodes if n.target is MASKED_FFN]
+    return [n for n in gm.graph.nodes if n.target in (MASKED_FFN, COUNTDOWN_FFN)]
 
 
 @pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
@@ -62,8 +63,9 @@ def test_matches_ffn_regions_outside_cold_layers(name):
     assert result.modified and result.report.matched == 2 and result.report.rewritten == 1
     assert result.report.skipped == (("cold region", "layer 0"),)
     (node,) = _masked(result.graph_module)
-    assert node.args[9] == ("swiglu" if name == "llama-tiny" else "gelu-mlp")
-    assert all(a.op == "get_attr" for a in node.args[3:9] if isinstance(a, torch.fx.Node))
+    assert op_arg(node, "kind") == ("swiglu" if name == "llama-tiny" else "gelu-mlp")
+    weights = [op_arg(node, w) for w in ("w_up", "b_up", "w_gate", "b_gate", "w_down", "b_down")]
+    assert all(a.op == "get_attr" for a in weights if isinstance(a, torch.fx.Node))
     assert node.meta["val"][1].dtype == torch.float32
 
 
