@@ -16,7 +16,13 @@ import condfx
 from condfx.graph_text import graph_text
 from condfx.passes import PassError, apply
 from condfx.passes.op_args import op_arg
-from condfx.passes.skip_ffn import COUNTDOWN_FFN, MASKED_FFN, SkipFFN, SkipFFNConfig, measure_skip_fraction
+from condfx.passes.skip_ffn import (
+    COUNTDOWN_FFN,
+    MASKED_FFN,
+    SkipFFN,
+    SkipFFNConfig,
+    measure_skip_fraction,
+)
 from tests._data import require_data
 
 NOTHING_SKIPS = "skip-ffn{threshold=1.0,span=1,cold_start=0,cold_end=1,warmup=0}"

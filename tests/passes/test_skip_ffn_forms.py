@@ -18,7 +18,13 @@ import torch
 
 import condfx
 from benchmarks.conformance_build import N_LAYERS, build_small
-from condfx.passes.skip_ffn import SkipFFN, SkipFFNConfig, is_countdown_ffn, is_masked_ffn, measure_skip_fraction
+from condfx.passes.skip_ffn import (
+    SkipFFN,
+    SkipFFNConfig,
+    is_countdown_ffn,
+    is_masked_ffn,
+    measure_skip_fraction,
+)
 from condfx.passes.skip_ffn_branch import is_masked_branch
 
 NOTHING_SKIPS = "skip-ffn{threshold=1.0,cold_start=0,cold_end=0}"
