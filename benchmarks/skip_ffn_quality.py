@@ -52,7 +52,8 @@ from condfx.calibrate import calibrate_similarity, layer_cosines
 from condfx.data import data_file
 from condfx.eval.perplexity import documents_to_ids, perplexity
 from condfx.models_zoo import load
-from condfx.passes.skip_ffn import is_masked_ffn
+from condfx.passes.skip_ffn import is_countdown_ffn, is_masked_ffn
+from condfx.passes.skip_ffn_policy import execute_mask
 
 _CAL_DOCS, _CAL_LEN = 8, 128
 _PROMPT = "The history of the city begins in the Middle Ages, when"
@@ -72,8 +73,8 @@ class _Counted(torch.nn.Module):
         class _Interp(fx.Interpreter):
             def run_node(self, node):
                 out = super().run_node(node)
-                if is_masked_ffn(node):
-                    counter.skipped += int((~self.env[node.args[2]]).sum())
+                if is_masked_ffn(node) or is_countdown_ffn(node):
+                    counter.skipped += int((~execute_mask(node, self.env, out)).sum())
                 return out
 
         out = _Interp(self.gm).run(ids)

@@ -7,10 +7,15 @@ fraction beside each figure is measured on the decode steps of an extra, untimed
 ``Session.count_ffn_skips`` (fraction of all FFN blocks, cold layers included, that did not run).
 Tokens/s count every row of the batch.
 
+``--backends torch,onnx`` adds the same pair exported to ONNX and run by ONNX Runtime (its skip
+fraction is the torch session's: ONNX Runtime's masks are not observable). Speed-ups are given on the
+best round and on the median round.
+
 Models: SmolLM2-135M (real weights, calibrated on WikiText-2 tokens 4096.. for ``--target``) and a
 1B-class Llama config with random weights (calibrated on random tokens).
 
-    nice python benchmarks/skip_ffn_speed.py [--models smollm2,llama-1b] [--batches 1,8] [--json]
+    nice python benchmarks/skip_ffn_speed.py [--models smollm2,llama-1b] [--batches 1,8]
+        [--backends torch,onnx] [--threads N] [--json]
 """
 
 from __future__ import annotations
@@ -94,7 +99,21 @@ def _session(model, spec: str) -> Session:
     return Session(TorchBackend(gm), max_seq_len=getattr(model.info, "max_seq_len", None))
 
 
-def bench(name: str, target: float, steps: int, rounds: int, cal_tokens: int, batch: int) -> dict:
+def _onnx_session(model, spec: str, threads: int) -> Session:
+    """The same passes exported to ONNX (prefill + decode bundle) and opened on ONNX Runtime."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="condfx-skipffn-") as tmp:
+        condfx.export_model(model, tmp, passes=spec, verify=False)
+        return Session.from_onnx(tmp, threads=threads, check_hashes=False)
+
+
+def _median(v: list[float]) -> float:
+    return sorted(v)[len(v) // 2]
+
+
+def bench(name: str, target: float, steps: int, rounds: int, cal_tokens: int, batch: int,
+          backends: tuple[str, ...] = ("torch",), threads: int = 1) -> dict:
     model, cal_ids, prompt = (_smollm2 if name == "smollm2" else _llama_1b)(cal_tokens, batch)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -104,23 +123,31 @@ def bench(name: str, target: float, steps: int, rounds: int, cal_tokens: int, ba
     cal_s = time.perf_counter() - t0
     specs = {"dense": "fuse-attention", "skip-ffn": f"fuse-attention, {cal.spec()}"}
     sessions = {k: _session(model, v) for k, v in specs.items()}
-    times: dict[str, list[float]] = {k: [] for k in specs}
+    if "onnx" in backends:
+        sessions |= {f"onnx {k}": _onnx_session(model, v, threads) for k, v in specs.items()}
+    if "torch" not in backends:
+        skip = _decode_skip_fraction(sessions["skip-ffn"], prompt, steps)
+        sessions = {k: v for k, v in sessions.items() if k.startswith("onnx")}
+    times: dict[str, list[float]] = {k: [] for k in sessions}
     tokens = {}
     for _ in range(rounds):
         for k, s in sessions.items():
             seconds, tokens[k] = _decode(s, prompt, steps)
             times[k].append(seconds)
-    skip = _decode_skip_fraction(sessions["skip-ffn"], prompt, steps)
+    if "torch" in backends:
+        skip = _decode_skip_fraction(sessions["skip-ffn"], prompt, steps)
     del sessions
-    tps = {k: batch * steps / min(v) for k, v in times.items()}
-    pairs = [(a, b) for ra, rb in zip(tokens["dense"], tokens["skip-ffn"], strict=True)
-             for a, b in zip(ra, rb, strict=True)]
-    agree = sum(a == b for a, b in pairs) / len(pairs)
-    return {"model": name, "batch": batch, "spec": cal.spec(), "target": target,
-            "calibration_skip": cal.measured_skip, "calibration_s": round(cal_s, 1), "steps": steps,
-            "prompt_len": prompt.shape[1], "dense_tok_s": tps["dense"], "skip_tok_s": tps["skip-ffn"],
-            "speedup": tps["skip-ffn"] / tps["dense"], "decode_skip_fraction": skip, "times_s": times,
-            "greedy_agreement": agree}
+    row = {"model": name, "batch": batch, "spec": cal.spec(), "target": target,
+           "calibration_skip": cal.measured_skip, "calibration_s": round(cal_s, 1), "steps": steps,
+           "prompt_len": prompt.shape[1], "decode_skip_fraction": skip, "times_s": times, "by_backend": {}}
+    for backend in backends:
+        d, k = ("dense", "skip-ffn") if backend == "torch" else ("onnx dense", "onnx skip-ffn")
+        pairs = [(a, b) for ra, rb in zip(tokens[d], tokens[k], strict=True) for a, b in zip(ra, rb, strict=True)]
+        row["by_backend"][backend] = {
+            "dense_tok_s": batch * steps / min(times[d]), "skip_tok_s": batch * steps / min(times[k]),
+            "speedup": min(times[d]) / min(times[k]), "median_speedup": _median(times[d]) / _median(times[k]),
+            "greedy_agreement": sum(a == b for a, b in pairs) / len(pairs)}
+    return row
 
 
 def main() -> None:
@@ -133,22 +160,27 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternating dense/skip rounds")
     parser.add_argument("--cal-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--backends", default="torch", help="torch, onnx or both (comma-separated)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     targets = {k: float(v) for k, v in (kv.split("=") for kv in args.targets.split(","))}
-    rows = [bench(m, targets.get(m, 0.3), args.steps, args.rounds, args.cal_tokens, int(b))
+    backends = tuple(args.backends.split(","))
+    rows = [bench(m, targets.get(m, 0.3), args.steps, args.rounds, args.cal_tokens, int(b), backends, args.threads)
             for m in args.models.split(",") for b in args.batches.split(",")]
     if args.json:
         print(json.dumps({"threads": args.threads, "rows": rows}, indent=2))
         return
     print(f"{args.threads} thread(s), {args.steps} decode steps, best of {args.rounds} rounds")
-    print("| model | batch | dense tok/s (skip 0) | skip-ffn tok/s (decode skip) | speed-up | greedy agree | spec |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    print("| model | backend | batch | dense tok/s | skip-ffn tok/s (decode skip) | speed-up best / median "
+          "| greedy agree | spec |")
+    print("|---|---|---:|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['batch']} | {r['dense_tok_s']:.2f} (0.000) | {r['skip_tok_s']:.2f} "
-              f"({r['decode_skip_fraction']:.3f}) | {r['speedup']:.3f}x | {r['greedy_agreement']:.2f} | {r['spec']} |")
+        for backend, b in r["by_backend"].items():
+            print(f"| {r['model']} | {backend} | {r['batch']} | {b['dense_tok_s']:.2f} | {b['skip_tok_s']:.2f} "
+                  f"({r['decode_skip_fraction']:.3f}) | {b['speedup']:.3f}x / {b['median_speedup']:.3f}x "
+                  f"| {b['greedy_agreement']:.2f} | {r['spec']} |")
 
 
 if __name__ == "__main__":

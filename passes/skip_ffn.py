@@ -6,6 +6,8 @@ Rewrites (FFN regions in graph order, n = their number; layers ``cold_start <= i
           update_i, cos_i = condfx.masked_ffn(x, h_in, execute_i, weights..., kind, act, layout)
           h_out = h_in + update_i
           countdown = where(execute_i & ~warm & (cos_i >= threshold), span, max(countdown - 1, 0))
+  emitted as one ``condfx.countdown_masked_ffn`` per layer (the three lines above in one op) for the
+  blocks ``condfx.masked_ffn`` carries.
   The countdown (B, T) int64 starts at 0 and flows from layer to layer as tensor data; once an
   executed FFN's cos(h_in, h_out) reaches ``threshold`` the next ``span`` FFNs of that token are
   skipped. Cold layers keep their original FFN. Lossy (``exact = False``), except that a config
@@ -55,7 +57,6 @@ from condfx.passes._insert import erase_unused, remove_dead_calls
 from condfx.passes.add_kv_cache import find_position_aranges, is_decode_form
 from condfx.passes.base import GraphSnapshot, Pass, PassResult
 from condfx.passes.graph_builder import GraphBuilder
-from condfx.passes.op_args import op_arg
 from condfx.passes.report import estimate_cost
 from condfx.passes.skip_ffn_branch import (
     branch_execute,
@@ -67,9 +68,12 @@ from condfx.passes.skip_ffn_branch import (
 from condfx.passes.skip_ffn_config import SkipFFNConfig, SkipPolicy
 from condfx.passes.skip_ffn_forecast import ForecastPolicy
 from condfx.passes.skip_ffn_policy import (
+    COUNTDOWN_FFN,
     MASKED_FFN,
     FFNSite,
     FFNSkipPolicy,
+    execute_mask,
+    is_countdown_ffn,
     is_masked_ffn,
 )
 from condfx.passes.skip_ffn_similarity import SimilarityPolicy
@@ -78,8 +82,8 @@ from condfx.patterns import find_regions
 from condfx.patterns.moe import MOE_FFN
 from condfx.patterns.regions import FFNKind, FFNRegion, MoERegion, ResidualAdd
 
-__all__ = ["MASKED_FFN", "POLICIES", "SkipFFN", "SkipFFNConfig", "SkipPolicy", "is_masked_ffn",
-           "measure_skip_fraction"]
+__all__ = ["COUNTDOWN_FFN", "MASKED_FFN", "POLICIES", "SkipFFN", "SkipFFNConfig", "SkipPolicy",
+           "is_countdown_ffn", "is_masked_ffn", "measure_skip_fraction"]
 aten = torch.ops.aten
 
 
@@ -178,7 +182,7 @@ class SkipFFN(Pass):
         regions = find_regions(gm)
         ffn = regions.ffn
         blocks = _blocks(regions)
-        existing = [n for n in gm.graph.nodes if is_masked_ffn(n) or is_masked_branch(n)]
+        existing = [n for n in gm.graph.nodes if is_masked_ffn(n) or is_countdown_ffn(n) or is_masked_branch(n)]
         skipped = [("already rewritten", f"node {n.name}") for n in existing]
         n = len(blocks) + len(existing)
         if blocks and not existing and cfg.cold_start + cfg.cold_end >= n:
@@ -267,8 +271,8 @@ def measure_skip_fraction(gm: fx.GraphModule, *inputs: torch.Tensor) -> dict:
     class _Counting(fx.Interpreter):
         def run_node(self, node):
             out = super().run_node(node)
-            if is_masked_ffn(node) or is_masked_branch(node):
-                execute = self.env[op_arg(node, "execute") if is_masked_ffn(node) else branch_execute(node)]
+            if is_masked_ffn(node) or is_countdown_ffn(node) or is_masked_branch(node):
+                execute = self.env[branch_execute(node)] if is_masked_branch(node) else execute_mask(node, self.env, out)
                 counts[node.name] += int((~execute).sum())
                 totals[node.name] += execute.numel()
             return out

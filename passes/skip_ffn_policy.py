@@ -25,12 +25,26 @@ if TYPE_CHECKING:
     from condfx.passes.skip_ffn_config import SkipFFNConfig
 
 MASKED_FFN = torch.ops.condfx.masked_ffn.default
+COUNTDOWN_FFN = torch.ops.condfx.countdown_masked_ffn.default
 aten = torch.ops.aten
 
 
 def is_masked_ffn(node: fx.Node) -> bool:
     """True when ``node`` is a ``condfx.masked_ffn`` call."""
     return node.op == "call_function" and node.target is MASKED_FFN
+
+
+def is_countdown_ffn(node: fx.Node) -> bool:
+    """True when ``node`` is a ``condfx.countdown_masked_ffn`` call (the similarity policy fused)."""
+    return node.op == "call_function" and node.target is COUNTDOWN_FFN
+
+
+def execute_mask(node: fx.Node, env: dict, out: Any) -> torch.Tensor:
+    """The (B, T) execute mask of a ``condfx.masked_ffn`` (its input) or ``condfx.countdown_masked_ffn``
+    (its third output ``out[2]``) call that an interpreter just ran (``env``: its values so far)."""
+    from condfx.passes.op_args import op_arg
+
+    return out[2] if is_countdown_ffn(node) else env[op_arg(node, "execute")]
 
 
 @dataclass(frozen=True)
@@ -88,6 +102,20 @@ def masked_update(b: GraphBuilder, site: FFNSite, execute: fx.Node) -> tuple[fx.
         return masked_branch(b, site.branch, execute)
     fused = call_masked_ffn(b, site, execute)
     return b.call(operator.getitem, fused, 0), b.call(operator.getitem, fused, 1)
+
+
+def call_countdown_ffn(b: GraphBuilder, site: FFNSite, countdown: fx.Node, threshold: float,
+                      span: int) -> fx.Node:
+    """Inserts ``condfx.countdown_masked_ffn`` for ``site`` (the similarity policy and the masked FFN
+    in one op); returns the (update, next countdown, execute) tuple node."""
+    region, gate = site.region, site.region.gate
+    return b.call(
+        COUNTDOWN_FFN,
+        region.x_in, site.residual.stream, countdown, site.warm, region.up.weight, region.up.bias,
+        gate.weight if gate else None, gate.bias if gate else None,
+        region.down.weight, region.down.bias,
+        region.kind.value, act_name(region), region.up.weight_layout, float(threshold), int(span),
+    )
 
 
 def call_masked_ffn(b: GraphBuilder, site: FFNSite, execute: fx.Node) -> fx.Node:

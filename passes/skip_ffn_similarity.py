@@ -7,17 +7,22 @@ Rewrites (per rewritten FFN i, in graph order; countdown (B, T) int64 starts at 
       (or the general masked FFN of ``skip_ffn_branch`` for blocks the op does not carry)
     countdown = where(execute_i & ~warm & (cos_i >= threshold), span, max(countdown - 1, 0))
   The countdown flows from layer to layer as tensor data. Paper: Jaiswal et al., "FFN-SkipLLM".
+  Blocks ``condfx.masked_ffn`` carries get all of the above as one op per layer,
+  ``update_i, countdown, execute_i = condfx.countdown_masked_ffn(x, h_in, countdown, warm, ...,
+  threshold, span)`` (``condfx/ops/countdown_ffn.py``: the same decisions, without ten small ops
+  around each FFN at batch 1); general-form blocks keep the ops above.
 """
 
 from __future__ import annotations
 
+import operator
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx
 
 from condfx.passes.graph_builder import GraphBuilder
-from condfx.passes.skip_ffn_policy import FFNSite, masked_update
+from condfx.passes.skip_ffn_policy import FFNSite, call_countdown_ffn, masked_update
 
 if TYPE_CHECKING:
     from condfx.passes.skip_ffn_config import SkipFFNConfig
@@ -39,6 +44,10 @@ class SimilarityPolicy:
     def rewrite(self, b: GraphBuilder, site: FFNSite, cfg: SkipFFNConfig, carry: fx.Node) -> fx.Node:
         """Inserts the masked FFN and the countdown update; returns the new countdown."""
         countdown, warm = carry, site.warm
+        if site.branch is None:  # the fused op: one node per layer
+            fused = call_countdown_ffn(b, site, countdown, cfg.threshold, cfg.span)
+            site.residual.node.replace_input_with(site.residual.branch, b.call(operator.getitem, fused, 0))
+            return b.call(operator.getitem, fused, 1)
         execute = b.call(aten.eq.Scalar, countdown, 0)  # (B, T)
         if warm is not None:
             execute = b.call(aten.bitwise_or.Tensor, execute, warm)

@@ -13,6 +13,7 @@ import torch
 
 import condfx.ops  # noqa: F401  (defines torch.ops.condfx.*)
 from condfx.codegen.onnx import attention as _attention
+from condfx.codegen.onnx import countdown_ffn as _countdown_ffn
 from condfx.codegen.onnx import interleaved_attention as _interleaved_attention
 from condfx.codegen.onnx import kivi_cache_attention as _kivi_cache_attention
 from condfx.codegen.onnx import masked_ffn as _masked_ffn
@@ -33,6 +34,7 @@ from condfx.codegen.onnx._functions import (
 LOWERINGS: dict[torch._ops.OpOverload, Lowering] = {
     torch.ops.condfx.attention.default: _attention.LOWERING,
     torch.ops.condfx.masked_ffn.default: _masked_ffn.LOWERING,
+    torch.ops.condfx.countdown_masked_ffn.default: _countdown_ffn.LOWERING,
     torch.ops.condfx.interleaved_attention.default: _interleaved_attention.LOWERING,
     torch.ops.condfx.routed_attention.default: _routed_attention.LOWERING,
     torch.ops.condfx.kivi_cache_attention.default: _kivi_cache_attention.LOWERING,

@@ -12,6 +12,7 @@ from condfx.ops.attention import (
     attention_reference,
     check_attention_shapes,
 )
+from condfx.ops.countdown_ffn import countdown_masked_ffn_reference
 from condfx.ops.interleaved_attention import interleaved_attention_reference
 from condfx.ops.kivi_cache import kivi_cache_attention_reference
 from condfx.ops.kv_quant import (
@@ -29,6 +30,7 @@ __all__ = [
     "attention_backward_reference",
     "attention_reference",
     "check_attention_shapes",
+    "countdown_masked_ffn_reference",
     "dequantize_reference",
     "fake_quantize_reference",
     "interleaved_attention_reference",

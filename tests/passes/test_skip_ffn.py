@@ -15,7 +15,14 @@ from torch import nn
 import condfx
 from condfx.graph_text import graph_text
 from condfx.passes import PassError, apply
-from condfx.passes.skip_ffn import MASKED_FFN, SkipFFN, SkipFFNConfig, measure_skip_fraction
+from condfx.passes.op_args import op_arg
+from condfx.passes.skip_ffn import (
+    COUNTDOWN_FFN,
+    MASKED_FFN,
+    SkipFFN,
+    SkipFFNConfig,
+    measure_skip_fraction,
+)
 from tests._data import require_data
 
 NOTHING_SKIPS = "skip-ffn{threshold=1.0,span=1,cold_start=0,cold_end=1,warmup=0}"
@@ -52,7 +59,7 @@ def _gm(name: str):
 
 
 def _masked(gm):
-    return [n for n in gm.graph.nodes if n.target is MASKED_FFN]
+    return [n for n in gm.graph.nodes if n.target in (MASKED_FFN, COUNTDOWN_FFN)]
 
 
 @pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
@@ -62,9 +69,10 @@ def test_matches_ffn_regions_outside_cold_layers(name):
     assert result.modified and result.report.matched == 2 and result.report.rewritten == 1
     assert result.report.skipped == (("cold region", "layer 0"),)
     (node,) = _masked(result.graph_module)
-    assert node.args[9] == ("swiglu" if name == "llama-tiny" else "gelu-mlp")
-    assert all(a.op == "get_attr" for a in node.args[3:9] if isinstance(a, torch.fx.Node))
-    assert node.meta["val"][1].dtype == torch.float32
+    assert op_arg(node, "kind") == ("swiglu" if name == "llama-tiny" else "gelu-mlp")
+    weights = [op_arg(node, w) for w in ("w_up", "b_up", "w_gate", "b_gate", "w_down", "b_down")]
+    assert all(a.op == "get_attr" for a in weights if isinstance(a, torch.fx.Node))
+    assert node.meta["val"][0].dtype == torch.float32
 
 
 def test_matches_idempotent():
@@ -148,22 +156,11 @@ def test_golden_llama_tiny():
 %57 = aten.lt.Scalar(%3, 4)
 %58 = aten.zeros_like.default(%55, dtype=torch.bool)
 %59 = aten.bitwise_or.Tensor(%58, %57)
-%60 = aten.eq.Scalar(%56, 0)
-%61 = aten.bitwise_or.Tensor(%60, %59)
-%62 = condfx.masked_ffn.default(%54, %47, %61, %layers.0.feed_forward.w3.weight, None, %layers.0.feed_forward.w1.weight, None, %layers.0.feed_forward.w2.weight, None, 'swiglu', 'silu', 'out_in')
-%63 = getitem(%62, 0)
-%64 = getitem(%62, 1)
-%65 = aten.ge.Scalar(%64, 0.9)
-%66 = aten.logical_and.default(%61, %65)
-%67 = aten.logical_not.default(%59)
-%68 = aten.logical_and.default(%66, %67)
-%69 = aten.sub.Tensor(%56, 1)
-%70 = aten.clamp_min.default(%69, 0)
-%71 = aten.where.ScalarSelf(%68, 2, %70)
-%117 = aten.eq.Scalar(%71, 0)
-%118 = aten.bitwise_or.Tensor(%117, %59)
-%119 = condfx.masked_ffn.default(%116, %109, %118, %layers.1.feed_forward.w3.weight, None, %layers.1.feed_forward.w1.weight, None, %layers.1.feed_forward.w2.weight, None, 'swiglu', 'silu', 'out_in')
-%120 = getitem(%119, 0)""")
+%60 = condfx.countdown_masked_ffn.default(%54, %47, %56, %59, %layers.0.feed_forward.w3.weight, None, %layers.0.feed_forward.w1.weight, None, %layers.0.feed_forward.w2.weight, None, 'swiglu', 'silu', 'out_in', 0.9, 2)
+%61 = getitem(%60, 0)
+%62 = getitem(%60, 1)
+%108 = condfx.countdown_masked_ffn.default(%107, %100, %62, %59, %layers.1.feed_forward.w3.weight, None, %layers.1.feed_forward.w1.weight, None, %layers.1.feed_forward.w2.weight, None, 'swiglu', 'silu', 'out_in', 0.9, 2)
+%109 = getitem(%108, 0)""")
 
 
 def test_calibration_round_trip_and_rejects_other_model(tmp_path):

@@ -18,7 +18,13 @@ import torch
 
 import condfx
 from benchmarks.conformance_build import N_LAYERS, build_small
-from condfx.passes.skip_ffn import SkipFFN, SkipFFNConfig, is_masked_ffn, measure_skip_fraction
+from condfx.passes.skip_ffn import (
+    SkipFFN,
+    SkipFFNConfig,
+    is_countdown_ffn,
+    is_masked_ffn,
+    measure_skip_fraction,
+)
 from condfx.passes.skip_ffn_branch import is_masked_branch
 
 NOTHING_SKIPS = "skip-ffn{threshold=1.0,cold_start=0,cold_end=0}"
@@ -72,7 +78,7 @@ def _check_form(model_type: str, path: str) -> None:
     result = condfx.apply(gm, NOTHING_SKIPS)
     assert result.reports[0].rewritten == N_LAYERS, result.reports[0].skipped
     general = sum(is_masked_branch(n) for n in result.graph_module.graph.nodes)
-    assert general + sum(is_masked_ffn(n) for n in result.graph_module.graph.nodes) == N_LAYERS
+    assert general + sum(is_masked_ffn(n) or is_countdown_ffn(n) for n in result.graph_module.graph.nodes) == N_LAYERS
     if general == N_LAYERS:
         assert _matmuls(result.graph_module) == _matmuls(gm)  # the original FFN nodes are gone, not kept
     with torch.no_grad():
