@@ -7,7 +7,12 @@ costs the same in both models and of which time-to-first-token needs only the la
 dominate the timing. Batch 1, float32, ``--threads`` torch threads.
 
     dense   ``fuse-attention``: causal SDPA (PyTorch's CPU flash kernel) in every layer
-    L2A     ``route-attention{window}`` in every layer with the routes forced: each router weight is
+    select  (``--form select``, the default) ``route-attention{form=select,window,sink}`` in every
+            layer with the routes forced (``condfx.l2a_retrofit.forced_routes``): a random ``--routed``
+            fraction of the queries per layer runs full causal attention (``condfx.routed_attention``
+            on those rows only), the rest the window + sink attention of the same q/k/v; q/k/v/o are
+            projected once for all tokens, as in the dense model, so the saving is the attention core.
+    L2A     (``--form add``) ``route-attention{window}`` in every layer with the routes forced: each router weight is
             a random direction (scaled so logit/temperature ~ N(0, 1)) and the routing threshold of
             the ``logit >= 0`` node is moved to the (1 - ``--routed``) quantile of that layer's
             logits on the first 2,048 tokens of the input (equivalent to a router bias), layer by
@@ -16,7 +21,8 @@ dominate the timing. Batch 1, float32, ``--threads`` torch threads.
 Both run the same input in the same run; best of ``--reps``. KV bytes per token: runtime
 ``Session`` caches (``add-kv-cache``) after a ``--kv-context``-token prefill, for dense, L2A, and L2A
 after ``record_route_stats`` + ``prune-global{max_fraction=1,layers=<first half>}`` (half the layers
-lose their global branch and keep only the window ring cache).
+lose their global branch and keep only the window ring cache); ``--form add`` only. ``--device cuda``
+registers the Triton kernels and times in ``--dtype`` with CUDA synchronisation.
 
     nice python benchmarks/l2a_prefill_model.py [--layers 30] [--lengths 4096,8192] [--json]
 """
@@ -32,6 +38,7 @@ from l2a_speed import best_of  # benchmarks/ is on sys.path when a script in it 
 
 import condfx
 from condfx.l2a import l2a_view, record_route_stats, route_fractions
+from condfx.l2a_retrofit import forced_routes, select_layers, set_forced_routes
 from condfx.models_zoo.llama import LlamaConfig, LlamaModel
 from condfx.patterns.routed import find_routed_layers
 from condfx.runtime.session import Session
@@ -62,6 +69,16 @@ def force_routes(gm, ids: torch.Tensor, routed: float, temperature: float = 0.1)
     return route_fractions(gm, ids)
 
 
+def forced_select(gm, tokens: int, routed: float):
+    """form=select with every layer's routes forced to a random ``routed`` fraction of the queries
+    (``condfx.l2a_retrofit.forced_routes``: the route mask is read from a buffer, the router head,
+    one d-vector dot per token, is not run); the masks are kept in ``meta["routes"]``."""
+    forced = forced_routes(gm)
+    g = torch.Generator().manual_seed(1)
+    forced.meta["routes"] = [torch.rand(1, tokens, generator=g) < routed for _ in select_layers(forced)]
+    return forced
+
+
 def kv_bytes_per_token(gm, ids: torch.Tensor) -> float:
     session = Session.from_graph(condfx.apply(gm, "add-kv-cache").graph_module)
     with torch.no_grad():
@@ -76,22 +93,41 @@ def run(args) -> dict:
     ids = torch.randint(0, args.vocab, (1, max(lengths + [args.kv_context])), generator=torch.Generator().manual_seed(0))
     gm = condfx.capture(model, (ids[:, :32].reshape(2, 16),))  # batch 2: keeps the batch dim symbolic
     dense = condfx.apply(gm, "fuse-attention").graph_module
-    l2a = condfx.apply(gm, f"route-attention{{window={args.window}}}").graph_module
     calib = ids[:, :CALIB]
-    fractions = force_routes(l2a, calib, args.routed)
+    if args.form == "select":
+        l2a = condfx.apply(gm, f"route-attention{{form=select,window={args.window},sink={args.sink}}}").graph_module
+        l2a, fractions = forced_select(l2a, max(lengths), args.routed), [args.routed] * args.layers
+    else:
+        l2a = condfx.apply(gm, f"route-attention{{window={args.window}}}").graph_module
+        fractions = force_routes(l2a, calib, args.routed)
+    if args.device != "cpu":
+        from condfx.codegen.triton.attention import register
+
+        register()  # the Triton kernels of condfx::attention and condfx::routed_attention
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+        dense, l2a, ids = dense.to(args.device, dtype), l2a.to(args.device, dtype), ids.to(args.device)
+
+    def timed(fn, x):
+        def run():
+            fn(x)
+            if args.device != "cpu":
+                torch.cuda.synchronize()
+
+        run()  # warm-up
+        return best_of(run, args.reps)
+
     rows = []
     with torch.no_grad():
         for t in lengths:
+            if args.form == "select":
+                set_forced_routes(l2a, [r[:, :t] for r in l2a.meta["routes"]])
             x = ids[:, :t]
-            dense(x)  # warm-up
-            d = best_of(lambda x=x: dense(x), args.reps)
-            l2a(x)
-            r = best_of(lambda x=x: l2a(x), args.reps)
+            d, r = timed(dense, x), timed(l2a, x)
             rows.append({"T": t, "dense_s": d, "l2a_s": r, "speedup": d / r})
             if not args.json:
                 print(f"  T={t}: dense {d:.2f}s, L2A {r:.2f}s", flush=True)
     kv = {}
-    if args.kv_context:
+    if args.kv_context and args.form == "add":
         x = ids[:, : args.kv_context]
         record_route_stats(l2a, [calib])
         half = list(range(args.layers // 2))
@@ -99,7 +135,8 @@ def run(args) -> dict:
         kv = {"dense": kv_bytes_per_token(dense, x), "L2A": kv_bytes_per_token(l2a, x),
               "L2A pruned": kv_bytes_per_token(pruned, x), "pruned_layers": half,
               "global_layers_left": [r.layer for r in find_routed_layers(pruned)]}
-    return {"layers": args.layers, "vocab": args.vocab, "window": args.window, "threads": torch.get_num_threads(),
+    return {"layers": args.layers, "vocab": args.vocab, "window": args.window, "form": args.form,
+            "device": args.device, "threads": torch.get_num_threads(),
             "routed_target": args.routed, "routed_per_layer_calib": fractions, "rows": rows,
             "kv_context": args.kv_context, "kv_bytes_per_token": kv, "seconds": time.perf_counter() - t0}
 
@@ -110,6 +147,11 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=512)
     parser.add_argument("--lengths", default="4096,8192")
     parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--form", choices=("add", "select"), default="select",
+                        help="route-attention form: select (the retrofit; routes forced) or add (the paper's)")
+    parser.add_argument("--sink", type=int, default=4, help="form=select: sink tokens of the window branch")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (Triton kernels registered)")
+    parser.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="on a GPU")
     parser.add_argument("--routed", type=float, default=0.2)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--kv-context", type=int, default=8192, help="0 skips the KV measurement")
@@ -123,7 +165,7 @@ def main() -> None:
         print(json.dumps(out, indent=2))
         return
     fr = out["routed_per_layer_calib"]
-    print(f"SmolLM2-shaped, {out['layers']} layers, vocab {out['vocab']}, window {out['window']}, "
+    print(f"SmolLM2-shaped, {out['layers']} layers, vocab {out['vocab']}, form={out['form']}, window {out['window']}, "
           f"threads {out['threads']}; routed per layer {min(fr):.1%}..{max(fr):.1%} (mean {sum(fr) / len(fr):.1%})")
     print("| T | dense prefill s | L2A prefill s | speed-up |")
     print("|---:|---:|---:|---:|")
