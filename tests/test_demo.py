@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
 import torch
 from rich.console import Console
 
@@ -15,6 +16,7 @@ from tests._data import require_data
 _TINY = demo.DemoBudget(steps=2, calib_tokens=256, seq_len=128, eval_tokens=300, decode_tokens=4)
 
 
+@pytest.mark.slow  # 688 s on 2 cores under load ~15 (with a second measured run since removed)
 def test_run_demo_applies_the_stack_caches_its_state_and_measures(tmp_path, monkeypatch):
     require_data("stories260K.bin")
     monkeypatch.setenv("CONDFX_CACHE", str(tmp_path))
@@ -37,3 +39,9 @@ def test_run_demo_applies_the_stack_caches_its_state_and_measures(tmp_path, monk
     gm = condfx.capture(model, (torch.zeros(2, 8, dtype=torch.long),))
     again, how = demo._stack(gm, tok, _TINY, False, print)  # the cached state, no calibration text read
     assert how == "cached" and again.spec == first["passes"]
+
+
+def test_cache_path_follows_the_passes_and_the_budget(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONDFX_CACHE", str(tmp_path))
+    assert demo.cache_path().parent == tmp_path
+    assert demo.cache_path(_TINY) != demo.cache_path() and demo.cache_path(_TINY).name.startswith("demo_stack_")
