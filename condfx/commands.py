@@ -182,24 +182,30 @@ def optimize_cmd(args: argparse.Namespace) -> dict:
         if plan is not None:
             from condfx.measure import measure_point
 
-            points.append(measure_point("original", gm, plan["scored"], plan["cfg"], limit, say, plan["ids"]))
+            points.append(measure_point("original", gm, plan["scored"], plan["cfg"], limit, say, plan["ids"],
+                                        kv_context=args.kv_context_each))
+        from condfx.passes.spec import build_passes
+
+        n_passes = len(build_passes(args.passes))
         labels: list[str] = []
 
         def on_pass(i: int, p, work) -> None:
             labels.append(p.name)
             if plan is not None:
                 points.append(measure_point(", ".join(labels), work, plan["scored"], plan["cfg"], limit, say,
-                                            plan["ids"]))
+                                            plan["ids"], kv_context=None if i + 1 == n_passes else args.kv_context_each))
 
         result = _apply_calibrated(gm, args, calib, progress, on_pass)
+        alone = _alone_points(gm, args, calib, plan, points, progress, say) if plan is not None else []
     check, ids = _verify_optimized(gm, result.graph_module, args.passes, model,
                                    plan["scored"][:, : plan["cfg"].context] if plan else None)
     summary = {"output": str(out), "verify": check.to_dict(), "report": result.report.to_dict(),
                "spec": result.spec, "model": args.model}
     if plan is not None:
         summary.update(_measured_summary(args, gm, result, points, plan, limit, notes))
+        summary["alone"] = alone
     if args.export == "onnx":
-        summary["export"] = _export_result(result, model, args, out)
+        summary["export"] = _export_result(result, model, args, out, plan["ids"] if plan else None, limit)
     saved = _write_outputs(result, ids, out, gm, summary if plan is not None else None, points)
     summary["files"] = saved
     if not args.json:
@@ -214,7 +220,8 @@ def _optimize_texts(args: argparse.Namespace) -> dict[str, Path]:
         if value is not None:
             texts[flag[2:]] = check_input_file(value, flag, "Text file")
     for flag, value, least in (("--eval-tokens", args.eval_tokens, 16), ("--calib-tokens", args.calib_tokens, 16),
-                               ("--steps", args.steps, 1), ("--greedy-tokens", args.greedy_tokens, 1)):
+                               ("--steps", args.steps, 1), ("--greedy-tokens", args.greedy_tokens, 1),
+                               ("--kv-context-each", args.kv_context_each, 1)):
         if value < least:
             msg = f"{flag} must be at least {least}; got {value}."
             raise UserError(msg)
@@ -317,6 +324,52 @@ def _measure_plan(args, texts, tok, limit: int | None, notes: list[str]) -> dict
     return {"ids": eval_ids, "scored": scored, "cfg": cfg}
 
 
+def _alone_points(gm, args, calib, plan, points, progress, say) -> list[dict]:
+    """Each lossy pass after the first applied alone to the original (calibrated as in the stack, or
+    after fuse-attention when it needs fused attention) and its perplexity, beside the stack's up to it.
+    A pass that needs an earlier one of the pipeline (prune-global after route-attention) says so."""
+    from condfx.lifecycle import apply
+    from condfx.measure import measure_point
+    from condfx.passes.base import PassError
+    from condfx.passes.spec import build_passes
+
+    passes, rows = build_passes(args.passes), []
+    for i, p in enumerate(passes):
+        if p.exact:
+            continue
+        row: dict[str, Any] = {"pass": str(p.name), "stack_ppl": points[i + 1].ppl if i + 1 < len(points) else None}
+        if all(q.exact for q in passes[:i]):  # the stack up to it is the pass alone
+            row.update(ppl=points[i + 1].ppl, skip_fraction=points[i + 1].skip_fraction)
+            rows.append(row)
+            continue
+        work, why = None, None
+        for spec in ([p], [*build_passes("fuse-attention"), p]):
+            try:
+                work = apply(gm, spec, calib=calib, budget=_budget(args), progress=progress,
+                             allow_partial=args.allow_partial).graph_module
+                break
+            except (PassError, ValueError) as exc:
+                why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if work is None:
+            row["why"], row["error"] = "needs an earlier pass", why
+        else:
+            pt = measure_point(f"{p.name} alone", work, plan["scored"], plan["cfg"], None, say, session=False)
+            row.update(ppl=pt.ppl, skip_fraction=pt.skip_fraction)
+        rows.append(row)
+    return rows
+
+
+def _fp16_reference(gm, points) -> dict | None:
+    """The dense float16 cache's bytes per token (the original's measured cache rescaled from its
+    dtype) and the result's measured bytes against it."""
+    base, last = points[0].kv_bytes_per_token, points[-1].kv_bytes_per_token
+    weight = next(iter(gm.parameters()), None)
+    if base is None or last is None or weight is None or not weight.is_floating_point():
+        return None
+    fp16 = base * 2 / weight.element_size()
+    return {"bytes_per_token": fp16, "result_bytes_per_token": last, "times_smaller": fp16 / last}
+
+
 def _measured_summary(args, gm, result, points, plan, limit, notes) -> dict:
     from condfx.measure import greedy_agreement, point_dict, ratios
 
@@ -328,13 +381,17 @@ def _measured_summary(args, gm, result, points, plan, limit, notes) -> dict:
         "measure": {"kv_context": plan["cfg"].kv_context, "prefill_tokens": plan["cfg"].prefill_tokens,
                     "decode_tokens": plan["cfg"].decode_tokens},
         "points": [point_dict(p) for p in points], "ratios": ratios(points[0], points[-1]),
+        "kv_fp16": _fp16_reference(gm, points),
         "greedy": greedy, "calibration": [c.to_dict() for c in result.calibrations],
         "notes": notes + uncalibrated,
     }
 
 
-def _export_result(result, model, args, out: Path) -> dict:
-    """Writes the ONNX bundle of the calibrated result into ``out/onnx`` and checks it against PyTorch."""
+def _export_result(result, model, args, out: Path, ids: torch.Tensor | None = None,
+                   limit: int | None = None) -> dict:
+    """Writes the ONNX bundle of the calibrated result into ``out/onnx`` and checks it against PyTorch;
+    with evaluation ``ids`` also on real tokens (``measure.onnx_agreement``): a prompt longer than the
+    passes' full-precision span, ``--greedy-tokens`` greedy tokens, one step on the same cache."""
     from condfx.export_bundle import export_decode_graph, model_identity
     from condfx.passes.pipeline import apply
 
@@ -350,7 +407,15 @@ def _export_result(result, model, args, out: Path) -> dict:
         from condfx.verify import check_export_diffs
 
         check_export_diffs(bundle.diffs, where=f"the export in {str(out / 'onnx')!r}")
-    return {"folder": str(out / "onnx"), "max_abs_diff": bundle.max_abs_diff}
+    found = {"folder": str(out / "onnx"), "max_abs_diff": bundle.max_abs_diff}
+    if ids is not None:
+        from condfx.measure import full_precision_window, onnx_agreement
+        from condfx.passes.spec import build_passes
+
+        room = (limit or ids.shape[1] + args.greedy_tokens) - args.greedy_tokens - 1
+        length = min(full_precision_window(build_passes(result.spec)) + 64, room, ids.shape[1])
+        found["agreement"] = onnx_agreement(decode, out / "onnx", ids[:, :length], args.greedy_tokens, limit)
+    return found
 
 
 def _print_optimized(result, check, summary: dict, saved: list[str], out: Path) -> None:

@@ -16,6 +16,7 @@ windows no longer than it cannot see the pass, and the report says so.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import resource
@@ -34,7 +35,7 @@ from condfx.eval.perplexity import perplexity
 from condfx.passes.pipeline import apply as pipeline_apply
 
 __all__ = ["MeasureConfig", "Point", "full_precision_window", "greedy_agreement", "measure_point",
-           "write_report"]
+           "onnx_agreement", "write_report"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class Point:
         skip_fraction: measured fraction of all FFN blocks skipped on the evaluation text (None: no skip-ffn).
         route_fraction: measured mean fraction of queries routed to global attention (None: no L2A layer).
         kv_bytes_per_token: ``Session.cache_bytes()`` / ``kv_context`` after a prefill of that many tokens.
+        kv_context: the tokens prefilled for ``kv_bytes_per_token``.
         prefill_tps, decode_tps: tokens/s of ``Session.prefill`` and ``Session.step`` (batch 1).
         weights_bytes: bytes of the graph's parameters and buffers.
         peak_bytes: peak accelerator memory of the timings (CUDA), or the process's peak resident
@@ -80,6 +82,7 @@ class Point:
     skip_fraction: float | None = None
     route_fraction: float | None = None
     kv_bytes_per_token: float | None = None
+    kv_context: int | None = None
     prefill_tps: float | None = None
     decode_tps: float | None = None
     weights_bytes: int = 0
@@ -173,7 +176,7 @@ def _session_figures(session, ids: torch.Tensor, cfg: MeasureConfig) -> dict[str
                 nxt = session.step(nxt)[:, -1:].argmax(-1)
             _sync(device)
             best_d = min(best_d, time.perf_counter() - t0)
-    return {"kv_bytes_per_token": kv_bytes, "prefill_tps": prompt.shape[1] / best_p,
+    return {"kv_bytes_per_token": kv_bytes, "kv_context": int(kv.shape[1]), "prefill_tps": prompt.shape[1] / best_p,
             "decode_tps": cfg.decode_tokens / best_d}
 
 
@@ -184,9 +187,14 @@ def _weights_bytes(gm: fx.GraphModule) -> int:
 
 def measure_point(label: str, gm: fx.GraphModule, eval_ids: torch.Tensor, cfg: MeasureConfig,
                   max_seq_len: int | None, progress: Callable[[str], None] | None = None,
-                  session_ids: torch.Tensor | None = None) -> Point:
+                  session_ids: torch.Tensor | None = None, session: bool = True,
+                  kv_context: int | None = None) -> Point:
     """Measures ``gm``: perplexity on ``eval_ids`` (1, N), the session figures on ``session_ids``
-    (1, at least ``cfg.kv_context`` tokens; default ``eval_ids``); see the module docstring."""
+    (1, at least ``cfg.kv_context`` tokens; default ``eval_ids``; none when ``session`` is False),
+    the KV bytes after a prefill of ``kv_context`` tokens (default ``cfg.kv_context``); see the
+    module docstring."""
+    if kv_context is not None:
+        cfg = dataclasses.replace(cfg, kv_context=min(kv_context, cfg.kv_context))
     say = progress or (lambda _m: None)
     say(f"{label}: perplexity over {eval_ids.shape[1]} tokens")
     res = perplexity(gm, eval_ids[0], context=min(cfg.context, eval_ids.shape[1]))
@@ -195,6 +203,8 @@ def measure_point(label: str, gm: fx.GraphModule, eval_ids: torch.Tensor, cfg: M
         skip, route = _skip_fraction(gm, head), _route_fraction(gm, head)
     figures: dict[str, Any] = {}
     device = next(iter(gm.parameters()), torch.empty(0)).device
+    if not session:
+        return Point(label, res.ppl, res.nll, res.tokens, skip, route, weights_bytes=_weights_bytes(gm))
     _peak_reset(device)
     say(f"{label}: session timings")
     try:
@@ -229,6 +239,48 @@ def greedy_agreement(original: fx.GraphModule, result: fx.GraphModule, prompt: t
     return {"tokens": n, "agreement": sum(same) / n, "first_difference": first}
 
 
+def _greedy_run(session, prompt: torch.Tensor, n: int) -> tuple[list[int], list[torch.Tensor]]:
+    """n greedy tokens after ``prompt`` and the logits each was chosen from."""
+    logits = [session.prefill(prompt)[:, -1].float().cpu()]
+    tokens = [int(logits[-1].argmax())]
+    for _ in range(n - 1):
+        nxt = torch.tensor([[tokens[-1]]], device=session.device)
+        logits.append(session.step(nxt)[:, -1].float().cpu())
+        tokens.append(int(logits[-1].argmax()))
+    return tokens, logits
+
+
+def onnx_agreement(decode: fx.GraphModule, folder: Path, prompt: torch.Tensor, n: int,
+                   max_seq_len: int | None = None) -> dict[str, Any]:
+    """ONNX Runtime (the bundle in ``folder``) against the torch Session of ``decode`` on real tokens.
+
+    Both sessions prefill ``prompt`` (1, T) and decode ``n`` greedy tokens, each with its own cache;
+    then one more step is run by both backends on the torch Session's cache contents. A quantized
+    cache can differ for good after a float rounding flips one code in a free run, so the same-cache
+    step is the figure that isolates the graphs.
+
+    Returns:
+        {"prompt_tokens", "greedy_tokens", "greedy_equal", "first_difference", "free_running_max_abs_diff",
+        "same_cache_max_abs_diff"}.
+    """
+    from condfx.runtime.onnx_backend import OnnxBackend
+    from condfx.runtime.session import Session
+
+    torch_s = Session.from_graph(decode, max_seq_len=max_seq_len)
+    onnx_s = Session(OnnxBackend.from_dir(folder), max_seq_len=max_seq_len)
+    with torch.no_grad():
+        t_tokens, t_logits = _greedy_run(torch_s, prompt, n)
+        o_tokens, o_logits = _greedy_run(onnx_s, prompt, n)
+        nxt, past = torch.tensor([[t_tokens[-1]]]), torch_s.caches.past()
+        ref = torch_s.backend.run(nxt.to(torch_s.device), past)[0].float().cpu()
+        got = onnx_s.backend.run(nxt, [t.cpu() for t in past])[0].float()
+    first = next((i for i, (a, b) in enumerate(zip(t_tokens, o_tokens, strict=True)) if a != b), None)
+    return {"prompt_tokens": int(prompt.shape[1]), "greedy_tokens": n, "greedy_equal": first is None,
+            "first_difference": first,
+            "free_running_max_abs_diff": float((torch.stack(t_logits) - torch.stack(o_logits)).abs().max()),
+            "same_cache_max_abs_diff": float((ref - got).abs().max())}
+
+
 def snapshot(gm: fx.GraphModule) -> fx.GraphModule:
     """A private copy of ``gm`` to measure later (the pipeline keeps rewriting its own)."""
     with warnings.catch_warnings():
@@ -240,6 +292,10 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _at(p: dict[str, Any]) -> str:
+    return "" if p.get("kv_context") is None else f" ({p['kv_context']})"
+
+
 def markdown(summary: dict[str, Any]) -> str:
     """The report's markdown: the figures table, the ratios, calibration lines and the notes."""
     pts = summary["points"]
@@ -248,19 +304,32 @@ def markdown(summary: dict[str, Any]) -> str:
              f"{summary['eval']['context']}; KV bytes at {summary['measure']['kv_context']} tokens; "
              f"prefill {summary['measure']['prefill_tokens']} tokens, decode {summary['measure']['decode_tokens']} "
              "steps, batch 1, torch Session.", "",
-             "| stack | perplexity | skip | global route | KV B/token | prefill tok/s | decode tok/s | peak MB |",
+             "| stack | perplexity | skip | global route | KV B/token (at tokens) | prefill tok/s | decode tok/s | peak MB |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for p in pts:
         peak = None if p["peak_bytes"] is None else p["peak_bytes"] / 2**20
         lines.append(f"| {p['label']} | {p['ppl']:.3f} | {_fmt(p['skip_fraction'], '.3f')} | "
-                     f"{_fmt(p['route_fraction'], '.3f')} | {_fmt(p['kv_bytes_per_token'], '.1f')} | "
+                     f"{_fmt(p['route_fraction'], '.3f')} | {_fmt(p['kv_bytes_per_token'], '.1f')}{_at(p)} | "
                      f"{_fmt(p['prefill_tps'], '.0f')} | {_fmt(p['decode_tps'], '.1f')} | {_fmt(peak, '.0f')} |")
+    if summary.get("alone"):
+        lines += ["", "Each lossy pass alone on the original (calibrated the same way; perplexity only) "
+                  "beside the stack up to it:", "", "| pass | alone perplexity | alone skip | stack up to it |",
+                  "|---|---:|---:|---:|"]
+        for a in summary["alone"]:
+            alone = a["ppl"] if a.get("ppl") is not None else None
+            lines.append(f"| {a['pass']} | {_fmt(alone, '.3f') if alone is not None else a.get('why', '-')} | "
+                         f"{_fmt(a.get('skip_fraction'), '.3f')} | {_fmt(a.get('stack_ppl'), '.3f')} |")
     r = summary["ratios"]
     lines += ["", f"Result vs original: perplexity x{_fmt(r['ppl'], '.3f')}, KV bytes/token x"
               f"{_fmt(r['kv_bytes_per_token'], '.3f')}, prefill x{_fmt(r['prefill_tps'], '.2f')}, decode "
               f"x{_fmt(r['decode_tps'], '.2f')} (timed in the same run); greedy agreement "
               f"{summary['greedy']['agreement']:.3f} over {summary['greedy']['tokens']} tokens "
               f"(first difference at {summary['greedy']['first_difference']})."]
+    if summary.get("kv_fp16"):
+        f = summary["kv_fp16"]
+        lines += ["", f"KV cache at {summary['measure']['kv_context']} tokens, read from the Session's cache "
+                  f"tensors: {f['result_bytes_per_token']:.1f} B/token against {f['bytes_per_token']:.1f} for a "
+                  f"dense float16 cache: **{f['times_smaller']:.2f}x smaller**."]
     cals = [c for c in summary["calibration"] if c["need"] != "none"]
     lines += ["", "## calibration", ""] * bool(cals) + [f"- {c['pass']}: {c['need']}, "
                                            f"{'calibrated' if c['calibrated'] else 'not calibrated'}"
@@ -268,7 +337,16 @@ def markdown(summary: dict[str, Any]) -> str:
                                            for c in cals]
     if summary.get("export"):
         e = summary["export"]
-        lines += ["", f"ONNX bundle in `{e['folder']}`: max |ORT - PyTorch| {_fmt(e['max_abs_diff'], '.3g')}."]
+        lines += ["", f"ONNX bundle in `{e['folder']}`: max |ORT - PyTorch| {_fmt(e['max_abs_diff'], '.3g')} "
+                  "(random 7-token prompt and one decode step)."]
+        a = e.get("agreement")
+        if a:
+            lines += [f"On {a['prompt_tokens']} evaluation tokens then {a['greedy_tokens']} greedy tokens: "
+                      f"greedy tokens {'equal' if a['greedy_equal'] else 'differ from token ' + str(a['first_difference'])}"
+                      f"; one more step with both fed the torch cache: max |logit diff| "
+                      f"{a['same_cache_max_abs_diff']:.3g}; free-running max |logit diff| "
+                      f"{a['free_running_max_abs_diff']:.3g} (a rounding flip of one quantized code makes the "
+                      "two caches differ for good)."]
     if summary["notes"]:
         lines += ["", "## notes", ""] + [f"- {n}" for n in summary["notes"]]
     return "\n".join(lines) + "\n"

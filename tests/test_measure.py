@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 
 import condfx
@@ -50,3 +51,29 @@ def test_greedy_agreement_and_full_precision_window():
     spec = "route-attention{window=24}, quantize-kv{method=kivi,bits=2,residual=32,sink=4}"
     assert full_precision_window(build_passes(spec)) == 36
     assert full_precision_window(build_passes("fuse-attention")) == 0
+
+
+def test_kv_context_override_and_perplexity_only_points():
+    gm, ids = _gm()
+    short = measure_point("original", gm, ids, CFG, None, kv_context=8)
+    assert short.kv_context == 8 and short.kv_bytes_per_token == 2 * 2 * 32 * 4  # dense: the same per token
+    bare = measure_point("alone", gm, ids, CFG, None, session=False)
+    assert bare.ppl == short.ppl and bare.kv_bytes_per_token is None and bare.decode_tps is None
+
+
+@pytest.mark.slow  # an ONNX export of the decode graph (about 2.5x the session test above)
+def test_onnx_agreement_greedy_and_same_cache_step(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from condfx.export_bundle import export_decode_graph
+    from condfx.measure import onnx_agreement
+
+    gm, ids = _gm()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spec = "fuse-attention, quantize-kv{method=kivi,bits=4,group=8,residual=4}, add-kv-cache"
+        decode = condfx.apply(gm, spec).graph_module
+        export_decode_graph(decode, tmp_path, verify=False)
+    found = onnx_agreement(decode, tmp_path, ids[:, :20], 4)
+    assert found["prompt_tokens"] == 20 and found["greedy_tokens"] == 4
+    assert found["greedy_equal"] and found["first_difference"] is None
+    assert found["same_cache_max_abs_diff"] < 1e-3

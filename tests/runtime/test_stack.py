@@ -116,3 +116,20 @@ def test_numerics_kivi_window_ring_stays_bounded_and_exact(one_thread):
     ring_caches = [c for c, lay in zip(session.caches.caches, decode.meta["condfx_kv"], strict=True) if lay in rings]
     assert all(c.stored < WINDOW + 4 for c in ring_caches) and session.position == 48
     assert session.cache_bytes() == sum(lay.nbytes(48) for lay in decode.meta["condfx_kv"])
+
+
+def test_generate_cli_with_routed_attention_and_kivi_caches(capsys):
+    """``condfx generate --passes 'route-attention{...}, quantize-kv{method=kivi}'``: the Session builds
+    one quantized cache per attention op (window ring and global branch), past the window."""
+    import json
+
+    from condfx.cli import main
+    from tests._data import require_data
+
+    model = str(require_data("stories260K.bin"))
+    prompt = " ".join(["Once upon a time there was a little dog who liked to play in the park."] * 6)
+    code = main(["generate", model, "--prompt", prompt, "--max-new-tokens", "6", "--json",
+                 "--passes", "route-attention{window=16}, quantize-kv{method=kivi,bits=4,group=8,residual=8}"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(out)["new_tokens"] == 6
