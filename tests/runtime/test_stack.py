@@ -118,6 +118,7 @@ def test_numerics_kivi_window_ring_stays_bounded_and_exact(one_thread):
     assert session.cache_bytes() == sum(lay.nbytes(48) for lay in decode.meta["condfx_kv"])
 
 
+@pytest.mark.slow  # minutes on a loaded 2-core machine (capture, passes, decode re-export, CLI)
 def test_generate_cli_with_routed_attention_and_kivi_caches(capsys):
     """``condfx generate --passes 'route-attention{...}, quantize-kv{method=kivi}'``: the Session builds
     one quantized cache per attention op (window ring and global branch), past the window."""
