@@ -45,6 +45,9 @@ Stacked on route-attention (``passes/decode_rules.ORDER_RULES`` states the order
   so its full-length cache is quantized too (the decode form computes the branch for every query
   and keeps the routed rows; the report says so). Other methods cache the layer input X, which the
   global branch does not read: they refuse a routed graph in one sentence naming both passes.
+  route-attention{form=select}: the global branch is quantized the same way; a window branch with
+  sink tokens (``condfx.sink_window_attention``, a bounded cache of sink + window - 1 tokens) is not
+  an attention region and keeps its float cache; with sink=0 the window op is a region like above.
   The report's bytes per token come from the cache layouts ``add-kv-cache`` will build (every
   cached-attention op of the graph, window rings and unquantized branches included) at ``context``
   tokens, against a float16 cache of every attention layer of the original model.
@@ -213,6 +216,12 @@ def _routed_globals(gm: fx.GraphModule, cfg: QuantizeKVConfig) -> list[RoutedLay
     return layers
 
 
+def _dense_fp16_bytes(routed: RoutedLayer) -> int:
+    """Bytes per token of a dense float16 K/V cache for a routed layer's global branch."""
+    shape = op_arg(routed.nodes["routed"], "k").meta["val"].shape  # (B, Hkv, S, D)
+    return 2 * 2 * int(shape[1]) * int(shape[3])
+
+
 def layout_bytes_per_token(gm: fx.GraphModule, context: int) -> float:
     """Bytes per token at ``context`` tokens of the caches ``add-kv-cache`` would build for ``gm``:
     every cached-attention op's layout (``passes/decode_rules.DECODE_RULES``), batch 1."""
@@ -253,11 +262,15 @@ class QuantizeKV(Pass):
             skipped = tuple(("already quantized", f"node {n.name}") for n in done)
             return PassResult(gm, False, snapshot.report(gm, self.name, matched=len(done), skipped=skipped))
         regions = find_regions(gm).attention
-        if not regions:
+        routed = _routed_globals(gm, cfg)
+        if not regions and not routed:
             reason = "found no attention region: quantize-kv needs a model with attention layers"
             raise PassError(self.name, reason)
-        routed = _routed_globals(gm, cfg)
         acc, skipped, bytes_fp, summaries = None, [], 0.0, []
+        # route-attention{form=select} with sink tokens: the layer's window branch is a sink-window op
+        # (a bounded cache, left in float) and no attention region; its full-length cache is the global
+        # branch's, quantized below and counted here
+        bytes_fp += sum(_dense_fp16_bytes(r) for r in routed if r.layer not in {x.layer for x in regions})
         bits_of = {}
         for i, region in enumerate(regions):
             bytes_fp += 2 * 2 * region.num_kv_heads * region.head_dim  # dense K and V at 2 bytes per value

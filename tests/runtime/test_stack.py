@@ -134,3 +134,27 @@ def test_generate_cli_with_routed_attention_and_kivi_caches(capsys):
     out, err = capsys.readouterr()
     assert code == 0, err
     assert json.loads(out)["new_tokens"] == 6
+
+
+def test_numerics_select_form_global_cache_quantized_and_decoded():
+    """route-attention{form=select} (window + 4 sinks) then KIVI: the global branch's full-length cache
+    is quantized, the sink-window ring stays float, and the torch Session decodes like the forward."""
+    gm, _ = captured("stories260K")
+    sel = condfx.apply(gm, f"route-attention{{form=select,window={WINDOW}}}").graph_module
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # about half of the queries route
+        for r in find_routed_layers(sel):
+            r.state.router_weight.normal_(0, 1.0, generator=g)
+            r.state.threshold.fill_(0.0)
+    result = condfx.apply(sel, "quantize-kv{method=kivi,bits=2,group=8,residual=8}")
+    report = result.reports[0]
+    assert report.rewritten == 5 and report.kv_bytes_per_token < report.fp16_bytes_per_token / 2
+    decode = condfx.apply(result.graph_module, "add-kv-cache").graph_module
+    kinds = [type(x).__name__ for x in decode.meta["condfx_kv"]]
+    assert kinds.count("StreamsLayout") == 5 and kinds.count("SinkWindowKVLayout") == 5
+    x = torch.randint(3, 500, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = result.graph_module(x)
+        session = Session(TorchBackend(decode))
+        logits = [session.prefill(x[:, :30])[:, -1]] + [session.step(x[:, i : i + 1])[:, -1] for i in range(30, 39)]
+    torch.testing.assert_close(torch.stack(logits, 1), full[:, 29:39], atol=1e-4, rtol=1e-4)
