@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 
 from rich.console import Console
@@ -23,6 +24,9 @@ _ERR = Console(stderr=True)
 # absent ("torchvision is not installed. Skipping torchvision::nms", eight of them per export); none
 # concerns a language model, so the command line keeps that logger to errors.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+# Deep-copying a captured graph module pickles its pytree specs, and torch 2.13 warns on each copy
+# ("isinstance(treespec, LeafSpec) is deprecated"): torch's own code, nothing a user can act on.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\) is deprecated", category=FutureWarning)
 
 
 class _Parser(argparse.ArgumentParser):
