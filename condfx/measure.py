@@ -327,9 +327,11 @@ def markdown(summary: dict[str, Any]) -> str:
               f"(first difference at {summary['greedy']['first_difference']})."]
     if summary.get("kv_fp16"):
         f = summary["kv_fp16"]
+        x = f["times_smaller"]
+        verdict = f"{x:.2f}x smaller" if x >= 1 else f"{1 / x:.2f}x larger"
         lines += ["", f"KV cache at {summary['measure']['kv_context']} tokens, read from the Session's cache "
                   f"tensors: {f['result_bytes_per_token']:.1f} B/token against {f['bytes_per_token']:.1f} for a "
-                  f"dense float16 cache: **{f['times_smaller']:.2f}x smaller**."]
+                  f"dense float16 cache: **{verdict}**."]
     cals = [c for c in summary["calibration"] if c["need"] != "none"]
     lines += ["", "## calibration", ""] * bool(cals) + [f"- {c['pass']}: {c['need']}, "
                                            f"{'calibrated' if c['calibrated'] else 'not calibrated'}"
