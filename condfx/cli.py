@@ -26,7 +26,7 @@ _ERR = Console(stderr=True)
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 # Deep-copying a captured graph module pickles its pytree specs, and torch 2.13 warns on each copy
 # ("isinstance(treespec, LeafSpec) is deprecated"): torch's own code, nothing a user can act on.
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\) is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)`? is deprecated", category=FutureWarning)
 
 
 class _Parser(argparse.ArgumentParser):
