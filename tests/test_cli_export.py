@@ -111,6 +111,7 @@ def test_rejects_bad_export_pass_spec(capsys, tmp_path):
     assert "Did you mean 'fuse-attention'" in err.replace("\n", "")
 
 
+@pytest.mark.slow  # about 95 s: KLT statistics, then the export
 def test_export_klt_with_calibration_text(capsys, tmp_path):
     """``--kv-calib`` records the q/k/v statistics latent=klt needs; without it, one sentence says so."""
     model, text = str(require_data("stories260K.bin")), str(require_data("tinystories_valid_head.txt"))

@@ -51,7 +51,11 @@ KINDS = {"fuse-attention": {"full"}, "interleave-heads": {"interleaved", "full"}
          "sink-window": {"full", "sink-window"}, "kivi-16": {"float16"}}
 
 
-@pytest.mark.parametrize("name", list(SPECS))
+# about 20-30 s each on 2 cores: CI exports one bundle per cache kind, -m slow the variants as well
+_SLOW_SPECS = {"kivi-rotated-split", "kivi-split-16", "xquant-16", "interleave-heads"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_SPECS else n for n in SPECS])
 def test_numerics_attention_pass_bundle_runs_the_torch_sessions_caches(name, tmp_path):
     """One exported bundle per pass that changes attention: the ONNX Runtime session gets the cache
     classes of the torch session (pseudo rows, a sinks + window cache, float16 for kivi bits=16, packed
