@@ -270,7 +270,8 @@ class QuantizeKV(Pass):
         # route-attention{form=select} with sink tokens: the layer's window branch is a sink-window op
         # (a bounded cache, left in float) and no attention region; its full-length cache is the global
         # branch's, quantized below and counted here
-        bytes_fp += sum(_dense_fp16_bytes(r) for r in routed if r.layer not in {x.layer for x in regions})
+        region_layers = {x.layer for x in regions}
+        bytes_fp += sum(_dense_fp16_bytes(r) for r in routed if r.layer not in region_layers)
         bits_of = {}
         for i, region in enumerate(regions):
             bytes_fp += 2 * 2 * region.num_kv_heads * region.head_dim  # dense K and V at 2 bytes per value

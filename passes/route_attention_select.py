@@ -23,9 +23,10 @@ State per layer under ``<prefix>.l2a``: ``router_weight`` (1, d), ``router_bias`
 for ``condfx.patterns.routed.find_routed_layers`` with roles "route", "routed" (the global op),
 "window" (the window op), "input" (x_in, the router's features) and "out" (the ``where``).
 
-Decode (``add-kv-cache``): the global op keeps the layer's full K/V cache and the window op a ring of
-its last ``window - 1`` tokens (their own decode rules), so a layer caches ``window - 1`` tokens more
-than the original; ``condfx.routed_attention`` computes nothing for a batch row that does not route.
+Decode (``add-kv-cache``): the global op keeps the layer's full K/V cache and the window op its own
+(their own decode rules): a ring of the last ``window - 1`` tokens, plus the first ``sink`` tokens when
+it is the sink-window op, so a layer caches ``sink + window - 1`` tokens more than the original;
+``condfx.routed_attention`` computes nothing for a batch row that does not route.
 
 Does not handle: natively sliding layers (their attention is already local: skipped with a reason),
 and what the add form does not (``route_attention.check_routable``).
@@ -67,18 +68,18 @@ def select_state(gm: fx.GraphModule, prefix: str, region: AttentionRegion, x_in:
     return state
 
 
-def _sink_window(b: GraphBuilder, core: fx.Node, prefix: str, window: int, sink: int) -> fx.Node:
+def _sink_window(b: GraphBuilder, q: fx.Node, k: fx.Node, v: fx.Node, scale: float, prefix: str, window: int,
+                 sink: int) -> fx.Node:
     """The window branch that also reads the first ``sink`` tokens at their own positions:
     ``condfx.sink_window_attention`` with zero RoPE frequencies (its StreamingLLM re-rotation of the
     sink scores becomes the identity), so q and k keep the positions the layer gave them."""
-    q, k, v = (op_arg(core, n) for n in ("q", "k", "v"))
     val = q.meta["val"]
     freq = b.constant(prefix, "l2a_sink_inv_freq", torch.zeros(int(val.shape[-1]) // 2, dtype=torch.float32))
     t = b.call(aten.sym_size.int, q, 2)
     # (T,): the op's positions only turn the zero frequencies, so their values are never read; a
     # constant fill (not an arange) is what add-kv-cache leaves alone
     positions = b.call(aten.zeros.default, [t], dtype=torch.long, device=val.device)
-    return b.call(SINK_WINDOW, q, k, v, positions, freq, float(op_arg(core, "scale")), sink, window)
+    return b.call(SINK_WINDOW, q, k, v, positions, freq, scale, sink, window)
 
 
 def select_replacement(gm: fx.GraphModule, region: AttentionRegion, prefix: str, x_in: fx.Node, window: int,
@@ -95,9 +96,10 @@ def select_replacement(gm: fx.GraphModule, region: AttentionRegion, prefix: str,
     opts = {name: op_arg(core, name) for name in ("softcap", "alibi_slopes", "sinks")}
     opts = {k: v for k, v in opts.items() if v not in (None, 0.0)}
     q, k, v = (op_arg(core, n) for n in ("q", "k", "v"))
-    glob = _tag(b.call(ROUTED, q, k, v, route, float(op_arg(core, "scale")), **opts), prefix, "routed")
+    scale = float(op_arg(core, "scale"))
+    glob = _tag(b.call(ROUTED, q, k, v, route, scale, **opts), prefix, "routed")
     # the sink op has no score options: a softcap / ALiBi / sinks-logit layer keeps the plain window
-    win = _sink_window(b, core, prefix, window, sink) if sink and not opts else core
+    win = _sink_window(b, q, k, v, scale, prefix, window, sink) if sink and not opts else core
     cond = b.call(aten.unsqueeze.default, b.call(aten.unsqueeze.default, route, 1), -1)  # (B, 1, T, 1)
     out = _tag(b.call(aten.where.self, cond, glob, win), prefix, "out")
     for user in users:
