@@ -90,3 +90,54 @@ def test_help_epilog_mentions_passes_and_recipes(capsys):
         main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "'condfx passes' lists every pass" in out and "kv-small" in out
+
+
+def _readme() -> str:
+    from pathlib import Path
+
+    return (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+
+
+def test_readme_recipe_table_is_the_shipped_recipes():
+    import re
+
+    rows = dict(re.findall(r"^\| `([a-z-]+)` \| `([^`]+)` \|$", _readme(), flags=re.MULTILINE))
+    shipped = {name: recipes.spec_text(name) for name in recipes.names()}
+    assert {k: rows.get(k) for k in shipped} == shipped
+
+
+def test_readme_quotes_one_measuring_command_per_recipe():
+    text = " ".join(_readme().replace("\\\n", " ").split())
+    for name in ("kv-small", "long-context", "decode-fast"):
+        assert f"--recipe {name} --calib ../shared/data/paul_graham_essays.txt --eval" in text, name
+
+
+def test_every_lossy_pass_of_a_recipe_is_calibrated_by_calib():
+    from condfx.lifecycle import CALIBRATORS, needs
+    from condfx.passes.base import Need
+    from condfx.passes.spec import build_passes
+
+    for name in ("kv-small", "long-context", "decode-fast"):
+        for p in build_passes(recipes.spec_text(name)):
+            if needs(p) is not Need.NONE:
+                row = CALIBRATORS[p.name]
+                assert row.before is not None or row.after is not None, (name, p.name)
+    route = build_passes(recipes.spec_text("long-context"))[0]
+    assert route.name == "route-attention" and needs(route) is Need.CALIBRATION  # the select form: no training
+
+
+def test_long_context_routing_is_exact_before_calibration():
+    import torch
+
+    import condfx
+    from condfx.models_zoo import load
+    from tests._data import require_data
+
+    model, _ = load(str(require_data("stories260K.bin")))
+    gm = condfx.capture(model, (torch.zeros(2, 8, dtype=torch.long),))
+    route = recipes.spec_text("long-context").split("}, ")[0] + "}"
+    result = condfx.apply(gm, route)
+    ids = torch.randint(0, 512, (1, 300), generator=torch.Generator().manual_seed(0))  # past the window
+    with torch.no_grad():
+        diff = (result.graph_module(ids)[0] - gm(ids)[0]).abs().max()
+    assert float(diff) < 1e-4
