@@ -2,12 +2,13 @@
 global attention, for the oracle-taught router and the oracle itself, with calibration time.
 
     python benchmarks/l2a_retrofit.py --model M --text T --calib C --window W --context N [--sink 4]
-        --targets 0.5,0.6,0.7,0.8 [--floor F] [--passkey 20] [--json] [--out DIR]
+        --targets 0.5,0.6,0.7,0.8 [--floor F] [--rounds 2] [--passkey 20] [--json] [--out DIR]
 
 Per target skip fraction: perplexity of the original, the window-only model (no token routes: every
 token reads its window and the first ``--sink`` tokens), the learned router (``condfx.l2a_retrofit.calibrate_select``) and the oracle router (the
 labels as decisions, thresholds allocated the same way; open loop: costs from the all-routed model on
-the scored text itself); the measured skip fraction on the scored text (min over layers, mean); the
+the scored text itself), and the oracle at the learned router's measured skip (per layer, thresholds at
+that quantile of the scored text's own costs: the same skip, beside it); the measured skip fraction on the scored text (min over layers, mean); the
 calibration's CPU time (``time.process_time``, labels + fit) and wall time. Perplexity: the first
 ``--eval-tokens`` tokens of ``--text`` (BOS first) in non-overlapping windows of ``--context`` tokens,
 each window scored from its second token. Calibration: ``--calib-tokens`` tokens of ``--calib`` in rows
@@ -101,6 +102,17 @@ def _ppl_oracle(forced, chunks, eval_costs, thresholds) -> tuple[float, list[flo
     return math.exp(total / n), (skipped / count).tolist()
 
 
+def _oracle_at(skip: list[float], eval_costs) -> list[float]:
+    """Per-layer thresholds on the scored text's own true log costs that skip the fractions ``skip``
+    (the oracle at the learned router's measured skip, layer by layer)."""
+    thresholds = []
+    for j, frac in enumerate(skip):
+        y = torch.cat([torch.log(costs[j].double() + 1e-4) for costs in eval_costs]).sort().values
+        k = int(round(frac * y.numel()))
+        thresholds.append(float(y[k]) if k < y.numel() else math.inf)
+    return thresholds
+
+
 def _passkey(model, tok, essays: str, trials: int, n_tokens: int, seed: int = 0) -> float:
     from condfx.eval.tasks import make_passkey_prompt
 
@@ -149,13 +161,16 @@ def run(args) -> dict:
     for target in args.targets:
         floor = min(target, args.floor) if args.floor else None
         c1, w1 = time.process_time(), time.perf_counter()
-        cal = calibrate_select(sel, calib, skip=target, floor=floor, labels=labels)
+        cal = calibrate_select(sel, calib, skip=target, floor=floor, labels=labels, rounds=args.rounds)
         fit_cpu, fit_wall = time.process_time() - c1, time.perf_counter() - w1
         learned, skip = _ppl_routed(sel, chunks)
         oracle, oskip = _ppl_oracle(forced, chunks, eval_costs, cal.oracle_thresholds)
+        same, sskip = _ppl_oracle(forced, chunks, eval_costs, _oracle_at(skip, eval_costs))
         row = {"target": target, "floor": floor or target, "learned_ppl": learned, "learned_skip_min": min(skip),
                "learned_skip_mean": sum(skip) / len(skip), "learned_skip": skip,
                "oracle_ppl": oracle, "oracle_skip_min": min(oskip), "oracle_skip_mean": sum(oskip) / len(oskip),
+               "oracle_same_ppl": same, "oracle_same_skip_min": min(sskip),
+               "oracle_same_skip_mean": sum(sskip) / len(sskip),
                "calib_cpu_s": label_cpu + fit_cpu, "calib_wall_s": label_wall + fit_wall,
                "correlation_mean": sum(cal.correlation) / len(cal.correlation), "calib_skip_min": min(cal.skip)}
         rows.append(row)
@@ -190,12 +205,14 @@ def table(out: dict) -> str:
     lines = [f"{out['model']}, window {out['window']}, context {out['context']}: perplexity on the first "
              f"{out['eval_tokens']} tokens of {out['text']} (original {out['original_ppl']:.3f}, window+{out.get('sink', 0)} sinks only "
              f"{out['window-only_ppl']:.3f}); calibration on {out['calib_tokens']} tokens of {out['calib']}", "",
-             "| target skip | learned ppl | Δ vs original | skip min / mean (learned) | oracle ppl | skip min / mean (oracle) | calibration CPU s / wall s |",
-             "|---:|---:|---:|---|---:|---|---|"]
+             "| target skip | learned ppl | Δ vs original | skip min / mean (learned) | oracle ppl at the learned skip | Δ | "
+             "oracle ppl, calibrated thresholds | skip min / mean (oracle) | calibration CPU s / wall s |",
+             "|---:|---:|---:|---|---:|---:|---:|---|---|"]
     for r in out["rows"]:
         delta = r["learned_ppl"] / out["original_ppl"] - 1
         lines.append(f"| {r['target']:.2f} | {r['learned_ppl']:.3f} | {delta:+.1%} | {r['learned_skip_min']:.3f} / "
-                     f"{r['learned_skip_mean']:.3f} | {r['oracle_ppl']:.3f} | {r['oracle_skip_min']:.3f} / "
+                     f"{r['learned_skip_mean']:.3f} | {r['oracle_same_ppl']:.3f} | "
+                     f"{r['oracle_same_ppl'] / out['original_ppl'] - 1:+.1%} | {r['oracle_ppl']:.3f} | {r['oracle_skip_min']:.3f} / "
                      f"{r['oracle_skip_mean']:.3f} | {r['calib_cpu_s']:.0f} / {r['calib_wall_s']:.0f} |")
     pk = out.get("passkey")
     if pk:
@@ -238,6 +255,7 @@ def main() -> None:
     parser.add_argument("--sink", type=int, default=4, help="first tokens the window branch keeps reading")
     parser.add_argument("--targets", default="0.5,0.6,0.7,0.8")
     parser.add_argument("--floor", type=float, default=None, help="per-layer least skip (default: the target)")
+    parser.add_argument("--rounds", type=int, default=2, help="closed-loop threshold rounds (calibrate_select)")
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--calib-tokens", type=int, default=8192)
     parser.add_argument("--passkey", type=int, default=0, help="passkey prompts (0: none)")
