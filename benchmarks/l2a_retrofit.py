@@ -113,7 +113,25 @@ def _oracle_at(skip: list[float], eval_costs) -> list[float]:
     return thresholds
 
 
-def _passkey(model, tok, essays: str, trials: int, n_tokens: int, seed: int = 0) -> float:
+_CHAT_HEAD = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+              "<|im_start|>user\nThere is a pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n")
+_CHAT_TAIL = "\nWhat is the pass key?<|im_end|>\n<|im_start|>assistant\nThe pass key is"
+
+
+def chat_passkey_prompt(tok, essays: str, key: int, n_tokens: int, depth: float) -> list[int]:
+    """The passkey prompt of ``condfx.eval.tasks.make_passkey_prompt`` (the essays, the needle at word
+    boundary ``depth``) inside a ChatML user turn (SmolLM2-Instruct's template), the answer started."""
+    from condfx.eval.tasks import _fit_words
+
+    needle = f" The pass key is {key:05d}. Remember it. {key:05d} is the pass key."
+    fixed = len(tok.encode(_CHAT_HEAD + needle + _CHAT_TAIL, bos=True, eos=False))
+    words = _fit_words(tok, essays.split(), n_tokens - fixed)
+    cut = round(depth * len(words))
+    text = _CHAT_HEAD + " ".join(words[:cut]) + needle + " " + " ".join(words[cut:]) + _CHAT_TAIL
+    return tok.encode(text, bos=True, eos=False)
+
+
+def _passkey(model, tok, essays: str, trials: int, n_tokens: int, seed: int = 0, chat: bool = False) -> float:
     from condfx.eval.tasks import make_passkey_prompt
 
     rng = random.Random(seed)
@@ -122,7 +140,8 @@ def _passkey(model, tok, essays: str, trials: int, n_tokens: int, seed: int = 0)
         for i in range(trials):
             key = rng.randrange(10000, 100000)
             depth = i / max(1, trials - 1)
-            prompt = make_passkey_prompt(tok, essays, key, n_tokens, depth)
+            build = chat_passkey_prompt if chat else make_passkey_prompt
+            prompt = build(tok, essays, key, n_tokens, depth)
             answer = tok.encode(f" {key:05d}", bos=False, eos=False)
             ids = torch.tensor(prompt + answer)[None]
             out = model(ids)
@@ -178,8 +197,9 @@ def run(args) -> dict:
         if args.passkey and abs(target - args.passkey_target) < 1e-9:
             essays = data_file("paul_graham_essays.txt").read_text(encoding="utf-8")
             passkey = {"target": target, "trials": args.passkey, "tokens": args.passkey_tokens,
-                       "original": _passkey(gm, tok, essays, args.passkey, args.passkey_tokens),
-                       "learned": _passkey(sel, tok, essays, args.passkey, args.passkey_tokens)}
+                       "format": "chat" if args.passkey_chat else "plain",
+                       "original": _passkey(gm, tok, essays, args.passkey, args.passkey_tokens, chat=args.passkey_chat),
+                       "learned": _passkey(sel, tok, essays, args.passkey, args.passkey_tokens, chat=args.passkey_chat)}
             print(json.dumps(passkey), flush=True)
     return {"model": args.model, "text": args.text, "calib": args.calib, "window": args.window, "sink": args.sink,
             "context": args.context, "eval_tokens": sum(c.numel() for c in chunks),
@@ -216,7 +236,7 @@ def table(out: dict) -> str:
                      f"{r['oracle_skip_mean']:.3f} | {r['calib_cpu_s']:.0f} / {r['calib_wall_s']:.0f} |")
     pk = out.get("passkey")
     if pk:
-        lines += ["", f"Passkey ({pk['trials']} prompts of {pk['tokens']} tokens): original {pk['original']:.2f}, "
+        lines += ["", f"Passkey ({pk['trials']} {pk.get('format', 'plain')} prompts of {pk['tokens']} tokens): original {pk['original']:.2f}, "
                   f"learned router at target {pk['target']:.2f}: {pk['learned']:.2f}"]
     return "\n".join(lines)
 
@@ -260,6 +280,8 @@ def main() -> None:
     parser.add_argument("--calib-tokens", type=int, default=8192)
     parser.add_argument("--passkey", type=int, default=0, help="passkey prompts (0: none)")
     parser.add_argument("--passkey-tokens", type=int, default=2048)
+    parser.add_argument("--passkey-chat", action="store_true",
+                        help="passkey prompts in a ChatML user turn (instruct models)")
     parser.add_argument("--passkey-target", type=float, default=0.6)
     parser.add_argument("--no-window-only", dest="window_only", action="store_false",
                         help="skip the window-only baseline (two forwards per scored window)")
