@@ -2,7 +2,7 @@
 global attention, for the oracle-taught router and the oracle itself, with calibration time.
 
     python benchmarks/l2a_retrofit.py --model M --text T --calib C --window W --context N [--sink 4]
-        --targets 0.5,0.6,0.7,0.8 [--floor F] [--rounds 2] [--passkey 20] [--json] [--out DIR]
+        --targets 0.5,0.6,0.7,0.8 [--floor F] [--rounds 2] [--passkey 20 [--passkey-tokens 1024] [--passkey-chat]] [--json] [--out DIR]
 
 Per target skip fraction: perplexity of the original, the window-only model (no token routes: every
 token reads its window and the first ``--sink`` tokens), the learned router (``condfx.l2a_retrofit.calibrate_select``) and the oracle router (the
