@@ -2,12 +2,13 @@
 global attention, for the oracle-taught router and the oracle itself, with calibration time.
 
     python benchmarks/l2a_retrofit.py --model M --text T --calib C --window W --context N [--sink 4]
-        --targets 0.5,0.6,0.7,0.8 [--floor F] [--passkey 20] [--json] [--out DIR]
+        --targets 0.5,0.6,0.7,0.8 [--floor F] [--rounds 2] [--passkey 20 [--passkey-tokens 1024] [--passkey-chat]] [--json] [--out DIR]
 
 Per target skip fraction: perplexity of the original, the window-only model (no token routes: every
 token reads its window and the first ``--sink`` tokens), the learned router (``condfx.l2a_retrofit.calibrate_select``) and the oracle router (the
 labels as decisions, thresholds allocated the same way; open loop: costs from the all-routed model on
-the scored text itself); the measured skip fraction on the scored text (min over layers, mean); the
+the scored text itself), and the oracle at the learned router's measured skip (per layer, thresholds at
+that quantile of the scored text's own costs: the same skip, beside it); the measured skip fraction on the scored text (min over layers, mean); the
 calibration's CPU time (``time.process_time``, labels + fit) and wall time. Perplexity: the first
 ``--eval-tokens`` tokens of ``--text`` (BOS first) in non-overlapping windows of ``--context`` tokens,
 each window scored from its second token. Calibration: ``--calib-tokens`` tokens of ``--calib`` in rows
@@ -101,7 +102,36 @@ def _ppl_oracle(forced, chunks, eval_costs, thresholds) -> tuple[float, list[flo
     return math.exp(total / n), (skipped / count).tolist()
 
 
-def _passkey(model, tok, essays: str, trials: int, n_tokens: int, seed: int = 0) -> float:
+def _oracle_at(skip: list[float], eval_costs) -> list[float]:
+    """Per-layer thresholds on the scored text's own true log costs that skip the fractions ``skip``
+    (the oracle at the learned router's measured skip, layer by layer)."""
+    thresholds = []
+    for j, frac in enumerate(skip):
+        y = torch.cat([torch.log(costs[j].double() + 1e-4) for costs in eval_costs]).sort().values
+        k = int(round(frac * y.numel()))
+        thresholds.append(float(y[k]) if k < y.numel() else math.inf)
+    return thresholds
+
+
+_CHAT_HEAD = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+              "<|im_start|>user\nThere is a pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n")
+_CHAT_TAIL = "\nWhat is the pass key?<|im_end|>\n<|im_start|>assistant\nThe pass key is"
+
+
+def chat_passkey_prompt(tok, essays: str, key: int, n_tokens: int, depth: float) -> list[int]:
+    """The passkey prompt of ``condfx.eval.tasks.make_passkey_prompt`` (the essays, the needle at word
+    boundary ``depth``) inside a ChatML user turn (SmolLM2-Instruct's template), the answer started."""
+    from condfx.eval.tasks import _fit_words
+
+    needle = f" The pass key is {key:05d}. Remember it. {key:05d} is the pass key."
+    fixed = len(tok.encode(_CHAT_HEAD + needle + _CHAT_TAIL, bos=True, eos=False))
+    words = _fit_words(tok, essays.split(), n_tokens - fixed)
+    cut = round(depth * len(words))
+    text = _CHAT_HEAD + " ".join(words[:cut]) + needle + " " + " ".join(words[cut:]) + _CHAT_TAIL
+    return tok.encode(text, bos=True, eos=False)
+
+
+def _passkey(model, tok, essays: str, trials: int, n_tokens: int, seed: int = 0, chat: bool = False) -> float:
     from condfx.eval.tasks import make_passkey_prompt
 
     rng = random.Random(seed)
@@ -110,7 +140,8 @@ def _passkey(model, tok, essays: str, trials: int, n_tokens: int, seed: int = 0)
         for i in range(trials):
             key = rng.randrange(10000, 100000)
             depth = i / max(1, trials - 1)
-            prompt = make_passkey_prompt(tok, essays, key, n_tokens, depth)
+            build = chat_passkey_prompt if chat else make_passkey_prompt
+            prompt = build(tok, essays, key, n_tokens, depth)
             answer = tok.encode(f" {key:05d}", bos=False, eos=False)
             ids = torch.tensor(prompt + answer)[None]
             out = model(ids)
@@ -149,13 +180,16 @@ def run(args) -> dict:
     for target in args.targets:
         floor = min(target, args.floor) if args.floor else None
         c1, w1 = time.process_time(), time.perf_counter()
-        cal = calibrate_select(sel, calib, skip=target, floor=floor, labels=labels)
+        cal = calibrate_select(sel, calib, skip=target, floor=floor, labels=labels, rounds=args.rounds)
         fit_cpu, fit_wall = time.process_time() - c1, time.perf_counter() - w1
         learned, skip = _ppl_routed(sel, chunks)
         oracle, oskip = _ppl_oracle(forced, chunks, eval_costs, cal.oracle_thresholds)
+        same, sskip = _ppl_oracle(forced, chunks, eval_costs, _oracle_at(skip, eval_costs))
         row = {"target": target, "floor": floor or target, "learned_ppl": learned, "learned_skip_min": min(skip),
                "learned_skip_mean": sum(skip) / len(skip), "learned_skip": skip,
                "oracle_ppl": oracle, "oracle_skip_min": min(oskip), "oracle_skip_mean": sum(oskip) / len(oskip),
+               "oracle_same_ppl": same, "oracle_same_skip_min": min(sskip),
+               "oracle_same_skip_mean": sum(sskip) / len(sskip),
                "calib_cpu_s": label_cpu + fit_cpu, "calib_wall_s": label_wall + fit_wall,
                "correlation_mean": sum(cal.correlation) / len(cal.correlation), "calib_skip_min": min(cal.skip)}
         rows.append(row)
@@ -163,8 +197,9 @@ def run(args) -> dict:
         if args.passkey and abs(target - args.passkey_target) < 1e-9:
             essays = data_file("paul_graham_essays.txt").read_text(encoding="utf-8")
             passkey = {"target": target, "trials": args.passkey, "tokens": args.passkey_tokens,
-                       "original": _passkey(gm, tok, essays, args.passkey, args.passkey_tokens),
-                       "learned": _passkey(sel, tok, essays, args.passkey, args.passkey_tokens)}
+                       "format": "chat" if args.passkey_chat else "plain",
+                       "original": _passkey(gm, tok, essays, args.passkey, args.passkey_tokens, chat=args.passkey_chat),
+                       "learned": _passkey(sel, tok, essays, args.passkey, args.passkey_tokens, chat=args.passkey_chat)}
             print(json.dumps(passkey), flush=True)
     return {"model": args.model, "text": args.text, "calib": args.calib, "window": args.window, "sink": args.sink,
             "context": args.context, "eval_tokens": sum(c.numel() for c in chunks),
@@ -190,16 +225,18 @@ def table(out: dict) -> str:
     lines = [f"{out['model']}, window {out['window']}, context {out['context']}: perplexity on the first "
              f"{out['eval_tokens']} tokens of {out['text']} (original {out['original_ppl']:.3f}, window+{out.get('sink', 0)} sinks only "
              f"{out['window-only_ppl']:.3f}); calibration on {out['calib_tokens']} tokens of {out['calib']}", "",
-             "| target skip | learned ppl | Δ vs original | skip min / mean (learned) | oracle ppl | skip min / mean (oracle) | calibration CPU s / wall s |",
-             "|---:|---:|---:|---|---:|---|---|"]
+             "| target skip | learned ppl | Δ vs original | skip min / mean (learned) | oracle ppl at the learned skip | Δ | "
+             "oracle ppl, calibrated thresholds | skip min / mean (oracle) | calibration CPU s / wall s |",
+             "|---:|---:|---:|---|---:|---:|---:|---|---|"]
     for r in out["rows"]:
         delta = r["learned_ppl"] / out["original_ppl"] - 1
         lines.append(f"| {r['target']:.2f} | {r['learned_ppl']:.3f} | {delta:+.1%} | {r['learned_skip_min']:.3f} / "
-                     f"{r['learned_skip_mean']:.3f} | {r['oracle_ppl']:.3f} | {r['oracle_skip_min']:.3f} / "
+                     f"{r['learned_skip_mean']:.3f} | {r['oracle_same_ppl']:.3f} | "
+                     f"{r['oracle_same_ppl'] / out['original_ppl'] - 1:+.1%} | {r['oracle_ppl']:.3f} | {r['oracle_skip_min']:.3f} / "
                      f"{r['oracle_skip_mean']:.3f} | {r['calib_cpu_s']:.0f} / {r['calib_wall_s']:.0f} |")
     pk = out.get("passkey")
     if pk:
-        lines += ["", f"Passkey ({pk['trials']} prompts of {pk['tokens']} tokens): original {pk['original']:.2f}, "
+        lines += ["", f"Passkey ({pk['trials']} {pk.get('format', 'plain')} prompts of {pk['tokens']} tokens): original {pk['original']:.2f}, "
                   f"learned router at target {pk['target']:.2f}: {pk['learned']:.2f}"]
     return "\n".join(lines)
 
@@ -238,10 +275,13 @@ def main() -> None:
     parser.add_argument("--sink", type=int, default=4, help="first tokens the window branch keeps reading")
     parser.add_argument("--targets", default="0.5,0.6,0.7,0.8")
     parser.add_argument("--floor", type=float, default=None, help="per-layer least skip (default: the target)")
+    parser.add_argument("--rounds", type=int, default=2, help="closed-loop threshold rounds (calibrate_select)")
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--calib-tokens", type=int, default=8192)
     parser.add_argument("--passkey", type=int, default=0, help="passkey prompts (0: none)")
     parser.add_argument("--passkey-tokens", type=int, default=2048)
+    parser.add_argument("--passkey-chat", action="store_true",
+                        help="passkey prompts in a ChatML user turn (instruct models)")
     parser.add_argument("--passkey-target", type=float, default=0.6)
     parser.add_argument("--no-window-only", dest="window_only", action="store_false",
                         help="skip the window-only baseline (two forwards per scored window)")

@@ -23,6 +23,13 @@ among the rest, across layers (the relative cost is the common currency). Each l
 then the predicted cost of its first routed token; a token routes (runs global attention) when its
 predicted log cost >= the threshold. With floor = skip every layer skips exactly ``skip``.
 
+Closed loop (``rounds`` > 0). The heads are fitted on the features of the all-routed model (open
+loop), but at inference a layer reads the stream its skipping predecessors left, whose statistics
+differ: open-loop thresholds then skip a different fraction than allocated (on SmolLM2 more in the
+late layers, less in some early ones). Each round runs the calibrated graph on the calibration text,
+reads every layer's router scores there and allocates the thresholds again on them, so that the
+allocation holds for the scores the routers will see.
+
 The oracle router (``OracleRouter``) uses the labels themselves as decisions, with thresholds
 allocated the same way on the true costs: the best any router of the same decision rule can do,
 reported beside the learned one so that a miss says whether the method or the router is the limit.
@@ -39,10 +46,11 @@ import torch
 from torch import fx
 
 from condfx.l2a import l2a_view
+from condfx.passes._insert import output_view
 from condfx.patterns.routed import TAG, RoutedLayer, find_routed_layers
 
 __all__ = ["OracleLabels", "SelectCalibration", "allocate", "calibrate_select", "forced_routes",
-           "oracle_labels", "oracle_routes", "select_layers", "set_forced_routes"]
+           "oracle_labels", "oracle_routes", "router_scores", "select_layers", "set_forced_routes"]
 
 _EPS = 1e-4  # floor of the cost inside the log: relative changes below it are all "free"
 
@@ -193,9 +201,27 @@ def check_calibration_rows(batches: Sequence[torch.Tensor], window: int) -> None
         raise ValueError(msg)
 
 
+def router_scores(gm: fx.GraphModule, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Per select layer, the router scores (predicted log costs, (N,) float64) of the tokens of
+    ``batches`` in ``gm`` as it routes now (closed loop)."""
+    layers = select_layers(gm)
+
+    def outputs(graph: fx.Graph, output: fx.Node) -> tuple:
+        by_tag = {n.meta.get(TAG): n for n in graph.nodes if TAG in n.meta}
+        return tuple(by_tag[(r.prefix, "route")].args[0] for r in layers)
+
+    view = output_view(gm, outputs)
+    scores = [[] for _ in layers]
+    with torch.no_grad():
+        for ids in batches:
+            for j, s in enumerate(view(ids)):
+                scores[j].append(s.double().reshape(-1))
+    return [torch.cat(s) for s in scores]
+
+
 def calibrate_select(gm: fx.GraphModule, batches: Sequence[torch.Tensor], skip: float, floor: float | None = None,
                      progress: Callable[[int, int], None] | None = None,
-                     labels: OracleLabels | None = None) -> SelectCalibration:
+                     labels: OracleLabels | None = None, rounds: int = 2) -> SelectCalibration:
     """Fits every select-form router of ``gm`` to the oracle and sets its threshold (module docstring).
 
     Args:
@@ -206,6 +232,7 @@ def calibrate_select(gm: fx.GraphModule, batches: Sequence[torch.Tensor], skip: 
         floor: the least fraction every layer skips; None means ``skip``.
         progress: ``progress(done, total)`` over the batches.
         labels: labels already computed on ``batches`` (``oracle_labels``), to share them.
+        rounds: closed-loop threshold rounds (module docstring), one forward per batch each.
 
     Raises:
         ValueError: a target outside (0, 1), sequences not longer than the window, no select layer.
@@ -236,6 +263,11 @@ def calibrate_select(gm: fx.GraphModule, batches: Sequence[torch.Tensor], skip: 
         for r, t, o in zip(layers, thr, othr, strict=True):
             r.state.threshold.fill_(t)
             _set_oracle_threshold(r, o)
+        for _ in range(rounds):
+            preds = router_scores(gm, batches)
+            thr = allocate(preds, skip, fl)
+            for r, t in zip(layers, thr, strict=True):
+                r.state.threshold.fill_(t)
     return SelectCalibration(
         tuple(labels.layers), tuple(thr), tuple(othr),
         tuple(float((p < t).double().mean()) for p, t in zip(preds, thr, strict=True)),

@@ -19,6 +19,7 @@ from condfx.l2a_retrofit import (
     forced_routes,
     oracle_labels,
     oracle_routes,
+    router_scores,
     set_forced_routes,
 )
 from condfx.lifecycle import load_state, save_state
@@ -141,3 +142,25 @@ def test_bad_input_targets_short_text_and_rows():
         condfx.apply(gm, SPEC, calib=[torch.tensor(ids[:16])[None]], budget=Budget(tokens=16, seq_len=16))
     with pytest.raises(ValueError, match=r"no route-attention\{form=select\} layer"):
         calibrate_select(gm, rows, skip=0.5)
+
+
+def test_closed_loop_rounds_allocate_on_the_scores_the_routers_see():
+    """The thresholds of rounds > 0 are quantiles of the calibrated graph's own (closed-loop) scores:
+    ``router_scores`` agrees with the routes the graph takes, and the calibration text skips the
+    floor in every layer to within one token."""
+    gm, ids = _stories()
+    sel = condfx.apply(gm, f"route-attention{{form=select,window={WINDOW}}}").graph_module
+    rows = [torch.tensor(ids[i : i + 128])[None] for i in range(0, 512, 128)]
+    labels = oracle_labels(sel, rows)
+    calibrate_select(sel, rows, skip=0.6, labels=labels, rounds=0)
+    open_loop = router_scores(sel, rows)
+    calibrate_select(sel, rows, skip=0.6, labels=labels, rounds=1)
+    scores = router_scores(sel, rows)
+    assert any(not torch.equal(a, b) for a, b in zip(open_loop, scores, strict=True))  # the stream moved
+    routed = route_fractions(sel, torch.cat(rows))
+    for layer, s, fr in zip(find_routed_layers(sel), scores, routed, strict=True):
+        assert abs(float((s < float(layer.state.threshold)).double().mean()) - (1 - fr)) < 1e-9
+    # the first layer's scores do not depend on the routing: its threshold is the allocation on them
+    first = find_routed_layers(sel)[0]
+    assert float(first.state.threshold) == allocate(scores, 0.6, 0.6)[0]
+    assert abs((1 - routed[0]) - 0.6) < 0.02  # ties (tokens of one id share a first-layer score) aside
