@@ -347,70 +347,74 @@ class Workspace:
 _WORKSPACE = Workspace()
 
 
-def unpack_planes(codes: torch.Tensor, bits: int, name: str, workspace: Workspace = _WORKSPACE) -> torch.Tensor:
-    """(..., N, C * bits / 8) uint8 → (8 / bits, ..., N, C * bits / 8) float32: the codes by bit slot,
-    slot i holding code i of every byte (of a 2-bit row, channel 4j + i is at [i, ..., j]).
+# A byte of 8 / bits codes unpacks to that many float32 values, i.e. one element of a dtype of
+# 4 * 8 / bits bytes: the lookup table holds all 256 bytes as such elements (2 bits: complex128,
+# 4 bits: int64), so one ``index_select`` unpacks every byte (plain element copies, exact bits).
+_TABLE_DTYPES = {2: torch.complex128, 4: torch.int64}
+_TABLES: dict = {}
 
-    Shifts run over whole 32-bit words (four bytes at once), each slot lands contiguous, and one cast
-    fills a reused float buffer; callers reorder the small operands (query, probabilities, scales)
-    into slot order instead of the codes.
-    """
-    slots, width = 8 // bits, int(codes.shape[-1])
-    byte_mask = (1 << bits) - 1
-    planes = workspace.get(name + ".u8", (slots, *codes.shape), torch.uint8, codes.device)
-    if width % 4 == 0 and codes.is_contiguous():
-        words, mask = codes.view(torch.int32), int.from_bytes(bytes([byte_mask] * 4), "little")
-        mask = mask - (1 << 32) if mask >= 1 << 31 else mask  # as a signed int32
-        for i in range(slots):
-            torch.bitwise_and(words >> (bits * i), mask, out=planes[i].view(torch.int32))
-    else:
-        for i in range(slots):
-            torch.bitwise_and(codes >> (bits * i), byte_mask, out=planes[i])
-    out = workspace.get(name + ".f32", planes.shape, torch.float32, codes.device)
-    return out.copy_(planes)
+
+def code_table(bits: int, device) -> torch.Tensor:
+    """(256,) table whose element ``b`` is the codes of byte ``b`` as float32 values, code ``i``
+    (bits ``bits * i`` upwards) first: a byte's codes in channel order (``pack_codes``)."""
+    key = (bits, str(device))
+    if key not in _TABLES:
+        byte = torch.arange(256, dtype=torch.int32).unsqueeze(1)
+        shifts = torch.arange(0, 8, bits, dtype=torch.int32)
+        values = ((byte >> shifts) & ((1 << bits) - 1)).float()  # (256, 8 / bits)
+        _TABLES[key] = values.view(_TABLE_DTYPES[bits]).reshape(256).to(device)
+    return _TABLES[key]
+
+
+def unpack_lookup(codes: torch.Tensor, bits: int, name: str, workspace: Workspace = _WORKSPACE) -> torch.Tensor:
+    """(..., N, W) uint8 packed codes → (..., N, W * 8 / bits) float32 codes in channel order, in a
+    reused buffer: one gather from ``code_table`` (one table element per byte), no shifts or masks."""
+    n = codes.numel()
+    index = workspace.get(name + ".index", (n,), torch.int32, codes.device).copy_(codes.reshape(-1))
+    table = code_table(bits, codes.device)
+    out = workspace.get(name + ".codes", (n,), table.dtype, codes.device)
+    torch.index_select(table, 0, index, out=out)
+    return out.view(torch.float32).view(*codes.shape[:-1], int(codes.shape[-1]) * 8 // bits)
 
 
 def kivi_attend(q, k_codes, k_scale, k_zero, k_fp, v_codes, v_scale, v_zero, v_fp,
-                scale: float, bits: int, group: int) -> torch.Tensor:
+                scale: float, bits: int, group: int, workspace: Workspace = _WORKSPACE) -> torch.Tensor:
     """One query token's attention over a KIVI cache (no sink), read from the packed codes.
 
     q (B, H, 1, D); the K stream (B, Hkv, ., D) per channel and the V stream (B, ., Hkv * D) per
-    token, as ``KIVICache`` holds them (2 or 4 bits). Dequantize-free: the per-group scale and zero
-    point are folded into the query and the probabilities,
-        scores_n = (q * s_k[g(n)]) . codes_n + q . z_k[g(n)]    (g(n): the token's group of tokens)
-        out      = sum_n (p_n * s_v[n]) codes_n + sum_n p_n z_v[n]  (per value group)
-    so the full-size work is unpacking each tensor's codes once (``unpack_planes``: word shifts and one
-    cast into a reused buffer) and the matmuls; no dequantize pass, no fresh K/V allocation.
-    Why not Inductor: compiling an unpack-dequantize-reduce version took 5.6 minutes on this project's
-    2-core machine and ran about 30x slower than the fp16 read. Returns (B, H, 1, D) float32.
+    token, as ``KIVICache`` holds them (2 or 4 bits). Dequantize-free: the codes are unpacked once
+    (``unpack_lookup``: one table gather into a reused float32 buffer, channel order) and the
+    per-group scale and zero point are folded into the small operands,
+        scores_n = (q * s_k[g(n)]) . codes_n + q . z_k[g(n)]   (one matmul per group of tokens)
+        out      = sum_n (p_n s_v[n, g]) codes_n[g] + sum_n p_n z_v[n, g]   (one matmul per value group)
+    so no float K/V is ever materialised. Returns (B, H, 1, D) float32.
     """
     b, h, _, d = q.shape
     hkv = k_fp.shape[1]
-    c = hkv * d
     if not (d % group == 0 and group % (8 // bits) == 0):  # value groups within a head: the fold below
         msg = f"kivi_attend needs the value group to divide the head dim {d}; got group {group}."
         raise ValueError(msg)
-    rep, nk, ng = h // hkv, k_codes.shape[2], k_codes.shape[2] // group  # K: whole groups of tokens
-    slots = 8 // bits
-    qs = q.float().reshape(b, hkv, 1, rep, d) * scale  # (B, Hkv, 1, R, D)
-    kc = unpack_planes(k_codes, bits, "k").reshape(slots, b, hkv, ng, group, d // slots)
-    ks, kz = k_scale.float().unsqueeze(3), k_zero.float().unsqueeze(3)  # (B, Hkv, ng, 1, D)
-    qks = (qs * ks).reshape(b, hkv, ng, rep, d // slots, slots).permute(5, 0, 1, 2, 4, 3)  # (S, .., D/S, R)
-    s_quant = (kc @ qks).sum(0) + (qs * kz).sum(-1).unsqueeze(3)  # (B, Hkv, ng, g, R)
-    s_fp = k_fp.float() @ qs[:, :, 0].transpose(-1, -2)  # (B, Hkv, Nf, R)
-    scores = torch.cat([s_quant.reshape(b, hkv, nk, rep), s_fp], 2).transpose(2, 3)  # (B, Hkv, R, N)
-    p = torch.softmax(scores, -1)
-    nv, gv, w = v_codes.shape[1], c // group, group // slots  # V quantizes per token: its own count
-    vc = unpack_planes(v_codes, bits, "v")  # (S, B, Nv, C / S)
-    vs, vz = v_scale.float().transpose(1, 2).unsqueeze(2), v_zero.float().transpose(1, 2).unsqueeze(2)
-    outs = []
-    for gi in range(gv):  # value group gi: its head's probabilities, its own columns of each slot
-        pv = p[:, gi * group // d, :, :nv]  # (B, R, Nv)
-        cols = vc[:, :, :, gi * w : (gi + 1) * w]  # (S, B, Nv, w), a strided view: no copy
-        part = (pv * vs[:, gi]).unsqueeze(0) @ cols + (pv * vz[:, gi]).sum(-1, keepdim=True)  # (S, B, R, w)
-        outs.append(part.permute(1, 2, 3, 0).reshape(b, rep, group))  # channel slots * jj + i
-    out_q = torch.stack(outs, 1)  # (B, Gv, R, g)
-    out_q = out_q.reshape(b, hkv, d // group, rep, group).transpose(2, 3).reshape(b, hkv, rep, d)
-    vf = v_fp.float().reshape(b, -1, hkv, d).transpose(1, 2)  # (B, Hkv, Nf, D)
-    out = out_q + p[..., nv:] @ vf  # (B, Hkv, R, D)
+    rep, nk = h // hkv, int(k_codes.shape[2])
+    qs = q.float().reshape(b, hkv, rep, d) * scale  # (B, Hkv, R, D)
+    qt = qs.transpose(-1, -2)  # (B, Hkv, D, R)
+    keys = unpack_lookup(k_codes, bits, "k", workspace).view(-1, group, d)  # (B * Hkv * ng, g, D)
+    folded = (k_scale.float().unsqueeze(-1) * qt.unsqueeze(2)).view(-1, d, rep)  # (B * Hkv * ng, D, R)
+    s_quant = torch.bmm(keys, folded).view(b, hkv, -1, group, rep)  # (B, Hkv, ng, g, R)
+    s_quant += (k_zero.float() @ qt).unsqueeze(3)
+    nf = int(k_fp.shape[2])
+    scores = workspace.get("scores", (b, hkv, rep, nk + nf), torch.float32, q.device)
+    scores[..., :nk].copy_(s_quant.view(b, hkv, nk, rep).transpose(2, 3))
+    torch.matmul(qs, k_fp.float().transpose(2, 3), out=scores[..., nk:])  # the tail's scores
+    p = torch.softmax(scores, -1)  # (B, Hkv, R, N)
+    nv, gh = int(v_codes.shape[1]), d // group  # V quantizes per token: its own count; gh groups a head
+    pt = p[..., :nv]  # (B, Hkv, R, Nv)
+    vs = v_scale.float().view(b, nv, hkv, gh).permute(0, 2, 3, 1)  # (B, Hkv, gh, Nv)
+    vz = v_zero.float().view(b, nv, hkv, gh).permute(0, 2, 1, 3)  # (B, Hkv, Nv, gh)
+    weights = (pt.unsqueeze(2) * vs.unsqueeze(3)).reshape(b, hkv * gh, rep, nv)  # P' = p * s_v
+    values = unpack_lookup(v_codes, bits, "v", workspace).view(b, nv, hkv * gh, group).transpose(1, 2)
+    out_q = torch.stack([torch.bmm(weights[i], values[i]) for i in range(b)])  # (B, Hkv * gh, R, g)
+    out_q = out_q.view(b, hkv, gh, rep, group) + (pt @ vz).transpose(2, 3).unsqueeze(-1)
+    out_q = out_q.transpose(2, 3).reshape(b, hkv, rep, d)
+    v_tail = v_fp.float().view(b, -1, hkv, d).transpose(1, 2)  # (B, Hkv, Nf, D)
+    out = out_q + p[..., nv:] @ v_tail  # (B, Hkv, R, D)
     return out.reshape(b, h, 1, d)
