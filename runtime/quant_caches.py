@@ -366,15 +366,39 @@ def code_table(bits: int, device) -> torch.Tensor:
     return _TABLES[key]
 
 
+def _lookup_index(codes: torch.Tensor, name: str, workspace: Workspace) -> torch.Tensor:
+    """The code bytes as the int32 rows (first dims flattened) that ``index_select`` takes."""
+    index = workspace.get(name + ".index", (codes.numel(),), torch.int32, codes.device)
+    return index.copy_(codes.reshape(-1))
+
+
 def unpack_lookup(codes: torch.Tensor, bits: int, name: str, workspace: Workspace = _WORKSPACE) -> torch.Tensor:
     """(..., N, W) uint8 packed codes → (..., N, W * 8 / bits) float32 codes in channel order, in a
     reused buffer: one gather from ``code_table`` (one table element per byte), no shifts or masks."""
-    n = codes.numel()
-    index = workspace.get(name + ".index", (n,), torch.int32, codes.device).copy_(codes.reshape(-1))
     table = code_table(bits, codes.device)
-    out = workspace.get(name + ".codes", (n,), table.dtype, codes.device)
-    torch.index_select(table, 0, index, out=out)
+    out = workspace.get(name + ".codes", (codes.numel(),), table.dtype, codes.device)
+    torch.index_select(table, 0, _lookup_index(codes, name, workspace), out=out)
     return out.view(torch.float32).view(*codes.shape[:-1], int(codes.shape[-1]) * 8 // bits)
+
+
+def _unpacked_chunks(codes: torch.Tensor, bits: int, rows: int, name: str, workspace: Workspace):
+    """Yields (start, float32 codes) for ``rows`` rows of ``codes`` (R, W) at a time, each unpacked
+    by one table gather into the same small buffer (it stays in the core's cache for the matmul
+    that reads it)."""
+    n, w = int(codes.shape[0]), int(codes.shape[1])
+    table = code_table(bits, codes.device)
+    index = _lookup_index(codes, name, workspace).view(n, w)
+    buf = workspace.get(name + ".chunk", (min(rows, n) * w,), table.dtype, codes.device)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        chunk = buf[: (r1 - r0) * w]
+        torch.index_select(table, 0, index[r0:r1].reshape(-1), out=chunk)
+        yield r0, chunk.view(torch.float32).view(r1 - r0, w * 8 // bits)
+
+
+# Rows unpacked per chunk: about 512 KiB of float32 codes for SmolLM2's 64-wide K groups and
+# 192-wide V tokens, so a chunk is still in the core's L2 cache when its matmul reads it.
+_CHUNK_BYTES = 1 << 19
 
 
 def kivi_attend(q, k_codes, k_scale, k_zero, k_fp, v_codes, v_scale, v_zero, v_fp,
@@ -382,12 +406,15 @@ def kivi_attend(q, k_codes, k_scale, k_zero, k_fp, v_codes, v_scale, v_zero, v_f
     """One query token's attention over a KIVI cache (no sink), read from the packed codes.
 
     q (B, H, 1, D); the K stream (B, Hkv, ., D) per channel and the V stream (B, ., Hkv * D) per
-    token, as ``KIVICache`` holds them (2 or 4 bits). Dequantize-free: the codes are unpacked once
-    (``unpack_lookup``: one table gather into a reused float32 buffer, channel order) and the
-    per-group scale and zero point are folded into the small operands,
-        scores_n = (q * s_k[g(n)]) . codes_n + q . z_k[g(n)]   (one matmul per group of tokens)
-        out      = sum_n (p_n s_v[n, g]) codes_n[g] + sum_n p_n z_v[n, g]   (one matmul per value group)
-    so no float K/V is ever materialised. Returns (B, H, 1, D) float32.
+    token, as ``KIVICache`` holds them (2 or 4 bits). The float K/V is never materialised: the
+    codes are read in chunks of about 512 KiB of float32 (``_unpacked_chunks``: one gather from a
+    256-entry table per chunk, channel order, into one reused buffer that stays in the L2 cache),
+        keys   a chunk of whole token groups is dequantized in place (codes * s_k + z_k, per group
+               and channel) and scored by one matmul with the K/V head's queries;
+        values the per-token scale and zero point are folded into the probabilities,
+               out = sum_n (p_n s_v[n, g]) codes_n[g] + sum_n p_n z_v[n, g], one batched matmul
+               per chunk over the value groups.
+    Returns (B, H, 1, D) float32.
     """
     b, h, _, d = q.shape
     hkv = k_fp.shape[1]
@@ -397,13 +424,17 @@ def kivi_attend(q, k_codes, k_scale, k_zero, k_fp, v_codes, v_scale, v_zero, v_f
     rep, nk = h // hkv, int(k_codes.shape[2])
     qs = q.float().reshape(b, hkv, rep, d) * scale  # (B, Hkv, R, D)
     qt = qs.transpose(-1, -2)  # (B, Hkv, D, R)
-    keys = unpack_lookup(k_codes, bits, "k", workspace).view(-1, group, d)  # (B * Hkv * ng, g, D)
-    folded = (k_scale.float().unsqueeze(-1) * qt.unsqueeze(2)).view(-1, d, rep)  # (B * Hkv * ng, D, R)
-    s_quant = torch.bmm(keys, folded).view(b, hkv, -1, group, rep)  # (B, Hkv, ng, g, R)
-    s_quant += (k_zero.float() @ qt).unsqueeze(3)
     nf = int(k_fp.shape[2])
     scores = workspace.get("scores", (b, hkv, rep, nk + nf), torch.float32, q.device)
-    scores[..., :nk].copy_(s_quant.view(b, hkv, nk, rep).transpose(2, 3))
+    scales, zeros = k_scale.float(), k_zero.float()  # (B, Hkv, ng, D)
+    step = max(1, _CHUNK_BYTES // (4 * group * d)) * group  # tokens per chunk, whole groups
+    for i in range(b):
+        for j in range(hkv):
+            for t0, keys in _unpacked_chunks(k_codes[i, j], bits, step, "k", workspace):
+                n, g0, g1 = keys.shape[0], t0 // group, (t0 + keys.shape[0]) // group
+                grouped = keys.view(n // group, group, d)  # dequantized in the cached chunk, in place
+                torch.addcmul(zeros[i, j, g0:g1, None], grouped, scales[i, j, g0:g1, None], out=grouped)
+                torch.mm(qs[i, j], keys.t(), out=scores[i, j, :, t0 : t0 + n])
     torch.matmul(qs, k_fp.float().transpose(2, 3), out=scores[..., nk:])  # the tail's scores
     p = torch.softmax(scores, -1)  # (B, Hkv, R, N)
     nv, gh = int(v_codes.shape[1]), d // group  # V quantizes per token: its own count; gh groups a head
@@ -411,8 +442,12 @@ def kivi_attend(q, k_codes, k_scale, k_zero, k_fp, v_codes, v_scale, v_zero, v_f
     vs = v_scale.float().view(b, nv, hkv, gh).permute(0, 2, 3, 1)  # (B, Hkv, gh, Nv)
     vz = v_zero.float().view(b, nv, hkv, gh).permute(0, 2, 1, 3)  # (B, Hkv, Nv, gh)
     weights = (pt.unsqueeze(2) * vs.unsqueeze(3)).reshape(b, hkv * gh, rep, nv)  # P' = p * s_v
-    values = unpack_lookup(v_codes, bits, "v", workspace).view(b, nv, hkv * gh, group).transpose(1, 2)
-    out_q = torch.stack([torch.bmm(weights[i], values[i]) for i in range(b)])  # (B, Hkv * gh, R, g)
+    out_q = q.new_zeros(b, hkv * gh, rep, group, dtype=torch.float32)  # (B, Hkv * gh, R, g)
+    step = max(1, _CHUNK_BYTES // (4 * hkv * d))  # tokens per chunk
+    for i in range(b):
+        for t0, values in _unpacked_chunks(v_codes[i], bits, step, "v", workspace):
+            rows = values.view(-1, hkv * gh, group).transpose(0, 1)  # (Hkv * gh, n, g)
+            out_q[i].baddbmm_(weights[i, :, :, t0 : t0 + rows.shape[1]], rows)
     out_q = out_q.view(b, hkv, gh, rep, group) + (pt @ vz).transpose(2, 3).unsqueeze(-1)
     out_q = out_q.transpose(2, 3).reshape(b, hkv, rep, d)
     v_tail = v_fp.float().view(b, -1, hkv, d).transpose(1, 2)  # (B, Hkv, Nf, D)
