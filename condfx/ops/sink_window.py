@@ -158,11 +158,18 @@ def sink_window_attention_banded(q, k, v, positions, inv_freq, scale: float, sin
     return out
 
 
+# Shorter sequences keep the blocked path: it is fast enough there, and its one softmax per block
+# stays closer to a dense model's float32 rounding than the flash pieces merged by log-sum-exp
+# (whole-model tests compare logits at 1e-5; the merged form differs by about that much).
+_BANDED_MIN = 1024
+
+
 def _banded_ok(q, k, v, positions, sink: int, window: int) -> bool:
-    """True when ``sink_window_attention_banded`` applies: a whole sequence on the CPU flash path
+    """True when ``sink_window_attention_banded`` applies: a whole sequence of at least
+    ``_BANDED_MIN`` tokens on the CPU flash path
     whose rows that hold sink keys inside their window are not rotated (d = 0 there), as in a
     prefill from position 0."""
-    if q.shape[2] != k.shape[2] or window < 2 or not _flash_cpu.usable(q, k, v):
+    if q.shape[2] != k.shape[2] or q.shape[2] < _BANDED_MIN or window < 2 or not _flash_cpu.usable(q, k, v):
         return False
     early = positions[: window + sink - 1]
     return early.numel() == 0 or int(early.max()) <= sink + window - 1

@@ -89,5 +89,19 @@ def test_numerics_banded_prefill_equals_reference(t, sink, window):
     want = sink_window_attention_reference(q.double(), k.double(), v.double(), pos, inv_freq, 0.3, sink, window)
     got = sink_window_attention_banded(q, k, v, pos, inv_freq, 0.3, sink, window)
     assert (got.double() - want).abs().max().item() < 1e-5
-    op = torch.ops.condfx.sink_window_attention(q, k, v, pos, inv_freq, 0.3, sink, window)
-    assert torch.equal(op, got)
+    blocked = sink_window_attention_blocked(q, k, v, pos, inv_freq, 0.3, sink, window)
+    assert (got - blocked).abs().max().item() < 1e-5
+
+
+def test_numerics_long_prefill_takes_the_banded_path(monkeypatch):
+    """From ``_BANDED_MIN`` tokens on, the op's CPU implementation is the banded one."""
+    import condfx.ops.sink_window as sw
+
+    monkeypatch.setattr(sw, "_BANDED_MIN", 16)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, n, 40, 8, generator=gen) for n in (4, 2, 2))
+    inv_freq = 1.0 / (1e4 ** (torch.arange(0, 8, 2).float() / 8))
+    pos = torch.arange(40)
+    op = torch.ops.condfx.sink_window_attention(q, k, v, pos, inv_freq, 0.3, 4, 8)
+    assert torch.equal(op, sw.sink_window_attention_banded(q, k, v, pos, inv_freq, 0.3, 4, 8))
+    assert not torch.equal(op, sink_window_attention_blocked(q, k, v, pos, inv_freq, 0.3, 4, 8))
