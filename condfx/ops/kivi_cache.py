@@ -132,12 +132,12 @@ def _unpacked_chunks(codes: torch.Tensor, bits: int, rows: int, name: str, works
     that reads it)."""
     n, w = int(codes.shape[0]), int(codes.shape[1])
     table = code_table(bits, codes.device)
-    index = _lookup_index(codes, name, workspace).view(n, w)
+    index = workspace.get(name + ".chunk_index", (min(rows, n) * w,), torch.int32, codes.device)
     buf = workspace.get(name + ".chunk", (min(rows, n) * w,), table.dtype, codes.device)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        chunk = buf[: (r1 - r0) * w]
-        torch.index_select(table, 0, index[r0:r1].reshape(-1), out=chunk)
+        chunk, at = buf[: (r1 - r0) * w], index[: (r1 - r0) * w]
+        torch.index_select(table, 0, at.copy_(codes[r0:r1].reshape(-1)), out=chunk)
         yield r0, chunk.view(torch.float32).view(r1 - r0, w * 8 // bits)
 
 
