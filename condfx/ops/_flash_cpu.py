@@ -153,13 +153,13 @@ def banded_lse(q, k, v, scale: float, window: int):
                 keep = torch.arange(k0, r1)[None, :] <= torch.arange(r0, r1)[:, None]
                 keep &= torch.arange(k0, r1)[None, :] > torch.arange(r0, r1)[:, None] - window
                 mask = torch.zeros(keep.shape, dtype=q.dtype).masked_fill_(~keep, float("-inf"))
-                o, l = _FLASH(qh[None, :, r0:r1], *(x[None, :, k0:r1].expand(1, g, -1, d) for x in (kh, vh)), 0.0, False,
-                              attn_mask=mask, scale=scale)
-                out[i, hs, r0:r1], lse[i, hs, r0:r1] = o[0], l[0]
+                kv = [x[None, :, k0:r1].expand(1, g, -1, d) for x in (kh, vh)]  # stride 0 over G
+                o, lse_part = _FLASH(qh[None, :, r0:r1], *kv, 0.0, False, attn_mask=mask, scale=scale)
+                out[i, hs, r0:r1], lse[i, hs, r0:r1] = o[0], lse_part[0]
             if nb > 1:  # full blocks 1 .. nb - 1, one call
                 rows = qh[:, c : nb * c].view(g, nb - 1, c, d)
                 kv = [x.as_strided((g, nb - 1, 2 * c, d), (0, c * d, d, 1)) for x in (kh, vh)]
-                o, l = _FLASH(rows, *kv, 0.0, False, attn_mask=band, scale=scale)
+                o, lse_part = _FLASH(rows, *kv, 0.0, False, attn_mask=band, scale=scale)
                 out[i, hs, c : nb * c] = o.view(g, (nb - 1) * c, d)
-                lse[i, hs, c : nb * c] = l.reshape(g, (nb - 1) * c)
+                lse[i, hs, c : nb * c] = lse_part.reshape(g, (nb - 1) * c)
     return out, lse

@@ -168,7 +168,6 @@ def kivi_attend(q, k_codes, k_scale, k_zero, k_fp, v_codes, v_scale, v_zero, v_f
         raise ValueError(msg)
     rep, nk = h // hkv, int(k_codes.shape[2])
     qs = q.float().reshape(b, hkv, rep, d) * scale  # (B, Hkv, R, D)
-    qt = qs.transpose(-1, -2)  # (B, Hkv, D, R)
     nf = int(k_fp.shape[2])
     scores = workspace.get("scores", (b, hkv, rep, nk + nf), torch.float32, q.device)
     scales, zeros = k_scale.float(), k_zero.float()  # (B, Hkv, ng, D)
