@@ -18,7 +18,7 @@ dominate the timing. Batch 1, float32, ``--threads`` torch threads.
             logits on the first 2,048 tokens of the input (equivalent to a router bias), layer by
             layer, so about ``--routed`` of the queries go global in every layer.
 
-Both run the same input in the same run; best of ``--reps``. KV bytes per token: runtime
+Both run the same input in the same run, interleaved (one call of each per round); best of ``--reps``. KV bytes per token: runtime
 ``Session`` caches (``add-kv-cache``) after a ``--kv-context``-token prefill, for dense, L2A, and L2A
 after ``record_route_stats`` + ``prune-global{max_fraction=1,layers=<first half>}`` (half the layers
 lose their global branch and keep only the window ring cache); ``--form add`` only. ``--device cuda``
@@ -34,7 +34,6 @@ import json
 import time
 
 import torch
-from l2a_speed import best_of  # benchmarks/ is on sys.path when a script in it runs
 
 import condfx
 from condfx.l2a import l2a_view, record_route_stats, route_fractions
@@ -107,25 +106,32 @@ def run(args) -> dict:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
         dense, l2a, ids = dense.to(args.device, dtype), l2a.to(args.device, dtype), ids.to(args.device)
 
-    def timed(fn, x):
-        def run():
+    def timed(fns, x):
+        """Best wall time of each of ``fns`` over ``--reps`` rounds, one call of each per round
+        (interleaved, so a shared machine's slow spells hit both models alike)."""
+        def call(fn):
+            t0 = time.perf_counter()
             fn(x)
             if args.device != "cpu":
                 torch.cuda.synchronize()
+            return time.perf_counter() - t0
 
-        run()  # warm-up
-        return best_of(run, args.reps)
+        for fn in fns:
+            call(fn)  # warm-up
+        best = [float("inf")] * len(fns)
+        for _ in range(args.reps):
+            best = [min(b, call(fn)) for b, fn in zip(best, fns, strict=True)]
+        return best
 
     rows = []
     with torch.no_grad():
         for t in lengths:
             if args.form == "select":
                 set_forced_routes(l2a, [r[:, :t] for r in l2a.meta["routes"]])
-            x = ids[:, :t]
-            d, r = timed(dense, x), timed(l2a, x)
+            d, r = timed([dense, l2a], ids[:, :t])
             rows.append({"T": t, "dense_s": d, "l2a_s": r, "speedup": d / r})
             if not args.json:
-                print(f"  T={t}: dense {d:.2f}s, L2A {r:.2f}s", flush=True)
+                print(f"  T={t}: dense {d:.2f}s, L2A {r:.2f}s, {d / r:.2f}x", flush=True)
     kv = {}
     if args.kv_context and args.form == "add":
         x = ids[:, : args.kv_context]

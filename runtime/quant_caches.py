@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 import torch
 
+from condfx.ops.kivi_cache import kivi_attend, unpack_lookup  # noqa: F401  (re-exported: the KIVI read)
 from condfx.ops.kv_quant import BITS, check_quant_args, to_float16
 from condfx.ops.quant_stream import empty_stream, stream_append, stream_read
 from condfx.runtime.caches import FullKVCache, LayerCache
@@ -322,95 +323,3 @@ class Float16KVCache(FullKVCache):
 
     def _set(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k, self.v = to_float16(k), to_float16(v)
-
-
-class Workspace:
-    """Reusable buffers for the packed reads: a decode step asks for the same shapes every time, and
-    fresh multi-megabyte tensors cost page faults on every call (the allocator returns them)."""
-
-    def __init__(self):
-        self.buffers: dict = {}
-
-    def get(self, name: str, shape, dtype, device) -> torch.Tensor:
-        """A buffer of at least ``shape`` (grown along dim -3, the tokens), viewed to ``shape``."""
-        shape = tuple(int(s) for s in shape)
-        buf = self.buffers.get(name)
-        numel = 1
-        for s in shape:
-            numel *= s
-        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != torch.device(device):
-            buf = torch.empty(max(numel, 1) * 5 // 4, dtype=dtype, device=device)  # room for growth
-            self.buffers[name] = buf
-        return buf[:numel].view(shape)
-
-
-_WORKSPACE = Workspace()
-
-
-def unpack_planes(codes: torch.Tensor, bits: int, name: str, workspace: Workspace = _WORKSPACE) -> torch.Tensor:
-    """(..., N, C * bits / 8) uint8 → (8 / bits, ..., N, C * bits / 8) float32: the codes by bit slot,
-    slot i holding code i of every byte (of a 2-bit row, channel 4j + i is at [i, ..., j]).
-
-    Shifts run over whole 32-bit words (four bytes at once), each slot lands contiguous, and one cast
-    fills a reused float buffer; callers reorder the small operands (query, probabilities, scales)
-    into slot order instead of the codes.
-    """
-    slots, width = 8 // bits, int(codes.shape[-1])
-    byte_mask = (1 << bits) - 1
-    planes = workspace.get(name + ".u8", (slots, *codes.shape), torch.uint8, codes.device)
-    if width % 4 == 0 and codes.is_contiguous():
-        words, mask = codes.view(torch.int32), int.from_bytes(bytes([byte_mask] * 4), "little")
-        mask = mask - (1 << 32) if mask >= 1 << 31 else mask  # as a signed int32
-        for i in range(slots):
-            torch.bitwise_and(words >> (bits * i), mask, out=planes[i].view(torch.int32))
-    else:
-        for i in range(slots):
-            torch.bitwise_and(codes >> (bits * i), byte_mask, out=planes[i])
-    out = workspace.get(name + ".f32", planes.shape, torch.float32, codes.device)
-    return out.copy_(planes)
-
-
-def kivi_attend(q, k_codes, k_scale, k_zero, k_fp, v_codes, v_scale, v_zero, v_fp,
-                scale: float, bits: int, group: int) -> torch.Tensor:
-    """One query token's attention over a KIVI cache (no sink), read from the packed codes.
-
-    q (B, H, 1, D); the K stream (B, Hkv, ., D) per channel and the V stream (B, ., Hkv * D) per
-    token, as ``KIVICache`` holds them (2 or 4 bits). Dequantize-free: the per-group scale and zero
-    point are folded into the query and the probabilities,
-        scores_n = (q * s_k[g(n)]) . codes_n + q . z_k[g(n)]    (g(n): the token's group of tokens)
-        out      = sum_n (p_n * s_v[n]) codes_n + sum_n p_n z_v[n]  (per value group)
-    so the full-size work is unpacking each tensor's codes once (``unpack_planes``: word shifts and one
-    cast into a reused buffer) and the matmuls; no dequantize pass, no fresh K/V allocation.
-    Why not Inductor: compiling an unpack-dequantize-reduce version took 5.6 minutes on this project's
-    2-core machine and ran about 30x slower than the fp16 read. Returns (B, H, 1, D) float32.
-    """
-    b, h, _, d = q.shape
-    hkv = k_fp.shape[1]
-    c = hkv * d
-    if not (d % group == 0 and group % (8 // bits) == 0):  # value groups within a head: the fold below
-        msg = f"kivi_attend needs the value group to divide the head dim {d}; got group {group}."
-        raise ValueError(msg)
-    rep, nk, ng = h // hkv, k_codes.shape[2], k_codes.shape[2] // group  # K: whole groups of tokens
-    slots = 8 // bits
-    qs = q.float().reshape(b, hkv, 1, rep, d) * scale  # (B, Hkv, 1, R, D)
-    kc = unpack_planes(k_codes, bits, "k").reshape(slots, b, hkv, ng, group, d // slots)
-    ks, kz = k_scale.float().unsqueeze(3), k_zero.float().unsqueeze(3)  # (B, Hkv, ng, 1, D)
-    qks = (qs * ks).reshape(b, hkv, ng, rep, d // slots, slots).permute(5, 0, 1, 2, 4, 3)  # (S, .., D/S, R)
-    s_quant = (kc @ qks).sum(0) + (qs * kz).sum(-1).unsqueeze(3)  # (B, Hkv, ng, g, R)
-    s_fp = k_fp.float() @ qs[:, :, 0].transpose(-1, -2)  # (B, Hkv, Nf, R)
-    scores = torch.cat([s_quant.reshape(b, hkv, nk, rep), s_fp], 2).transpose(2, 3)  # (B, Hkv, R, N)
-    p = torch.softmax(scores, -1)
-    nv, gv, w = v_codes.shape[1], c // group, group // slots  # V quantizes per token: its own count
-    vc = unpack_planes(v_codes, bits, "v")  # (S, B, Nv, C / S)
-    vs, vz = v_scale.float().transpose(1, 2).unsqueeze(2), v_zero.float().transpose(1, 2).unsqueeze(2)
-    outs = []
-    for gi in range(gv):  # value group gi: its head's probabilities, its own columns of each slot
-        pv = p[:, gi * group // d, :, :nv]  # (B, R, Nv)
-        cols = vc[:, :, :, gi * w : (gi + 1) * w]  # (S, B, Nv, w), a strided view: no copy
-        part = (pv * vs[:, gi]).unsqueeze(0) @ cols + (pv * vz[:, gi]).sum(-1, keepdim=True)  # (S, B, R, w)
-        outs.append(part.permute(1, 2, 3, 0).reshape(b, rep, group))  # channel slots * jj + i
-    out_q = torch.stack(outs, 1)  # (B, Gv, R, g)
-    out_q = out_q.reshape(b, hkv, d // group, rep, group).transpose(2, 3).reshape(b, hkv, rep, d)
-    vf = v_fp.float().reshape(b, -1, hkv, d).transpose(1, 2)  # (B, Hkv, Nf, D)
-    out = out_q + p[..., nv:] @ vf  # (B, Hkv, R, D)
-    return out.reshape(b, h, 1, d)

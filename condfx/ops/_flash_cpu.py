@@ -111,3 +111,55 @@ def routed_rows(qb, kb, vb, pos: torch.Tensor, scale: float) -> torch.Tensor:
     if p0 > 0:
         parts.append(attend_lse(qb, kb[:, :, :p0], vb[:, :, :p0], scale))
     return merge(parts)
+
+
+
+def _band_mask(c: int, dtype) -> torch.Tensor:
+    """(c, 2c) additive mask of a window of c + 1 keys for a query block of c rows reading the
+    block before it and its own: row r reads keys r .. r + c."""
+    r, m = torch.arange(c)[:, None], torch.arange(2 * c)[None, :]
+    keep = (m >= r) & (m <= r + c)
+    return torch.zeros(keep.shape, dtype=dtype).masked_fill_(~keep, float("-inf"))
+
+
+def banded_lse(q, k, v, scale: float, window: int):
+    """Causal sliding-window attention, T == S, window >= 2, with its log-sum-exp; a handful of
+    flash calls per K/V head, none per query block.
+
+    Query blocks of c = window - 1 rows read their own block and the one before it: 2c keys under
+    one (c, 2c) band mask shared by every block. For each K/V head one call covers all full blocks
+    after the first: the G query heads sharing it are the call's batch (a view, no copy), its
+    blocks the call's heads, the keys an overlapping strided view (block i starts c rows after
+    block i - 1; stride 0 across the G heads), so no query, key or value is copied or repeated.
+    The first block (causal over its own keys) and a trailing partial block take one call each.
+    Returns (out (B, H, T, D), lse (B, H, T) float32).
+    """
+    b, h, t, d = q.shape
+    hkv, c = k.shape[1], window - 1
+    g = h // hkv
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = q.new_empty(q.shape)
+    lse = torch.empty(b, h, t, dtype=torch.float32)
+    nb, rest = divmod(t, c)
+    band = _band_mask(c, q.dtype)
+    for i in range(b):
+        for j in range(hkv):
+            hs = slice(j * g, (j + 1) * g)
+            qh, kh, vh = q[i, hs], k[i, j : j + 1], v[i, j : j + 1]  # (G, T, D), (1, S, D)
+            head = [(0, min(c, t), 0)]  # (first row, end row, first key) of each piece
+            if rest and nb:
+                head.append((nb * c, t, (nb - 1) * c))
+            for r0, r1, k0 in head:  # the first block and the trailing partial one
+                keep = torch.arange(k0, r1)[None, :] <= torch.arange(r0, r1)[:, None]
+                keep &= torch.arange(k0, r1)[None, :] > torch.arange(r0, r1)[:, None] - window
+                mask = torch.zeros(keep.shape, dtype=q.dtype).masked_fill_(~keep, float("-inf"))
+                kv = [x[None, :, k0:r1].expand(1, g, -1, d) for x in (kh, vh)]  # stride 0 over G
+                o, lse_part = _FLASH(qh[None, :, r0:r1], *kv, 0.0, False, attn_mask=mask, scale=scale)
+                out[i, hs, r0:r1], lse[i, hs, r0:r1] = o[0], lse_part[0]
+            if nb > 1:  # full blocks 1 .. nb - 1, one call
+                rows = qh[:, c : nb * c].view(g, nb - 1, c, d)
+                kv = [x.as_strided((g, nb - 1, 2 * c, d), (0, c * d, d, 1)) for x in (kh, vh)]
+                o, lse_part = _FLASH(rows, *kv, 0.0, False, attn_mask=band, scale=scale)
+                out[i, hs, c : nb * c] = o.view(g, (nb - 1) * c, d)
+                lse[i, hs, c : nb * c] = lse_part.reshape(g, (nb - 1) * c)
+    return out, lse

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 
+from condfx.ops import _flash_cpu
 from condfx.ops.attention import check_attention_shapes
 
 
@@ -122,11 +123,65 @@ def sink_window_attention_blocked(q, k, v, positions, inv_freq, scale: float, si
     return torch.cat(outs, 3).to(q.dtype).reshape(q.shape)
 
 
+def sink_window_attention_banded(q, k, v, positions, inv_freq, scale: float, sink: int,
+                                 window: int) -> torch.Tensor:
+    """The same result for a whole sequence (T == S, window >= 2, CPU flash dtypes): the window
+    part in one banded flash call (``_flash_cpu.banded_lse``), the sink keys outside each row's
+    window (key j < sink, j <= i - window) scored against the rotated-back queries in one small
+    matmul, the two merged by log-sum-exp. Exact when the rows that hold sink keys inside their
+    window are not rotated (``_banded_ok``)."""
+    check_attention_shapes(q, k, v, 0)
+    check_sink_window_args(q, positions, inv_freq, sink, window)
+    t = q.shape[2]
+    out, lse = _flash_cpu.banded_lse(q, k, v, scale, window)
+    if sink == 0 or t <= window:  # every row's window already holds the sinks it may read
+        return out
+    b, h, _, d = q.shape
+    hkv, g, n, late = k.shape[1], h // k.shape[1], min(sink, k.shape[2]), t - window
+    cos, sin = sink_rotation(positions[window:], inv_freq, sink, window)  # (T', D)
+    # (R(-d) q) . k = (q cos) . k + (q sin) . rot(k), rot(k) = (-k2, k1): no rotated copy of q
+    ks = k[:, :, :n].float()
+    half = d // 2
+    kr = torch.cat([-ks[..., half:], ks[..., :half]], -1)
+    qg = q[:, :, window:].float().reshape(b, hkv, g * late, d)  # (B, Hkv, G T', D)
+    cos, sin = cos.repeat(g, 1), sin.repeat(g, 1)
+    scores = ((qg * cos) @ ks.transpose(-1, -2) + (qg * sin) @ kr.transpose(-1, -2)) * scale
+    keep = torch.arange(n)[None, :] <= torch.arange(late)[:, None]  # key j <= i - window
+    scores = scores.masked_fill_(~keep.repeat(g, 1), float("-inf"))  # (B, Hkv, G T', n)
+    s_lse = torch.logsumexp(scores, -1)
+    w_lse = lse[:, :, window:].reshape(s_lse.shape)
+    total = torch.logaddexp(w_lse, s_lse)
+    probs = torch.exp(scores - total.unsqueeze(-1))  # the sinks' weights in the merged softmax
+    tail = out[:, :, window:].view(b, hkv, g, late, d)  # rows >= window, in place
+    tail.mul_(torch.exp(w_lse - total).view(b, hkv, g, late, 1).to(out.dtype))
+    tail.add_((probs @ v[:, :, :n].float()).view(b, hkv, g, late, d).to(out.dtype))
+    return out
+
+
+# Shorter sequences keep the blocked path: it is fast enough there, and its one softmax per block
+# stays closer to a dense model's float32 rounding than the flash pieces merged by log-sum-exp
+# (whole-model tests compare logits at 1e-5; the merged form differs by about that much).
+_BANDED_MIN = 1024
+
+
+def _banded_ok(q, k, v, positions, sink: int, window: int) -> bool:
+    """True when ``sink_window_attention_banded`` applies: a whole sequence of at least
+    ``_BANDED_MIN`` tokens on the CPU flash path
+    whose rows that hold sink keys inside their window are not rotated (d = 0 there), as in a
+    prefill from position 0."""
+    if q.shape[2] != k.shape[2] or q.shape[2] < _BANDED_MIN or window < 2 or not _flash_cpu.usable(q, k, v):
+        return False
+    early = positions[: window + sink - 1]
+    return early.numel() == 0 or int(early.max()) <= sink + window - 1
+
+
 @torch.library.custom_op("condfx::sink_window_attention", mutates_args=())
 def sink_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                           inv_freq: torch.Tensor, scale: float, sink: int, window: int) -> torch.Tensor:
     """``torch.ops.condfx.sink_window_attention``: see the module docstring."""
     with torch.no_grad():
+        if _banded_ok(q, k, v, positions, sink, window):
+            return sink_window_attention_banded(q, k, v, positions, inv_freq, scale, sink, window).contiguous()
         return sink_window_attention_blocked(q, k, v, positions, inv_freq, scale, sink, window).contiguous()
 
 

@@ -34,7 +34,7 @@ def _stepped(q, k, v, steps, bits, group, residual, sink, window=0):
 
 
 @pytest.mark.parametrize(("bits", "group", "residual", "sink", "window"),
-                         [(2, 4, 3, 1, 0), (3, 8, 0, 0, 0), (4, 2, 5, 3, 6)])
+                         [(2, 4, 3, 1, 0), (3, 8, 0, 0, 0), (4, 2, 5, 3, 6), (2, 4, 3, 0, 0), (4, 8, 0, 0, 0)])
 def test_numerics_any_step_split_equals_teacher_forced(bits, group, residual, sink, window):
     g = torch.Generator().manual_seed(bits)
     s = 23
@@ -50,6 +50,21 @@ def test_numerics_any_step_split_equals_teacher_forced(bits, group, residual, si
     nqv = max(0, s - residual - sink)
     assert v_codes.shape[2] == nqv and v_scale.shape == (B, 1, nqv, HKV * D // group)
     assert v_fp.shape == (B, 1, s - nqv, HKV * D)
+
+
+def test_numerics_decode_step_reads_packed_codes_like_reference():
+    """A one-token step with no sink or window reads the packed codes (``kivi_attend``): the same
+    output and streams as the dequantizing reference."""
+    from condfx.ops.kivi_cache import kivi_cache_attention_reference
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, h, 30, D, generator=g) for h in (H, HKV, HKV))
+    _, streams = _stepped(q[:, :, :29], k[:, :, :29], v[:, :, :29], [29], 2, 4, 3, 0)
+    last = (q[:, :, 29:], k[:, :, 29:], v[:, :, 29:])
+    got = torch.ops.condfx.kivi_cache_attention(*last, *streams, 0.3, 0, 2, 4, 3, 0)
+    want = kivi_cache_attention_reference(*last, *streams, 0.3, 0, 2, 4, 3, 0)
+    assert (got[0] - want[0]).abs().max().item() < 1e-5
+    assert all(torch.equal(a, b) for a, b in zip(got[1:], want[1:], strict=True))
 
 
 def test_numerics_cache_is_really_quantized():

@@ -73,3 +73,35 @@ def test_rejects_bad_arguments():
         torch.ops.condfx.sink_window_attention(q, q, q, pos.float(), inv, 1.0, 2, 4)
     with pytest.raises(ValueError, match=r"inv_freq must be \(D / 2,\)"):
         torch.ops.condfx.sink_window_attention(q, q, q, pos, torch.ones(3), 1.0, 2, 4)
+
+
+@pytest.mark.parametrize(("t", "sink", "window"), [(29, 4, 8), (64, 4, 9), (50, 0, 6), (40, 3, 64), (33, 1, 2), (70, 5, 7)])
+def test_numerics_banded_prefill_equals_reference(t, sink, window):
+    """The CPU prefill path (window part in banded flash calls, sinks merged by log-sum-exp) =
+    the reference, for full and partial query blocks, windows past T, window 2 and GQA."""
+    from condfx.ops.sink_window import sink_window_attention_banded
+
+    gen = torch.Generator().manual_seed(t)
+    b, h, hkv, d = 2, 6, 3, 8
+    q, k, v = (torch.randn(b, n, t, d, generator=gen) for n in (h, hkv, hkv))
+    inv_freq = 1.0 / (1e4 ** (torch.arange(0, d, 2).float() / d))
+    pos = torch.arange(t)
+    want = sink_window_attention_reference(q.double(), k.double(), v.double(), pos, inv_freq, 0.3, sink, window)
+    got = sink_window_attention_banded(q, k, v, pos, inv_freq, 0.3, sink, window)
+    assert (got.double() - want).abs().max().item() < 1e-5
+    blocked = sink_window_attention_blocked(q, k, v, pos, inv_freq, 0.3, sink, window)
+    assert (got - blocked).abs().max().item() < 1e-5
+
+
+def test_numerics_long_prefill_takes_the_banded_path(monkeypatch):
+    """From ``_BANDED_MIN`` tokens on, the op's CPU implementation is the banded one."""
+    import condfx.ops.sink_window as sw
+
+    monkeypatch.setattr(sw, "_BANDED_MIN", 16)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, n, 40, 8, generator=gen) for n in (4, 2, 2))
+    inv_freq = 1.0 / (1e4 ** (torch.arange(0, 8, 2).float() / 8))
+    pos = torch.arange(40)
+    op = torch.ops.condfx.sink_window_attention(q, k, v, pos, inv_freq, 0.3, 4, 8)
+    assert torch.equal(op, sw.sink_window_attention_banded(q, k, v, pos, inv_freq, 0.3, 4, 8))
+    assert not torch.equal(op, sink_window_attention_blocked(q, k, v, pos, inv_freq, 0.3, 4, 8))

@@ -152,3 +152,30 @@ def test_numerics_kivi_attend_on_codes_matches_dequantized_attention(bits, group
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.2, enable_gqa=True)
     torch.testing.assert_close(cache.attend(q, 0.2), expected, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(cache.attend(q, 0.2), expected, atol=2e-5, rtol=1e-5)  # buffers reused
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_numerics_code_table_unpacks_every_byte(bits):
+    """One table gather gives each byte's codes in channel order, as ``unpack_codes`` does."""
+    from condfx.ops.kv_quant import unpack_codes
+    from condfx.runtime.quant_caches import unpack_lookup
+
+    packed = torch.arange(256, dtype=torch.uint8).reshape(16, 16)
+    assert torch.equal(unpack_lookup(packed, bits, "test"), unpack_codes(packed, bits, 16 * 8 // bits).float())
+
+
+@pytest.mark.parametrize(("bits", "group", "length"), [(2, 16, 300), (4, 32, 333)])
+def test_numerics_kivi_attend_in_chunks_matches_dequantized_attention(monkeypatch, bits, group, length):
+    """Several unpacked chunks per K/V head (a chunk cut to a few groups): the same result as
+    dequantize-then-attend, to 1e-5 relative."""
+    import condfx.ops.kivi_cache as kc
+
+    monkeypatch.setattr(kc, "_CHUNK_BYTES", 4 * group * 32 * 2)  # 2 K groups / a few V tokens per chunk
+    torch.manual_seed(1)
+    cache = KIVICache(1, 3, 32, bits, group, residual=16)
+    cache.update(torch.randn(1, 3, length, 32), torch.randn(1, 3, length, 32))
+    q = torch.randn(1, 9, 1, 32)
+    k, v = cache.past()
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.125, enable_gqa=True)
+    got = cache.attend(q, 0.125)
+    assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-5
