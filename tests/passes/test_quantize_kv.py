@@ -271,7 +271,8 @@ def test_numerics_session_decoding_equals_teacher_forced_stories260k():
     assert session.position == 40
 
 
-@pytest.mark.parametrize("latent", ["x", "svd", "cl", "svd,rotate=true,k_bits=4"])
+# CI keeps latent=x (20-60 s each on stories260K); the others run under -m slow
+@pytest.mark.parametrize("latent", ["x", *(pytest.param(v, marks=pytest.mark.slow) for v in ("svd", "cl", "svd,rotate=true,k_bits=4"))])
 def test_numerics_session_xquant_decoding_equals_teacher_forced_stories260k(latent):
     """XQuant in decode form: the graph packs X (the SVD latents; CL: the deltas) into its stream and
     re-runs the k/v path over every cached token; prefill + 1-token and 5-token steps equal one forward."""
@@ -291,7 +292,7 @@ def test_numerics_session_xquant_decoding_equals_teacher_forced_stories260k(late
     assert [t.shape[2] for t in past[::4]] == ([32, 35] if svd else [35])
 
 
-@pytest.mark.parametrize("latent", ["x", "svd"])
+@pytest.mark.parametrize("latent", ["x", pytest.param("svd", marks=pytest.mark.slow)])
 def test_numerics_session_xquant_16_bits_equals_teacher_forced_stories260k(latent):
     """XQuant with 16 bits decodes through a float16 stream (its quantized tokens stored as float16
     values): prefill + 1-token and 5-token steps equal one forward of the quantize-kv graph."""
@@ -307,7 +308,8 @@ def test_numerics_session_xquant_16_bits_equals_teacher_forced_stories260k(laten
     assert session.cache_bytes() == sum(layout.nbytes(40, batch=2) for layout in session.backend.layers)
 
 
-@pytest.mark.parametrize("opt", ["rotate=true", "k_bits=4", "k_bits=3,rotate=true", "k_bits=16"])
+# CI keeps the combined case (split bits and rotation); each alone runs under -m slow
+@pytest.mark.parametrize("opt", ["k_bits=3,rotate=true", *(pytest.param(v, marks=pytest.mark.slow) for v in ("rotate=true", "k_bits=4", "k_bits=16"))])
 def test_numerics_session_rotated_or_split_bits_kivi_equals_teacher_forced_stories260k(opt):
     """Rotated and split-bit KIVI decode through packed K and V streams (``quantized_stream``, the
     path from each fake-quantize node re-run over the cached tokens): prefill + 1-token and 5-token
@@ -342,7 +344,8 @@ def _klt_gm(flat: bool = False):
     return gm
 
 
-@pytest.mark.parametrize(("flat", "budgets"), [(False, "k_budget=14,v_budget=14"), (True, "k_budget=10.75,v_budget=16")])
+@pytest.mark.parametrize(("flat", "budgets"),
+                         [pytest.param(False, "k_budget=14,v_budget=14", marks=pytest.mark.slow), (True, "k_budget=10.75,v_budget=16")])
 def test_numerics_session_klt_decoding_equals_teacher_forced_stories260k(flat, budgets):
     """latent=klt in decode form (budgets that keep every coefficient): one packed stream per run of
     equal bits; prefill + 1-token and 5-token steps equal one forward."""

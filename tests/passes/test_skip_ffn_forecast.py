@@ -159,6 +159,7 @@ def test_rejects_graph_without_forecast_policy():
         forecast.ForecastTraining(gm)
 
 
+@pytest.mark.slow  # 60-190 s (a stories260K export); CI exports the policy on llama-tiny (test_masked_ffn_onnx)
 def test_numerics_onnx_session_matches_torch_graph(tmp_path):
     from condfx.runtime import Session
 

@@ -61,3 +61,21 @@ def test_export_skip_ffn_llama_tiny(tmp_path):
     result = condfx.export_onnx(rewritten, (ids,), tmp_path / "skip.onnx")
     assert result.custom_ops.get("condfx::MaskedFFN") == 1
     assert result.max_abs_diff <= 1e-4
+
+
+def test_export_forecast_policy_llama_tiny(tmp_path):
+    """The forecast policy (routers + low-rank forecasters) exports with rows really routed out; the
+    stories260K Session round trip of a trained state runs under -m slow (test_skip_ffn_forecast)."""
+    from condfx import forecast
+    from condfx.models_zoo import build_zoo
+    from condfx.passes.skip_ffn import measure_skip_fraction
+
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    gm = condfx.capture(build_zoo("llama-tiny"), (ids,))
+    spec = "fuse-attention, skip-ffn{policy=forecast,cold_start=0,cold_end=1,rank=4,router_hidden=8,warmup=2}"
+    rewritten = condfx.apply(gm, spec).graph_module
+    forecast.fit_forecasters(rewritten, ids)
+    forecast.set_skip_fraction(rewritten, ids, 0.4)
+    assert measure_skip_fraction(rewritten, ids)["skipped_rows"] > 0
+    result = condfx.export_onnx(rewritten, (ids,), tmp_path / "forecast.onnx")
+    assert result.max_abs_diff <= 1e-4
