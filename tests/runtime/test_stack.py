@@ -138,7 +138,7 @@ def test_generate_cli_with_routed_attention_and_kivi_caches(capsys):
 
 def test_numerics_select_form_global_cache_quantized_and_decoded():
     """route-attention{form=select} (window + 4 sinks) then KIVI: the global branch's full-length cache
-    is quantized, the sink-window ring stays float, and the torch Session decodes like the forward."""
+    is quantized, the sink-window ring is kept as float16, and the torch Session decodes like the forward."""
     gm, _ = captured("stories260K")
     sel = condfx.apply(gm, f"route-attention{{form=select,window={WINDOW}}}").graph_module
     g = torch.Generator().manual_seed(2)
@@ -152,9 +152,16 @@ def test_numerics_select_form_global_cache_quantized_and_decoded():
     decode = condfx.apply(result.graph_module, "add-kv-cache").graph_module
     kinds = [type(x).__name__ for x in decode.meta["condfx_kv"]]
     assert kinds.count("StreamsLayout") == 5 and kinds.count("SinkWindowKVLayout") == 5
+    assert {x.ring_dtype for x in decode.meta["condfx_kv"] if type(x).__name__ == "SinkWindowKVLayout"} == {"float16"}
     x = torch.randint(3, 500, (1, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = result.graph_module(x)
         session = Session(TorchBackend(decode))
         logits = [session.prefill(x[:, :30])[:, -1]] + [session.step(x[:, i : i + 1])[:, -1] for i in range(30, 39)]
-    torch.testing.assert_close(torch.stack(logits, 1), full[:, 29:39], atol=1e-4, rtol=1e-4)
+    # the prefill and first step agree to float rounding; later steps to 2e-2: with the ring's k/v rounded
+    # through float16, a float rounding difference between the decode op and the forward's simulation
+    # can put a 2-bit KIVI code of a later layer on the other side of a boundary (measured 9.2e-3 at
+    # step 8; at 16 bits the float16 ring decodes like the forward to 1e-4: test_sink_window_cache.py)
+    got = torch.stack(logits, 1)
+    torch.testing.assert_close(got[:, :2], full[:, 29:31], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got, full[:, 29:39], atol=2e-2, rtol=0)
