@@ -57,8 +57,9 @@ __all__ = [
 ONE_PER_LAYER = frozenset({"quantize-kv", "skip-ffn"})
 _MAX_DETAILS = 6  # per skip reason in a "rewrote nothing" message
 # Skip reasons saying a region is already in the pass's output form: a pass that skipped every region
-# for this reason leaves the graph as asked (fuse-attention run twice), so rewriting nothing is fine.
-ALREADY_DONE = MappingProxyType({"fuse-attention": "already fused"})
+# for this reason leaves the graph as asked (fuse-attention run twice; prune-global{share} whose share
+# rounds to no layer), so rewriting nothing is fine.
+ALREADY_DONE = MappingProxyType({"fuse-attention": "already fused", "prune-global": "outside the pruned share"})
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,13 @@
 """Remove the global branch of L2A layers whose router rarely fires: they become window-only.
 
-Rewrites (per L2A layer of ``route-attention`` whose recorded routed fraction < ``max_fraction``):
+Which layers: those whose recorded routed fraction < ``max_fraction`` (threshold mode, the default
+  0.05), or with ``share`` the floor(share x n + 0.5) of the n selected L2A layers that route the smallest
+  fraction (ties: the lower layer index first), whatever their fractions: the recipe form, since a
+  calibrated select form routes about the same fraction everywhere unless its ``floor`` lets cheap
+  layers skip more. In share mode a layer left alone is skipped as "outside the pruned share", which
+  ``passes/pipeline.py`` accepts when it is every layer (a report line, not an error).
+
+Rewrites (per chosen L2A layer):
     h + gate * o'(condfx.routed_attention(q'(s), k'(s), v'(s), route, scale))    → h
     form=select: where(route, condfx.routed_attention(q, k, v, route, ...), window)  → window
   and drops the layer's ``l2a`` state (router, norm and q/k/v/o copies, buffers), so the layer
@@ -19,6 +26,7 @@ Does not handle: graphs in decode form (run it before ``add-kv-cache``). Lossy (
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import ClassVar
@@ -33,7 +41,9 @@ from condfx.passes.report import estimate_cost
 from condfx.patterns import find_regions
 from condfx.patterns.routed import TAG, RoutedLayer, find_routed_layers
 
-_BOUNDS = MappingProxyType({"max_fraction": Float(0.0, 1.0)})
+_BOUNDS = MappingProxyType({"max_fraction": Float(0.0, 1.0), "share": Float(0.0, 1.0)})  # each may be None
+DEFAULT_MAX_FRACTION = 0.05
+OUTSIDE_SHARE = "outside the pruned share"  # the skip reason of share mode (pipeline.QUIET_SKIPS)
 
 
 @dataclass(frozen=True)
@@ -41,15 +51,25 @@ class PruneGlobalConfig:
     """Options of ``prune-global``.
 
     Attributes:
-        max_fraction: layers routing a smaller fraction of queries than this lose their global branch.
+        max_fraction: layers routing a smaller fraction of queries than this lose their global branch
+            (None: 0.05 unless ``share`` is given).
+        share: instead, the fraction of the selected L2A layers to prune, those routing least first
+            (floor(share x n + 0.5) layers; 0 prunes none).
         layers: layer indices that may be pruned; None considers every L2A layer.
     """
 
-    max_fraction: float = 0.05
+    max_fraction: float | None = None
+    share: float | None = None
     layers: tuple[int, ...] | None = None
 
     def __post_init__(self):
-        check_options(self, _BOUNDS)
+        check_options(self, {k: b for k, b in _BOUNDS.items() if getattr(self, k) is not None})
+        if self.max_fraction is not None and self.share is not None:
+            msg = (f"PruneGlobalConfig takes max_fraction (a routed-fraction threshold) or share (a fraction "
+                   f"of the layers), not both; got max_fraction={self.max_fraction}, share={self.share}.")
+            raise ValueError(msg)
+        if self.max_fraction is None and self.share is None:
+            object.__setattr__(self, "max_fraction", DEFAULT_MAX_FRACTION)
         object.__setattr__(self, "layers", layer_indices(self.layers, "PruneGlobalConfig.layers"))
 
 
@@ -68,6 +88,26 @@ def _selected(gm: fx.GraphModule, cfg: PruneGlobalConfig) -> list[RoutedLayer]:
         )
         raise ValueError(msg)
     return chosen
+
+
+def _to_prune(chosen: list[RoutedLayer], cfg: PruneGlobalConfig):
+    """The layers to prune and a ``(reason, detail)`` per layer kept."""
+    if cfg.share is None:
+        prune = [r for r in chosen if r.routed_fraction < cfg.max_fraction]
+        skipped = tuple(
+            ("routes too often", f"layer {r.layer}: {r.routed_fraction:.3f} >= {cfg.max_fraction}")
+            for r in chosen if r not in prune
+        )
+        return prune, skipped
+    count = math.floor(cfg.share * len(chosen) + 0.5)  # halves round up
+    ranked = sorted(chosen, key=lambda r: (r.routed_fraction, r.layer))
+    prune, kept = ranked[:count], ranked[count:]
+    cut = f"the {count} of {len(chosen)} routing least (share {cfg.share})"
+    skipped = tuple(
+        (OUTSIDE_SHARE, f"layer {r.layer}: routes {r.routed_fraction:.3f}, not among {cut}")
+        for r in sorted(kept, key=lambda r: r.layer)
+    )
+    return sorted(prune, key=lambda r: r.layer), skipped
 
 
 def prune_global_replacement(gm: fx.GraphModule, layer: RoutedLayer) -> None:
@@ -114,11 +154,7 @@ class PruneGlobal(Pass):
         chosen = _selected(gm, cfg)
         everyone = find_routed_layers(gm)
         regions = find_regions(gm)
-        prune = [r for r in chosen if r.routed_fraction < cfg.max_fraction]
-        skipped = tuple(
-            ("routes too often", f"layer {r.layer}: {r.routed_fraction:.3f} >= {cfg.max_fraction}")
-            for r in chosen if r not in prune
-        )
+        prune, skipped = _to_prune(chosen, cfg)
         for layer in prune:
             prune_global_replacement(gm, layer)
         if prune:

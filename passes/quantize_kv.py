@@ -47,7 +47,10 @@ Stacked on route-attention (``passes/decode_rules.ORDER_RULES`` states the order
   global branch does not read: they refuse a routed graph in one sentence naming both passes.
   route-attention{form=select}: the global branch is quantized the same way; a window branch with
   sink tokens (``condfx.sink_window_attention``, a bounded cache of sink + window - 1 tokens) is not
-  an attention region and keeps its float cache; with sink=0 the window op is a region like above.
+  an attention region and keeps its float cache; with ``ring_float16=true`` its k and v are rounded
+  through float16 (every float32 sink-window op's, when anything was quantized), so add-kv-cache keeps
+  that ring as float16 and the decode form still equals the rewritten model; with sink=0 the window op
+  is a region like above.
   The report's bytes per token come from the cache layouts ``add-kv-cache`` will build (every
   cached-attention op of the graph, window rings and unquantized branches included) at ``context``
   tokens, against a float16 cache of every attention layer of the original model.
@@ -87,12 +90,13 @@ from condfx.passes.kv_quant.config import (
 )
 from condfx.passes.kv_quant.plan import PLAN_KEY, make_plan
 from condfx.passes.kv_quant.strategies import STRATEGIES, Variant, unsupported, variant_of
-from condfx.passes.op_args import op_arg
+from condfx.passes.op_args import op_arg, set_op_args
 from condfx.patterns import find_regions
 from condfx.patterns.regions import AttentionRegion
 from condfx.patterns.routed import TAG, RoutedLayer, find_routed_layers
 
 ROUTED = torch.ops.condfx.routed_attention.default
+SINK_WINDOW = torch.ops.condfx.sink_window_attention.default
 aten = torch.ops.aten
 
 __all__ = [
@@ -240,6 +244,20 @@ def layout_bytes_per_token(gm: fx.GraphModule, context: int) -> float:
     return total / context
 
 
+def _float16_rings(gm: fx.GraphModule) -> None:
+    """Rounds the k and v of every float32 sink-window op through float16, so ``add-kv-cache`` stores
+    its bounded ring as float16 (``passes/decode/sink_window.py``); an op already rounded is left."""
+    from condfx.passes.decode.sink_window import ring_dtype, round_through_float16
+
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not SINK_WINDOW or ring_dtype(node):
+            continue
+        k, v = op_arg(node, "k"), op_arg(node, "v")
+        if k.meta["val"].dtype != torch.float32 or v.meta["val"].dtype != torch.float32:
+            continue
+        set_op_args(node, k=round_through_float16(gm.graph, k), v=round_through_float16(gm.graph, v))
+
+
 class QuantizeKV(Pass):
     """``quantize-kv``: attention reads a quantized cache (XQuant, XQuant-CL or KIVI)."""
 
@@ -288,6 +306,8 @@ class QuantizeKV(Pass):
             if bits.k == bits.v == 32:
                 continue  # quantization off: the global branch keeps its exact cache
             summaries.append(_quantize_global(gm, r, cfg, bits))
+        if summaries and cfg.ring_float16:
+            _float16_rings(gm)
         remove_dead_calls(gm.graph)
         gm.graph.lint()
         gm.recompile()

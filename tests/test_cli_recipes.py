@@ -27,7 +27,7 @@ def test_shipped_recipes_parse_into_registered_passes():
         assert recipe.description
         assert all(p.name in PASSES for p in parse_spec(recipe.spec))
     assert [p.name for p in parse_spec(recipes.spec_text("stack"))] == [
-        "route-attention", "quantize-kv", "skip-ffn"]
+        "route-attention", "prune-global", "quantize-kv", "skip-ffn"]
 
 
 def test_optimize_with_recipe_runs_its_passes(capsys, tmp_path):

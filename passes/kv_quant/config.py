@@ -32,7 +32,7 @@ class LatentKind(Enum):
 _BOUNDS = MappingProxyType({
     "method": OneOf(KVQuantMethod), "latent": OneOf(LatentKind), "rotate": Bool(),
     "group": Int(1, BIG_INT), "residual": Int(0, BIG_INT), "first_layers": Int(0, BIG_INT),
-    "context": Int(1, BIG_INT), "sink": Int(0, BIG_INT),
+    "context": Int(1, BIG_INT), "sink": Int(0, BIG_INT), "ring_float16": Bool(),
 })
 """The plain bounds; bits, budgets and the combinations are checked in ``__post_init__``."""
 
@@ -65,6 +65,10 @@ class QuantizeKVConfig:
         k_budget: latent=klt: bits per K channel per token, codes plus scales and zero points
             (0: k_bits + 32 / group, the bytes of a plain stream at those bits).
         v_budget: likewise for V.
+        ring_float16: also keep the bounded sink + window rings of route-attention{form=select} in
+            float16 (their k/v are rounded through float16 in the graph, so decode reads what the forward
+            read); off by default: the rounding can flip a later layer's 2-bit code, which moves ONNX
+            Runtime's logits from PyTorch's by up to ~1e-2.
     """
 
     method: KVQuantMethod = KVQuantMethod.XQUANT
@@ -81,6 +85,7 @@ class QuantizeKVConfig:
     rotate: bool = False
     k_budget: float = 0.0
     v_budget: float = 0.0
+    ring_float16: bool = False
 
     def __post_init__(self):
         check_options(self, _BOUNDS)

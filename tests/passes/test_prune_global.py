@@ -76,3 +76,36 @@ def test_rejects_missing_layer_and_plain_models():
         apply(plain, "prune-global")
     with pytest.raises(ValueError, match=r"max_fraction must be a number in \[0, 1\]; got 2"):
         apply(gm, "prune-global{max_fraction=2}")
+
+
+def test_share_prunes_the_layers_routing_least():
+    gm, ids = _routed()  # layer 0 routes a fraction < 1, layer 1 every query
+    expected_gm, _ = _routed()
+    find_routed_layers(expected_gm)[0].state.global_wo_weight.data.zero_()
+    result = apply(gm, "prune-global{share=0.5}")  # 1 of the 2 layers: the one routing least
+    report = result.reports[0]
+    assert report.rewritten == 1 and [x.layer for x in find_routed_layers(result.graph_module)] == [1]
+    assert report.skipped == (("outside the pruned share",
+                               "layer 1: routes 1.000, not among the 1 of 2 routing least (share 0.5)"),)
+    torch.testing.assert_close(result.graph_module(ids), expected_gm(ids))
+    both = apply(gm, "prune-global{share=1.0}").graph_module
+    assert not find_routed_layers(both)
+
+
+def test_share_that_rounds_to_no_layer_is_a_report_line_not_an_error():
+    gm, ids = _routed()
+    result = apply(gm, "prune-global{share=0.2}")  # floor(0.2 x 2 + 0.5) = 0 layers
+    report = result.reports[0]
+    assert report.rewritten == 0 and report.skip_counts() == {"outside the pruned share": 2}
+    assert "outside the pruned share" in report.to_markdown()
+    assert [x.layer for x in find_routed_layers(result.graph_module)] == [0, 1]
+    torch.testing.assert_close(result.graph_module(ids), gm(ids))
+
+
+def test_bad_input_share_out_of_range_or_beside_max_fraction():
+    gm, _ = _routed()
+    with pytest.raises(ValueError, match=r"PruneGlobalConfig\.share must be a number in \[0, 1\]; got 2"):
+        apply(gm, "prune-global{share=2}")
+    with pytest.raises(ValueError, match=r"takes max_fraction .* or share .*, not both; got max_fraction=0\.5, "
+                                         r"share=0\.5\."):
+        apply(gm, "prune-global{share=0.5,max_fraction=0.5}")

@@ -152,6 +152,7 @@ def test_numerics_select_form_global_cache_quantized_and_decoded():
     decode = condfx.apply(result.graph_module, "add-kv-cache").graph_module
     kinds = [type(x).__name__ for x in decode.meta["condfx_kv"]]
     assert kinds.count("StreamsLayout") == 5 and kinds.count("SinkWindowKVLayout") == 5
+    assert {x.ring_dtype for x in decode.meta["condfx_kv"] if type(x).__name__ == "SinkWindowKVLayout"} == {""}  # model dtype
     x = torch.randint(3, 500, (1, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = result.graph_module(x)
