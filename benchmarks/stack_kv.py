@@ -17,6 +17,8 @@ their global branch, as calibration on a trained router would.
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 import condfx
@@ -74,4 +76,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

@@ -5,7 +5,7 @@ Usage::
     python -m tests._import_check [--path DIR]... [--jobs N] [--preload M,M] [--times] TARGET...
 
 A TARGET is a module name (``condfx.passes.skip_ffn``) or ``script:PATH``: a script run as
-``python PATH --help`` (its folder first on ``sys.path``, as when it is run), which must exit 0.
+``python PATH --help`` (its folder first on ``sys.path``, as when it is run), which must stop there with exit 0.
 Prints ``FAIL <target>: <error>`` for each failing target and exits 1 if any failed.
 
 How: this process imports the heavy third-party libraries named by ``--preload`` (torch, numpy,
@@ -55,6 +55,9 @@ def run_target(target: str) -> None:
     except SystemExit as exc:
         if exc.code not in (0, None):
             raise
+    else:  # --help must stop the script before it does any work
+        msg = "ran to the end instead of stopping at --help (no argument parser?)"
+        raise RuntimeError(msg)
 
 
 def _quiet() -> None:

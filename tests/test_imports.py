@@ -154,3 +154,12 @@ def test_checker_fails_on_a_script_that_cannot_start(tmp_path):
     failures = _failures(result)
     assert list(failures) == [f"script:{tmp_path / 'broken.py'}"], failures
     assert "ModuleNotFoundError" in failures[f"script:{tmp_path / 'broken.py'}"]
+
+
+def test_checker_fails_on_a_script_that_ignores_help(tmp_path):
+    """A README benchmark with no argument parser would run its whole workload under ``--help``."""
+    script = tmp_path / "no_parser.py"
+    script.write_text("print('working')\n")
+    result = run_checker([f"script:{script}"])
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "stopping at --help" in _failures(result)[f"script:{script}"]
