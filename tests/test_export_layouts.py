@@ -51,8 +51,10 @@ KINDS = {"fuse-attention": {"full"}, "interleave-heads": {"interleaved", "full"}
          "sink-window": {"full", "sink-window"}, "kivi-16": {"float16"}}
 
 
-# about 20-30 s each on 2 cores: CI exports one bundle per cache kind, -m slow the variants as well
-_SLOW_SPECS = {"kivi-rotated-split", "kivi-split-16", "xquant-16", "interleave-heads"}
+# about 20-30 s each on 2 cores: CI exports one bundle per cache kind not exported elsewhere in CI (the full
+# cache: test_cli_export and the runtime tests' stories bundle; the sink-window ring: test_sink_window_cache),
+# -m slow every spec
+_SLOW_SPECS = {"kivi-rotated-split", "kivi-split-16", "xquant-16", "interleave-heads", "fuse-attention", "sink-window"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_SPECS else n for n in SPECS])

@@ -74,7 +74,7 @@ def test_loud_keys_give_finite_logits(loud_keys, spec, one_thread):
 
 
 @pytest.mark.parametrize("spec", ["quantize-kv{method=kivi,bits=2,group=8,residual=8}",
-                                  "quantize-kv{method=kivi,bits=16}"])
+                                  pytest.param("quantize-kv{method=kivi,bits=16}", marks=pytest.mark.slow)])
 def test_loud_keys_decode_finite_in_session(loud_keys, spec, one_thread):
     """The torch Session's packed and float16 caches store the loud keys without overflowing."""
     ids = torch.randint(1, 500, (1, 40), generator=torch.Generator().manual_seed(0))
