@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import torch
 
-from condfx.ops.kivi_cache import kivi_attend, unpack_lookup  # noqa: F401  (re-exported: the KIVI read)
+from condfx.ops.kivi_cache import kivi_attend
 from condfx.ops.kv_quant import BITS, check_quant_args, to_float16
 from condfx.ops.quant_stream import empty_stream, stream_append, stream_read
 from condfx.runtime.caches import FullKVCache, LayerCache

@@ -113,7 +113,6 @@ def routed_rows(qb, kb, vb, pos: torch.Tensor, scale: float) -> torch.Tensor:
     return merge(parts)
 
 
-
 def _band_mask(c: int, dtype) -> torch.Tensor:
     """(c, 2c) additive mask of a window of c + 1 keys for a query block of c rows reading the
     block before it and its own: row r reads keys r .. r + c."""

@@ -24,6 +24,8 @@ read in full precision), and the stream a decode step returns is what the next s
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from condfx.ops.kv_quant import check_quant_args, quantized_cache_attention_sdpa
@@ -77,12 +79,10 @@ class Workspace:
         self.buffers: dict = {}
 
     def get(self, name: str, shape, dtype, device) -> torch.Tensor:
-        """A buffer of at least ``shape`` (grown along dim -3, the tokens), viewed to ``shape``."""
+        """A flat buffer of at least ``shape``'s elements (a quarter more when it grows), viewed to ``shape``."""
         shape = tuple(int(s) for s in shape)
         buf = self.buffers.get(name)
-        numel = 1
-        for s in shape:
-            numel *= s
+        numel = math.prod(shape)
         if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != torch.device(device):
             buf = torch.empty(max(numel, 1) * 5 // 4, dtype=dtype, device=device)  # room for growth
             self.buffers[name] = buf
@@ -109,21 +109,6 @@ def code_table(bits: int, device) -> torch.Tensor:
         values = ((byte >> shifts) & ((1 << bits) - 1)).float()  # (256, 8 / bits)
         _TABLES[key] = values.view(_TABLE_DTYPES[bits]).reshape(256).to(device)
     return _TABLES[key]
-
-
-def _lookup_index(codes: torch.Tensor, name: str, workspace: Workspace) -> torch.Tensor:
-    """The code bytes as the int32 rows (first dims flattened) that ``index_select`` takes."""
-    index = workspace.get(name + ".index", (codes.numel(),), torch.int32, codes.device)
-    return index.copy_(codes.reshape(-1))
-
-
-def unpack_lookup(codes: torch.Tensor, bits: int, name: str, workspace: Workspace = _WORKSPACE) -> torch.Tensor:
-    """(..., N, W) uint8 packed codes → (..., N, W * 8 / bits) float32 codes in channel order, in a
-    reused buffer: one gather from ``code_table`` (one table element per byte), no shifts or masks."""
-    table = code_table(bits, codes.device)
-    out = workspace.get(name + ".codes", (codes.numel(),), table.dtype, codes.device)
-    torch.index_select(table, 0, _lookup_index(codes, name, workspace), out=out)
-    return out.view(torch.float32).view(*codes.shape[:-1], int(codes.shape[-1]) * 8 // bits)
 
 
 def _unpacked_chunks(codes: torch.Tensor, bits: int, rows: int, name: str, workspace: Workspace):

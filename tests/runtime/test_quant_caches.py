@@ -156,12 +156,13 @@ def test_numerics_kivi_attend_on_codes_matches_dequantized_attention(bits, group
 
 @pytest.mark.parametrize("bits", [2, 4])
 def test_numerics_code_table_unpacks_every_byte(bits):
-    """One table gather gives each byte's codes in channel order, as ``unpack_codes`` does."""
+    """One table gather per chunk gives each byte's codes in channel order, as ``unpack_codes`` does."""
+    from condfx.ops.kivi_cache import Workspace, _unpacked_chunks
     from condfx.ops.kv_quant import unpack_codes
-    from condfx.runtime.quant_caches import unpack_lookup
 
     packed = torch.arange(256, dtype=torch.uint8).reshape(16, 16)
-    assert torch.equal(unpack_lookup(packed, bits, "test"), unpack_codes(packed, bits, 16 * 8 // bits).float())
+    chunks = [x.clone() for _, x in _unpacked_chunks(packed, bits, 5, "test", Workspace())]  # 5, 5, 5, 1 rows
+    assert torch.equal(torch.cat(chunks), unpack_codes(packed, bits, 16 * 8 // bits).float())
 
 
 @pytest.mark.parametrize(("bits", "group", "length"), [(2, 16, 300), (4, 32, 333)])
