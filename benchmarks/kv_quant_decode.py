@@ -176,7 +176,9 @@ def _time_kivi_streams(timer: _TimedGraph):
 
 
 def _split_ms(session: Session, ids: torch.Tensor, steps: int) -> dict[str, float]:
-    """ms per step by part, over ``steps`` real decode steps run node by node."""
+    """ms per step by part, over ``steps`` real decode steps run node by node (none when ``steps`` is 0)."""
+    if steps <= 0:
+        return {}
     timer = _TimedGraph(session.backend.runner)  # what the Session runs (K/V grown in place)
     io = 0.0
     with _time_kivi_streams(timer), torch.no_grad():
@@ -336,7 +338,7 @@ def _table(result: dict) -> str:
     ]
     for r in result["rows"]:
         peak = "-" if r["step_peak_bytes"] is None else f"{r['step_peak_bytes'] / 2**20:.1f}"
-        split = " | ".join(f"{r['split_ms'][p]:.1f}" for p in PARTS)
+        split = " | ".join(f"{r['split_ms'][p]:.1f}" if r["split_ms"] else "-" for p in PARTS)
         lines.append(
             f"| {r['context']} | {r['cache']} | {r['tok_s']:.2f} | {r['speed_vs_fp16']:.2f}x "
             f"| {r['cache_bytes'] / 2**20:.1f} | {r['memory_vs_fp16']:.2f}x smaller | {peak} | {split} |"
