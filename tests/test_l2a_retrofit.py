@@ -12,14 +12,16 @@ import pytest
 import torch
 
 import condfx
-from condfx.l2a import record_route_stats, route_fractions, window_only
+from condfx.l2a import l2a_view, record_route_stats, route_fractions, window_only
 from condfx.l2a_retrofit import (
     allocate,
     calibrate_select,
     forced_routes,
     oracle_labels,
     oracle_routes,
+    projection_chain,
     router_scores,
+    select_layers,
     set_forced_routes,
 )
 from condfx.lifecycle import load_state, save_state
@@ -120,6 +122,27 @@ def test_oracle_cost_is_zero_inside_the_window_and_labels_leave_thresholds():
     labels = oracle_labels(sel, [torch.tensor(ids[:64])[None]])
     assert all(float(c[:WINDOW].max()) < 1e-5 and float(c[WINDOW:].mean()) > 1e-2 for c in labels.costs)
     assert all(torch.isinf(r.state.threshold) for r in find_routed_layers(sel))
+
+
+def test_oracle_cost_is_the_change_of_what_the_layer_adds_to_the_stream():
+    """The cost is || (full - window) W_o^T || per token: the output projection is found in the graph
+    (the reshapes after the select, then the linear) and replayed on both branches."""
+    gm, ids = _stories()
+    sel = condfx.apply(gm, f"route-attention{{form=select,window={WINDOW}}}").graph_module
+    layers = select_layers(sel)
+    chains = [projection_chain(r.nodes["out"]) for r in layers]
+    assert all(c is not None and c[-1].target is torch.ops.aten.linear.default for c in chains)
+    x = torch.tensor(ids[:64])[None]
+    labels = oracle_labels(sel, [x])
+    with torch.no_grad():
+        out = l2a_view(sel, "routed", "window")(x)
+    n = len(layers)
+    for j, chain in enumerate(chains):
+        wo = sel.get_parameter(chain[-1].args[1].target)
+        full, win = out[1 + j], out[1 + n + j]
+        by_hand = ((full - win)[0].transpose(0, 1).reshape(64, -1) @ wo.T).norm(dim=-1)
+        torch.testing.assert_close(labels.costs[j], by_hand, atol=1e-6, rtol=1e-4)
+        assert float(by_hand[WINDOW:].min()) > 0.0
 
 
 def test_allocate_spends_extra_skips_where_cheap_above_the_floor():
