@@ -251,8 +251,9 @@ def _calib_start(value: str | None, calib: str | None) -> tuple[str, float] | No
 
 def _calib_ids(path: Path, tok, tokens: int, start: tuple[str, float] | None) -> tuple[list[int], int]:
     """(the calibration ids, the file's token index where they start). A token offset N reads the
-    file's tokens from index N (BOS is index 0) after a BOS; ``P%`` reads the text after the first blank
-    line (a document boundary) at or after P% of the file's characters, encoded with a BOS."""
+    file's tokens from index N on as they are (BOS is index 0; none is added: the stream continues);
+    ``P%`` reads the text after the first blank line (a document boundary) at or after P% of the file's
+    characters, encoded with a BOS (a document starts)."""
     if start is None:
         return _read_ids(path, tok, tokens), 0
     text = read_text(path)
@@ -273,7 +274,7 @@ def _calib_ids(path: Path, tok, tokens: int, start: tuple[str, float] | None) ->
         msg = (f"--calib-start {offset} is past the end of '{path}', which gives {len(ids)} tokens; "
                "give a smaller offset.")
         raise UserError(msg)
-    return tok.encode("", bos=True, eos=False) + ids[offset : offset + tokens - 1], offset
+    return ids[offset : offset + tokens], offset
 
 
 def _read_ids(path: Path, tok, tokens: int) -> list[int]:

@@ -120,7 +120,7 @@ def test_calib_start_reads_from_a_token_offset_or_a_document_boundary(tmp_path):
     _, tok = load(str(require_data("stories260K.bin")))
     whole = tok.encode(path.read_text(encoding="utf-8")[:200_000], bos=True, eos=False)
     ids, first = _calib_ids(path, tok, 64, _calib_start("2048", str(path)))
-    assert first == 2048 and ids == whole[:1] + whole[2048:2111]  # BOS, then the file's tokens from 2048
+    assert first == 2048 and ids == whole[2048:2112]  # the file's tokens from 2048, as they are
     ids, first = _calib_ids(path, tok, 64, _calib_start("50%", str(path)))
     text = path.read_text(encoding="utf-8")
     at = text.find("\n\n", len(text) // 2)
