@@ -116,6 +116,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--greedy-tokens", type=int, default=32, help="greedy tokens compared (default 32)")
     p.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens read (default 4096)")
     p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration batch (default 256)")
+    p.add_argument("--calib-start", default=None, metavar="N|P%",
+                   help="where calibration starts in --calib: a token offset N (BOS is token 0, no BOS added; e.g. "
+                        "the --eval-tokens of the same file) or P%% (after the first blank line at or after P%% "
+                        "of the file's characters, with a BOS); default its beginning")
     p.add_argument("--steps", type=int, default=100, help="training steps of passes that train (default 100)")
     p.add_argument("--train-seconds", type=float, default=None, help="time budget of each training stage")
     p.add_argument("--skip-target", type=float, default=0.2,

@@ -161,9 +161,9 @@ def optimize_cmd(args: argparse.Namespace) -> dict:
     _check_passes(args.passes)
     texts = _optimize_texts(args)
     model, tok = _load(args.model)
+    calib, notes = _calibration(args, texts, tok)  # a bad --calib-start is refused before the capture
     gm = _capture(model)
     limit = getattr(getattr(model, "info", None), "max_seq_len", None)
-    calib, notes = _calibration(args, texts, tok)
     plan = _measure_plan(args, texts, tok, limit, notes) if texts.get("eval") else None
     points = []
     err = Console(stderr=True)
@@ -225,18 +225,73 @@ def _optimize_texts(args: argparse.Namespace) -> dict[str, Path]:
         if value < least:
             msg = f"{flag} must be at least {least}; got {value}."
             raise UserError(msg)
+    args.calib_from = _calib_start(getattr(args, "calib_start", None), args.calib)
     return texts
+
+
+def _calib_start(value: str | None, calib: str | None) -> tuple[str, float] | None:
+    """``--calib-start``: None, ("token", N) for a token offset or ("percent", P) for ``P%``."""
+    if value is None:
+        return None
+    if calib is None:
+        msg = "--calib-start needs --calib: it says where in the calibration text calibration starts."
+        raise UserError(msg)
+    text = str(value).strip()
+    percent = text.endswith("%")
+    try:
+        number = float(text[:-1]) if percent else int(text)
+    except ValueError:
+        number = None
+    if number is None or not math.isfinite(number) or number < 0 or (percent and number >= 100):
+        msg = (f"--calib-start must be a token offset (an integer >= 0, e.g. 2048) or a percentage of the "
+               f"file below 100 (e.g. 50%); got {value!r}.")
+        raise UserError(msg)
+    return ("percent", number) if percent else ("token", number)
+
+
+def _calib_ids(path: Path, tok, tokens: int, start: tuple[str, float] | None) -> tuple[list[int], int]:
+    """(the calibration ids, the file's token index where they start). A token offset N reads the
+    file's tokens from index N on as they are (BOS is index 0; none is added: the stream continues);
+    ``P%`` reads the text after the first blank line (a document boundary) at or after P% of the file's
+    characters, encoded with a BOS (a document starts)."""
+    if start is None:
+        return _read_ids(path, tok, tokens), 0
+    text = read_text(path)
+    kind, value = start
+    if kind == "percent":
+        at = text.find("\n\n", int(len(text) * value / 100))
+        body = text[at:].lstrip() if at >= 0 else ""
+        if not body:
+            msg = (f"--calib-start {value:g}% finds no blank line (document boundary) with text after it past "
+                   f"{value:g}% of '{path}'; give a smaller percentage or a token offset.")
+            raise UserError(msg)
+        # the token index of the start (only the overlap note reads it): beyond 4M characters a lower bound
+        first = len(tok.encode(text[: min(at, 1 << 22)], bos=True, eos=False))
+        return tok.encode(body[: tokens * 24], bos=True, eos=False)[:tokens], first
+    offset = int(value)
+    ids = tok.encode(text[: (offset + tokens) * 24], bos=True, eos=False)
+    if len(ids) <= offset + 1:
+        msg = (f"--calib-start {offset} is past the end of '{path}', which gives {len(ids)} tokens; "
+               "give a smaller offset.")
+        raise UserError(msg)
+    return ids[offset : offset + tokens], offset
 
 
 def _read_ids(path: Path, tok, tokens: int) -> list[int]:
     return tok.encode(read_text(path)[: tokens * 24], bos=True, eos=False)[:tokens]
 
 
-def _overlap_note(texts: dict[str, Path], args: argparse.Namespace) -> str | None:
-    """One sentence when the evaluation text shares lines with the calibration text (or is it)."""
+def _overlap_note(texts: dict[str, Path], args: argparse.Namespace, first: int = 0) -> str | None:
+    """One sentence when the evaluation text shares lines with the calibration text (or is it);
+    ``first``: the calibration file's token index where calibration starts (``--calib-start``)."""
     if "calib" not in texts or "eval" not in texts:
         return None
     if texts["calib"].resolve() == texts["eval"].resolve():
+        if first >= args.eval_tokens:
+            return None  # --calib-start: calibration begins after the scored tokens
+        if first:
+            return (f"--calib-start puts calibration at token {first} of {texts['eval']}, inside the "
+                    f"{args.eval_tokens} tokens --eval scores, so the perplexity flatters the calibrated passes.")
         return (f"--eval and --calib are the same file ({texts['eval']}): the perplexity is measured on "
                 "the text the passes were calibrated on, so it flatters them.")
     calib_lines = {ln.strip() for ln in read_text(texts["calib"]).splitlines() if len(ln.strip()) >= 40}
@@ -253,14 +308,15 @@ def _calibration(args, texts: dict[str, Path], tok) -> tuple[list | None, list[s
     from condfx.passes.base import calibration_batches
 
     notes: list[str] = []
-    overlap = _overlap_note(texts, args)
+    budget = _budget(args) if "calib" in texts else None
+    ids, first = (_calib_ids(texts["calib"], tok, budget.tokens, getattr(args, "calib_from", None))
+                  if budget is not None else ([], 0))
+    overlap = _overlap_note(texts, args, first)
     if overlap is not None:
         notes.append(overlap)
         Console(stderr=True).print(f"warning: {overlap}", highlight=False, soft_wrap=True)
     if "calib" not in texts:
         return None, notes
-    budget = _budget(args)
-    ids = _read_ids(texts["calib"], tok, budget.tokens)
     batches = calibration_batches(ids, budget)
     if not batches:
         msg = (f"Calibration text '{args.calib}' gives {len(ids)} tokens; calibration reads batches of "

@@ -211,9 +211,10 @@ def _route_after(gm: fx.GraphModule, p: Pass, batches, budget: Budget, progress:
     return state, note
 
 
-_UNCALIBRATED_SKIP = ("skip-ffn ran with its default threshold 0.9 instead of one calibrated for this model "
-                      "(give --calib to pick it for a target skip): the skipped fraction and the "
-                      "quality cost are whatever that threshold gives.")
+_UNCALIBRATED_SKIP = ("skip-ffn ran without calibration text, so its threshold (the default threshold 0.9 unless "
+                      "the spec sets one; policy=forecast: untrained routers) was not chosen for this model "
+                      "(give --calib to pick it for a target skip): the skipped fraction and the quality cost "
+                      "are whatever it gives.")
 
 CALIBRATORS: Mapping[str, Calibrator] = MappingProxyType({
     "skip-ffn": Calibrator(

@@ -96,3 +96,44 @@ def test_optimize_export_onnx_writes_the_bundle_checked_against_pytorch(capsys, 
     summary = json.loads(out)
     assert summary["export"]["max_abs_diff"] < 1e-3
     assert {"prefill.onnx", "decode.onnx", "condfx_manifest.json"} <= {p.name for p in (tmp_path / "onnx").iterdir()}
+
+
+def test_calib_start_refuses_bad_values_in_one_sentence(capsys, tmp_path):
+    model = str(require_data("stories260K.bin"))
+    text = str(require_data("tinystories_valid_head.txt"))
+    for value, words in (("abc", "must be a token offset"), ("-1", "must be a token offset"),
+                         ("100%", "below 100"), ("99999999", "is past the end of")):
+        code, _, err = _run(capsys, "optimize", model, "--passes", "skip-ffn", "--calib", text,
+                            f"--calib-start={value}", "-o", str(tmp_path / "out"))
+        assert code == 2 and words in err, (value, err)
+        assert err.count("\n") == 1 and "Traceback" not in err
+    code, _, err = _run(capsys, "optimize", model, "--passes", "skip-ffn", "--calib-start", "5",
+                        "-o", str(tmp_path / "out"))
+    assert code == 2 and "--calib-start needs --calib" in err
+
+
+def test_calib_start_reads_from_a_token_offset_or_a_document_boundary(tmp_path):
+    from condfx.commands import UserError, _calib_ids, _calib_start, _overlap_note
+    from condfx.models_zoo import load
+
+    path = require_data("tinystories_valid_head.txt")
+    _, tok = load(str(require_data("stories260K.bin")))
+    whole = tok.encode(path.read_text(encoding="utf-8")[:200_000], bos=True, eos=False)
+    ids, first = _calib_ids(path, tok, 64, _calib_start("2048", str(path)))
+    assert first == 2048 and ids == whole[2048:2112]  # the file's tokens from 2048, as they are
+    ids, first = _calib_ids(path, tok, 64, _calib_start("50%", str(path)))
+    text = path.read_text(encoding="utf-8")
+    at = text.find("\n\n", len(text) // 2)
+    assert ids == tok.encode(text[at:].lstrip()[:2000], bos=True, eos=False)[:64]  # a document's start
+    assert tok.decode(ids[1:4]).strip() and first > 2048
+    assert _calib_ids(path, tok, 64, None) == (whole[:64], 0)
+    with pytest.raises(UserError, match="finds no blank line"):
+        _calib_ids(path, tok, 64, _calib_start("99.9999%", str(path)))
+
+    class Args:
+        eval_tokens = 2048
+
+    texts = {"calib": path, "eval": path}
+    assert _overlap_note(texts, Args(), 2048) is None  # calibration after the scored tokens
+    assert "inside the 2048 tokens --eval scores" in _overlap_note(texts, Args(), 1000)
+    assert "are the same file" in _overlap_note(texts, Args(), 0)
