@@ -243,7 +243,7 @@ def _prepare_one(engine: str, model, args) -> None:
     if out is None or out.exists():
         return
     if engine == "condfx-onnx":
-        condfx.export_model(model, out, passes="fuse-attention")
+        condfx.export_model(model, out, passes="fuse-attention", opset=args.opset)
     elif engine == "llama.cpp":
         f32_gguf(args.gguf, out)
     elif engine == "ort-genai":
@@ -251,7 +251,7 @@ def _prepare_one(engine: str, model, args) -> None:
 
 
 def _artifact_path(args, engine: str) -> Path | None:
-    names = {"condfx-onnx": "condfx-onnx", "llama.cpp": "smollm2-f32.gguf", "ort-genai": "ort-genai"}
+    names = {"condfx-onnx": f"condfx-onnx-opset{args.opset}", "llama.cpp": "smollm2-f32.gguf", "ort-genai": "ort-genai"}
     return args.work / names[engine] if engine in names else None
 
 
@@ -320,7 +320,7 @@ def _spawn(args, engine: str, threads: int) -> dict:
     argv = [sys.executable, __file__, "--child", engine, "--threads", str(threads), "--gguf", str(args.gguf),
             "--work", str(args.work), "--prompt", str(args.prompt), "--new", str(args.new),
             "--batches", ",".join(map(str, args.batches)), "--contexts", ",".join(map(str, args.contexts)),
-            "--context-new", str(args.context_new), "--repeats", str(args.repeats)]
+            "--context-new", str(args.context_new), "--repeats", str(args.repeats), "--opset", str(args.opset)]
     done = subprocess.run(argv, stdout=subprocess.PIPE, text=True, check=False)
     if done.returncode:
         return {"cells": {w[0]: f"the engine's process failed (exit {done.returncode})" for w in _workloads(args)},
@@ -406,6 +406,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--contexts", type=_ints, default=[4096, 8192])
     ap.add_argument("--context-new", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--opset", type=int, default=23,
+                    help="ONNX opset of the condfx export (23: attention and RMSNorm as single standard ops)")
     ap.add_argument("--engines", type=lambda s: s.split(","), default=list(ENGINES))
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "condfx" / "peers",
                     help="converted GGUF, ONNX bundles and the HF folder for ORT GenAI (reused)")

@@ -290,6 +290,7 @@ def export_onnx(
         ExportError: torch.onnx.export, the ONNX checker or ONNX Runtime failed.
     """
     from condfx.codegen.onnx import LOWERINGS, attach_functions, lower_custom_ops, used_custom_nodes
+    from condfx.codegen.onnx_peephole import simplify
 
     check_opset(opset)
     path = Path(path)
@@ -299,6 +300,7 @@ def export_onnx(
     lengths = cache_length_dims(gm)
     lowered, _ = lower_custom_ops(gm, LOWERINGS)
     model = _torch_export(lowered, inputs, opset, dynamic, (input_names, output_names), lengths)
+    simplify(model)  # before attaching: a condfx node the peephole replaced needs no function
     attach_functions(model, LOWERINGS.values())
     large = (
         _weight_bytes(model) > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
