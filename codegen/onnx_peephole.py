@@ -14,6 +14,12 @@ Rewrites:
         (opset >= 23, float32; the standard op appends the past itself and aligns the causal mask
         to the end of the keys when a past is given, as ``condfx::Attention`` does)
 
+    RotaryEmbedding(x (B, H, T, D), cos (1, T, R), sin (1, T, R))
+        ->  RotaryEmbedding(x, Expand(cos, [B, 1, 1]), Expand(sin, [B, 1, 1]))
+        (opset >= 23; torch.onnx.export fuses rotate-half RoPE into the standard op with the
+        model's batch-1 cos / sin tables, which ONNX Runtime refuses for batch > 1 because the op
+        does not broadcast them; one [B, 1, 1] per batch dim name, read from the first x)
+
 Requires: a model from ``torch.onnx.export`` with value_info (the element type of q is read from
 it); ``condfx::Attention`` nodes as ``condfx.codegen.onnx.attention`` emits them.
 
@@ -42,10 +48,12 @@ class PeepholeReport:
     Attributes:
         rsqrt_to_div: Reciprocal(Sqrt) products turned into a Div.
         attention: ``condfx::Attention`` nodes (with their two cache Concats) turned into ``Attention``.
+        rotary_batch: ``RotaryEmbedding`` nodes whose cos / sin tables now have x's batch.
     """
 
     rsqrt_to_div: int = 0
     attention: int = 0
+    rotary_batch: int = 0
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -141,6 +149,64 @@ def attention_with_past(model: onnx.ModelProto) -> int:
     return len(dropped) // 2
 
 
+_SAME_SHAPE = ("Cos", "Sin", "Cast", "Identity", "Neg")  # unary: output shape = input shape
+
+
+def _dims(infos: dict[str, onnx.ValueInfoProto], name: str,
+          producers: dict[str, onnx.NodeProto] | None = None) -> list[int | str | None] | None:
+    """The dims of ``name`` (ints, dim names or None) from value_info, or through unary producers."""
+    info = infos.get(name)
+    while (info is None or not info.type.tensor_type.HasField("shape")) and producers and name in producers:
+        node = producers[name]
+        if node.op_type not in _SAME_SHAPE or not node.input:
+            return None
+        name = node.input[0]
+        info = infos.get(name)
+    if info is None or not info.type.tensor_type.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in info.type.tensor_type.shape.dim]
+
+
+def _batch_one_table(node: onnx.NodeProto, infos: dict[str, onnx.ValueInfoProto],
+                     producers: dict[str, onnx.NodeProto]) -> bool:
+    """A RotaryEmbedding without position ids whose cos / sin tables have batch 1 and x another batch."""
+    if node.op_type != "RotaryEmbedding" or node.domain not in ("", "ai.onnx") or len(node.input) != 3:
+        return False
+    x, tables = _dims(infos, node.input[0], producers), [_dims(infos, n, producers) for n in node.input[1:]]
+    return bool(x) and x[0] != 1 and all(t and len(t) == 3 and t[0] == 1 for t in tables)
+
+
+def rotary_tables_to_batch(model: onnx.ModelProto) -> int:
+    """Expands the batch-1 cos / sin tables of ``RotaryEmbedding`` nodes to x's batch (opset >= 23)."""
+    if _opset(model) < ATTENTION_OPSET:
+        return 0
+    graph = model.graph
+    infos = {v.name: v for v in [*graph.value_info, *graph.input, *graph.output]}
+    producers = _producers(graph)
+    nodes: list[onnx.NodeProto] = []
+    shapes: dict[object, str] = {}  # x's batch dim name (or the node, when unnamed) -> the [B, 1, 1] tensor
+    count = 0
+    for node in graph.node:
+        if _batch_one_table(node, infos, producers):
+            key = _dims(infos, node.input[0], producers)[0] or id(node)
+            if key not in shapes:
+                base = f"{node.name or node.output[0]}_table"
+                nodes += [helper.make_node("Shape", [node.input[0]], [f"{base}_batch"], start=0, end=1),
+                          helper.make_node("Constant", [], [f"{base}_ones"], value_ints=[1, 1]),
+                          helper.make_node("Concat", [f"{base}_batch", f"{base}_ones"], [f"{base}_shape"], axis=0)]
+                shapes[key] = f"{base}_shape"
+            for i in (1, 2):
+                expanded = f"{node.input[i]}_to_batch_{count}"
+                nodes.append(helper.make_node("Expand", [node.input[i], shapes[key]], [expanded]))
+                node.input[i] = expanded
+            count += 1
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return count
+
+
 def simplify(model: onnx.ModelProto) -> PeepholeReport:
     """Applies every rewrite of the module docstring to ``model`` in place; returns the counts."""
-    return PeepholeReport(rsqrt_to_div=rsqrt_to_div(model.graph), attention=attention_with_past(model))
+    return PeepholeReport(rsqrt_to_div=rsqrt_to_div(model.graph), attention=attention_with_past(model),
+                          rotary_batch=rotary_tables_to_batch(model))

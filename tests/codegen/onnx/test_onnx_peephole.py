@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from condfx.codegen.onnx import DOMAIN, LOWERINGS, attach_functions
-from condfx.codegen.onnx_peephole import attention_with_past, rsqrt_to_div, simplify
+from condfx.codegen.onnx_peephole import attention_with_past, rotary_tables_to_batch, rsqrt_to_div, simplify
 
 _F32 = TensorProto.FLOAT
 
@@ -104,3 +104,39 @@ def test_rejects_attention_below_opset_23_or_with_window(opset, window):
     assert attention_with_past(model) == 0
     assert [n.op_type for n in model.graph.node] == ["Concat", "Concat", "Attention", "Identity"]
     assert model.graph.node[2].domain == DOMAIN
+
+
+def _rotary_model(table_batch: int | str = 1) -> onnx.ModelProto:
+    """RotaryEmbedding as torch.onnx.export writes it at opset 23: cos / sin from one (1, T, R) angle table."""
+    nodes = [helper.make_node("Cos", ["angles"], ["cos"]), helper.make_node("Sin", ["angles"], ["sin"]),
+             helper.make_node("RotaryEmbedding", ["x", "cos", "sin"], ["y"], interleaved=0, num_heads=2)]
+    ins = [helper.make_tensor_value_info("x", _F32, ["batch", 2, "T", 8]),
+           helper.make_tensor_value_info("angles", _F32, [table_batch, "T", 4])]
+    graph = helper.make_graph(nodes, "rope", ins, [helper.make_tensor_value_info("y", _F32, ["batch", 2, "T", 8])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+
+
+def _rotate_half_reference(x: np.ndarray, angles: np.ndarray) -> np.ndarray:
+    cos, sin = np.cos(angles)[:, None], np.sin(angles)[:, None]  # (1, 1, T, R)
+    x1, x2 = x[..., :4], x[..., 4:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def test_matches_batch_one_rotary_tables_and_keeps_numerics():
+    """ORT refuses batch-1 tables for a batch-2 x; expanded, the op gives rotate-half RoPE."""
+    rng = np.random.default_rng(2)
+    feeds = {"x": rng.standard_normal((2, 2, 5, 8)).astype(np.float32),
+             "angles": rng.standard_normal((1, 5, 4)).astype(np.float32)}
+    model = _rotary_model()
+    with pytest.raises(Exception, match="same shape"):
+        _run(model, feeds)
+    assert rotary_tables_to_batch(model) == 1
+    onnx.checker.check_model(model, full_check=True)
+    (got,) = _run(model, feeds)
+    np.testing.assert_allclose(got, _rotate_half_reference(feeds["x"], feeds["angles"]), rtol=1e-5, atol=1e-5)
+
+
+def test_rejects_rotary_tables_that_have_a_batch():
+    model = _rotary_model(table_batch="batch")
+    assert rotary_tables_to_batch(model) == 0
+    assert [n.op_type for n in model.graph.node] == ["Cos", "Sin", "RotaryEmbedding"]
