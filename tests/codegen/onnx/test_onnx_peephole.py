@@ -9,7 +9,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from condfx.codegen.onnx import DOMAIN, LOWERINGS, attach_functions
-from condfx.codegen.onnx_peephole import attention_with_past, rotary_tables_to_batch, rsqrt_to_div, simplify
+from condfx.codegen.onnx_peephole import (
+    attention_with_past,
+    rotary_tables_to_batch,
+    rsqrt_to_div,
+    simplify,
+)
 
 _F32 = TensorProto.FLOAT
 
