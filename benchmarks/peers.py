@@ -18,7 +18,7 @@ or cannot run a workload gets the reason in its cell instead of a figure; llama-
 high-level API decodes one sequence, so its batch-8 cells say so.
 
     python benchmarks/peers.py [--gguf PATH] [--threads 1,all] [--batches 1,8] [--prompt 512]
-        [--new 128] [--contexts 4096,8192] [--engines ...] [--work DIR] [--json] [--plot PNG]
+        [--new 128] [--contexts 4096,8192] [--engines ...] [--opset 23] [--work DIR] [--json] [--plot PNG]
 """
 
 from __future__ import annotations
