@@ -8,6 +8,9 @@ Workloads (greedy decoding, token ids from the Paul Graham essays):
   B·(N - 1) / (time(prompt + N tokens) - time(prompt + 1 token)), best of ``--repeats``;
 * ``context C``: one prompt of C tokens, then ``--context-new`` tokens (decode speed at a long cache).
 
+condfx's bundle is exported at ``--opset`` (default 23: RMSNorm, RoPE and attention with its cache as
+single standard nodes, ``condfx.codegen.onnx_peephole``; 18 is ``condfx export``'s default).
+
 Every engine runs in its own child process, one after another for each thread count, so its peak
 resident memory (VmHWM of the child: weights, caches and runtime, at the largest workload) is
 its own. CPU figures are ratios against Hugging Face ``generate`` measured in the same run; the
