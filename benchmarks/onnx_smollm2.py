@@ -13,7 +13,7 @@ essays):
   prompt, same number of tokens: decode time = time(generate N tokens) - time(generate 1 token),
   best of ``--repeats``, the loops taking turns. CPU figures are ratios (DESIGN.md); the machine may be shared.
 
-    nice python benchmarks/onnx_smollm2.py [--gguf PATH] [--out DIR [--reuse]] [--threads 2] [--json]
+    nice python benchmarks/onnx_smollm2.py [--gguf PATH] [--out DIR [--reuse]] [--threads 2] [--opset 18] [--json]
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def _measure(loops: dict, n: int, repeats: int) -> dict:
     return rows
 
 
-def _export(model, out: Path, reuse: bool, say) -> tuple:
+def _export(model, out: Path, reuse: bool, say, opset: int = 18) -> tuple:
     t0 = time.perf_counter()
     gm = condfx.capture(model, (torch.zeros(2, 8, dtype=torch.long),))
     decode = condfx.apply(condfx.apply(gm, "fuse-attention").graph_module, "add-kv-cache")
@@ -113,6 +113,7 @@ def _export(model, out: Path, reuse: bool, say) -> tuple:
         out,
         identity=model_identity(model, model.info.name),
         passes="fuse-attention",
+        opset=opset,
     )
     say(f"exported and verified in {time.perf_counter() - t1:.1f} s: {bundle.diffs}")
     return decode.graph_module, bundle.diffs, round(time.perf_counter() - t0, 1)
@@ -127,7 +128,7 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     model, tok = load(args.gguf)
     out = Path(args.out or tempfile.mkdtemp(prefix="condfx-smollm2-onnx-"))
-    gm, export_diffs, export_s = _export(model, out, args.reuse, say)
+    gm, export_diffs, export_s = _export(model, out, args.reuse, say, args.opset)
     ort_session = Session.from_onnx(out, model=model, threads=args.threads)
     torch_session = Session(TorchBackend(gm), max_seq_len=model.info.max_seq_len)
     prompt = _prompt(tok, args.prompt_tokens)
@@ -204,6 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--opset", type=int, default=18,
+                    help="ONNX opset of the export (23: attention with past and RMSNorm as single standard ops)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     args.gguf = args.gguf or data_file("SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -8,6 +8,9 @@ Workloads (greedy decoding, token ids from the Paul Graham essays):
   B·(N - 1) / (time(prompt + N tokens) - time(prompt + 1 token)), best of ``--repeats``;
 * ``context C``: one prompt of C tokens, then ``--context-new`` tokens (decode speed at a long cache).
 
+condfx's bundle is exported at ``--opset`` (default 23: RMSNorm, RoPE and attention with its cache as
+single standard nodes, ``condfx.codegen.onnx_peephole``; 18 is ``condfx export``'s default).
+
 Every engine runs in its own child process, one after another for each thread count, so its peak
 resident memory (VmHWM of the child: weights, caches and runtime, at the largest workload) is
 its own. CPU figures are ratios against Hugging Face ``generate`` measured in the same run; the
@@ -18,7 +21,7 @@ or cannot run a workload gets the reason in its cell instead of a figure; llama-
 high-level API decodes one sequence, so its batch-8 cells say so.
 
     python benchmarks/peers.py [--gguf PATH] [--threads 1,all] [--batches 1,8] [--prompt 512]
-        [--new 128] [--contexts 4096,8192] [--engines ...] [--work DIR] [--json] [--plot PNG]
+        [--new 128] [--contexts 4096,8192] [--engines ...] [--opset 23] [--work DIR] [--json] [--plot PNG]
 """
 
 from __future__ import annotations
@@ -243,7 +246,7 @@ def _prepare_one(engine: str, model, args) -> None:
     if out is None or out.exists():
         return
     if engine == "condfx-onnx":
-        condfx.export_model(model, out, passes="fuse-attention")
+        condfx.export_model(model, out, passes="fuse-attention", opset=args.opset)
     elif engine == "llama.cpp":
         f32_gguf(args.gguf, out)
     elif engine == "ort-genai":
@@ -251,7 +254,7 @@ def _prepare_one(engine: str, model, args) -> None:
 
 
 def _artifact_path(args, engine: str) -> Path | None:
-    names = {"condfx-onnx": "condfx-onnx", "llama.cpp": "smollm2-f32.gguf", "ort-genai": "ort-genai"}
+    names = {"condfx-onnx": f"condfx-onnx-opset{args.opset}", "llama.cpp": "smollm2-f32.gguf", "ort-genai": "ort-genai"}
     return args.work / names[engine] if engine in names else None
 
 
@@ -320,7 +323,7 @@ def _spawn(args, engine: str, threads: int) -> dict:
     argv = [sys.executable, __file__, "--child", engine, "--threads", str(threads), "--gguf", str(args.gguf),
             "--work", str(args.work), "--prompt", str(args.prompt), "--new", str(args.new),
             "--batches", ",".join(map(str, args.batches)), "--contexts", ",".join(map(str, args.contexts)),
-            "--context-new", str(args.context_new), "--repeats", str(args.repeats)]
+            "--context-new", str(args.context_new), "--repeats", str(args.repeats), "--opset", str(args.opset)]
     done = subprocess.run(argv, stdout=subprocess.PIPE, text=True, check=False)
     if done.returncode:
         return {"cells": {w[0]: f"the engine's process failed (exit {done.returncode})" for w in _workloads(args)},
@@ -406,6 +409,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--contexts", type=_ints, default=[4096, 8192])
     ap.add_argument("--context-new", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--opset", type=int, default=23,
+                    help="ONNX opset of the condfx export (23: attention and RMSNorm as single standard ops)")
     ap.add_argument("--engines", type=lambda s: s.split(","), default=list(ENGINES))
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "condfx" / "peers",
                     help="converted GGUF, ONNX bundles and the HF folder for ORT GenAI (reused)")

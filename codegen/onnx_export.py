@@ -3,7 +3,8 @@
 ``export_onnx`` takes a GraphModule from ``condfx.capture`` (after any passes) or any module, routes
 every ``torch.ops.condfx.*`` node to its lowering (``condfx.codegen.onnx.LOWERINGS``: one
 ``condfx::<Op>`` node plus an ONNX local function holding the decomposed reference), exports with
-``torch.onnx.export(dynamo=True)`` and dynamic batch / sequence, checks the model with the ONNX
+``torch.onnx.export(dynamo=True)`` and dynamic batch / sequence, simplifies it
+(``condfx.codegen.onnx_peephole``: fewer nodes per decode step on ONNX Runtime), checks the model with the ONNX
 checker (full check, shape inference), saves it (external data beyond 2 GB of weights) and, when
 asked, compares ONNX Runtime (CPU) with PyTorch on the example and on a second input of a
 different batch size and length.
@@ -277,7 +278,8 @@ def export_onnx(
         output_names: ONNX names of the outputs, in order.
         verify: run ONNX Runtime (CPU) on the example and, when ``dynamic``, on a second input with
             batch + 1 and length + 2, and report the max abs difference from PyTorch.
-        opset: the standard ONNX opset, 18 or later.
+        opset: the standard ONNX opset, 18 or later; from 23 a cache Concat pair and the
+            ``condfx::Attention`` after it become one standard ``Attention`` node (``onnx_peephole``).
         external_data: write weights to ``<path>.data``; None decides by size (beyond ~2 GB).
 
     Returns:
@@ -290,6 +292,7 @@ def export_onnx(
         ExportError: torch.onnx.export, the ONNX checker or ONNX Runtime failed.
     """
     from condfx.codegen.onnx import LOWERINGS, attach_functions, lower_custom_ops, used_custom_nodes
+    from condfx.codegen.onnx_peephole import simplify
 
     check_opset(opset)
     path = Path(path)
@@ -299,6 +302,7 @@ def export_onnx(
     lengths = cache_length_dims(gm)
     lowered, _ = lower_custom_ops(gm, LOWERINGS)
     model = _torch_export(lowered, inputs, opset, dynamic, (input_names, output_names), lengths)
+    simplify(model)  # before attaching: a condfx node the peephole replaced needs no function
     attach_functions(model, LOWERINGS.values())
     large = (
         _weight_bytes(model) > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data

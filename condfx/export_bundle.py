@@ -58,7 +58,8 @@ def export_model(
         out_dir: the folder for ``prefill.onnx``, ``decode.onnx`` and ``condfx_manifest.json``.
         passes: the pipeline run before ``add-kv-cache``; it must fuse attention.
         verify: compare ONNX Runtime with PyTorch (prefill, then a decode step) after writing.
-        opset: the standard ONNX opset, 18 or later.
+        opset: the standard ONNX opset, 18 or later (23: RMSNorm and attention with its cache as
+            single standard nodes, faster on ONNX Runtime 1.22+; ``condfx.codegen.onnx_peephole``).
         progress: called with a short message before each stage (e.g. ``print``), or None.
         kv_calibration: for ``quantize-kv{latent=klt}``'s statistics (``condfx.kv_calibrate.
             record_kv_stats`` on the captured graph): batches of input ids (B, T), or a text file

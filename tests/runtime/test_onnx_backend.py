@@ -132,3 +132,25 @@ def test_numerics_session_from_model_onnx_backend():
         expected = model(ids)  # (3, 6, V)
     steps = [session.prefill(ids[:, :4]), session.step(ids[:, 4:5]), session.step(ids[:, 5:])]
     torch.testing.assert_close(torch.cat(steps, 1), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_golden_stories_greedy_opset23_equals_torch(stories, tmp_path):
+    """At opset 23 the decode graph's attention is the standard op with past (``onnx_peephole``):
+    the same greedy tokens as PyTorch, and no condfx::Attention left in decode.onnx."""
+    import onnx
+
+    from condfx.export_bundle import export_decode_graph, model_identity
+
+    model, tok, gm, _ = stories
+    bundle = export_decode_graph(gm, tmp_path, identity=model_identity(model, STORIES), passes="fuse-attention",
+                                 opset=23)
+    assert bundle.max_abs_diff <= 1e-4
+    decode = onnx.load(str(tmp_path / "decode.onnx"), load_external_data=False)
+    ops = [(n.domain, n.op_type) for n in decode.graph.node]
+    assert ("", "Attention") in ops and ("condfx", "Attention") not in ops
+    prompt = tok.encode("Zoo", bos=True)
+    got = generate(Session.from_onnx(tmp_path, model=model), [prompt], max_new_tokens=24, greedy=True)[0]
+    want = generate(Session(TorchBackend(gm), max_seq_len=model.info.max_seq_len), [prompt], max_new_tokens=24,
+                    greedy=True)[0]
+    assert got == want
