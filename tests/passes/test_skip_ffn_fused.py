@@ -122,11 +122,16 @@ def test_token_by_token_same_decisions_and_logits(graphs, decode_graphs):
 
 
 def test_session_calls_the_op_body_without_dispatch(decode_graphs):
-    """The torch Session's runner calls ``countdown_masked_ffn_eager`` (no custom-op dispatch)."""
+    """The torch Session's runner calls ``countdown_masked_ffn_eager`` (no custom-op dispatch) and
+    drops run-time no-ops."""
     runner = Session.from_graph(decode_graphs[0]).backend.runner
     targets = [n.target for n in runner.graph.nodes]
     assert COUNTDOWN_FFN not in targets
     assert targets.count(countdown_masked_ffn_eager) == 3
+    casts = [n for n in runner.graph.nodes if n.target is aten.to.dtype]  # same-dtype casts dropped
+    assert all(n.args[0].meta["val"].dtype != n.args[1] for n in casts)
+    assert aten._assert_tensor_metadata.default not in targets
+    assert any(n.target is aten._assert_tensor_metadata.default for n in decode_graphs[0].graph.nodes)
 
 
 @pytest.mark.parametrize("fn", [torch.ops.condfx.countdown_masked_ffn, countdown_masked_ffn_eager],
