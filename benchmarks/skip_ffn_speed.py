@@ -15,7 +15,10 @@ Models: SmolLM2-135M (real weights, calibrated on WikiText-2 tokens 4096.. for `
 1B-class Llama config with random weights (calibrated on random tokens).
 
     nice python benchmarks/skip_ffn_speed.py [--models smollm2,llama-1b] [--batches 1,8]
-        [--backends torch,onnx] [--threads N] [--json]
+        [--backends torch,onnx] [--threads N] [--ppl-tokens 4096] [--json]
+
+``--ppl-tokens N`` adds SmolLM2's WikiText-2 perplexity, dense and under the calibrated spec, on the
+first N test tokens in windows of 2,048 (the quality at the skip whose speed is measured).
 """
 
 from __future__ import annotations
@@ -35,13 +38,19 @@ from condfx.runtime.session import TorchBackend
 _DATA_SMOL = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def _smollm2(cal_tokens: int, batch: int):
+@functools.cache
+def _smollm2_ids() -> tuple:
+    """SmolLM2 and the WikiText-2 test text's first tokens (bos first)."""
     from condfx.data import data_file
     from condfx.models_zoo import load
 
     model, tok = load(data_file(_DATA_SMOL))
     text = data_file("wikitext2_raw_test.txt").read_text(encoding="utf-8")[:80000]
-    ids = tok.encode(text, bos=True, eos=False)
+    return model, tok.encode(text, bos=True, eos=False)
+
+
+def _smollm2(cal_tokens: int, batch: int):
+    model, ids = _smollm2_ids()
     prompts = torch.tensor([ids[i * 32 : i * 32 + 32] for i in range(batch)])  # (batch, 32)
     return model, torch.tensor([ids[4096 : 4096 + cal_tokens]]), prompts
 
@@ -108,12 +117,25 @@ def _onnx_session(model, spec: str, threads: int) -> Session:
         return Session.from_onnx(tmp, threads=threads, check_hashes=False)
 
 
+def _perplexity(model, spec: str, tokens: int) -> float:
+    """WikiText-2 perplexity of the model under ``spec`` on its first ``tokens`` test tokens, in
+    windows of 2,048 (the skip-ffn quality table's protocol); SmolLM2 only."""
+    from condfx.eval.perplexity import perplexity
+
+    ids = _smollm2_ids()[1][:tokens]
+    with torch.no_grad():
+        gm = condfx.capture(model, (torch.tensor([ids[:16]]).expand(2, -1).contiguous(),))
+        if spec:
+            gm = condfx.apply(gm, spec).graph_module
+        return perplexity(gm, [ids], context=2048, stride=2048).ppl
+
+
 def _median(v: list[float]) -> float:
     return sorted(v)[len(v) // 2]
 
 
 def bench(name: str, target: float, steps: int, rounds: int, cal_tokens: int, batch: int,
-          backends: tuple[str, ...] = ("torch",), threads: int = 1) -> dict:
+          backends: tuple[str, ...] = ("torch",), threads: int = 1, ppl_tokens: int = 0) -> dict:
     model, cal_ids, prompt = (_smollm2 if name == "smollm2" else _llama_1b)(cal_tokens, batch)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -147,6 +169,9 @@ def bench(name: str, target: float, steps: int, rounds: int, cal_tokens: int, ba
             "dense_tok_s": batch * steps / min(times[d]), "skip_tok_s": batch * steps / min(times[k]),
             "speedup": min(times[d]) / min(times[k]), "median_speedup": _median(times[d]) / _median(times[k]),
             "greedy_agreement": sum(a == b for a, b in pairs) / len(pairs)}
+    if ppl_tokens and name == "smollm2":
+        row["ppl"] = {"tokens": ppl_tokens, "dense": _perplexity(model, "", ppl_tokens),
+                      "skip-ffn": _perplexity(model, cal.spec(), ppl_tokens)}
     return row
 
 
@@ -161,13 +186,16 @@ def main() -> None:
     parser.add_argument("--cal-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--backends", default="torch", help="torch, onnx or both (comma-separated)")
+    parser.add_argument("--ppl-tokens", type=int, default=0,
+                        help="also the WikiText-2 perplexity on this many test tokens (SmolLM2; 4096 = quality table)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     targets = {k: float(v) for k, v in (kv.split("=") for kv in args.targets.split(","))}
     backends = tuple(args.backends.split(","))
-    rows = [bench(m, targets.get(m, 0.3), args.steps, args.rounds, args.cal_tokens, int(b), backends, args.threads)
+    rows = [bench(m, targets.get(m, 0.3), args.steps, args.rounds, args.cal_tokens, int(b), backends, args.threads,
+                  args.ppl_tokens)
             for m in args.models.split(",") for b in args.batches.split(",")]
     if args.json:
         print(json.dumps({"threads": args.threads, "rows": rows}, indent=2))
@@ -181,6 +209,11 @@ def main() -> None:
             print(f"| {r['model']} | {backend} | {r['batch']} | {b['dense_tok_s']:.2f} | {b['skip_tok_s']:.2f} "
                   f"({r['decode_skip_fraction']:.3f}) | {b['speedup']:.3f}x / {b['median_speedup']:.3f}x "
                   f"| {b['greedy_agreement']:.2f} | {r['spec']} |")
+    for r in rows:
+        if "ppl" in r:
+            p = r["ppl"]
+            print(f"{r['model']} batch {r['batch']}: WikiText-2 ppl on {p['tokens']} tokens: dense {p['dense']:.3f}, "
+                  f"skip-ffn {p['skip-ffn']:.3f} ({p['skip-ffn'] / p['dense'] - 1:+.1%})")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ from torch import fx, nn
 import condfx.ops  # noqa: F401  (registers torch.ops.condfx.*)
 from condfx.codegen.bundle import graph_vocab_size
 from condfx.layouts import CacheLayout, decode_layouts, is_decode_form
+from condfx.ops.countdown_ffn import countdown_masked_ffn_eager
+from condfx.ops.masked_ffn import masked_ffn_eager
 from condfx.runtime.cache_table import make_cache
 from condfx.runtime.caches import CacheSet, FullKVCache, InterleavedKVCache, append_kv
 from condfx.runtime.sampling import check_token_ids
@@ -114,9 +116,30 @@ def decode_attention(q, k, v, scale, window=0, softcap=0.0, alibi_slopes=None, s
     return torch.ops.condfx.attention.default(q, k, v, scale, window, softcap, alibi_slopes, sinks)
 
 
+_DIRECT = {  # custom ops the torch runtime calls without their dispatch: op overload → plain function
+    torch.ops.condfx.attention.default: decode_attention,
+    torch.ops.condfx.countdown_masked_ffn.default: countdown_masked_ffn_eager,
+    torch.ops.condfx.masked_ffn.default: masked_ffn_eager,
+}
+
+
+def _no_op_input(node: fx.Node) -> fx.Node | None:
+    """The input a node passes through unchanged at run time (a same-dtype ``to`` without copy or
+    memory format), or None."""
+    if node.op != "call_function" or node.target is not torch.ops.aten.to.dtype or len(node.args) != 2:
+        return None
+    src, dtype = node.args
+    val = src.meta.get("val") if isinstance(src, fx.Node) else None
+    extra = {k: v for k, v in node.kwargs.items() if v not in (False, None)}
+    return src if isinstance(val, torch.Tensor) and val.dtype == dtype and not extra else None
+
+
 def grow_in_place(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
     """A copy of a decode-form graph whose past concatenations call ``append_kv`` and whose
-    ``condfx.attention`` calls ``decode_attention``.
+    ``condfx.attention``, ``condfx.countdown_masked_ffn`` and ``condfx.masked_ffn`` calls skip the
+    custom-op dispatch (``decode_attention`` and the ops' ``*_eager`` bodies: the same values, row
+    observers told). Run-time no-ops are dropped from the copy: ``_assert_tensor_metadata`` checks
+    (the graph's metadata was checked when the passes ran) and casts to the dtype a tensor already has.
 
     The copy shares the parameters (no weight is copied); ``gm`` is not changed.
 
@@ -125,12 +148,17 @@ def grow_in_place(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
     """
     graph = copy.deepcopy(gm.graph)
     count = 0
-    for node in graph.nodes:
+    for node in list(graph.nodes):
         if _is_past_cat(node):
             node.target, node.args, node.kwargs = append_kv, tuple(node.args[0]), {}
             count += 1
-        elif node.op == "call_function" and node.target is torch.ops.condfx.attention.default:
-            node.target = decode_attention
+        elif node.op == "call_function" and node.target in _DIRECT:
+            node.target = _DIRECT[node.target]
+        elif node.target is torch.ops.aten._assert_tensor_metadata.default and not node.users:
+            graph.erase_node(node)
+        elif (src := _no_op_input(node)) is not None:
+            node.replace_all_uses_with(src)
+            graph.erase_node(node)
     runner = fx.GraphModule(gm, graph)
     runner.meta.update(gm.meta)
     return runner, count

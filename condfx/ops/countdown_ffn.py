@@ -16,7 +16,10 @@ Semantics (exactly the unfused graph of ``passes/skip_ffn_similarity.py``):
 The eager implementation decides on the host when B·T = 1 (batch-1 decode: one ``item()`` instead
 of ten tensor ops; a skipped row runs nothing but the zero update); otherwise it runs the vectorised
 formula above through ``masked_ffn_reference``. Both paths give the same values (the same
-``dense_ffn`` and ``row_cosine`` on the same rows). The ONNX lowering
+``dense_ffn`` and ``row_cosine`` on the same rows). ``countdown_masked_ffn_eager`` is the op's body
+without the custom-op dispatch (a Python custom op pays its dispatcher, schema and autograd wrappers
+on every call, about as much as a skipped row costs): the torch runtime's decode graph calls it
+directly (``runtime/session.grow_in_place``). The ONNX lowering
 (``codegen/onnx/countdown_ffn.py``) emits the ``condfx::MaskedFFN`` node with the policy in
 standard ops. Not differentiable (inference only; the policy's decisions have no gradient).
 """
@@ -50,20 +53,23 @@ def check_countdown_args(x, countdown, warm, span: int) -> None:
 
 
 def _one_row(x, h_in, countdown, warm, weights, kind, act, layout, threshold, span):
-    """B·T = 1: the decision on the host, the FFN only when the row executes."""
-    left = int(countdown.reshape(()).item())
-    is_warm = warm is not None and bool(warm.reshape(()).item())
+    """B·T = 1: the decision on the host, the FFN only when the row executes; also returns whether
+    it ran (a Python bool, for the row observers)."""
+    left = int(countdown.item())
+    is_warm = warm is not None and bool(warm.item())
     execute = left == 0 or is_warm
+    nxt = max(left - 1, 0)
     if not execute:
         update = x.new_zeros(x.shape)
-        nxt = max(left - 1, 0)
     else:
-        update = dense_ffn(x, *weights, kind, act, layout).to(x.dtype)
-        close = bool(row_cosine(h_in, h_in + update).ge(threshold).reshape(()))  # float32 compare, as unfused
-        nxt = span if (close and not is_warm) else max(left - 1, 0)
+        update = dense_ffn(x, *weights, kind, act, layout)
+        if update.dtype != x.dtype:
+            update = update.to(x.dtype)
+        if not is_warm and bool(row_cosine(h_in, h_in + update).ge(threshold)):  # float32, as unfused
+            nxt = span
     shape = countdown.shape
     return (update, torch.full(shape, nxt, dtype=torch.int64, device=x.device),
-            torch.full(shape, execute, dtype=torch.bool, device=x.device))
+            torch.full(shape, execute, dtype=torch.bool, device=x.device), execute)
 
 
 def countdown_masked_ffn_reference(
@@ -88,7 +94,7 @@ def countdown_masked_ffn_reference(
     weights = (w_up, b_up, w_gate, b_gate, w_down, b_down)
     if countdown.numel() == 1 and not torch.is_grad_enabled():
         check_masked_ffn_args(x, h_in, countdown.eq(0), w_gate, kind, act, layout)
-        return _one_row(x, h_in, countdown, warm, weights, kind, act, layout, threshold, span)
+        return _one_row(x, h_in, countdown, warm, weights, kind, act, layout, threshold, span)[:3]
     execute = countdown.eq(0)
     if warm is not None:
         execute = execute | warm
@@ -98,6 +104,35 @@ def countdown_masked_ffn_reference(
         trigger = trigger & ~warm
     nxt = torch.where(trigger, span, (countdown - 1).clamp_min(0))
     return update, nxt, execute
+
+
+def countdown_masked_ffn_eager(
+    x, h_in, countdown, warm, w_up, b_up, w_gate, b_gate, w_down, b_down,
+    kind: str = "swiglu", act: str = "silu", layout: str = "out_in",
+    threshold: float = 0.9, span: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op's eager body (no grad, row observers told), callable without the custom-op dispatch.
+
+    At B·T = 1 it skips the argument checks: the graphs that call it were checked by the op's fake
+    implementation when the pass inserted it, and the shapes of a decode step do not change.
+    """
+    with torch.no_grad():
+        if countdown.numel() == 1:
+            weights = (w_up, b_up, w_gate, b_gate, w_down, b_down)
+            update, nxt, execute, ran = _one_row(x, h_in, countdown, warm, weights, kind, act, layout,
+                                                 threshold, span)
+            for fn in tuple(_OBSERVERS):
+                fn(int(ran), 1)
+            return update, nxt, execute
+        update, nxt, execute = countdown_masked_ffn_reference(
+            x, h_in, countdown, warm, w_up, b_up, w_gate, b_gate, w_down, b_down, kind, act, layout,
+            threshold, span,
+        )
+    if _OBSERVERS:
+        executed, rows = int(execute.sum()), execute.numel()
+        for fn in tuple(_OBSERVERS):
+            fn(executed, rows)
+    return update.contiguous(), nxt.contiguous(), execute.contiguous()
 
 
 @torch.library.custom_op("condfx::countdown_masked_ffn", mutates_args=())
@@ -119,16 +154,10 @@ def countdown_masked_ffn(
     span: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``torch.ops.condfx.countdown_masked_ffn``: see the module docstring."""
-    with torch.no_grad():
-        update, nxt, execute = countdown_masked_ffn_reference(
-            x, h_in, countdown, warm, w_up, b_up, w_gate, b_gate, w_down, b_down, kind, act, layout,
-            threshold, span,
-        )
-    if _OBSERVERS:
-        executed, rows = int(execute.sum()), execute.numel()
-        for fn in tuple(_OBSERVERS):
-            fn(executed, rows)
-    return update.contiguous(), nxt.contiguous(), execute.contiguous()
+    check_countdown_args(x, countdown, warm, span)
+    check_masked_ffn_args(x, h_in, countdown.new_empty(countdown.shape, dtype=torch.bool), w_gate, kind, act, layout)
+    return countdown_masked_ffn_eager(x, h_in, countdown, warm, w_up, b_up, w_gate, b_gate, w_down, b_down,
+                                      kind, act, layout, threshold, span)
 
 
 @countdown_masked_ffn.register_fake

@@ -83,7 +83,8 @@ def dense_ffn(x, w_up, b_up, w_gate, b_gate, w_down, b_down, kind: str, act: str
 
 def row_cosine(h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
     """cos(h_in, h_out) over the last dim in float32, norms clamped at 1e-12: (B, T)."""
-    a, b = h_in.float(), h_out.float()
+    a = h_in if h_in.dtype == torch.float32 else h_in.float()  # no cast to dispatch in float32 models
+    b = h_out if h_out.dtype == torch.float32 else h_out.float()
     dot = (a * b).sum(-1)
     norms = a.norm(dim=-1).clamp_min(_EPS) * b.norm(dim=-1).clamp_min(_EPS)
     return dot / norms
@@ -138,6 +139,23 @@ def remove_row_observer(fn) -> None:
     _OBSERVERS.remove(fn)
 
 
+def masked_ffn_eager(
+    x, h_in, execute, w_up, b_up, w_gate, b_gate, w_down, b_down,
+    kind: str = "swiglu", act: str = "silu", layout: str = "out_in",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op's eager body (no grad, row observers told), callable without the custom-op dispatch
+    (the torch runtime's decode graph calls it directly: ``runtime/session.grow_in_place``)."""
+    with torch.no_grad():
+        update, cos = masked_ffn_reference(
+            x, h_in, execute, w_up, b_up, w_gate, b_gate, w_down, b_down, kind, act, layout
+        )
+    if _OBSERVERS:
+        executed, rows = int(execute.sum()), execute.numel()
+        for fn in tuple(_OBSERVERS):
+            fn(executed, rows)
+    return update.contiguous(), cos.contiguous()
+
+
 @torch.library.custom_op("condfx::masked_ffn", mutates_args=())
 def masked_ffn(
     x: torch.Tensor,
@@ -154,15 +172,7 @@ def masked_ffn(
     layout: str = "out_in",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.ops.condfx.masked_ffn``: see the module docstring. Runs ``masked_ffn_reference``."""
-    with torch.no_grad():
-        update, cos = masked_ffn_reference(
-            x, h_in, execute, w_up, b_up, w_gate, b_gate, w_down, b_down, kind, act, layout
-        )
-    if _OBSERVERS:
-        executed, rows = int(execute.sum()), execute.numel()
-        for fn in tuple(_OBSERVERS):
-            fn(executed, rows)
-    return update.contiguous(), cos.contiguous()
+    return masked_ffn_eager(x, h_in, execute, w_up, b_up, w_gate, b_gate, w_down, b_down, kind, act, layout)
 
 
 @masked_ffn.register_fake

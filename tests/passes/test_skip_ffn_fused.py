@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import condfx
+from condfx.ops.countdown_ffn import countdown_masked_ffn_eager
 from condfx.ops.masked_ffn import add_row_observer, remove_row_observer
 from condfx.passes import apply
 from condfx.passes.graph_builder import GraphBuilder
@@ -86,15 +87,22 @@ def test_full_sequence_same_decisions_and_logits(graphs):
         assert torch.equal(fused(ids)[0], unfused(ids)[0])
 
 
+@pytest.fixture(scope="module")
+def decode_graphs(graphs):
+    """The decode forms (``add-kv-cache``) of the fused and the unfused graph."""
+    fused, unfused, _ = graphs
+    return apply(fused, "add-kv-cache").graph_module, apply(unfused, "add-kv-cache").graph_module
+
+
 def _decode(gm, ids: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """Logits of a prompt of 2 then one token at a time (batch 1: the host path), and the executed
-    row count of every masked FFN call in order."""
+    """Logits of decode-form ``gm`` for a prompt of 2 then one token at a time (batch 1: the host
+    path), and the executed row count of every masked FFN call in order."""
     calls: list[int] = []
 
     def seen(executed, rows):
         calls.append(executed)
 
-    session = Session.from_graph(apply(gm, "add-kv-cache").graph_module)
+    session = Session.from_graph(gm)
     add_row_observer(seen)
     try:
         with torch.no_grad():
@@ -105,31 +113,46 @@ def _decode(gm, ids: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     return torch.cat(out, 1), calls
 
 
-def test_token_by_token_same_decisions_and_logits(graphs):
-    fused, unfused, ids = graphs
-    got, got_calls = _decode(fused, ids[:1])
-    want, want_calls = _decode(unfused, ids[:1])
+def test_token_by_token_same_decisions_and_logits(graphs, decode_graphs):
+    ids = graphs[2]
+    got, got_calls = _decode(decode_graphs[0], ids[:1])
+    want, want_calls = _decode(decode_graphs[1], ids[:1])
     assert got_calls == want_calls and 0 < sum(got_calls) < len(got_calls) - 3  # some rows skipped
     assert torch.equal(got, want)
 
 
+def test_session_calls_the_op_body_without_dispatch(decode_graphs):
+    """The torch Session's runner calls ``countdown_masked_ffn_eager`` (no custom-op dispatch) and
+    drops run-time no-ops."""
+    runner = Session.from_graph(decode_graphs[0]).backend.runner
+    targets = [n.target for n in runner.graph.nodes]
+    assert COUNTDOWN_FFN not in targets
+    assert targets.count(countdown_masked_ffn_eager) == 3
+    casts = [n for n in runner.graph.nodes if n.target is aten.to.dtype]  # same-dtype casts dropped
+    assert all(n.args[0].meta["val"].dtype != n.args[1] for n in casts)
+    assert aten._assert_tensor_metadata.default not in targets
+    assert any(n.target is aten._assert_tensor_metadata.default for n in decode_graphs[0].graph.nodes)
+
+
+@pytest.mark.parametrize("fn", [torch.ops.condfx.countdown_masked_ffn, countdown_masked_ffn_eager],
+                         ids=["op", "eager"])
 @pytest.mark.parametrize("shape", [(1, 1), (2, 3)])
-def test_op_matches_the_formula(shape):
+def test_op_matches_the_formula(shape, fn):
     g = torch.Generator().manual_seed(1)
     d, f = 8, 16
     x, h = torch.randn(*shape, d, generator=g), torch.randn(*shape, d, generator=g)
     w = [torch.randn(f, d, generator=g), None, torch.randn(f, d, generator=g), None,
          torch.randn(d, f, generator=g), None]
-    for left in range(3):
-        for warm in (None, torch.ones(shape, dtype=torch.bool), torch.zeros(shape, dtype=torch.bool)):
-            countdown = torch.full(shape, left, dtype=torch.int64)
-            update, nxt, execute = torch.ops.condfx.countdown_masked_ffn(
-                x, h, countdown, warm, *w, "swiglu", "silu", "out_in", -1.0, 3)
-            want_exec = countdown.eq(0) | (warm if warm is not None else False)
-            want_update, cos = torch.ops.condfx.masked_ffn(x, h, want_exec, *w, "swiglu", "silu", "out_in")
-            trigger = want_exec & cos.ge(-1.0) & ~(warm if warm is not None else torch.zeros_like(want_exec))
-            assert torch.equal(execute, want_exec) and torch.equal(update, want_update)
-            assert torch.equal(nxt, torch.where(trigger, 3, (countdown - 1).clamp_min(0)))
+    cases = [(left, warm, threshold) for left in range(3) for threshold in (-1.0, 2.0)
+             for warm in (None, torch.ones(shape, dtype=torch.bool), torch.zeros(shape, dtype=torch.bool))]
+    for left, warm, threshold in cases:  # threshold -1: every executed row triggers; 2: none does
+        countdown = torch.full(shape, left, dtype=torch.int64)
+        update, nxt, execute = fn(x, h, countdown, warm, *w, "swiglu", "silu", "out_in", threshold, 3)
+        want_exec = countdown.eq(0) | (warm if warm is not None else False)
+        want_update, cos = torch.ops.condfx.masked_ffn(x, h, want_exec, *w, "swiglu", "silu", "out_in")
+        trigger = want_exec & cos.ge(threshold) & ~(warm if warm is not None else torch.zeros_like(want_exec))
+        assert torch.equal(execute, want_exec) and torch.equal(update, want_update)
+        assert torch.equal(nxt, torch.where(trigger, 3, (countdown - 1).clamp_min(0)))
 
 
 def test_op_rejects_bad_countdown():
