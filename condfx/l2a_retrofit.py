@@ -56,7 +56,7 @@ from condfx.passes._insert import output_view
 from condfx.patterns.routed import TAG, RoutedLayer, find_routed_layers
 
 __all__ = ["OracleLabels", "SelectCalibration", "allocate", "calibrate_select", "forced_routes",
-           "oracle_labels", "oracle_routes", "router_scores", "select_layers", "set_forced_routes"]
+           "oracle_labels", "oracle_routes", "projection_chain", "router_scores", "select_layers", "set_forced_routes"]
 
 _EPS = 1e-4  # floor of the cost inside the log: changes below it are all "free"
 # the output projection ending a select layer's chain of reshapes (captured graphs are ATen-level)
