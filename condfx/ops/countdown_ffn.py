@@ -29,11 +29,11 @@ from __future__ import annotations
 import torch
 
 from condfx.ops.masked_ffn import (
-    _OBSERVERS,
     check_masked_ffn_args,
     dense_ffn,
     masked_ffn_reference,
     row_cosine,
+    tell_row_observers,
 )
 
 
@@ -121,17 +121,13 @@ def countdown_masked_ffn_eager(
             weights = (w_up, b_up, w_gate, b_gate, w_down, b_down)
             update, nxt, execute, ran = _one_row(x, h_in, countdown, warm, weights, kind, act, layout,
                                                  threshold, span)
-            for fn in tuple(_OBSERVERS):
-                fn(int(ran), 1)
+            tell_row_observers(ran)
             return update, nxt, execute
         update, nxt, execute = countdown_masked_ffn_reference(
             x, h_in, countdown, warm, w_up, b_up, w_gate, b_gate, w_down, b_down, kind, act, layout,
             threshold, span,
         )
-    if _OBSERVERS:
-        executed, rows = int(execute.sum()), execute.numel()
-        for fn in tuple(_OBSERVERS):
-            fn(executed, rows)
+    tell_row_observers(execute)
     return update.contiguous(), nxt.contiguous(), execute.contiguous()
 
 

@@ -139,6 +139,19 @@ def remove_row_observer(fn) -> None:
     _OBSERVERS.remove(fn)
 
 
+def tell_row_observers(execute: torch.Tensor | bool) -> None:
+    """Calls every row observer with (executed rows, rows) of ``execute``: a bool tensor, or a
+    Python bool for one row; nothing to compute when no observer is registered."""
+    if not _OBSERVERS:
+        return
+    if isinstance(execute, bool):
+        executed, rows = int(execute), 1
+    else:
+        executed, rows = int(execute.sum()), execute.numel()
+    for fn in tuple(_OBSERVERS):
+        fn(executed, rows)
+
+
 def masked_ffn_eager(
     x, h_in, execute, w_up, b_up, w_gate, b_gate, w_down, b_down,
     kind: str = "swiglu", act: str = "silu", layout: str = "out_in",
@@ -149,10 +162,7 @@ def masked_ffn_eager(
         update, cos = masked_ffn_reference(
             x, h_in, execute, w_up, b_up, w_gate, b_gate, w_down, b_down, kind, act, layout
         )
-    if _OBSERVERS:
-        executed, rows = int(execute.sum()), execute.numel()
-        for fn in tuple(_OBSERVERS):
-            fn(executed, rows)
+    tell_row_observers(execute)
     return update.contiguous(), cos.contiguous()
 
 

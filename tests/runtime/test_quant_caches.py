@@ -140,16 +140,22 @@ def test_numerics_float16_cache_for_kivi_16_bits():
     assert 0 < (outs["half"] - outs["dense"]).abs().max().item() < 1e-2
 
 
+def _kivi_decode_case(seed, batch, kv_heads, q_heads, bits, group, residual, length, scale):
+    """(cache, q, expected): a KIVI cache of ``length`` random tokens (head dim 32), one query step
+    and SDPA (GQA) over the cache's dequantized K/V, the reference for ``cache.attend``."""
+    torch.manual_seed(seed)
+    cache = KIVICache(batch, kv_heads, 32, bits, group, residual=residual)
+    cache.update(torch.randn(batch, kv_heads, length, 32), torch.randn(batch, kv_heads, length, 32))
+    q = torch.randn(batch, q_heads, 1, 32)
+    k, v = cache.past()
+    return cache, q, torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+
+
 @pytest.mark.parametrize(("bits", "group", "length"), [(2, 16, 100), (4, 8, 37), (2, 32, 20)])
 def test_numerics_kivi_attend_on_codes_matches_dequantized_attention(bits, group, length):
     # batch 2, GQA 6 query heads over 2 KV heads, head dim 32; the K stream has whole groups
     # quantized plus a tail, the V stream per-token codes plus the residual window (20: no codes)
-    torch.manual_seed(0)
-    cache = KIVICache(2, 2, 32, bits, group, residual=8)
-    cache.update(torch.randn(2, 2, length, 32), torch.randn(2, 2, length, 32))
-    q = torch.randn(2, 6, 1, 32)
-    k, v = cache.past()
-    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.2, enable_gqa=True)
+    cache, q, expected = _kivi_decode_case(0, 2, 2, 6, bits, group, 8, length, 0.2)
     torch.testing.assert_close(cache.attend(q, 0.2), expected, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(cache.attend(q, 0.2), expected, atol=2e-5, rtol=1e-5)  # buffers reused
 
@@ -172,11 +178,6 @@ def test_numerics_kivi_attend_in_chunks_matches_dequantized_attention(monkeypatc
     import condfx.ops.kivi_cache as kc
 
     monkeypatch.setattr(kc, "_CHUNK_BYTES", 4 * group * 32 * 2)  # 2 K groups / a few V tokens per chunk
-    torch.manual_seed(1)
-    cache = KIVICache(1, 3, 32, bits, group, residual=16)
-    cache.update(torch.randn(1, 3, length, 32), torch.randn(1, 3, length, 32))
-    q = torch.randn(1, 9, 1, 32)
-    k, v = cache.past()
-    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.125, enable_gqa=True)
+    cache, q, expected = _kivi_decode_case(1, 1, 3, 9, bits, group, 16, length, 0.125)
     got = cache.attend(q, 0.125)
     assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-5
