@@ -2,7 +2,7 @@
 global attention, for the oracle-taught router and the oracle itself, with calibration time.
 
     python benchmarks/l2a_retrofit.py --model M --text T --calib C --window W --context N [--sink 4]
-        --targets 0.5,0.6,0.7,0.8 [--floor F] [--rounds 2] [--passkey 20 [--passkey-tokens 1024] [--passkey-chat]] [--json] [--out DIR]
+        --targets 0.5,0.6,0.7,0.8 [--floor F] [--rounds 2] [--refits 1] [--passkey 20 [--passkey-tokens 1024] [--passkey-chat]] [--json] [--out DIR]
 
 Per target skip fraction: perplexity of the original, the window-only model (no token routes: every
 token reads its window and the first ``--sink`` tokens), the learned router (``condfx.l2a_retrofit.calibrate_select``) and the oracle router (the
@@ -180,7 +180,8 @@ def run(args) -> dict:
     for target in args.targets:
         floor = min(target, args.floor) if args.floor else None
         c1, w1 = time.process_time(), time.perf_counter()
-        cal = calibrate_select(sel, calib, skip=target, floor=floor, labels=labels, rounds=args.rounds)
+        cal = calibrate_select(sel, calib, skip=target, floor=floor, labels=labels, rounds=args.rounds,
+                               refits=args.refits)
         fit_cpu, fit_wall = time.process_time() - c1, time.perf_counter() - w1
         learned, skip = _ppl_routed(sel, chunks)
         oracle, oskip = _ppl_oracle(forced, chunks, eval_costs, cal.oracle_thresholds)
@@ -201,7 +202,7 @@ def run(args) -> dict:
                        "original": _passkey(gm, tok, essays, args.passkey, args.passkey_tokens, chat=args.passkey_chat),
                        "learned": _passkey(sel, tok, essays, args.passkey, args.passkey_tokens, chat=args.passkey_chat)}
             print(json.dumps(passkey), flush=True)
-    return {"model": args.model, "text": args.text, "calib": args.calib, "window": args.window, "sink": args.sink,
+    return {"model": args.model, "text": args.text, "calib": args.calib, "window": args.window, "sink": args.sink, "rounds": args.rounds, "refits": args.refits,
             "context": args.context, "eval_tokens": sum(c.numel() for c in chunks),
             "calib_tokens": sum(c.numel() for c in calib), "layers": len(select_layers(sel)),
             **{f"{k}_ppl": v for k, v in base.items()}, "rows": rows, "passkey": passkey,
@@ -276,6 +277,7 @@ def main() -> None:
     parser.add_argument("--targets", default="0.5,0.6,0.7,0.8")
     parser.add_argument("--floor", type=float, default=None, help="per-layer least skip (default: the target)")
     parser.add_argument("--rounds", type=int, default=2, help="closed-loop threshold rounds (calibrate_select)")
+    parser.add_argument("--refits", type=int, default=1, help="closed-loop refits of the router heads (calibrate_select)")
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--calib-tokens", type=int, default=8192)
     parser.add_argument("--passkey", type=int, default=0, help="passkey prompts (0: none)")

@@ -16,10 +16,12 @@ from condfx.l2a import l2a_view, record_route_stats, route_fractions, window_onl
 from condfx.l2a_retrofit import (
     allocate,
     calibrate_select,
+    fit_head,
     forced_routes,
     oracle_labels,
     oracle_routes,
     projection_chain,
+    routed_features,
     router_scores,
     select_layers,
     set_forced_routes,
@@ -175,9 +177,9 @@ def test_closed_loop_rounds_allocate_on_the_scores_the_routers_see():
     sel = condfx.apply(gm, f"route-attention{{form=select,window={WINDOW}}}").graph_module
     rows = [torch.tensor(ids[i : i + 128])[None] for i in range(0, 512, 128)]
     labels = oracle_labels(sel, rows)
-    calibrate_select(sel, rows, skip=0.6, labels=labels, rounds=0)
+    calibrate_select(sel, rows, skip=0.6, labels=labels, rounds=0, refits=0)
     open_loop = router_scores(sel, rows)
-    calibrate_select(sel, rows, skip=0.6, labels=labels, rounds=1)
+    calibrate_select(sel, rows, skip=0.6, labels=labels, rounds=1, refits=0)
     scores = router_scores(sel, rows)
     assert any(not torch.equal(a, b) for a, b in zip(open_loop, scores, strict=True))  # the stream moved
     routed = route_fractions(sel, torch.cat(rows))
@@ -187,3 +189,25 @@ def test_closed_loop_rounds_allocate_on_the_scores_the_routers_see():
     first = find_routed_layers(sel)[0]
     assert float(first.state.threshold) == allocate(scores, 0.6, 0.6)[0]
     assert abs((1 - routed[0]) - 0.6) < 0.02  # ties (tokens of one id share a first-layer score) aside
+
+
+def test_refit_fits_the_heads_on_the_stream_the_calibrated_graph_reads():
+    """A refit pools the open-loop features with the calibrated graph's own (closed-loop) x_in and
+    fits every head again to the same oracle labels: the heads are the ridge fit on that pool."""
+    gm, ids = _stories()
+    sel = condfx.apply(gm, f"route-attention{{form=select,window={WINDOW}}}").graph_module
+    rows = [torch.tensor(ids[i : i + 128])[None] for i in range(0, 512, 128)]
+    labels = oracle_labels(sel, rows)
+    calibrate_select(sel, rows, skip=0.6, labels=labels, rounds=1, refits=0)
+    closed = routed_features(sel, rows)  # what the refit reads: the graph as the first fit routes it
+    assert any(not torch.equal(a, b) for a, b in zip(labels.features, closed, strict=True))
+    cal = calibrate_select(sel, rows, skip=0.6, labels=labels, rounds=1, refits=1)
+    past = labels.positions >= WINDOW
+    for layer, x_open, x_closed, cost in zip(select_layers(sel), labels.features, closed, labels.costs, strict=True):
+        y = torch.log(cost.double() + 1e-4)[past]
+        w, b = fit_head(torch.cat([x_open[past], x_closed[past]]), y.repeat(2))
+        torch.testing.assert_close(layer.state.router_weight[0].double(), w, rtol=1e-4, atol=1e-5)
+        assert abs(float(layer.state.router_bias) - b) < 1e-4
+    assert all(abs(s - 0.6) < 0.02 for s in cal.skip)  # the rounds after the refit hold the target
+    with pytest.raises(ValueError, match="rounds and refits must be >= 0"):
+        calibrate_select(sel, rows, skip=0.6, labels=labels, refits=-1)
