@@ -15,7 +15,7 @@ each window scored from its second token. Calibration: ``--calib-tokens`` tokens
 of ``--context`` (taken after the evaluation tokens when ``--calib`` is ``--text``). Passkey (``--passkey
 N``, N prompts of ``--passkey-tokens`` tokens from the essays, needle depths spread over [0, 1]): the
 5-digit key is retrieved when every key token is the argmax after the question (teacher-forced greedy),
-for the original and the learned router at ``--passkey-target``. Writes a markdown table and a PNG
+for the original, the learned router and the oracle router at ``--passkey-target``. Writes a markdown table and a PNG
 (matplotlib) of perplexity against skip to ``--out``.
 """
 
@@ -38,6 +38,7 @@ from condfx.l2a_retrofit import (
     calibrate_select,
     forced_routes,
     oracle_labels,
+    oracle_routes,
     select_layers,
     set_forced_routes,
 )
@@ -200,13 +201,25 @@ def run(args) -> dict:
             passkey = {"target": target, "trials": args.passkey, "tokens": args.passkey_tokens,
                        "format": "chat" if args.passkey_chat else "plain",
                        "original": _passkey(gm, tok, essays, args.passkey, args.passkey_tokens, chat=args.passkey_chat),
-                       "learned": _passkey(sel, tok, essays, args.passkey, args.passkey_tokens, chat=args.passkey_chat)}
+                       "learned": _passkey(sel, tok, essays, args.passkey, args.passkey_tokens, chat=args.passkey_chat),
+                       "oracle": _passkey(_oracle_model(sel, forced), tok, essays, args.passkey, args.passkey_tokens,
+                                          chat=args.passkey_chat)}
             print(json.dumps(passkey), flush=True)
     return {"model": args.model, "text": args.text, "calib": args.calib, "window": args.window, "sink": args.sink, "rounds": args.rounds, "refits": args.refits,
             "context": args.context, "eval_tokens": sum(c.numel() for c in chunks),
             "calib_tokens": sum(c.numel() for c in calib), "layers": len(select_layers(sel)),
             **{f"{k}_ppl": v for k, v in base.items()}, "rows": rows, "passkey": passkey,
             "seconds": time.perf_counter() - t_start, "process_cpu_s": time.process_time()}
+
+
+def _oracle_model(sel, forced):
+    """The oracle router as a model: each call routes by the true log costs of its own input (the
+    all-routed model's, open loop) against the calibrated ``oracle_threshold`` of each layer."""
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        set_forced_routes(forced, oracle_routes(sel, ids))
+        return forced(ids)
+
+    return run
 
 
 def _never_routed(sel):
@@ -238,7 +251,8 @@ def table(out: dict) -> str:
     pk = out.get("passkey")
     if pk:
         lines += ["", f"Passkey ({pk['trials']} {pk.get('format', 'plain')} prompts of {pk['tokens']} tokens): original {pk['original']:.2f}, "
-                  f"learned router at target {pk['target']:.2f}: {pk['learned']:.2f}"]
+                  f"learned router at target {pk['target']:.2f}: {pk['learned']:.2f}"
+                  + (f", oracle router: {pk['oracle']:.2f}" if "oracle" in pk else "")]
     return "\n".join(lines)
 
 

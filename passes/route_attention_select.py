@@ -15,7 +15,7 @@ normed stream the attention reads):
   so post / sandwich norms, residual multipliers, parallel blocks and the score options (softcap,
   ALiBi, sinks: given to both ops) stay as the layer had them. At insertion every token routes
   (logit 0 >= -inf), so the rewritten model is the original up to float rounding. The router
-  predicts a token's log cost of skipping global attention; ``condfx.l2a_retrofit.calibrate_select``
+  predicts a token's cost of skipping global attention; ``condfx.l2a_retrofit.calibrate_select``
   fits it to an oracle and sets ``threshold`` per layer for a target skip fraction.
 
 State per layer under ``<prefix>.l2a``: ``router_weight`` (1, d), ``router_bias`` (1,), buffers
