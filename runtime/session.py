@@ -37,6 +37,7 @@ from condfx.ops.countdown_ffn import countdown_masked_ffn_eager
 from condfx.ops.masked_ffn import masked_ffn_eager
 from condfx.runtime.cache_table import make_cache
 from condfx.runtime.caches import CacheSet, FullKVCache, InterleavedKVCache, append_kv
+from condfx.runtime.runner_rewrites import slim_runner
 from condfx.runtime.sampling import check_token_ids
 
 
@@ -134,12 +135,14 @@ def _no_op_input(node: fx.Node) -> fx.Node | None:
     return src if isinstance(val, torch.Tensor) and val.dtype == dtype and not extra else None
 
 
-def grow_in_place(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
+def grow_in_place(gm: fx.GraphModule, *, slim: bool = True) -> tuple[fx.GraphModule, int]:
     """A copy of a decode-form graph whose past concatenations call ``append_kv`` and whose
     ``condfx.attention``, ``condfx.countdown_masked_ffn`` and ``condfx.masked_ffn`` calls skip the
     custom-op dispatch (``decode_attention`` and the ops' ``*_eager`` bodies: the same values, row
     observers told). Run-time no-ops are dropped from the copy: ``_assert_tensor_metadata`` checks
     (the graph's metadata was checked when the passes ran) and casts to the dtype a tensor already has.
+    With ``slim``, ``runner_rewrites.slim_runner`` then cuts the per-op overhead (fused RMSNorm, folded
+    RoPE rotation, shared duplicates, lighter op bindings), the logits unchanged.
 
     The copy shares the parameters (no weight is copied); ``gm`` is not changed.
 
@@ -159,6 +162,8 @@ def grow_in_place(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
         elif (src := _no_op_input(node)) is not None:
             node.replace_all_uses_with(src)
             graph.erase_node(node)
+    if slim:
+        slim_runner(graph)
     runner = fx.GraphModule(gm, graph)
     runner.meta.update(gm.meta)
     return runner, count
