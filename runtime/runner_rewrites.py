@@ -11,6 +11,8 @@ Rewrites:
     view / reshape to the shape a tensor already has      → the tensor
     aten.mul.Tensor(a, b) and the other ``_PYTHON`` ops   → torch.mul(a, b): the same kernel, called
                                                             through the lighter Python binding
+    get_attr ``hf.model.layers.0.mlp.up_proj.weight``     → get_attr ``hf_model_layers_0_mlp_up_proj_weight``
+                                                            (``flat_module``: one attribute lookup, not seven)
 
 Requires: FakeTensor ``meta["val"]`` on the nodes (every condfx graph has it).
 Does not handle: half-precision norms (``rms_norm`` upcasts where the spelled-out chain does not),
@@ -247,6 +249,29 @@ def _drop_same_shape_reshapes(graph: fx.Graph) -> int:
             graph.erase_node(node)
             count += 1
     return count
+
+
+def flat_module(gm: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
+    """A GraphModule running ``graph`` (a copy of ``gm``'s, changed in place) whose attributes sit at
+    the top level under flat names: the tensors and submodules are ``gm``'s own, not copies."""
+    root: dict[str, object] = {}
+    for node in graph.nodes:
+        if node.op not in ("get_attr", "call_module"):
+            continue
+        obj = gm.get_submodule(node.target) if node.op == "call_module" else _attr(gm, node.target)
+        name = node.target.replace(".", "_")
+        while name in root and root[name] is not obj:
+            name += "_"
+        root[name], node.target = obj, name
+    runner = fx.GraphModule(root, graph, class_name=type(gm).__name__)
+    runner.meta.update(gm.meta)
+    return runner
+
+
+def _attr(module: object, target: str) -> object:
+    for atom in target.split("."):
+        module = getattr(module, atom)
+    return module
 
 
 def slim_runner(graph: fx.Graph) -> Counter:

@@ -37,7 +37,7 @@ from condfx.ops.countdown_ffn import countdown_masked_ffn_eager
 from condfx.ops.masked_ffn import masked_ffn_eager
 from condfx.runtime.cache_table import make_cache
 from condfx.runtime.caches import CacheSet, FullKVCache, InterleavedKVCache, append_kv
-from condfx.runtime.runner_rewrites import slim_runner
+from condfx.runtime.runner_rewrites import flat_module, slim_runner
 from condfx.runtime.sampling import check_token_ids
 
 
@@ -142,7 +142,8 @@ def grow_in_place(gm: fx.GraphModule, *, slim: bool = True) -> tuple[fx.GraphMod
     observers told). Run-time no-ops are dropped from the copy: ``_assert_tensor_metadata`` checks
     (the graph's metadata was checked when the passes ran) and casts to the dtype a tensor already has.
     With ``slim``, ``runner_rewrites.slim_runner`` then cuts the per-op overhead (fused RMSNorm, folded
-    RoPE rotation, shared duplicates, lighter op bindings), the logits unchanged.
+    RoPE rotation, shared duplicates, lighter op bindings) and ``flat_module`` puts the weights at
+    the top level of the runner, the logits unchanged.
 
     The copy shares the parameters (no weight is copied); ``gm`` is not changed.
 
@@ -164,6 +165,7 @@ def grow_in_place(gm: fx.GraphModule, *, slim: bool = True) -> tuple[fx.GraphMod
             graph.erase_node(node)
     if slim:
         slim_runner(graph)
+        return flat_module(gm, graph), count
     runner = fx.GraphModule(gm, graph)
     runner.meta.update(gm.meta)
     return runner, count

@@ -112,3 +112,14 @@ def test_rotate_half_sin_moves_the_negation_exactly():
     x, sin = torch.randn(3, 5, 8, generator=g), torch.randn(5, 8, generator=g)
     turned = torch.cat([-x[..., 4:], x[..., :4]], -1) * sin
     assert torch.equal(torch.roll(x, 4, -1) * rotate_half_sin(sin, 4), turned)
+
+
+def test_runner_holds_the_graph_weights_at_the_top_level():
+    _, result = decode_graph(STORIES)
+    gm = result.graph_module
+    runner = TorchBackend(gm).runner
+    owned = {id(t) for t in (*gm.parameters(), *gm.buffers())}
+    attrs = [n.target for n in runner.graph.nodes if n.op == "get_attr"]
+    assert attrs and all("." not in a for a in attrs)
+    tensors = [getattr(runner, a) for a in attrs if isinstance(getattr(runner, a), torch.Tensor)]
+    assert tensors and all(id(t) in owned for t in tensors)  # shared, not copied
