@@ -13,7 +13,8 @@ calls). Every backend implements one call, the minimal interface the runtime nee
 
 ``TorchBackend`` runs the ``add-kv-cache`` GraphModule, on a copy whose cache concatenations
 ``cat([past, new], 2)`` are ``caches.append_kv`` (growth in place into the caches' arenas; the
-caller's graph, which the exporter and the ONNX backend read, keeps its ``cat``). The ONNX slot (``backend="onnx"``) takes the
+caller's graph, which the exporter and the ONNX backend read, keeps its ``cat``) and whose per-op
+overhead ``runtime/runner_rewrites.py`` cuts (fused RMSNorm, folded RoPE rotation; the same logits). The ONNX slot (``backend="onnx"``) takes the
 same decode-form graph exported to ONNX and runs it on ONNX Runtime; it lives in
 ``runtime/onnx_backend.py`` as ``OnnxBackend.from_graph(gm) -> OnnxBackend`` with the same two members;
 ``Session.from_onnx(folder)`` opens a folder written by ``condfx export``.
@@ -146,6 +147,10 @@ def grow_in_place(gm: fx.GraphModule, *, slim: bool = True) -> tuple[fx.GraphMod
     the top level of the runner, the logits unchanged.
 
     The copy shares the parameters (no weight is copied); ``gm`` is not changed.
+
+    Args:
+        gm: the ``add-kv-cache`` output.
+        slim: apply ``runner_rewrites`` (False keeps the node-for-node copy, for comparisons).
 
     Returns:
         The graph to run, and how many concatenations it appends in place.
