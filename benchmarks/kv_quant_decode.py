@@ -125,7 +125,7 @@ def _node_parts(gm: fx.GraphModule) -> dict[fx.Node, str]:
             parts[node] = "stream"
         elif node.target in attn:
             parts[node] = "attention"
-        elif node.target in (torch.ops.aten.cat.default, append_kv) and placeholders & set(node.all_input_nodes):
+        elif node.target in (torch.ops.aten.cat.default, torch.cat, append_kv) and placeholders & set(node.all_input_nodes):
             parts[node] = "cache io"
     streams = {n for n, p in parts.items() if p == "stream"}
     if not streams:

@@ -13,7 +13,8 @@ calls). Every backend implements one call, the minimal interface the runtime nee
 
 ``TorchBackend`` runs the ``add-kv-cache`` GraphModule, on a copy whose cache concatenations
 ``cat([past, new], 2)`` are ``caches.append_kv`` (growth in place into the caches' arenas; the
-caller's graph, which the exporter and the ONNX backend read, keeps its ``cat``). The ONNX slot (``backend="onnx"``) takes the
+caller's graph, which the exporter and the ONNX backend read, keeps its ``cat``) and whose per-op
+overhead ``runtime/runner_rewrites.py`` cuts (fused RMSNorm, folded RoPE rotation; the same logits). The ONNX slot (``backend="onnx"``) takes the
 same decode-form graph exported to ONNX and runs it on ONNX Runtime; it lives in
 ``runtime/onnx_backend.py`` as ``OnnxBackend.from_graph(gm) -> OnnxBackend`` with the same two members;
 ``Session.from_onnx(folder)`` opens a folder written by ``condfx export``.
@@ -37,6 +38,7 @@ from condfx.ops.countdown_ffn import countdown_masked_ffn_eager
 from condfx.ops.masked_ffn import masked_ffn_eager
 from condfx.runtime.cache_table import make_cache
 from condfx.runtime.caches import CacheSet, FullKVCache, InterleavedKVCache, append_kv
+from condfx.runtime.runner_rewrites import flat_module, slim_runner
 from condfx.runtime.sampling import check_token_ids
 
 
@@ -134,14 +136,21 @@ def _no_op_input(node: fx.Node) -> fx.Node | None:
     return src if isinstance(val, torch.Tensor) and val.dtype == dtype and not extra else None
 
 
-def grow_in_place(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
+def grow_in_place(gm: fx.GraphModule, *, slim: bool = True) -> tuple[fx.GraphModule, int]:
     """A copy of a decode-form graph whose past concatenations call ``append_kv`` and whose
     ``condfx.attention``, ``condfx.countdown_masked_ffn`` and ``condfx.masked_ffn`` calls skip the
     custom-op dispatch (``decode_attention`` and the ops' ``*_eager`` bodies: the same values, row
     observers told). Run-time no-ops are dropped from the copy: ``_assert_tensor_metadata`` checks
     (the graph's metadata was checked when the passes ran) and casts to the dtype a tensor already has.
+    With ``slim``, ``runner_rewrites.slim_runner`` then cuts the per-op overhead (fused RMSNorm, folded
+    RoPE rotation, shared duplicates, lighter op bindings) and ``flat_module`` puts the weights at
+    the top level of the runner, the logits unchanged.
 
     The copy shares the parameters (no weight is copied); ``gm`` is not changed.
+
+    Args:
+        gm: the ``add-kv-cache`` output.
+        slim: apply ``runner_rewrites`` (False keeps the node-for-node copy, for comparisons).
 
     Returns:
         The graph to run, and how many concatenations it appends in place.
@@ -159,6 +168,9 @@ def grow_in_place(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
         elif (src := _no_op_input(node)) is not None:
             node.replace_all_uses_with(src)
             graph.erase_node(node)
+    if slim:
+        slim_runner(graph)
+        return flat_module(gm, graph), count
     runner = fx.GraphModule(gm, graph)
     runner.meta.update(gm.meta)
     return runner, count
