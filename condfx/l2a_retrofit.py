@@ -50,7 +50,8 @@ open-loop decisions are forced, +16.3% when they route on what they see. Each re
 calibrated graph on the calibration text, reads every layer's x_in as it routes there, and fits the
 heads again to the *same* oracle labels on the pooled features (open loop and every refit so far):
 the router learns to predict the oracle's cost from the stream it will read. Then the threshold
-rounds run again. One refit took SmolLM2 from +18.1% (mean skip 0.601) to +13.1% (0.579); more
+rounds run again. With heads fitted to the log cost, one refit took SmolLM2 from +18.1% (mean skip
+0.601) to +13.1% (0.579) and, at a target of 0.625, from +20.4% (0.632) to +15.4% (0.612); more
 refits did not help (+13.3%, +13.8%).
 
 The oracle router (``OracleRouter``) uses the labels themselves as decisions, with thresholds
