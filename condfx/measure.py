@@ -64,8 +64,10 @@ class Point:
     Attributes:
         label: what was applied ("original", or the passes so far).
         ppl, nll, tokens: perplexity on the evaluation text and the tokens scored.
-        skip_fraction: measured fraction of all FFN blocks skipped on the evaluation text (None: no skip-ffn).
-        route_fraction: measured mean fraction of queries routed to global attention (None: no L2A layer).
+        skip_fraction: measured fraction of all FFN blocks skipped on the evaluation text, every token
+            (in non-overlapping windows of ``context``; None: no skip-ffn).
+        route_fraction: measured mean fraction of queries routed to global attention, the same way
+            (None: no L2A layer).
         kv_bytes_per_token: ``Session.cache_bytes()`` / ``kv_context`` after a prefill of that many tokens.
         kv_context: the tokens prefilled for ``kv_bytes_per_token``.
         prefill_tps, decode_tps: tokens/s of ``Session.prefill`` and ``Session.step`` (batch 1).
@@ -106,22 +108,36 @@ def _has(gm: fx.GraphModule, fragment: str) -> bool:
     return any(fragment in str(n.target) for n in gm.graph.nodes if n.op == "call_function")
 
 
-def _skip_fraction(gm: fx.GraphModule, ids: torch.Tensor) -> float | None:
+def _over_windows(fraction: Callable[[torch.Tensor], float], ids: torch.Tensor, context: int) -> float:
+    """``fraction`` over the whole of ``ids`` (1, N): measured on each non-overlapping window of
+    ``context`` tokens (the model's context: a fraction depends on the position in the window) and
+    averaged by tokens."""
+    windows = [ids[:, i : i + context] for i in range(0, ids.shape[1], context)]
+    windows = [w for w in windows if w.shape[1] > 1] or windows[:1]
+    total = sum(w.shape[1] for w in windows)
+    return sum(fraction(w) * w.shape[1] for w in windows) / total
+
+
+def _skip_fraction(gm: fx.GraphModule, ids: torch.Tensor, context: int) -> float | None:
     from condfx.passes.skip_ffn import measure_skip_fraction
 
     if not _has(gm, "masked_ffn"):
         return None
-    return float(measure_skip_fraction(gm, ids)["fraction_of_all_ffn"])
+    return _over_windows(lambda w: float(measure_skip_fraction(gm, w)["fraction_of_all_ffn"]), ids, context)
 
 
-def _route_fraction(gm: fx.GraphModule, ids: torch.Tensor) -> float | None:
+def _route_fraction(gm: fx.GraphModule, ids: torch.Tensor, context: int) -> float | None:
     from condfx.l2a import route_fractions
     from condfx.patterns.routed import find_routed_layers
 
     if not find_routed_layers(gm):
         return None
-    fr = route_fractions(gm, ids)
-    return sum(fr) / len(fr)
+
+    def mean(w: torch.Tensor) -> float:
+        fr = route_fractions(gm, w)
+        return sum(fr) / len(fr)
+
+    return _over_windows(mean, ids, context)
 
 
 def session_of(gm: fx.GraphModule, max_seq_len: int | None):
@@ -198,9 +214,8 @@ def measure_point(label: str, gm: fx.GraphModule, eval_ids: torch.Tensor, cfg: M
     say = progress or (lambda _m: None)
     say(f"{label}: perplexity over {eval_ids.shape[1]} tokens")
     res = perplexity(gm, eval_ids[0], context=min(cfg.context, eval_ids.shape[1]))
-    head = eval_ids[:, : min(eval_ids.shape[1], cfg.context)]
     with torch.no_grad():
-        skip, route = _skip_fraction(gm, head), _route_fraction(gm, head)
+        skip, route = _skip_fraction(gm, eval_ids, cfg.context), _route_fraction(gm, eval_ids, cfg.context)
     figures: dict[str, Any] = {}
     device = next(iter(gm.parameters()), torch.empty(0)).device
     if not session:

@@ -77,3 +77,16 @@ def test_onnx_agreement_greedy_and_same_cache_step(tmp_path):
     assert found["prompt_tokens"] == 20 and found["greedy_tokens"] == 4
     assert found["greedy_equal"] and found["first_difference"] is None
     assert found["same_cache_max_abs_diff"] < 1e-3
+
+
+def test_fractions_cover_the_whole_evaluation_text_window_by_window():
+    """The measured skip / route fractions read every evaluation token, window by window of the
+    context, averaged by tokens (a one-token tail, which cannot show a decision, is left out)."""
+    from condfx.measure import _over_windows
+
+    def mean(w: torch.Tensor) -> float:  # a "fraction" that shows which tokens it was given
+        return float(w.float().mean())
+
+    assert _over_windows(mean, torch.arange(10)[None], 4) == 4.5  # windows 0-3, 4-7, 8-9
+    assert _over_windows(mean, torch.arange(9)[None], 4) == 3.5  # the tail [8] is left out
+    assert _over_windows(mean, torch.arange(3)[None], 8) == 1.0  # one window shorter than the context
