@@ -40,7 +40,9 @@ def test_numerics_slim_runner_token_by_token(name):
     slim = _token_by_token(TorchBackend(gm), ids)
     unslimmed = _token_by_token(_AsWritten(gm, grow_in_place(gm, slim=False)[0]), ids)
     written = _token_by_token(_AsWritten(gm), ids)
-    assert torch.equal(slim, unslimmed)  # every rewrite keeps the values bit for bit
+    # bit for bit on this CPU; a tolerance far below what a wrong sign or eps moves (1e-2 and more), so a
+    # torch.rms_norm kernel that reduces in another order on another CPU does not fail the suite
+    torch.testing.assert_close(slim, unslimmed, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(slim, written, rtol=1e-5, atol=1e-5)
 
 
@@ -80,7 +82,8 @@ def test_numerics_fused_forms_equal_the_chains():
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(2, 3, 40, generator=g), torch.randn(40, generator=g)
     gm, done, want = _slim(_rms, x, w)
-    assert done["rms_norm"] == 1 and torch.equal(gm(x, w), want)
+    assert done["rms_norm"] == 1
+    torch.testing.assert_close(gm(x, w), want, rtol=1e-6, atol=1e-6)
     q, cos, sin = torch.randn(2, 4, 3, 16, generator=g), torch.randn(1, 1, 3, 16, generator=g), torch.randn(
         1, 1, 3, 16, generator=g)
     gm, done, want = _slim(_rope, q, cos, sin)
