@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -354,6 +355,26 @@ class PositionCache(LayerCache):
         return 0
 
 
+def row_index(index: Any, batch: int, who: str) -> torch.Tensor:
+    """``index`` as a (B',) int64 tensor of rows in ``[0, batch)``; ValueError (naming ``who``) otherwise."""
+    if isinstance(index, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in index):
+        rows = list(index)
+    elif isinstance(index, torch.Tensor) and index.dim() == 1 and index.dtype in (torch.int64, torch.int32):
+        rows = index.tolist()
+    else:
+        got = f"shape {tuple(index.shape)} {index.dtype}" if isinstance(index, torch.Tensor) else repr(index)
+        msg = f"{who} needs a non-empty 1-D integer index of rows; got {got}."
+        raise ValueError(msg)
+    if not rows:
+        msg = f"{who} needs a non-empty 1-D integer index of rows; got no rows."
+        raise ValueError(msg)
+    bad = next((r for r in rows if not 0 <= r < batch), None)
+    if bad is not None:
+        msg = f"{who}: row {bad} is outside the batch of {batch} rows [0, {batch - 1}]."
+        raise ValueError(msg)
+    return torch.tensor(rows, dtype=torch.long)
+
+
 class CacheSet:
     """One cache per attention layer, in graph order, plus byte accounting.
 
@@ -395,8 +416,13 @@ class CacheSet:
         for cache in self.caches:
             cache.reset(batch)
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keeps batch rows ``index`` in every cache."""
+    def reorder(self, index: torch.Tensor | Sequence[int]) -> None:
+        """Keeps batch rows ``index`` in every cache, in that order.
+
+        The index is checked before any cache changes (``row_index``), so a bad one leaves every
+        layer as it was rather than some reordered and some not.
+        """
+        index = row_index(index, self.caches[0].batch if self.caches else 0, "CacheSet.reorder")
         for cache in self.caches:
             cache.reorder(index)
 

@@ -37,7 +37,7 @@ from condfx.layouts import CacheLayout, decode_layouts, is_decode_form
 from condfx.ops.countdown_ffn import countdown_masked_ffn_eager
 from condfx.ops.masked_ffn import masked_ffn_eager
 from condfx.runtime.cache_table import make_cache
-from condfx.runtime.caches import CacheSet, FullKVCache, InterleavedKVCache, append_kv
+from condfx.runtime.caches import CacheSet, FullKVCache, InterleavedKVCache, append_kv, row_index
 from condfx.runtime.runner_rewrites import flat_module, slim_runner
 from condfx.runtime.sampling import check_token_ids
 
@@ -370,7 +370,7 @@ class Session:
         if not self._started:
             msg = "Session.reorder called before Session.prefill; there are no rows to reorder."
             raise ValueError(msg)
-        index = _row_index(index, self.caches[0].batch if len(self.caches) else 0)
+        index = row_index(index, self.caches[0].batch if len(self.caches) else 0, "Session.reorder")
         self.caches.reorder(index)
 
     def _run(self, ids: torch.Tensor) -> torch.Tensor:
@@ -396,26 +396,6 @@ class Session:
             msg = "Session.count_ffn_skips needs the PyTorch backend running a graph rewritten by skip-ffn."
             raise ValueError(msg)
         return FFNSkipCounter(ffn_layers=layers[0], masked_layers=layers[1])
-
-
-def _row_index(index: Any, batch: int) -> torch.Tensor:
-    """``index`` as a (B',) int64 tensor of rows in ``[0, batch)``; ValueError otherwise."""
-    if isinstance(index, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in index):
-        rows = list(index)
-    elif isinstance(index, torch.Tensor) and index.dim() == 1 and index.dtype in (torch.int64, torch.int32):
-        rows = index.tolist()
-    else:
-        got = f"shape {tuple(index.shape)} {index.dtype}" if isinstance(index, torch.Tensor) else repr(index)
-        msg = f"Session.reorder needs a non-empty 1-D integer index of rows; got {got}."
-        raise ValueError(msg)
-    if not rows:
-        msg = "Session.reorder needs a non-empty 1-D integer index of rows; got no rows."
-        raise ValueError(msg)
-    bad = next((r for r in rows if not 0 <= r < batch), None)
-    if bad is not None:
-        msg = f"Session.reorder: row {bad} is outside the batch of {batch} rows [0, {batch - 1}]."
-        raise ValueError(msg)
-    return torch.tensor(rows, dtype=torch.long)
 
 
 def _backend_kind(value: BackendKind | str) -> BackendKind:

@@ -145,3 +145,22 @@ def test_cache_set_bytes_and_table():
 def test_layer_cache_is_abstract():
     with pytest.raises(TypeError):
         LayerCache(B, HKV, D, torch.float32)  # type: ignore[abstract]
+
+
+def test_cache_set_reorder_checks_the_index_before_any_layer_changes():
+    """A bad index is one sentence naming CacheSet.reorder, and no layer is reordered (a partial
+    reorder would leave the layers holding different rows)."""
+    from condfx.runtime.caches import CacheSet
+
+    caches = CacheSet([FullKVCache(2, 2, 4), FullKVCache(2, 2, 4)])
+    for c in caches:
+        c.update(torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4))
+    before = [t.clone() for t in caches.past()]
+    for bad, match in ((torch.tensor([0, 2]), "row 2 is outside the batch of 2 rows"),
+                       ([], "got no rows"), (torch.tensor([[0]]), "1-D integer index")):
+        with pytest.raises(ValueError, match=f"CacheSet.reorder.*{match}"):
+            caches.reorder(bad)
+        assert all(torch.equal(a, b) for a, b in zip(caches.past(), before, strict=True))
+    caches.reorder([1])
+    assert all(c.batch == 1 for c in caches)
+    assert torch.equal(caches.past()[0], before[0][1:])
