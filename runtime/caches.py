@@ -416,13 +416,13 @@ class CacheSet:
         for cache in self.caches:
             cache.reset(batch)
 
-    def reorder(self, index: torch.Tensor | Sequence[int]) -> None:
+    def reorder(self, index: torch.Tensor | Sequence[int], *, who: str = "CacheSet.reorder") -> None:
         """Keeps batch rows ``index`` in every cache, in that order.
 
-        The index is checked before any cache changes (``row_index``), so a bad one leaves every
-        layer as it was rather than some reordered and some not.
+        The index is checked before any cache changes (``row_index``; its errors name ``who``), so a
+        bad one leaves every layer as it was rather than some reordered and some not.
         """
-        index = row_index(index, self.caches[0].batch if self.caches else 0, "CacheSet.reorder")
+        index = row_index(index, self.caches[0].batch if self.caches else 0, who)
         for cache in self.caches:
             cache.reorder(index)
 

@@ -124,13 +124,17 @@ def _rms_norm_at(rsqrt: fx.Node):
     return x, weight, float(eps), out, chain
 
 
+def _matches(graph: fx.Graph, target, match):
+    """``match(node)`` for every node calling ``target`` where it is not None, over a snapshot of the
+    nodes (the caller rewrites and erases between matches)."""
+    for node in list(graph.nodes):
+        if _is(node, target) and (found := match(node)) is not None:
+            yield found
+
+
 def _fuse_rms_norms(graph: fx.Graph) -> int:
     count = 0
-    for node in list(graph.nodes):
-        found = _rms_norm_at(node) if _is(node, aten.rsqrt.default) else None
-        if found is None:
-            continue
-        x, weight, eps, out, chain = found
+    for x, weight, eps, out, chain in _matches(graph, aten.rsqrt.default, _rms_norm_at):
         with graph.inserting_before(out):
             fused = graph.call_function(torch.rms_norm, (x, [_val(x).shape[-1]], weight, eps))
         fused.meta.update(out.meta)
@@ -185,11 +189,7 @@ def _rope_at(add: fx.Node):
 def _fold_ropes(graph: fx.Graph) -> int:
     signed: dict[tuple[fx.Node, int], fx.Node] = {}
     count = 0
-    for node in list(graph.nodes):
-        found = _rope_at(node) if _is(node, aten.add.Tensor) else None
-        if found is None:
-            continue
-        turned, rot, x, sin, half = found
+    for turned, rot, x, sin, half in _matches(graph, aten.add.Tensor, _rope_at):
         if (sin, half) not in signed:
             with graph.inserting_after(sin):
                 signed[sin, half] = graph.call_function(rotate_half_sin, (sin, half))

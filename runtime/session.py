@@ -37,7 +37,7 @@ from condfx.layouts import CacheLayout, decode_layouts, is_decode_form
 from condfx.ops.countdown_ffn import countdown_masked_ffn_eager
 from condfx.ops.masked_ffn import masked_ffn_eager
 from condfx.runtime.cache_table import make_cache
-from condfx.runtime.caches import CacheSet, FullKVCache, InterleavedKVCache, append_kv, row_index
+from condfx.runtime.caches import CacheSet, FullKVCache, InterleavedKVCache, append_kv
 from condfx.runtime.runner_rewrites import flat_module, slim_runner
 from condfx.runtime.sampling import check_token_ids
 
@@ -370,8 +370,7 @@ class Session:
         if not self._started:
             msg = "Session.reorder called before Session.prefill; there are no rows to reorder."
             raise ValueError(msg)
-        index = row_index(index, self.caches[0].batch if len(self.caches) else 0, "Session.reorder")
-        self.caches.reorder(index)
+        self.caches.reorder(index, who="Session.reorder")
 
     def _run(self, ids: torch.Tensor) -> torch.Tensor:
         logits, present = self.backend.run(ids, self.caches.past())
