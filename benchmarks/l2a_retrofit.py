@@ -2,7 +2,7 @@
 global attention, for the oracle-taught router and the oracle itself, with calibration time.
 
     python benchmarks/l2a_retrofit.py --model M --text T --calib C --window W --context N [--sink 4]
-        --targets 0.5,0.6,0.7,0.8 [--floor F] [--rounds 2] [--refits 1] [--passkey 20 [--passkey-tokens 1024] [--passkey-chat]] [--json] [--out DIR]
+        --targets 0.5,0.6,0.7,0.8 [--correct 128] [--floor F] [--rounds 2] [--refits 1] [--passkey 20 [--passkey-tokens 1024] [--passkey-chat]] [--json] [--out DIR]
 
 Per target skip fraction: perplexity of the original, the window-only model (no token routes: every
 token reads its window and the first ``--sink`` tokens), the learned router (``condfx.l2a_retrofit.calibrate_select``) and the oracle router (the
@@ -36,6 +36,7 @@ from condfx.data import data_file
 from condfx.l2a import l2a_view
 from condfx.l2a_retrofit import (
     calibrate_select,
+    fit_corrections,
     forced_routes,
     oracle_labels,
     oracle_routes,
@@ -165,14 +166,16 @@ def run(args) -> dict:
     n_rows = max(1, min(args.calib_tokens, len(calib_ids)) // args.context)
     calib = [torch.tensor(calib_ids[i * args.context : (i + 1) * args.context])[None] for i in range(n_rows)]
     gm = condfx.capture(model, (torch.zeros(2, 16, dtype=torch.long),))
-    sel = condfx.apply(gm, f"route-attention{{form=select,window={args.window},sink={args.sink}}}").graph_module
+    spec = f"route-attention{{form=select,window={args.window},sink={args.sink},correct={args.correct}}}"
+    sel = condfx.apply(gm, spec).graph_module
     rows = []
     base = {"original": _ppl(gm, chunks)}
     print(f"original ppl {base['original']:.3f} ({time.perf_counter() - t_start:.0f} s)", flush=True)
     base["window-only"] = _ppl(_never_routed(sel), chunks) if args.window_only else float("nan")
     print(f"window-only ppl {base['window-only']:.3f} ({time.perf_counter() - t_start:.0f} s)", flush=True)
     c0, w0 = time.process_time(), time.perf_counter()
-    labels = oracle_labels(sel, calib, progress=lambda d, t: print(f"  labels {d}/{t} ({time.perf_counter() - t_start:.0f} s)", flush=True))
+    corrected = fit_corrections(sel, calib)
+    labels = oracle_labels(sel, calib, progress=lambda d, t: print(f"  labels {d}/{t} ({time.perf_counter() - t_start:.0f} s)", flush=True), corrections=corrected)
     label_cpu, label_wall = time.process_time() - c0, time.perf_counter() - w0
     eval_labels = [oracle_labels(sel, [c]) for c in chunks]
     eval_costs = [lab.costs for lab in eval_labels]
@@ -205,7 +208,8 @@ def run(args) -> dict:
                        "oracle": _passkey(_oracle_model(sel, forced), tok, essays, args.passkey, args.passkey_tokens,
                                           chat=args.passkey_chat)}
             print(json.dumps(passkey), flush=True)
-    return {"model": args.model, "text": args.text, "calib": args.calib, "window": args.window, "sink": args.sink, "rounds": args.rounds, "refits": args.refits,
+    return {"model": args.model, "text": args.text, "calib": args.calib, "window": args.window, "sink": args.sink, "correct": args.correct,
+            "corrected_layers": len(corrected.layers) if corrected else 0, "rounds": args.rounds, "refits": args.refits,
             "context": args.context, "eval_tokens": sum(c.numel() for c in chunks),
             "calib_tokens": sum(c.numel() for c in calib), "layers": len(select_layers(sel)),
             **{f"{k}_ppl": v for k, v in base.items()}, "rows": rows, "passkey": passkey,
@@ -288,6 +292,8 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--sink", type=int, default=4, help="first tokens the window branch keeps reading")
+    parser.add_argument("--correct", type=int, default=128,
+                        help="rank of the window correction (route-attention{correct=R}); 0: none")
     parser.add_argument("--targets", default="0.5,0.6,0.7,0.8")
     parser.add_argument("--floor", type=float, default=None, help="per-layer least skip (default: the target)")
     parser.add_argument("--rounds", type=int, default=2, help="closed-loop threshold rounds (calibrate_select)")

@@ -12,7 +12,7 @@ stages are the existing calibrations, which live in the API layer and stay the i
 | ``quantize-kv{latent=klt}`` | calibration | before: q/k/v second moments | ``kv_calibrate.record_kv_stats`` |
 | ``prune-global`` | calibration | before: routed fraction per L2A layer | ``l2a.record_route_stats`` |
 | ``route-attention`` | training | after: routers and attention (L2A recipe) | ``l2a.train_l2a`` |
-| ``route-attention{form=select}`` | calibration | after: oracle-taught routers, thresholds | ``l2a_retrofit.calibrate_select`` |
+| ``route-attention{form=select}`` | calibration | after: window corrections, oracle-taught routers, thresholds | ``l2a_retrofit.calibrate_select`` |
 | ``interleave-heads`` | training | none here (``eval.tasks`` trains it) | |
 
 ``apply`` is ``condfx.apply``: the pipeline with this table. ``save_state`` writes a result's learned
@@ -162,9 +162,16 @@ def _route_tokens(cfg, budget: Budget) -> int:
 
 
 def _select_after(gm: fx.GraphModule, p: Pass, batches, budget: Budget, progress: Progress):
-    """Oracle labels on the calibration text in rows of the model's context (``context``, else at
-    least 4 windows), then the routers' fit and thresholds (``l2a_retrofit.calibrate_select``)."""
-    from condfx.l2a_retrofit import calibrate_select, check_calibration_rows, select_layers
+    """The window corrections and the oracle labels on the calibration text in rows of the model's
+    context (``context``, else at least 4 windows), then the routers' fit and thresholds
+    (``l2a_retrofit.fit_corrections``, ``oracle_labels``, ``calibrate_select``)."""
+    from condfx.l2a_retrofit import (
+        calibrate_select,
+        check_calibration_rows,
+        fit_corrections,
+        oracle_labels,
+        select_layers,
+    )
 
     cfg = p.config
     stream = _stream(batches).reshape(-1)
@@ -172,13 +179,16 @@ def _select_after(gm: fx.GraphModule, p: Pass, batches, budget: Budget, progress
     rows = [stream[i : i + length][None] for i in range(0, stream.numel() - length + 1, length)]
     check_calibration_rows(rows, cfg.window)
     skip = cfg.skip if cfg.skip is not None else 1.0 - budget.route_target
-    stage = "route-attention: oracle labels"
+    first, stage = "route-attention: window corrections", "route-attention: oracle labels"
+    progress(first, 0, len(rows))
+    corrections = fit_corrections(gm, rows, progress=lambda done, total: progress(first, done, total))
     progress(stage, 0, len(rows))
-    cal = calibrate_select(gm, rows, skip=skip, floor=cfg.floor,
-                           progress=lambda done, total: progress(stage, done, total))
+    labels = oracle_labels(gm, rows, lambda done, total: progress(stage, done, total), corrections)
+    cal = calibrate_select(gm, rows, skip=skip, floor=cfg.floor, labels=labels)
     named = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
+    fitted = ("router_weight", "router_bias", "threshold", "correct_down", "correct_up", "correct_bias")
     state = {f"{r.prefix}.l2a.{n}": named[f"{r.prefix}.l2a.{n}"]
-             for r in select_layers(gm) for n in ("router_weight", "router_bias", "threshold")}
+             for r in select_layers(gm) for n in fitted if f"{r.prefix}.l2a.{n}" in named}
     return state, cal.summary()
 
 

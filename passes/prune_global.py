@@ -10,6 +10,7 @@ Which layers: those whose recorded routed fraction < ``max_fraction`` (threshold
 Rewrites (per chosen L2A layer):
     h + gate * o'(condfx.routed_attention(q'(s), k'(s), v'(s), route, scale))    → h
     form=select: where(route, condfx.routed_attention(q, k, v, route, ...), window)  → window
+      (the window branch with its correction, whose parameters move to ``<prefix>.l2a_window``)
   and drops the layer's ``l2a`` state (router, norm and q/k/v/o copies, buffers), so the layer
   keeps only its sliding-window attention and its bounded cache; the full-length global KV cache
   of that layer disappears (the source of L2A's KV-memory savings).
@@ -32,7 +33,7 @@ from types import MappingProxyType
 from typing import ClassVar
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from condfx.options import Float, check_options
 from condfx.passes._insert import remove_dead_calls
@@ -111,7 +112,9 @@ def _to_prune(chosen: list[RoutedLayer], cfg: PruneGlobalConfig):
 
 
 def prune_global_replacement(gm: fx.GraphModule, layer: RoutedLayer) -> None:
-    """Reroutes the layer's output to its window-branch stream and deletes its global branch."""
+    """Reroutes the layer's output to its window-branch stream and deletes its global branch; what the
+    window branch still reads of the layer's ``l2a`` state (form=select's window correction) moves to
+    ``<prefix>.l2a_window``."""
     out = layer.nodes["out"]
     select = out.target is torch.ops.aten.where.self  # form=select: where(route, global, window)
     out.replace_all_uses_with(out.args[2] if select else out.args[0])
@@ -121,10 +124,22 @@ def prune_global_replacement(gm: fx.GraphModule, layer: RoutedLayer) -> None:
         if node.meta.get(TAG, (None,))[0] == layer.prefix:
             del node.meta[TAG]
     stale = f"{layer.prefix}.l2a."
+    kept = nn.Module()  # what the window branch still reads (form=select's window correction)
     for node in list(gm.graph.nodes):
-        if node.op == "get_attr" and str(node.target).startswith(stale) and not node.users:
+        if node.op != "get_attr" or not str(node.target).startswith(stale):
+            continue
+        if not node.users:
             gm.graph.erase_node(node)
-    delattr(gm.get_submodule(layer.prefix), "l2a")
+            continue
+        name = str(node.target)[len(stale):]
+        if not hasattr(kept, name):
+            value = getattr(layer.state, name)
+            (kept.register_parameter if isinstance(value, nn.Parameter) else kept.register_buffer)(name, value)
+        node.target = f"{layer.prefix}.l2a_window.{name}"
+    owner = gm.get_submodule(layer.prefix)
+    delattr(owner, "l2a")
+    if list(kept.named_parameters()) or list(kept.named_buffers()):
+        owner.add_module("l2a_window", kept)
 
 
 def _global_regions(attention, layers: list[RoutedLayer]):

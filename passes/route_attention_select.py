@@ -10,7 +10,14 @@ normed stream the attention reads):
                    the first ``sink`` tokens and the last ``window`` (itself included), zero RoPE
                    frequencies so nothing is re-rotated; with sink=0 or a score option (which the sink
                    op lacks): condfx.attention(q, k, v, scale, window, opts)
-          where(route[:, None, :, None], glob, win)          # before the output projection
+          fix    = win + (cat(x_in, win) @ D^T @ U^T + c) * (pos >= exact)   # the window correction
+          where(route[:, None, :, None], glob, fix)          # before the output projection
+  The correction (``correct``, rank r, default 128; 0 leaves it out) predicts, from the token's attention
+  input and its window output, what the keys outside the window would have added: D (r, d + H*D),
+  U (H*D, r) and c (H*D) are zero at insertion and fitted by least squares on calibration text
+  (``condfx.l2a_retrofit.fit_corrections``). ``pos`` is the graph's position arange (the one RoPE or a
+  position table reads, which ``add-kv-cache`` offsets in decode), ``exact`` = window (+ sink): a token
+  whose whole history is in its window gets no correction. A graph without such an arange gets none.
   Nothing is copied: both branches read the layer's own q/k/v, and only the attention core changes,
   so post / sandwich norms, residual multipliers, parallel blocks and the score options (softcap,
   ALiBi, sinks: given to both ops) stay as the layer had them. At insertion every token routes
@@ -21,7 +28,9 @@ normed stream the attention reads):
 State per layer under ``<prefix>.l2a``: ``router_weight`` (1, d), ``router_bias`` (1,), buffers
 ``threshold`` (0-d), ``layer``, ``window``, ``route_stats`` (as the add form); the nodes are tagged
 for ``condfx.patterns.routed.find_routed_layers`` with roles "route", "routed" (the global op),
-"window" (the window op), "input" (x_in, the router's features) and "out" (the ``where``).
+"window" (the window op), "corrected" (window + correction, when there is one), "input" (x_in, the
+router's features) and "out" (the ``where``). Parameters ``correct_down``, ``correct_up``,
+``correct_bias`` hold the correction, buffer ``correct_from`` the first position it applies to.
 
 Decode (``add-kv-cache``): the global op keeps the layer's full K/V cache and the window op its own
 (their own decode rules): a ring of the last ``window - 1`` tokens, plus the first ``sink`` tokens when
@@ -82,9 +91,37 @@ def _sink_window(b: GraphBuilder, q: fx.Node, k: fx.Node, v: fx.Node, scale: flo
     return b.call(SINK_WINDOW, q, k, v, positions, freq, scale, sink, window)
 
 
+def _corrected(b: GraphBuilder, gm: fx.GraphModule, prefix: str, x_in: fx.Node, win: fx.Node,
+               position: fx.Node | None, exact: int, rank: int) -> fx.Node:
+    """``win`` plus the zero-initialised low-rank correction of the window branch (module docstring),
+    applied at positions >= ``exact`` (below, the window branch is already the full attention); ``win``
+    itself when ``rank`` is 0 or the graph has no position arange to mask it with."""
+    if rank <= 0 or position is None:
+        return win
+    wv, xv = win.meta["val"], x_in.meta["val"]
+    heads, dim = int(wv.shape[1]), int(wv.shape[3])
+    width = int(xv.shape[-1]) + heads * dim
+    rank = min(rank, heads * dim)
+    state = gm.get_submodule(f"{prefix}.l2a")
+    state.register_parameter("correct_down", nn.Parameter(torch.zeros(rank, width, dtype=wv.dtype)))
+    state.register_parameter("correct_up", nn.Parameter(torch.zeros(heads * dim, rank, dtype=wv.dtype)))
+    state.register_parameter("correct_bias", nn.Parameter(torch.zeros(heads * dim, dtype=wv.dtype)))
+    state.register_buffer("correct_from", torch.tensor(exact, dtype=torch.int64))
+    at = f"{prefix}.l2a"
+    flat = b.call(aten.flatten.using_ints, b.call(aten.transpose.int, win, 1, 2), 2)  # (B, T, H*D)
+    feats = b.call(aten.cat.default, [b.call(aten.to.dtype, x_in, wv.dtype), flat], -1)
+    low = b.call(aten.linear.default, feats, b.get_attr(f"{at}.correct_down"))
+    corr = b.call(aten.linear.default, low, b.get_attr(f"{at}.correct_up"), b.get_attr(f"{at}.correct_bias"))
+    corr = b.call(aten.transpose.int, b.call(aten.unflatten.int, corr, -1, [heads, dim]), 1, 2)  # (B, H, T, D)
+    outside = b.call(aten.ge.Scalar, position, exact)  # (T,): tokens with keys outside the window
+    mask = b.call(aten.unsqueeze.default, b.call(aten.to.dtype, outside, wv.dtype), -1)  # (T, 1)
+    return _tag(b.call(aten.add.Tensor, win, b.call(aten.mul.Tensor, corr, mask)), prefix, "corrected")
+
+
 def select_replacement(gm: fx.GraphModule, region: AttentionRegion, prefix: str, x_in: fx.Node, window: int,
-                       sink: int = 0) -> None:
-    """Replaces the fused core of ``region`` by where(route, global, window) (module docstring)."""
+                       sink: int = 0, position: fx.Node | None = None, rank: int = 0) -> None:
+    """Replaces the fused core of ``region`` by where(route, global, window + correction) (module
+    docstring). ``position``: the graph's position arange (T,), None for no correction."""
     core = region.core
     select_state(gm, prefix, region, x_in, window)
     users = list(core.users)
@@ -100,8 +137,9 @@ def select_replacement(gm: fx.GraphModule, region: AttentionRegion, prefix: str,
     glob = _tag(b.call(ROUTED, q, k, v, route, scale, **opts), prefix, "routed")
     # the sink op has no score options: a softcap / ALiBi / sinks-logit layer keeps the plain window
     win = _sink_window(b, q, k, v, scale, prefix, window, sink) if sink and not opts else core
+    skipped = _corrected(b, gm, prefix, x_in, win, position, window + (sink if win is not core else 0), rank)
     cond = b.call(aten.unsqueeze.default, b.call(aten.unsqueeze.default, route, 1), -1)  # (B, 1, T, 1)
-    out = _tag(b.call(aten.where.self, cond, glob, win), prefix, "out")
+    out = _tag(b.call(aten.where.self, cond, glob, skipped), prefix, "out")
     for user in users:
         user.replace_input_with(core, out)
     if win is core:

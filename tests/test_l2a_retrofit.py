@@ -16,6 +16,7 @@ from condfx.l2a import l2a_view, record_route_stats, route_fractions, window_onl
 from condfx.l2a_retrofit import (
     allocate,
     calibrate_select,
+    fit_corrections,
     fit_head,
     forced_routes,
     oracle_labels,
@@ -73,7 +74,8 @@ def test_calibration_inside_apply_skips_the_target_in_every_layer():
     record = result.calibrations[0]
     assert record.need is Need.CALIBRATION and record.calibrated and "oracle-taught routers" in record.summary
     assert seen[-1] == ("route-attention: oracle labels", 4, 4)
-    assert sorted({k.rsplit(".", 1)[-1] for k in result.state}) == ["router_bias", "router_weight", "threshold"]
+    assert sorted({k.rsplit(".", 1)[-1] for k in result.state}) == [
+        "correct_bias", "correct_down", "correct_up", "router_bias", "router_weight", "threshold"]
     calib = torch.tensor(ids[:512]).reshape(4, 128)
     skipped = [1 - f for f in route_fractions(result.graph_module, calib)]
     assert all(abs(s - 0.6) < 0.02 for s in skipped), skipped  # the calibration text itself
@@ -147,12 +149,44 @@ def test_oracle_cost_is_the_change_of_what_the_layer_adds_to_the_stream():
         assert float(by_hand[WINDOW:].min()) > 0.0
 
 
+def test_window_corrections_lower_the_cost_of_skipping_on_held_out_text():
+    """fit_corrections on 4,096 TinyStories tokens: the oracle cost of skipping (the change of what
+    the layer adds to the stream) falls on text it did not see; the cross-fitted labels of the
+    calibration rows are those of corrections fitted without each row, so they sit above the in-sample
+    ones; a correction that does not help on held-out folds is left at zero."""
+    from condfx.models_zoo import Llama2cTokenizer
+
+    gm, _ = _stories()
+    tok = Llama2cTokenizer.from_file(require_data("tok512.bin"))
+    ids = tok.encode(require_data("tinystories_valid_head.txt").read_text()[:80000], bos=True, eos=False)
+    sel = condfx.apply(gm, f"route-attention{{form=select,window={WINDOW}}}").graph_module
+    rows, held = [torch.tensor(ids[:4096]).reshape(16, 256)], [torch.tensor(ids[4096:5120]).reshape(4, 256)]
+    before = oracle_labels(sel, held)
+    fitted = fit_corrections(sel, rows)
+    after = oracle_labels(sel, held)
+    assert fitted.folds == 2 and len(fitted.layers) == 5 and len(fitted.held_out) == 2
+    past = before.positions >= WINDOW + 4
+    ratios = [float(a[past].mean() / b[past].mean()) for a, b in zip(after.costs, before.costs, strict=True)]
+    assert sum(ratios) / len(ratios) < 0.95 and min(ratios) < 0.85, ratios
+    final = [r.state.correct_up.detach().clone() for r in select_layers(sel)]
+    crossed, insample = oracle_labels(sel, rows, corrections=fitted), oracle_labels(sel, rows)
+    assert sum(float(c.mean()) for c in crossed.costs) > sum(float(c.mean()) for c in insample.costs)
+    assert all(torch.equal(f, r.state.correct_up) for f, r in zip(final, select_layers(sel), strict=True))
+    tiny = condfx.apply(gm, f"route-attention{{form=select,window={WINDOW}}}").graph_module
+    fit_corrections(tiny, [torch.tensor(ids[:96]).reshape(2, 48)])  # 28 tokens per fold, 128 features
+    assert any(float(r.state.correct_up.abs().max()) == 0.0 for r in select_layers(tiny))
+
+
 def test_allocate_spends_extra_skips_where_cheap_above_the_floor():
     cheap, dear = torch.arange(100.0), torch.arange(100.0) + 1000.0
     thr = allocate([cheap, dear], skip=0.7, floor=0.5)
     skips = [int((s < t).sum()) for s, t in zip((cheap, dear), thr, strict=True)]
     assert skips == [90, 50]
     assert allocate([cheap, dear], skip=0.6, floor=0.6) == [60.0, 1060.0]
+    # tied scores skip or route together, on the side nearer the target count (skipping when as near)
+    even, uneven = torch.tensor([0.0, 1, 1, 1, 1, 2]), torch.tensor([0.0, 0, 1, 1, 1, 1, 1, 2])
+    assert allocate([even], skip=0.5, floor=0.5) == [2.0]  # 3 wanted: 1 or 5 skip, 5 chosen
+    assert allocate([uneven], skip=0.5, floor=0.5) == [1.0]  # 4 wanted: 2 or 7 skip, 2 chosen
 
 
 def test_bad_input_targets_short_text_and_rows():

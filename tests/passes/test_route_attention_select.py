@@ -31,8 +31,9 @@ def _select(sink: int | None = 0):
     return gm, condfx.apply(gm, f"route-attention{{form=select,window={WINDOW}{extra}}}").graph_module
 
 
-def _routed_half(gm):
-    """A copy of ``gm`` whose routers send about half the tokens to global attention."""
+def _routed_half(gm, correct: float = 0.0):
+    """A copy of ``gm`` whose routers send about half the tokens to global attention (and whose window
+    corrections are random with scale ``correct``)."""
     import copy
 
     out = copy.deepcopy(gm)
@@ -41,6 +42,9 @@ def _routed_half(gm):
         for r in find_routed_layers(out):
             r.state.router_weight.normal_(0, 1.0, generator=g)
             r.state.threshold.fill_(0.0)
+            if correct:
+                for name in ("correct_down", "correct_up", "correct_bias"):
+                    getattr(r.state, name).normal_(0, correct, generator=g)
     return out
 
 
@@ -51,7 +55,7 @@ def test_numerics_exact_at_insertion():
         assert (gm(ids) - sel(ids)).abs().max().item() <= 1e-5
     layers = find_routed_layers(sel)
     assert [r.layer for r in layers] == [0, 1, 2, 3, 4]
-    assert all(set(r.nodes) == {"route", "routed", "window", "out", "input"} for r in layers)
+    assert all(set(r.nodes) == {"route", "routed", "window", "corrected", "out", "input"} for r in layers)
     assert all(int(op.args[4]) == WINDOW for op in (r.nodes["window"] for r in layers))
 
 
@@ -92,13 +96,33 @@ def test_numerics_unrouted_rows_are_window_attention_and_routed_rows_full():
     assert all(0.0 < f < 1.0 for f in fractions), fractions
 
 
+def test_numerics_window_correction_only_where_keys_fall_outside_the_window():
+    """A random correction changes the tokens that skip, from position window + sink on; before it the
+    window branch is already the full attention and the model stays the original."""
+    gm, sel = _select(None)
+    noisy = _routed_half(sel, correct=0.1)
+    plain = _routed_half(sel)
+    ids = _ids(30)
+    with torch.no_grad():
+        for model in (noisy, plain):
+            for r in find_routed_layers(model):
+                r.state.threshold.fill_(float("inf"))  # no token routes
+        first = WINDOW + 4  # window + the default 4 sinks
+        torch.testing.assert_close(noisy(ids)[:, :first], gm(ids)[:, :first], atol=1e-5, rtol=1e-5)
+        assert (noisy(ids)[:, first:] - plain(ids)[:, first:]).abs().amax(-1).min() > 1e-3
+    layers = find_routed_layers(noisy)
+    assert all(int(r.state.correct_from) == first and r.state.correct_down.shape[0] == 64 for r in layers)
+    bare = condfx.apply(gm, f"route-attention{{form=select,window={WINDOW},correct=0}}").graph_module
+    assert all("corrected" not in r.nodes and not hasattr(r.state, "correct_up") for r in find_routed_layers(bare))
+
+
 @pytest.mark.slow  # about 170 s on the shared 2-core machine: add-kv-cache's re-export and the ONNX export
 def test_decode_torch_and_onnx_sessions_match_full_forward():
     pytest.importorskip("onnxruntime")
     from condfx.runtime.onnx_backend import OnnxBackend
 
-    _, sel = _select(None)  # the default: the window branch keeps 4 sink tokens
-    half = _routed_half(sel)
+    _, sel = _select(None)  # the default: the window branch keeps 4 sink tokens, a rank-128 correction
+    half = _routed_half(sel, correct=0.1)  # decode must offset the correction's positions as RoPE's
     decode = condfx.apply(half, "add-kv-cache").graph_module
     ids = _ids(16, 1)
     with torch.no_grad():
@@ -118,6 +142,8 @@ def test_decode_torch_and_onnx_sessions_match_full_forward():
         ({"form": "select", "skip": 0.0}, r"skip must be None or a number > 0"),
         ({"form": "add", "skip": 0.5}, "read by form=select only"),
         ({"form": "add", "sink": 4}, "read by form=select only"),
+        ({"form": "add", "correct": 8}, "read by form=select only"),
+        ({"form": "select", "correct": -1}, "correct must be None or an int >= 0"),
         ({"form": "select", "sink": -1}, "sink must be None or an int >= 0"),
         ({"form": "select", "skip": 0.5, "floor": 0.6}, "floor=0.6 must be at most skip=0.5"),
         ({"form": "other"}, "form must be one of {add, select}"),
