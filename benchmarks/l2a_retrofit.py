@@ -36,6 +36,7 @@ from condfx.data import data_file
 from condfx.l2a import l2a_view
 from condfx.l2a_retrofit import (
     calibrate_select,
+    copy_rows,
     fit_corrections,
     forced_routes,
     oracle_labels,
@@ -176,6 +177,7 @@ def run(args) -> dict:
     c0, w0 = time.process_time(), time.perf_counter()
     corrected = fit_corrections(sel, calib)
     labels = oracle_labels(sel, calib, progress=lambda d, t: print(f"  labels {d}/{t} ({time.perf_counter() - t_start:.0f} s)", flush=True), corrections=corrected)
+    teach = oracle_labels(sel, copy_rows(calib, args.window)) if args.copy_rows else None
     label_cpu, label_wall = time.process_time() - c0, time.perf_counter() - w0
     eval_labels = [oracle_labels(sel, [c]) for c in chunks]
     eval_costs = [lab.costs for lab in eval_labels]
@@ -185,7 +187,7 @@ def run(args) -> dict:
         floor = min(target, args.floor) if args.floor else None
         c1, w1 = time.process_time(), time.perf_counter()
         cal = calibrate_select(sel, calib, skip=target, floor=floor, labels=labels, rounds=args.rounds,
-                               refits=args.refits)
+                               refits=args.refits, teach=teach)
         fit_cpu, fit_wall = time.process_time() - c1, time.perf_counter() - w1
         learned, skip = _ppl_routed(sel, chunks)
         oracle, oskip = _ppl_oracle(forced, chunks, eval_costs, cal.oracle_thresholds)
@@ -209,7 +211,8 @@ def run(args) -> dict:
                                           chat=args.passkey_chat)}
             print(json.dumps(passkey), flush=True)
     return {"model": args.model, "text": args.text, "calib": args.calib, "window": args.window, "sink": args.sink, "correct": args.correct,
-            "corrected_layers": len(corrected.layers) if corrected else 0, "rounds": args.rounds, "refits": args.refits,
+            "corrected_layers": len(corrected.layers) if corrected else 0,
+            "copy_rows": args.copy_rows, "rounds": args.rounds, "refits": args.refits,
             "context": args.context, "eval_tokens": sum(c.numel() for c in chunks),
             "calib_tokens": sum(c.numel() for c in calib), "layers": len(select_layers(sel)),
             **{f"{k}_ppl": v for k, v in base.items()}, "rows": rows, "passkey": passkey,
@@ -294,6 +297,8 @@ def main() -> None:
     parser.add_argument("--sink", type=int, default=4, help="first tokens the window branch keeps reading")
     parser.add_argument("--correct", type=int, default=128,
                         help="rank of the window correction (route-attention{correct=R}); 0: none")
+    parser.add_argument("--copy-rows", action="store_true",
+                        help="also fit the router heads on calibration rows that repeat their first half")
     parser.add_argument("--targets", default="0.5,0.6,0.7,0.8")
     parser.add_argument("--floor", type=float, default=None, help="per-layer least skip (default: the target)")
     parser.add_argument("--rounds", type=int, default=2, help="closed-loop threshold rounds (calibrate_select)")

@@ -164,10 +164,12 @@ def _route_tokens(cfg, budget: Budget) -> int:
 def _select_after(gm: fx.GraphModule, p: Pass, batches, budget: Budget, progress: Progress):
     """The window corrections and the oracle labels on the calibration text in rows of the model's
     context (``context``, else at least 4 windows), then the routers' fit and thresholds
-    (``l2a_retrofit.fit_corrections``, ``oracle_labels``, ``calibrate_select``)."""
+    (``l2a_retrofit.fit_corrections``, ``oracle_labels``, also on ``copy_rows`` to teach the heads,
+    ``calibrate_select``)."""
     from condfx.l2a_retrofit import (
         calibrate_select,
         check_calibration_rows,
+        copy_rows,
         fit_corrections,
         oracle_labels,
         select_layers,
@@ -184,7 +186,12 @@ def _select_after(gm: fx.GraphModule, p: Pass, batches, budget: Budget, progress
     corrections = fit_corrections(gm, rows, progress=lambda done, total: progress(first, done, total))
     progress(stage, 0, len(rows))
     labels = oracle_labels(gm, rows, lambda done, total: progress(stage, done, total), corrections)
-    cal = calibrate_select(gm, rows, skip=skip, floor=cfg.floor, labels=labels)
+    copies, teach = copy_rows(rows, cfg.window), None
+    if copies:  # rows repeating their first half: the heads also learn what a token recalling far context is
+        again = "route-attention: oracle labels (copy rows)"
+        progress(again, 0, len(copies))
+        teach = oracle_labels(gm, copies, lambda done, total: progress(again, done, total))
+    cal = calibrate_select(gm, rows, skip=skip, floor=cfg.floor, labels=labels, teach=teach)
     named = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
     fitted = ("router_weight", "router_bias", "threshold", "correct_down", "correct_up", "correct_bias")
     state = {f"{r.prefix}.l2a.{n}": named[f"{r.prefix}.l2a.{n}"]

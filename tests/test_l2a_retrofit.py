@@ -16,6 +16,7 @@ from condfx.l2a import l2a_view, record_route_stats, route_fractions, window_onl
 from condfx.l2a_retrofit import (
     allocate,
     calibrate_select,
+    copy_rows,
     fit_corrections,
     fit_head,
     forced_routes,
@@ -73,7 +74,8 @@ def test_calibration_inside_apply_skips_the_target_in_every_layer():
     result, seen = _calibrated()
     record = result.calibrations[0]
     assert record.need is Need.CALIBRATION and record.calibrated and "oracle-taught routers" in record.summary
-    assert seen[-1] == ("route-attention: oracle labels", 4, 4)
+    assert ("route-attention: window corrections", 4, 4) in seen and ("route-attention: oracle labels", 4, 4) in seen
+    assert seen[-1] == ("route-attention: oracle labels (copy rows)", 4, 4)
     assert sorted({k.rsplit(".", 1)[-1] for k in result.state}) == [
         "correct_bias", "correct_down", "correct_up", "router_bias", "router_weight", "threshold"]
     calib = torch.tensor(ids[:512]).reshape(4, 128)
@@ -175,6 +177,28 @@ def test_window_corrections_lower_the_cost_of_skipping_on_held_out_text():
     tiny = condfx.apply(gm, f"route-attention{{form=select,window={WINDOW}}}").graph_module
     fit_corrections(tiny, [torch.tensor(ids[:96]).reshape(2, 48)])  # 28 tokens per fold, 128 features
     assert any(float(r.state.correct_up.abs().max()) == 0.0 for r in select_layers(tiny))
+
+
+def test_copy_rows_teach_the_heads_and_set_no_threshold():
+    """Rows that repeat their first half (copy_rows) are labelled and fitted by the heads, while the
+    thresholds still skip the target on the calibration rows themselves; the oracle marks the copied
+    half's tokens costlier than the same tokens the first time."""
+    gm, ids = _stories()
+    rows = [torch.tensor(ids[:512]).reshape(4, 128)]
+    copies = copy_rows(rows, WINDOW)
+    assert [c.shape for c in copies] == [(4, 128)] and torch.equal(copies[0][:, 64:], rows[0][:, :64])
+    assert copy_rows(rows, 64) == []  # a copy 64 tokens back would still be inside a 64-token window
+    sel = condfx.apply(gm, f"route-attention{{form=select,window={WINDOW}}}").graph_module
+    labels = oracle_labels(sel, rows, corrections=fit_corrections(sel, rows))
+    teach = oracle_labels(sel, copies)
+    second = teach.positions >= 64 + WINDOW
+    first = (teach.positions >= WINDOW) & (teach.positions < 64)
+    assert sum(float(c[second].mean() / c[first].mean()) for c in teach.costs) / len(teach.costs) > 1.2
+    plain = copy.deepcopy(sel)
+    calibrate_select(plain, rows, skip=0.6, labels=labels)
+    cal = calibrate_select(sel, rows, skip=0.6, labels=labels, teach=teach)
+    assert all(abs(s - 0.6) < 0.02 for s in cal.skip), cal.skip
+    assert not torch.equal(select_layers(plain)[1].state.router_weight, select_layers(sel)[1].state.router_weight)
 
 
 def test_allocate_spends_extra_skips_where_cheap_above_the_floor():
