@@ -102,6 +102,8 @@ __all__ = ["Corrections", "OracleLabels", "SelectCalibration", "allocate", "cali
            "select_layers", "set_forced_routes"]
 
 _EPS = 1e-4  # floor of the cost inside the log: changes below it are all "free"
+_CORRECTION = ("correct_down", "correct_up", "correct_bias")  # the window correction's parameters
+_RIDGES = (1e-3, 1e-2, 1e-1, 1.0)  # the corrections' ridges tried, relative to the mean feature variance
 # the output projection ending a select layer's chain of reshapes (captured graphs are ATen-level)
 _PROJECTIONS = frozenset({torch.ops.aten.linear.default, torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
                           torch.ops.aten.matmul.default})
@@ -343,12 +345,6 @@ class Corrections:
                     getattr(state, name).copy_(value.to(getattr(state, name).dtype))
 
 
-_CORRECTION = ("correct_down", "correct_up", "correct_bias")
-
-
-_RIDGES = (1e-3, 1e-2, 1e-1, 1.0)  # relative to the mean feature variance
-
-
 def _choose_ridge(folds: list[_Moments | None], rank: int) -> float | None:
     """The ridge of ``_RIDGES`` with the least error on held-out folds (each fold scored by the fit on
     the others), or None when none beats no correction there; 1e-2 without two folds to compare."""
@@ -587,8 +583,8 @@ def calibrate_select(gm: fx.GraphModule, batches: Sequence[torch.Tensor], skip: 
         progress: ``progress(done, total)`` over the batches.
         labels: labels already computed on ``batches`` (``oracle_labels``), to share them; the caller
             has then fitted the window corrections (``fit_corrections``) and given them to
-            ``oracle_labels``. Without
-            labels, the corrections are fitted here first, then the labels computed.
+            ``oracle_labels``. Without labels, the corrections are fitted here first, then the
+            labels computed.
         rounds: closed-loop threshold rounds (module docstring), one forward per batch each.
         refits: closed-loop refits of the heads (module docstring), each one forward per batch and
             then ``rounds`` threshold rounds again.
