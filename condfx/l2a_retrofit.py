@@ -74,9 +74,11 @@ more than a window back); their oracle labels mark the copied tokens costly (on 
 the cost of the same tokens the first time), and ``calibrate_select(teach=...)`` fits the heads to
 those tokens too, while the thresholds are still allocated on the calibration rows alone (the copies
 would otherwise make natural text skip more than the target). ``condfx.apply`` / ``optimize`` use
-them. On SmolLM2 (window 128, full-rank correction, target 0.68) they took the learned router from
-+5.0% to +3.7% perplexity at the same skip (min 0.61, mean 0.66 on the scored text); passkey
-retrieval stayed at 0 of 10 (the oracle router: 4 of 10, the original 5).
+them with ``route-attention{copies=true}``. On SmolLM2 (window 128, full-rank correction, target
+0.68, calibrated and scored on WikiText) they took the learned router from +5.0% to +3.7% perplexity
+at the same skip (min 0.61, mean 0.66 on the scored text); passkey retrieval stayed at 0 of 10 (the
+oracle router: 4 of 10, the original 5). Calibrated on the essays and scored on WikiText (window 256,
+60% target, rank 0) they raised the loss from +0.05% to +0.7%: off by default.
 
 The oracle router (``OracleRouter``) uses the labels themselves as decisions, with thresholds
 allocated the same way on the true costs: the best any router of the same decision rule can do,

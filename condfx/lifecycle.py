@@ -164,8 +164,8 @@ def _route_tokens(cfg, budget: Budget) -> int:
 def _select_after(gm: fx.GraphModule, p: Pass, batches, budget: Budget, progress: Progress):
     """The window corrections and the oracle labels on the calibration text in rows of the model's
     context (``context``, else at least 4 windows), then the routers' fit and thresholds
-    (``l2a_retrofit.fit_corrections``, ``oracle_labels``, also on ``copy_rows`` to teach the heads,
-    ``calibrate_select``)."""
+    (``l2a_retrofit.fit_corrections``, ``oracle_labels``, with ``copies`` also on ``copy_rows`` to
+    teach the heads, ``calibrate_select``)."""
     from condfx.l2a_retrofit import (
         calibrate_select,
         check_calibration_rows,
@@ -186,7 +186,7 @@ def _select_after(gm: fx.GraphModule, p: Pass, batches, budget: Budget, progress
     corrections = fit_corrections(gm, rows, progress=lambda done, total: progress(first, done, total))
     progress(stage, 0, len(rows))
     labels = oracle_labels(gm, rows, lambda done, total: progress(stage, done, total), corrections)
-    copies, teach = copy_rows(rows, cfg.window), None
+    copies, teach = (copy_rows(rows, cfg.window) if cfg.copies else []), None
     if copies:  # rows repeating their first half: the heads also learn what a token recalling far context is
         again = "route-attention: oracle labels (copy rows)"
         progress(again, 0, len(copies))

@@ -37,7 +37,7 @@ from tests._iha import captured
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 WINDOW = 16
-SPEC = f"route-attention{{form=select,window={WINDOW},skip=0.6}}"
+SPEC = f"route-attention{{form=select,window={WINDOW},skip=0.6,copies=true}}"
 
 
 @functools.cache

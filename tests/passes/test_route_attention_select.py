@@ -143,6 +143,8 @@ def test_decode_torch_and_onnx_sessions_match_full_forward():
         ({"form": "add", "skip": 0.5}, "read by form=select only"),
         ({"form": "add", "sink": 4}, "read by form=select only"),
         ({"form": "add", "correct": 8}, "read by form=select only"),
+        ({"form": "add", "copies": True}, "read by form=select only"),
+        ({"form": "select", "copies": 1}, "copies must be None or a bool"),
         ({"form": "select", "correct": -1}, "correct must be None or an int >= 0"),
         ({"form": "select", "sink": -1}, "sink must be None or an int >= 0"),
         ({"form": "select", "skip": 0.5, "floor": 0.6}, "floor=0.6 must be at most skip=0.5"),
