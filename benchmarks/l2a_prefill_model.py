@@ -157,8 +157,8 @@ def main() -> None:
     parser.add_argument("--form", choices=("add", "select"), default="select",
                         help="route-attention form: select (the retrofit; routes forced) or add (the paper's)")
     parser.add_argument("--sink", type=int, default=4, help="form=select: sink tokens of the window branch")
-    parser.add_argument("--correct", type=int, default=128,
-                        help="form=select: rank of the window correction (0: none, as before it existed)")
+    parser.add_argument("--correct", type=int, default=0,
+                        help="form=select: rank of the window correction (0: none, the pass default)")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (Triton kernels registered)")
     parser.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="on a GPU")
     parser.add_argument("--routed", type=float, default=0.2)

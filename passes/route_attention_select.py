@@ -12,7 +12,7 @@ normed stream the attention reads):
                    op lacks): condfx.attention(q, k, v, scale, window, opts)
           fix    = win + (cat(x_in, win) @ D^T @ U^T + c) * (pos >= exact)   # the window correction
           where(route[:, None, :, None], glob, fix)          # before the output projection
-  The correction (``correct``, rank r, default 128; 0 leaves it out) predicts, from the token's attention
+  The correction (``correct``, rank r; default 0: none) predicts, from the token's attention
   input and its window output, what the keys outside the window would have added: D (r, d + H*D),
   U (H*D, r) and c (H*D) are zero at insertion and fitted by least squares on calibration text
   (``condfx.l2a_retrofit.fit_corrections``). ``pos`` is the graph's position arange (the one RoPE or a

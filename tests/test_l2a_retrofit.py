@@ -37,7 +37,7 @@ from tests._iha import captured
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 WINDOW = 16
-SPEC = f"route-attention{{form=select,window={WINDOW},skip=0.6,copies=true}}"
+SPEC = f"route-attention{{form=select,window={WINDOW},skip=0.6,correct=128,copies=true}}"
 
 
 @functools.cache
@@ -161,7 +161,7 @@ def test_window_corrections_lower_the_cost_of_skipping_on_held_out_text():
     gm, _ = _stories()
     tok = Llama2cTokenizer.from_file(require_data("tok512.bin"))
     ids = tok.encode(require_data("tinystories_valid_head.txt").read_text()[:80000], bos=True, eos=False)
-    sel = condfx.apply(gm, f"route-attention{{form=select,window={WINDOW}}}").graph_module
+    sel = condfx.apply(gm, f"route-attention{{form=select,window={WINDOW},correct=128}}").graph_module
     rows, held = [torch.tensor(ids[:4096]).reshape(16, 256)], [torch.tensor(ids[4096:5120]).reshape(4, 256)]
     before = oracle_labels(sel, held)
     fitted = fit_corrections(sel, rows)
@@ -174,7 +174,7 @@ def test_window_corrections_lower_the_cost_of_skipping_on_held_out_text():
     crossed, insample = oracle_labels(sel, rows, corrections=fitted), oracle_labels(sel, rows)
     assert sum(float(c.mean()) for c in crossed.costs) > sum(float(c.mean()) for c in insample.costs)
     assert all(torch.equal(f, r.state.correct_up) for f, r in zip(final, select_layers(sel), strict=True))
-    tiny = condfx.apply(gm, f"route-attention{{form=select,window={WINDOW}}}").graph_module
+    tiny = condfx.apply(gm, f"route-attention{{form=select,window={WINDOW},correct=128}}").graph_module
     fit_corrections(tiny, [torch.tensor(ids[:96]).reshape(2, 48)])  # 28 tokens per fold, 128 features
     assert any(float(r.state.correct_up.abs().max()) == 0.0 for r in select_layers(tiny))
 
@@ -188,7 +188,7 @@ def test_copy_rows_teach_the_heads_and_set_no_threshold():
     copies = copy_rows(rows, WINDOW)
     assert [c.shape for c in copies] == [(4, 128)] and torch.equal(copies[0][:, 64:], rows[0][:, :64])
     assert copy_rows(rows, 64) == []  # a copy 64 tokens back would still be inside a 64-token window
-    sel = condfx.apply(gm, f"route-attention{{form=select,window={WINDOW}}}").graph_module
+    sel = condfx.apply(gm, f"route-attention{{form=select,window={WINDOW},correct=128}}").graph_module
     labels = oracle_labels(sel, rows, corrections=fit_corrections(sel, rows))
     teach = oracle_labels(sel, copies)
     second = teach.positions >= 64 + WINDOW

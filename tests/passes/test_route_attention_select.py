@@ -28,7 +28,7 @@ def _ids(t: int = 24, b: int = 2) -> torch.Tensor:
 def _select(sink: int | None = 0):
     gm, _ = captured("stories260K")
     extra = "" if sink is None else f",sink={sink}"
-    return gm, condfx.apply(gm, f"route-attention{{form=select,window={WINDOW}{extra}}}").graph_module
+    return gm, condfx.apply(gm, f"route-attention{{form=select,window={WINDOW},correct=128{extra}}}").graph_module
 
 
 def _routed_half(gm, correct: float = 0.0):
@@ -112,7 +112,7 @@ def test_numerics_window_correction_only_where_keys_fall_outside_the_window():
         assert (noisy(ids)[:, first:] - plain(ids)[:, first:]).abs().amax(-1).min() > 1e-3
     layers = find_routed_layers(noisy)
     assert all(int(r.state.correct_from) == first and r.state.correct_down.shape[0] == 64 for r in layers)
-    bare = condfx.apply(gm, f"route-attention{{form=select,window={WINDOW},correct=0}}").graph_module
+    bare = condfx.apply(gm, f"route-attention{{form=select,window={WINDOW}}}").graph_module  # the default: none
     assert all("corrected" not in r.nodes and not hasattr(r.state, "correct_up") for r in find_routed_layers(bare))
 
 
