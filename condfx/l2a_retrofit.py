@@ -90,6 +90,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -98,13 +99,15 @@ from torch import fx
 from condfx.passes._insert import output_view
 from condfx.patterns.routed import TAG, RoutedLayer, find_routed_layers
 
-__all__ = ["Corrections", "OracleLabels", "SelectCalibration", "allocate", "calibrate_select", "copy_rows",
-           "fit_corrections", "fit_head",
+__all__ = ["STATE_NAMES", "Corrections", "OracleLabels", "SelectCalibration", "allocate", "calibrate_select",
+           "copy_rows", "corrected_layers", "fit_corrections", "fit_head",
            "forced_routes", "oracle_labels", "oracle_routes", "projection_chain", "routed_features", "router_scores",
            "select_layers", "set_forced_routes"]
 
 _EPS = 1e-4  # floor of the cost inside the log: changes below it are all "free"
 _CORRECTION = ("correct_down", "correct_up", "correct_bias")  # the window correction's parameters
+# what calibration sets per select layer under ``<prefix>.l2a`` (the correction's only where there is one)
+STATE_NAMES = ("router_weight", "router_bias", "threshold", *_CORRECTION)
 _RIDGES = (1e-3, 1e-2, 1e-1, 1.0)  # the corrections' ridges tried, relative to the mean feature variance
 # the output projection ending a select layer's chain of reshapes (captured graphs are ATen-level)
 _PROJECTIONS = frozenset({torch.ops.aten.linear.default, torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
@@ -137,14 +140,25 @@ class OracleLabels:
     positions: torch.Tensor
 
 
-def _thresholds(layers: list[RoutedLayer]) -> list[torch.Tensor]:
-    return [r.state.threshold.detach().clone() for r in layers]
-
-
-def _route_all(layers: list[RoutedLayer]) -> None:
+@contextmanager
+def _all_routed(layers: list[RoutedLayer]):
+    """Every token of ``layers`` routes inside the block (the original model); their thresholds are
+    restored after it, also when it fails."""
+    saved = [r.state.threshold.detach().clone() for r in layers]
     with torch.no_grad():
         for r in layers:
             r.state.threshold.fill_(float("-inf"))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for r, t in zip(layers, saved, strict=True):
+                r.state.threshold.copy_(t)
+
+
+def corrected_layers(gm: fx.GraphModule) -> list[RoutedLayer]:
+    """The select layers of ``gm`` with a window correction (``route-attention{correct=r}``, r > 0)."""
+    return [r for r in select_layers(gm) if "corrected" in r.nodes]
 
 
 def layer_costs(full: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
@@ -233,18 +247,16 @@ def oracle_labels(gm: fx.GraphModule, batches: Sequence[torch.Tensor],
     afterwards. The graph's thresholds are restored afterwards.
     """
     layers = select_layers(gm)
-    saved = _thresholds(layers)
-    _route_all(layers)
     n = len(layers)
     view, chains, names = _label_view(gm, layers)
     costs, feats, pos = [[] for _ in layers], [[] for _ in layers], []
     index = 0
     try:
-        with torch.no_grad():
+        with _all_routed(layers), torch.no_grad():
             for i, ids in enumerate(batches):
                 for row in ids:
                     if corrections is not None:
-                        corrections.use(gm, index % corrections.folds)
+                        corrections.use(layers, index % corrections.folds)
                     index += 1
                     out = view(row[None])
                     env = dict(zip(names, out[1 + 3 * n :], strict=True))
@@ -257,10 +269,7 @@ def oracle_labels(gm: fx.GraphModule, batches: Sequence[torch.Tensor],
                     progress(i + 1, len(batches))
     finally:
         if corrections is not None:
-            corrections.use(gm, None)
-        with torch.no_grad():
-            for r, t in zip(layers, saved, strict=True):
-                r.state.threshold.copy_(t)
+            corrections.use(layers, None)
     return OracleLabels([r.layer for r in layers], [torch.cat(c) for c in costs],
                         [torch.cat(f) for f in feats], torch.cat(pos))
 
@@ -336,10 +345,11 @@ class Corrections:
     held_out: tuple[tuple[tuple[torch.Tensor, ...], ...], ...]
     final: tuple[tuple[torch.Tensor, ...], ...]
 
-    def use(self, gm: fx.GraphModule, fold: int | None) -> None:
-        """Sets the corrections fitted without ``fold``'s rows (None: the final ones) in ``gm``."""
+    def use(self, layers: list[RoutedLayer], fold: int | None) -> None:
+        """Sets the corrections fitted without ``fold``'s rows (None: the final ones) in ``layers``
+        (the graph's select layers, or those with a correction)."""
         chosen = self.final if fold is None or self.folds < 2 else self.held_out[fold]
-        by_prefix = {r.prefix: r for r in select_layers(gm)}
+        by_prefix = {r.prefix: r for r in layers}
         with torch.no_grad():
             for prefix, params in zip(self.layers, chosen, strict=True):
                 state = by_prefix[prefix].state
@@ -380,13 +390,11 @@ def fit_corrections(gm: fx.GraphModule, batches: Sequence[torch.Tensor],
     16-45% of held-out tokens instead of 60%). The corrections are zeroed before the pass (the window
     output is then the raw window attention) and the thresholds restored after it.
     """
-    layers = [r for r in select_layers(gm) if "corrected" in r.nodes]
+    layers = corrected_layers(gm)
     if not layers:
         return None
     rows = sum(int(ids.shape[0]) for ids in batches)
     folds = max(1, min(folds, rows))
-    saved = _thresholds(layers)
-    _route_all(layers)
     with torch.no_grad():
         for r in layers:
             for name in _CORRECTION:
@@ -395,46 +403,41 @@ def fit_corrections(gm: fx.GraphModule, batches: Sequence[torch.Tensor],
     n = len(layers)
     moments: list[list[_Moments | None]] = [[None] * n for _ in range(folds)]  # fold → layer
     row = 0
-    try:
-        with torch.no_grad():
-            for i, ids in enumerate(batches):
-                for one in ids:
-                    out = view(one[None])
-                    pos = torch.arange(one.numel())
-                    for j, r in enumerate(layers):
-                        x, full, win = out[1 + j][0], out[1 + n + j][0], out[1 + 2 * n + j][0]
-                        at = pos >= int(r.state.correct_from)
-                        flat = win.transpose(0, 1).flatten(1)  # (T, H*D)
-                        f = torch.cat([x.reshape(flat.shape[0], -1).to(flat.dtype), flat], -1)[at]
-                        y = (full - win).transpose(0, 1).flatten(1)[at]
-                        m = moments[row % folds]
-                        if m[j] is None:
-                            m[j] = _Moments(f.shape[1], y.shape[1])
-                        m[j].add(f, y)
-                    row += 1
-                if progress is not None:
-                    progress(i + 1, len(batches))
-        shapes = [tuple(getattr(r.state, name).shape for name in _CORRECTION) for r in layers]
-        ridges = [_choose_ridge([m[j] for m in moments], shapes[j][0][0]) for j in range(n)]
+    with _all_routed(layers), torch.no_grad():
+        for i, ids in enumerate(batches):
+            for one in ids:
+                out = view(one[None])
+                pos = torch.arange(one.numel())
+                for j, r in enumerate(layers):
+                    x, full, win = out[1 + j][0], out[1 + n + j][0], out[1 + 2 * n + j][0]
+                    at = pos >= int(r.state.correct_from)
+                    flat = win.transpose(0, 1).flatten(1)  # (T, H*D)
+                    f = torch.cat([x.reshape(flat.shape[0], -1).to(flat.dtype), flat], -1)[at]
+                    y = (full - win).transpose(0, 1).flatten(1)[at]
+                    m = moments[row % folds]
+                    if m[j] is None:
+                        m[j] = _Moments(f.shape[1], y.shape[1])
+                    m[j].add(f, y)
+                row += 1
+            if progress is not None:
+                progress(i + 1, len(batches))
+    shapes = [tuple(getattr(r.state, name).shape for name in _CORRECTION) for r in layers]
+    ridges = [_choose_ridge([m[j] for m in moments], shapes[j][0][0]) for j in range(n)]
 
-        def fit(chosen: list[int]) -> tuple[tuple[torch.Tensor, ...], ...]:
-            out = []
-            for j, ridge in enumerate(ridges):
-                parts = [moments[k][j] for k in chosen if moments[k][j] is not None]
-                if ridge is None or not parts:  # no correction helps this layer on held-out rows
-                    out.append(tuple(torch.zeros(shape, dtype=torch.float64) for shape in shapes[j]))
-                else:
-                    out.append(_Moments.pooled(parts).reduced_rank(shapes[j][0][0], ridge))
-            return tuple(out)
+    def fit(chosen: list[int]) -> tuple[tuple[torch.Tensor, ...], ...]:
+        out = []
+        for j, ridge in enumerate(ridges):
+            parts = [moments[k][j] for k in chosen if moments[k][j] is not None]
+            if ridge is None or not parts:  # no correction helps this layer on held-out rows
+                out.append(tuple(torch.zeros(shape, dtype=torch.float64) for shape in shapes[j]))
+            else:
+                out.append(_Moments.pooled(parts).reduced_rank(shapes[j][0][0], ridge))
+        return tuple(out)
 
-        final = fit(list(range(folds)))
-        held = tuple(fit([k for k in range(folds) if k != f]) for f in range(folds)) if folds > 1 else ()
-        fitted = Corrections(tuple(r.prefix for r in layers), folds, held, final)
-        fitted.use(gm, None)
-    finally:
-        with torch.no_grad():
-            for r, t in zip(layers, saved, strict=True):
-                r.state.threshold.copy_(t)
+    final = fit(list(range(folds)))
+    held = tuple(fit([k for k in range(folds) if k != f]) for f in range(folds)) if folds > 1 else ()
+    fitted = Corrections(tuple(r.prefix for r in layers), folds, held, final)
+    fitted.use(layers, None)
     return fitted
 
 

@@ -167,6 +167,7 @@ def _select_after(gm: fx.GraphModule, p: Pass, batches, budget: Budget, progress
     (``l2a_retrofit.fit_corrections``, ``oracle_labels``, with ``copies`` also on ``copy_rows`` to
     teach the heads, ``calibrate_select``)."""
     from condfx.l2a_retrofit import (
+        STATE_NAMES,
         calibrate_select,
         check_calibration_rows,
         copy_rows,
@@ -193,9 +194,8 @@ def _select_after(gm: fx.GraphModule, p: Pass, batches, budget: Budget, progress
         teach = oracle_labels(gm, copies, lambda done, total: progress(again, done, total))
     cal = calibrate_select(gm, rows, skip=skip, floor=cfg.floor, labels=labels, teach=teach)
     named = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
-    fitted = ("router_weight", "router_bias", "threshold", "correct_down", "correct_up", "correct_bias")
     state = {f"{r.prefix}.l2a.{n}": named[f"{r.prefix}.l2a.{n}"]
-             for r in select_layers(gm) for n in fitted if f"{r.prefix}.l2a.{n}" in named}
+             for r in select_layers(gm) for n in STATE_NAMES if f"{r.prefix}.l2a.{n}" in named}
     return state, cal.summary()
 
 
