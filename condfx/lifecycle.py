@@ -171,6 +171,7 @@ def _select_after(gm: fx.GraphModule, p: Pass, batches, budget: Budget, progress
         calibrate_select,
         check_calibration_rows,
         copy_rows,
+        corrected_layers,
         fit_corrections,
         oracle_labels,
         select_layers,
@@ -182,9 +183,10 @@ def _select_after(gm: fx.GraphModule, p: Pass, batches, budget: Budget, progress
     rows = [stream[i : i + length][None] for i in range(0, stream.numel() - length + 1, length)]
     check_calibration_rows(rows, cfg.window)
     skip = cfg.skip if cfg.skip is not None else 1.0 - budget.route_target
-    first, stage = "route-attention: window corrections", "route-attention: oracle labels"
-    progress(first, 0, len(rows))
-    corrections = fit_corrections(gm, rows, progress=lambda done, total: progress(first, done, total))
+    first, stage, corrections = "route-attention: window corrections", "route-attention: oracle labels", None
+    if corrected_layers(gm):  # correct=0 (the default) has nothing to fit: no stage that never moves
+        progress(first, 0, len(rows))
+        corrections = fit_corrections(gm, rows, progress=lambda done, total: progress(first, done, total))
     progress(stage, 0, len(rows))
     labels = oracle_labels(gm, rows, lambda done, total: progress(stage, done, total), corrections)
     copies, teach = (copy_rows(rows, cfg.window) if cfg.copies else []), None

@@ -85,6 +85,17 @@ def test_calibration_inside_apply_skips_the_target_in_every_layer():
     assert all(0.4 < 1 - f < 0.8 for f in route_fractions(result.graph_module, held_out))
 
 
+def test_calibration_without_a_correction_shows_no_correction_stage():
+    gm, ids = _stories()
+    budget = Budget(tokens=512, seq_len=128)
+    seen = []
+    result = _quiet(condfx.apply, gm, f"route-attention{{form=select,window={WINDOW},skip=0.6}}",
+                    calib=calibration_batches(ids, budget), budget=budget,
+                    progress=lambda stage, done, total: seen.append((stage, done, total)))
+    assert {stage for stage, _, _ in seen} == {"route-attention: oracle labels"}
+    assert sorted({k.rsplit(".", 1)[-1] for k in result.state}) == ["router_bias", "router_weight", "threshold"]
+
+
 def test_state_round_trips_and_is_refused_for_another_model(tmp_path):
     gm, ids = _stories()
     result, _ = _calibrated()
