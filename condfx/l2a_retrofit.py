@@ -33,10 +33,15 @@ router went from +5.6% perplexity to +1.1% with a full-rank correction (+1.5% at
 +6.5%), the learned router (open loop) from +8.4% to +2.5% (+3.4% at rank 128).
 
 Router fit. Each layer's router head (``router_weight``, ``router_bias``) is fitted by ridge least
-squares to the cost itself on its inference features (the attention input x_in), over the tokens
-past the window (the others carry no information: their cost is 0 by position, which the router does
-not see). The head then predicts a token's cost. Not its log: a least-squares fit of log(cost + 1e-4)
-spends itself on the order of magnitude of the many cheap tokens, while the decision turns on the
+squares to the cost itself on its inference features (the attention input x_in, and with
+``route-attention{router=window}`` the layer's window output beside it), over the tokens past the
+window (the others carry no information: their cost is 0 by position, which the router does not
+see). The head then predicts a token's cost. The ridge is chosen per layer on held-out rows
+(``_choose_head_ridge``: fitted on the even rows, scored on the odd ones and back, by the true cost of
+the skips each head picks): with the window output's 576 more features on SmolLM2 (WikiText, full-rank
+correction, copy rows, target 0.68) the fixed ridge gave +6.1% perplexity at a scored minimum skip of
+0.560 and the chosen ones +4.9% at 0.558; with x_in alone +3.7% and +3.8%, both at 0.61.
+Not its log: a least-squares fit of log(cost + 1e-4) spends itself on the order of magnitude of the many cheap tokens, while the decision turns on the
 expensive ones; on SmolLM2 (window 128, the heads' decisions taken at exactly 60% in every layer on
 features of the all-routed model) fitting log cost costs +10.9% perplexity, fitting the cost +8.3%
 (its square root +8.4%; a logistic or least-squares fit of the oracle's route/skip decision itself
@@ -80,7 +85,7 @@ at the same skip (min 0.61, mean 0.66 on the scored text); passkey retrieval sta
 oracle router: 4 of 10, the original 5). Calibrated on the essays and scored on WikiText (window 256,
 60% target, rank 0) they raised the loss from +0.05% to +0.7%: off by default.
 
-The oracle router (``OracleRouter``) uses the labels themselves as decisions, with thresholds
+The oracle router (``forced_routes`` + ``oracle_routes``) uses the labels themselves as decisions, with thresholds
 allocated the same way on the true costs: the best any router of the same decision rule can do,
 reported beside the learned one so that a miss says whether the method or the router is the limit.
 """
@@ -109,6 +114,7 @@ _CORRECTION = ("correct_down", "correct_up", "correct_bias")  # the window corre
 # what calibration sets per select layer under ``<prefix>.l2a`` (the correction's only where there is one)
 STATE_NAMES = ("router_weight", "router_bias", "threshold", *_CORRECTION)
 _RIDGES = (1e-3, 1e-2, 1e-1, 1.0)  # the corrections' ridges tried, relative to the mean feature variance
+_HEAD_RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # the router heads' ridges tried, the same way
 # the output projection ending a select layer's chain of reshapes (captured graphs are ATen-level)
 _PROJECTIONS = frozenset({torch.ops.aten.linear.default, torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
                           torch.ops.aten.matmul.default})
@@ -130,7 +136,8 @@ class OracleLabels:
     Attributes:
         layers: the layer indices, in order.
         costs: per layer, (N,) float32 change of the layer's output when skipping (module docstring).
-        features: per layer, (N, d) float32 router inputs.
+        features: per layer, (N, width) float32 router inputs (x_in, and the window output when the
+            router reads it).
         positions: (N,) int64 position of each token in its sequence.
     """
 
@@ -199,16 +206,21 @@ def _replay(chain: list[fx.Node], start: fx.Node, value: torch.Tensor, env: dict
     return cur
 
 
+def _router_input(node: fx.Node) -> fx.Node:
+    """What the router whose "route" node is ``node`` reads: route = ge(squeeze(linear(features)))."""
+    return node.args[0].args[0].args[0]
+
+
 def _skip_role(layer: RoutedLayer) -> str:
     """The role of what a skipping token reads: the corrected window when the layer has a correction."""
     return "corrected" if "corrected" in layer.nodes else "window"
 
 
 def _label_view(gm: fx.GraphModule, layers: list[RoutedLayer], raw: bool = False):
-    """(view, chains, names): ``view(ids)`` returns (logits, x_in per layer, full per layer, what a
-    skipping token reads per layer (the raw window output with ``raw``), then the value of every name
-    in ``names``: what the chains read besides their links); ``chains[j]`` is None where layer j has
-    no projection chain."""
+    """(view, chains, names): ``view(ids)`` returns (logits, per layer what the router reads (with
+    ``raw``: what the correction reads), full per layer, what a skipping token reads per layer (the
+    raw window output with ``raw``), then the value of every name in ``names``: what the chains read
+    besides their links); ``chains[j]`` is None where layer j has no projection chain."""
     chains = [projection_chain(r.nodes["out"]) for r in layers]
     names = list(dict.fromkeys(name for c, r in zip(chains, layers, strict=True) if c
                                for name in _outside(c, r.nodes["out"])))
@@ -218,10 +230,11 @@ def _label_view(gm: fx.GraphModule, layers: list[RoutedLayer], raw: bool = False
         by_name = {n.name: n for n in graph.nodes}
         logits = output.args[0]
         logits = logits[0] if isinstance(logits, (tuple, list)) else logits
-        roles = [("input",) * len(layers), ("routed",) * len(layers),
-                 ["window" if raw else _skip_role(r) for r in layers]]
+        roles = [("routed",) * len(layers), ["window" if raw else _skip_role(r) for r in layers]]
         tagged = (by_tag[(r.prefix, role)] for group in roles for r, role in zip(layers, group, strict=True))
-        return (logits, *tagged, *(by_name[name] for name in names))
+        reads = (by_tag[(r.prefix, "features")] if raw else _router_input(by_tag[(r.prefix, "route")])
+                 for r in layers)
+        return (logits, *reads, *tagged, *(by_name[name] for name in names))
 
     return output_view(gm, outputs), chains, names
 
@@ -411,8 +424,7 @@ def fit_corrections(gm: fx.GraphModule, batches: Sequence[torch.Tensor],
                 for j, r in enumerate(layers):
                     x, full, win = out[1 + j][0], out[1 + n + j][0], out[1 + 2 * n + j][0]
                     at = pos >= int(r.state.correct_from)
-                    flat = win.transpose(0, 1).flatten(1)  # (T, H*D)
-                    f = torch.cat([x.reshape(flat.shape[0], -1).to(flat.dtype), flat], -1)[at]
+                    f = x.reshape(one.numel(), -1)[at]  # (attention input, window output) per token
                     y = (full - win).transpose(0, 1).flatten(1)[at]
                     m = moments[row % folds]
                     if m[j] is None:
@@ -443,26 +455,58 @@ def fit_corrections(gm: fx.GraphModule, batches: Sequence[torch.Tensor],
 
 def fit_head(features: torch.Tensor, target: torch.Tensor, ridge: float = 1e-3) -> tuple[torch.Tensor, float]:
     """(w (d,), b): ridge least squares of ``target`` (N,) on ``features`` (N, d) with a bias."""
+    return _ridge_heads(features, target, (ridge,))[0]
+
+
+def _ridge_heads(features: torch.Tensor, target: torch.Tensor,
+                 ridges: Sequence[float]) -> list[tuple[torch.Tensor, float]]:
+    """``fit_head`` at each of ``ridges`` (relative to the mean feature variance), one Gram matrix."""
     x = features.double()
     mean, ymean = x.mean(0), target.double().mean()
     xc, yc = x - mean, target.double() - ymean
-    gram = xc.T @ xc
-    lam = ridge * float(gram.diagonal().mean()) + 1e-12
-    w = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), xc.T @ yc)
-    return w, float(ymean - mean @ w)
+    gram, xy = xc.T @ xc, xc.T @ yc
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    heads = []
+    for ridge in ridges:
+        lam = ridge * float(gram.diagonal().mean()) + 1e-12
+        w = torch.linalg.solve(gram + lam * eye, xy)
+        heads.append((w, float(ymean - mean @ w)))
+    return heads
+
+
+def _choose_head_ridge(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, skip: float,
+                       extra: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> float:
+    """The ridge of ``_HEAD_RIDGES`` whose head, fitted on half of the calibration rows (even / odd,
+    plus ``extra`` pairs), picks the cheapest skips on the other half: the least true cost of the
+    ``skip`` fraction of held-out tokens it predicts cheapest, both halves summed. ``x`` (N, d),
+    ``y`` (N,) a layer's tokens past the window, ``rows`` (N,) their row. 1e-3 without two rows."""
+    half = rows % 2 == 0
+    if bool(half.all()) or not bool(half.any()):
+        return 1e-3
+    spent = dict.fromkeys(_HEAD_RIDGES, 0.0)
+    for fit_on in (half, ~half):
+        fx_ = torch.cat([x[fit_on], *(f for f, _ in extra)])
+        fy = torch.cat([y[fit_on], *(t for _, t in extra)])
+        held_x, held_y = x[~fit_on].double(), y[~fit_on].double()
+        count = int(math.floor(skip * len(held_y)))
+        for ridge, (w, b) in zip(_HEAD_RIDGES, _ridge_heads(fx_, fy, _HEAD_RIDGES), strict=True):
+            spent[ridge] += float(held_y[(held_x @ w + b).argsort()[:count]].sum())
+    return min(spent, key=spent.get)
 
 
 def allocate(scores: list[torch.Tensor], skip: float, floor: float) -> list[float]:
     """Per-layer thresholds: skip a layer's token when its score < the layer's threshold.
 
-    Every layer skips at least ``floor`` of its tokens (its lowest scores); the rest of the budget
-    ``skip`` x all tokens goes to the lowest remaining scores across layers.
+    Every layer skips at least ``floor`` of its tokens (its lowest scores; a group of tied scores
+    that straddles the floor skips whole); the rest of the budget ``skip`` x all tokens goes to the
+    lowest remaining scores across layers.
     """
     if not 0.0 < floor <= skip < 1.0:
         msg = f"the skip targets must satisfy 0 < floor <= skip < 1; got floor={floor}, skip={skip}."
         raise ValueError(msg)
     ordered = [s.double().sort().values for s in scores]
-    counts = [int(math.floor(floor * len(s))) for s in ordered]
+    floors = [int(math.floor(floor * len(s))) for s in ordered]
+    counts = list(floors)
     extra = int(round(skip * sum(len(s) for s in ordered))) - sum(counts)
     if extra > 0:
         rest = torch.cat([s[c:] for s, c in zip(ordered, counts, strict=True)])
@@ -470,20 +514,21 @@ def allocate(scores: list[torch.Tensor], skip: float, floor: float) -> list[floa
         chosen = owner[rest.argsort()[:extra]]
         for j in range(len(ordered)):
             counts[j] += int((chosen == j).sum())
-    return [_threshold_at(s, c) for s, c in zip(ordered, counts, strict=True)]
+    return [_threshold_at(s, c, f) for s, c, f in zip(ordered, counts, floors, strict=True)]
 
 
-def _threshold_at(ordered: torch.Tensor, count: int) -> float:
+def _threshold_at(ordered: torch.Tensor, count: int, least: int = 0) -> float:
     """The threshold that skips (score < threshold) the number of ``ordered`` scores nearest to
-    ``count``: tied scores skip or route together (the same token in a layer that reads only its
-    embedding scores the same every time), so the tie group at the ``count``-th score goes to the side
-    nearer the count, to skipping when both are as near."""
+    ``count``, and at least ``least`` of them: tied scores skip or route together (the same token in a
+    layer that reads only its embedding scores the same every time), so the tie group at the
+    ``count``-th score goes to the side nearer the count (to skipping when both are as near), and to
+    skipping when routing it would leave fewer than ``least`` skipped (the floor is a promise)."""
     if count >= len(ordered):
         return math.inf
     at = ordered[count]
     below = int(torch.searchsorted(ordered, at, right=False))  # skipped with the threshold at ``at``
     above = int(torch.searchsorted(ordered, at, right=True))  # skipped with the tie group too
-    if above - count <= count - below:
+    if above - count <= count - below or below < least:
         return float(ordered[above]) if above < len(ordered) else math.inf
     return float(at)
 
@@ -501,6 +546,7 @@ class SelectCalibration:
         correlation: per layer, the Pearson correlation of predicted and true cost
             (tokens past the window; after a refit, on the features the calibrated graph reads).
         tokens: calibration tokens per layer.
+        ridges: per layer, the ridge of its head, chosen on held-out rows (``_choose_head_ridge``).
     """
 
     layers: tuple[int, ...]
@@ -510,6 +556,7 @@ class SelectCalibration:
     oracle_skip: tuple[float, ...]
     correlation: tuple[float, ...]
     tokens: int
+    ridges: tuple[float, ...] = ()
 
     def summary(self) -> str:
         """One line: the skip fractions and the fit quality."""
@@ -537,21 +584,22 @@ def check_calibration_rows(batches: Sequence[torch.Tensor], window: int) -> None
         raise ValueError(msg)
 
 
-def _tagged_view(gm: fx.GraphModule, layers: list[RoutedLayer], role: str, arg: int | None = None) -> fx.GraphModule:
-    """A view of ``gm`` returning, per layer, its node tagged ``role`` (or that node's ``arg``-th input)."""
+def _tagged_view(gm: fx.GraphModule, layers: list[RoutedLayer], role: str,
+                 pick: Callable[[fx.Node], fx.Node] | None = None) -> fx.GraphModule:
+    """A view of ``gm`` returning, per layer, its node tagged ``role`` (or ``pick`` of it)."""
     def outputs(graph: fx.Graph, output: fx.Node) -> tuple:
         by_tag = {n.meta.get(TAG): n for n in graph.nodes if TAG in n.meta}
         nodes = (by_tag[(r.prefix, role)] for r in layers)
-        return tuple(n if arg is None else n.args[arg] for n in nodes)
+        return tuple(n if pick is None else pick(n) for n in nodes)
 
     return output_view(gm, outputs)
 
 
 def routed_features(gm: fx.GraphModule, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Per select layer, the router features (x_in, (N, d) float32) of the tokens of ``batches`` in
-    ``gm`` as it routes now (closed loop)."""
+    """Per select layer, the router features ((N, width) float32: x_in, and the window output when
+    the router reads it) of the tokens of ``batches`` in ``gm`` as it routes now (closed loop)."""
     layers = select_layers(gm)
-    view = _tagged_view(gm, layers, "input")
+    view = _tagged_view(gm, layers, "route", _router_input)
     feats = [[] for _ in layers]
     with torch.no_grad():
         for ids in batches:
@@ -564,7 +612,7 @@ def router_scores(gm: fx.GraphModule, batches: Sequence[torch.Tensor]) -> list[t
     """Per select layer, the router scores (predicted costs, (N,) float64) of the tokens of
     ``batches`` in ``gm`` as it routes now (closed loop)."""
     layers = select_layers(gm)
-    view = _tagged_view(gm, layers, "route", arg=0)
+    view = _tagged_view(gm, layers, "route", lambda node: node.args[0])
     scores = [[] for _ in layers]
     with torch.no_grad():
         for ids in batches:
@@ -619,7 +667,10 @@ def calibrate_select(gm: fx.GraphModule, batches: Sequence[torch.Tensor], skip: 
         at = teach.positions >= window
         for p, x, y in zip(pooled, teach.features, teach.costs, strict=True):
             p.append((x[at], y[at].double()))
-    preds, corr = _fit_heads(layers, pooled, costs, past, labels.features)
+    rows = (labels.positions == 0).cumsum(0)[past]  # each token's calibration row
+    ridges = [_choose_head_ridge(x[past], y[past], rows, skip, p[1:])
+              for x, y, p in zip(labels.features, costs, pooled, strict=True)]
+    preds, corr = _fit_heads(layers, pooled, costs, past, labels.features, ridges)
     fl = skip if floor is None else floor
     thr = allocate(preds, skip, fl)
     othr = allocate(logs, skip, fl)
@@ -632,7 +683,7 @@ def calibrate_select(gm: fx.GraphModule, batches: Sequence[torch.Tensor], skip: 
                 closed = routed_features(gm, batches)
                 for p, x, y in zip(pooled, closed, costs, strict=True):
                     p.append((x[past], y[past]))
-                preds, corr = _fit_heads(layers, pooled, costs, past, closed)
+                preds, corr = _fit_heads(layers, pooled, costs, past, closed, ridges)
                 _set_thresholds(layers, thr := allocate(preds, skip, fl))
             for _ in range(rounds):
                 preds = router_scores(gm, batches)
@@ -641,18 +692,18 @@ def calibrate_select(gm: fx.GraphModule, batches: Sequence[torch.Tensor], skip: 
         tuple(labels.layers), tuple(thr), tuple(othr),
         tuple(float((p < t).double().mean()) for p, t in zip(preds, thr, strict=True)),
         tuple(float((y < t).double().mean()) for y, t in zip(logs, othr, strict=True)),
-        tuple(corr), int(labels.positions.numel()))
+        tuple(corr), int(labels.positions.numel()), tuple(ridges))
 
 
 def _fit_heads(layers: list[RoutedLayer], pooled: list[list[tuple[torch.Tensor, torch.Tensor]]],
                costs: list[torch.Tensor], past: torch.Tensor,
-               seen: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[float]]:
-    """Fits every layer's head to the pooled (features, costs) pairs of its tokens. Returns the
-    heads' scores on ``seen`` (all calibration tokens) and their correlation with ``costs`` past the
-    window."""
+               seen: list[torch.Tensor], ridges: list[float]) -> tuple[list[torch.Tensor], list[float]]:
+    """Fits every layer's head to the pooled (features, costs) pairs of its tokens at its ridge.
+    Returns the heads' scores on ``seen`` (all calibration tokens) and their correlation with
+    ``costs`` past the window."""
     preds, corr = [], []
-    for r, pairs, y, x in zip(layers, pooled, costs, seen, strict=True):
-        w, b = fit_head(torch.cat([f for f, _ in pairs]), torch.cat([t for _, t in pairs]))
+    for r, pairs, y, x, ridge in zip(layers, pooled, costs, seen, ridges, strict=True):
+        w, b = fit_head(torch.cat([f for f, _ in pairs]), torch.cat([t for _, t in pairs]), ridge)
         with torch.no_grad():
             r.state.router_weight.copy_(w[None].to(r.state.router_weight.dtype))
             r.state.router_bias.fill_(b)

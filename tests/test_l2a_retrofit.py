@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import warnings
 
 import pytest
@@ -221,7 +222,26 @@ def test_allocate_spends_extra_skips_where_cheap_above_the_floor():
     # tied scores skip or route together, on the side nearer the target count (skipping when as near)
     even, uneven = torch.tensor([0.0, 1, 1, 1, 1, 2]), torch.tensor([0.0, 0, 1, 1, 1, 1, 1, 2])
     assert allocate([even], skip=0.5, floor=0.5) == [2.0]  # 3 wanted: 1 or 5 skip, 5 chosen
-    assert allocate([uneven], skip=0.5, floor=0.5) == [1.0]  # 4 wanted: 2 or 7 skip, 2 chosen
+    assert allocate([uneven], skip=0.5, floor=0.25) == [1.0]  # 4 wanted: 2 or 7 skip, 2 chosen (floor 2)
+    # ... but never below the floor: with 4 promised, the tie group skips whole
+    assert allocate([uneven], skip=0.5, floor=0.5) == [2.0]
+    assert allocate([torch.tensor([0.0, 1, 1, 1, 1, 1])], skip=0.5, floor=0.5) == [math.inf]
+
+
+def test_head_ridge_is_chosen_on_held_out_rows_by_the_cost_of_its_skips():
+    """Few tokens and many noisy features: a strong ridge spends less true cost on held-out rows and
+    is chosen; many tokens and a clean linear cost: the weakest."""
+    from condfx.l2a_retrofit import _choose_head_ridge
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(80, 60, generator=g)
+    y = x[:, 0] + 0.5 * torch.randn(80, generator=g)
+    rows = torch.arange(80) // 20  # four rows of 20 tokens
+    assert _choose_head_ridge(x, y, rows, skip=0.5) >= 1.0
+    x = torch.randn(4000, 6, generator=g)
+    y = x @ torch.arange(1.0, 7.0)
+    assert _choose_head_ridge(x, y, torch.arange(4000) // 1000, skip=0.5) == 1e-3
+    assert _choose_head_ridge(x, y, torch.zeros(4000, dtype=torch.long), skip=0.5) == 1e-3  # one row: no choice
 
 
 def test_bad_input_targets_short_text_and_rows():
@@ -272,9 +292,10 @@ def test_refit_fits_the_heads_on_the_stream_the_calibrated_graph_reads():
     assert any(not torch.equal(a, b) for a, b in zip(labels.features, closed, strict=True))
     cal = calibrate_select(sel, rows, skip=0.6, labels=labels, rounds=1, refits=1)
     past = labels.positions >= WINDOW
-    for layer, x_open, x_closed, cost in zip(select_layers(sel), labels.features, closed, labels.costs, strict=True):
+    for layer, x_open, x_closed, cost, ridge in zip(select_layers(sel), labels.features, closed, labels.costs,
+                                                    cal.ridges, strict=True):
         y = cost.double()[past]
-        w, b = fit_head(torch.cat([x_open[past], x_closed[past]]), y.repeat(2))
+        w, b = fit_head(torch.cat([x_open[past], x_closed[past]]), y.repeat(2), ridge)
         torch.testing.assert_close(layer.state.router_weight[0].double(), w, rtol=1e-4, atol=1e-5)
         assert abs(float(layer.state.router_bias) - b) < 1e-4
     assert all(abs(s - 0.6) < 0.02 for s in cal.skip)  # the rounds after the refit hold the target

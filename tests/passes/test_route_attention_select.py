@@ -55,7 +55,7 @@ def test_numerics_exact_at_insertion():
         assert (gm(ids) - sel(ids)).abs().max().item() <= 1e-5
     layers = find_routed_layers(sel)
     assert [r.layer for r in layers] == [0, 1, 2, 3, 4]
-    assert all(set(r.nodes) == {"route", "routed", "window", "corrected", "out", "input"} for r in layers)
+    assert all(set(r.nodes) == {"route", "routed", "window", "features", "corrected", "out", "input"} for r in layers)
     assert all(int(op.args[4]) == WINDOW for op in (r.nodes["window"] for r in layers))
 
 
@@ -116,12 +116,42 @@ def test_numerics_window_correction_only_where_keys_fall_outside_the_window():
     assert all("corrected" not in r.nodes and not hasattr(r.state, "correct_up") for r in find_routed_layers(bare))
 
 
-@pytest.mark.slow  # about 170 s on the shared 2-core machine: add-kv-cache's re-export and the ONNX export
-def test_decode_torch_and_onnx_sessions_match_full_forward():
+def test_numerics_router_reads_the_window_output():
+    """router=window (the default) reads x_in and the layer's window output: in layer 0, whose x_in is
+    the token embedding alone, the same token scores differently where its windows differ; the input
+    router scores it the same everywhere."""
+    from condfx.l2a_retrofit import router_scores
+
+    gm, _ = _select()
+    ids = _ids(30, 1)
+    ids[0, ::3] = 7  # one token, ten positions, ten different windows
+    scores = {}
+    for router in ("input", "window"):
+        sel = condfx.apply(gm, f"route-attention{{form=select,window={WINDOW},router={router}}}").graph_module
+        r = find_routed_layers(sel)[0]
+        width = r.state.router_weight.shape[-1]
+        with torch.no_grad():
+            r.state.router_weight.normal_(generator=torch.Generator().manual_seed(0))
+            assert (gm(ids) - sel(ids)).abs().max() <= 1e-5  # still exact: every token routes
+        scores[router] = router_scores(sel, [ids])[0][::3]
+        if router == "window":
+            x_in = find_routed_layers(condfx.apply(gm, f"route-attention{{form=select,router=input,window={WINDOW}}}")
+                                      .graph_module)[0].state.router_weight.shape[-1]
+            assert width > x_in  # x_in and the heads x head dim of the window output
+    assert torch.allclose(scores["input"], scores["input"][0].expand(10))
+    assert (scores["window"] - scores["window"][0]).abs().max() > 1e-3
+
+
+@pytest.mark.slow  # about 170 s each on the shared 2-core machine: add-kv-cache's re-export and the ONNX export
+@pytest.mark.parametrize("router", ["input", "window"])
+def test_decode_torch_and_onnx_sessions_match_full_forward(router):
     pytest.importorskip("onnxruntime")
     from condfx.runtime.onnx_backend import OnnxBackend
 
-    _, sel = _select(None)  # the default: the window branch keeps 4 sink tokens, a rank-128 correction
+    gm, _ = _select(None)
+    # the default: the window branch keeps 4 sink tokens; a rank-128 correction; the router reading x_in
+    # (router=input) or x_in and the window output, which decode must give it as the full forward does
+    sel = condfx.apply(gm, f"route-attention{{form=select,window={WINDOW},correct=128,router={router}}}").graph_module
     half = _routed_half(sel, correct=0.1)  # decode must offset the correction's positions as RoPE's
     decode = condfx.apply(half, "add-kv-cache").graph_module
     ids = _ids(16, 1)
@@ -145,6 +175,8 @@ def test_decode_torch_and_onnx_sessions_match_full_forward():
         ({"form": "add", "correct": 8}, "read by form=select only"),
         ({"form": "add", "copies": True}, "read by form=select only"),
         ({"form": "select", "copies": 1}, "copies must be None or a bool"),
+        ({"form": "add", "router": "window"}, "read by form=select only"),
+        ({"form": "select", "router": "keys"}, r"router must be None or one of \{input, window\}"),
         ({"form": "select", "correct": -1}, "correct must be None or an int >= 0"),
         ({"form": "select", "sink": -1}, "sink must be None or an int >= 0"),
         ({"form": "select", "skip": 0.5, "floor": 0.6}, "floor=0.6 must be at most skip=0.5"),
