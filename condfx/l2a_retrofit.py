@@ -269,7 +269,7 @@ def oracle_labels(gm: fx.GraphModule, batches: Sequence[torch.Tensor],
             for i, ids in enumerate(batches):
                 for row in ids:
                     if corrections is not None:
-                        corrections.use(layers, index % corrections.folds)
+                        corrections.use(layers, _fold_of(index, corrections.folds))
                     index += 1
                     out = view(row[None])
                     env = dict(zip(names, out[1 + 3 * n :], strict=True))
@@ -347,7 +347,7 @@ class Corrections:
 
     Attributes:
         layers: the prefixes of the corrected layers, in order.
-        folds: how many folds the calibration rows were dealt into (row i → fold i % folds); 1 means
+        folds: how many folds the calibration rows were dealt into (``_fold_of``); 1 means
             no cross-fitting (a single row).
         held_out: per fold, per layer, the (down, up, bias) fitted on the other folds' rows.
         final: per layer, the (down, up, bias) fitted on every row (set in the graph).
@@ -368,6 +368,11 @@ class Corrections:
                 state = by_prefix[prefix].state
                 for name, value in zip(_CORRECTION, params, strict=True):
                     getattr(state, name).copy_(value.to(getattr(state, name).dtype))
+
+
+def _fold_of(row: int, folds: int) -> int:
+    """The cross-fitting fold of calibration row ``row`` (counted over all batches) among ``folds``."""
+    return row % folds
 
 
 def _choose_ridge(folds: list[_Moments | None], rank: int) -> float | None:
@@ -426,7 +431,7 @@ def fit_corrections(gm: fx.GraphModule, batches: Sequence[torch.Tensor],
                     at = pos >= int(r.state.correct_from)
                     f = x.reshape(one.numel(), -1)[at]  # (attention input, window output) per token
                     y = (full - win).transpose(0, 1).flatten(1)[at]
-                    m = moments[row % folds]
+                    m = moments[_fold_of(row, folds)]
                     if m[j] is None:
                         m[j] = _Moments(f.shape[1], y.shape[1])
                     m[j].add(f, y)
