@@ -13,10 +13,14 @@ routed to global attention, per layer):
     window-only FT   the same, attention and norms trained with the L2A budget (router-free)
     L2A              route-attention{window} + condfx.l2a.train_l2a (lambda ramp, 10 % dense steps)
     L2A pruned       + record_route_stats + prune-global{max_fraction}
+    retrofit         route-attention{form=select,window,sink=0,router=input|window} calibrated
+                     without training (condfx.l2a_retrofit.calibrate_select on 256 other far
+                     sequences) to skip ``--retrofit-skip`` of the tokens in every layer
+    retrofit oracle  the same thresholds' budget spent by the oracle router (the true costs)
 KV bytes per token at 8K context come from runtime Sessions (window ring caches + global KV)
 after an 8192-token prefill.
 
-    nice python benchmarks/l2a_mqar.py [--steps 400] [--json]
+    nice python benchmarks/l2a_mqar.py [--steps 400] [--retrofit-skip 0.6] [--retrofit-only] [--json]
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from condfx.l2a import (
     train_l2a,
     window_only,
 )
+from condfx.l2a_retrofit import calibrate_select, forced_routes, oracle_routes, set_forced_routes
 from condfx.patterns.routed import find_routed_layers
 from condfx.train import load_trained, train
 
@@ -89,6 +94,42 @@ def kv_bytes_per_token(gm, context: int = 8192) -> float:
     return session.cache_bytes() / context
 
 
+class _OracleRouted(torch.nn.Module):
+    """The oracle router as a model: each call routes by the true costs of its own input."""
+
+    def __init__(self, sel):
+        super().__init__()
+        self.sel, self.forced = sel, forced_routes(sel)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        routes = oracle_routes(self.sel, ids)
+        set_forced_routes(self.forced, routes)
+        self.fractions = [float(r.double().mean()) for r in routes]
+        return self.forced(ids)
+
+
+def retrofit_rows(gm, far: MQARConfig, window: int, skip: float) -> list[dict]:
+    """The retrofit (select form, calibrated by the oracle, no training; its router reading the
+    attention input, then also the window output) and its oracle router, each skipping ``skip`` of
+    the tokens in every layer."""
+    calib, _ = make_mqar_batch(far, 256, torch.Generator().manual_seed(7))
+    rows = []
+    for router in ("input", "window"):
+        sel = condfx.apply(gm, f"route-attention{{form=select,window={window},sink=0,router={router}}}").graph_module
+        t0 = time.process_time()
+        cal = calibrate_select(sel, [calib], skip=skip)
+        seconds = time.process_time() - t0
+        rows.append({"model": f"retrofit, router={router}", "accuracy": mqar_accuracy(sel, far, EVAL_N, EVAL_SEED),
+                     "global": _routing(sel, far), "calib_cpu_s": seconds, "calib_skip": list(cal.skip)})
+    oracle = _OracleRouted(sel)
+    ids, _ = make_mqar_batch(far, 256, torch.Generator().manual_seed(EVAL_SEED))
+    with torch.no_grad():
+        oracle(ids)
+    rows.append({"model": "retrofit oracle", "accuracy": mqar_accuracy(oracle, far, EVAL_N, EVAL_SEED),
+                 "global": oracle.fractions})
+    return rows
+
+
 def run(args) -> dict:
     near, far = tasks(args.gap)
     t0 = time.perf_counter()
@@ -98,6 +139,9 @@ def run(args) -> dict:
     rows = [{"model": "dense", "accuracy": mqar_accuracy(dense, far, EVAL_N, EVAL_SEED), "global": None}]
     win = window_only(gm, args.window)
     rows.append({"model": "window-only", "accuracy": mqar_accuracy(win, far, EVAL_N, EVAL_SEED), "global": [0.0, 0.0]})
+    rows += retrofit_rows(gm, far, args.window, args.retrofit_skip)
+    if args.retrofit_only:
+        return {"task": repr(far), "window": args.window, "rows": rows, "seconds": time.perf_counter() - t0}
     data = mixed(near, far, args.batch // 2)
     recipe = L2ARecipe(steps=args.steps, lr=args.lr, warmup=args.steps // 10, lam=args.lam, seed=1)
     if not args.skip_window_ft:
@@ -133,6 +177,10 @@ def main() -> None:
     parser.add_argument("--lam", type=float, default=0.05)
     parser.add_argument("--max-fraction", type=float, default=0.1)
     parser.add_argument("--skip-window-ft", action="store_true")
+    parser.add_argument("--retrofit-skip", type=float, default=0.6,
+                        help="fraction of tokens the retrofit rows skip global attention for, in every layer")
+    parser.add_argument("--retrofit-only", action="store_true",
+                        help="dense, window-only and the retrofit rows only (no training of L2A)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     out = run(args)
@@ -140,7 +188,8 @@ def main() -> None:
         print(json.dumps(out, indent=2))
         return
     dense_acc = out["rows"][0]["accuracy"]
-    print(f"{out['task']}, window {out['window']}, L2A steps {out['steps']}, lambda {out['lam']}")
+    print(f"{out['task']}, window {out['window']}" + ("" if args.retrofit_only else
+          f", L2A steps {out['steps']}, lambda {out['lam']}"))
     print("| model | accuracy | of dense | global fraction per layer | skip global |")
     print("|---|---:|---:|---|---:|")
     for r in out["rows"]:
@@ -153,6 +202,8 @@ def main() -> None:
         per = "-" if cells is None else " / ".join(cells)
         skip = "-" if g is None else f"{1 - sum(g) / 2:.1%}"  # over both layers
         print(f"| {r['model']} | {r['accuracy']:.3f} | {r['accuracy'] / dense_acc:.1%} | {per} | {skip} |")
+    if args.retrofit_only:
+        return
     kv = out["kv_bytes_per_token_8k"]
     print(f"KV bytes/token at 8K: dense {kv['dense']:.0f}, L2A {kv['L2A']:.0f}, L2A pruned {kv['L2A pruned']:.0f} "
           f"({1 - kv['L2A pruned'] / kv['L2A']:.1%} fewer than L2A)")

@@ -167,7 +167,8 @@ def run(args) -> dict:
     n_rows = max(1, min(args.calib_tokens, len(calib_ids)) // args.context)
     calib = [torch.tensor(calib_ids[i * args.context : (i + 1) * args.context])[None] for i in range(n_rows)]
     gm = condfx.capture(model, (torch.zeros(2, 16, dtype=torch.long),))
-    spec = f"route-attention{{form=select,window={args.window},sink={args.sink},correct={args.correct}}}"
+    spec = (f"route-attention{{form=select,window={args.window},sink={args.sink},correct={args.correct},"
+            f"router={args.router}}}")
     sel = condfx.apply(gm, spec).graph_module
     rows = []
     base = {"original": _ppl(gm, chunks)}
@@ -198,7 +199,8 @@ def run(args) -> dict:
                "oracle_same_ppl": same, "oracle_same_skip_min": min(sskip),
                "oracle_same_skip_mean": sum(sskip) / len(sskip),
                "calib_cpu_s": label_cpu + fit_cpu, "calib_wall_s": label_wall + fit_wall,
-               "correlation_mean": sum(cal.correlation) / len(cal.correlation), "calib_skip_min": min(cal.skip)}
+               "correlation_mean": sum(cal.correlation) / len(cal.correlation), "calib_skip_min": min(cal.skip),
+               "head_ridges": list(cal.ridges)}
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "learned_skip"}), flush=True)
         if args.passkey and abs(target - args.passkey_target) < 1e-9:
@@ -210,7 +212,7 @@ def run(args) -> dict:
                        "oracle": _passkey(_oracle_model(sel, forced), tok, essays, args.passkey, args.passkey_tokens,
                                           chat=args.passkey_chat)}
             print(json.dumps(passkey), flush=True)
-    return {"model": args.model, "text": args.text, "calib": args.calib, "window": args.window, "sink": args.sink, "correct": args.correct,
+    return {"model": args.model, "text": args.text, "calib": args.calib, "window": args.window, "sink": args.sink, "correct": args.correct, "router": args.router,
             "corrected_layers": len(corrected.layers) if corrected else 0,
             "copy_rows": args.copy_rows, "rounds": args.rounds, "refits": args.refits,
             "context": args.context, "eval_tokens": sum(c.numel() for c in chunks),
@@ -305,6 +307,8 @@ def main() -> None:
     parser.add_argument("--refits", type=int, default=1, help="closed-loop refits of the router heads (calibrate_select)")
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--calib-tokens", type=int, default=8192)
+    parser.add_argument("--router", choices=("input", "window"), default="input",
+                        help="what the routers read: the attention input, or it and the window output")
     parser.add_argument("--passkey", type=int, default=0, help="passkey prompts (0: none)")
     parser.add_argument("--passkey-tokens", type=int, default=2048)
     parser.add_argument("--passkey-chat", action="store_true",
