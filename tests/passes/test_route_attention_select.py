@@ -117,7 +117,7 @@ def test_numerics_window_correction_only_where_keys_fall_outside_the_window():
 
 
 def test_numerics_router_reads_the_window_output():
-    """router=window (the default) reads x_in and the layer's window output: in layer 0, whose x_in is
+    """router=window reads x_in and the layer's window output: in layer 0, whose x_in is
     the token embedding alone, the same token scores differently where its windows differ; the input
     router scores it the same everywhere."""
     from condfx.l2a_retrofit import router_scores
