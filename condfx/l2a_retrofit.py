@@ -40,9 +40,9 @@ see). The head then predicts a token's cost. The ridge is chosen per layer on he
 (``_choose_head_ridge``: fitted on the even rows, scored on the odd ones and back, by the true cost of
 the skips each head picks): with the window output's 576 more features on SmolLM2 (WikiText, full-rank
 correction, copy rows, target 0.68) the fixed ridge gave +6.1% perplexity at a scored minimum skip of
-0.560 and the chosen ones +4.9% at 0.558; with x_in alone +3.7% and +3.8%, both at 0.61.
-Not its log: a least-squares fit of log(cost + 1e-4) spends itself on the order of magnitude of the many cheap tokens, while the decision turns on the
-expensive ones; on SmolLM2 (window 128, the heads' decisions taken at exactly 60% in every layer on
+0.560 and the chosen ones +4.9% at 0.558; with x_in alone +3.7% and +3.8%, both at 0.61. Not its
+log: a least-squares fit of log(cost + 1e-4) spends itself on the order of magnitude of the many
+cheap tokens, while the decision turns on the expensive ones; on SmolLM2 (window 128, the heads' decisions taken at exactly 60% in every layer on
 features of the all-routed model) fitting log cost costs +10.9% perplexity, fitting the cost +8.3%
 (its square root +8.4%; a logistic or least-squares fit of the oracle's route/skip decision itself
 +8.3% / +8.4%; the oracle +5.6%).
@@ -326,16 +326,30 @@ class _Moments:
         fit = float((w * (self.ff @ w)).sum()) + 2 * float(bias @ (w.T @ self.f)) + self.n * float(bias @ bias)
         return self.yy - 2 * float((w * self.fy).sum()) - 2 * float(bias @ self.y) + fit
 
+    def _centred(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean of f, mean of y, covariance of f, cross-covariance of f and y)."""
+        n = max(self.n, 1)
+        mf, my = self.f / n, self.y / n
+        return mf, my, self.ff / n - torch.outer(mf, mf), self.fy / n - torch.outer(mf, my)
+
+    def ridge(self, ridges: Sequence[float]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per ridge (relative to the mean variance of f), (A (p, m), b (m,)): the ridge least-squares
+        fit y ≈ f @ A + b."""
+        mf, my, cov, cross = self._centred()
+        eye = torch.eye(cov.shape[0], dtype=cov.dtype)
+        fits = []
+        for ridge in ridges:
+            lam = ridge * float(cov.diagonal().mean()) + 1e-12
+            a = torch.linalg.solve(cov + lam * eye, cross)
+            fits.append((a, my - mf @ a))
+        return fits
+
     def reduced_rank(self, rank: int, ridge: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(down (r, p), up (m, r), bias (m,)): the ridge fit y ≈ f @ A + b with A cut to the rank-r
         subspace of its fitted values (reduced-rank regression: A → A V V^T, V the top-r
         eigenvectors of the fitted values' covariance A^T C A)."""
-        n = max(self.n, 1)
-        mf, my = self.f / n, self.y / n
-        cov = self.ff / n - torch.outer(mf, mf)
-        cross = self.fy / n - torch.outer(mf, my)
-        lam = ridge * float(cov.diagonal().mean()) + 1e-12
-        a = torch.linalg.solve(cov + lam * torch.eye(cov.shape[0], dtype=cov.dtype), cross)
+        mf, my, cov, _ = self._centred()
+        a = self.ridge((ridge,))[0][0]
         v = torch.linalg.eigh(a.T @ cov @ a).eigenvectors[:, -rank:]  # ascending order: the top r last
         down = (a @ v).T
         return down, v, my - mf @ (a @ v) @ v.T
@@ -466,17 +480,9 @@ def fit_head(features: torch.Tensor, target: torch.Tensor, ridge: float = 1e-3) 
 def _ridge_heads(features: torch.Tensor, target: torch.Tensor,
                  ridges: Sequence[float]) -> list[tuple[torch.Tensor, float]]:
     """``fit_head`` at each of ``ridges`` (relative to the mean feature variance), one Gram matrix."""
-    x = features.double()
-    mean, ymean = x.mean(0), target.double().mean()
-    xc, yc = x - mean, target.double() - ymean
-    gram, xy = xc.T @ xc, xc.T @ yc
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
-    heads = []
-    for ridge in ridges:
-        lam = ridge * float(gram.diagonal().mean()) + 1e-12
-        w = torch.linalg.solve(gram + lam * eye, xy)
-        heads.append((w, float(ymean - mean @ w)))
-    return heads
+    sums = _Moments(features.shape[1], 1)
+    sums.add(features, target.reshape(-1, 1))
+    return [(a[:, 0], float(b[0])) for a, b in sums.ridge(ridges)]
 
 
 def _choose_head_ridge(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, skip: float,
