@@ -43,7 +43,7 @@ from condfx.l2a import (
     train_l2a,
     window_only,
 )
-from condfx.l2a_retrofit import calibrate_select, forced_routes, oracle_routes, set_forced_routes
+from condfx.l2a_retrofit import OracleRouter, calibrate_select
 from condfx.patterns.routed import find_routed_layers
 from condfx.train import load_trained, train
 
@@ -94,20 +94,6 @@ def kv_bytes_per_token(gm, context: int = 8192) -> float:
     return session.cache_bytes() / context
 
 
-class _OracleRouted(torch.nn.Module):
-    """The oracle router as a model: each call routes by the true costs of its own input."""
-
-    def __init__(self, sel):
-        super().__init__()
-        self.sel, self.forced = sel, forced_routes(sel)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        routes = oracle_routes(self.sel, ids)
-        set_forced_routes(self.forced, routes)
-        self.fractions = [float(r.double().mean()) for r in routes]
-        return self.forced(ids)
-
-
 def retrofit_rows(gm, far: MQARConfig, window: int, skip: float) -> list[dict]:
     """The retrofit (select form, calibrated by the oracle, no training; its router reading the
     attention input, then also the window output) and its oracle router, each skipping ``skip`` of
@@ -121,7 +107,7 @@ def retrofit_rows(gm, far: MQARConfig, window: int, skip: float) -> list[dict]:
         seconds = time.process_time() - t0
         rows.append({"model": f"retrofit, router={router}", "accuracy": mqar_accuracy(sel, far, EVAL_N, EVAL_SEED),
                      "global": _routing(sel, far), "calib_cpu_s": seconds, "calib_skip": list(cal.skip)})
-    oracle = _OracleRouted(sel)
+    oracle = OracleRouter(sel)
     ids, _ = make_mqar_batch(far, 256, torch.Generator().manual_seed(EVAL_SEED))
     with torch.no_grad():
         oracle(ids)

@@ -35,12 +35,12 @@ import condfx
 from condfx.data import data_file
 from condfx.l2a import l2a_view
 from condfx.l2a_retrofit import (
+    OracleRouter,
     calibrate_select,
     copy_rows,
     fit_corrections,
     forced_routes,
     oracle_labels,
-    oracle_routes,
     select_layers,
     set_forced_routes,
 )
@@ -209,7 +209,7 @@ def run(args) -> dict:
                        "format": "chat" if args.passkey_chat else "plain",
                        "original": _passkey(gm, tok, essays, args.passkey, args.passkey_tokens, chat=args.passkey_chat),
                        "learned": _passkey(sel, tok, essays, args.passkey, args.passkey_tokens, chat=args.passkey_chat),
-                       "oracle": _passkey(_oracle_model(sel, forced), tok, essays, args.passkey, args.passkey_tokens,
+                       "oracle": _passkey(OracleRouter(sel, forced), tok, essays, args.passkey, args.passkey_tokens,
                                           chat=args.passkey_chat)}
             print(json.dumps(passkey), flush=True)
     return {"model": args.model, "text": args.text, "calib": args.calib, "window": args.window, "sink": args.sink, "correct": args.correct, "router": args.router,
@@ -219,16 +219,6 @@ def run(args) -> dict:
             "calib_tokens": sum(c.numel() for c in calib), "layers": len(select_layers(sel)),
             **{f"{k}_ppl": v for k, v in base.items()}, "rows": rows, "passkey": passkey,
             "seconds": time.perf_counter() - t_start, "process_cpu_s": time.process_time()}
-
-
-def _oracle_model(sel, forced):
-    """The oracle router as a model: each call routes by the true log costs of its own input (the
-    all-routed model's, open loop) against the calibrated ``oracle_threshold`` of each layer."""
-    def run(ids: torch.Tensor) -> torch.Tensor:
-        set_forced_routes(forced, oracle_routes(sel, ids))
-        return forced(ids)
-
-    return run
 
 
 def _never_routed(sel):

@@ -85,7 +85,7 @@ at the same skip (min 0.61, mean 0.66 on the scored text); passkey retrieval sta
 oracle router: 4 of 10, the original 5). Calibrated on the essays and scored on WikiText (window 256,
 60% target, rank 0) they raised the loss from +0.05% to +0.7%: off by default.
 
-The oracle router (``forced_routes`` + ``oracle_routes``) uses the labels themselves as decisions, with thresholds
+The oracle router (``OracleRouter``: ``forced_routes`` + ``oracle_routes``) uses the labels themselves as decisions, with thresholds
 allocated the same way on the true costs: the best any router of the same decision rule can do,
 reported beside the learned one so that a miss says whether the method or the router is the limit.
 """
@@ -104,7 +104,7 @@ from torch import fx
 from condfx.passes._insert import output_view
 from condfx.patterns.routed import TAG, RoutedLayer, find_routed_layers
 
-__all__ = ["STATE_NAMES", "Corrections", "OracleLabels", "SelectCalibration", "allocate", "calibrate_select",
+__all__ = ["STATE_NAMES", "Corrections", "OracleLabels", "OracleRouter", "SelectCalibration", "allocate", "calibrate_select",
            "copy_rows", "corrected_layers", "fit_corrections", "fit_head",
            "forced_routes", "oracle_labels", "oracle_routes", "projection_chain", "routed_features", "router_scores",
            "select_layers", "set_forced_routes"]
@@ -759,6 +759,23 @@ def set_forced_routes(gm: fx.GraphModule, routes: Sequence[torch.Tensor]) -> Non
     """Sets the ``forced_route`` buffers of a ``forced_routes`` graph (one (B, T) bool per layer)."""
     for r, route in zip(select_layers(gm), routes, strict=True):
         r.state.forced_route = route.bool()
+
+
+class OracleRouter(torch.nn.Module):
+    """The oracle router as a model: each call routes ``ids`` by their own true costs
+    (``oracle_routes``) through a ``forced_routes`` copy of ``gm`` (``forced``, made when not given).
+    ``fractions`` holds the routed fraction per layer of the last call."""
+
+    def __init__(self, gm: fx.GraphModule, forced: fx.GraphModule | None = None):
+        super().__init__()
+        self.gm, self.forced = gm, forced_routes(gm) if forced is None else forced
+        self.fractions: list[float] = []
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        routes = oracle_routes(self.gm, ids)
+        set_forced_routes(self.forced, routes)
+        self.fractions = [float(r.double().mean()) for r in routes]
+        return self.forced(ids)
 
 
 def oracle_routes(gm: fx.GraphModule, ids: torch.Tensor) -> list[torch.Tensor]:

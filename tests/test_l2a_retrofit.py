@@ -15,6 +15,7 @@ import torch
 import condfx
 from condfx.l2a import l2a_view, record_route_stats, route_fractions, window_only
 from condfx.l2a_retrofit import (
+    OracleRouter,
     allocate,
     calibrate_select,
     copy_rows,
@@ -124,6 +125,12 @@ def test_oracle_router_forced_routes_and_prune_global():
         routes = oracle_routes(sel, x)
         assert all(0.3 < 1 - float(r.float().mean()) < 0.9 for r in routes)
         assert not routes[0][0, :WINDOW].any()  # a token inside the window costs nothing
+        oracle = OracleRouter(sel, forced)  # the same decisions, as a model
+        out = oracle(x)
+        assert oracle.fractions == [float(r.double().mean()) for r in routes]
+        set_forced_routes(forced, routes)
+        torch.testing.assert_close(out, forced(x), atol=0, rtol=0)
+        assert (out - gm(x)).abs().max() > 1e-3
         record_route_stats(sel, [x])
         pruned = condfx.apply(sel, "prune-global{max_fraction=1.0}").graph_module
         assert not find_routed_layers(pruned)
