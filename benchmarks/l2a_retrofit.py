@@ -134,24 +134,50 @@ def chat_passkey_prompt(tok, essays: str, key: int, n_tokens: int, depth: float)
     return tok.encode(text, bos=True, eos=False)
 
 
-def _passkey(model, tok, essays: str, trials: int, n_tokens: int, seed: int = 0, chat: bool = False) -> float:
+def _passkey(model, tok, essays: str, trials: int, n_tokens: int, seed: int = 0, chat: bool = False,
+             exact: int = 0) -> dict:
+    """Passkey retrieval of ``model`` on ``trials`` prompts (the key teacher-forced after the prompt):
+    the fraction whose every key token is the argmax, the mean log-probability of the key, and, when
+    the model keeps ``routes`` (per layer the (1, T) route mask of its last call), the fraction of the prompt
+    tokens past ``exact`` (those with keys outside their window) that skipped global attention, the
+    least over layers and the mean: the skip of the passkey text, which the thresholds set on the
+    calibration text do not fix."""
     from condfx.eval.tasks import make_passkey_prompt
 
     rng = random.Random(seed)
-    hits = 0
+    hits, logprob, skipped = 0, 0.0, []
     with torch.no_grad():
         for i in range(trials):
             key = rng.randrange(10000, 100000)
             depth = i / max(1, trials - 1)
             build = chat_passkey_prompt if chat else make_passkey_prompt
             prompt = build(tok, essays, key, n_tokens, depth)
-            answer = tok.encode(f" {key:05d}", bos=False, eos=False)
-            ids = torch.tensor(prompt + answer)[None]
+            answer = torch.tensor(tok.encode(f" {key:05d}", bos=False, eos=False))
+            ids = torch.tensor(prompt + answer.tolist())[None]
             out = model(ids)
             out = out[0] if isinstance(out, (tuple, list)) else out
-            pred = out[0, len(prompt) - 1 : len(prompt) - 1 + len(answer)].argmax(-1)
-            hits += bool((pred == torch.tensor(answer)).all())
-    return hits / trials
+            lp = out[0, len(prompt) - 1 : len(prompt) - 1 + len(answer)].float().log_softmax(-1)
+            hits += bool((lp.argmax(-1) == answer).all())
+            logprob += float(lp.gather(-1, answer[:, None]).sum())
+            if hasattr(model, "routes"):
+                skipped.append([float((~r[..., exact : len(prompt)]).double().mean()) for r in model.routes])
+    out = {"accuracy": hits / trials, "key_logprob": logprob / trials}
+    if skipped:
+        per_layer = torch.tensor(skipped).mean(0)
+        out |= {"skip_min": float(per_layer.min()), "skip_mean": float(per_layer.mean())}
+    return out
+
+
+class _RoutesOf(torch.nn.Module):
+    """The select graph as a model that keeps the route masks of its last call (``routes``)."""
+
+    def __init__(self, sel):
+        super().__init__()
+        self.view, self.routes = l2a_view(sel, "route"), []
+
+    def forward(self, ids):
+        logits, *self.routes = self.view(ids)
+        return logits
 
 
 def run(args) -> dict:
@@ -205,12 +231,13 @@ def run(args) -> dict:
         print(json.dumps({k: v for k, v in row.items() if k != "learned_skip"}), flush=True)
         if args.passkey and abs(target - args.passkey_target) < 1e-9:
             essays = data_file("paul_graham_essays.txt").read_text(encoding="utf-8")
+            exact = args.window + args.sink
+            common = {"essays": essays, "trials": args.passkey, "n_tokens": args.passkey_tokens, "chat": args.passkey_chat}
             passkey = {"target": target, "trials": args.passkey, "tokens": args.passkey_tokens,
                        "format": "chat" if args.passkey_chat else "plain",
-                       "original": _passkey(gm, tok, essays, args.passkey, args.passkey_tokens, chat=args.passkey_chat),
-                       "learned": _passkey(sel, tok, essays, args.passkey, args.passkey_tokens, chat=args.passkey_chat),
-                       "oracle": _passkey(OracleRouter(sel, forced), tok, essays, args.passkey, args.passkey_tokens,
-                                          chat=args.passkey_chat)}
+                       "original": _passkey(gm, tok, **common),
+                       "learned": _passkey(_RoutesOf(sel), tok, **common, exact=exact),
+                       "oracle": _passkey(OracleRouter(sel, forced), tok, **common, exact=exact)}
             print(json.dumps(passkey), flush=True)
     return {"model": args.model, "text": args.text, "calib": args.calib, "window": args.window, "sink": args.sink, "correct": args.correct, "router": args.router,
             "corrected_layers": len(corrected.layers) if corrected else 0,
@@ -249,9 +276,15 @@ def table(out: dict) -> str:
                      f"{r['oracle_skip_mean']:.3f} | {r['calib_cpu_s']:.0f} / {r['calib_wall_s']:.0f} |")
     pk = out.get("passkey")
     if pk:
-        lines += ["", f"Passkey ({pk['trials']} {pk.get('format', 'plain')} prompts of {pk['tokens']} tokens): original {pk['original']:.2f}, "
-                  f"learned router at target {pk['target']:.2f}: {pk['learned']:.2f}"
-                  + (f", oracle router: {pk['oracle']:.2f}" if "oracle" in pk else "")]
+        lines += ["", f"Passkey ({pk['trials']} {pk.get('format', 'plain')} prompts of {pk['tokens']} tokens, thresholds of "
+                  f"target {pk['target']:.2f}; skip = fraction of the prompt tokens with keys outside the window that "
+                  "skipped, on the passkey prompts):", "",
+                  "| model | accuracy | mean log p(key) | skip min / mean |", "|---|---:|---:|---|"]
+        for name in ("original", "learned", "oracle"):
+            r = pk.get(name)
+            if r is not None:
+                skip = f"{r['skip_min']:.3f} / {r['skip_mean']:.3f}" if "skip_min" in r else "-"
+                lines.append(f"| {name} | {r['accuracy']:.2f} | {r['key_logprob']:.2f} | {skip} |")
     return "\n".join(lines)
 
 

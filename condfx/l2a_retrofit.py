@@ -764,15 +764,17 @@ def set_forced_routes(gm: fx.GraphModule, routes: Sequence[torch.Tensor]) -> Non
 class OracleRouter(torch.nn.Module):
     """The oracle router as a model: each call routes ``ids`` by their own true costs
     (``oracle_routes``) through a ``forced_routes`` copy of ``gm`` (``forced``, made when not given).
-    ``fractions`` holds the routed fraction per layer of the last call."""
+    ``routes`` holds the route masks per layer of the last call ((B, T) bool), ``fractions`` their
+    routed fractions."""
 
     def __init__(self, gm: fx.GraphModule, forced: fx.GraphModule | None = None):
         super().__init__()
         self.gm, self.forced = gm, forced_routes(gm) if forced is None else forced
+        self.routes: list[torch.Tensor] = []
         self.fractions: list[float] = []
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        routes = oracle_routes(self.gm, ids)
+        self.routes = routes = oracle_routes(self.gm, ids)
         set_forced_routes(self.forced, routes)
         self.fractions = [float(r.double().mean()) for r in routes]
         return self.forced(ids)
