@@ -40,6 +40,7 @@ from condfx.l2a_retrofit import (
     copy_rows,
     fit_corrections,
     forced_routes,
+    oracle_costs,
     oracle_labels,
     select_layers,
     set_forced_routes,
@@ -203,19 +204,21 @@ def run(args) -> dict:
     print(f"window-only ppl {base['window-only']:.3f} ({time.perf_counter() - t_start:.0f} s)", flush=True)
     c0, w0 = time.process_time(), time.perf_counter()
     corrected = fit_corrections(sel, calib)
-    labels = oracle_labels(sel, calib, progress=lambda d, t: print(f"  labels {d}/{t} ({time.perf_counter() - t_start:.0f} s)", flush=True), corrections=corrected)
-    teach = oracle_labels(sel, copy_rows(calib, args.window)) if args.copy_rows else None
+    recall = args.recall > 0
+    labels = oracle_labels(sel, calib, progress=lambda d, t: print(f"  labels {d}/{t} ({time.perf_counter() - t_start:.0f} s)", flush=True),
+                           corrections=corrected, recall=recall)
+    teach = oracle_labels(sel, copy_rows(calib, args.window), recall=recall) if args.copy_rows else None
     label_cpu, label_wall = time.process_time() - c0, time.perf_counter() - w0
-    eval_labels = [oracle_labels(sel, [c]) for c in chunks]
-    eval_costs = [lab.costs for lab in eval_labels]
+    eval_labels = [oracle_labels(sel, [c], recall=recall) for c in chunks]
     forced = forced_routes(sel)
     passkey = {}
     for target in args.targets:
         floor = min(target, args.floor) if args.floor else None
         c1, w1 = time.process_time(), time.perf_counter()
         cal = calibrate_select(sel, calib, skip=target, floor=floor, labels=labels, rounds=args.rounds,
-                               refits=args.refits, teach=teach)
+                               refits=args.refits, teach=teach, recall=args.recall)
         fit_cpu, fit_wall = time.process_time() - c1, time.perf_counter() - w1
+        eval_costs = [oracle_costs(sel, lab) for lab in eval_labels]
         learned, skip = _ppl_routed(sel, chunks)
         oracle, oskip = _ppl_oracle(forced, chunks, eval_costs, cal.oracle_thresholds)
         same, sskip = _ppl_oracle(forced, chunks, eval_costs, _oracle_at(skip, eval_costs))
@@ -237,9 +240,11 @@ def run(args) -> dict:
                        "format": "chat" if args.passkey_chat else "plain",
                        "original": _passkey(gm, tok, **common),
                        "learned": _passkey(_RoutesOf(sel), tok, **common, exact=exact),
-                       "oracle": _passkey(OracleRouter(sel, forced), tok, **common, exact=exact)}
+                       "oracle": _passkey(OracleRouter(sel, forced), tok, **common, exact=exact),
+                       "oracle_exact": _passkey(OracleRouter(sel, forced, skip=target), tok, **common, exact=exact)}
             print(json.dumps(passkey), flush=True)
     return {"model": args.model, "text": args.text, "calib": args.calib, "window": args.window, "sink": args.sink, "correct": args.correct, "router": args.router,
+            "recall": args.recall,
             "corrected_layers": len(corrected.layers) if corrected else 0,
             "copy_rows": args.copy_rows, "rounds": args.rounds, "refits": args.refits,
             "context": args.context, "eval_tokens": sum(c.numel() for c in chunks),
@@ -264,7 +269,8 @@ def _never_routed(sel):
 def table(out: dict) -> str:
     lines = [f"{out['model']}, window {out['window']}, context {out['context']}: perplexity on the first "
              f"{out['eval_tokens']} tokens of {out['text']} (original {out['original_ppl']:.3f}, window+{out.get('sink', 0)} sinks only "
-             f"{out['window-only_ppl']:.3f}); calibration on {out['calib_tokens']} tokens of {out['calib']}", "",
+             f"{out['window-only_ppl']:.3f}); calibration on {out['calib_tokens']} tokens of {out['calib']}; labels: the "
+             + (f"cost + {out['recall']:g} x the recall cost" if out.get("recall") else "layer-local cost"), "",
              "| target skip | learned ppl | Δ vs original | skip min / mean (learned) | oracle ppl at the learned skip | Δ | "
              "oracle ppl, calibrated thresholds | skip min / mean (oracle) | calibration CPU s / wall s |",
              "|---:|---:|---:|---|---:|---:|---:|---|---|"]
@@ -280,8 +286,10 @@ def table(out: dict) -> str:
                   f"target {pk['target']:.2f}; skip = fraction of the prompt tokens with keys outside the window that "
                   "skipped, on the passkey prompts):", "",
                   "| model | accuracy | mean log p(key) | skip min / mean |", "|---|---:|---:|---|"]
-        for name in ("original", "learned", "oracle"):
-            r = pk.get(name)
+        names = {"original": "original", "learned": "learned router", "oracle": "oracle router (calibrated thresholds)",
+                 "oracle_exact": f"oracle router, {pk['target']:.2f} skipped in every layer of every prompt"}
+        for key, name in names.items():
+            r = pk.get(key)
             if r is not None:
                 skip = f"{r['skip_min']:.3f} / {r['skip_mean']:.3f}" if "skip_min" in r else "-"
                 lines.append(f"| {name} | {r['accuracy']:.2f} | {r['key_logprob']:.2f} | {skip} |")
@@ -332,6 +340,8 @@ def main() -> None:
     parser.add_argument("--calib-tokens", type=int, default=8192)
     parser.add_argument("--router", choices=("input", "window"), default="input",
                         help="what the routers read: the attention input, or it and the window output")
+    parser.add_argument("--recall", type=float, default=0.0,
+                        help="weight of the recall cost in the oracle labels (calibrate_select(recall=...)); 0: none")
     parser.add_argument("--passkey", type=int, default=0, help="passkey prompts (0: none)")
     parser.add_argument("--passkey-tokens", type=int, default=2048)
     parser.add_argument("--passkey-chat", action="store_true",

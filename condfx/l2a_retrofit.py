@@ -18,6 +18,25 @@ or backprop through the model; neither fits a CPU budget of minutes (a first-ord
 estimate of the loss change was tried and picked worse tokens: +18.6% at the same skip). Tokens
 within the first ``window`` positions cost exactly 0 (their window is their whole history).
 
+Recall cost (``recall_costs``, opt-in: ``oracle_labels(recall=True)``, ``calibrate_select(recall=w)``).
+The layer-local cost ranks tokens by how much their layer output moves; it cannot see which moves a
+later retrieval depends on: on SmolLM2 at exactly 65% of the tokens skipping in every layer (decisions
+taken on each passkey prompt by its own costs), the oracle ranked by it kept 8 of the original's 12
+passkeys in 20 essay prompts of 1,024 tokens. The recall cost is the first-order change, were the token
+to skip in that layer, of the log-likelihood of the tokens whose prediction needs context beyond the
+window, each weighted by how much skipping everywhere raises its loss:
+    recall[l, t] = | dJ/d full[l, t] . (full[l, t] - skip[l, t]) |,  J = sum_s w_s log p(x_{s+1} | x_<=s),
+    w_s = max(0, NLL_s(no token routed) - NLL_s(original))
+(one more forward and one backward of the all-routed model per row; a gradient used as a label, no
+parameter trained through the model). Alone it is a poor ranking (5 of 20: first order, it misses the
+large local changes); added to the cost at equal mean (w = 1: cost + s_l x recall, s_l the ratio of
+the layer's mean cost to its mean recall cost on the calibration rows) the same oracle kept 12 of 20
+(w = 3: 13), as many as the original. The learned heads, fitted to these labels from x_in, predict
+them poorly (correlation 0.3 against 0.7 for the cost alone) and keep 4 of 20 at +5.3% perplexity
+(the cost alone: 3 of 20, +3.8%): the decision the oracle needs is not yet one a linear head on the
+token's input can read. Scratch measurements; the benchmark's ``--recall W`` reproduces the calibrated
+rows.
+
 Window correction (``fit_corrections``, before the labels). A skipping token reads its window and
 sinks only; what the keys outside would have added is partly predictable from what the token does
 see. ``route-attention{form=select,correct=r}`` gives each layer a rank-r linear map from (attention
@@ -99,6 +118,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 from condfx.passes._insert import output_view
@@ -106,7 +126,7 @@ from condfx.patterns.routed import TAG, RoutedLayer, find_routed_layers
 
 __all__ = ["STATE_NAMES", "Corrections", "OracleLabels", "OracleRouter", "SelectCalibration", "allocate", "calibrate_select",
            "copy_rows", "corrected_layers", "fit_corrections", "fit_head",
-           "forced_routes", "oracle_labels", "oracle_routes", "projection_chain", "routed_features", "router_scores",
+           "forced_routes", "oracle_costs", "oracle_labels", "oracle_routes", "recall_costs", "projection_chain", "routed_features", "router_scores",
            "select_layers", "set_forced_routes"]
 
 _EPS = 1e-4  # floor of the cost inside the log: changes below it are all "free"
@@ -139,22 +159,24 @@ class OracleLabels:
         features: per layer, (N, width) float32 router inputs (x_in, and the window output when the
             router reads it).
         positions: (N,) int64 position of each token in its sequence.
+        recall: per layer, (N,) float32 recall costs (``recall_costs``) when asked for, else None.
     """
 
     layers: list[int]
     costs: list[torch.Tensor]
     features: list[torch.Tensor]
     positions: torch.Tensor
+    recall: list[torch.Tensor] | None = None
 
 
 @contextmanager
-def _all_routed(layers: list[RoutedLayer]):
-    """Every token of ``layers`` routes inside the block (the original model); their thresholds are
-    restored after it, also when it fails."""
+def _all_routed(layers: list[RoutedLayer], threshold: float = float("-inf")):
+    """Every token of ``layers`` routes inside the block (the original model; with ``threshold`` +inf
+    none does); their thresholds are restored after it, also when it fails."""
     saved = [r.state.threshold.detach().clone() for r in layers]
     with torch.no_grad():
         for r in layers:
-            r.state.threshold.fill_(float("-inf"))
+            r.state.threshold.fill_(threshold)
     try:
         yield
     finally:
@@ -216,11 +238,13 @@ def _skip_role(layer: RoutedLayer) -> str:
     return "corrected" if "corrected" in layer.nodes else "window"
 
 
-def _label_view(gm: fx.GraphModule, layers: list[RoutedLayer], raw: bool = False):
+def _label_view(gm: fx.GraphModule, layers: list[RoutedLayer], raw: bool = False, detached: bool = False):
     """(view, chains, names): ``view(ids)`` returns (logits, per layer what the router reads (with
     ``raw``: what the correction reads), full per layer, what a skipping token reads per layer (the
     raw window output with ``raw``), then the value of every name in ``names``: what the chains read
-    besides their links); ``chains[j]`` is None where layer j has no projection chain."""
+    besides their links); ``chains[j]`` is None where layer j has no projection chain. With
+    ``detached`` the window branches are cut from autograd (``recall_costs`` differentiates the
+    all-routed model, where they add nothing to the output)."""
     chains = [projection_chain(r.nodes["out"]) for r in layers]
     names = list(dict.fromkeys(name for c, r in zip(chains, layers, strict=True) if c
                                for name in _outside(c, r.nodes["out"])))
@@ -228,6 +252,12 @@ def _label_view(gm: fx.GraphModule, layers: list[RoutedLayer], raw: bool = False
     def outputs(graph: fx.Graph, output: fx.Node) -> tuple:
         by_tag = {n.meta.get(TAG): n for n in graph.nodes if TAG in n.meta}
         by_name = {n.name: n for n in graph.nodes}
+        if detached:
+            for r in layers:
+                win = by_tag[(r.prefix, "window")]
+                with graph.inserting_after(win):
+                    cut = graph.call_function(torch.ops.aten.detach.default, (win,))
+                win.replace_all_uses_with(cut, delete_user_cb=lambda user, cut=cut: user is not cut)
         logits = output.args[0]
         logits = logits[0] if isinstance(logits, (tuple, list)) else logits
         roles = [("routed",) * len(layers), ["window" if raw else _skip_role(r) for r in layers]]
@@ -252,17 +282,18 @@ def _costs(chain: list[fx.Node] | None, start: fx.Node, full: torch.Tensor, win:
 
 def oracle_labels(gm: fx.GraphModule, batches: Sequence[torch.Tensor],
                   progress: Callable[[int, int], None] | None = None,
-                  corrections: Corrections | None = None) -> OracleLabels:
+                  corrections: Corrections | None = None, recall: bool = False) -> OracleLabels:
     """Runs ``gm`` with every token routed on ``batches`` (B, T) and returns the oracle labels.
 
     With ``corrections`` (``fit_corrections`` on the same ``batches``), each row is labelled with the
     window corrections fitted without its fold (cross-fitting), and the final ones are set again
-    afterwards. The graph's thresholds are restored afterwards.
+    afterwards. With ``recall`` the labels also hold the recall costs (``recall_costs``; one more
+    forward and one backward per row). The graph's thresholds are restored afterwards.
     """
     layers = select_layers(gm)
     n = len(layers)
-    view, chains, names = _label_view(gm, layers)
-    costs, feats, pos = [[] for _ in layers], [[] for _ in layers], []
+    view, chains, names = _label_view(gm, layers, detached=recall)
+    costs, feats, pos, recalls = [[] for _ in layers], [[] for _ in layers], [], [[] for _ in layers]
     index = 0
     try:
         with _all_routed(layers), torch.no_grad():
@@ -271,7 +302,12 @@ def oracle_labels(gm: fx.GraphModule, batches: Sequence[torch.Tensor],
                     if corrections is not None:
                         corrections.use(layers, _fold_of(index, corrections.folds))
                     index += 1
-                    out = view(row[None])
+                    if recall:
+                        out, rec = _recall_row(view, layers, row[None])
+                        for j, r in enumerate(rec):
+                            recalls[j].append(r)
+                    else:
+                        out = view(row[None])
                     env = dict(zip(names, out[1 + 3 * n :], strict=True))
                     for j, r in enumerate(layers):
                         x, full, win = out[1 + j], out[1 + n + j], out[1 + 2 * n + j]
@@ -284,7 +320,38 @@ def oracle_labels(gm: fx.GraphModule, batches: Sequence[torch.Tensor],
         if corrections is not None:
             corrections.use(layers, None)
     return OracleLabels([r.layer for r in layers], [torch.cat(c) for c in costs],
-                        [torch.cat(f) for f in feats], torch.cat(pos))
+                        [torch.cat(f) for f in feats], torch.cat(pos),
+                        [torch.cat(r) for r in recalls] if recall else None)
+
+
+def _recall_row(view: fx.GraphModule, layers: list[RoutedLayer], x: torch.Tensor) -> tuple[tuple, list[torch.Tensor]]:
+    """The label view's outputs on ``x`` (1, T) (detached) and, per layer, the recall cost (T,) of its
+    tokens (``recall_costs``); called with every token routed."""
+    n = len(layers)
+    with _all_routed(layers, float("inf")), torch.no_grad():
+        skipped = view(x)[0]
+    with torch.enable_grad():
+        out = view(x)
+        logp = out[0][0, :-1].float().log_softmax(-1).gather(-1, x[0, 1:, None])[:, 0]
+        nll = F.cross_entropy(skipped[0, :-1].float(), x[0, 1:], reduction="none")
+        weight = (nll + logp.detach()).clamp(min=0)  # how much skipping everywhere costs each prediction
+        fulls = out[1 + n : 1 + 2 * n]
+        grads = torch.autograd.grad((weight * logp).sum(), fulls)
+    out = tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in out)
+    deltas = (out[1 + n + j] - out[1 + 2 * n + j] for j in range(n))
+    return out, [(g.float() * d.float()).sum((1, 3))[0].abs() for g, d in zip(grads, deltas, strict=True)]
+
+
+def recall_costs(gm: fx.GraphModule, batches: Sequence[torch.Tensor],
+                 progress: Callable[[int, int], None] | None = None) -> list[torch.Tensor]:
+    """Per select layer, (N,) float32 over the tokens of ``batches`` (in ``oracle_labels``' order): what
+    letting the token skip global attention in that layer would cost the tokens that need context
+    beyond their window, to first order (module docstring, "Recall cost"):
+        recall[l, t] = | dJ/d full[l, t] . (full[l, t] - skip[l, t]) |,   J = sum_s w_s log p(x_{s+1} | x_<=s)
+    with w_s = max(0, NLL of token s+1 with every layer skipping - its NLL in the original model).
+    One forward with no token routed and one forward and backward of the all-routed model per row;
+    no parameter is changed. The thresholds are restored afterwards."""
+    return oracle_labels(gm, batches, progress, recall=True).recall
 
 
 class _Moments:
@@ -635,7 +702,7 @@ def router_scores(gm: fx.GraphModule, batches: Sequence[torch.Tensor]) -> list[t
 def calibrate_select(gm: fx.GraphModule, batches: Sequence[torch.Tensor], skip: float, floor: float | None = None,
                      progress: Callable[[int, int], None] | None = None,
                      labels: OracleLabels | None = None, rounds: int = 2, refits: int = 1,
-                     teach: OracleLabels | None = None) -> SelectCalibration:
+                     teach: OracleLabels | None = None, recall: float = 0.0) -> SelectCalibration:
     """Fits every select-form router of ``gm`` to the oracle and sets its threshold (module docstring).
 
     Args:
@@ -654,30 +721,39 @@ def calibrate_select(gm: fx.GraphModule, batches: Sequence[torch.Tensor], skip: 
             then ``rounds`` threshold rounds again.
         teach: labels of further rows (``oracle_labels`` on ``copy_rows(batches, window)``) whose
             tokens the heads are also fitted to but that set no threshold (module docstring).
+        recall: weight of the recall cost in the labels (module docstring, "Recall cost"): each
+            layer's cost becomes cost + recall * s * recall_cost, s scaling the layer's mean recall cost
+            to its mean cost; ``labels`` and ``teach`` must then hold recall costs. 0: the cost alone.
 
     Raises:
-        ValueError: a target outside (0, 1), sequences not longer than the window, no select layer.
+        ValueError: a target outside (0, 1), sequences not longer than the window, no select layer,
+            a negative recall weight or labels without the recall costs it needs.
     """
     if not 0.0 < skip < 1.0 or (floor is not None and not 0.0 < floor <= skip):
         msg = f"the skip target must be in (0, 1) and the floor in (0, skip]; got skip={skip}, floor={floor}."
         raise ValueError(msg)
-    if rounds < 0 or refits < 0:
-        msg = f"rounds and refits must be >= 0; got rounds={rounds}, refits={refits}."
+    if rounds < 0 or refits < 0 or recall < 0:
+        msg = f"rounds, refits and recall must be >= 0; got rounds={rounds}, refits={refits}, recall={recall}."
+        raise ValueError(msg)
+    if recall and any(lab is not None and lab.recall is None for lab in (labels, teach)):
+        msg = "calibrate_select(recall > 0) needs labels with recall costs: oracle_labels(..., recall=True)."
         raise ValueError(msg)
     layers = select_layers(gm)
     window = int(layers[0].state.window)
     check_calibration_rows(batches, window)
     if labels is None:
-        labels = oracle_labels(gm, batches, progress, fit_corrections(gm, batches))
+        labels = oracle_labels(gm, batches, progress, fit_corrections(gm, batches), recall=recall > 0)
     past = labels.positions >= window
-    costs = [cost.double() for cost in labels.costs]
+    weights = _recall_weights(labels, past, recall)
+    _set_recall_weights(layers, weights)
+    costs = _with_recall(labels, weights)
     logs = [torch.log(cost + _EPS) for cost in costs]  # the oracle's scores
     # per layer, the (features, costs) pairs the heads are fitted to so far
     pooled = [[(x[past], y[past])] for x, y in zip(labels.features, costs, strict=True)]
     if teach is not None:
         at = teach.positions >= window
-        for p, x, y in zip(pooled, teach.features, teach.costs, strict=True):
-            p.append((x[at], y[at].double()))
+        for p, x, y in zip(pooled, teach.features, _with_recall(teach, weights), strict=True):
+            p.append((x[at], y[at]))
     rows = (labels.positions == 0).cumsum(0)[past]  # each token's calibration row
     ridges = [_choose_head_ridge(x[past], y[past], rows, skip, p[1:])
               for x, y, p in zip(labels.features, costs, pooled, strict=True)]
@@ -704,6 +780,33 @@ def calibrate_select(gm: fx.GraphModule, batches: Sequence[torch.Tensor], skip: 
         tuple(float((p < t).double().mean()) for p, t in zip(preds, thr, strict=True)),
         tuple(float((y < t).double().mean()) for y, t in zip(logs, othr, strict=True)),
         tuple(corr), int(labels.positions.numel()), tuple(ridges))
+
+
+def _recall_weights(labels: OracleLabels, past: torch.Tensor, recall: float) -> list[float]:
+    """Per layer, the weight of the recall cost in the labels: ``recall`` times the ratio of the
+    layer's mean cost to its mean recall cost past the window (0 everywhere when ``recall`` is 0)."""
+    if not recall:
+        return [0.0] * len(labels.costs)
+    return [recall * float(c[past].double().mean()) / max(float(r[past].double().mean()), 1e-30)
+            for c, r in zip(labels.costs, labels.recall, strict=True)]
+
+
+def _with_recall(labels: OracleLabels, weights: list[float]) -> list[torch.Tensor]:
+    """Per layer, (N,) float64: the cost plus its weight times the recall cost."""
+    if not any(weights):
+        return [c.double() for c in labels.costs]
+    return [c.double() + w * r.double() for c, r, w in zip(labels.costs, labels.recall, weights, strict=True)]
+
+
+def _set_recall_weights(layers: list[RoutedLayer], weights: list[float]) -> None:
+    """Records each layer's recall weight (buffer ``recall_weight``, made when first non-zero) for the
+    oracle router."""
+    for r, w in zip(layers, weights, strict=True):
+        if not hasattr(r.state, "recall_weight"):
+            if not w:
+                continue
+            r.state.register_buffer("recall_weight", torch.tensor(0.0, dtype=torch.float64))
+        r.state.recall_weight.fill_(w)
 
 
 def _fit_heads(layers: list[RoutedLayer], pooled: list[list[tuple[torch.Tensor, torch.Tensor]]],
@@ -764,30 +867,60 @@ def set_forced_routes(gm: fx.GraphModule, routes: Sequence[torch.Tensor]) -> Non
 class OracleRouter(torch.nn.Module):
     """The oracle router as a model: each call routes ``ids`` by their own true costs
     (``oracle_routes``) through a ``forced_routes`` copy of ``gm`` (``forced``, made when not given).
-    ``routes`` holds the route masks per layer of the last call ((B, T) bool), ``fractions`` their
-    routed fractions."""
+    With ``skip``, each layer skips exactly that fraction of each sequence's tokens past the window,
+    its cheapest, instead of comparing with the calibrated thresholds (which skip more or less on text
+    unlike the calibration text). ``routes`` holds the route masks per layer of the last call ((B, T)
+    bool), ``fractions`` their routed fractions."""
 
-    def __init__(self, gm: fx.GraphModule, forced: fx.GraphModule | None = None):
+    def __init__(self, gm: fx.GraphModule, forced: fx.GraphModule | None = None, skip: float | None = None):
         super().__init__()
-        self.gm, self.forced = gm, forced_routes(gm) if forced is None else forced
+        if skip is not None and not 0.0 < skip < 1.0:
+            msg = f"the oracle router's skip must be in (0, 1); got {skip}."
+            raise ValueError(msg)
+        self.gm, self.forced, self.skip = gm, forced_routes(gm) if forced is None else forced, skip
         self.routes: list[torch.Tensor] = []
         self.fractions: list[float] = []
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        self.routes = routes = oracle_routes(self.gm, ids)
+        self.routes = routes = oracle_routes(self.gm, ids, self.skip)
         set_forced_routes(self.forced, routes)
         self.fractions = [float(r.double().mean()) for r in routes]
         return self.forced(ids)
 
 
-def oracle_routes(gm: fx.GraphModule, ids: torch.Tensor) -> list[torch.Tensor]:
+def _recall_weights_of(layers: list[RoutedLayer]) -> list[float]:
+    return [float(getattr(r.state, "recall_weight", 0.0)) for r in layers]
+
+
+def oracle_costs(gm: fx.GraphModule, labels: OracleLabels) -> list[torch.Tensor]:
+    """Per select layer of ``gm``, (N,) float64: what its oracle router ranks the tokens of ``labels``
+    by: the cost, plus the recall cost at the weight ``calibrate_select(recall=...)`` set."""
+    weights = _recall_weights_of(select_layers(gm))
+    if any(weights) and labels.recall is None:
+        msg = "the oracle of this graph ranks by the recall cost too: label with oracle_labels(..., recall=True)."
+        raise ValueError(msg)
+    return _with_recall(labels, weights)
+
+
+def oracle_routes(gm: fx.GraphModule, ids: torch.Tensor, skip: float | None = None) -> list[torch.Tensor]:
     """The oracle router's decisions on ``ids`` (B, T): route where the true log cost (the all-routed
-    model's, open loop) >= the layer's ``oracle_threshold`` set by ``calibrate_select``."""
+    model's, open loop; with the recall cost at the weights ``calibrate_select(recall=...)`` set) >=
+    the layer's ``oracle_threshold`` set by ``calibrate_select``; with ``skip``, route all but the
+    ``skip`` cheapest fraction of each row's tokens past the window (those before it route: their
+    window is their whole history)."""
     layers = select_layers(gm)
-    labels = oracle_labels(gm, [ids])
+    labels = oracle_labels(gm, [ids], recall=any(_recall_weights_of(layers)))
     t = ids.shape[-1]
+    window = int(layers[0].state.window)
     routes = []
-    for r, cost in zip(layers, labels.costs, strict=True):
+    for r, cost in zip(layers, oracle_costs(gm, labels), strict=True):
         y = torch.log(cost.double() + _EPS).reshape(-1, t)
-        routes.append(y >= float(r.state.oracle_threshold))
+        if skip is None:
+            routes.append(y >= float(r.state.oracle_threshold))
+            continue
+        route = torch.ones_like(y, dtype=torch.bool)
+        past = y[:, window:]
+        cheapest = past.argsort(dim=-1)[:, : round(skip * past.shape[-1])]
+        route[:, window:] = torch.ones_like(past, dtype=torch.bool).scatter(-1, cheapest, False)
+        routes.append(route)
     return routes

@@ -131,6 +131,13 @@ def test_oracle_router_forced_routes_and_prune_global():
         set_forced_routes(forced, routes)
         torch.testing.assert_close(out, forced(x), atol=0, rtol=0)
         assert (out - gm(x)).abs().max() > 1e-3
+        # at an exact skip: each layer skips its cheapest half of the tokens past the window
+        costs = oracle_labels(sel, [x]).costs
+        for r, c in zip(oracle_routes(sel, x, skip=0.5), costs, strict=True):
+            assert r[0, :WINDOW].all() and int((~r[0, WINDOW:]).sum()) == (128 - WINDOW) // 2
+            assert float(c[WINDOW:][~r[0, WINDOW:]].max()) <= float(c[WINDOW:][r[0, WINDOW:]].min())
+        with pytest.raises(ValueError, match="skip must be in"):
+            OracleRouter(sel, forced, skip=1.5)
         record_route_stats(sel, [x])
         pruned = condfx.apply(sel, "prune-global{max_fraction=1.0}").graph_module
         assert not find_routed_layers(pruned)
@@ -306,5 +313,84 @@ def test_refit_fits_the_heads_on_the_stream_the_calibrated_graph_reads():
         torch.testing.assert_close(layer.state.router_weight[0].double(), w, rtol=1e-4, atol=1e-5)
         assert abs(float(layer.state.router_bias) - b) < 1e-4
     assert all(abs(s - 0.6) < 0.02 for s in cal.skip)  # the rounds after the refit hold the target
-    with pytest.raises(ValueError, match="rounds and refits must be >= 0"):
+    with pytest.raises(ValueError, match="rounds, refits and recall must be >= 0"):
         calibrate_select(sel, rows, skip=0.6, labels=labels, refits=-1)
+
+
+def test_recall_cost_is_the_first_order_change_of_the_far_context_tokens_loss():
+    """recall_costs = | dJ/d full . (full - window) | per layer and token, J the log-likelihood of the
+    tokens weighted by how much skipping everywhere raises their loss: checked against the gradient
+    of J through the original fused graph (another autograd path: no select, no window op)."""
+    from condfx.l2a_retrofit import recall_costs
+    from condfx.passes._insert import output_view
+
+    gm, ids = _stories()
+    sel = condfx.apply(gm, f"route-attention{{form=select,window={WINDOW}}}").graph_module
+    layers = select_layers(sel)
+    x = torch.tensor(ids[:64])[None]
+    costs = recall_costs(sel, [x])
+    assert all(torch.isinf(r.state.threshold) and r.state.threshold < 0 for r in layers)
+    assert all(p.grad is None for p in sel.parameters())
+
+    with torch.no_grad():
+        for r in layers:
+            r.state.threshold.fill_(float("inf"))
+        skipped = sel(x)
+        skipped = skipped[0] if isinstance(skipped, (tuple, list)) else skipped
+        for r in layers:
+            r.state.threshold.fill_(float("-inf"))
+        _, *branches = l2a_view(sel, "routed", "window")(x)
+    fused = condfx.apply(gm, "fuse-attention").graph_module
+    cores = [n for n in fused.graph.nodes if n.target is torch.ops.condfx.attention.default]
+    assert len(cores) == len(layers)
+
+    def outputs(graph, output):
+        logits = output.args[0]
+        logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+        names = {n.name for n in cores}
+        return (logits, *(n for n in graph.nodes if n.name in names))
+
+    logits, *fulls = output_view(fused, outputs)(x)
+    logp = logits[0, :-1].float().log_softmax(-1).gather(-1, x[0, 1:, None])[:, 0]
+    nll = torch.nn.functional.cross_entropy(skipped[0, :-1].float(), x[0, 1:], reduction="none")
+    weight = (nll + logp.detach()).clamp(min=0)
+    assert float(weight.sum()) > 0
+    grads = torch.autograd.grad((weight * logp).sum(), fulls)
+    n = len(layers)
+    for j in range(n):
+        delta = branches[j] - branches[n + j]
+        by_hand = (grads[j] * delta).sum((1, 3))[0].abs()
+        torch.testing.assert_close(costs[j], by_hand, atol=1e-6, rtol=1e-3)
+        assert float(costs[j][:WINDOW].max()) < 1e-5 < float(costs[j][WINDOW:].max())
+
+
+def test_recall_weight_mixes_the_recall_cost_into_the_labels_and_the_oracle():
+    from condfx.l2a_retrofit import oracle_costs
+
+    gm, ids = _stories()
+    sel = condfx.apply(gm, f"route-attention{{form=select,window={WINDOW}}}").graph_module
+    rows = [torch.tensor(ids[i * 128 : (i + 1) * 128])[None] for i in range(4)]
+    plain = oracle_labels(sel, rows)
+    with pytest.raises(ValueError, match="recall costs"):
+        calibrate_select(sel, rows, skip=0.5, labels=plain, recall=1.0)
+    with pytest.raises(ValueError, match="recall=-1"):
+        calibrate_select(sel, rows, skip=0.5, labels=plain, recall=-1.0)
+    labels = oracle_labels(sel, rows, recall=True)
+    for a, b in zip(labels.costs, plain.costs, strict=True):
+        torch.testing.assert_close(a, b)
+    cal = calibrate_select(sel, rows, skip=0.5, labels=labels, recall=2.0, rounds=0, refits=0)
+    past = labels.positions >= WINDOW
+    mixed = oracle_costs(sel, labels)
+    for r, c, rc, m in zip(select_layers(sel), labels.costs, labels.recall, mixed, strict=True):
+        weight = 2.0 * float(c[past].double().mean()) / float(rc[past].double().mean())
+        assert float(r.state.recall_weight) == pytest.approx(weight, rel=1e-6)
+        torch.testing.assert_close(m, c.double() + weight * rc.double())
+    assert all(abs(s - 0.5) < 0.02 for s in cal.oracle_skip)
+    # the oracle router ranks a text by the mixed cost: other decisions than by the cost alone
+    x = rows[0]
+    routes = oracle_routes(sel, x)
+    by_cost = [torch.log(c[:128].double() + 1e-4) >= float(r.state.oracle_threshold)
+               for r, c in zip(select_layers(sel), plain.costs, strict=True)]
+    assert any(not torch.equal(a[0], b) for a, b in zip(routes, by_cost, strict=True))
+    with pytest.raises(ValueError, match="recall=True"):
+        oracle_costs(sel, plain)
