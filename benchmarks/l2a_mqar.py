@@ -16,11 +16,13 @@ routed to global attention, per layer):
     retrofit         route-attention{form=select,window,sink=0,router=input|window} calibrated
                      without training (condfx.l2a_retrofit.calibrate_select on 256 other far
                      sequences) to skip ``--retrofit-skip`` of the tokens in every layer
-    retrofit oracle  the same thresholds' budget spent by the oracle router (the true costs)
+    retrofit oracle  the same thresholds' budget spent by the oracle router (the true costs), then
+                     the oracle skipping exactly ``--retrofit-skip`` of each row's tokens past the
+                     window in every layer; ``--recall W`` adds the recall cost to the labels
 KV bytes per token at 8K context come from runtime Sessions (window ring caches + global KV)
 after an 8192-token prefill.
 
-    nice python benchmarks/l2a_mqar.py [--steps 400] [--retrofit-skip 0.6] [--retrofit-only] [--json]
+    nice python benchmarks/l2a_mqar.py [--steps 400] [--retrofit-skip 0.6] [--retrofit-only] [--recall W] [--json]
 """
 
 from __future__ import annotations
@@ -94,25 +96,28 @@ def kv_bytes_per_token(gm, context: int = 8192) -> float:
     return session.cache_bytes() / context
 
 
-def retrofit_rows(gm, far: MQARConfig, window: int, skip: float) -> list[dict]:
+def retrofit_rows(gm, far: MQARConfig, window: int, skip: float, recall: float = 0.0) -> list[dict]:
     """The retrofit (select form, calibrated by the oracle, no training; its router reading the
     attention input, then also the window output) and its oracle router, each skipping ``skip`` of
-    the tokens in every layer."""
+    the tokens in every layer; ``recall``: the weight of the recall cost in the labels
+    (``calibrate_select(recall=...)``)."""
     calib, _ = make_mqar_batch(far, 256, torch.Generator().manual_seed(7))
+    labels = f", labels + {recall:g} x recall cost" if recall else ""
     rows = []
     for router in ("input", "window"):
         sel = condfx.apply(gm, f"route-attention{{form=select,window={window},sink=0,router={router}}}").graph_module
         t0 = time.process_time()
-        cal = calibrate_select(sel, [calib], skip=skip)
+        cal = calibrate_select(sel, [calib], skip=skip, recall=recall)
         seconds = time.process_time() - t0
-        rows.append({"model": f"retrofit, router={router}", "accuracy": mqar_accuracy(sel, far, EVAL_N, EVAL_SEED),
+        rows.append({"model": f"retrofit, router={router}" + labels, "accuracy": mqar_accuracy(sel, far, EVAL_N, EVAL_SEED),
                      "global": _routing(sel, far), "calib_cpu_s": seconds, "calib_skip": list(cal.skip)})
-    oracle = OracleRouter(sel)
     ids, _ = make_mqar_batch(far, 256, torch.Generator().manual_seed(EVAL_SEED))
-    with torch.no_grad():
-        oracle(ids)
-    rows.append({"model": "retrofit oracle", "accuracy": mqar_accuracy(oracle, far, EVAL_N, EVAL_SEED),
-                 "global": oracle.fractions})
+    for name, oracle in (("retrofit oracle", OracleRouter(sel)),
+                         (f"retrofit oracle, {skip:g} skipped in every layer of every row", OracleRouter(sel, skip=skip))):
+        with torch.no_grad():
+            oracle(ids)
+        rows.append({"model": name + labels, "accuracy": mqar_accuracy(oracle, far, EVAL_N, EVAL_SEED),
+                     "global": oracle.fractions})
     return rows
 
 
@@ -125,7 +130,7 @@ def run(args) -> dict:
     rows = [{"model": "dense", "accuracy": mqar_accuracy(dense, far, EVAL_N, EVAL_SEED), "global": None}]
     win = window_only(gm, args.window)
     rows.append({"model": "window-only", "accuracy": mqar_accuracy(win, far, EVAL_N, EVAL_SEED), "global": [0.0, 0.0]})
-    rows += retrofit_rows(gm, far, args.window, args.retrofit_skip)
+    rows += retrofit_rows(gm, far, args.window, args.retrofit_skip, args.recall)
     if args.retrofit_only:
         return {"task": repr(far), "window": args.window, "rows": rows, "seconds": time.perf_counter() - t0}
     data = mixed(near, far, args.batch // 2)
@@ -165,6 +170,8 @@ def main() -> None:
     parser.add_argument("--skip-window-ft", action="store_true")
     parser.add_argument("--retrofit-skip", type=float, default=0.6,
                         help="fraction of tokens the retrofit rows skip global attention for, in every layer")
+    parser.add_argument("--recall", type=float, default=0.0,
+                        help="weight of the recall cost in the retrofit's oracle labels (0: the layer-local cost alone)")
     parser.add_argument("--retrofit-only", action="store_true",
                         help="dense, window-only and the retrofit rows only (no training of L2A)")
     parser.add_argument("--json", action="store_true")
