@@ -155,6 +155,8 @@ def _passkey(model, tok, essays: str, trials: int, n_tokens: int, seed: int = 0,
             prompt = build(tok, essays, key, n_tokens, depth)
             answer = torch.tensor(tok.encode(f" {key:05d}", bos=False, eos=False))
             ids = torch.tensor(prompt + answer.tolist())[None]
+            if hasattr(model, "scored_until"):  # an oracle must not rank by how well the key is predicted
+                model.scored_until = len(prompt)
             out = model(ids)
             out = out[0] if isinstance(out, (tuple, list)) else out
             lp = out[0, len(prompt) - 1 : len(prompt) - 1 + len(answer)].float().log_softmax(-1)

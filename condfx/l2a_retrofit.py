@@ -282,13 +282,16 @@ def _costs(chain: list[fx.Node] | None, start: fx.Node, full: torch.Tensor, win:
 
 def oracle_labels(gm: fx.GraphModule, batches: Sequence[torch.Tensor],
                   progress: Callable[[int, int], None] | None = None,
-                  corrections: Corrections | None = None, recall: bool = False) -> OracleLabels:
+                  corrections: Corrections | None = None, recall: bool = False,
+                  scored_until: int | None = None) -> OracleLabels:
     """Runs ``gm`` with every token routed on ``batches`` (B, T) and returns the oracle labels.
 
     With ``corrections`` (``fit_corrections`` on the same ``batches``), each row is labelled with the
     window corrections fitted without its fold (cross-fitting), and the final ones are set again
     afterwards. With ``recall`` the labels also hold the recall costs (``recall_costs``; one more
-    forward and one backward per row). The graph's thresholds are restored afterwards.
+    forward and one backward per row; with ``scored_until``, the recall objective leaves out the
+    predictions of the tokens from that position on, e.g. an answer the labels must not see). The
+    graph's thresholds are restored afterwards.
     """
     layers = select_layers(gm)
     n = len(layers)
@@ -303,7 +306,7 @@ def oracle_labels(gm: fx.GraphModule, batches: Sequence[torch.Tensor],
                         corrections.use(layers, _fold_of(index, corrections.folds))
                     index += 1
                     if recall:
-                        out, rec = _recall_row(view, layers, row[None])
+                        out, rec = _recall_row(view, layers, row[None], scored_until)
                         for j, r in enumerate(rec):
                             recalls[j].append(r)
                     else:
@@ -324,9 +327,11 @@ def oracle_labels(gm: fx.GraphModule, batches: Sequence[torch.Tensor],
                         [torch.cat(r) for r in recalls] if recall else None)
 
 
-def _recall_row(view: fx.GraphModule, layers: list[RoutedLayer], x: torch.Tensor) -> tuple[tuple, list[torch.Tensor]]:
+def _recall_row(view: fx.GraphModule, layers: list[RoutedLayer], x: torch.Tensor,
+                scored_until: int | None = None) -> tuple[tuple, list[torch.Tensor]]:
     """The label view's outputs on ``x`` (1, T) (detached) and, per layer, the recall cost (T,) of its
-    tokens (``recall_costs``); called with every token routed."""
+    tokens (``recall_costs``; the objective scores the tokens before ``scored_until``); called with
+    every token routed."""
     n = len(layers)
     with _all_routed(layers, float("inf")), torch.no_grad():
         skipped = view(x)[0]
@@ -335,6 +340,8 @@ def _recall_row(view: fx.GraphModule, layers: list[RoutedLayer], x: torch.Tensor
         logp = out[0][0, :-1].float().log_softmax(-1).gather(-1, x[0, 1:, None])[:, 0]
         nll = F.cross_entropy(skipped[0, :-1].float(), x[0, 1:], reduction="none")
         weight = (nll + logp.detach()).clamp(min=0)  # how much skipping everywhere costs each prediction
+        if scored_until is not None:
+            weight[max(scored_until - 1, 0) :] = 0.0
         fulls = out[1 + n : 1 + 2 * n]
         grads = torch.autograd.grad((weight * logp).sum(), fulls)
     out = tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in out)
@@ -869,20 +876,23 @@ class OracleRouter(torch.nn.Module):
     (``oracle_routes``) through a ``forced_routes`` copy of ``gm`` (``forced``, made when not given).
     With ``skip``, each layer skips exactly that fraction of each sequence's tokens past the window,
     its cheapest, instead of comparing with the calibrated thresholds (which skip more or less on text
-    unlike the calibration text). ``routes`` holds the route masks per layer of the last call ((B, T)
-    bool), ``fractions`` their routed fractions."""
+    unlike the calibration text). ``scored_until``: see ``oracle_routes`` (set it before a call whose
+    last tokens are an answer the oracle must not see). ``routes`` holds the route masks per layer of
+    the last call ((B, T) bool), ``fractions`` their routed fractions."""
 
-    def __init__(self, gm: fx.GraphModule, forced: fx.GraphModule | None = None, skip: float | None = None):
+    def __init__(self, gm: fx.GraphModule, forced: fx.GraphModule | None = None, skip: float | None = None,
+                 scored_until: int | None = None):
         super().__init__()
         if skip is not None and not 0.0 < skip < 1.0:
             msg = f"the oracle router's skip must be in (0, 1); got {skip}."
             raise ValueError(msg)
         self.gm, self.forced, self.skip = gm, forced_routes(gm) if forced is None else forced, skip
+        self.scored_until = scored_until
         self.routes: list[torch.Tensor] = []
         self.fractions: list[float] = []
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        self.routes = routes = oracle_routes(self.gm, ids, self.skip)
+        self.routes = routes = oracle_routes(self.gm, ids, self.skip, self.scored_until)
         set_forced_routes(self.forced, routes)
         self.fractions = [float(r.double().mean()) for r in routes]
         return self.forced(ids)
@@ -902,14 +912,16 @@ def oracle_costs(gm: fx.GraphModule, labels: OracleLabels) -> list[torch.Tensor]
     return _with_recall(labels, weights)
 
 
-def oracle_routes(gm: fx.GraphModule, ids: torch.Tensor, skip: float | None = None) -> list[torch.Tensor]:
+def oracle_routes(gm: fx.GraphModule, ids: torch.Tensor, skip: float | None = None,
+                  scored_until: int | None = None) -> list[torch.Tensor]:
     """The oracle router's decisions on ``ids`` (B, T): route where the true log cost (the all-routed
     model's, open loop; with the recall cost at the weights ``calibrate_select(recall=...)`` set) >=
     the layer's ``oracle_threshold`` set by ``calibrate_select``; with ``skip``, route all but the
     ``skip`` cheapest fraction of each row's tokens past the window (those before it route: their
-    window is their whole history)."""
+    window is their whole history). ``scored_until``: the recall cost, when the labels hold it, scores
+    only the predictions of the tokens before that position (``oracle_labels``)."""
     layers = select_layers(gm)
-    labels = oracle_labels(gm, [ids], recall=any(_recall_weights_of(layers)))
+    labels = oracle_labels(gm, [ids], recall=any(_recall_weights_of(layers)), scored_until=scored_until)
     t = ids.shape[-1]
     window = int(layers[0].state.window)
     routes = []

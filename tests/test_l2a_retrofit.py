@@ -355,13 +355,19 @@ def test_recall_cost_is_the_first_order_change_of_the_far_context_tokens_loss():
     nll = torch.nn.functional.cross_entropy(skipped[0, :-1].float(), x[0, 1:], reduction="none")
     weight = (nll + logp.detach()).clamp(min=0)
     assert float(weight.sum()) > 0
-    grads = torch.autograd.grad((weight * logp).sum(), fulls)
+    grads = torch.autograd.grad((weight * logp).sum(), fulls, retain_graph=True)
+    blind = weight.clone()
+    blind[39:] = 0.0  # the predictions of tokens 40 on left out (an answer the labels must not see)
+    blind_grads = torch.autograd.grad((blind * logp).sum(), fulls)
+    until = oracle_labels(sel, [x], recall=True, scored_until=40).recall
     n = len(layers)
     for j in range(n):
         delta = branches[j] - branches[n + j]
         by_hand = (grads[j] * delta).sum((1, 3))[0].abs()
         torch.testing.assert_close(costs[j], by_hand, atol=1e-6, rtol=1e-3)
         assert float(costs[j][:WINDOW].max()) < 1e-5 < float(costs[j][WINDOW:].max())
+        torch.testing.assert_close(until[j], (blind_grads[j] * delta).sum((1, 3))[0].abs(), atol=1e-6, rtol=1e-3)
+        assert float(until[j][40:].max()) == 0.0  # nothing after 40 is scored, so nothing there matters
 
 
 def test_recall_weight_mixes_the_recall_cost_into_the_labels_and_the_oracle():
