@@ -20,22 +20,23 @@ within the first ``window`` positions cost exactly 0 (their window is their whol
 
 Recall cost (``recall_costs``, opt-in: ``oracle_labels(recall=True)``, ``calibrate_select(recall=w)``).
 The layer-local cost ranks tokens by how much their layer output moves; it cannot see which moves a
-later retrieval depends on: on SmolLM2 at exactly 65% of the tokens skipping in every layer (decisions
-taken on each passkey prompt by its own costs), the oracle ranked by it kept 8 of the original's 12
-passkeys in 20 essay prompts of 1,024 tokens. The recall cost is the first-order change, were the token
-to skip in that layer, of the log-likelihood of the tokens whose prediction needs context beyond the
-window, each weighted by how much skipping everywhere raises its loss:
+later retrieval depends on. The recall cost is the first-order change, were the token to skip in that
+layer, of the log-likelihood of the tokens whose prediction needs context beyond the window, each
+weighted by how much skipping everywhere raises its loss:
     recall[l, t] = | dJ/d full[l, t] . (full[l, t] - skip[l, t]) |,  J = sum_s w_s log p(x_{s+1} | x_<=s),
     w_s = max(0, NLL_s(no token routed) - NLL_s(original))
-(one more forward and one backward of the all-routed model per row; a gradient used as a label, no
-parameter trained through the model). Alone it is a poor ranking (5 of 20: first order, it misses the
-large local changes); added to the cost at equal mean (w = 1: cost + s_l x recall, s_l the ratio of
-the layer's mean cost to its mean recall cost on the calibration rows) the same oracle kept 12 of 20
-(w = 3: 13), as many as the original. The learned heads, fitted to these labels from x_in, predict
-them poorly (correlation 0.3 against 0.7 for the cost alone) and keep 4 of 20 at +5.3% perplexity
-(the cost alone: 3 of 20, +3.8%): the decision the oracle needs is not yet one a linear head on the
-token's input can read. Scratch measurements; the benchmark's ``--recall W`` reproduces the calibrated
-rows.
+(one more forward and one backward of the all-routed model per row: a gradient used as a label, no
+parameter trained through the model). The labels become cost + w x s_l x recall, s_l the ratio of the
+layer's mean cost to its mean recall cost on the calibration rows. It reads the text's next tokens, so
+an oracle ranking by it on the scored text sees more than a router could (perplexity: below the
+original's); ``scored_until`` keeps an answer out of J. On SmolLM2 (window 128, full-rank correction,
+20 essay passkey prompts of 1,024 tokens, 65% of the tokens past the window skipping in every layer of
+every prompt by the oracle's own ranking, the key left out of J; scratch): the cost alone kept 8 of the
+original's 12 keys, the recall cost alone 5, cost + recall at w = 1 all 12 (w = 3: 7). It does not carry
+over to everything: on the MQAR model (benchmarks/l2a_mqar.py) w = 1 lowers the oracle from 96.6% to
+83.2%. And the learned heads predict the mixed labels poorly from x_in (correlation 0.36 against 0.72):
+on SmolLM2 at target 0.68 they keep 5 keys of 20 at +5.3% perplexity, against 3 at +3.8% without it.
+Default off.
 
 Window correction (``fit_corrections``, before the labels). A skipping token reads its window and
 sinks only; what the keys outside would have added is partly predictable from what the token does
