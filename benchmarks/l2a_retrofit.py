@@ -2,7 +2,7 @@
 global attention, for the oracle-taught router and the oracle itself, with calibration time.
 
     python benchmarks/l2a_retrofit.py --model M --text T --calib C --window W --context N [--sink 4]
-        --targets 0.5,0.6,0.7,0.8 [--correct 128] [--floor F] [--rounds 2] [--refits 1] [--passkey 20 [--passkey-tokens 1024] [--passkey-chat]] [--json] [--out DIR]
+        --targets 0.5,0.6,0.7,0.8 [--correct 128] [--floor F] [--rounds 2] [--refits 1] [--recall W] [--passkey 20 [--passkey-tokens 1024] [--passkey-chat]] [--json] [--out DIR]
 
 Per target skip fraction: perplexity of the original, the window-only model (no token routes: every
 token reads its window and the first ``--sink`` tokens), the learned router (``condfx.l2a_retrofit.calibrate_select``) and the oracle router (the
@@ -15,7 +15,10 @@ each window scored from its second token. Calibration: ``--calib-tokens`` tokens
 of ``--context`` (taken after the evaluation tokens when ``--calib`` is ``--text``). Passkey (``--passkey
 N``, N prompts of ``--passkey-tokens`` tokens from the essays, needle depths spread over [0, 1]): the
 5-digit key is retrieved when every key token is the argmax after the question (teacher-forced greedy),
-for the original, the learned router and the oracle router at ``--passkey-target``. Writes a markdown table and a PNG
+for the original, the learned router and the oracle router at ``--passkey-target`` (its calibrated thresholds,
+then exactly the target in every layer of every prompt), with the mean log-probability of the key and
+the skip on the passkey prompts. ``--recall W``: the labels add W x the recall cost
+(``condfx.l2a_retrofit.recall_costs``; the passkey oracle leaves the key out of it). Writes a markdown table and a PNG
 (matplotlib) of perplexity against skip to ``--out``.
 """
 
