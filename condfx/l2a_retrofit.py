@@ -245,7 +245,7 @@ def _label_view(gm: fx.GraphModule, layers: list[RoutedLayer], raw: bool = False
     raw window output with ``raw``), then the value of every name in ``names``: what the chains read
     besides their links); ``chains[j]`` is None where layer j has no projection chain. With
     ``detached`` the window branches are cut from autograd (``recall_costs`` differentiates the
-    all-routed model, where they add nothing to the output)."""
+    all-routed model, where they add nothing to the output: cutting them saves their backward)."""
     chains = [projection_chain(r.nodes["out"]) for r in layers]
     names = list(dict.fromkeys(name for c, r in zip(chains, layers, strict=True) if c
                                for name in _outside(c, r.nodes["out"])))

@@ -21,7 +21,8 @@ The CPU implementation attends in query blocks of ``window`` rows, each reading 
 at most 2 * window - 1 keys its rows can see, so the work is O(T * (window + sink)); the reference
 builds the whole (T, S) score block (tests compare the two). Reference: StreamingLLM, "Efficient
 Streaming Language Models with Attention Sinks" (arXiv 2309.17453), section 3.2 ("positions within
-the cache"). The ONNX lowering is ``codegen/onnx/sink_window.py``; no autograd (inference only).
+the cache"). The ONNX lowering is ``codegen/onnx/sink_window.py``. Autograd (q, k and v): the
+backward differentiates the blocked form, recomputed from the saved inputs.
 """
 
 from __future__ import annotations
@@ -190,3 +191,23 @@ def _sink_window_attention_fake(q, k, v, positions, inv_freq, scale, sink, windo
     check_attention_shapes(q, k, v, 0)
     check_sink_window_args(q, positions, inv_freq, sink, window)
     return q.new_empty(q.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, positions, inv_freq, scale, sink, window = inputs
+    ctx.save_for_backward(q, k, v, positions, inv_freq)
+    ctx.options = (scale, sink, window)
+
+
+def _backward(ctx, grad):
+    q, k, v, positions, inv_freq = ctx.saved_tensors
+    scale, sink, window = ctx.options
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        out = sink_window_attention_blocked(*leaves, positions, inv_freq, scale, sink, window)
+        grads = torch.autograd.grad(out, leaves, grad, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves, strict=True)]
+    return (*grads, None, None, None, None, None)
+
+
+sink_window_attention.register_autograd(_backward, setup_context=_setup_context)
