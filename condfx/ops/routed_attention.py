@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from condfx.ops import _flash_cpu
 from condfx.ops._masks import visible
+from condfx.ops._recompute import grads_by_recompute
 from condfx.ops._scores import has_options, scores_block, softmax_with_sinks
 from condfx.ops.attention import check_attention_shapes
 
@@ -168,17 +169,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     q, k, v, route, sinks = ctx.saved_tensors
     scale, softcap, alibi_slopes = ctx.options
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        z = sinks.detach().requires_grad_(True) if sinks is not None else None
-        out = routed_attention_reference(*leaves, route, scale, softcap, alibi_slopes, z)
-        dz = torch.zeros_like(sinks) if sinks is not None else None
-        if not out.requires_grad:  # no routed row: the output is a constant zero
-            return (*(torch.zeros_like(t) for t in (q, k, v)), None, None, None, None, dz)
-        wrt = leaves + ([z] if z is not None else [])
-        grads = torch.autograd.grad(out, wrt, grad, allow_unused=True)
-        grads = [torch.zeros_like(t) if gr is None else gr for gr, t in zip(grads, wrt, strict=True)]
-    return (*grads[:3], None, None, None, None, grads[3] if z is not None else None)
+
+    def eager(q, k, v, z):
+        return routed_attention_reference(q, k, v, route, scale, softcap, alibi_slopes, z)
+
+    dq, dk, dv, dz = grads_by_recompute(eager, (q, k, v, sinks), grad)
+    return dq, dk, dv, None, None, None, None, dz
 
 
 routed_attention.register_autograd(_backward, setup_context=_setup_context)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from condfx.ops import _flash_cpu
+from condfx.ops._recompute import grads_by_recompute
 from condfx.ops.attention import check_attention_shapes
 
 
@@ -202,12 +203,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     q, k, v, positions, inv_freq = ctx.saved_tensors
     scale, sink, window = ctx.options
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        out = sink_window_attention_blocked(*leaves, positions, inv_freq, scale, sink, window)
-        grads = torch.autograd.grad(out, leaves, grad, allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves, strict=True)]
-    return (*grads, None, None, None, None, None)
+
+    def eager(q, k, v):
+        return sink_window_attention_blocked(q, k, v, positions, inv_freq, scale, sink, window)
+
+    return (*grads_by_recompute(eager, (q, k, v), grad), None, None, None, None, None)
 
 
 sink_window_attention.register_autograd(_backward, setup_context=_setup_context)
